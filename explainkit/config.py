@@ -1,0 +1,164 @@
+"""TrainConfig: the one source of truth for training options.
+
+The CLI options of ``explainkit train``, config files (JSON or YAML), ``RUN/config.json`` and
+the config stored in checkpoints are all derived from this dataclass's fields and metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from explainkit.errors import ExplainkitError
+
+DATASET_CHOICES = ("cifar10", "shapes", "folder")
+MODEL_CHOICES = ("resnet18-s8", "resnet18")
+
+
+class ConfigError(ExplainkitError):
+    """A config file or option value is invalid."""
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; written to ``RUN/config.json``."""
+
+    dataset: str = _opt("cifar10", "Dataset to train on.", choices=DATASET_CHOICES)
+    data_dir: str | None = _opt(
+        None, "Folder with the dataset (cifar10: contains cifar-10-batches-py; folder: class dirs)."
+    )
+    image_size: int = _opt(32, "Image side in pixels (folder datasets are resized to it).")
+    model: str = _opt("resnet18-s8", "Model architecture.", choices=MODEL_CHOICES)
+    width: int = _opt(64, "Channels of the first stage (64 = full ResNet18; tests use 8 or 16).")
+    epochs: int = _opt(20, "Number of epochs.")
+    batch_size: int = _opt(128, "Images per optimizer step (per process under torchrun).")
+    lr: float = _opt(0.1, "Peak learning rate of the one-cycle schedule.")
+    momentum: float = _opt(0.9, "SGD momentum.")
+    nesterov: bool = _opt(True, "Use Nesterov momentum.")
+    weight_decay: float = _opt(5e-4, "SGD weight decay.")
+    schedule: str = _opt("onecycle", "Learning-rate schedule.", choices=("onecycle", "constant"))
+    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy loss.")
+    crop_padding: int = _opt(4, "RandomCrop padding in pixels (0 disables).")
+    flip: bool = _opt(True, "Random horizontal flips.")
+    cutout: int = _opt(16, "Cutout square side in pixels (0 disables).")
+    seed: int = _opt(0, "Random seed; a CPU run with the same seed is bit-for-bit repeatable.")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
+    amp: bool = _opt(True, "Mixed precision on CUDA (bf16 where supported).")
+    channels_last: bool = _opt(True, "channels_last memory format on CUDA.")
+    compile: bool = _opt(False, "torch.compile the model.")
+    limit_train: int | None = _opt(None, "Use only the first N training images.")
+    limit_eval: int | None = _opt(None, "Use only the first N evaluation images.")
+    keep_checkpoints: int | None = _opt(
+        None, "Keep only the last K epoch checkpoints (plus epoch 1 and best); default all."
+    )
+
+    def validate(self) -> None:
+        """Raise ConfigError for values that cannot work, naming the option."""
+        positive = ("epochs", "batch_size", "width", "image_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("limit_train", "limit_eval", "keep_checkpoints"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError("--lr must be positive")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError("--label-smoothing must be in [0, 1)")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(
+                    f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; "
+                    f"got {getattr(self, f.name)!r}"
+                )
+        if self.dataset == "folder" and not self.data_dir:
+            raise ConfigError("--dataset folder needs --data-dir pointing at an ImageFolder tree")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build a config from a mapping, refusing unknown keys (typos must not pass silently)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        config = cls(**data)
+        _check_types(config, source)
+        return config
+
+
+def _check_types(config: TrainConfig, source: str) -> None:
+    for f in fields(config):
+        value = getattr(config, f.name)
+        default = f.default
+        if value is None:
+            continue
+        expected = type(default) if default is not None else (int if "limit" in f.name else str)
+        if f.name in ("keep_checkpoints",):
+            expected = int
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, f.name, float(value))
+            continue
+        if expected is int and isinstance(value, bool):
+            raise ConfigError(f"{source}: {f.name} must be an integer, got {value!r}")
+        if not isinstance(value, expected):
+            raise ConfigError(
+                f"{source}: {f.name} must be {expected.__name__}, got {type(value).__name__}"
+            )
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML config file into a dict; YAML needs PyYAML."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ConfigError("YAML config files need PyYAML: pip install pyyaml") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of option names to values")
+    # Accept the option spelling of the CLI too (batch-size as well as batch_size).
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data.pop("config", None)
+    return data
+
+
+def resolve_config(
+    cli_values: dict[str, Any], explicit: set[str], config_file: str | Path | None = None
+) -> TrainConfig:
+    """Defaults < config file < options given on the command line."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        merged.update(read_config_file(config_file))
+    for name, value in cli_values.items():
+        if name in explicit or name not in merged:
+            merged[name] = value
+    config = TrainConfig.from_dict(merged, source=str(config_file or "options"))
+    config.validate()
+    return config

@@ -1,0 +1,107 @@
+"""Any ImageFolder tree (one subfolder per class), read with PIL and resized to a square.
+
+Layouts: ROOT/train/<class>/... with an optional ROOT/val or ROOT/test for evaluation, or a plain
+ROOT/<class>/... tree. Without an evaluation folder, a seeded 10% of the tree is held out for
+evaluation and the rest is the training split, so the two never overlap.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from explainkit.data import Dataset
+from explainkit.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+HOLDOUT = 0.1
+
+
+def scan(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """Sorted image files and class ids; files without an image extension are skipped."""
+    if not root.is_dir():
+        raise DataError(f"Image folder {root} does not exist; point --data-dir at an ImageFolder.")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(
+            f"{root} has class folders {unknown} that the training folder lacks; "
+            "use the same class folders in every split."
+        )
+    files, targets = [], []
+    for target, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                warnings.warn(f"Skipping {path}: not an image file extension.", stacklevel=2)
+                continue
+            files.append(path)
+            targets.append(target)
+    if not files:
+        raise DataError(f"No images found under {root}; expected one subfolder per class.")
+    return files, targets, classes
+
+
+def read_image(path: Path, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode one image as RGB, resized (bilinear) to image_size; returns it and its (H, W)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            size = (img.height, img.width)
+            img = img.resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8), size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"Cannot decode image {path} ({e}); remove or replace the file.") from e
+
+
+def load_folder(
+    split: str,
+    data_dir: str | Path,
+    image_size: int = 32,
+    seed: int = 0,
+    limit: int | None = None,
+) -> Dataset:
+    """Load a split; `index` is the position of each file in its (sorted) source tree."""
+    root = Path(data_dir).expanduser()
+    train_root = root / "train" if (root / "train").is_dir() else root
+    files, targets, classes = scan(train_root)
+    eval_root = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if train_root == root or eval_root is None:
+        # Seeded hold-out: the same files go to eval for a given seed, the rest to train.
+        order = np.random.default_rng(seed).permutation(len(files))
+        held = np.zeros(len(files), dtype=bool)
+        held[order[: max(1, round(HOLDOUT * len(files)))]] = True
+        index = np.flatnonzero(held if split == "eval" else ~held)
+        if split == "train" and len(index) == 0:
+            raise DataError(f"{root} has too few images to hold 10% out for evaluation.")
+    elif split == "eval":
+        files, targets, _ = scan(eval_root, classes)
+        index = np.arange(len(files))
+    else:
+        index = np.arange(len(files))
+    if limit is not None:
+        index = index[:limit]
+    images = np.empty((len(index), image_size, image_size, 3), dtype=np.uint8)
+    sizes = np.empty((len(index), 2), dtype=np.int64)
+    for row, i in enumerate(index):
+        images[row], sizes[row] = read_image(files[i], image_size)
+    return Dataset(
+        images=images,
+        targets=np.asarray(targets, dtype=np.int64)[index],
+        classes=classes,
+        index=index.astype(np.int64),
+        sizes=sizes,
+        name="folder",
+    )

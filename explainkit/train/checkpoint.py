@@ -1,0 +1,149 @@
+"""Checkpoints: plain tensors and values, written atomically, read with ``weights_only=True``.
+
+Never fall back to full unpickling: a checkpoint that ``weights_only`` refuses is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from explainkit import __version__
+from explainkit.errors import CheckpointError, RunError
+
+FORMAT_NAME = "explainkit-checkpoint"
+FORMAT_VERSION = 1
+_EPOCH_FILE = re.compile(r"^epoch_(\d{3,})\.pt$")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def epoch_filename(epoch: int) -> str:
+    return f"epoch_{epoch:03d}.pt"
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically: temp file, flush, fsync, rename, fsync dir."""
+    path = Path(path)
+    payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **payload}
+    payload.setdefault("explainkit_version", __version__)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and validate an explainkit checkpoint on the CPU, refusing anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} was refused: it contains objects other than tensors and plain values "
+            "(a pickle that could run code, or a checkpoint from another tool); "
+            "explainkit never unpickles those"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} cannot be read as a checkpoint (truncated or damaged): "
+            f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+        ) from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            f"{path} is not an explainkit checkpoint (a plain state_dict or another "
+            "library's file); train with `explainkit train` to get one"
+        )
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format v{version}, newer than this explainkit "
+            f"(v{FORMAT_VERSION}); upgrade explainkit"
+        )
+    for key in ("model", "state_dict", "epoch"):
+        if key not in data:
+            raise CheckpointError(f"{path} lacks {key!r}; the checkpoint is damaged")
+    return data
+
+
+def list_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """Map epoch -> ``checkpoints/epoch_NNN.pt`` for every per-epoch checkpoint present."""
+    found: dict[int, Path] = {}
+    folder = checkpoint_dir(run_dir)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = _EPOCH_FILE.match(p.name)
+            if m:
+                found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def resolve_checkpoint(path_or_run: str | Path, epoch: int | None = None) -> Path:
+    """A checkpoint file, or a run dir plus epoch (None: best.pt, else last.pt)."""
+    path = Path(path_or_run)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise RunError(f"{path} does not exist")
+    folder = checkpoint_dir(path)
+    if not folder.is_dir():
+        raise RunError(f"{path} has no checkpoints/ folder; is it an explainkit run directory?")
+    if epoch is None:
+        for name in ("best.pt", "last.pt"):
+            if (folder / name).is_file():
+                return folder / name
+        raise CheckpointError(f"{folder} holds no best.pt or last.pt")
+    available = list_checkpoints(path)
+    if epoch in available:
+        return available[epoch]
+    for name in ("best.pt", "last.pt"):
+        candidate = folder / name
+        if candidate.is_file() and load_checkpoint(candidate)["epoch"] == epoch:
+            return candidate
+    listed = ", ".join(str(e) for e in available) or "none"
+    raise CheckpointError(f"no checkpoint for epoch {epoch} in {folder}; saved epochs: {listed}")
+
+
+def model_from_checkpoint(data: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+    """Build the model a checkpoint describes and load its weights, in eval mode."""
+    from explainkit.models import build_model
+
+    spec = data["model"]
+    model = build_model(spec["arch"], num_classes=spec["num_classes"], width=spec["width"])
+    try:
+        model.load_state_dict(data["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"checkpoint weights do not fit model {spec['arch']} (width {spec['width']}): "
+            f"{str(e).splitlines()[0][:160]}"
+        ) from e
+    return model.to(device).eval()
+
+
+def load_model(
+    path_or_run: str | Path, epoch: int | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Load a model from a checkpoint file or a run directory (default: best epoch)."""
+    return model_from_checkpoint(load_checkpoint(resolve_checkpoint(path_or_run, epoch)), device)

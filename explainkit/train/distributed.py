@@ -1,0 +1,98 @@
+"""torchrun support. Without torchrun's environment every method is a cheap no-op."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+@dataclass
+class DistContext:
+    enabled: bool = False
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def shard(self, perm: torch.Tensor) -> torch.Tensor:
+        """This rank's disjoint share of an epoch's permutation (same perm on every rank)."""
+        if not self.enabled:
+            return perm
+        return perm[self.rank :: self.world_size]
+
+    def eval_indices(self, n: int) -> torch.Tensor:
+        if not self.enabled:
+            return torch.arange(n)
+        return torch.arange(self.rank, n, self.world_size)
+
+    def gather_eval(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """Reassemble strided eval shards into the original order, without padding rows."""
+        if not self.enabled:
+            return local
+        import torch.distributed as dist
+
+        per_rank = -(-n // self.world_size)
+        padded = torch.zeros(per_rank, local.shape[1], device=local.device, dtype=local.dtype)
+        padded[: len(local)] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        out = torch.empty(n, local.shape[1], device=local.device, dtype=local.dtype)
+        for r, part in enumerate(parts):
+            count = len(range(r, n, self.world_size))
+            out[r :: self.world_size] = part[:count]
+        return out
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return t
+        import torch.distributed as dist
+
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def init_from_env(device_name: str) -> DistContext:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistContext(True, dist.get_rank(), dist.get_world_size(), device)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, config: object) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda" and getattr(config, "sync_bn", False):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,526 @@
+"""The training loop: data on the device, batched augmentation, per-epoch eval, safe outputs.
+
+Everything an epoch produces (checkpoint, logits, history) is committed atomically after the
+epoch, so a run killed at any moment can be inspected, analyzed and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explainkit import __version__
+from explainkit.config import TrainConfig
+from explainkit.errors import ExplainkitError, RunError
+from explainkit.store import STORE_FILENAME, append_epoch, create_store
+from explainkit.train import distributed as dist_utils
+from explainkit.train.checkpoint import (
+    checkpoint_dir,
+    epoch_filename,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from explainkit.train.rundir import RunLock, default_run_dir, prepare_run_dir
+
+
+class TrainingInterrupted(ExplainkitError):
+    """SIGINT/SIGTERM stopped training at a safe point; completed epochs are kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; an unavailable CUDA device is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ExplainkitError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExplainkitError(f"device {name} was asked for but CUDA is not available here")
+    return device
+
+
+@dataclass
+class _Split:
+    images: torch.Tensor  # uint8 NCHW on the device
+    targets: torch.Tensor  # int64 on the device
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (a safe point)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def one_cycle_factor(
+    step: int, total: int, warmup: float = 0.25, start: float = 0.1, end: float = 0.005
+) -> float:
+    """LR multiplier: ``start`` -> 1 over ``warmup`` of the steps, then down to ``end``."""
+    peak = max(1.0, warmup * total)
+    if step < peak:
+        return start + (1 - start) * step / peak
+    return max(end, 1 - (1 - end) * (step - peak) / max(1.0, total - peak))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(data_gen: torch.Generator, aug_gen: torch.Generator) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "data": data_gen.get_state(),
+        "augment": aug_gen.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng_state(
+    state: dict[str, Any], data_gen: torch.Generator, aug_gen: torch.Generator
+) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np_state = np.random.get_state()
+    np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    data_gen.set_state(state["data"])
+    aug_gen.set_state(state["augment"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """One training run. ``run()`` trains from the current epoch to ``config.epochs``."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, quiet: bool = False) -> None:
+        from explainkit.data import channel_stats, load_dataset
+        from explainkit.data.augment import cutout, random_crop, random_flip
+        from explainkit.models import build_model, default_target_layer
+
+        self._crop, self._flip, self._cutout = random_crop, random_flip, cutout
+        self.config = config
+        self.run_dir = run_dir
+        self.quiet = quiet
+        self.dist = dist_utils.init_from_env(config.device)
+        self.device = self.dist.device if self.dist.enabled else resolve_device(config.device)
+        self.is_main = self.dist.rank == 0
+        _seed_everything(config.seed)
+
+        train = load_dataset(
+            config.dataset,
+            "train",
+            config.data_dir,
+            config.image_size,
+            config.seed,
+            config.limit_train,
+        )
+        evals = load_dataset(
+            config.dataset,
+            "eval",
+            config.data_dir,
+            config.image_size,
+            config.seed,
+            config.limit_eval,
+        )
+        if len(train.images) < 2:
+            raise ExplainkitError("the training split has fewer than 2 images")
+        self.classes = list(train.classes)
+        self.mean, self.std = channel_stats(train.images)
+        self.eval_data = evals
+        self.train_split = self._to_device(train.images, train.targets)
+        self.eval_split = self._to_device(evals.images, evals.targets)
+        self.num_train = len(train.images)
+        self.num_eval = len(evals.images)
+
+        cuda = self.device.type == "cuda"
+        self.model = build_model(config.model, len(self.classes), config.width).to(self.device)
+        self.model_spec = {
+            "arch": config.model,
+            "width": config.width,
+            "num_classes": len(self.classes),
+            "input_shape": [3, config.image_size, config.image_size],
+            "default_layer": default_target_layer(self.model),
+        }
+        self.channels_last = cuda and config.channels_last
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+        self.amp_dtype: torch.dtype | None = None
+        if cuda and config.amp:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+        self.net: nn.Module = self.model
+        if self.dist.enabled:
+            self.net = dist_utils.wrap_ddp(self.model, self.device, config)
+        self.forward_net = torch.compile(self.net) if config.compile else self.net
+
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov and config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.scheduler = self._make_scheduler()
+        self.data_gen = torch.Generator().manual_seed(config.seed)
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        self.mean_t = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        self.std_t = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        self.epoch = 0
+        self.best_acc = -1.0
+        self.last_lr = config.lr
+
+    # -- setup helpers -------------------------------------------------------------------
+    def _to_device(self, images: np.ndarray, targets: np.ndarray) -> _Split:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+        return _Split(x.to(self.device), torch.from_numpy(targets).long().to(self.device))
+
+    def _local_batch(self) -> int:
+        return self.config.batch_size
+
+    def _steps_per_epoch(self) -> int:
+        per_rank = math.ceil(self.num_train / self.dist.world_size)
+        full, rest = divmod(per_rank, self._local_batch())
+        return full + (1 if rest > 1 else 0)  # a 1-image batch cannot train BatchNorm
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """One-cycle (linear warm-up over the first quarter, then linear decay), as a plain
+        LambdaLR so its state is a few numbers and any number of steps works."""
+        if self.config.schedule == "constant":
+            return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
+        total = max(1, self.config.epochs * self.steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: one_cycle_factor(step, total)
+        )
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state(self, eval_acc: float) -> dict[str, Any]:
+        return {
+            "model": self.model_spec,
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "eval_acc": eval_acc,
+            "best_acc": self.best_acc,
+            "rng": _rng_state(self.data_gen, self.aug_gen),
+            "config": self.config.to_dict(),
+            "classes": self.classes,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def load_state(self, data: dict[str, Any]) -> None:
+        self.model.load_state_dict(data["state_dict"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.scheduler.load_state_dict(data["scheduler"])
+        self.scaler.load_state_dict(data["scaler"])
+        self.epoch = int(data["epoch"])
+        self.best_acc = float(data["best_acc"])
+        _restore_rng_state(data["rng"], self.data_gen, self.aug_gen)
+
+    # -- one epoch -------------------------------------------------------------------------
+    def _augment(self, xb: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        x = xb.float().div_(255)
+        if c.crop_padding:
+            x = self._crop(x, c.crop_padding, self.aug_gen)
+        if c.flip:
+            x = self._flip(x, self.aug_gen)
+        x = (x - self.mean_t) / self.std_t
+        if c.cutout:
+            x = self._cutout(x, c.cutout, self.aug_gen)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _normalize(self, xb: torch.Tensor) -> torch.Tensor:
+        x = (xb.float().div_(255) - self.mean_t) / self.std_t
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def train_epoch(self, stop: _StopFlag) -> tuple[float, float, float]:
+        self.net.train()
+        perm = torch.randperm(self.num_train, generator=self.data_gen)
+        perm = self.dist.shard(perm).to(self.device)
+        bs = self._local_batch()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        bar = self._progress(self.steps_per_epoch, f"epoch {self.epoch + 1}")
+        start = time.perf_counter()
+        for step in range(self.steps_per_epoch):
+            if stop.signal is not None:
+                raise TrainingInterrupted(
+                    f"training stopped by signal {stop.signal} during epoch {self.epoch + 1}; "
+                    f"epochs 1..{self.epoch} are saved; continue with: "
+                    f"explainkit train --resume {self.run_dir}"
+                )
+            idx = perm[step * bs : (step + 1) * bs]
+            x = self._augment(self.train_split.images[idx])
+            y = self.train_split.targets[idx]
+            with torch.autocast(
+                self.device.type,
+                dtype=self.amp_dtype or torch.float32,
+                enabled=self.amp_dtype is not None,
+            ):
+                out = self.forward_net(x)
+                loss = F.cross_entropy(out, y, label_smoothing=self.config.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.last_lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            n = len(y)
+            seen += n
+            loss_sum += loss.detach() * n
+            correct += (out.detach().argmax(1) == y).sum()
+            if bar is not None:
+                bar.update(1)
+                if step % 20 == 0 or step == self.steps_per_epoch - 1:
+                    bar.set_postfix(
+                        loss=f"{loss_sum.item() / seen:.3f}",
+                        acc=f"{100 * correct.item() / seen:.1f}%",
+                        img_s=f"{seen * self.dist.world_size / (time.perf_counter() - start):.0f}",
+                    )
+        if bar is not None:
+            bar.close()
+        totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)])
+        totals = self.dist.all_reduce_sum(totals)
+        seen_all = self.dist.all_reduce_sum(torch.tensor(float(seen), device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        total_seen = float(seen_all)
+        return float(totals[0]) / total_seen, float(totals[1]) / total_seen, total_seen / seconds
+
+    @torch.inference_mode()
+    def evaluate(self) -> tuple[np.ndarray, float, float]:
+        """Logits of the whole eval split in order (gathered across ranks), loss and accuracy."""
+        self.net.eval()
+        indices = self.dist.eval_indices(self.num_eval)
+        chunks = []
+        bs = max(self._local_batch(), 256)
+        for start in range(0, len(indices), bs):
+            idx = indices[start : start + bs].to(self.device)
+            x = self._normalize(self.eval_split.images[idx])
+            with torch.autocast(
+                self.device.type,
+                dtype=self.amp_dtype or torch.float32,
+                enabled=self.amp_dtype is not None,
+            ):
+                chunks.append(self.model(x).float())
+        local = (
+            torch.cat(chunks) if chunks else torch.zeros(0, len(self.classes), device=self.device)
+        )
+        logits = self.dist.gather_eval(local, self.num_eval)
+        targets = self.eval_split.targets
+        loss = F.cross_entropy(logits, targets).item()
+        acc = (logits.argmax(1) == targets).float().mean().item()
+        return logits.cpu().numpy(), loss, acc
+
+    def _progress(self, total: int, desc: str) -> Any:
+        if self.quiet or not self.is_main or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    # -- the run ---------------------------------------------------------------------------
+    def commit_epoch(self, logits: np.ndarray, row: dict[str, float], eval_acc: float) -> None:
+        """Store first, then checkpoints: resume trusts the checkpoint, the store is trimmed."""
+        if not self.is_main:
+            return
+        append_epoch(self.run_dir / STORE_FILENAME, logits, row)
+        ckpt = checkpoint_dir(self.run_dir)
+        is_best = eval_acc > self.best_acc
+        if is_best:
+            self.best_acc = eval_acc
+        payload = self.state(eval_acc)
+        save_checkpoint(ckpt / epoch_filename(self.epoch), payload)
+        save_checkpoint(ckpt / "last.pt", payload)
+        if is_best:
+            save_checkpoint(ckpt / "best.pt", payload)
+        self._prune_checkpoints()
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.config.keep_checkpoints
+        if keep is None:
+            return
+        saved = list_checkpoints(self.run_dir)
+        best_epoch = None
+        best = checkpoint_dir(self.run_dir) / "best.pt"
+        if best.is_file():
+            best_epoch = load_checkpoint(best)["epoch"]
+        recent = set(sorted(saved)[-keep:])
+        for epoch, path in saved.items():
+            if epoch != 1 and epoch != best_epoch and epoch not in recent:
+                path.unlink(missing_ok=True)
+
+    def run(self) -> None:
+        with _StopFlag() as stop:
+            while self.epoch < self.config.epochs:
+                start = time.perf_counter()
+                train_loss, train_acc, images_per_s = self.train_epoch(stop)
+                lr = self.last_lr
+                logits, eval_loss, eval_acc = self.evaluate()
+                self.epoch += 1
+                seconds = time.perf_counter() - start
+                row = {
+                    "epoch": self.epoch,
+                    "train_loss": train_loss,
+                    "train_acc": train_acc,
+                    "eval_loss": eval_loss,
+                    "eval_acc": eval_acc,
+                    "lr": lr,
+                    "seconds": seconds,
+                    "images_per_s": images_per_s,
+                }
+                self.commit_epoch(logits, row, eval_acc)
+                if self.is_main:
+                    print(
+                        f"epoch {self.epoch:>3}/{self.config.epochs}  "
+                        f"train loss {train_loss:.4f} acc {100 * train_acc:5.2f}%  "
+                        f"eval loss {eval_loss:.4f} acc {100 * eval_acc:5.2f}%  "
+                        f"lr {lr:.4f}  {seconds:6.1f}s  {images_per_s:7.0f} img/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                self.dist.barrier()
+                if stop.signal is not None and self.epoch < self.config.epochs:
+                    raise TrainingInterrupted(
+                        f"training stopped by signal {stop.signal} after epoch {self.epoch}; "
+                        f"continue with: explainkit train --resume {self.run_dir}"
+                    )
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    import torchvision
+
+    env = {
+        "explainkit": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def train(
+    config: TrainConfig,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Path:
+    """Train a new run into ``out`` (default ``runs/<time>``) and return the run directory."""
+    config.validate()
+    run_dir = Path(out) if out else default_run_dir()
+    rank = dist_utils.env_rank()
+    lock = RunLock(run_dir)
+    if rank == 0:
+        prepare_run_dir(run_dir, overwrite)
+        lock.acquire()
+    try:
+        trainer = Trainer(config, run_dir, quiet=quiet)
+        if trainer.is_main:
+            checkpoint_dir(run_dir).mkdir(exist_ok=True)
+            write_json_atomic(
+                run_dir / "config.json",
+                {
+                    "format": "explainkit-run",
+                    "format_version": 1,
+                    "config": config.to_dict(),
+                    "model": trainer.model_spec,
+                    "data": {
+                        "dataset": config.dataset,
+                        "classes": trainer.classes,
+                        "num_train": trainer.num_train,
+                        "num_eval": trainer.num_eval,
+                        "mean": list(trainer.mean),
+                        "std": list(trainer.std),
+                    },
+                    "environment": _environment(trainer.device),
+                    "world_size": trainer.dist.world_size,
+                },
+            )
+            ev = trainer.eval_data
+            create_store(
+                run_dir / STORE_FILENAME,
+                images=ev.images,
+                targets=ev.targets,
+                index=ev.index,
+                masks=ev.masks,
+                classes=trainer.classes,
+                dataset=config.dataset,
+                model=trainer.model_spec,
+                mean=trainer.mean,
+                std=trainer.std,
+            )
+        trainer.dist.barrier()
+        trainer.run()
+    except RunError:
+        raise
+    finally:
+        lock.release()
+        dist_utils.shutdown()
+    return run_dir

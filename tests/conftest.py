@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny real runs trained once per session (width 8, a few hundred images)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_MINI = REPO.parent / "shared" / "data" / "cifar10-mini"
+if not CIFAR_MINI.is_dir():  # a clone elsewhere: fall back to the env variable
+    CIFAR_MINI = Path(os.environ.get("EXPLAINKIT_CIFAR_MINI", str(CIFAR_MINI)))
+
+# Keep a developer's installed third-party plugins out of the tests.
+os.environ.setdefault("EXPLAINKIT_LOAD_PLUGINS", "")
+
+TINY = dict(width=8, epochs=2, batch_size=64, limit_train=256, limit_eval=64, cutout=0)
+
+
+def train_run(out: Path, overwrite: bool = False, **overrides) -> Path:
+    from explainkit.config import TrainConfig
+    from explainkit.train.trainer import train
+
+    values = {"dataset": "shapes", "device": "cpu", **TINY, **overrides}
+    return train(TrainConfig(**values), out=out, overwrite=overwrite, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_master(tmp_path_factory) -> Path:
+    return train_run(tmp_path_factory.mktemp("runs") / "shapes")
+
+
+@pytest.fixture
+def tiny_run(tiny_run_master, tmp_path) -> Path:
+    """A private copy of a trained shapes run (2 epochs), safe to write analyses into."""
+    return Path(shutil.copytree(tiny_run_master, tmp_path / "run"))
+
+
+@pytest.fixture(scope="session")
+def cifar_run_master(tmp_path_factory) -> Path:
+    if not CIFAR_MINI.is_dir():
+        pytest.fail(f"the CIFAR-10 sample is missing at {CIFAR_MINI}")
+    return train_run(
+        tmp_path_factory.mktemp("runs") / "cifar",
+        dataset="cifar10",
+        data_dir=str(CIFAR_MINI),
+        limit_train=256,
+        limit_eval=128,
+    )
+
+
+@pytest.fixture
+def cifar_run(cifar_run_master, tmp_path) -> Path:
+    return Path(shutil.copytree(cifar_run_master, tmp_path / "cifar_run"))
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):
+    """Run the real ``explainkit`` CLI in a subprocess."""
+    full_env = {**os.environ, "EXPLAINKIT_LOAD_PLUGINS": "", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "explainkit", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )

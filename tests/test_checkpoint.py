@@ -1,0 +1,74 @@
+import os
+
+import pytest
+import torch
+
+from explainkit import load_model
+from explainkit.errors import CheckpointError
+from explainkit.models import build_model
+from explainkit.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from tests.conftest import run_cli
+
+
+class Sentinel:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_code_running_pickle_never_runs(tmp_path):
+    sentinel = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "explainkit-checkpoint", "payload": Sentinel(sentinel)}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not sentinel.exists()
+
+
+def test_code_running_checkpoint_in_a_run_is_refused_by_the_cli(tiny_run, tmp_path):
+    sentinel = tmp_path / "pwned"
+    torch.save({"x": Sentinel(sentinel)}, tiny_run / "checkpoints" / "best.pt")
+    result = run_cli("analyze", str(tiny_run), "--plugin", "gradcam")
+    assert result.returncode != 0
+    assert not sentinel.exists()
+
+
+def test_plain_state_dicts_are_not_explainkit_checkpoints(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save(build_model("resnet18", width=8).state_dict(), path)
+    with pytest.raises(CheckpointError, match="not an explainkit checkpoint"):
+        load_checkpoint(path)
+    torch.save({"state_dict": {}, "epoch": 3, "arch": "resnet18"}, path)  # timm-like dict
+    with pytest.raises(CheckpointError, match="not an explainkit checkpoint"):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoints_are_refused(tiny_run):
+    path = tiny_run / "checkpoints" / "last.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(path)
+
+
+def test_atomic_save_leaves_no_temporary_files(tmp_path):
+    save_checkpoint(tmp_path / "a.pt", {"model": {}, "state_dict": {}, "epoch": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
+    assert load_checkpoint(tmp_path / "a.pt")["epoch"] == 1
+
+
+def test_load_model_from_a_run_dir_and_an_epoch(tiny_run):
+    model = load_model(tiny_run, epoch=1)
+    assert not model.training
+    assert sum(p.numel() for p in model.parameters()) > 0
+    with pytest.raises(CheckpointError, match="saved epochs: 1, 2"):
+        resolve_checkpoint(tiny_run, epoch=7)
+
+
+def test_checkpoints_hold_only_tensors_and_plain_values(tiny_run):
+    data = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
+    assert {"optimizer", "scheduler", "scaler", "rng", "config", "epoch"} <= set(data)
+    assert not any(k.startswith("module.") for k in data["state_dict"])

@@ -1,0 +1,179 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from explainkit.config import ConfigError, TrainConfig, resolve_config
+from explainkit.errors import RunError
+from explainkit.store import open_store
+from explainkit.train.checkpoint import load_checkpoint
+from tests.conftest import CIFAR_MINI, run_cli, train_run
+
+
+def test_train_writes_a_complete_run_dir(tiny_run):
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["config"]["width"] == 8
+    assert config["environment"]["torch"] == torch.__version__
+    assert config["model"]["default_layer"] == "layer4"
+    names = {p.name for p in (tiny_run / "checkpoints").iterdir()}
+    assert {"epoch_001.pt", "epoch_002.pt", "last.pt", "best.pt"} <= names
+    with open_store(tiny_run) as store:
+        assert store.epochs == [1, 2]
+        assert store.logits(2).shape == (64, 10)
+        assert store.images().shape == (64, 32, 32, 3)
+        assert store.has_masks
+        acc = (store.predictions(2) == store.targets).mean()
+        assert store.history["eval_acc"][1] == pytest.approx(acc)
+    last = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
+    assert last["epoch"] == 2 and last["model"]["arch"] == "resnet18-s8"
+
+
+def test_stored_logits_are_the_checkpoints_logits(tiny_run):
+    """The store's eval logits are what the saved weights compute on the stored images."""
+    from explainkit import load_model
+
+    model = load_model(tiny_run / "checkpoints" / "epoch_002.pt")
+    with open_store(tiny_run) as store:
+        x = torch.from_numpy(store.images()).permute(0, 3, 1, 2).float() / 255
+        mean = torch.tensor(store.mean).view(1, 3, 1, 1)
+        std = torch.tensor(store.std).view(1, 3, 1, 1)
+        with torch.no_grad():
+            logits = model((x - mean) / std).numpy()
+        np.testing.assert_allclose(logits, store.logits(2), rtol=1e-4, atol=1e-4)
+
+
+def test_same_seed_gives_bit_identical_runs(tmp_path):
+    a = train_run(tmp_path / "a", epochs=2, limit_train=128, limit_eval=32, cutout=8)
+    b = train_run(tmp_path / "b", epochs=2, limit_train=128, limit_eval=32, cutout=8)
+    sa = load_checkpoint(a / "checkpoints" / "last.pt")["state_dict"]
+    sb = load_checkpoint(b / "checkpoints" / "last.pt")["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with open_store(a) as ra, open_store(b) as rb:
+        assert np.array_equal(ra.logits(2), rb.logits(2))
+
+
+def test_cifar_sample_trains_end_to_end(cifar_run):
+    with open_store(cifar_run) as store:
+        assert store.classes[0] == "airplane" and len(store.classes) == 10
+        assert store.num_images == 128 and not store.has_masks
+        assert store.epochs == [1, 2]
+
+
+def test_existing_run_dir_is_refused_and_kept(tiny_run):
+    before = (tiny_run / "predictions.h5").read_bytes()
+    result = run_cli("train", "--dataset", "shapes", "--width", "8", "--out", str(tiny_run))
+    assert result.returncode == 1
+    assert "already exists" in result.stderr and "Traceback" not in result.stderr
+    assert (tiny_run / "predictions.h5").read_bytes() == before
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path):
+    precious = tmp_path / "photos"
+    precious.mkdir()
+    (precious / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(RunError, match="not an explainkit run"):
+        train_run(precious, overwrite=True, epochs=1)
+    assert (precious / "cat.jpg").read_bytes() == b"meow"
+
+
+def test_overwrite_replaces_a_previous_run(tmp_path):
+    run = train_run(tmp_path / "r", epochs=1, limit_train=64, limit_eval=16)
+    from explainkit.config import TrainConfig
+    from explainkit.train.trainer import train
+
+    config = TrainConfig(
+        dataset="shapes",
+        device="cpu",
+        width=8,
+        epochs=2,
+        batch_size=32,
+        limit_train=64,
+        limit_eval=16,
+    )
+    train(config, out=run, overwrite=True, quiet=True)
+    with open_store(run) as store:
+        assert store.epochs == [1, 2]
+
+
+def test_a_run_dir_in_use_is_refused(tmp_path):
+    run = tmp_path / "busy"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / ".lock").write_text(json.dumps({"pid": os.getpid()}))
+    with pytest.raises(RunError, match="in use"):
+        train_run(run, epochs=1)
+
+
+def test_keep_checkpoints_keeps_first_best_and_last_k(tmp_path):
+    run = train_run(tmp_path / "k", epochs=4, limit_train=64, limit_eval=16, keep_checkpoints=1)
+    names = {p.name for p in (run / "checkpoints").glob("epoch_*.pt")}
+    best = load_checkpoint(run / "checkpoints" / "best.pt")["epoch"]
+    assert names == {"epoch_001.pt", "epoch_004.pt", f"epoch_{best:03d}.pt"}
+
+
+def test_config_file_is_overridden_by_command_line(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"width": 16, "epochs": 3, "batch-size": 32}))
+    config = resolve_config({"width": 8, "epochs": 20, "batch_size": 128}, {"width"}, path)
+    assert (config.width, config.epochs, config.batch_size) == (8, 3, 32)
+
+
+def test_yaml_config_files_are_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 4\nlabel_smoothing: 0.1\n")
+    config = resolve_config({}, set(), path)
+    assert config.epochs == 4 and config.label_smoothing == 0.1
+
+
+def test_config_file_typos_and_bad_types_are_refused(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"epocs": 3}))
+    with pytest.raises(ConfigError, match="unknown option"):
+        resolve_config({}, set(), path)
+    path.write_text(json.dumps({"epochs": "many"}))
+    with pytest.raises(ConfigError, match="epochs must be int"):
+        resolve_config({}, set(), path)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--epochs", "-1"], "--epochs must be at least 1"),
+    ],
+)
+def test_bad_numbers_get_one_sentence(tmp_path, args, message):
+    result = run_cli("train", "--dataset", "shapes", "--out", str(tmp_path / "x"), *args)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_cli_on_the_cifar_sample(tmp_path):
+    out = tmp_path / "cli"
+    result = run_cli(
+        "train",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(CIFAR_MINI),
+        "--width",
+        "8",
+        "--epochs",
+        "1",
+        "--limit-train",
+        "128",
+        "--limit-eval",
+        "64",
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "epoch   1/1" in result.stderr
+    assert TrainConfig(**json.loads((out / "config.json").read_text())["config"]).epochs == 1
