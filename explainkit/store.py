@@ -22,6 +22,7 @@ import numpy as np
 
 from explainkit import __version__
 from explainkit.errors import StoreError
+from explainkit.faults import fault_point
 
 FORMAT_NAME = "explainkit-predictions"
 SCHEMA_VERSION = 1
@@ -164,6 +165,7 @@ def append_epoch(path: str | Path, logits: np.ndarray, history_row: dict[str, fl
             row[name] = history_row[name]
         hist[committed] = row
         f["committed_epochs"][()] = committed + 1
+    fault_point(f"store-write:{committed + 1}")
     _replace_durably(tmp, path)
     return committed + 1
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from explainkit import __version__
 from explainkit.errors import CheckpointError, RunError
+from explainkit.faults import fault_point
 
 FORMAT_NAME = "explainkit-checkpoint"
 FORMAT_VERSION = 1
@@ -42,6 +43,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        fault_point(f"checkpoint-write:{payload.get('epoch')}:{path.name}")
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -56,6 +56,29 @@ class DistContext:
         dist.all_reduce(t)
         return t
 
+    def broadcast_flag(self, flag: bool) -> bool:
+        """True on every rank when rank 0's ``flag`` is true."""
+        if not self.enabled:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        dist.broadcast(t, 0)
+        return bool(t.item())
+
+    def sync_buffers(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's BatchNorm statistics, which are what the checkpoint holds.
+
+        DDP broadcasts buffers at the start of each training forward, so after the last step
+        each rank still has the statistics of its own last batch.
+        """
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
     def barrier(self) -> None:
         if self.enabled:
             import torch.distributed as dist

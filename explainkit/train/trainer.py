@@ -26,7 +26,8 @@ from torch import nn
 from explainkit import __version__
 from explainkit.config import TrainConfig
 from explainkit.errors import ExplainkitError, RunError
-from explainkit.store import STORE_FILENAME, append_epoch, create_store
+from explainkit.faults import fault_point
+from explainkit.store import STORE_FILENAME, append_epoch, create_store, truncate_store
 from explainkit.train import distributed as dist_utils
 from explainkit.train.checkpoint import (
     checkpoint_dir,
@@ -131,7 +132,13 @@ def _restore_rng_state(
 class Trainer:
     """One training run. ``run()`` trains from the current epoch to ``config.epochs``."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        quiet: bool = False,
+        dist: dist_utils.DistContext | None = None,
+    ) -> None:
         from explainkit.data import channel_stats, load_dataset
         from explainkit.data.augment import cutout, random_crop, random_flip
         from explainkit.models import build_model, default_target_layer
@@ -140,7 +147,7 @@ class Trainer:
         self.config = config
         self.run_dir = run_dir
         self.quiet = quiet
-        self.dist = dist_utils.init_from_env(config.device)
+        self.dist = dist or dist_utils.init_from_env(config.device)
         self.device = self.dist.device if self.dist.enabled else resolve_device(config.device)
         self.is_main = self.dist.rank == 0
         _seed_everything(config.seed)
@@ -300,6 +307,8 @@ class Trainer:
                     f"epochs 1..{self.epoch} are saved; continue with: "
                     f"explainkit train --resume {self.run_dir}"
                 )
+            if step == self.steps_per_epoch // 2:
+                fault_point(f"step:{self.epoch + 1}")
             idx = perm[step * bs : (step + 1) * bs]
             x = self._augment(self.train_split.images[idx])
             y = self.train_split.targets[idx]
@@ -343,6 +352,7 @@ class Trainer:
     def evaluate(self) -> tuple[np.ndarray, float, float]:
         """Logits of the whole eval split in order (gathered across ranks), loss and accuracy."""
         self.net.eval()
+        self.dist.sync_buffers(self.model)
         indices = self.dist.eval_indices(self.num_eval)
         chunks = []
         bs = max(self._local_batch(), 256)
@@ -377,15 +387,18 @@ class Trainer:
         if not self.is_main:
             return
         append_epoch(self.run_dir / STORE_FILENAME, logits, row)
+        fault_point(f"store:{self.epoch}")
         ckpt = checkpoint_dir(self.run_dir)
         is_best = eval_acc > self.best_acc
         if is_best:
             self.best_acc = eval_acc
         payload = self.state(eval_acc)
         save_checkpoint(ckpt / epoch_filename(self.epoch), payload)
-        save_checkpoint(ckpt / "last.pt", payload)
         if is_best:
             save_checkpoint(ckpt / "best.pt", payload)
+        fault_point(f"checkpoint:{self.epoch}")
+        # last.pt is the resume point, so it is written after everything it vouches for.
+        save_checkpoint(ckpt / "last.pt", payload)
         self._prune_checkpoints()
 
     def _prune_checkpoints(self) -> None:
@@ -466,60 +479,147 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+# Options that change what a run means; resume refuses to change them.
+FIXED_ON_RESUME = (
+    "dataset",
+    "data_dir",
+    "image_size",
+    "model",
+    "width",
+    "batch_size",
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "schedule",
+    "label_smoothing",
+    "crop_padding",
+    "flip",
+    "cutout",
+    "seed",
+    "limit_train",
+    "limit_eval",
+)
+
+
+def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The run's own config, with only the options that may change (epochs, device...) changed."""
+    from explainkit.inspect import read_run_config
+
+    saved = TrainConfig.from_dict(read_run_config(run_dir)["config"], source=str(run_dir))
+    changed = [k for k, v in overrides.items() if k in FIXED_ON_RESUME and getattr(saved, k) != v]
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise RunError(
+            f"{flags} would change the meaning of {run_dir}; resume keeps the run's own "
+            "settings (only --epochs, --device, --compile, --keep-checkpoints may change)"
+        )
+    for key, value in overrides.items():
+        setattr(saved, key, value)
+    saved.validate()
+    return saved
+
+
+def _write_run_files(trainer: Trainer, config: TrainConfig, run_dir: Path) -> None:
+    checkpoint_dir(run_dir).mkdir(exist_ok=True)
+    write_json_atomic(
+        run_dir / "config.json",
+        {
+            "format": "explainkit-run",
+            "format_version": 1,
+            "config": config.to_dict(),
+            "model": trainer.model_spec,
+            "data": {
+                "dataset": config.dataset,
+                "classes": trainer.classes,
+                "num_train": trainer.num_train,
+                "num_eval": trainer.num_eval,
+                "mean": list(trainer.mean),
+                "std": list(trainer.std),
+            },
+            "environment": _environment(trainer.device),
+            "world_size": trainer.dist.world_size,
+        },
+    )
+
+
+def _resume_state(trainer: Trainer, run_dir: Path) -> None:
+    """Load last.pt and trim the store to its epoch (later epochs were never checkpointed)."""
+    last = checkpoint_dir(run_dir) / "last.pt"
+    if not last.is_file():
+        raise RunError(
+            f"{run_dir} has no checkpoints/last.pt to resume from (it stopped before its first "
+            "epoch ended); start it again with --overwrite"
+        )
+    data = load_checkpoint(last)
+    trainer.load_state(data)
+    if trainer.is_main:
+        truncate_store(run_dir / STORE_FILENAME, trainer.epoch)
+        stray = [e for e in list_checkpoints(run_dir) if e > trainer.epoch]
+        for epoch in stray:
+            (checkpoint_dir(run_dir) / epoch_filename(epoch)).unlink(missing_ok=True)
+        for tmp in checkpoint_dir(run_dir).glob(".*.tmp-*"):  # from a write that was killed
+            tmp.unlink(missing_ok=True)
+
+
 def train(
     config: TrainConfig,
     out: str | Path | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    resume: bool = False,
 ) -> Path:
-    """Train a new run into ``out`` (default ``runs/<time>``) and return the run directory."""
+    """Train a new run into ``out`` (default ``runs/<time>``), or continue it with ``resume``.
+
+    Returns the run directory. Under torchrun every rank calls this; only rank 0 writes.
+    """
     config.validate()
+    if resume and out is None:
+        raise RunError("resume needs the run directory")
     run_dir = Path(out) if out else default_run_dir()
-    rank = dist_utils.env_rank()
+    dist = dist_utils.init_from_env(config.device)
     lock = RunLock(run_dir)
-    if rank == 0:
-        prepare_run_dir(run_dir, overwrite)
-        lock.acquire()
     try:
-        trainer = Trainer(config, run_dir, quiet=quiet)
+        error = None
+        if dist.rank == 0:
+            try:
+                if resume:
+                    if not (run_dir / "config.json").is_file():
+                        raise RunError(f"{run_dir} is not a run directory; nothing to resume")
+                else:
+                    prepare_run_dir(run_dir, overwrite)
+                lock.acquire()
+            except RunError as e:
+                error = e
+        failed = dist.broadcast_flag(error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise RunError(f"rank 0 could not prepare {run_dir}; see its message")
+        trainer = Trainer(config, run_dir, quiet=quiet, dist=dist)
         if trainer.is_main:
-            checkpoint_dir(run_dir).mkdir(exist_ok=True)
-            write_json_atomic(
-                run_dir / "config.json",
-                {
-                    "format": "explainkit-run",
-                    "format_version": 1,
-                    "config": config.to_dict(),
-                    "model": trainer.model_spec,
-                    "data": {
-                        "dataset": config.dataset,
-                        "classes": trainer.classes,
-                        "num_train": trainer.num_train,
-                        "num_eval": trainer.num_eval,
-                        "mean": list(trainer.mean),
-                        "std": list(trainer.std),
-                    },
-                    "environment": _environment(trainer.device),
-                    "world_size": trainer.dist.world_size,
-                },
-            )
-            ev = trainer.eval_data
-            create_store(
-                run_dir / STORE_FILENAME,
-                images=ev.images,
-                targets=ev.targets,
-                index=ev.index,
-                masks=ev.masks,
-                classes=trainer.classes,
-                dataset=config.dataset,
-                model=trainer.model_spec,
-                mean=trainer.mean,
-                std=trainer.std,
-            )
+            _write_run_files(trainer, config, run_dir)
+            if not resume:
+                ev = trainer.eval_data
+                create_store(
+                    run_dir / STORE_FILENAME,
+                    images=ev.images,
+                    targets=ev.targets,
+                    index=ev.index,
+                    masks=ev.masks,
+                    classes=trainer.classes,
+                    dataset=config.dataset,
+                    model=trainer.model_spec,
+                    mean=trainer.mean,
+                    std=trainer.std,
+                )
         trainer.dist.barrier()
+        if resume:
+            _resume_state(trainer, run_dir)
+            trainer.dist.barrier()
+            if trainer.is_main:
+                print(f"resuming {run_dir} after epoch {trainer.epoch}", file=sys.stderr)
         trainer.run()
-    except RunError:
-        raise
     finally:
         lock.release()
         dist_utils.shutdown()
