@@ -1,0 +1,532 @@
+"""The ``explainkit`` command line.
+
+Only the standard library, click and explainkit's light modules are imported here; torch,
+h5py and matplotlib are imported inside the commands that need them, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from explainkit import __version__
+from explainkit.config import TrainConfig
+from explainkit.errors import ExplainkitError
+
+
+class ExplainkitGroup(click.Group):
+    """Turns ExplainkitError into one line on stderr and exit 1 (traceback with --verbose)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ExplainkitError as e:
+            if ctx.params.get("verbose"):
+                raise
+            raise click.ClickException(str(e)) from e
+        except OSError as e:
+            # Disk full, permission denied, ...: the OS's own sentence is the clearest one.
+            if ctx.params.get("verbose"):
+                raise
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            raise click.ClickException(f"{e.strerror or e}{where}") from e
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        # Plugin commands are loaded only for a name that is not built in, so --help stays light.
+        return super().get_command(ctx, cmd_name) or _plugin_command(self, cmd_name)
+
+
+@click.group(cls=ExplainkitGroup)
+@click.version_option(__version__, prog_name="explainkit")
+@click.option("--verbose", is_flag=True, help="Show full tracebacks for errors.")
+def cli(verbose: bool) -> None:
+    """Train image classifiers and explain what they learned.
+
+    A training run writes a run directory (config, checkpoints, HDF5 prediction store);
+    analyzers read it and write figures and tables under RUN/analyses/.
+    """
+
+
+def train_options(func: Any) -> Any:
+    """Add one click option per TrainConfig field, so the dataclass stays the one source."""
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        flag = f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        choices = f.metadata.get("choices")
+        if f.type in ("bool", bool):
+            decl = [f"--{flag}/--no-{flag}"]
+            kwargs: dict[str, Any] = {"default": f.default}
+        else:
+            decl = [f"--{flag}"]
+            ptype: Any = {"int": int, "float": float}.get(
+                str(f.type).split(" ")[0].replace("|", "").strip(), str
+            )
+            if str(f.type).startswith("int"):
+                ptype = int
+            elif str(f.type).startswith("float"):
+                ptype = float
+            if choices:
+                ptype = click.Choice(choices)
+            kwargs = {"default": f.default, "type": ptype}
+        kwargs["show_default"] = f.default is not None
+        func = click.option(*decl, f.name, help=help_text, **kwargs)(func)
+    return func
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="JSON or YAML file of options; options on the command line override it.",
+)
+@click.option(
+    "--out", type=click.Path(file_okay=False), help="Run directory (default runs/<time>)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False),
+    help="Continue the run in this directory from its last checkpoint (--epochs may grow).",
+)
+@click.option("--quiet", is_flag=True, help="No progress bars; only the per-epoch summary lines.")
+@train_options
+@click.pass_context
+def train(
+    ctx: click.Context,
+    config_file: str | None,
+    out: str | None,
+    overwrite: bool,
+    resume: str | None,
+    quiet: bool,
+    **values: Any,
+) -> None:
+    """Train a model and write a run directory."""
+    from explainkit.config import resolve_config
+
+    explicit = {
+        name
+        for name in values
+        if ctx.get_parameter_source(name)
+        in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+    if resume:
+        if out or overwrite or config_file:
+            raise click.UsageError(
+                "--resume takes the run's own config; drop --out/--overwrite/--config"
+            )
+        from explainkit.train.trainer import resume_config
+
+        config = resume_config(Path(resume), {k: values[k] for k in explicit})
+        out = resume
+    else:
+        config = resolve_config(values, explicit, config_file)
+    from explainkit.train.trainer import train as run_training
+
+    run_dir = run_training(config, out=out, overwrite=overwrite, quiet=quiet, resume=bool(resume))
+    click.echo(f"run written to {run_dir}", err=True)
+
+
+@cli.command()
+@click.argument("run", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(run: str, as_json: bool) -> None:
+    """Summarize a run: config, epochs, accuracy, checkpoints, store, analyses."""
+    import json
+
+    from explainkit.inspect import format_summary, summarize_run
+
+    summary = summarize_run(Path(run))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(format_summary(summary))
+
+
+# -- analyze and plugins (analyzers come from the plugin registry, loaded only when needed) --
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Validate --device without importing torch: auto, cpu, cuda, cuda:N or mps."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise click.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+def _scan_plugins_dir(args: list[str]) -> str | None:
+    """Find --plugins-dir in raw arguments, so its analyzers' options exist before parsing."""
+    for i, arg in enumerate(args):
+        if arg == "--plugins-dir" and i + 1 < len(args):
+            value: str | None = args[i + 1]
+        elif arg.startswith("--plugins-dir="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        # A bad folder is left to the option's own validation (exit 2 with a clear message).
+        return value if value and Path(value).is_dir() else None
+    return None
+
+
+_PLUGINS_DIR_OPTION = click.option(
+    "--plugins-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    envvar="EXPLAINKIT_PLUGINS_DIR",
+    help="Also load plugin modules (*.py) from this folder [env: EXPLAINKIT_PLUGINS_DIR].",
+)
+
+
+class AnalyzeCommand(click.Command):
+    """``analyze`` with one ``--<analyzer>-<option>`` flag per declared analyzer option.
+
+    The flags are built from the plugin registry when this command is resolved (parsing its
+    arguments or its help), never for ``explainkit --help``, so listing commands stays cheap.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._base_params = list(self.params)
+        self._analyzer_groups: list[tuple[str, str, list[click.Parameter]]] | None = None
+        self._built_for: Any = None
+
+    def _build(self, plugins_dir: str | None) -> None:
+        from explainkit.manager import get_analyzers, load_plugins
+
+        pm = load_plugins(plugins_dir)  # cached: cheap after the first call
+        if self._analyzer_groups is not None and self._built_for is pm:
+            return
+        entries = get_analyzers(pm)
+        params = list(self._base_params)
+        used = {p.name for p in params} | {o for p in params for o in getattr(p, "opts", [])}
+        groups = []
+        for name, entry in entries.items():
+            group: list[click.Parameter] = []
+            for opt in entry.cls.options:
+                flag, key = opt.flag(name), opt.key(name)
+                if flag in used or key in used:
+                    click.echo(
+                        f"warning: option {flag} of analyzer {name} clashes with another "
+                        "option and is not available on the command line",
+                        err=True,
+                    )
+                    continue
+                used |= {flag, key}
+                if opt.is_flag():
+                    decls = [f"{flag}/--no-{flag[2:]}", key]
+                    kwargs: dict[str, Any] = {"default": bool(opt.default)}
+                else:
+                    decls = [flag, key]
+                    kwargs = {"type": opt.click_type(), "default": opt.default}
+                group.append(
+                    click.Option(
+                        decls, help=opt.help, show_default=opt.default is not None, **kwargs
+                    )
+                )
+            params.extend(group)
+            groups.append((name, entry.cls.summary, group))
+        self.params = params
+        self._analyzer_groups = groups
+        self._built_for = pm
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        self._build(_scan_plugins_dir(args))
+        return super().parse_args(ctx, args)
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if self._analyzer_groups is None:
+            self._build(None)
+        return super().get_params(ctx)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        params = self.get_params(ctx)
+        grouped = {id(p) for _, _, group in self._analyzer_groups or [] for p in group}
+        records = [
+            r
+            for p in params
+            if id(p) not in grouped and not isinstance(p, click.Argument)
+            if (r := p.get_help_record(ctx))
+        ]
+        with formatter.section("Options"):
+            formatter.write_dl(records)
+        groups = self._analyzer_groups or []
+        if groups:
+            with formatter.section("Analyzers (--plugin NAME)"):
+                formatter.write_dl([(name, summary) for name, summary, _ in groups])
+        for name, _summary, group in groups:
+            rows = [r for p in group if (r := p.get_help_record(ctx))]
+            if rows:
+                with formatter.section(f"Options of {name}"):
+                    formatter.write_dl(rows)
+
+
+@cli.command("analyze", cls=AnalyzeCommand)
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--plugin",
+    "plugin_names",
+    multiple=True,
+    metavar="NAME",
+    help="Analyzer to run (repeatable); default: every analyzer this run supports.",
+)
+@click.option(
+    "--epoch", type=click.IntRange(min=1), help="Epoch to analyze (default: best eval accuracy)."
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    callback=_check_device,
+    help="auto (CUDA when available), cpu, cuda or cuda:N.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Images per batch for model passes.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON on stdout.")
+@_PLUGINS_DIR_OPTION
+@click.pass_context
+def analyze_command(
+    ctx: click.Context,
+    run: Path,
+    plugin_names: tuple[str, ...],
+    epoch: int | None,
+    device: str,
+    batch_size: int,
+    seed: int,
+    as_json: bool,
+    plugins_dir: Path | None,
+    **analyzer_options: Any,
+) -> None:
+    """Run analyzers on a run directory; results go to RUN/analyses/<name>/.
+
+    Prints one status line per analyzer on stderr and the manifest paths (or, with --json,
+    the manifests) on stdout. Exits 1 when any analyzer failed; the others still ran.
+    """
+    import json
+
+    from explainkit.analysis import analyze as run_analyzers
+    from explainkit.analysis import check_run_dir
+    from explainkit.manager import get_analyzers, load_plugins, unknown_name_message
+
+    pm = load_plugins(plugins_dir)
+    entries = get_analyzers(pm)
+    for name in plugin_names:
+        if name not in entries:
+            raise click.BadParameter(
+                unknown_name_message("analyzer", name, list(entries)), param_hint="--plugin"
+            )
+    check_run_dir(run)
+    given = {
+        key: value
+        for key, value in analyzer_options.items()
+        if ctx.get_parameter_source(key)
+        in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+    manifests = run_analyzers(
+        run,
+        plugins=list(plugin_names) or None,
+        epoch=epoch,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        options=given,
+        pm=pm,
+        echo=lambda line: click.echo(line, err=True),
+    )
+    if not manifests:
+        raise click.ClickException(f"no analyzer can run on {run}; see the skipped lines above")
+    if as_json:
+        click.echo(json.dumps(manifests, indent=2))
+    else:
+        for m in manifests:
+            click.echo(str(run / "analyses" / m["analyzer"] / "manifest.json"))
+    failed = [m for m in manifests if m["status"] != "ok"]
+    if failed:
+        verbose = ctx.find_root().params.get("verbose")
+        for m in failed:
+            if verbose and m.get("traceback"):
+                click.echo(m["traceback"], err=True)
+        names = ", ".join(m["analyzer"] for m in failed)
+        raise click.ClickException(
+            f"{len(failed)} of {len(manifests)} analyzers failed: {names} "
+            "(errors above; rerun with --verbose for tracebacks)"
+        )
+
+
+@cli.command("plugins")
+@click.option("--all", "show_all", is_flag=True, help="Include explainkit's built-in plugins.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of text.")
+@click.option("--hook", metavar="NAME", help="Only plugins that implement this hook.")
+@_PLUGINS_DIR_OPTION
+def plugins_command(
+    show_all: bool, as_json: bool, hook: str | None, plugins_dir: Path | None
+) -> None:
+    """List installed plugins: version, source, analyzers and options, hooks, load errors."""
+    import json
+
+    from explainkit.manager import hook_names, load_plugins, plugin_info, unknown_name_message
+
+    pm = load_plugins(plugins_dir)
+    if hook is not None and hook not in hook_names(pm):
+        raise click.BadParameter(
+            unknown_name_message("hook", hook, hook_names(pm)), param_hint="--hook"
+        )
+    rows = plugin_info(pm, include_builtin=show_all)
+    if hook is not None:
+        rows = [r for r in rows if hook in r["hooks"]]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("No third-party plugins installed (--all also lists built-ins).", err=True)
+    for row in rows:
+        version = f" {row['version']}" if row["version"] else ""
+        where = row["source"] + (f" ({row['package']})" if row["package"] else "")
+        click.echo(f"{row['name']}{version}  [{where}]")
+        if row["hooks"]:
+            click.echo(f"  hooks: {', '.join(row['hooks'])}")
+        for a in row["analyzers"]:
+            click.echo(f"  analyzer {a['name']}: {a['summary']}")
+            for o in a["options"]:
+                default = f" (default: {o['default']})" if o["default"] is not None else ""
+                click.echo(f"    {o['flag']} {o['type'].upper()}{default}  {o['help']}")
+        for error in row["errors"]:
+            click.echo(f"  error: {error}")
+
+
+_plugin_commands_loaded = False
+
+
+def _plugin_command(group: click.Group, name: str) -> click.Command | None:
+    """Look ``name`` up among plugin commands (``register_commands``), loading them once.
+
+    Meant for ``ExplainkitGroup.get_command`` when a name is not a built-in command, so that
+    plugin commands cost nothing for ``explainkit --help`` and built-in commands.
+    """
+    global _plugin_commands_loaded
+    if not _plugin_commands_loaded:
+        from explainkit.manager import load_plugins, register_plugin_commands
+
+        _plugin_commands_loaded = True
+        register_plugin_commands(group, load_plugins())
+    return group.commands.get(name)
+
+
+# -- report and demo -------------------------------------------------------------------------
+
+
+@cli.command("report")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the HTML file (default RUN/report.html).",
+)
+@click.option("--open", "open_browser", is_flag=True, help="Open the report in a web browser.")
+def report_command(run: Path, out: Path | None, open_browser: bool) -> None:
+    """Build one self-contained HTML page of a run and all its analyses.
+
+    Prints the path of the written file. The page embeds its images and needs no network.
+    """
+    from explainkit.analysis import check_run_dir
+    from explainkit.report import build_report
+
+    check_run_dir(run)
+    path = build_report(run, out=out)
+    click.echo(str(path))
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
+@cli.command("demo")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/demo"),
+    show_default=True,
+    help="Run directory to create.",
+)
+@click.option(
+    "--dataset",
+    type=click.Choice(["shapes", "cifar10"]),
+    default="shapes",
+    show_default=True,
+    help="shapes: synthetic, offline; cifar10: real photos from --data-dir.",
+)
+@click.option("--data-dir", type=click.Path(file_okay=False), help="CIFAR-10 folder (cifar10).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Override the demo's epochs.")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    callback=_check_device,
+    help="auto (CUDA when available), cpu, cuda or cuda:N.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@click.option("--open", "open_browser", is_flag=True, help="Open the report when done.")
+@click.option("--limit", type=click.IntRange(min=16), hidden=True, help="Train on N images.")
+@_PLUGINS_DIR_OPTION
+def demo_command(
+    out: Path,
+    dataset: str,
+    data_dir: str | None,
+    epochs: int | None,
+    device: str,
+    overwrite: bool,
+    open_browser: bool,
+    limit: int | None,
+    plugins_dir: Path | None,
+) -> None:
+    """Train a small ResNet18, run every analyzer and build the report, offline.
+
+    A few minutes on a laptop CPU (reduced width and data); full width on a GPU. The settings
+    are in explainkit/demo.py. Prints the report's path on stdout.
+    """
+    from explainkit.demo import run_demo
+
+    if dataset == "cifar10" and data_dir is None:
+        raise click.BadParameter("--dataset cifar10 needs --data-dir", param_hint="--data-dir")
+    result = run_demo(
+        out=out,
+        dataset=dataset,
+        data_dir=data_dir,
+        epochs=epochs,
+        device=device,
+        overwrite=overwrite,
+        limit=limit,
+        plugins_dir=plugins_dir,
+        echo=lambda line: click.echo(line, err=True),
+        quiet=not sys.stderr.isatty(),
+    )
+    click.echo(f"demo: report written to {result.report}", err=True)
+    click.echo(str(result.report))
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(result.report.resolve().as_uri())
+    if result.failed:
+        raise click.ClickException(
+            f"{len(result.failed)} analyzer(s) failed: {', '.join(result.failed)} "
+            "(errors above and in the report)"
+        )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="explainkit")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
