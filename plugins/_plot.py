@@ -1,0 +1,243 @@
+"""Shared figure helpers for the built-in analyzers (matplotlib Agg, no pyplot state).
+
+Figures are ``matplotlib.figure.Figure`` objects on an explicit Agg canvas, so nothing depends
+on a display, the global backend or pyplot's figure registry (no leaks in long runs).
+Image grids are composed into one numpy mosaic and drawn with a single ``imshow``: a grid of
+hundreds of tiles costs one draw call, not one axes per image.
+
+Import this module inside ``Analyzer.run`` only; it imports numpy and matplotlib.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 100
+TILE_PX = 128  # displayed side of one gallery image (32 px images are upscaled 4x)
+BG = 1.0  # white mosaic background
+
+__all__ = [
+    "DPI",
+    "Figure",
+    "new_figure",
+    "save_figure",
+    "message_figure",
+    "upscale",
+    "scale_for",
+    "mosaic",
+    "draw_mosaic",
+    "grid_figure",
+    "short",
+    "write_csv",
+    "write_json",
+    "class_font_size",
+]
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure of ``width`` x ``height`` inches on an Agg canvas (no global backend switch)."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Save as PNG (white background) and drop the figure's memory."""
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    fig.clear()
+    return path
+
+
+def message_figure(text: str, title: str = "") -> Figure:
+    """A small figure that says why there is nothing to plot (better than no file at all)."""
+    fig = new_figure(6, 2)
+    ax = fig.add_subplot()
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=12, weight="bold")
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=11, wrap=True)
+    return fig
+
+
+def upscale(images: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of (N,H,W,C) images by an integer factor (crisp pixels)."""
+    if factor <= 1:
+        return images
+    return images.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def scale_for(side: int, target: int = TILE_PX) -> int:
+    """Integer upscaling factor that brings an image side close to ``target`` pixels."""
+    return max(1, round(target / max(side, 1)))
+
+
+def mosaic(
+    images: np.ndarray, cols: int, pad: int = 4, rows: int | None = None, label_px: int = 0
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Tile (N,H,W,3) uint8 images into one float RGB array, row-major.
+
+    Args:
+        images: The tiles (already upscaled).
+        cols: Tiles per row.
+        pad: Blank pixels between tiles and around the edge.
+        rows: Number of rows (default: as many as needed); empty cells stay blank.
+        label_px: Blank band above each tile, for a caption.
+
+    Returns:
+        The mosaic in [0, 1] and the top-left (y, x) of each tile.
+    """
+    n, h, w = images.shape[:3]
+    rows = rows if rows is not None else max(1, math.ceil(n / cols))
+    cell_h = label_px + h
+    canvas = np.full(
+        (rows * cell_h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), BG, dtype=np.float32
+    )
+    corners = []
+    for i in range(n):  # at most a few hundred tiles: the figure's content, not the data set
+        r, c = divmod(i, cols)
+        y, x = pad + r * (cell_h + pad) + label_px, pad + c * (w + pad)
+        canvas[y : y + h, x : x + w] = images[i, ..., :3] / 255.0
+        corners.append((y, x))
+    return canvas, corners
+
+
+def grid_figure(
+    images: np.ndarray,
+    cols: int,
+    *,
+    rows: int | None = None,
+    positions: Sequence[int] | None = None,
+    captions: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    title: str = "",
+    tile_px: int = TILE_PX,
+    caption_lines: int = 2,
+    font_size: float = 8,
+    pad: int = 6,
+) -> Figure:
+    """One figure showing images as a pixel-exact grid, with captions and row labels.
+
+    Images are upscaled by an integer factor (nearest neighbour) to about ``tile_px``; the
+    figure is sized so one mosaic pixel is one output pixel, so text stays the same size
+    however many tiles there are.
+
+    Args:
+        images: uint8 (N,H,W,3).
+        cols: Tiles per row.
+        rows: Rows of the grid (default: as many as needed).
+        positions: Grid cell of each image (default 0..N-1), for grids with gaps.
+        captions: One caption per image, drawn above it.
+        row_labels: One label per row, drawn left of the row.
+        title: Figure title.
+        tile_px: Target tile side in pixels.
+        caption_lines: Lines reserved for each caption.
+        font_size: Caption and label size in points.
+        pad: Pixels between tiles.
+    """
+    n = len(images)
+    positions = list(range(n)) if positions is None else list(positions)
+    cells = (max(positions) + 1) if positions else 1
+    rows = rows if rows is not None else max(1, math.ceil(cells / cols))
+    scale = scale_for(images.shape[1], tile_px) if n else 1
+    tiles = upscale(images, scale)
+    h, w = (tiles.shape[1], tiles.shape[2]) if n else (tile_px, tile_px)
+    line_px = font_size * DPI / 72 * 1.25
+    label_px = int(math.ceil(caption_lines * line_px + 4)) if captions is not None else 0
+    placed = np.zeros((rows * cols, h, w, 3), np.uint8)
+    present = np.zeros(rows * cols, bool)
+    if n:
+        placed[positions] = tiles
+        present[positions] = True
+    canvas, corners = mosaic(placed, cols, pad=pad, rows=rows, label_px=label_px)
+    for i in np.flatnonzero(~present):  # unused cells stay background, not black
+        y, x = corners[i]
+        canvas[y : y + h, x : x + w] = BG
+    left_px = 0
+    if row_labels is not None:
+        longest = max((len(label) for label in row_labels), default=0)
+        left_px = int(longest * font_size * 0.62 * DPI / 72) + 12
+    title_px = 34 if title else 0
+    height_px, width_px = canvas.shape[0] + title_px, canvas.shape[1] + left_px
+    fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes(
+        (left_px / width_px, 0, canvas.shape[1] / width_px, canvas.shape[0] / height_px)
+    )
+    draw_mosaic(ax, canvas)
+    if title:
+        fig.text(0.5, 1 - 8 / height_px, title, ha="center", va="top", fontsize=11)
+    if captions is not None:
+        for (y, x), pos_text in zip((corners[p] for p in positions), captions, strict=True):
+            ax.text(
+                x + w / 2, y - 3, pos_text, ha="center", va="bottom", fontsize=font_size,
+                linespacing=1.1,
+            )  # fmt: skip
+    if row_labels is not None:
+        for r, label in enumerate(row_labels):
+            y = corners[r * cols][0] + h / 2
+            ax.text(-8, y, label, ha="right", va="center", fontsize=font_size + 1, clip_on=False)
+    return fig
+
+
+def draw_mosaic(ax: Any, canvas: np.ndarray) -> None:
+    """Show a mosaic pixel-exact (nearest interpolation) on an axes without frame or ticks."""
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+
+
+def short(name: str, limit: int = 18) -> str:
+    """Shorten a long class name for a caption (the full names are in the CSV/JSON files)."""
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def class_font_size(num_classes: int) -> float:
+    """Tick label size that stays legible from 2 to ~100 classes."""
+    if num_classes <= 12:
+        return 10
+    if num_classes <= 25:
+        return 8
+    if num_classes <= 50:
+        return 7
+    return 5
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    """Write a small table (rows are the classes or epochs, not the images)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow([_cell(v) for v in row])
+    return path
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return repr(value)  # round-trips exactly
+    return value
+
+
+def write_json(path: Path, data: Any) -> Path:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, default=_json_default)
+        f.write("\n")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
