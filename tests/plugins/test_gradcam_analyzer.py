@@ -1,0 +1,186 @@
+"""The ``gradcam`` analyzer: whole-eval-set maps in HDF5, targets, layers, errors, the figure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from explainkit import hookimpl
+from explainkit.analysis import analyze
+from explainkit.explain.gradcam import normalize_maps
+from explainkit.manager import load_plugins
+from explainkit.store import open_store
+from explainkit.train.checkpoint import load_model
+from tests.conftest import run_cli
+
+
+def run_gradcam(run: Path, **options) -> dict:
+    (manifest,) = analyze(run, plugins=["gradcam"], device="cpu", batch_size=24, **options)
+    return manifest
+
+
+def read_h5(run: Path) -> tuple[dict, dict]:
+    with h5py.File(run / "analyses" / "gradcam" / "attributions.h5", "r") as f:
+        data = {name: f[name][:] for name in f}
+        attrs = dict(f.attrs)
+        for name in f:  # stored as the DESIGN asks: chunked, compressed, checksummed
+            assert f[name].chunks is not None and f[name].compression == "gzip"
+            assert f[name].fletcher32
+    return data, attrs
+
+
+def _verify_maps(maps: np.ndarray, n: int) -> None:
+    assert maps.shape == (n, 32, 32)
+    assert np.isfinite(maps).all()
+    assert maps.min() >= 0 and maps.max() <= 1
+
+
+def check_png(path: Path) -> None:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        assert img.format == "PNG" and min(img.size) >= 100
+
+
+def captum_maps(run: Path, epoch: int, layer: str, index: np.ndarray, targets: np.ndarray):
+    """Captum's LayerGradCam on stored images: (raw, upsampled and normalized)."""
+    captum_attr = pytest.importorskip("captum.attr")
+    model = load_model(run, epoch=epoch, device="cpu")
+    with open_store(run) as store:
+        images, mean, std = store.images(index), store.mean, store.std
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    module = dict(model.named_modules())[layer]
+    raw = captum_attr.LayerGradCam(model, module).attribute(
+        x, target=torch.from_numpy(targets), relu_attributions=True
+    )
+    up = captum_attr.LayerAttribution.interpolate(raw, (32, 32), "bilinear")
+    return raw.detach()[:, 0].numpy(), normalize_maps(up.detach()[:, 0]).numpy()
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def test_analyzer_gradcam_maps_whole_eval_set_match_captum(tiny_run):
+    manifest = run_gradcam(tiny_run)
+    assert manifest["status"] == "ok", manifest["error"]
+    data, attrs = read_h5(tiny_run)
+    with open_store(tiny_run) as store:
+        n, epoch = store.num_images, store.best_epoch
+    assert manifest["epoch"] == epoch == attrs["epoch"]
+    assert attrs["layer"] == "layer4" and attrs["method"] == "gradcam"
+    _verify_maps(data["maps"], n)
+    assert data["maps"].dtype == np.float16 and data["raw"].dtype == np.float32
+    assert data["raw"].shape[0] == n and np.isfinite(data["raw"]).all()
+    assert (data["raw"] >= 0).all() and data["raw"].max() > 0
+    np.testing.assert_array_equal(data["targets"], data["predicted"])  # default: predicted
+
+    some = np.array([0, 5, 23, 24, n - 1])  # across the batches of 24
+    raw, maps = captum_maps(tiny_run, epoch, "layer4", some, data["targets"][some])
+    assert _rel(data["raw"][some], raw) <= 1e-5
+    # float16 storage: about 3 significant digits of a value in [0, 1].
+    np.testing.assert_allclose(data["maps"][some].astype(np.float32), maps, atol=1e-3)
+
+    summary = json.loads((tiny_run / "analyses" / "gradcam" / "gradcam.json").read_text())
+    assert summary["num_images"] == n and len(summary["shown"]) == min(10, n)
+    shown = summary["shown"]
+    assert [s["correct"] for s in shown] == sorted(s["correct"] for s in shown)  # wrong first
+    check_png(tiny_run / "analyses" / "gradcam" / "gradcam.png")
+    assert {a["path"] for a in manifest["artifacts"]} == {
+        "gradcam.png",
+        "attributions.h5",
+        "gradcam.json",
+    }
+
+
+def test_analyzer_gradcam_target_true_class_and_float32(tiny_run):
+    assert run_gradcam(tiny_run, gradcam_target="true", gradcam_dtype="float32")["status"] == "ok"
+    data, attrs = read_h5(tiny_run)
+    with open_store(tiny_run) as store:
+        labels, classes, epoch = store.targets, store.classes, store.best_epoch
+    np.testing.assert_array_equal(data["targets"], labels)
+    assert data["maps"].dtype == np.float32 and attrs["target"] == "true"
+    _verify_maps(data["maps"], len(labels))
+    some = np.arange(6)
+    raw, maps = captum_maps(tiny_run, epoch, "layer4", some, labels[some])
+    assert _rel(data["raw"][some], raw) <= 1e-5
+    assert _rel(data["maps"][some], maps) <= 1e-5
+
+    for target, expected in ((classes[2], 2), ("1", 1)):
+        assert run_gradcam(tiny_run, gradcam_target=target)["status"] == "ok"
+        assert (read_h5(tiny_run)[0]["targets"] == expected).all()
+
+    bad = run_gradcam(tiny_run, gradcam_target="zebra")
+    assert bad["status"] == "failed"
+    assert "zebra" in bad["error"] and all(c in bad["error"] for c in classes)
+
+
+@pytest.mark.parametrize("method", ["gradcampp", "xgradcam", "layercam"])
+def test_analyzer_gradcam_other_methods(tiny_run, method):
+    manifest = run_gradcam(tiny_run, gradcam_method=method, gradcam_count=2)
+    assert manifest["status"] == "ok", manifest["error"]
+    data, attrs = read_h5(tiny_run)
+    assert attrs["method"] == method
+    _verify_maps(data["maps"], len(data["targets"]))
+
+
+def test_analyzer_gradcam_select_misclassified(tiny_run):
+    manifest = run_gradcam(tiny_run, gradcam_select="misclassified", gradcam_count=4)
+    assert manifest["status"] == "ok", manifest["error"]
+    summary = json.loads((tiny_run / "analyses" / "gradcam" / "gradcam.json").read_text())
+    assert len(summary["shown"]) == min(4, summary["num_misclassified"])
+    assert not any(s["correct"] for s in summary["shown"])
+
+    bad = run_gradcam(tiny_run, gradcam_colormap="rainbowz")
+    assert bad["status"] == "failed" and "rainbowz" in bad["error"]
+
+
+def test_analyzer_gradcam_layer_from_resolve_target_layer_hook(tiny_run):
+    with h5py.File(tiny_run / "predictions.h5", "r+") as f:
+        f.attrs["default_layer"] = ""  # no run metadata: the hook decides
+
+    class Plugin:
+        @hookimpl
+        def resolve_target_layer(self, model, analyzer_name):
+            return "layer3" if analyzer_name == "gradcam" else None
+
+    pm = load_plugins()
+    pm.register(Plugin(), name="undo-gradcam-layer")
+    try:
+        manifest = run_gradcam(tiny_run, gradcam_count=1)
+    finally:
+        pm.unregister(name="undo-gradcam-layer")
+    assert manifest["status"] == "ok", manifest["error"]
+    assert read_h5(tiny_run)[1]["layer"] == "layer3"
+
+
+def test_analyzer_gradcam_cli_layer(cifar_run):
+    result = run_cli(
+        "analyze", str(cifar_run), "--plugin", "gradcam", "--device", "cpu",
+        "--gradcam-layer", "layer3.1", "--gradcam-count", "4",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data, attrs = read_h5(cifar_run)
+    assert attrs["layer"] == "layer3.1"
+    _verify_maps(data["maps"], 128)
+    np.testing.assert_array_equal(data["targets"], data["predicted"])
+    check_png(cifar_run / "analyses" / "gradcam" / "gradcam.png")
+
+
+def test_analyzer_gradcam_wrong_layer_exits_1_listing_layers(tiny_run):
+    result = run_cli(
+        "analyze", str(tiny_run), "--plugin", "gradcam", "--device", "cpu",
+        "--gradcam-layer", "layer9",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("failed")]
+    assert "layer9" in line and "layer4" in line and "layer3.1" in line
+    manifest = json.loads((tiny_run / "analyses" / "gradcam" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"].count(". ") == 0
