@@ -52,6 +52,8 @@ DEFAULT_PLUGINS = (
     "explainkit.plugins.data",
     "explainkit.plugins.gradcam",
     "explainkit.plugins.captum",
+    "explainkit.plugins.quality",
+    "explainkit.plugins.evolution",
 )
 
 ANALYZER_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -214,11 +216,6 @@ def _load_defaults(pm: ExplainkitPluginManager) -> None:
     for modname in DEFAULT_PLUGINS:
         try:
             module = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name == modname:
-                continue  # this built-in is not written yet (or was left out): nothing to load
-            pm.record_error(modname, SOURCE_BUILTIN, exc)
-            continue
         except Exception as exc:
             pm.record_error(modname, SOURCE_BUILTIN, exc)
             continue

@@ -105,17 +105,18 @@ def test_builtins_registered_like_third_party(pm):
     assert not [e for e in pm.load_errors if e.source == "builtin"], pm.load_errors
 
 
-def test_missing_default_plugin_is_skipped_but_broken_one_is_recorded(
-    monkeypatch, tmp_path, capsys
-):
+def test_missing_or_broken_default_plugins_are_recorded_not_fatal(monkeypatch, tmp_path, capsys):
     (tmp_path / "ek_broken_default.py").write_text("import ek_no_such_module_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(
         manager, "DEFAULT_PLUGINS", ("explainkit.plugins.ek_not_written_yet", "ek_broken_default")
     )
     pm = manager.get_plugin_manager(entrypoints=False)
-    assert [e.plugin for e in pm.load_errors] == ["ek_broken_default"]
-    assert "ek_no_such_module_xyz" in pm.load_errors[0].error
+    assert [e.plugin for e in pm.load_errors] == [
+        "explainkit.plugins.ek_not_written_yet",
+        "ek_broken_default",
+    ]
+    assert "ek_no_such_module_xyz" in pm.load_errors[1].error
     assert capsys.readouterr().err.count("ek_broken_default") == 1
 
 

@@ -1,0 +1,561 @@
+"""Is an explanation true? Faithfulness, sanity and localization metrics, batched in torch.
+
+Every metric works on whole batches on the model's device; only per-image scores (a few
+numbers per image) travel to the CPU, once, for the bootstrap confidence intervals.
+
+- **Deletion / insertion** (Petsiuk et al. 2018, RISE, arXiv:1806.07421): remove (or add) the
+  most-attributed pixels in ``K`` steps and watch the target class's probability. A faithful
+  map makes the deletion curve fall fast (low AUC) and the insertion curve rise fast (high AUC).
+- **Model-parameter randomization** (Adebayo et al. 2018, "Sanity Checks for Saliency Maps",
+  arXiv:1810.03292): re-initialize layers cascading from the top and compare the maps with the
+  original ones (Spearman rank correlation, SSIM). Maps that do not change do not explain the
+  model.
+- **Localization** with ground-truth masks: the pointing game (Zhang et al. 2016/2018,
+  arXiv:1608.00507) and the share of attribution energy inside the mask (Wang et al. 2020,
+  Score-CAM, arXiv:1910.01279).
+
+Attribution methods share one signature, ``fn(model, images, targets) -> (N, H, W)`` maps
+scaled per image to [0, 1], so every metric treats native CAMs, Captum methods and the random
+baseline alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from explainkit.errors import AnalyzerError
+from explainkit.explain.gradcam import METHODS as CAM_METHODS
+from explainkit.explain.gradcam import compute_cam, normalize_maps, resolve_layer
+
+__all__ = [
+    "AttributionFn",
+    "BASELINES",
+    "CAPTUM_METHODS",
+    "DEFAULT_CASCADE",
+    "SANITY_DEPTH",
+    "SANITY_THRESHOLD",
+    "PerturbationCurves",
+    "SanityResult",
+    "attribute",
+    "attribution_methods",
+    "auc",
+    "bootstrap_ci",
+    "captum_available",
+    "default_methods",
+    "energy_in_mask",
+    "gaussian_blur",
+    "perturbation_baseline",
+    "perturbation_curves",
+    "pointing_game",
+    "randomization_check",
+    "rank_correlation",
+    "sanity_verdict",
+    "ssim",
+]
+
+AttributionFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+BASELINES = ("blur", "mean")
+CAPTUM_METHODS = ("saliency", "integrated_gradients", "guided_gradcam")
+# Cascading randomization order: from the logits down to the stem (Adebayo et al. 2018).
+DEFAULT_CASCADE: tuple[tuple[str, ...], ...] = (
+    ("linear",),
+    ("layer4",),
+    ("layer3",),
+    ("layer2",),
+    ("layer1",),
+    ("conv1", "bn1"),
+)
+# A method fails the sanity check when, with the layers down to SANITY_DEPTH re-initialized
+# (for a ResNet: the classifier and the last stage), its maps still correlate with the
+# trained model's maps by a mean Spearman rank correlation above SANITY_THRESHOLD.
+SANITY_DEPTH = "layer4"
+SANITY_THRESHOLD = 0.5
+
+
+# -- attribution methods -------------------------------------------------------------------
+
+
+def captum_available() -> bool:
+    """Whether Captum can be imported (its methods are optional)."""
+    return importlib.util.find_spec("captum") is not None
+
+
+def default_methods() -> list[str]:
+    """The methods ``quality`` compares by default."""
+    names = ["gradcam", "gradcampp", "random"]
+    return names + ["saliency"] if captum_available() else names
+
+
+def _cam_fn(method: str, layer: str) -> AttributionFn:
+    def fn(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        return compute_cam(model, images, layer, method, target=targets).maps
+
+    fn.__name__ = method
+    return fn
+
+
+def _random_fn(seed: int) -> AttributionFn:
+    """A model-independent pseudo-random map, a deterministic function of the image.
+
+    Because the same image always gets the same map, whatever the weights, the random baseline
+    fails the randomization check (as any model-independent map should), while its pixel
+    order is as good as random for deletion/insertion and the pointing game.
+    """
+
+    def fn(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        n, c, h, w = images.shape
+        g = torch.Generator().manual_seed(seed)
+        field = (torch.rand(h, w, generator=g, dtype=torch.float64) * 1000).to(images.device)
+        coef = (torch.rand(c, generator=g, dtype=torch.float64) * 100 + 10).to(images.device)
+        x = (images.double() * coef.view(1, c, 1, 1)).sum(1) + field
+        v = torch.sin(x) * 43758.5453
+        return (v - v.floor()).float()
+
+    fn.__name__ = "random"
+    return fn
+
+
+def _captum_fn(method: str, layer: str, ig_steps: int, internal_batch: int | None) -> AttributionFn:
+    def fn(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        import captum.attr as ca
+
+        x = images.detach().clone().requires_grad_(True)
+        with torch.inference_mode(False), torch.enable_grad():
+            if method == "saliency":
+                # Simonyan et al. 2014: max over channels of |d y_t / d x|.
+                attr = ca.Saliency(model).attribute(x, target=targets, abs=True).amax(1)
+            elif method == "integrated_gradients":
+                # Baseline 0 in normalized space is the dataset-mean image.
+                attr = (
+                    ca.IntegratedGradients(model)
+                    .attribute(
+                        x,
+                        baselines=torch.zeros_like(x),
+                        target=targets,
+                        n_steps=ig_steps,
+                        internal_batch_size=internal_batch,
+                    )
+                    .abs()
+                    .sum(1)
+                )
+            else:
+                module = resolve_layer(model, layer)
+                with warnings.catch_warnings():  # Captum warns that it hooks ReLUs; expected
+                    warnings.simplefilter("ignore", UserWarning)
+                    gg = ca.GuidedGradCam(model, module).attribute(x, target=targets)
+                attr = gg.abs().sum(1)
+        return normalize_maps(attr.detach().float())
+
+    fn.__name__ = method
+    return fn
+
+
+def attribution_methods(
+    layer: str = "layer4",
+    *,
+    seed: int = 0,
+    ig_steps: int = 16,
+    internal_batch_size: int | None = 256,
+) -> dict[str, AttributionFn]:
+    """Every attribution method available here, by name.
+
+    Args:
+        layer: target layer of the CAM methods and Guided Grad-CAM.
+        seed: seed of the ``random`` baseline.
+        ig_steps: Riemann steps of Integrated Gradients (small: metrics need many images).
+        internal_batch_size: largest batch Integrated Gradients runs at once.
+
+    Returns:
+        ``{name: fn(model, images, targets) -> (N, H, W) maps in [0, 1]}``: the native CAMs
+        (gradcam, gradcampp, xgradcam, layercam), the Captum methods when Captum is
+        importable (saliency, integrated_gradients, guided_gradcam) and ``random``.
+    """
+    methods: dict[str, AttributionFn] = {name: _cam_fn(name, layer) for name in CAM_METHODS}
+    if captum_available():
+        for name in CAPTUM_METHODS:
+            methods[name] = _captum_fn(name, layer, ig_steps, internal_batch_size)
+    methods["random"] = _random_fn(seed)
+    return methods
+
+
+def attribute(
+    fn: AttributionFn, model: nn.Module, images: Tensor, targets: Tensor, batch_size: int = 64
+) -> Tensor:
+    """Maps (N, H, W) for all ``images``, ``batch_size`` at a time, on the model's device."""
+    if images.shape[0] == 0:
+        raise AnalyzerError("no images to explain; pass at least one.")
+    targets = targets.to(images.device)
+    return torch.cat(
+        [
+            fn(model, images[s : s + batch_size], targets[s : s + batch_size])
+            for s in range(0, images.shape[0], batch_size)
+        ]
+    )
+
+
+# -- deletion / insertion ------------------------------------------------------------------
+
+
+def _gaussian_kernel(sigma: float, size: int, device: torch.device) -> Tensor:
+    x = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def gaussian_blur(images: Tensor, sigma: float | None = None) -> Tensor:
+    """Separable Gaussian blur of (N, C, H, W), reflect-padded.
+
+    The default sigma is an eighth of the image side (4 px at 32 px), strong enough to erase
+    the object's shape but keep its colours, as RISE's blurred baseline does at 224 px.
+    """
+    n, c, h, w = images.shape
+    sigma = sigma if sigma is not None else max(1.0, min(h, w) / 8)
+    size = min(2 * int(math.ceil(2 * sigma)) + 1, 2 * min(h, w) - 1)
+    size -= 1 - size % 2  # keep it odd
+    k = _gaussian_kernel(sigma, size, images.device).to(images.dtype)
+    pad = size // 2
+    x = images.reshape(n * c, 1, h, w)
+    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), k.view(1, 1, -1, 1))
+    return x.reshape(n, c, h, w)
+
+
+def perturbation_baseline(images: Tensor, kind: str = "blur") -> Tensor:
+    """What removed pixels become: the blurred image, or the dataset mean (0 once normalized)."""
+    if kind == "blur":
+        return gaussian_blur(images)
+    if kind == "mean":
+        return torch.zeros_like(images)
+    raise AnalyzerError(
+        f"unknown perturbation baseline {kind!r}; use one of {', '.join(BASELINES)}."
+    )
+
+
+@dataclass
+class PerturbationCurves:
+    """Target-class probabilities along deletion and insertion, on the device.
+
+    Attributes:
+        fractions: (K+1,) fraction of pixels removed (deletion) or added (insertion).
+        deletion: (N, K+1) probabilities; column 0 is the intact image.
+        insertion: (N, K+1) probabilities; column 0 is the baseline image.
+    """
+
+    fractions: Tensor
+    deletion: Tensor
+    insertion: Tensor
+
+    @property
+    def deletion_auc(self) -> Tensor:
+        return auc(self.deletion, self.fractions)
+
+    @property
+    def insertion_auc(self) -> Tensor:
+        return auc(self.insertion, self.fractions)
+
+
+def auc(curves: Tensor, fractions: Tensor | None = None) -> Tensor:
+    """Area under (N, K+1) curves by the trapezoid rule over ``fractions`` (default 0..1)."""
+    if fractions is None:
+        fractions = torch.linspace(0, 1, curves.shape[-1], device=curves.device)
+    return torch.trapezoid(curves, fractions.to(curves.device, curves.dtype), dim=-1)
+
+
+def _pixel_ranks(maps: Tensor, generator: torch.Generator | None) -> Tensor:
+    """(N, H*W) rank of each pixel, 0 = most attributed; ties in random (seeded) order."""
+    flat = maps.flatten(1)
+    noise = torch.rand(flat.shape, generator=generator).to(flat.device)
+    shuffle = noise.argsort(1)
+    order = flat.gather(1, shuffle).argsort(dim=1, descending=True, stable=True)
+    order = shuffle.gather(1, order)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return ranks
+
+
+@torch.no_grad()
+def perturbation_curves(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    targets: Tensor,
+    *,
+    steps: int = 16,
+    baseline: str = "blur",
+    max_batch: int = 512,
+    generator: torch.Generator | None = None,
+) -> PerturbationCurves:
+    """Deletion and insertion curves of ``maps`` (Petsiuk et al. 2018).
+
+    Pixels are ordered by attribution (ties in seeded random order). At step ``k`` of
+    ``steps`` the top ``round(k / steps * H * W)`` pixels are replaced by the baseline
+    (deletion) or copied onto the baseline (insertion), all channels at once. All
+    ``2 * (steps + 1)`` versions of a chunk of images are built as one tensor and classified in
+    one forward pass of at most ``max_batch`` images.
+
+    Args:
+        model: classifier in eval mode returning logits.
+        images: (N, C, H, W) normalized images on the model's device.
+        maps: (N, H, W) attributions (any scale; only the order matters).
+        targets: (N,) class whose softmax probability is tracked.
+        steps: number of steps ``K``.
+        baseline: ``"blur"`` or ``"mean"`` (see :func:`perturbation_baseline`).
+        max_batch: largest batch of perturbed images per forward pass.
+        generator: CPU generator for tie-breaking (seeded for reproducibility).
+    """
+    if steps < 1:
+        raise AnalyzerError(f"steps must be at least 1, got {steps}.")
+    n, c, h, w = images.shape
+    if maps.shape != (n, h, w):
+        raise AnalyzerError(f"maps must be (N, H, W) = {(n, h, w)}; got {tuple(maps.shape)}.")
+    device = images.device
+    targets = targets.to(device)
+    base = perturbation_baseline(images, baseline)
+    ranks = _pixel_ranks(maps, generator)  # (N, HW)
+    counts = torch.round(torch.linspace(0, h * w, steps + 1, device=device)).long()
+    versions = 2 * (steps + 1)
+    per_chunk = max(1, max_batch // versions)
+    deletion, insertion = [], []
+    for s in range(0, n, per_chunk):
+        x, b, r, t = (v[s : s + per_chunk] for v in (images, base, ranks, targets))
+        m = x.shape[0]
+        top = (r[:, None, :] < counts[None, :, None]).view(m, steps + 1, 1, h, w)
+        deleted = torch.where(top, b[:, None], x[:, None])
+        inserted = torch.where(top, x[:, None], b[:, None])
+        batch = torch.cat([deleted, inserted], 1).reshape(m * versions, c, h, w)
+        probs = model(batch).float().softmax(1)
+        p = probs.gather(1, t.repeat_interleave(versions)[:, None]).view(m, 2, steps + 1)
+        deletion.append(p[:, 0])
+        insertion.append(p[:, 1])
+    fractions = counts.float() / (h * w)
+    return PerturbationCurves(fractions, torch.cat(deletion), torch.cat(insertion))
+
+
+# -- comparing maps ------------------------------------------------------------------------
+
+
+def _average_ranks(x: Tensor) -> Tensor:
+    """Ranks along dim 1 with ties given their average rank (as scipy's rankdata)."""
+    n, p = x.shape
+    values, order = x.sort(1)
+    new = torch.ones_like(values, dtype=torch.bool)
+    new[:, 1:] = values[:, 1:] != values[:, :-1]
+    group = new.long().cumsum(1) - 1 + torch.arange(n, device=x.device)[:, None] * p
+    pos = torch.arange(p, device=x.device, dtype=torch.float64).expand(n, p).reshape(-1)
+    sums = torch.zeros(n * p, device=x.device, dtype=torch.float64)
+    sums.scatter_add_(0, group.reshape(-1), pos)
+    cnt = torch.zeros(n * p, device=x.device, dtype=torch.float64)
+    cnt.scatter_add_(0, group.reshape(-1), torch.ones_like(pos))
+    ranks_sorted = (sums / cnt.clamp_min(1))[group]
+    return torch.empty_like(ranks_sorted).scatter_(1, order, ranks_sorted)
+
+
+def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman rank correlation per image of two (N, ...) map stacks, in float64.
+
+    Ties get average ranks. A constant map has no ranking; its correlation is reported as 0.
+    """
+    ra = _average_ranks(a.flatten(1).double())
+    rb = _average_ranks(b.flatten(1).double())
+    ra = ra - ra.mean(1, keepdim=True)
+    rb = rb - rb.mean(1, keepdim=True)
+    denom = (ra.square().sum(1) * rb.square().sum(1)).sqrt()
+    return torch.where(denom > 0, (ra * rb).sum(1) / denom.clamp_min(1e-300), 0.0)
+
+
+def ssim(
+    a: Tensor, b: Tensor, *, window: int = 11, sigma: float = 1.5, data_range: float = 1.0
+) -> Tensor:
+    """Structural similarity (Wang et al. 2004) per image of (N, H, W) maps, Gaussian window.
+
+    Uses valid (unpadded) filtering, ``C1 = (0.01 R)^2``, ``C2 = (0.03 R)^2``; the window
+    shrinks (odd) to fit small maps. Identical maps give exactly 1 up to rounding.
+    """
+    x, y = a[:, None].double(), b[:, None].double()
+    size = min(window, a.shape[-1], a.shape[-2])
+    size -= 1 - size % 2
+    k1 = _gaussian_kernel(sigma, size, a.device).double()
+    kernel = (k1[:, None] * k1[None, :])[None, None]
+
+    def filt(t: Tensor) -> Tensor:
+        return F.conv2d(t, kernel)
+
+    mx, my = filt(x), filt(y)
+    sxx = filt(x * x) - mx**2
+    syy = filt(y * y) - my**2
+    sxy = filt(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    return s.mean((1, 2, 3))
+
+
+# -- sanity check --------------------------------------------------------------------------
+
+
+@dataclass
+class SanityResult:
+    """Similarity of one method's maps to the trained model's maps, per randomization depth.
+
+    Attributes:
+        layers: the cascade: entry ``i`` names the group randomized at step ``i`` (all groups
+            before it stay randomized).
+        spearman: (steps, N) rank correlation with the original maps.
+        ssim: (steps, N) SSIM with the original maps.
+    """
+
+    layers: list[str]
+    spearman: Tensor
+    ssim: Tensor
+
+
+def _reinit(module: nn.Module) -> None:
+    for m in module.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+
+
+def randomization_check(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    methods: Mapping[str, AttributionFn],
+    *,
+    cascade: Sequence[Sequence[str]] = DEFAULT_CASCADE,
+    batch_size: int = 64,
+    seed: int = 0,
+    original: Mapping[str, Tensor] | None = None,
+) -> dict[str, SanityResult]:
+    """Cascading model-parameter randomization (Adebayo et al. 2018).
+
+    A deep copy of ``model`` is re-initialized group by group from the top (each group's
+    modules get their ``reset_parameters``, batch norms also fresh running statistics, from a
+    seeded RNG that leaves the global one untouched); after each step every method's maps are
+    recomputed for the same images and targets and compared with the original maps.
+
+    Args:
+        model: the trained model (left unchanged).
+        images, targets: what to explain; targets stay fixed across steps.
+        methods: name -> attribution function.
+        cascade: groups of module names, top first; names the model lacks are skipped.
+        batch_size: images per attribution call.
+        seed: seed of the re-initialization.
+        original: precomputed maps of the trained model per method (computed when missing).
+    """
+    modules = dict(model.named_modules())
+    groups = [[name for name in group if name in modules] for group in cascade]
+    steps = [g for g in groups if g]
+    if not steps:
+        raise AnalyzerError(
+            "none of the layers to randomize exist in this model "
+            f"({', '.join('+'.join(g) for g in cascade)}); pass cascade= with its module names."
+        )
+    original = dict(original or {})
+    for name, fn in methods.items():
+        if name not in original:
+            original[name] = attribute(fn, model, images, targets, batch_size)
+    rand = copy.deepcopy(model).eval()
+    rmods = dict(rand.named_modules())
+    device = next(rand.parameters()).device
+    spear: dict[str, list[Tensor]] = {name: [] for name in methods}
+    sims: dict[str, list[Tensor]] = {name: [] for name in methods}
+    fork = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork):
+        torch.manual_seed(seed)
+        for group in steps:
+            for name in group:
+                _reinit(rmods[name])
+            for p in rand.parameters():
+                p.requires_grad_(False)
+            for name, fn in methods.items():
+                maps = attribute(fn, rand, images, targets, batch_size)
+                spear[name].append(rank_correlation(original[name], maps))
+                sims[name].append(ssim(normalize_maps(original[name]), normalize_maps(maps)))
+    labels = ["+".join(g) for g in steps]
+    return {
+        name: SanityResult(labels, torch.stack(spear[name]), torch.stack(sims[name]))
+        for name in methods
+    }
+
+
+def sanity_verdict(
+    result: SanityResult, depth: str = SANITY_DEPTH, threshold: float = SANITY_THRESHOLD
+) -> tuple[bool, float, str]:
+    """Pass/fail of one method: mean Spearman at ``depth`` must not exceed ``threshold``.
+
+    Returns:
+        ``(passed, mean correlation at that depth, label of the step used)``. When ``depth``
+        is not in the cascade, the last step is used.
+    """
+    index = next((i for i, g in enumerate(result.layers) if depth in g.split("+")), -1)
+    value = float(result.spearman[index].mean())
+    return value <= threshold, value, result.layers[index]
+
+
+# -- localization --------------------------------------------------------------------------
+
+
+def pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
+    """(N,) bool: whether each map's maximum lies inside the object mask.
+
+    Exact argmax, no tolerance (Zhang et al. allow 15 px at 224 px, about 2 px at 32 px;
+    we keep it exact so small images are not judged leniently). Ties go to the first pixel
+    in raster order, so an all-zero map points at the top-left corner.
+    """
+    flat = maps.flatten(1).argmax(1)
+    return masks.flatten(1).gather(1, flat[:, None].to(masks.device))[:, 0] > 0
+
+
+def energy_in_mask(maps: Tensor, masks: Tensor) -> Tensor:
+    """(N,) share of attribution energy inside the mask, ``sum(map * mask) / sum(map)``.
+
+    Maps must be non-negative (ours are in [0, 1]); an all-zero map scores 0.
+    """
+    m = maps.flatten(1).double()
+    inside = (m * (masks.flatten(1).to(m.device) > 0)).sum(1)
+    total = m.sum(1)
+    return torch.where(total > 0, inside / total.clamp_min(1e-300), 0.0)
+
+
+# -- statistics ----------------------------------------------------------------------------
+
+
+def bootstrap_ci(
+    values: np.ndarray | Tensor | Sequence[float],
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float, int]:
+    """Mean and percentile bootstrap confidence interval of the mean.
+
+    Returns:
+        ``(mean, ci_low, ci_high, n)``; NaNs for no values, a zero-width interval for one.
+    """
+    if isinstance(values, Tensor):
+        values = values.detach().double().cpu().numpy()
+    v = np.asarray(values, dtype=np.float64).ravel()
+    n = int(v.size)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    mean = float(v.mean())
+    if n == 1:
+        return mean, mean, mean, 1
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, n, size=(n_resamples, n))].mean(1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return mean, float(min(low, mean)), float(max(high, mean)), n

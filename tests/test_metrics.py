@@ -1,0 +1,287 @@
+"""Explanation-quality metrics: unit checks on hand-made inputs, properties on a trained model.
+
+The property tests need a model that has learned the shapes: ``trained_shapes_run`` trains
+one (width 8, 6 epochs, 1,500 images, ~87% eval accuracy) once per session and shares it
+with tests/plugins/test_quality.py through a folder in the session's base temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from explainkit.explain import metrics as M
+
+TRAINED = dict(
+    dataset="shapes",
+    device="cpu",
+    width=8,
+    epochs=6,
+    batch_size=64,
+    limit_train=1500,
+    limit_eval=128,
+    cutout=0,
+    lr=0.05,
+)
+
+
+def trained_shapes_run(tmp_path_factory) -> Path:
+    """A shapes run that has learned (trained once per session, reused across modules)."""
+    from explainkit.config import TrainConfig
+    from explainkit.train.trainer import train
+
+    root = tmp_path_factory.getbasetemp() / "trained_shapes"
+    run = root / "run"
+    done = root / "done.json"
+    if not done.is_file():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # 2 shared cores: one thread is faster than oversubscribing
+        try:
+            train(TrainConfig(**TRAINED), out=run, overwrite=True, quiet=True)
+        finally:
+            torch.set_num_threads(threads)
+        done.write_text(json.dumps(TRAINED))
+    return run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(model, images, labels, predicted, masks) of the trained run's eval split."""
+    from explainkit.store import open_store
+    from explainkit.train.checkpoint import load_model
+
+    run = trained_shapes_run(tmp_path_factory)
+    model = load_model(run, device="cpu")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with open_store(run) as store:
+        x = torch.from_numpy(store.images()).permute(0, 3, 1, 2).float() / 255
+        mean = torch.tensor(store.mean).view(1, 3, 1, 1)
+        std = torch.tensor(store.std).view(1, 3, 1, 1)
+        images = (x - mean) / std
+        labels = torch.from_numpy(store.targets)
+        masks = torch.from_numpy(store.masks)
+    with torch.no_grad():
+        predicted = model(images).argmax(1)
+    accuracy = float((predicted == labels).double().mean())
+    assert accuracy > 0.6, f"the fixture model did not learn (accuracy {accuracy:.2f})"
+    return model, images, labels, predicted, masks
+
+
+# -- unit tests ----------------------------------------------------------------------------
+
+
+def test_auc_of_known_curves():
+    x = torch.linspace(0, 1, 17)
+    curves = torch.stack([x, torch.full_like(x, 0.3), 1 - x, x**2])
+    got = M.auc(curves)
+    assert got.tolist() == pytest.approx([0.5, 0.3, 0.5, 1 / 3], abs=2e-3)
+    # uneven fractions are honoured
+    f = torch.tensor([0.0, 0.1, 1.0])
+    assert M.auc(torch.tensor([[1.0, 1.0, 0.0]]), f).item() == pytest.approx(0.1 + 0.45)
+
+
+def test_ssim_identical_is_one_and_drops_for_different_maps():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(4, 32, 32, generator=g)
+    b = torch.rand(4, 32, 32, generator=g)
+    assert M.ssim(a, a).tolist() == pytest.approx([1.0] * 4, abs=1e-9)
+    assert (M.ssim(a, b) < 0.2).all()
+    assert (M.ssim(a, 0.8 * a + 0.2 * b) > M.ssim(a, 0.2 * a + 0.8 * b)).all()
+    small = torch.rand(2, 5, 7, generator=g)  # window shrinks to fit
+    assert M.ssim(small, small).tolist() == pytest.approx([1.0, 1.0], abs=1e-9)
+
+
+def _rankdata(v: np.ndarray) -> np.ndarray:
+    """Average ranks, the slow obvious way."""
+    return np.array([(v < x).sum() + ((v == x).sum() - 1) / 2 for x in v], dtype=float)
+
+
+def test_rank_correlation_matches_spearman_with_ties():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, (3, 40)).astype(np.float32)  # many ties
+    b = a + rng.normal(0, 2, a.shape).astype(np.float32)
+    got = M.rank_correlation(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    want = [np.corrcoef(_rankdata(x), _rankdata(y))[0, 1] for x, y in zip(a, b, strict=True)]
+    assert got == pytest.approx(want, abs=1e-9)
+    assert M.rank_correlation(torch.from_numpy(a), torch.from_numpy(a)).tolist() == pytest.approx(
+        [1.0] * 3
+    )
+    const = torch.zeros(1, 10)
+    assert M.rank_correlation(const, torch.arange(10.0)[None]).item() == 0.0
+
+
+def test_pointing_game_and_energy_on_hand_made_maps():
+    masks = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    masks[:, 1:3, 1:3] = 1  # a 2x2 object in the middle
+    maps = torch.zeros(3, 4, 4)
+    maps[0, 1, 2] = 1.0  # peak inside
+    maps[0, 0, 0] = 0.5
+    maps[1, 3, 3] = 1.0  # peak outside
+    maps[1, 1, 1] = 0.9
+    # maps[2] stays zero: argmax is the top-left corner, outside
+    assert M.pointing_game(maps, masks).tolist() == [True, False, False]
+    energy = M.energy_in_mask(maps, masks)
+    assert energy.tolist() == pytest.approx([1 / 1.5, 0.9 / 1.9, 0.0])
+
+
+def test_bootstrap_ci_contains_the_mean_and_is_seeded():
+    rng = np.random.default_rng(1)
+    values = rng.normal(3.0, 1.0, 200)
+    mean, low, high, n = M.bootstrap_ci(values, seed=0)
+    assert n == 200 and mean == pytest.approx(values.mean())
+    assert low < mean < high
+    assert high - low == pytest.approx(2 * 1.96 / math.sqrt(200), rel=0.25)
+    assert M.bootstrap_ci(values, seed=0) == (mean, low, high, n)
+    assert M.bootstrap_ci(torch.tensor([0.5])) == (0.5, 0.5, 0.5, 1)
+    empty = M.bootstrap_ci([])
+    assert empty[3] == 0 and math.isnan(empty[0])
+
+
+def test_gaussian_blur_keeps_constants_and_smooths():
+    x = torch.full((2, 3, 16, 16), 0.7)
+    assert torch.allclose(M.gaussian_blur(x), x, atol=1e-6)
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert M.gaussian_blur(noise).std() < 0.5 * noise.std()
+    assert M.perturbation_baseline(noise, "mean").abs().sum() == 0
+
+
+class _Tiny(nn.Module):
+    """A fixed linear classifier: its output depends on every pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3 * 8 * 8, 4)
+        with torch.no_grad():
+            self.linear.weight.copy_(
+                torch.randn(4, 192, generator=torch.Generator().manual_seed(0))
+            )
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+def test_perturbation_curves_endpoints_and_chunking():
+    model = _Tiny().eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(5, 3, 8, 8, generator=g)
+    maps = torch.rand(5, 8, 8, generator=g)
+    targets = torch.tensor([0, 1, 2, 3, 0])
+    c = M.perturbation_curves(model, images, maps, targets, steps=4, baseline="blur")
+    with torch.no_grad():
+        intact = model(images).softmax(1)[torch.arange(5), targets]
+        blurred = model(M.gaussian_blur(images)).softmax(1)[torch.arange(5), targets]
+    assert c.fractions.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert c.deletion.shape == c.insertion.shape == (5, 5)
+    assert torch.allclose(c.deletion[:, 0], intact) and torch.allclose(c.deletion[:, -1], blurred)
+    assert torch.allclose(c.insertion[:, 0], blurred) and torch.allclose(c.insertion[:, -1], intact)
+    small = M.perturbation_curves(
+        model, images, maps, targets, steps=4, max_batch=1, generator=torch.Generator()
+    )
+    assert torch.allclose(small.deletion, c.deletion) and torch.allclose(
+        small.insertion, c.insertion
+    )
+    # deleting by the true per-pixel contribution is faster than deleting at random
+    contrib = (model.linear.weight[targets].view(5, 3, 8, 8) * images).sum(1)
+    best = M.perturbation_curves(model, images, contrib, targets, steps=8, baseline="mean")
+    rand = M.perturbation_curves(model, images, maps, targets, steps=8, baseline="mean")
+    assert best.deletion_auc.mean() < rand.deletion_auc.mean()
+
+
+def test_random_map_depends_on_the_image_not_the_model():
+    fn = M.attribution_methods()["random"]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 8, 8, generator=g)
+    a = fn(_Tiny(), images, torch.zeros(3, dtype=torch.long))
+    b = fn(nn.Identity(), images, torch.zeros(3, dtype=torch.long))
+    assert torch.equal(a, b) and a.shape == (3, 8, 8)
+    assert 0 <= a.min() and a.max() < 1
+    assert M.rank_correlation(a[0:1], a[1:2]).abs().item() < 0.3  # different images differ
+
+
+def test_registry_and_defaults():
+    methods = M.attribution_methods("layer4")
+    assert {"gradcam", "gradcampp", "xgradcam", "layercam", "random"} <= set(methods)
+    assert set(M.CAPTUM_METHODS) <= set(methods) or not M.captum_available()
+    assert set(M.default_methods()) <= set(methods)
+    with pytest.raises(Exception, match="baseline"):
+        M.perturbation_baseline(torch.zeros(1, 3, 4, 4), "noise")
+
+
+# -- properties on a trained model ---------------------------------------------------------
+
+
+def test_gradcam_points_at_the_object_more_often_than_random(trained):
+    model, images, labels, predicted, masks = trained
+    methods = M.attribution_methods("layer4")
+    hits = {}
+    for name in ("gradcam", "random"):
+        maps = M.attribute(methods[name], model, images, labels, batch_size=64)
+        hits[name] = M.pointing_game(maps, masks).double()
+    g, r = (M.bootstrap_ci(hits[k]) for k in ("gradcam", "random"))
+    print(f"pointing game: gradcam {g[0]:.3f} [{g[1]:.3f}, {g[2]:.3f}], random {r[0]:.3f}")
+    assert g[0] > r[0] + 0.15
+    assert g[1] > r[2]  # the intervals do not overlap
+
+
+def test_gradcam_deletion_auc_below_insertion_auc(trained):
+    model, images, labels, predicted, masks = trained
+    methods = M.attribution_methods("layer4")
+    g = torch.Generator().manual_seed(0)
+    curves = {}
+    for name in ("gradcam", "random"):
+        maps = M.attribute(methods[name], model, images, predicted, batch_size=64)
+        curves[name] = M.perturbation_curves(
+            model, images, maps, predicted, steps=8, max_batch=256, generator=g
+        )
+    gc, rnd = curves["gradcam"], curves["random"]
+    d, i = gc.deletion_auc.mean().item(), gc.insertion_auc.mean().item()
+    print(f"gradcam deletion {d:.3f} insertion {i:.3f}; random {rnd.deletion_auc.mean():.3f}")
+    assert d < i - 0.15
+    assert d < rnd.deletion_auc.mean().item() - 0.05
+    assert i > rnd.insertion_auc.mean().item() + 0.05
+
+
+def test_randomization_changes_gradcam_but_not_the_random_map(trained):
+    model, images, labels, predicted, masks = trained
+    methods = M.attribution_methods("layer4")
+    chosen = {k: methods[k] for k in ("gradcam", "random")}
+    before = [p.clone() for p in model.parameters()]
+    results = M.randomization_check(model, images[:64], predicted[:64], chosen, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    gc = results["gradcam"]
+    assert gc.layers == ["linear", "layer4", "layer3", "layer2", "layer1", "conv1+bn1"]
+    assert gc.spearman.shape == gc.ssim.shape == (6, 64)
+    passed, value, step = M.sanity_verdict(gc)
+    print("gradcam spearman per step", gc.spearman.mean(1).tolist())
+    assert passed and step == "layer4" and value < 0.5
+    assert gc.spearman.mean(1).max() < 0.5 and gc.ssim.mean(1).max() < 0.5  # a large change
+    passed, value, _ = M.sanity_verdict(results["random"])
+    assert not passed and value == pytest.approx(1.0)
+    # same seed, same result
+    again = M.randomization_check(model, images[:64], predicted[:64], chosen, seed=0)
+    assert torch.equal(again["gradcam"].spearman, gc.spearman)
+
+
+@pytest.mark.skipif(not M.captum_available(), reason="captum not installed")
+def test_captum_methods_give_normalized_maps(trained):
+    model, images, labels, predicted, masks = trained
+    methods = M.attribution_methods("layer4", ig_steps=4)
+    for name in M.CAPTUM_METHODS:
+        maps = methods[name](model, images[:8], predicted[:8])
+        assert maps.shape == (8, 32, 32), name
+        assert maps.min() >= 0 and maps.max() <= 1 and not maps.requires_grad
