@@ -351,6 +351,10 @@ def check_run_dir(run: str | os.PathLike[str]) -> Path:
             f"{str(run_dir)!r} is not an explainkit run (no config.json or predictions.h5); "
             "create one with `explainkit train`"
         )
+    if (run_dir / "config.json").is_file():
+        from explainkit.inspect import read_run_config
+
+        read_run_config(run_dir)  # refuses a damaged config or one from a newer explainkit
     return run_dir
 
 
@@ -566,6 +570,7 @@ def _run_one(
         "analyzer": name,
         "title": cls.title or name,
         "summary": cls.summary,
+        "order": cls.order,
         "epoch": epoch,
         "status": "ok",
         "error": None,
@@ -653,9 +658,15 @@ def _has_ok_result(folder: Path) -> bool:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+    except OSError as e:  # disk full: say which file, leave the previous one in place
+        tmp.unlink(missing_ok=True)
+        raise RunError(
+            f"cannot write {path}: {e.strerror or e}; free some disk space and try again"
+        ) from e
     os.replace(tmp, path)
 
 

@@ -1,0 +1,334 @@
+"""The HTML report: built from manifests only, escaped, self-contained, and checked in Chromium."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from explainkit.report import build_report, load_manifests, render_report
+from tests.conftest import REPO, run_cli
+
+EVIL = "<script>alert(1)</script>"
+EXAMPLE_PLUGIN = REPO / "examples" / "explainkit-example-analyzer"
+
+
+def png_bytes(width: int = 40, height: int = 24) -> bytes:
+    """A real RGB PNG (a colour gradient), written with zlib so no imaging library is needed."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(
+        b"\x00" + b"".join(bytes((x * 6 % 256, y * 10 % 256, 160)) for x in range(width))
+        for y in range(height)
+    )
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def write_manifest(run: Path, name: str, **fields) -> Path:
+    folder = run / "analyses" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "analyzer": name,
+        "title": name,
+        "summary": "",
+        "epoch": 2,
+        "status": "ok",
+        "error": None,
+        "seconds": 0.5,
+        "artifacts": [],
+        **fields,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def run_example_plugin(run: Path) -> dict:
+    """Run the example third-party analyzer for real, registered like an installed plugin."""
+    import explainkit
+    from explainkit.manager import get_plugin_manager
+
+    sys.path.insert(0, str(EXAMPLE_PLUGIN))
+    try:
+        import explainkit_example_analyzer
+    finally:
+        sys.path.remove(str(EXAMPLE_PLUGIN))
+    pm = get_plugin_manager(entrypoints=False, defaults=False, quiet=True)
+    pm.register(explainkit_example_analyzer, name="confidence")
+    (manifest,) = explainkit.analyze(run, plugins=["confidence"], pm=pm, confidence_bins=5)
+    assert manifest["status"] == "ok", manifest["error"]
+    return manifest
+
+
+@pytest.fixture
+def report_run(tiny_run: Path) -> Path:
+    """A tiny real run with one real third-party analysis and hand-written manifests."""
+    run_example_plugin(tiny_run)
+
+    config_path = tiny_run / "config.json"
+    config = json.loads(config_path.read_text())
+    config["data"]["classes"][0] = EVIL  # a hostile class name from a dataset
+    config_path.write_text(json.dumps(config))
+
+    folder = write_manifest(
+        tiny_run,
+        "handmade",
+        title=f"Hand-made {EVIL}",
+        summary=f"Summary with {EVIL} and & ampersand.",
+        order=10,
+        options={"count": 3, "label": EVIL},
+        artifacts=[
+            {"title": "A picture", "kind": "image", "path": "pic.png", "caption": f"cap {EVIL}"},
+            {"title": "Long table", "kind": "table", "path": "long.csv", "caption": ""},
+            {"title": "Some numbers", "kind": "json", "path": "numbers.json", "caption": ""},
+            {"title": "Raw maps", "kind": "h5", "path": "maps.h5", "caption": "big file"},
+            {"title": "Gone", "kind": "image", "path": "gone.png", "caption": ""},
+            {"title": "Sneaky", "kind": "json", "path": "../../config.json", "caption": ""},
+        ],
+    )
+    (folder / "pic.png").write_bytes(png_bytes())
+    with open(folder / "long.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "score", "note"])
+        writer.writerow([EVIL, "0.123456789", "x"])
+        for i in range(119):
+            writer.writerow([f"class{i}", i / 7, "ok"])
+    (folder / "numbers.json").write_text(json.dumps({"label": EVIL, "values": list(range(5000))}))
+    (folder / "maps.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+
+    write_manifest(
+        tiny_run,
+        "broken",
+        title="Broken analyzer",
+        status="failed",
+        error=f"ValueError: bad {EVIL}",
+        traceback="Traceback (most recent call last):\n  ...\nValueError: bad",
+    )
+    bad = tiny_run / "analyses" / "garbled"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    write_manifest(tiny_run, ".writing.tmp-1", title="half-written")  # must be ignored
+    return tiny_run
+
+
+def test_report_lists_run_and_every_analysis_in_order(report_run):
+    path = build_report(report_run, available=["confidence", "handmade", "gradcam"])
+    assert path == report_run / "report.html"
+    text = path.read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    # The run: model, device, accuracy table with one row per epoch.
+    assert "resnet18-s8, width 8, 10 classes" in text
+    assert "Accuracy per epoch" in text and "<svg" in text
+    assert "cpu" in text
+    # Analyses in manifest order (handmade 10, confidence 80), then by name (others: 50).
+    names = ["handmade", "broken", "garbled", "confidence"]
+    positions = [text.index(f'id="a-{n}"') for n in names]
+    assert positions == sorted(positions)
+    assert [m["_name"] for m in load_manifests(report_run)] == names
+    assert "half-written" not in text
+    # The real third-party analyzer shows with its title, caption, image and table.
+    assert "Confidence per class" in text and "Confidence histogram counts" in text
+    assert "Top softmax probability per target class" in text
+    # Failed and unreadable analyses are listed with their reason; not-run ones are named.
+    assert "This analysis failed:" in text and "manifest.json cannot be read" in text
+    assert "Installed analyzers without results in this run: gradcam." in text
+
+
+def test_report_renders_each_artifact_kind(report_run):
+    text = render_report(report_run, available=[])
+    images = re.findall(r'<img src="([^"]*)"', text)
+    assert len(images) == 2  # the hand-made PNG and the confidence plot
+    assert all(src.startswith("data:image/png;base64,") for src in images)
+    assert "first 50 of 120 rows shown" in text
+    assert "0.1235" in text  # long floats shortened for reading
+    assert "first 4000 characters shown" in text
+    assert "HDF5 file" in text and "maps.h5" in text
+    assert "Missing file:" in text and "gone.png" in text
+    assert "outside the analysis folder" in text
+    assert '"format": "explainkit-run"' not in text  # the sneaky path was not read
+
+
+def test_report_escapes_every_string_from_the_run_and_plugins(report_run):
+    text = render_report(report_run, available=[])
+    assert EVIL not in text
+    assert "<script" not in text.lower()
+    escaped = html.escape(EVIL)
+    # class name, title, summary, option, caption, CSV cell, JSON value, error message
+    assert text.count(escaped) >= 8
+
+
+def test_report_is_self_contained(report_run):
+    text = render_report(report_run, available=[])
+    assert not re.search(r"<(link|script|iframe|object|embed)\b", text, re.I)
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", text, re.I)
+    assert "@import" not in text and "url(" not in text
+
+
+def test_report_is_written_atomically_and_out_is_honoured(report_run, tmp_path):
+    (report_run / "report.html").write_text("old")
+    path = build_report(report_run)
+    assert path.read_text().startswith("<!DOCTYPE html>")
+    assert not list(report_run.glob(".report.html.tmp-*"))
+    other = build_report(report_run, out=tmp_path / "sub" / "r.html")
+    assert other == tmp_path / "sub" / "r.html" and other.is_file()
+
+
+def test_report_without_analyses_says_how_to_add_them(tiny_run):
+    text = render_report(tiny_run, available=[])
+    assert "No analyses yet" in text
+
+
+def test_cli_report_writes_the_file_and_prints_its_path(report_run, tmp_path):
+    result = run_cli("report", str(report_run))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(report_run / "report.html")
+    out = tmp_path / "x.html"
+    result = run_cli("report", str(report_run), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.is_file()
+
+
+def test_cli_report_on_a_missing_run_is_one_clear_line(tmp_path):
+    result = run_cli("report", str(tmp_path / "nope"))
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- in a real browser -----------------------------------------------------------------------
+
+_CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+]
+
+_HEAD_PROBE = """<script>window.__errors=[];
+window.addEventListener('error',function(e){window.__errors.push(String(e.message||
+(e.target&&(e.target.src||'').slice(0,40))||'error'))},true);
+(function(){var c=console.error;console.error=function(){window.__errors.push(
+Array.prototype.join.call(arguments,' '));c.apply(console,arguments)}})();</script>"""
+
+_BODY_PROBE = """<script>window.addEventListener('load',function(){
+var imgs=Array.prototype.map.call(document.images,function(i){return [i.complete,i.naturalWidth]});
+var r={images:imgs,errors:window.__errors,scripts:document.scripts.length,
+scrollWidth:document.documentElement.scrollWidth,innerWidth:window.innerWidth,
+text:document.body.innerText.indexOf('<script>alert(1)<\\/script>')>=0};
+var p=document.createElement('pre');p.id='check';p.textContent=JSON.stringify(r);
+document.body.appendChild(p);});</script>"""
+
+
+def find_chromium() -> str | None:
+    for name in ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [binary, *_CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_report_in_headless_chromium(report_run, tmp_path):
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip(
+            "Chromium is not installed (apt-get install -y chromium); the browser check of "
+            "the report is skipped"
+        )
+    report = build_report(report_run, available=[])
+    text = report.read_text()
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        text.replace("<head>", "<head>" + _HEAD_PROBE, 1).replace(
+            "</body>", _BODY_PROBE + "</body>", 1
+        )
+    )
+    result = chromium(
+        binary,
+        tmp_path / "profile1",
+        "--window-size=1280,900",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        probe.as_uri(),
+    )
+    match = re.search(r'<pre id="check">(.*?)</pre>', result.stdout, re.S)
+    assert match, f"no check result from Chromium (rc {result.returncode}): {result.stderr[-2000:]}"
+    check = json.loads(html.unescape(match.group(1)))
+    assert check["errors"] == []
+    assert check["scripts"] == 2  # only the two probes: the report itself runs nothing
+    assert len(check["images"]) == 2
+    assert all(complete and width > 0 for complete, width in check["images"]), check["images"]
+    assert check["scrollWidth"] <= check["innerWidth"], "the page scrolls sideways on a laptop"
+    assert check["text"], "the hostile class name must show as text"
+
+    shots = Path(os.environ.get("EXPLAINKIT_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    shot = shots / "report.png"
+    result = chromium(
+        binary,
+        tmp_path / "profile2",
+        "--window-size=1280,2400",
+        f"--screenshot={shot}",
+        report.as_uri(),
+    )
+    assert shot.is_file(), result.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_report_of_a_run_without_store_still_shows_config_and_analyses(report_run):
+    (report_run / "predictions.h5").unlink()
+    text = render_report(report_run, available=[])
+    assert "The run could not be read completely" in text
+    assert "Confidence per class" in text
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
+    from explainkit.errors import RunError
+
+    with pytest.raises(RunError, match="not an explainkit run"):
+        render_report(tmp_path, available=[])
+
+
+def test_manifests_without_order_take_the_installed_analyzers_order(report_run):
+    # A manifest's own order wins (handmade 10, confidence 80); the ones without take the
+    # installed analyzer's order (broken 5), else 50.
+    names = [m["_name"] for m in load_manifests(report_run, {"confidence": 5, "broken": 5})]
+    assert names == ["broken", "handmade", "garbled", "confidence"]
+    text = render_report(report_run, available={"confidence": 5, "broken": 5, "gradcam": 40})
+    assert text.index('id="a-broken"') < text.index('id="a-handmade"')
+    assert "without results in this run: gradcam." in text
