@@ -7,6 +7,7 @@ h5py and matplotlib are imported inside the commands that need them, so ``--help
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,14 @@ def cli(verbose: bool) -> None:
     A training run writes a run directory (config, checkpoints, HDF5 prediction store);
     analyzers read it and write figures and tables under RUN/analyses/.
     """
+    if not verbose:  # warnings as one line each, without the source line Python adds
+        import warnings
+
+        warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> str:
+    return f"warning: {message}\n"
 
 
 def train_options(func: Any) -> Any:
@@ -63,13 +72,8 @@ def train_options(func: Any) -> Any:
             kwargs: dict[str, Any] = {"default": f.default}
         else:
             decl = [f"--{flag}"]
-            ptype: Any = {"int": int, "float": float}.get(
-                str(f.type).split(" ")[0].replace("|", "").strip(), str
-            )
-            if str(f.type).startswith("int"):
-                ptype = int
-            elif str(f.type).startswith("float"):
-                ptype = float
+            # Annotations are strings here ("int | None"): the first word names the type.
+            ptype: Any = {"int": int, "float": float}.get(str(f.type).split()[0], str)
             if choices:
                 ptype = click.Choice(choices)
             kwargs = {"default": f.default, "type": ptype}
@@ -129,7 +133,8 @@ def train(
     from explainkit.train.trainer import train as run_training
 
     run_dir = run_training(config, out=out, overwrite=overwrite, quiet=quiet, resume=bool(resume))
-    click.echo(f"run written to {run_dir}", err=True)
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"run written to {run_dir}", err=True)
 
 
 @cli.command()

@@ -18,6 +18,14 @@ DATASET_CHOICES = ("cifar10", "shapes", "folder")
 MODEL_CHOICES = ("resnet18-s8", "resnet18")
 
 
+# Named bundles of options, applied under the config file and the command line.
+# "default" is the best recipe measured (docs/training.md); "seed" is the seed project's plain one.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},  # the field defaults below
+    "seed": {"label_smoothing": 0.0, "ema": 0.0, "tta": False},
+}
+
+
 class ConfigError(ExplainkitError):
     """A config file or option value is invalid."""
 
@@ -30,6 +38,11 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class TrainConfig:
     """Everything that defines a training run; written to ``RUN/config.json``."""
 
+    preset: str = _opt(
+        "default",
+        "Recipe preset: default (best measured) or seed (the seed's plain recipe).",
+        choices=tuple(PRESETS),
+    )
     dataset: str = _opt("cifar10", "Dataset to train on.", choices=DATASET_CHOICES)
     data_dir: str | None = _opt(
         None, "Folder with the dataset (cifar10: contains cifar-10-batches-py; folder: class dirs)."
@@ -44,7 +57,7 @@ class TrainConfig:
     nesterov: bool = _opt(True, "Use Nesterov momentum.")
     weight_decay: float = _opt(5e-4, "SGD weight decay.")
     schedule: str = _opt("onecycle", "Learning-rate schedule.", choices=("onecycle", "constant"))
-    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy loss.")
+    label_smoothing: float = _opt(0.1, "Label smoothing of the cross-entropy loss.")
     crop_padding: int = _opt(4, "RandomCrop padding in pixels (0 disables).")
     flip: bool = _opt(True, "Random horizontal flips.")
     cutout: int = _opt(16, "Cutout square side in pixels (0 disables).")
@@ -55,6 +68,13 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model.")
     limit_train: int | None = _opt(None, "Use only the first N training images.")
     limit_eval: int | None = _opt(None, "Use only the first N evaluation images.")
+    ema: float = _opt(
+        0.999,
+        "Decay of an exponential moving average of the weights, which is then what is "
+        "evaluated and checkpointed (0 disables; e.g. 0.999).",
+    )
+    tta: bool = _opt(True, "Evaluate on each image and its mirror image, averaging the logits.")
+    sync_bn: bool = _opt(False, "Synchronize BatchNorm statistics across GPUs under torchrun.")
     keep_checkpoints: int | None = _opt(
         None, "Keep only the last K epoch checkpoints (plus epoch 1 and best); default all."
     )
@@ -71,6 +91,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.lr <= 0:
             raise ConfigError("--lr must be positive")
+        if not 0 <= self.ema < 1:
+            raise ConfigError("--ema must be in [0, 1)")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError("--label-smoothing must be in [0, 1)")
         for f in fields(self):
@@ -125,6 +147,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text; write the config as JSON or YAML") from e
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
@@ -134,6 +158,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        except (ValueError, TypeError, RecursionError) as e:  # e.g. a date like 2001-13-01
+            raise ConfigError(f"{path} has a YAML value that cannot be read: {e}") from e
     else:
         try:
             data = json.loads(text)
@@ -153,12 +179,12 @@ def resolve_config(
     cli_values: dict[str, Any], explicit: set[str], config_file: str | Path | None = None
 ) -> TrainConfig:
     """Defaults < config file < options given on the command line."""
-    merged: dict[str, Any] = {}
-    if config_file is not None:
-        merged.update(read_config_file(config_file))
-    for name, value in cli_values.items():
-        if name in explicit or name not in merged:
-            merged[name] = value
+    from_file: dict[str, Any] = read_config_file(config_file) if config_file is not None else {}
+    chosen = {**from_file, **{k: v for k, v in cli_values.items() if k in explicit}}
+    preset = chosen.get("preset", cli_values.get("preset", "default"))
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    merged = {**cli_values, **PRESETS[preset], **chosen, "preset": preset}
     config = TrainConfig.from_dict(merged, source=str(config_file or "options"))
     config.validate()
     return config

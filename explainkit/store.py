@@ -3,17 +3,18 @@
 The store holds what analyzers need so they never touch the dataset: the evaluation images,
 targets and source indices, optional object masks, per-epoch logits and the training history.
 
-Commits are copy-on-write: an epoch is appended to a copy of the store, the copy is flushed,
-fsynced and renamed over the original. So a killed run leaves either the old or the new file,
-never a half-written one, and a reader that has the store open keeps a consistent snapshot
-while training goes on. ``committed_epochs`` is the commit marker; readers ignore anything past it.
+Commits are copy-on-write: an epoch is appended to an in-memory copy of the store, the copy is
+written next to the original, flushed, fsynced and renamed over it. So a killed run leaves
+either the old or the new file, never a half-written one, and a reader that has the store
+open keeps a consistent snapshot while training goes on. ``committed_epochs`` is the commit
+marker; readers ignore anything past it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,8 @@ ROOT_ATTRIBUTES = (
     "std",
     "input_shape",
     "default_layer",
+    "eval_weights",
+    "eval_tta",
 )
 DATASETS = (
     "eval/images",
@@ -63,7 +66,34 @@ DATASETS = (
     "committed_epochs",
 )
 
+# What h5py and numpy raise on a damaged file (checked by tests/test_fuzz.py): each becomes a
+# StoreError, so a corrupt store is one sentence, never a traceback.
+_DAMAGE_ERRORS = (
+    OSError,
+    RuntimeError,
+    KeyError,
+    ValueError,
+    TypeError,
+    IndexError,
+    ArithmeticError,
+    MemoryError,
+)
+
 _COMPRESSION = {"compression": "gzip", "compression_opts": 1, "fletcher32": True}
+
+
+def _text(value: str) -> np.bytes_:
+    """A fixed-length UTF-8 string attribute (stored inline, covered by header checksums)."""
+    return np.bytes_(str(value).encode("utf-8"))
+
+
+def _decode(value: Any) -> Any:
+    """Attribute value as Python data: fixed-length strings come back as bytes."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 def _fsync_dir(path: Path) -> None:
@@ -77,9 +107,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_tmp(final: Path, image: bytes) -> Path:
+    """Write a finished HDF5 file image next to ``final``; returns the temporary path.
+
+    h5py builds files in memory (``io.BytesIO``) and only plain Python I/O touches the disk:
+    HDF5 itself crashes the process when a write fails at close (disk full, file-size limit),
+    while ``open().write`` raises an ``OSError`` the CLI turns into one sentence.
+    """
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(image)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise StoreError(
+                f"cannot write {final}: {e.strerror or e}; free some disk space and try again"
+            ) from e
+        raise
+    return tmp
+
+
 def _replace_durably(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
     os.replace(tmp, final)
     _fsync_dir(final.parent)
 
@@ -96,26 +147,33 @@ def create_store(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     masks: np.ndarray | None = None,
+    eval_weights: str = "trained",
+    eval_tta: bool = False,
 ) -> Path:
     """Write a new store with the evaluation split and no epochs yet (atomically)."""
     path = Path(path)
     n = len(images)
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError("images must be uint8 (N,H,W,C)")
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT_NAME
+    buffer = io.BytesIO()
+    # HDF5 >= 1.10 object headers carry checksums, and fixed-length (not variable-length)
+    # strings keep text inside them: damaged metadata is then refused instead of crashing or
+    # hanging libhdf5 (the global heap of variable-length strings has no checksum).
+    with h5py.File(buffer, "w", libver=("v110", "latest")) as f:
+        f.attrs["format"] = _text(FORMAT_NAME)
         f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["explainkit_version"] = __version__
-        f.attrs["dataset"] = dataset
-        f.attrs["classes"] = json.dumps(list(classes))
-        f.attrs["model"] = json.dumps(model)
+        f.attrs["explainkit_version"] = _text(__version__)
+        f.attrs["dataset"] = _text(dataset)
+        f.attrs["classes"] = _text(json.dumps(list(classes)))
+        f.attrs["model"] = _text(json.dumps(model))
         f.attrs["mean"] = np.asarray(mean, dtype="f8")
         f.attrs["std"] = np.asarray(std, dtype="f8")
         f.attrs["input_shape"] = np.asarray(
             [images.shape[3], images.shape[1], images.shape[2]], "i8"
         )
-        f.attrs["default_layer"] = model.get("default_layer", "layer4")
+        f.attrs["default_layer"] = _text(model.get("default_layer", "layer4"))
+        f.attrs["eval_weights"] = _text(eval_weights)
+        f.attrs["eval_tta"] = bool(eval_tta)
         chunk = (max(1, min(n, 256)),) + images.shape[1:]
         f.create_dataset("eval/images", data=images, chunks=chunk, **_COMPRESSION)
         f.create_dataset("eval/targets", data=np.asarray(targets, "i8"), **_COMPRESSION)
@@ -143,16 +201,15 @@ def create_store(
             fletcher32=True,
         )
         f.create_dataset("committed_epochs", data=np.int64(0))
-    _replace_durably(tmp, path)
+    _replace_durably(_write_tmp(path, buffer.getvalue()), path)
     return path
 
 
 def append_epoch(path: str | Path, logits: np.ndarray, history_row: dict[str, float]) -> int:
     """Commit one epoch's logits and history row; returns the number of committed epochs."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.copyfile(path, tmp)
-    with h5py.File(tmp, "r+") as f:
+    buffer = io.BytesIO(path.read_bytes())
+    with h5py.File(buffer, "r+") as f:
         committed = int(f["committed_epochs"][()])
         _truncate(f, committed)
         ds = f["logits"]
@@ -165,6 +222,7 @@ def append_epoch(path: str | Path, logits: np.ndarray, history_row: dict[str, fl
             row[name] = history_row[name]
         hist[committed] = row
         f["committed_epochs"][()] = committed + 1
+    tmp = _write_tmp(path, buffer.getvalue())
     fault_point(f"store-write:{committed + 1}")
     _replace_durably(tmp, path)
     return committed + 1
@@ -173,14 +231,13 @@ def append_epoch(path: str | Path, logits: np.ndarray, history_row: dict[str, fl
 def truncate_store(path: str | Path, epochs: int) -> None:
     """Keep only the first ``epochs`` committed epochs (used by resume)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.copyfile(path, tmp)
-    with h5py.File(tmp, "r+") as f:
+    buffer = io.BytesIO(path.read_bytes())
+    with h5py.File(buffer, "r+") as f:
         committed = int(f["committed_epochs"][()])
         keep = min(committed, epochs)
         _truncate(f, keep)
         f["committed_epochs"][()] = keep
-    _replace_durably(tmp, path)
+    _replace_durably(_write_tmp(path, buffer.getvalue()), path)
 
 
 def _truncate(f: h5py.File, epochs: int) -> None:
@@ -213,13 +270,13 @@ class StoreReader:
         except StoreError:
             self._f.close()
             raise
-        except (OSError, KeyError, ValueError, TypeError) as e:
+        except _DAMAGE_ERRORS as e:
             self._f.close()
             raise StoreError(f"{path} is damaged: {_short(e)}") from e
 
     def _check(self) -> None:
         f = self._f
-        if f.attrs.get("format") != FORMAT_NAME:
+        if _decode(f.attrs.get("format")) != FORMAT_NAME:
             raise StoreError(f"{self.path} is an HDF5 file but not an explainkit prediction store")
         version = int(f.attrs.get("schema_version", -1))
         if version > SCHEMA_VERSION:
@@ -237,22 +294,21 @@ class StoreReader:
             raise StoreError(f"{self.path} claims more epochs than it holds; the store is damaged")
         self.attrs: dict[str, Any] = {}
         for key, value in f.attrs.items():
+            value = _decode(value)
             if key in ("classes", "model"):
                 value = json.loads(value)
-            elif isinstance(value, np.ndarray):
-                value = value.tolist()
-            elif isinstance(value, np.generic):
-                value = value.item()
             self.attrs[key] = value
         self.classes: list[str] = list(self.attrs["classes"])
         self.mean = tuple(self.attrs["mean"])
         self.std = tuple(self.attrs["std"])
         self.num_images = int(f["eval/targets"].shape[0])
+        self._has_masks = "eval/masks" in f
+        self._image_shape = tuple(f["eval/images"].shape[1:])
 
     def _read(self, name: str, selection: Any = ()) -> np.ndarray:
         try:
             return self._f[name][selection]
-        except OSError as e:
+        except _DAMAGE_ERRORS as e:
             raise StoreError(
                 f"{self.path}: reading {name} failed, the data is corrupt ({_short(e)})"
             ) from e
@@ -268,7 +324,12 @@ class StoreReader:
     @property
     def history(self) -> dict[str, np.ndarray]:
         rows = self._read("history", slice(0, self.committed))
-        return {name: rows[name] for name, _ in HISTORY_COLUMNS}
+        try:
+            return {name: np.asarray(rows[name]) for name, _ in HISTORY_COLUMNS}
+        except (ValueError, KeyError, IndexError) as e:
+            raise StoreError(
+                f"{self.path}: the history table lacks its columns; the store is damaged"
+            ) from e
 
     @property
     def best_epoch(self) -> int | None:
@@ -287,7 +348,7 @@ class StoreReader:
 
     @property
     def has_masks(self) -> bool:
-        return "eval/masks" in self._f
+        return self._has_masks
 
     @property
     def masks(self) -> np.ndarray | None:
@@ -299,7 +360,9 @@ class StoreReader:
             return self._read("eval/images")
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size == 0:
-            return np.zeros((0,) + self._f["eval/images"].shape[1:], np.uint8)
+            return np.zeros((0,) + self._image_shape, np.uint8)
+        if idx.min() < 0 or idx.max() >= self.num_images:
+            raise IndexError(f"image indices must be in 0..{self.num_images - 1}")
         order = np.argsort(idx, kind="stable")
         uniq, inverse = np.unique(idx[order], return_inverse=True)
         data = self._read("eval/images", uniq)

@@ -11,23 +11,10 @@ import torch
 from explainkit import load_model
 from explainkit.store import open_store
 
-ARGS = [
-    "--dataset",
-    "shapes",
-    "--width",
-    "8",
-    "--batch-size",
-    "32",
-    "--limit-train",
-    "130",
-    "--limit-eval",
-    "37",
-    "--device",
-    "cpu",
-    "--quiet",
-    "--cutout",
-    "0",
-]
+ARGS = (
+    "--dataset shapes --width 8 --batch-size 32 --limit-train 130 "
+    "--limit-eval 37 --device cpu --quiet --cutout 0 --preset seed"
+).split()
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

@@ -13,25 +13,10 @@ from explainkit.store import open_store
 from explainkit.train.checkpoint import load_checkpoint
 from tests.conftest import run_cli
 
-ARGS = [
-    "--dataset",
-    "shapes",
-    "--width",
-    "8",
-    "--epochs",
-    "4",
-    "--batch-size",
-    "32",
-    "--limit-train",
-    "128",
-    "--limit-eval",
-    "32",
-    "--cutout",
-    "8",
-    "--device",
-    "cpu",
-    "--quiet",
-]
+ARGS = (
+    "--dataset shapes --width 8 --epochs 4 --batch-size 32 "
+    "--limit-train 128 --limit-eval 32 --cutout 8 --device cpu --quiet"
+).split()
 
 
 def fingerprint(run):

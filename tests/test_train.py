@@ -39,8 +39,10 @@ def test_stored_logits_are_the_checkpoints_logits(tiny_run):
         x = torch.from_numpy(store.images()).permute(0, 3, 1, 2).float() / 255
         mean = torch.tensor(store.mean).view(1, 3, 1, 1)
         std = torch.tensor(store.std).view(1, 3, 1, 1)
+        assert store.attrs["eval_tta"] and store.attrs["eval_weights"] == "ema"
         with torch.no_grad():
-            logits = model((x - mean) / std).numpy()
+            x = (x - mean) / std
+            logits = ((model(x) + model(x.flip(3))) / 2).numpy()
         np.testing.assert_allclose(logits, store.logits(2), rtol=1e-4, atol=1e-4)
 
 
@@ -118,6 +120,18 @@ def test_config_file_is_overridden_by_command_line(tmp_path):
     path.write_text(json.dumps({"width": 16, "epochs": 3, "batch-size": 32}))
     config = resolve_config({"width": 8, "epochs": 20, "batch_size": 128}, {"width"}, path)
     assert (config.width, config.epochs, config.batch_size) == (8, 3, 32)
+
+
+def test_presets_sit_under_the_config_file_and_the_command_line(tmp_path):
+    seed = resolve_config({"preset": "seed"}, {"preset"})
+    assert (seed.label_smoothing, seed.ema, seed.tta) == (0.0, 0.0, False)
+    mixed = resolve_config({"preset": "seed", "ema": 0.99}, {"preset", "ema"})
+    assert mixed.ema == 0.99 and mixed.label_smoothing == 0.0
+    default = resolve_config({}, set())
+    assert default == TrainConfig()
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"preset": "seed", "tta": True}))
+    assert resolve_config({}, set(), path).tta is True
 
 
 def test_yaml_config_files_are_read(tmp_path):

@@ -5,6 +5,7 @@ Never fall back to full unpickling: a checkpoint that ``weights_only`` refuses i
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -38,11 +39,20 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **payload}
     payload.setdefault("explainkit_version", __version__)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Serialize in memory first: torch.save hides a failed write (disk full) behind a
+    # RuntimeError, while a plain write raises an OSError that we can name.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot write {path}: {e.strerror or e}; free some disk space and try again"
+            ) from e
         fault_point(f"checkpoint-write:{payload.get('epoch')}:{path.name}")
         os.replace(tmp, path)
     finally:

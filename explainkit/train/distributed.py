@@ -105,17 +105,20 @@ def init_from_env(device_name: str) -> DistContext:
     return DistContext(True, dist.get_rank(), dist.get_world_size(), device)
 
 
-def wrap_ddp(model: torch.nn.Module, device: torch.device, config: object) -> torch.nn.Module:
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    if device.type == "cuda" and getattr(config, "sync_bn", False):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 
 
 def shutdown() -> None:
+    """Leave the process group; the barrier first keeps a rank from tearing down gloo's
+    connections while another still uses them (which aborts the process at exit)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

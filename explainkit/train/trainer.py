@@ -6,6 +6,7 @@ epoch, so a run killed at any moment can be inspected, analyzed and resumed.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -197,9 +198,27 @@ class Trainer:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
+        if self.dist.enabled and cuda and config.sync_bn:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        # The EMA copy (when asked for) is what gets evaluated, stored and checkpointed.
+        self.ema_model: nn.Module | None = None
+        if config.ema > 0:
+            self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
+            # Weights and BatchNorm running statistics are averaged alike, so the averaged
+            # weights are evaluated with matching statistics; the batch counter is copied.
+            floats = [b.is_floating_point() for b in self.model.buffers()]
+            self._ema_pairs = (
+                list(self.ema_model.parameters())
+                + [b for b, f in zip(self.ema_model.buffers(), floats, strict=True) if f],
+                list(self.model.parameters())
+                + [b for b, f in zip(self.model.buffers(), floats, strict=True) if f],
+                [b for b, f in zip(self.ema_model.buffers(), floats, strict=True) if not f],
+                [b for b, f in zip(self.model.buffers(), floats, strict=True) if not f],
+            )
+        self.ema_updates = 0
         self.net: nn.Module = self.model
         if self.dist.enabled:
-            self.net = dist_utils.wrap_ddp(self.model, self.device, config)
+            self.net = dist_utils.wrap_ddp(self.model, self.device)
         self.forward_net = torch.compile(self.net) if config.compile else self.net
 
         self.optimizer = torch.optim.SGD(
@@ -246,7 +265,9 @@ class Trainer:
     def state(self, eval_acc: float) -> dict[str, Any]:
         return {
             "model": self.model_spec,
-            "state_dict": self.model.state_dict(),
+            "state_dict": self.eval_model.state_dict(),
+            "train_state_dict": self.model.state_dict() if self.ema_model is not None else None,
+            "ema_updates": self.ema_updates,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -261,7 +282,12 @@ class Trainer:
         }
 
     def load_state(self, data: dict[str, Any]) -> None:
-        self.model.load_state_dict(data["state_dict"])
+        if self.ema_model is not None:
+            self.ema_model.load_state_dict(data["state_dict"])
+            self.model.load_state_dict(data["train_state_dict"])
+            self.ema_updates = int(data["ema_updates"])
+        else:
+            self.model.load_state_dict(data["state_dict"])
         self.optimizer.load_state_dict(data["optimizer"])
         self.scheduler.load_state_dict(data["scheduler"])
         self.scaler.load_state_dict(data["scaler"])
@@ -290,6 +316,20 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def _should_stop(self, stop: _StopFlag, step: int) -> bool:
+        """Single process: at once. Under torchrun all ranks agree every 8 steps, so no rank
+        is left waiting in an all-reduce for one that stopped."""
+        if not self.dist.enabled:
+            return stop.signal is not None
+        if step % 8:
+            return False
+        return (
+            self.dist.all_reduce_sum(
+                torch.tensor(float(stop.signal is not None), device=self.device)
+            ).item()
+            > 0
+        )
+
     def train_epoch(self, stop: _StopFlag) -> tuple[float, float, float]:
         self.net.train()
         perm = torch.randperm(self.num_train, generator=self.data_gen)
@@ -301,9 +341,9 @@ class Trainer:
         bar = self._progress(self.steps_per_epoch, f"epoch {self.epoch + 1}")
         start = time.perf_counter()
         for step in range(self.steps_per_epoch):
-            if stop.signal is not None:
+            if self._should_stop(stop, step):
                 raise TrainingInterrupted(
-                    f"training stopped by signal {stop.signal} during epoch {self.epoch + 1}; "
+                    f"training stopped by a signal during epoch {self.epoch + 1}; "
                     f"epochs 1..{self.epoch} are saved; continue with: "
                     f"explainkit train --resume {self.run_dir}"
                 )
@@ -325,6 +365,8 @@ class Trainer:
             self.scaler.update()
             self.last_lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
+            if self.ema_model is not None:
+                self._update_ema()
             n = len(y)
             seen += n
             loss_sum += loss.detach() * n
@@ -348,11 +390,25 @@ class Trainer:
         total_seen = float(seen_all)
         return float(totals[0]) / total_seen, float(totals[1]) / total_seen, total_seen / seconds
 
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """ema = decay * ema + (1 - decay) * weights, with a warm-up so early EMA is not stale."""
+        self.ema_updates += 1
+        decay = min(self.config.ema, (1 + self.ema_updates) / (10 + self.ema_updates))
+        ema_p, p, ema_b, b = self._ema_pairs
+        torch._foreach_lerp_(ema_p, p, 1 - decay)
+        torch._foreach_copy_(ema_b, b)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema_model if self.ema_model is not None else self.model
+
     @torch.inference_mode()
     def evaluate(self) -> tuple[np.ndarray, float, float]:
         """Logits of the whole eval split in order (gathered across ranks), loss and accuracy."""
         self.net.eval()
-        self.dist.sync_buffers(self.model)
+        model = self.eval_model.eval()
+        self.dist.sync_buffers(model)
         indices = self.dist.eval_indices(self.num_eval)
         chunks = []
         bs = max(self._local_batch(), 256)
@@ -364,7 +420,10 @@ class Trainer:
                 dtype=self.amp_dtype or torch.float32,
                 enabled=self.amp_dtype is not None,
             ):
-                chunks.append(self.model(x).float())
+                out = model(x).float()
+                if self.config.tta:
+                    out = (out + model(x.flip(3)).float()) / 2
+                chunks.append(out)
         local = (
             torch.cat(chunks) if chunks else torch.zeros(0, len(self.classes), device=self.device)
         )
@@ -445,7 +504,7 @@ class Trainer:
                         flush=True,
                     )
                 self.dist.barrier()
-                if stop.signal is not None and self.epoch < self.config.epochs:
+                if self._should_stop(stop, 0) and self.epoch < self.config.epochs:
                     raise TrainingInterrupted(
                         f"training stopped by signal {stop.signal} after epoch {self.epoch}; "
                         f"continue with: explainkit train --resume {self.run_dir}"
@@ -612,6 +671,8 @@ def train(
                     model=trainer.model_spec,
                     mean=trainer.mean,
                     std=trainer.std,
+                    eval_weights="ema" if config.ema > 0 else "trained",
+                    eval_tta=config.tta,
                 )
         trainer.dist.barrier()
         if resume:
