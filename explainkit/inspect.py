@@ -19,8 +19,13 @@ def _read_config(run: Path) -> dict[str, Any]:
         raise RunError(f"{path} is not valid JSON; the run directory is damaged") from e
     if not isinstance(data, dict) or data.get("format") != "explainkit-run":
         raise RunError(f"{path} is not an explainkit run config")
-    if int(data.get("format_version", 0)) > 1:
+    version = data.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise RunError(f"{path} has an invalid format_version; the run directory is damaged")
+    if version > 1:
         raise RunError(f"{path} is from a newer explainkit; upgrade explainkit to read it")
+    if not isinstance(data.get("config"), dict) or not isinstance(data.get("model"), dict):
+        raise RunError(f"{path} lacks its config or model section; the run directory is damaged")
     return data
 
 

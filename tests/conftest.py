@@ -11,9 +11,20 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR_MINI = REPO.parent / "shared" / "data" / "cifar10-mini"
-if not CIFAR_MINI.is_dir():  # a clone elsewhere: fall back to the env variable
-    CIFAR_MINI = Path(os.environ.get("EXPLAINKIT_CIFAR_MINI", str(CIFAR_MINI)))
+
+
+def _find_cifar_mini() -> Path:
+    """The real CIFAR-10 sample: $EXPLAINKIT_CIFAR_MINI, else a shared/ folder beside the repo."""
+    candidates = [os.environ.get("EXPLAINKIT_CIFAR_MINI", "")]
+    candidates += [str(p / "shared" / "data" / "cifar10-mini") for p in REPO.parents]
+    candidates.append("/work/shared/data/cifar10-mini")
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "cifar-10-batches-py").is_dir():
+            return Path(candidate)
+    return REPO.parent / "shared" / "data" / "cifar10-mini"
+
+
+CIFAR_MINI = _find_cifar_mini()
 
 # Keep a developer's installed third-party plugins out of the tests.
 os.environ.setdefault("EXPLAINKIT_LOAD_PLUGINS", "")

@@ -19,9 +19,9 @@ from explainkit.data import (
     load_dataset,
 )
 from explainkit.errors import DataError
+from tests.conftest import CIFAR_MINI
 
-SAMPLE = Path("/work/shared/data/cifar10-mini/cifar-10-batches-py")
-needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason="shared CIFAR-10 sample missing")
+SAMPLE = CIFAR_MINI / "cifar-10-batches-py"
 
 
 def _meta(folder: Path) -> None:
@@ -39,7 +39,6 @@ def _batch(folder: Path, name: str, obj: object) -> Path:
 # --- cifar10 ---------------------------------------------------------------------------------
 
 
-@needs_sample
 def test_cifar10_reads_shared_sample():
     train = load_dataset("cifar10", "train", SAMPLE.parent, download=False)
     test = load_dataset("cifar10", "eval", SAMPLE, download=False)
@@ -87,7 +86,6 @@ def test_cifar10_refuses_code_running_pickle(tmp_path, payload):
     assert not sentinel.exists()
 
 
-@needs_sample
 def test_cifar10_refuses_truncated_file(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     _meta(folder)
@@ -146,7 +144,6 @@ def test_cifar10_download_failure_is_a_data_error(tmp_path, monkeypatch, capsys)
     assert "Downloading CIFAR-10" in capsys.readouterr().err
 
 
-@needs_sample
 def test_cifar10_download_happy_path(tmp_path, monkeypatch, capsys):
     import torchvision.datasets.utils as tv_utils
 
