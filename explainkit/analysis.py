@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import click
 
 from explainkit.errors import AnalyzerError, ExplainkitError, PluginError, RunError
+from explainkit.train.rundir import pid_alive
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -179,6 +180,8 @@ class _RunResources:
     @property
     def device(self) -> torch.device:
         if self._device is None:
+            from explainkit.device import resolve_device
+
             self._device = resolve_device(self.device_name)
         return self._device
 
@@ -197,23 +200,6 @@ class _RunResources:
             self._store.close()
             self._store = None
         self._models.clear()
-
-
-def resolve_device(name: Any) -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU; an unusable device is an error."""
-    import torch
-
-    if isinstance(name, torch.device):
-        return name
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as e:
-        raise AnalyzerError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AnalyzerError(f"device {name} was asked for but CUDA is not available; use cpu")
-    return device
 
 
 @dataclass
@@ -675,18 +661,8 @@ def _remove_stale_tmp(analyses: Path, name: str) -> None:
     for prefix in (f".{name}.tmp-", f".{name}.old-"):
         for path in analyses.glob(f"{prefix}*"):
             pid_text = path.name[len(prefix) :].split("-")[0]
-            if pid_text.isdigit() and int(pid_text) != os.getpid() and not _alive(int(pid_text)):
+            if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def summarize_run(run: Path) -> dict[str, Any]:
     """Everything ``inspect`` prints, as plain data (also used by the report)."""
     from explainkit.store import open_store
     from explainkit.train.checkpoint import checkpoint_dir, list_checkpoints
-    from explainkit.train.rundir import _pid_alive, read_lock_owner
+    from explainkit.train.rundir import pid_alive, read_lock_owner
 
     data = read_run_config(run)
     config = data["config"]
@@ -62,7 +62,7 @@ def summarize_run(run: Path) -> dict[str, Any]:
     ckpts = list_checkpoints(run)
     named = sorted(p.name for p in checkpoint_dir(run).glob("*.pt"))
     owner = read_lock_owner(run)
-    if owner is not None and _pid_alive(owner):
+    if owner is not None and pid_alive(owner):
         state = "training"
     elif len(epochs) >= config["epochs"]:
         state = "complete"

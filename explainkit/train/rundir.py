@@ -31,7 +31,7 @@ def is_run_dir(path: Path) -> bool:
     return (path / "config.json").is_file() or (path / "predictions.h5").is_file()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,7 +54,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = read_lock_owner(self.path.parent)
-                if owner is not None and _pid_alive(owner):
+                if owner is not None and pid_alive(owner):
                     raise RunError(
                         f"{self.path.parent} is in use by another explainkit process "
                         f"(pid {owner}); wait for it to finish or use another --out"
@@ -95,7 +95,7 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
         raise RunError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         owner = read_lock_owner(out)
-        if owner is not None and _pid_alive(owner):
+        if owner is not None and pid_alive(owner):
             raise RunError(
                 f"{out} is in use by another explainkit process (pid {owner}); "
                 "wait for it to finish or use another --out"

@@ -26,6 +26,7 @@ from torch import nn
 
 from explainkit import __version__
 from explainkit.config import TrainConfig
+from explainkit.device import resolve_device
 from explainkit.errors import ExplainkitError, RunError
 from explainkit.faults import fault_point
 from explainkit.store import STORE_FILENAME, append_epoch, create_store, truncate_store
@@ -42,19 +43,6 @@ from explainkit.train.rundir import RunLock, default_run_dir, prepare_run_dir
 
 class TrainingInterrupted(ExplainkitError):
     """SIGINT/SIGTERM stopped training at a safe point; completed epochs are kept."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; an unavailable CUDA device is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ExplainkitError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ExplainkitError(f"device {name} was asked for but CUDA is not available here")
-    return device
 
 
 @dataclass
