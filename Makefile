@@ -17,7 +17,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/explainkit demo --out runs/demo
+	$(BIN)/explainkit demo --out runs/demo --overwrite
 
 # Regenerate docs/cli.md from the commands (tests check it is current).
 docs: $(STAMP)
