@@ -191,3 +191,24 @@ def test_train_cli_on_the_cifar_sample(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "epoch   1/1" in result.stderr
     assert TrainConfig(**json.loads((out / "config.json").read_text())["config"]).epochs == 1
+
+
+def test_every_random_state_round_trips_through_a_checkpoint(tmp_path):
+    import random
+
+    from explainkit.train.checkpoint import save_checkpoint
+    from explainkit.train.trainer import _restore_rng_state, _rng_state
+
+    data, aug = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    np.random.seed(3)
+    np.random.rand(5)  # move numpy's position off its fresh value
+    random.seed(4)
+    save_checkpoint(
+        tmp_path / "r.pt", {"model": {}, "state_dict": {}, "epoch": 1, "rng": _rng_state(data, aug)}
+    )
+    expected = (np.random.rand(), random.random(), torch.rand(1), torch.rand(1, generator=aug))
+    np.random.rand(9), random.random(), torch.rand(4), torch.rand(4, generator=aug)
+    _restore_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"], data, aug)
+    again = (np.random.rand(), random.random(), torch.rand(1), torch.rand(1, generator=aug))
+    assert expected[:2] == again[:2]
+    assert torch.equal(expected[2], again[2]) and torch.equal(expected[3], again[3])

@@ -97,6 +97,7 @@ def _rng_state(data_gen: torch.Generator, aug_gen: torch.Generator) -> dict[str,
         "torch": torch.get_rng_state(),
         "python": list(random.getstate()[1]),
         "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
         "data": data_gen.get_state(),
         "augment": aug_gen.get_state(),
     }
@@ -110,8 +111,8 @@ def _restore_rng_state(
 ) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
-    np_state = np.random.get_state()
-    np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    keys = state["numpy"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(state.get("numpy_pos", 624)), 0, 0.0))
     data_gen.set_state(state["data"])
     aug_gen.set_state(state["augment"])
     if "cuda" in state and torch.cuda.is_available():
