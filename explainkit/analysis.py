@@ -151,9 +151,10 @@ class Analyzer:
 class _RunResources:
     """What all analyzers of one ``analyze`` call share: config, store, models (all lazy)."""
 
-    def __init__(self, run_dir: Path, device: Any) -> None:
+    def __init__(self, run_dir: Path, device: Any, plugin_manager: Any = None) -> None:
         self.run_dir = run_dir
         self.device_name = device
+        self.plugin_manager = plugin_manager
         self._device: Any = None
         self._config: dict | None = None
         self._store: StoreReader | None = None
@@ -229,6 +230,12 @@ class AnalysisContext:
     def config(self) -> dict:
         """The run's ``config.json``."""
         return self._resources.config
+
+    @property
+    def plugin_manager(self) -> Any:
+        """The plugin manager this analysis runs under, for single-answer hooks such as
+        ``resolve_target_layer``."""
+        return self._resources.plugin_manager
 
     @property
     def store(self) -> StoreReader:
@@ -466,7 +473,7 @@ def analyze(
     else:
         selected = list(entries)
 
-    resources = _RunResources(run_dir, device)
+    resources = _RunResources(run_dir, device, pm)
     try:
         store = _open_store_or_none(resources, run_dir)
         epoch = _resolve_epoch(store, epoch, run_dir)

@@ -281,7 +281,8 @@ def choose_layer(context: AnalysisContext, model: Any, layer: str | None) -> str
     if meta and meta in modules:
         chosen, source = str(meta), "the run metadata"
     else:
-        answer = load_plugins().hook.resolve_target_layer(model=model, analyzer_name=name)
+        pm = context.plugin_manager or load_plugins()
+        answer = pm.hook.resolve_target_layer(model=model, analyzer_name=name)
         if answer is not None:
             if answer not in modules:
                 raise AnalyzerError(

@@ -184,3 +184,23 @@ def test_analyzer_gradcam_wrong_layer_exits_1_listing_layers(tiny_run):
     assert "layer9" in line and "layer4" in line and "layer3.1" in line
     manifest = json.loads((tiny_run / "analyses" / "gradcam" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["error"].count(". ") == 0
+
+
+def test_analyzer_gradcam_asks_the_plugin_manager_it_runs_under(tiny_run):
+    """analyze(pm=...) from a notebook: that manager's resolve_target_layer is the one asked."""
+    from explainkit.analysis import analyze
+    from explainkit.manager import get_plugin_manager
+
+    with h5py.File(tiny_run / "predictions.h5", "r+") as f:
+        f.attrs["default_layer"] = ""
+
+    class Plugin:
+        @hookimpl
+        def resolve_target_layer(self, model, analyzer_name):
+            return "layer2.1"
+
+    pm = get_plugin_manager(entrypoints=False)
+    pm.register(Plugin(), name="undo-own-manager")
+    (manifest,) = analyze(tiny_run, plugins=["gradcam"], pm=pm, device="cpu", gradcam_count=1)
+    assert manifest["status"] == "ok", manifest["error"]
+    assert read_h5(tiny_run)[1]["layer"] == "layer2.1"
