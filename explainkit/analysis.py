@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
+from explainkit.atomic import write_atomic
 from explainkit.errors import AnalyzerError, ExplainkitError, PluginError, RunError
-from explainkit.train.rundir import pid_alive
+from explainkit.train.rundir import is_run_dir, pid_alive
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -163,11 +164,10 @@ class _RunResources:
     @property
     def config(self) -> dict:
         if self._config is None:
-            path = self.run_dir / "config.json"
-            try:
-                self._config = json.loads(path.read_text()) if path.is_file() else {}
-            except (OSError, ValueError) as e:
-                raise RunError(f"{path} cannot be read as JSON ({e}); the run is damaged") from e
+            from explainkit.inspect import read_run_config
+
+            has_config = (self.run_dir / "config.json").is_file()
+            self._config = read_run_config(self.run_dir) if has_config else {}
         return self._config
 
     @property
@@ -339,7 +339,7 @@ def check_run_dir(run: str | os.PathLike[str]) -> Path:
         raise RunError(f"run directory {str(run_dir)!r} does not exist; pass a trained run")
     if not run_dir.is_dir():
         raise RunError(f"{str(run_dir)!r} is a file, not a run directory")
-    if not (run_dir / "config.json").is_file() and not (run_dir / "predictions.h5").is_file():
+    if not is_run_dir(run_dir):
         raise RunError(
             f"{str(run_dir)!r} is not an explainkit run (no config.json or predictions.h5); "
             "create one with `explainkit train`"
@@ -650,17 +650,7 @@ def _has_ok_result(folder: Path) -> bool:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-    except OSError as e:  # disk full: say which file, leave the previous one in place
-        tmp.unlink(missing_ok=True)
-        raise RunError(
-            f"cannot write {path}: {e.strerror or e}; free some disk space and try again"
-        ) from e
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n", RunError)
 
 
 def _remove_stale_tmp(analyses: Path, name: str) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from explainkit import __version__
+from explainkit.atomic import write_atomic
 from explainkit.errors import ExplainkitError, RunError
 
 __all__ = ["build_report", "render_report", "load_manifests", "installed_analyzers", "REPORT_NAME"]
@@ -633,13 +634,5 @@ def build_report(
     text = render_report(run_dir, available=available)
     target = Path(out) if out is not None else run_dir / REPORT_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(target, text, RunError)
     return target

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,8 @@ import h5py
 import numpy as np
 
 from explainkit import __version__
+from explainkit.atomic import write_atomic
 from explainkit.errors import StoreError
-from explainkit.faults import fault_point
 
 FORMAT_NAME = "explainkit-predictions"
 SCHEMA_VERSION = 1
@@ -96,43 +95,15 @@ def _decode(value: Any) -> Any:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_tmp(final: Path, image: bytes) -> Path:
-    """Write a finished HDF5 file image next to ``final``; returns the temporary path.
+def _commit(path: Path, buffer: io.BytesIO, fault: str | None = None) -> None:
+    """Write a finished in-memory HDF5 image over ``path``.
 
     h5py builds files in memory (``io.BytesIO``) and only plain Python I/O touches the disk:
     HDF5 itself crashes the process when a write fails at close (disk full, file-size limit),
-    while ``open().write`` raises an ``OSError`` the CLI turns into one sentence.
+    while ``open().write`` raises an ``OSError`` that becomes one sentence.
     """
-    tmp = final.with_name(final.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(image)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise StoreError(
-                f"cannot write {final}: {e.strerror or e}; free some disk space and try again"
-            ) from e
-        raise
-    return tmp
-
-
-def _replace_durably(tmp: Path, final: Path) -> None:
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    tmp = path.with_name(path.name + ".tmp")  # a leftover from a kill is simply replaced
+    write_atomic(path, buffer.getbuffer(), StoreError, tmp=tmp, fault=fault)
 
 
 def create_store(
@@ -201,7 +172,7 @@ def create_store(
             fletcher32=True,
         )
         f.create_dataset("committed_epochs", data=np.int64(0))
-    _replace_durably(_write_tmp(path, buffer.getvalue()), path)
+    _commit(path, buffer)
     return path
 
 
@@ -222,9 +193,7 @@ def append_epoch(path: str | Path, logits: np.ndarray, history_row: dict[str, fl
             row[name] = history_row[name]
         hist[committed] = row
         f["committed_epochs"][()] = committed + 1
-    tmp = _write_tmp(path, buffer.getvalue())
-    fault_point(f"store-write:{committed + 1}")
-    _replace_durably(tmp, path)
+    _commit(path, buffer, fault=f"store-write:{committed + 1}")
     return committed + 1
 
 
@@ -237,7 +206,7 @@ def truncate_store(path: str | Path, epochs: int) -> None:
         keep = min(committed, epochs)
         _truncate(f, keep)
         f["committed_epochs"][()] = keep
-    _replace_durably(_write_tmp(path, buffer.getvalue()), path)
+    _commit(path, buffer)
 
 
 def _truncate(f: h5py.File, epochs: int) -> None:

@@ -6,10 +6,10 @@ Never fall back to full unpickling: a checkpoint that ``weights_only`` refuses i
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import re
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from explainkit import __version__
+from explainkit.atomic import write_atomic
 from explainkit.errors import CheckpointError, RunError
-from explainkit.faults import fault_point
 
 FORMAT_NAME = "explainkit-checkpoint"
 FORMAT_VERSION = 1
@@ -33,36 +33,21 @@ def epoch_filename(epoch: int) -> str:
     return f"epoch_{epoch:03d}.pt"
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically: temp file, flush, fsync, rename, fsync dir."""
-    path = Path(path)
+def save_checkpoint(paths: str | Path | Sequence[str | Path], payload: dict[str, Any]) -> None:
+    """Write ``payload`` atomically to each path in order (temp file, fsync, rename).
+
+    The payload is serialized once however many files get it (epoch file, best.pt, last.pt).
+    """
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **payload}
     payload.setdefault("explainkit_version", __version__)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     # Serialize in memory first: torch.save hides a failed write (disk full) behind a
     # RuntimeError, while a plain write raises an OSError that we can name.
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    try:
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise CheckpointError(
-                f"cannot write {path}: {e.strerror or e}; free some disk space and try again"
-            ) from e
-        fault_point(f"checkpoint-write:{payload.get('epoch')}:{path.name}")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    for path in paths:
+        fault = f"checkpoint-write:{payload.get('epoch')}:{path.name}"
+        write_atomic(path, buffer.getbuffer(), CheckpointError, fault=fault)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import platform
 import random
 import signal
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from explainkit import __version__
+from explainkit.atomic import write_atomic
 from explainkit.config import TrainConfig
 from explainkit.device import resolve_device
 from explainkit.errors import ExplainkitError, RunError
@@ -225,6 +225,7 @@ class Trainer:
         self.std_t = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
         self.epoch = 0
         self.best_acc = -1.0
+        self.best_epoch = 0
         self.last_lr = config.lr
 
     # -- setup helpers -------------------------------------------------------------------
@@ -263,6 +264,7 @@ class Trainer:
             "epoch": self.epoch,
             "eval_acc": eval_acc,
             "best_acc": self.best_acc,
+            "best_epoch": self.best_epoch,
             "rng": _rng_state(self.data_gen, self.aug_gen),
             "config": self.config.to_dict(),
             "classes": self.classes,
@@ -282,6 +284,7 @@ class Trainer:
         self.scaler.load_state_dict(data["scaler"])
         self.epoch = int(data["epoch"])
         self.best_acc = float(data["best_acc"])
+        self.best_epoch = int(data["best_epoch"])
         _restore_rng_state(data["rng"], self.data_gen, self.aug_gen)
 
     # -- one epoch -------------------------------------------------------------------------
@@ -440,13 +443,10 @@ class Trainer:
         is_best = eval_acc > self.best_acc
         if is_best:
             self.best_acc = eval_acc
-        payload = self.state(eval_acc)
-        save_checkpoint(ckpt / epoch_filename(self.epoch), payload)
-        if is_best:
-            save_checkpoint(ckpt / "best.pt", payload)
-        fault_point(f"checkpoint:{self.epoch}")
+            self.best_epoch = self.epoch
         # last.pt is the resume point, so it is written after everything it vouches for.
-        save_checkpoint(ckpt / "last.pt", payload)
+        names = [epoch_filename(self.epoch)] + (["best.pt"] if is_best else []) + ["last.pt"]
+        save_checkpoint([ckpt / name for name in names], self.state(eval_acc))
         self._prune_checkpoints()
 
     def _prune_checkpoints(self) -> None:
@@ -454,13 +454,9 @@ class Trainer:
         if keep is None:
             return
         saved = list_checkpoints(self.run_dir)
-        best_epoch = None
-        best = checkpoint_dir(self.run_dir) / "best.pt"
-        if best.is_file():
-            best_epoch = load_checkpoint(best)["epoch"]
         recent = set(sorted(saved)[-keep:])
         for epoch, path in saved.items():
-            if epoch != 1 and epoch != best_epoch and epoch not in recent:
+            if epoch != 1 and epoch != self.best_epoch and epoch not in recent:
                 path.unlink(missing_ok=True)
 
     def run(self) -> None:
@@ -517,16 +513,6 @@ def _environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # Options that change what a run means; resume refuses to change them.
 FIXED_ON_RESUME = (
     "dataset",
@@ -570,25 +556,23 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
 
 def _write_run_files(trainer: Trainer, config: TrainConfig, run_dir: Path) -> None:
     checkpoint_dir(run_dir).mkdir(exist_ok=True)
-    write_json_atomic(
-        run_dir / "config.json",
-        {
-            "format": "explainkit-run",
-            "format_version": 1,
-            "config": config.to_dict(),
-            "model": trainer.model_spec,
-            "data": {
-                "dataset": config.dataset,
-                "classes": trainer.classes,
-                "num_train": trainer.num_train,
-                "num_eval": trainer.num_eval,
-                "mean": list(trainer.mean),
-                "std": list(trainer.std),
-            },
-            "environment": _environment(trainer.device),
-            "world_size": trainer.dist.world_size,
+    config_json = {
+        "format": "explainkit-run",
+        "format_version": 1,
+        "config": config.to_dict(),
+        "model": trainer.model_spec,
+        "data": {
+            "dataset": config.dataset,
+            "classes": trainer.classes,
+            "num_train": trainer.num_train,
+            "num_eval": trainer.num_eval,
+            "mean": list(trainer.mean),
+            "std": list(trainer.std),
         },
-    )
+        "environment": _environment(trainer.device),
+        "world_size": trainer.dist.world_size,
+    }
+    write_atomic(run_dir / "config.json", json.dumps(config_json, indent=2) + "\n", RunError)
 
 
 def _resume_state(trainer: Trainer, run_dir: Path) -> None:
