@@ -69,6 +69,44 @@ def cifar_run(cifar_run_master, tmp_path) -> Path:
     return Path(shutil.copytree(cifar_run_master, tmp_path / "cifar_run"))
 
 
+# A run that has learned the shapes (about 90% eval accuracy), for properties of explanations.
+TRAINED = dict(
+    dataset="shapes",
+    device="cpu",
+    width=8,
+    epochs=6,
+    batch_size=64,
+    limit_train=1500,
+    limit_eval=128,
+    cutout=0,
+    lr=0.05,
+)
+
+
+@pytest.fixture(scope="session")
+def trained_shapes_run(tmp_path_factory) -> Path:
+    """A shapes run that has learned (trained once per session; read-only, copy to write)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one thread is faster than oversubscribing
+    try:
+        return train_run(tmp_path_factory.mktemp("trained") / "run", **TRAINED)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Explanation tests run faster on one thread than on oversubscribed shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):
     """Run the real ``explainkit`` CLI in a subprocess."""
     full_env = {**os.environ, "EXPLAINKIT_LOAD_PLUGINS": "", **(env or {})}

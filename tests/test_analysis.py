@@ -14,10 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 import explainkit
-from explainkit import hookimpl, manager
+from explainkit import manager
 from explainkit.analysis import AnalysisContext, Analyzer, Option, analyze
 from explainkit.cli import cli
 from explainkit.errors import AnalyzerError, PluginError, RunError
+from tests.test_plugins import AnalyzersPlugin
 
 
 @pytest.fixture(autouse=True)
@@ -95,20 +96,10 @@ class UsesModel(Analyzer):
         return [context.artifact(context.output_dir / "model.json", "Model", "json")]
 
 
-class Plugin:
-    def __init__(self, *classes):
-        self.classes = classes
-
-    @hookimpl
-    def register_analyzers(self, register):
-        for cls in self.classes:
-            register(cls)
-
-
 @pytest.fixture
 def pm():
     pm = manager.get_plugin_manager(entrypoints=False, defaults=False, quiet=True)
-    pm.register(Plugin(Writes, Fails, NeedsPackage, UsesModel), name="undo-test")
+    pm.register(AnalyzersPlugin(Writes, Fails, NeedsPackage, UsesModel), name="undo-test")
     return pm
 
 
@@ -175,7 +166,7 @@ def test_failed_rerun_keeps_previous_good_result(tiny_run, pm):
             raise AnalyzerError("cannot do it; try again")
 
     pm2 = manager.get_plugin_manager(entrypoints=False, defaults=False, quiet=True)
-    pm2.register(Plugin(Broken), name="undo-broken")
+    pm2.register(AnalyzersPlugin(Broken), name="undo-broken")
     (m,) = analyze(tiny_run, ["ek_writes"], pm=pm2)
     assert m["status"] == "failed" and m["error"] == "cannot do it; try again"
     folder = tiny_run / "analyses" / "ek_writes"
@@ -276,7 +267,7 @@ def test_analyze_missing_artifact_file_fails(tiny_run, pm):
         def run(self, context, value, mode):
             return [context.artifact("never.png", "Never", "image")]
 
-    pm.register(Plugin(Lies), name="undo-lies")
+    pm.register(AnalyzersPlugin(Lies), name="undo-lies")
     (m,) = analyze(tiny_run, ["ek_lies"], pm=pm)
     assert m["status"] == "failed" and "did not write it" in m["error"]
 

@@ -1,15 +1,12 @@
 """Explanation-quality metrics: unit checks on hand-made inputs, properties on a trained model.
 
-The property tests need a model that has learned the shapes: ``trained_shapes_run`` trains
-one (width 8, 6 epochs, 1,500 images, ~87% eval accuracy) once per session and shares it
-with tests/plugins/test_quality.py through a folder in the session's base temp dir.
+The property tests need a model that has learned the shapes: the session fixture
+``trained_shapes_run`` (tests/conftest.py) trains one (width 8, 6 epochs, 1,500 images).
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,53 +15,16 @@ from torch import nn
 
 from explainkit.explain import metrics as M
 
-TRAINED = dict(
-    dataset="shapes",
-    device="cpu",
-    width=8,
-    epochs=6,
-    batch_size=64,
-    limit_train=1500,
-    limit_eval=128,
-    cutout=0,
-    lr=0.05,
-)
-
-
-def trained_shapes_run(tmp_path_factory) -> Path:
-    """A shapes run that has learned (trained once per session, reused across modules)."""
-    from explainkit.config import TrainConfig
-    from explainkit.train.trainer import train
-
-    root = tmp_path_factory.getbasetemp() / "trained_shapes"
-    run = root / "run"
-    done = root / "done.json"
-    if not done.is_file():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # 2 shared cores: one thread is faster than oversubscribing
-        try:
-            train(TrainConfig(**TRAINED), out=run, overwrite=True, quiet=True)
-        finally:
-            torch.set_num_threads(threads)
-        done.write_text(json.dumps(TRAINED))
-    return run
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(trained_shapes_run):
     """(model, images, labels, predicted, masks) of the trained run's eval split."""
     from explainkit.store import open_store
     from explainkit.train.checkpoint import load_model
 
-    run = trained_shapes_run(tmp_path_factory)
+    run = trained_shapes_run
     model = load_model(run, device="cpu")
     for p in model.parameters():
         p.requires_grad_(False)

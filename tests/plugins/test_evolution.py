@@ -7,20 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import train_run
 
 from .test_gallery import check_png
 from .test_quality import run_one
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_evolution_grid_and_metrics_per_epoch(tiny_run):

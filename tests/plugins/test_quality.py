@@ -3,48 +3,29 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from explainkit.analysis import analyze
-from explainkit.manager import get_plugin_manager
-from tests.test_metrics import trained_shapes_run
 
 from .test_gallery import check_png, make_run
 
 
-def plugin_manager():
-    """Built-ins plus quality and evolution, registered by hand if the defaults lack them."""
-    pm = get_plugin_manager(entrypoints=False, quiet=True)
-    for modname in ("explainkit.plugins.quality", "explainkit.plugins.evolution"):
-        if not pm.has_plugin(modname):
-            pm.register(importlib.import_module(modname), name=modname)
-    return pm
-
-
 def run_one(run: Path, name: str, **options) -> dict:
-    (manifest,) = analyze(run, plugins=[name], device="cpu", pm=plugin_manager(), **options)
+    (manifest,) = analyze(run, plugins=[name], device="cpu", **options)
     return manifest
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def quality_run(tmp_path_factory):
+def quality_run(trained_shapes_run, tmp_path_factory):
     """A copy of the trained run with one ``quality`` analysis done (64 images, 8 steps)."""
-    run = Path(shutil.copytree(trained_shapes_run(tmp_path_factory),
-                               tmp_path_factory.mktemp("quality") / "run"))  # fmt: skip
+    run = Path(shutil.copytree(trained_shapes_run, tmp_path_factory.mktemp("quality") / "run"))
     manifest = run_one(
         run, "quality", quality_count=64, quality_steps=8,
         quality_methods="gradcam,gradcampp,saliency",
