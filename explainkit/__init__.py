@@ -1,12 +1,13 @@
 """explainkit: train image classifiers and explain what they learned.
 
 Only the standard library and pluggy are imported here, so ``explainkit --help`` stays fast;
-the heavy public functions (``load_model``, ``open_store``, ``analyze``) import torch and h5py
-when first called.
+the public names below are looked up in their own modules on first use (PEP 562), so
+``help(explainkit.analyze)`` shows the real function and importing the package stays cheap.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import pluggy
@@ -16,33 +17,27 @@ __version__ = "0.1.0"
 hookimpl = pluggy.HookimplMarker("explainkit")
 """Marker for plugin hook implementations: ``@explainkit.hookimpl``."""
 
-__all__ = ["__version__", "hookimpl", "load_model", "open_store", "analyze", "Analyzer"]
+# Public name -> the module that defines it.
+_PUBLIC = {
+    "Analyzer": "explainkit.analyzer",
+    "AnalysisContext": "explainkit.analyzer",
+    "Option": "explainkit.analyzer",
+    "analyze": "explainkit.runner",
+    "load_model": "explainkit.train.checkpoint",
+    "open_store": "explainkit.store",
+    "RunDir": "explainkit.rundir",
+}
 
-
-def load_model(path_or_run: Any, epoch: int | None = None, device: str = "cpu") -> Any:
-    """Load a model from a checkpoint file or a run directory, in eval mode."""
-    from explainkit.train.checkpoint import load_model as _load_model
-
-    return _load_model(path_or_run, epoch=epoch, device=device)
-
-
-def open_store(path: Any) -> Any:
-    """Open a run's HDF5 prediction store (a file or a run directory) for reading."""
-    from explainkit.store import open_store as _open_store
-
-    return _open_store(path)
-
-
-def analyze(run: Any, plugins: list[str] | None = None, **options: Any) -> list[dict]:
-    """Run analyzers on a run directory from Python; returns their manifests."""
-    from explainkit.analysis import analyze as _analyze
-
-    return _analyze(run, plugins=plugins, **options)
+__all__ = ["__version__", "hookimpl", *_PUBLIC]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Analyzer":
-        from explainkit.analysis import Analyzer
-
-        return Analyzer
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'explainkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

@@ -17,7 +17,8 @@ from click.core import ParameterSource
 
 from explainkit import __version__
 from explainkit.config import TrainConfig
-from explainkit.errors import ExplainkitError
+from explainkit.errors import ExplainkitError, unknown_name_message
+from explainkit.rundir import RunDir
 
 
 class ExplainkitGroup(click.Group):
@@ -144,9 +145,9 @@ def inspect(run: str, as_json: bool) -> None:
     """Summarize a run: config, epochs, accuracy, checkpoints, store, analyses."""
     import json
 
-    from explainkit.inspect import format_summary, summarize_run
+    from explainkit.summary import format_summary, summarize_run
 
-    summary = summarize_run(Path(run))
+    summary = summarize_run(RunDir(run))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -319,9 +320,8 @@ def analyze_command(
     """
     import json
 
-    from explainkit.analysis import analyze as run_analyzers
-    from explainkit.analysis import check_run_dir
-    from explainkit.manager import get_analyzers, load_plugins, unknown_name_message
+    from explainkit.manager import get_analyzers, load_plugins
+    from explainkit.runner import analyze as run_analyzers
 
     pm = load_plugins(plugins_dir)
     entries = get_analyzers(pm)
@@ -330,7 +330,7 @@ def analyze_command(
             raise click.BadParameter(
                 unknown_name_message("analyzer", name, list(entries)), param_hint="--plugin"
             )
-    check_run_dir(run)
+    rundir = RunDir(run).check()
     given = {
         key: value
         for key, value in analyzer_options.items()
@@ -354,7 +354,7 @@ def analyze_command(
         click.echo(json.dumps(manifests, indent=2))
     else:
         for m in manifests:
-            click.echo(str(run / "analyses" / m["analyzer"] / "manifest.json"))
+            click.echo(str(rundir.analysis(m["analyzer"]) / RunDir.MANIFEST))
     failed = [m for m in manifests if m["status"] != "ok"]
     if failed:
         verbose = ctx.find_root().params.get("verbose")
@@ -379,7 +379,7 @@ def plugins_command(
     """List installed plugins: version, source, analyzers and options, hooks, load errors."""
     import json
 
-    from explainkit.manager import hook_names, load_plugins, plugin_info, unknown_name_message
+    from explainkit.manager import hook_names, load_plugins, plugin_info
 
     pm = load_plugins(plugins_dir)
     if hook is not None and hook not in hook_names(pm):
@@ -443,10 +443,9 @@ def report_command(run: Path, out: Path | None, open_browser: bool) -> None:
 
     Prints the path of the written file. The page embeds its images and needs no network.
     """
-    from explainkit.analysis import check_run_dir
     from explainkit.report import build_report
 
-    check_run_dir(run)
+    RunDir(run).check()
     path = build_report(run, out=out)
     click.echo(str(path))
     if open_browser:

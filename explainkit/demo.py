@@ -129,8 +129,8 @@ def run_demo(
 
     ``out`` follows the trainer's rules: an existing run is refused unless ``overwrite``.
     """
-    from explainkit.analysis import analyze
     from explainkit.report import build_report, installed_analyzers
+    from explainkit.runner import analyze
     from explainkit.train.trainer import train
 
     config = demo_config(dataset, data_dir, epochs, device, limit)

@@ -1,4 +1,14 @@
-"""Errors a user can act on. The CLI prints their message as one line and exits 1."""
+"""Errors a user can act on, and the one style their messages are written in.
+
+Messages are one lowercase sentence: what failed, then what to do (``unknown analyzer
+'gradcm'; did you mean 'gradcam'? available: ...``). The CLI prints them as one line and exits
+1; usage errors (click's) exit 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 
 class ExplainkitError(Exception):
@@ -27,3 +37,40 @@ class PluginError(ExplainkitError):
 
 class AnalyzerError(ExplainkitError):
     """An analyzer could not run on this run directory."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message, cut at a word boundary."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+    return text
+
+
+def error_sentence(exc: BaseException, plain: tuple[type[BaseException], ...] = ()) -> str:
+    """One line for a user: explainkit's (and ``plain``) errors as they are, others typed.
+
+    An error we raised already says what to do; anything else is shown with its type
+    (``ValueError: ...``) so that a bug reads as one.
+    """
+    text = first_line(exc)
+    if isinstance(exc, (ExplainkitError, *plain)):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def did_you_mean(name: str, known: Iterable[str], n: int = 1) -> list[str]:
+    """The known names closest to a mistyped one (possibly none)."""
+    return difflib.get_close_matches(str(name), list(known), n=n, cutoff=0.6)
+
+
+def unknown_name_message(kind: str, name: str, known: Iterable[str]) -> str:
+    """``unknown analyzer 'gradcm'; did you mean 'gradcam'? available: ...``."""
+    known = list(known)
+    msg = f"unknown {kind} {name!r}"
+    close = did_you_mean(name, known)
+    if close:
+        msg += f"; did you mean {close[0]!r}?"
+    msg += f" available: {', '.join(known) if known else 'none'}"
+    return msg

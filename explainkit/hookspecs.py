@@ -15,7 +15,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps this module free of heavy imports
     import click
 
-    from explainkit.analysis import Analyzer
+    from explainkit.analyzer import Analyzer
 
 hookspec = pluggy.HookspecMarker("explainkit")
 """Marker for hook specifications (explainkit's own use)."""

@@ -12,12 +12,10 @@ Nothing here imports torch: plugin modules import heavy code inside ``Analyzer.r
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.metadata
 import importlib.util
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any
 import pluggy
 
 from explainkit import hookspecs
-from explainkit.errors import PluginError
+from explainkit.errors import PluginError, error_sentence, unknown_name_message
 
 __all__ = [
     "DEFAULT_PLUGINS",
@@ -41,7 +39,6 @@ __all__ = [
     "reset_plugins",
     "register_plugin_commands",
     "plugin_info",
-    "unknown_name_message",
 ]
 
 ENTRYPOINT_GROUP = "explainkit"
@@ -55,8 +52,6 @@ DEFAULT_PLUGINS = (
     "explainkit.plugins.quality",
     "explainkit.plugins.evolution",
 )
-
-ANALYZER_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 # Where a plugin came from, as shown by ``explainkit plugins``.
 SOURCE_BUILTIN = "builtin"
@@ -107,7 +102,7 @@ class ExplainkitPluginManager(pluggy.PluginManager):
         """Remember a plugin failure once; re-raise it under EXPLAINKIT_RAISE_ERRORS=1."""
         if _env_flag("EXPLAINKIT_RAISE_ERRORS"):
             raise exc
-        error = LoadError(plugin, source, _error_sentence(exc))
+        error = LoadError(plugin, source, error_sentence(exc, plain=_PLAIN_ERRORS))
         if error in self.load_errors:
             return
         self.load_errors.append(error)
@@ -119,11 +114,8 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _error_sentence(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, PluginError) or isinstance(exc, pluggy.PluginValidationError):
-        return text or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+# pluggy's validation errors already read as sentences about the plugin.
+_PLAIN_ERRORS = (pluggy.PluginValidationError,)
 
 
 def get_plugin_manager(
@@ -276,16 +268,6 @@ def _check_pending(pm: ExplainkitPluginManager) -> None:
             pm.record_error(impl.plugin_name, pm.source_of(impl.plugin_name), err)
 
 
-def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
-    """``unknown analyzer 'gradcm'; did you mean 'gradcam'? available: ...``."""
-    msg = f"unknown {kind} {name!r}"
-    close = difflib.get_close_matches(name, known, n=1)
-    if close:
-        msg += f"; did you mean {close[0]!r}?"
-    msg += f" available: {', '.join(known) if known else 'none'}"
-    return msg
-
-
 def get_analyzers(pm: ExplainkitPluginManager) -> dict[str, AnalyzerEntry]:
     """Collect every plugin's analyzers into a validated registry, sorted by name.
 
@@ -294,7 +276,7 @@ def get_analyzers(pm: ExplainkitPluginManager) -> dict[str, AnalyzerEntry]:
     nothing, and the others still load. A name clash keeps the first (built-ins win) and
     records a PluginError naming both plugins.
     """
-    from explainkit.analysis import Analyzer
+    from explainkit.analyzer import check_analyzer_class
 
     caller = pm.hook.register_analyzers
     impls = caller.get_hookimpls()
@@ -309,17 +291,8 @@ def get_analyzers(pm: ExplainkitPluginManager) -> dict[str, AnalyzerEntry]:
         found: dict[str, AnalyzerEntry] = {}
 
         def register(cls: Any, _plugin: str = plugin_name, _found: dict = found) -> None:
-            if not (isinstance(cls, type) and issubclass(cls, Analyzer)):
-                raise PluginError(
-                    f"plugin {_plugin!r} registered {cls!r}, which is not a subclass of "
-                    "explainkit.Analyzer; pass the class itself"
-                )
-            name = getattr(cls, "name", "")
-            if not isinstance(name, str) or not ANALYZER_NAME_RE.match(name):
-                raise PluginError(
-                    f"plugin {_plugin!r} registered analyzer {cls.__qualname__} with invalid "
-                    f"name {name!r}; use lowercase letters, digits and _, starting with a letter"
-                )
+            check_analyzer_class(cls, _plugin)
+            name = cls.name
             other = registry.get(name) or _found.get(name)
             if other is not None:
                 raise PluginError(

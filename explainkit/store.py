@@ -23,10 +23,10 @@ import numpy as np
 from explainkit import __version__
 from explainkit.atomic import write_atomic
 from explainkit.errors import StoreError
+from explainkit.rundir import RunDir
 
 FORMAT_NAME = "explainkit-predictions"
 SCHEMA_VERSION = 1
-STORE_FILENAME = "predictions.h5"
 
 HISTORY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("epoch", "i8"),
@@ -222,7 +222,7 @@ class StoreReader:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         if path.is_dir():
-            path = path / STORE_FILENAME
+            path = RunDir(path).store_path
         self.path = path
         if not path.exists():
             raise StoreError(f"no prediction store at {path}; is this a run directory?")

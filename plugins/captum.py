@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from explainkit import hookimpl
-from explainkit.analysis import AnalysisContext, Analyzer, Option
+from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.errors import AnalyzerError
 
 __all__ = ["CaptumAnalyzer", "METHODS", "rank_rows", "spearman_matrix"]
@@ -109,14 +109,14 @@ class CaptumAnalyzer(Analyzer):
     def run(
         self,
         context: AnalysisContext,
-        layer: str | None = None,
-        target: str = "predicted",
-        limit: int = 512,
-        methods: str = DEFAULT_METHODS,
-        count: int = 8,
-        n_steps: int = 32,
-        occlusion_window: int = 4,
-        **options: Any,
+        *,
+        layer: str | None,
+        target: str,
+        limit: int,
+        methods: str,
+        count: int,
+        n_steps: int,
+        occlusion_window: int,
     ) -> list[dict]:
         from explainkit.plugins import _plot
         from explainkit.plugins.gradcam import choose_layer, parse_target

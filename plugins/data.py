@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from explainkit import hookimpl
-from explainkit.analysis import AnalysisContext, Analyzer, Option
+from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.errors import ExplainkitError
 
 __all__ = ["DataAnalyzer", "load_train_split", "sample_per_class"]
@@ -32,7 +32,12 @@ class DataAnalyzer(Analyzer):
         Option("per_class", click.IntRange(1, 32), 8, "Sample eval images per class in the grid."),
     )
 
-    def run(self, context: AnalysisContext, per_class: int = 8, **options: Any) -> list[dict]:
+    def run(
+        self,
+        context: AnalysisContext,
+        *,
+        per_class: int,
+    ) -> list[dict]:
         import numpy as np
         from explainkit.plugins import _plot
 

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from explainkit import hookimpl
-from explainkit.analysis import AnalysisContext, Analyzer, Option
+from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.errors import AnalyzerError
 
 __all__ = ["EvolutionAnalyzer", "overlay"]
@@ -53,12 +53,12 @@ class EvolutionAnalyzer(Analyzer):
     def run(
         self,
         context: AnalysisContext,
-        count: int = 8,
-        layer: str | None = None,
-        method: str = "gradcam",
-        metric_count: int = 128,
-        steps: int = 16,
-        **options: Any,
+        *,
+        count: int,
+        layer: str | None,
+        method: str,
+        metric_count: int,
+        steps: int,
     ) -> list[dict]:
         import torch
         from explainkit.plugins import _plot

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from explainkit import hookimpl
-from explainkit.analysis import AnalysisContext, Analyzer, Option
+from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.errors import AnalyzerError
 
 __all__ = ["GalleryAnalyzer", "select_mistakes", "softmax"]
@@ -49,10 +49,10 @@ class GalleryAnalyzer(Analyzer):
     def run(
         self,
         context: AnalysisContext,
-        count: int = 10,
-        select: str = "confident",
-        class_name: str | None = None,
-        **options: Any,
+        *,
+        count: int,
+        select: str,
+        class_name: str | None,
     ) -> list[dict]:
         import numpy as np
         from explainkit.plugins import _plot

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from explainkit import hookimpl
-from explainkit.analysis import AnalysisContext, Analyzer, Option
+from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.errors import AnalyzerError
 
 __all__ = [
@@ -100,15 +100,15 @@ class GradCAMAnalyzer(Analyzer):
     def run(
         self,
         context: AnalysisContext,
-        layer: str | None = None,
-        method: str = "gradcam",
-        target: str = "predicted",
-        count: int = 10,
-        select: str = "mixed",
-        colormap: str = "turbo",
-        alpha: float = 0.5,
-        dtype: str = "float16",
-        **options: Any,
+        *,
+        layer: str | None,
+        method: str,
+        target: str,
+        count: int,
+        select: str,
+        colormap: str,
+        alpha: float,
+        dtype: str,
     ) -> list[dict]:
         import time
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from explainkit import hookimpl
-from explainkit.analysis import AnalysisContext, Analyzer
+from explainkit.analyzer import AnalysisContext, Analyzer
 
 __all__ = ["LossesAnalyzer"]
 
@@ -26,7 +24,7 @@ class LossesAnalyzer(Analyzer):
     summary = "Train/eval loss and accuracy per epoch, learning rate, best epoch (PNG + CSV)."
     order = 10
 
-    def run(self, context: AnalysisContext, **options: Any) -> list[dict]:
+    def run(self, context: AnalysisContext) -> list[dict]:
         import numpy as np
         from explainkit.plugins import _plot
         from matplotlib.ticker import LogFormatter, MaxNLocator, PercentFormatter

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from explainkit import hookimpl
-from explainkit.analysis import AnalysisContext, Analyzer, Option
+from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.errors import AnalyzerError
 
 __all__ = ["QualityAnalyzer", "parse_methods", "select_images", "resolve_targets", "table_row"]
@@ -80,14 +80,14 @@ class QualityAnalyzer(Analyzer):
     def run(
         self,
         context: AnalysisContext,
-        methods: str | None = None,
-        count: int = 256,
-        steps: int = 16,
-        baseline: str = "blur",
-        sanity: bool = True,
-        layer: str | None = None,
-        target: str = "predicted",
-        **options: Any,
+        *,
+        methods: str | None,
+        count: int,
+        steps: int,
+        baseline: str,
+        sanity: bool,
+        layer: str | None,
+        target: str,
     ) -> list[dict]:
         import torch
 

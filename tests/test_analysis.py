@@ -15,9 +15,10 @@ from click.testing import CliRunner
 
 import explainkit
 from explainkit import manager
-from explainkit.analysis import AnalysisContext, Analyzer, Option, analyze
+from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.cli import cli
 from explainkit.errors import AnalyzerError, PluginError, RunError
+from explainkit.runner import analyze
 from tests.test_plugins import AnalyzersPlugin
 
 
@@ -278,7 +279,7 @@ PLUGIN_FILE = textwrap.dedent(
     """
     import click
     from explainkit import hookimpl
-    from explainkit.analysis import Analyzer, Option
+    from explainkit.analyzer import Analyzer, Option
 
     class Okay(Analyzer):
         name = "ek_okay"

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from explainkit.config import TrainConfig, resolve_config
 from explainkit.errors import ExplainkitError
-from explainkit.inspect import read_run_config
+from explainkit.rundir import RunDir
 from explainkit.store import HISTORY_COLUMNS, append_epoch, create_store, open_store
 
 FUZZ = settings(
@@ -206,6 +206,6 @@ def test_random_run_configs_raise_only_run_errors(document):
             document["format"] = "explainkit-run"
         (run / "config.json").write_text(json.dumps(document, allow_nan=True))
         try:
-            read_run_config(run)
+            RunDir(run).read_config()
         except ExplainkitError as e:
             assert str(e).strip()

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from explainkit import hookimpl, manager
-from explainkit.analysis import Analyzer
+from explainkit.analyzer import Analyzer
 from explainkit.cli import cli
 from explainkit.errors import PluginError
 
@@ -236,7 +236,7 @@ def test_plugins_dir_loads_modules_and_records_broken_ones(tmp_path):
         textwrap.dedent(
             """
             from explainkit import hookimpl
-            from explainkit.analysis import Analyzer
+            from explainkit.analyzer import Analyzer
 
             class Mine(Analyzer):
                 name = "ek_mine"
@@ -412,7 +412,7 @@ def plugins_dir_with_two(tmp_path: Path) -> Path:
                 f"""
                 import click
                 from explainkit import hookimpl
-                from explainkit.analysis import Analyzer, Option
+                from explainkit.analyzer import Analyzer, Option
 
                 class A(Analyzer):
                     name = "ek_{name}"

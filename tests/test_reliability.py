@@ -267,7 +267,7 @@ def test_a_hostile_cifar_pickle_never_runs(tmp_path):
 
 RAISING_PLUGIN = """
 from explainkit import hookimpl
-from explainkit.analysis import Analyzer
+from explainkit.analyzer import Analyzer
 
 class Explodes(Analyzer):
     name = "explodes"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from explainkit.inspect import summarize_run
 from explainkit.store import open_store
+from explainkit.summary import summarize_run
 from explainkit.train.checkpoint import load_checkpoint
 from tests.conftest import run_cli
 

@@ -19,18 +19,11 @@ from torch import nn
 from explainkit import __version__
 from explainkit.atomic import write_atomic
 from explainkit.errors import CheckpointError, RunError
+from explainkit.rundir import RunDir
 
 FORMAT_NAME = "explainkit-checkpoint"
 FORMAT_VERSION = 1
 _EPOCH_FILE = re.compile(r"^epoch_(\d{3,})\.pt$")
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def epoch_filename(epoch: int) -> str:
-    return f"epoch_{epoch:03d}.pt"
 
 
 def save_checkpoint(paths: str | Path | Sequence[str | Path], payload: dict[str, Any]) -> None:
@@ -88,7 +81,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def list_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     """Map epoch -> ``checkpoints/epoch_NNN.pt`` for every per-epoch checkpoint present."""
     found: dict[int, Path] = {}
-    folder = checkpoint_dir(run_dir)
+    folder = RunDir(run_dir).checkpoints
     if folder.is_dir():
         for p in folder.iterdir():
             m = _EPOCH_FILE.match(p.name)
@@ -104,19 +97,20 @@ def resolve_checkpoint(path_or_run: str | Path, epoch: int | None = None) -> Pat
         return path
     if not path.exists():
         raise RunError(f"{path} does not exist")
-    folder = checkpoint_dir(path)
+    run = RunDir(path)
+    folder = run.checkpoints
     if not folder.is_dir():
         raise RunError(f"{path} has no checkpoints/ folder; is it an explainkit run directory?")
+    named = [run.checkpoint("best"), run.checkpoint("last")]
     if epoch is None:
-        for name in ("best.pt", "last.pt"):
-            if (folder / name).is_file():
-                return folder / name
+        for candidate in named:
+            if candidate.is_file():
+                return candidate
         raise CheckpointError(f"{folder} holds no best.pt or last.pt")
     available = list_checkpoints(path)
     if epoch in available:
         return available[epoch]
-    for name in ("best.pt", "last.pt"):
-        candidate = folder / name
+    for candidate in named:
         if candidate.is_file() and load_checkpoint(candidate)["epoch"] == epoch:
             return candidate
     listed = ", ".join(str(e) for e in available) or "none"

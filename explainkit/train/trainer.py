@@ -29,16 +29,10 @@ from explainkit.config import TrainConfig
 from explainkit.device import resolve_device
 from explainkit.errors import ExplainkitError, RunError
 from explainkit.faults import fault_point
-from explainkit.store import STORE_FILENAME, append_epoch, create_store, truncate_store
+from explainkit.rundir import CONFIG_FORMAT, CONFIG_VERSION, RunDir
+from explainkit.store import append_epoch, create_store, truncate_store
 from explainkit.train import distributed as dist_utils
-from explainkit.train.checkpoint import (
-    checkpoint_dir,
-    epoch_filename,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
-from explainkit.train.rundir import RunLock, default_run_dir, prepare_run_dir
+from explainkit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
 
 class TrainingInterrupted(ExplainkitError):
@@ -136,6 +130,7 @@ class Trainer:
         self._crop, self._flip, self._cutout = random_crop, random_flip, cutout
         self.config = config
         self.run_dir = run_dir
+        self.rundir = RunDir(run_dir)
         self.quiet = quiet
         self.dist = dist or dist_utils.init_from_env(config.device)
         self.device = self.dist.device if self.dist.enabled else resolve_device(config.device)
@@ -437,16 +432,15 @@ class Trainer:
         """Store first, then checkpoints: resume trusts the checkpoint, the store is trimmed."""
         if not self.is_main:
             return
-        append_epoch(self.run_dir / STORE_FILENAME, logits, row)
+        append_epoch(self.rundir.store_path, logits, row)
         fault_point(f"store:{self.epoch}")
-        ckpt = checkpoint_dir(self.run_dir)
         is_best = eval_acc > self.best_acc
         if is_best:
             self.best_acc = eval_acc
             self.best_epoch = self.epoch
         # last.pt is the resume point, so it is written after everything it vouches for.
-        names = [epoch_filename(self.epoch)] + (["best.pt"] if is_best else []) + ["last.pt"]
-        save_checkpoint([ckpt / name for name in names], self.state(eval_acc))
+        names = [self.epoch] + (["best"] if is_best else []) + ["last"]
+        save_checkpoint([self.rundir.checkpoint(name) for name in names], self.state(eval_acc))
         self._prune_checkpoints()
 
     def _prune_checkpoints(self) -> None:
@@ -538,9 +532,7 @@ FIXED_ON_RESUME = (
 
 def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
     """The run's own config, with only the options that may change (epochs, device...) changed."""
-    from explainkit.inspect import read_run_config
-
-    saved = TrainConfig.from_dict(read_run_config(run_dir)["config"], source=str(run_dir))
+    saved = TrainConfig.from_dict(RunDir(run_dir).read_config()["config"], source=str(run_dir))
     changed = [k for k, v in overrides.items() if k in FIXED_ON_RESUME and getattr(saved, k) != v]
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
@@ -555,10 +547,11 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
 
 
 def _write_run_files(trainer: Trainer, config: TrainConfig, run_dir: Path) -> None:
-    checkpoint_dir(run_dir).mkdir(exist_ok=True)
+    run = RunDir(run_dir)
+    run.checkpoints.mkdir(exist_ok=True)
     config_json = {
-        "format": "explainkit-run",
-        "format_version": 1,
+        "format": CONFIG_FORMAT,
+        "format_version": CONFIG_VERSION,
         "config": config.to_dict(),
         "model": trainer.model_spec,
         "data": {
@@ -572,12 +565,13 @@ def _write_run_files(trainer: Trainer, config: TrainConfig, run_dir: Path) -> No
         "environment": _environment(trainer.device),
         "world_size": trainer.dist.world_size,
     }
-    write_atomic(run_dir / "config.json", json.dumps(config_json, indent=2) + "\n", RunError)
+    write_atomic(run.config_path, json.dumps(config_json, indent=2) + "\n", RunError)
 
 
 def _resume_state(trainer: Trainer, run_dir: Path) -> None:
     """Load last.pt and trim the store to its epoch (later epochs were never checkpointed)."""
-    last = checkpoint_dir(run_dir) / "last.pt"
+    run = RunDir(run_dir)
+    last = run.checkpoint("last")
     if not last.is_file():
         raise RunError(
             f"{run_dir} has no checkpoints/last.pt to resume from (it stopped before its first "
@@ -586,11 +580,11 @@ def _resume_state(trainer: Trainer, run_dir: Path) -> None:
     data = load_checkpoint(last)
     trainer.load_state(data)
     if trainer.is_main:
-        truncate_store(run_dir / STORE_FILENAME, trainer.epoch)
+        truncate_store(run.store_path, trainer.epoch)
         stray = [e for e in list_checkpoints(run_dir) if e > trainer.epoch]
         for epoch in stray:
-            (checkpoint_dir(run_dir) / epoch_filename(epoch)).unlink(missing_ok=True)
-        for tmp in checkpoint_dir(run_dir).glob(".*.tmp-*"):  # from a write that was killed
+            run.checkpoint(epoch).unlink(missing_ok=True)
+        for tmp in run.checkpoints.glob(".*.tmp-*"):  # from a write that was killed
             tmp.unlink(missing_ok=True)
 
 
@@ -608,18 +602,19 @@ def train(
     config.validate()
     if resume and out is None:
         raise RunError("resume needs the run directory")
-    run_dir = Path(out) if out else default_run_dir()
+    run = RunDir(out) if out else RunDir.new_default()
+    run_dir = run.path
     dist = dist_utils.init_from_env(config.device)
-    lock = RunLock(run_dir)
+    lock = run.lock()
     try:
         error = None
         if dist.rank == 0:
             try:
                 if resume:
-                    if not (run_dir / "config.json").is_file():
+                    if not run.has_config:
                         raise RunError(f"{run_dir} is not a run directory; nothing to resume")
                 else:
-                    prepare_run_dir(run_dir, overwrite)
+                    run.prepare(overwrite)
                 lock.acquire()
             except RunError as e:
                 error = e
@@ -634,7 +629,7 @@ def train(
             if not resume:
                 ev = trainer.eval_data
                 create_store(
-                    run_dir / STORE_FILENAME,
+                    run.store_path,
                     images=ev.images,
                     targets=ev.targets,
                     index=ev.index,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from explainkit.plugins.captum import rank_rows, spearman_matrix
 
-from explainkit.analysis import analyze
+from explainkit.runner import analyze
 from tests.conftest import run_cli
 
 pytest.importorskip("captum")

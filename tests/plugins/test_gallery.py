@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from explainkit.analysis import analyze
+from explainkit.runner import analyze
 from explainkit.store import append_epoch, create_store, open_store
 from tests.conftest import run_cli
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from explainkit import hookimpl
-from explainkit.analysis import analyze
 from explainkit.explain.gradcam import normalize_maps
 from explainkit.manager import load_plugins
+from explainkit.runner import analyze
 from explainkit.store import open_store
 from explainkit.train.checkpoint import load_model
 from tests.conftest import run_cli
@@ -188,8 +188,8 @@ def test_analyzer_gradcam_wrong_layer_exits_1_listing_layers(tiny_run):
 
 def test_analyzer_gradcam_asks_the_plugin_manager_it_runs_under(tiny_run):
     """analyze(pm=...) from a notebook: that manager's resolve_target_layer is the one asked."""
-    from explainkit.analysis import analyze
     from explainkit.manager import get_plugin_manager
+    from explainkit.runner import analyze
 
     with h5py.File(tiny_run / "predictions.h5", "r+") as f:
         f.attrs["default_layer"] = ""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from explainkit.analysis import analyze
+from explainkit.runner import analyze
 
 from .test_gallery import check_png, make_run
 

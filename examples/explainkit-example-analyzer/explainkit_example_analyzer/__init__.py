@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from explainkit import hookimpl
-from explainkit.analysis import AnalysisContext, Analyzer, Option
+from explainkit.analyzer import AnalysisContext, Analyzer, Option
 
 __version__ = "0.1.0"
 
@@ -43,7 +43,13 @@ class ConfidenceAnalyzer(Analyzer):
     needs = frozenset({"store"})
     order = 80
 
-    def run(self, context: AnalysisContext, bins: int = 20, by: str = "target") -> list[dict]:
+    def run(
+        self,
+        context: AnalysisContext,
+        *,
+        bins: int,
+        by: str,
+    ) -> list[dict]:
         import numpy as np
 
         store = context.store

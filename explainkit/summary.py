@@ -1,4 +1,4 @@
-"""``explainkit inspect``: what a run directory holds and whether it is complete."""
+"""What a run directory holds and whether it is complete: ``explainkit inspect`` and the report."""
 
 from __future__ import annotations
 
@@ -6,48 +6,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from explainkit.errors import RunError
+from explainkit.rundir import RunDir
 
 
-def _read_config(run: Path) -> dict[str, Any]:
-    path = run / "config.json"
-    if not path.is_file():
-        raise RunError(f"{run} has no config.json; is it an explainkit run directory?")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path} is not valid JSON; the run directory is damaged") from e
-    if not isinstance(data, dict) or data.get("format") != "explainkit-run":
-        raise RunError(f"{path} is not an explainkit run config")
-    version = data.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise RunError(f"{path} has an invalid format_version; the run directory is damaged")
-    if version > 1:
-        raise RunError(f"{path} is from a newer explainkit; upgrade explainkit to read it")
-    if not isinstance(data.get("config"), dict) or not isinstance(data.get("model"), dict):
-        raise RunError(f"{path} lacks its config or model section; the run directory is damaged")
-    return data
-
-
-def read_run_config(run: str | Path) -> dict[str, Any]:
-    """The run's config.json, validated; RunError with one sentence otherwise."""
-    run = Path(run)
-    if not run.exists():
-        raise RunError(f"run directory {run} does not exist")
-    if not run.is_dir():
-        raise RunError(f"{run} is not a directory; give the run directory written by train")
-    return _read_config(run)
-
-
-def summarize_run(run: Path) -> dict[str, Any]:
+def summarize_run(run: str | Path | RunDir) -> dict[str, Any]:
     """Everything ``inspect`` prints, as plain data (also used by the report)."""
     from explainkit.store import open_store
-    from explainkit.train.checkpoint import checkpoint_dir, list_checkpoints
-    from explainkit.train.rundir import pid_alive, read_lock_owner
+    from explainkit.train.checkpoint import list_checkpoints
 
-    data = read_run_config(run)
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    data = run.read_config()
     config = data["config"]
-    with open_store(run) as store:
+    with open_store(run.store_path) as store:
         store.verify()
         history = store.history
         epochs = store.epochs
@@ -60,9 +30,8 @@ def summarize_run(run: Path) -> dict[str, Any]:
             "has_masks": store.has_masks,
         }
     ckpts = list_checkpoints(run)
-    named = sorted(p.name for p in checkpoint_dir(run).glob("*.pt"))
-    owner = read_lock_owner(run)
-    if owner is not None and pid_alive(owner):
+    named = sorted(p.name for p in run.checkpoints.glob("*.pt"))
+    if run.in_use_by() is not None:
         state = "training"
     elif len(epochs) >= config["epochs"]:
         state = "complete"
@@ -71,9 +40,8 @@ def summarize_run(run: Path) -> dict[str, Any]:
     else:
         state = "interrupted before the first epoch"
     analyses = []
-    adir = run / "analyses"
-    if adir.is_dir():
-        for manifest in sorted(adir.glob("*/manifest.json")):
+    if run.analyses.is_dir():
+        for manifest in run.manifests():
             try:
                 m = json.loads(manifest.read_text())
                 analyses.append({"name": manifest.parent.name, "status": m.get("status", "?")})
@@ -83,7 +51,7 @@ def summarize_run(run: Path) -> dict[str, Any]:
     if best is not None:
         best_acc = float(history["eval_acc"][best - 1])
     return {
-        "run": str(run),
+        "run": str(run.path),
         "state": state,
         "dataset": config["dataset"],
         "model": data["model"],
