@@ -1,18 +1,22 @@
 """``explainkit report``: one self-contained HTML page from a run and its analyzer manifests.
 
 The page is built from ``config.json``, the prediction store's history (via
-``explainkit.inspect.summarize_run``) and ``analyses/*/manifest.json`` only, so an analyzer
+``explainkit.summary.summarize_run``) and ``analyses/*/manifest.json`` only, so an analyzer
 from a third-party plugin appears without any change here. Everything is embedded (images as
 base64 data URLs, CSS inline, charts as inline SVG) and nothing executable is written, so the
-file can be mailed, archived or opened offline. Every string that comes from a run or a plugin
-goes through ``html.escape``: a class name or caption is text, never markup.
+file can be mailed, archived or opened offline.
+
+The markup lives in ``templates/report.html`` (and ``report.css``), rendered by Jinja2 with
+autoescaping on: this module only reads files and prepares plain data, so every string from a
+run or a plugin reaches the page as text, never as markup. The one exception is the accuracy
+chart, an SVG drawn here from numbers alone.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
-import html
+import functools
 import json
 import math
 import os
@@ -30,6 +34,7 @@ from explainkit.errors import ExplainkitError, RunError
 __all__ = ["build_report", "render_report", "load_manifests", "installed_analyzers", "REPORT_NAME"]
 
 REPORT_NAME = "report.html"
+TEMPLATE = "report.html"
 MAX_TABLE_ROWS = 50
 MAX_TABLE_COLUMNS = 40
 MAX_JSON_CHARS = 4000
@@ -44,54 +49,25 @@ _IMAGE_MAGIC = (
     (b"GIF89a", "image/gif"),
 )
 
-_CSS = """
-:root { --fg:#1d232b; --muted:#5b6570; --line:#dde2e8; --bg:#ffffff; --panel:#f6f8fa;
-  --ok:#1a7f37; --bad:#c62828; --accent:#0b5cad; }
-* { box-sizing: border-box; }
-body { margin:0; background:var(--bg); color:var(--fg); line-height:1.45;
-  font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif; }
-main { max-width:1100px; margin:0 auto; padding:24px 28px 48px; }
-h1 { font-size:1.6em; margin:0 0 4px; }
-h2 { font-size:1.25em; margin:36px 0 6px; padding-top:12px; border-top:2px solid var(--line); }
-h3 { font-size:1.02em; margin:22px 0 6px; }
-a { color:var(--accent); }
-.muted, .note { color:var(--muted); font-size:.9em; }
-.facts { display:grid; grid-template-columns:max-content 1fr; gap:3px 18px; margin:14px 0; }
-.facts dt { color:var(--muted); } .facts dd { margin:0; overflow-wrap:anywhere; }
-.row { display:flex; flex-wrap:wrap; gap:24px; align-items:flex-start; }
-.row > * { min-width:0; }
-.scroll { max-width:100%; overflow:auto; }
-.scroll.tall { max-height:460px; width:fit-content; border-bottom:1px solid var(--line); }
-.scroll.tall th { position:sticky; top:0; }
-table { border-collapse:collapse; font-size:.86em; margin:6px 0; }
-th, td { border:1px solid var(--line); padding:3px 8px; text-align:left; vertical-align:top; }
-th { background:var(--panel); font-weight:600; }
-tbody tr:nth-child(even) td { background:#fbfcfd; }
-td.n { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
-figure { margin:10px 0 18px; }
-figure img { display:block; max-width:100%; height:auto; border:1px solid var(--line);
-  background:#fff; }
-figure img.small { image-rendering:pixelated; }
-figcaption { color:var(--muted); font-size:.9em; margin-top:4px; max-width:900px; }
-pre { background:var(--panel); border:1px solid var(--line); padding:8px 10px; font-size:.82em;
-  max-height:360px; overflow:auto; white-space:pre-wrap; overflow-wrap:anywhere; }
-nav ol { margin:6px 0; padding-left:22px; columns:2; column-gap:32px; }
-.badge { display:inline-block; font-size:.75em; font-weight:600; padding:1px 7px;
-  border-radius:9px; margin-left:6px; vertical-align:2px; color:#fff; background:var(--ok); }
-.badge.failed { background:var(--bad); }
-.error { border-left:4px solid var(--bad); background:#fdf1f1; padding:8px 12px; margin:8px 0;
-  overflow-wrap:anywhere; }
-.file { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:.9em; }
-.missing { color:var(--bad); }
-details summary { cursor:pointer; color:var(--accent); margin:6px 0; }
-svg text { font-size:11px; fill:var(--muted); }
-footer { margin-top:40px; color:var(--muted); font-size:.85em; }
-"""
 
+@functools.cache
+def environment() -> Any:
+    """The Jinja2 environment of the report, built once per process.
 
-def esc(value: Any) -> str:
-    """Escape any value for HTML text or attribute context (quotes included)."""
-    return html.escape("" if value is None else str(value), quote=True)
+    Autoescaping is on for every template, so nothing passed in needs escaping by hand.
+    ``finalize`` prints None as nothing, the way a missing value should look on the page.
+    jinja2 is imported here, not at the top, so only building a report pays for it.
+    """
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("explainkit", "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        finalize=lambda value: "" if value is None else value,
+    )
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -156,7 +132,7 @@ def _run_summary(run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any], 
     except (OSError, ValueError):
         pass
     try:
-        from explainkit.inspect import summarize_run
+        from explainkit.summary import summarize_run
 
         return summarize_run(run_dir), raw, None
     except (ExplainkitError, OSError, KeyError, ValueError) as e:
@@ -174,7 +150,7 @@ def installed_analyzers(plugins_dir: str | os.PathLike[str] | None = None) -> di
         return {}
 
 
-# -- rendering helpers -----------------------------------------------------------------------
+# -- plain data for the template --------------------------------------------------------------
 
 
 def _fmt_number(text: str) -> tuple[str, bool]:
@@ -192,24 +168,21 @@ def _fmt_number(text: str) -> tuple[str, bool]:
     return text.strip(), True
 
 
-def _table(header: list[str], rows: Iterable[list[Any]], tall: bool = False) -> str:
-    out = [f'<div class="scroll{" tall" if tall else ""}"><table><thead><tr>']
-    out += [f"<th>{esc(h)}</th>" for h in header]
-    out.append("</tr></thead><tbody>")
+def _table(
+    header: list[Any], rows: Iterable[list[Any]], tall: bool = False, numeric: bool = False
+) -> dict[str, Any]:
+    """A table for the template: cells shortened for reading, numbers flagged to align right.
+
+    ``numeric`` right-aligns every cell (the history table, whose cells carry units).
+    """
+    body = []
     for row in rows:
-        out.append("<tr>")
+        cells = []
         for cell in row:
-            text, numeric = _fmt_number(str(cell)) if cell is not None else ("", False)
-            cls = ' class="n"' if numeric else ""
-            out.append(f"<td{cls}>{esc(text)}</td>")
-        out.append("</tr>")
-    out.append("</tbody></table></div>")
-    return "".join(out)
-
-
-def _facts(pairs: list[tuple[str, Any]]) -> str:
-    items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in pairs if v not in (None, ""))
-    return f'<dl class="facts">{items}</dl>'
+            text, is_number = _fmt_number(str(cell)) if cell is not None else ("", False)
+            cells.append({"text": text, "n": is_number or numeric})
+        body.append(cells)
+    return {"header": header, "rows": body, "tall": tall}
 
 
 def _duration(seconds: float) -> str:
@@ -237,16 +210,22 @@ def _pct(value: Any) -> str:
         return ""
 
 
-def _accuracy_chart(history: dict[str, list[float]]) -> str:
-    """Inline SVG of train and eval accuracy per epoch (no script, no external file)."""
-    epochs = history.get("epoch") or []
+def _accuracy_chart(history: dict[str, list[float]]) -> Any:
+    """Inline SVG of train and eval accuracy per epoch (no script, no external file).
+
+    The only markup made in Python: every value in it goes through ``float`` first, so no
+    string from the run can reach it, and it is handed to the template as ``Markup``.
+    """
+    from markupsafe import Markup
+
+    epochs = [float(e) for e in history.get("epoch") or []]
     if len(epochs) < 2:
-        return ""
+        return Markup("")
     w, h, left, right, top, bottom = 380, 170, 40, 12, 12, 30
     pw, ph = w - left - right, h - top - bottom
     first, last = epochs[0], epochs[-1]
 
-    def xy(epoch: float, acc: float) -> str:
+    def xy(epoch: float, acc: Any) -> str:
         x = left + pw * (epoch - first) / max(1, last - first)
         y = top + ph * (1 - max(0.0, min(1.0, float(acc))))
         return f"{x:.1f},{y:.1f}"
@@ -262,8 +241,8 @@ def _accuracy_chart(history: dict[str, list[float]]) -> str:
             f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{int(frac * 100)}%</text>'
         )
     parts.append(
-        f'<text x="{left}" y="{h - 8}">epoch {first}</text>'
-        f'<text x="{w - right}" y="{h - 8}" text-anchor="end">epoch {last}</text>'
+        f'<text x="{left}" y="{h - 8}">epoch {first:g}</text>'
+        f'<text x="{w - right}" y="{h - 8}" text-anchor="end">epoch {last:g}</text>'
     )
     for key, color, label, lx in (
         ("train_acc", "#8c959f", "train", left + pw / 2 - 50),
@@ -280,10 +259,8 @@ def _accuracy_chart(history: dict[str, list[float]]) -> str:
             f'<text x="{lx + 18:.0f}" y="{h - 8}">{label}</text>'
         )
     parts.append("</svg>")
-    return "".join(parts)
+    return Markup("".join(parts))
 
-
-# -- sections --------------------------------------------------------------------------------
 
 _CONFIG_KEYS = (
     "dataset",
@@ -305,14 +282,12 @@ _CONFIG_KEYS = (
 )
 
 
-def _run_section(run_dir: Path, summary: dict | None, raw: dict, why: str | None) -> str:
+def _run_section(summary: dict | None, raw: dict, why: str | None) -> dict[str, Any]:
+    """The facts, configuration and history of the run, whatever parts of it could be read."""
     config = (summary or {}).get("config") or raw.get("config") or {}
     model = (summary or {}).get("model") or raw.get("model") or {}
     data = raw.get("data") or {}
     env = raw.get("environment") or {}
-    out = ['<section id="run"><h2>The run</h2>']
-    if why:
-        out.append(f'<div class="error">The run could not be read completely: {esc(why)}</div>')
     device = (summary or {}).get("device") or env.get("device")
     if env.get("device_name"):
         device = f"{device} ({env['device_name']})"
@@ -357,33 +332,27 @@ def _run_section(run_dir: Path, summary: dict | None, raw: dict, why: str | None
             f"{k} {env[k]}" for k in ("explainkit", "torch", "python") if env.get(k)
         )
         pairs.append(("software", versions))
-    out.append(_facts(pairs))
-
-    out.append('<div class="row">')
-    if config:
-        shown = [(k, config[k]) for k in _CONFIG_KEYS if k in config and config[k] is not None]
-        out.append("<div><h3>Configuration</h3>")
-        out.append(_table(["option", "value"], [[k, v] for k, v in shown]))
-        out.append("<details><summary>all options</summary>")
-        out.append(f"<pre>{esc(json.dumps(config, indent=1))}</pre></details></div>")
+    shown = [[k, config[k]] for k in _CONFIG_KEYS if k in config and config[k] is not None]
     history = (summary or {}).get("history") or {}
-    if history.get("epoch"):
-        out.append("<div><h3>Accuracy per epoch</h3>")
-        out.append(_accuracy_chart(history))
-        out.append(_history_table(history))
-        out.append("</div>")
-    out.append("</div></section>")
-    return "".join(out)
+    return {
+        "why": why,
+        "facts": [(k, v) for k, v in pairs if v not in (None, "")],
+        "config": config,
+        "config_table": _table(["option", "value"], shown),
+        "config_json": json.dumps(config, indent=1),
+        "history": _history(history) if history.get("epoch") else None,
+    }
 
 
-def _history_table(history: dict[str, list[float]]) -> str:
+def _history(history: dict[str, list[float]]) -> dict[str, Any]:
+    """Chart and table of the epochs; a long run shows every k-th epoch and the last."""
     n = len(history["epoch"])
     idx = list(range(n))
     note = ""
     if n > MAX_HISTORY_ROWS:
         step = math.ceil(n / MAX_HISTORY_ROWS)
         idx = sorted(set(range(0, n, step)) | {n - 1})
-        note = f'<p class="note">Every {step}th of {n} epochs shown.</p>'
+        note = f"Every {step}th of {n} epochs shown."
     cols = [
         ("epoch", "epoch", str),
         ("train_acc", "train acc", _pct),
@@ -395,48 +364,52 @@ def _history_table(history: dict[str, list[float]]) -> str:
     ]
     cols = [c for c in cols if len(history.get(c[0]) or []) == n]
     rows = [[fmt(history[key][i]) for key, _, fmt in cols] for i in idx]
-    table = _table([label for _, label, _ in cols], rows)
-    return table.replace("<td>", '<td class="n">') + note
+    table = _table([label for _, label, _ in cols], rows, numeric=True)
+    return {"chart": _accuracy_chart(history), "table": table, "note": note}
 
 
-def _artifact_html(folder: Path, artifact: Any) -> str:
+def _artifact(folder: Path, artifact: Any) -> dict[str, Any]:
+    """What the page shows for one manifest artifact; ``show`` picks the template's branch.
+
+    A missing, damaged, huge or misplaced file becomes a sentence saying so, never an error:
+    one bad artifact must not cost the reader the rest of the report.
+    """
     if not isinstance(artifact, dict):
-        return f'<p class="missing">An artifact entry is not an object: {esc(artifact)}</p>'
-    title = artifact.get("title") or artifact.get("path") or "untitled"
-    kind = str(artifact.get("kind", ""))
+        return {"show": "not_object", "value": artifact}
     rel = str(artifact.get("path", ""))
-    caption = artifact.get("caption") or ""
-    head = f"<h3>{esc(title)}</h3>"
-    cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
-    path = (folder / rel).resolve()
-    if not rel or not path.is_relative_to(folder.resolve()):
-        return (
-            head + f'<p class="missing">Artifact path {esc(rel)} is outside the analysis '
-            "folder; it is not shown.</p>"
-        )
+    item = {
+        "title": artifact.get("title") or artifact.get("path") or "untitled",
+        "caption": artifact.get("caption") or "",
+        "rel": rel,
+    }
+    kind = str(artifact.get("kind", ""))
+    # A NUL byte would make resolve() raise; such a path is no file of the analysis either.
+    path = None if not rel or "\0" in rel else (folder / rel).resolve()
+    if path is None or not path.is_relative_to(folder.resolve()):
+        return {**item, "show": "outside"}
     if not path.is_file():
-        return (
-            head + f'<p class="missing">Missing file: <span class="file">{esc(rel)}</span> '
-            "(listed in the manifest but not found; rerun the analyzer).</p>"
-        )
+        return {**item, "show": "missing"}
     size = path.stat().st_size
-    file_note = f'<span class="file">{esc(rel)}</span> <span class="muted">({_size(size)})</span>'
+    item["size"] = _size(size)
     try:
         if kind == "image":
-            return head + _image_html(path, title, size, file_note) + cap
-        if kind == "table":
-            return head + _csv_html(path, file_note) + cap
-        if kind == "json":
-            return head + _json_html(path, file_note) + cap
+            item.update(_image(path, size))
+        elif kind == "table":
+            item.update(_csv(path))
+        elif kind == "json":
+            item.update(_json(path))
+        else:
+            what = "HDF5 file" if kind == "h5" else f"file of kind {kind!r}"
+            item.update(show="other", what=what)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        return head + f'<p class="missing">{file_note} cannot be read: {esc(e)}</p>' + cap
-    what = "HDF5 file" if kind == "h5" else f"file of kind {kind!r}"
-    return head + f"<p>{esc(what)}: {file_note}</p>" + cap
+        item.update(show="unreadable", error=str(e))
+    return item
 
 
-def _image_html(path: Path, title: str, size: int, file_note: str) -> str:
+def _image(path: Path, size: int) -> dict[str, Any]:
+    """A data URL for the image, if its first bytes say it is one a browser shows safely."""
     if size > MAX_IMAGE_BYTES:
-        return f'<p class="note">{file_note} is too large to embed; open the file.</p>'
+        return {"show": "too_large"}
     data = path.read_bytes()
     mime = next((m for magic, m in _IMAGE_MAGIC if data.startswith(magic)), None)
     if mime is None and data[:12].startswith(b"RIFF") and data[8:12] == b"WEBP":
@@ -444,24 +417,24 @@ def _image_html(path: Path, title: str, size: int, file_note: str) -> str:
     if mime is None and path.suffix.lower() == ".svg":
         mime = "image/svg+xml"  # an <img> never runs an SVG's scripts
     if mime is None:
-        return f'<p class="missing">{file_note} is not a PNG, JPEG, GIF, WebP or SVG image.</p>'
-    b64 = base64.b64encode(data).decode("ascii")
-    size_attrs = ""
+        return {"show": "not_image"}
+    image = {"show": "image", "src": f"data:{mime};base64,{base64.b64encode(data).decode()}"}
     if mime == "image/png" and len(data) >= 24 and data[12:16] == b"IHDR":
         width, height = struct.unpack(">II", data[16:24])
         if 0 < width < MIN_IMAGE_WIDTH and height > 0:
             # Tiny images (thumbnails, attribution maps) are scaled up by a whole factor.
             scale = min(8, -(-MIN_IMAGE_WIDTH // width))
-            size_attrs = f' class="small" width="{width * scale}" height="{height * scale}"'
-    return f'<figure><img src="data:{mime};base64,{b64}" alt="{esc(title)}"{size_attrs}></figure>'
+            image.update(width=width * scale, height=height * scale)
+    return image
 
 
-def _csv_html(path: Path, file_note: str) -> str:
+def _csv(path: Path) -> dict[str, Any]:
+    """The first rows and columns of a CSV file; bytes that are not UTF-8 show as U+FFFD."""
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
-            return f'<p class="note">{file_note} is empty.</p>'
+            return {"show": "empty"}
         rows = []
         total = 0
         for row in reader:
@@ -473,21 +446,25 @@ def _csv_html(path: Path, file_note: str) -> str:
         notes.append(f"first {MAX_TABLE_ROWS} of {total} rows")
     if len(header) > MAX_TABLE_COLUMNS:
         notes.append(f"first {MAX_TABLE_COLUMNS} of {len(header)} columns")
-    shown = f"{', '.join(notes)} shown; " if notes else ""
-    table = _table(header[:MAX_TABLE_COLUMNS], rows, tall=len(rows) > 15)
-    return table + f'<p class="note">{shown}{file_note}</p>'
+    return {
+        "show": "table",
+        "table": _table(header[:MAX_TABLE_COLUMNS], rows, tall=len(rows) > 15),
+        "prefix": f"{', '.join(notes)} shown; " if notes else "",
+    }
 
 
-def _json_html(path: Path, file_note: str) -> str:
+def _json(path: Path) -> dict[str, Any]:
+    """A JSON file as readable text, cut at MAX_JSON_CHARS; invalid JSON shows as it is."""
     text = path.read_text(encoding="utf-8", errors="replace")
+    shown = {"show": "json", "prefix": "", "suffix": ""}
     try:
         text = _compact_json(json.loads(text))
     except ValueError:
-        file_note += " (not valid JSON; shown as text)"
+        shown["suffix"] = " (not valid JSON; shown as text)"
     if len(text) > MAX_JSON_CHARS:
         text = text[:MAX_JSON_CHARS] + "\n…"
-        file_note = f"first {MAX_JSON_CHARS} characters shown; " + file_note
-    return f'<pre>{esc(text)}</pre><p class="note">{file_note}</p>'
+        shown["prefix"] = f"first {MAX_JSON_CHARS} characters shown; "
+    return {**shown, "text": text}
 
 
 def _compact_json(value: Any, indent: str = "") -> str:
@@ -508,45 +485,36 @@ def _anchor(name: str) -> str:
     return "a-" + re.sub(r"[^A-Za-z0-9_-]", "-", name)
 
 
-def _analysis_html(m: dict[str, Any]) -> str:
+def _analysis(m: dict[str, Any]) -> dict[str, Any]:
+    """One analysis section: its heading, facts line, failure if any, and artifacts."""
     name = m["_name"]
     status = str(m.get("status", "?"))
-    ok = status == "ok"
-    badge = f'<span class="badge{"" if ok else " failed"}">{esc(status)}</span>'
-    out = [f'<section id="{_anchor(name)}"><h2>{esc(m.get("title") or name)}{badge}</h2>']
-    meta = [f"analyzer {esc(name)}"]
+    meta = [f"analyzer {name}"]
     if m.get("epoch") is not None:
-        meta.append(f"epoch {esc(m['epoch'])}")
+        meta.append(f"epoch {m['epoch']}")
     if isinstance(m.get("seconds"), int | float):
         meta.append(_duration(float(m["seconds"])))
     options = m.get("options")
     if isinstance(options, dict) and options:
-        meta.append("options " + ", ".join(f"{esc(k)}={esc(v)}" for k, v in options.items()))
-    out.append(f'<p class="muted">{" · ".join(meta)}</p>')
-    if m.get("summary"):
-        out.append(f"<p>{esc(m['summary'])}</p>")
-    if not ok:
-        error = m.get("error") or "no error message"
-        what = "cannot be shown" if status == "unreadable" else "failed"
-        out.append(f'<div class="error"><b>This analysis {what}:</b> {esc(error)}</div>')
-        if m.get("traceback"):
-            tb = str(m["traceback"])[-MAX_JSON_CHARS:]
-            out.append(f"<details><summary>traceback</summary><pre>{esc(tb)}</pre></details>")
-    rerun = m.get("rerun_failed")
-    if isinstance(rerun, dict):
-        out.append(
-            '<div class="error">A later rerun failed and this earlier result was kept: '
-            f"{esc(rerun.get('error'))}</div>"
-        )
+        meta.append("options " + ", ".join(f"{k}={v}" for k, v in options.items()))
     artifacts = m.get("artifacts") or []
     if not isinstance(artifacts, list):
         artifacts = [artifacts]
-    for artifact in artifacts:
-        out.append(_artifact_html(m["_dir"], artifact))
-    if ok and not artifacts:
-        out.append('<p class="note">No files were written.</p>')
-    out.append("</section>")
-    return "".join(out)
+    rerun = m.get("rerun_failed")
+    return {
+        "anchor": _anchor(name),
+        "title": m.get("title") or name,
+        "status": status,
+        "ok": status == "ok",
+        "meta": meta,
+        "summary": m.get("summary"),
+        "what": "cannot be shown" if status == "unreadable" else "failed",
+        "error": m.get("error") or "no error message",
+        "traceback": str(m["traceback"])[-MAX_JSON_CHARS:] if m.get("traceback") else "",
+        "rerun_failed": isinstance(rerun, dict),
+        "rerun_error": rerun.get("error") if isinstance(rerun, dict) else None,
+        "artifacts": [_artifact(m["_dir"], a) for a in artifacts],
+    }
 
 
 def render_report(
@@ -572,52 +540,25 @@ def render_report(
         available = installed_analyzers()
     orders = dict(available) if isinstance(available, Mapping) else {}
     manifests = load_manifests(run_dir, orders)
-    title = f"explainkit report: {run_dir.resolve().name}"
     config = (summary or {}).get("config") or raw.get("config") or {}
     subtitle = config.get("dataset", "")
     if summary and summary["best_eval_acc"] is not None:
         subtitle += f" · best eval accuracy {_pct(summary['best_eval_acc'])}"
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body><main>",
-        f"<h1>{esc(title)}</h1>",
-        f'<p class="muted">{esc(subtitle)} · '
-        f'<span class="file">{esc(run_dir.resolve())}</span></p>',
-    ]
-    nav = ['<a href="#run">The run</a>']
-    for m in manifests:
-        label = esc(m.get("title") or m["_name"])
-        flag = (
-            ""
-            if m.get("status") == "ok"
-            else f' <span class="missing">({esc(m.get("status"))})</span>'
+    return (
+        environment()
+        .get_template(TEMPLATE)
+        .render(
+            title=f"explainkit report: {run_dir.resolve().name}",
+            subtitle=subtitle,
+            run_path=run_dir.resolve(),
+            run_arg=run_dir,
+            run=_run_section(summary, raw, why),
+            analyses=[_analysis(m) for m in manifests],
+            not_run=sorted(set(available) - {m["_name"] for m in manifests}),
+            version=__version__,
+            stamp=time.strftime("%Y-%m-%d %H:%M:%S"),
         )
-        nav.append(f'<a href="#{_anchor(m["_name"])}">{label}</a>{flag}')
-    parts.append("<nav><ol>" + "".join(f"<li>{n}</li>" for n in nav) + "</ol></nav>")
-    parts.append(_run_section(run_dir, summary, raw, why))
-    for m in manifests:
-        parts.append(_analysis_html(m))
-    if not manifests:
-        parts.append(
-            '<section><h2>Analyses</h2><p class="note">No analyses yet: run '
-            f'<span class="file">explainkit analyze {esc(run_dir)}</span>.</p></section>'
-        )
-    not_run = sorted(set(available) - {m["_name"] for m in manifests})
-    if not_run:
-        parts.append(
-            '<section id="not-run"><h2>Not run</h2><p>Installed analyzers without results in '
-            f"this run: {esc(', '.join(not_run))}. Add them with "
-            f'<span class="file">explainkit analyze {esc(run_dir)} --plugin NAME</span>.</p>'
-            "</section>"
-        )
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    parts.append(
-        f"<footer>Built by explainkit {esc(__version__)} on {esc(stamp)} from the run's "
-        "config, prediction store and analysis manifests.</footer></main></body></html>\n"
     )
-    return "\n".join(parts)
 
 
 def build_report(
@@ -627,6 +568,10 @@ def build_report(
 ) -> Path:
     """Write the report of ``run`` to ``out`` (default ``RUN/report.html``) atomically.
 
+    A character that UTF-8 cannot encode (a lone surrogate from a manifest's ``\\udc80``
+    escape, or a file name in another encoding) is written as ``?`` rather than failing the
+    whole report.
+
     Returns:
         The path of the written file.
     """
@@ -634,5 +579,5 @@ def build_report(
     text = render_report(run_dir, available=available)
     target = Path(out) if out is not None else run_dir / REPORT_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(target, text, RunError)
+    write_atomic(target, text.encode("utf-8", "replace"), RunError)
     return target

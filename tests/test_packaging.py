@@ -37,6 +37,8 @@ def test_built_wheel_has_no_top_level_plugins_package(tmp_path):
     (wheel,) = tmp_path.glob("explainkit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "explainkit/plugins/__init__.py" in names
+    # The report's template ships as package data (explainkit/report.py loads it at runtime).
+    assert {"explainkit/templates/report.html", "explainkit/templates/report.css"} <= set(names)
     assert not [n for n in names if n.startswith("plugins/")]
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"explainkit"}

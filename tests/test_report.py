@@ -332,3 +332,99 @@ def test_manifests_without_order_take_the_installed_analyzers_order(report_run):
     text = render_report(report_run, available={"confidence": 5, "broken": 5, "gradcam": 40})
     assert text.index('id="a-broken"') < text.index('id="a-handmade"')
     assert "without results in this run: gradcam." in text
+
+
+# -- the template and hostile or damaged input, on a run folder with only config.json --------
+
+
+@pytest.fixture
+def bare_run(tmp_path: Path) -> Path:
+    """A run whose store is missing: enough for the report, no training needed."""
+    run = tmp_path / "bare"
+    run.mkdir()
+    config = {"config": {"dataset": "shapes", "model": "resnet18"}, "data": {"classes": [EVIL]}}
+    (run / "config.json").write_text(json.dumps(config))
+    return run
+
+
+def test_report_template_is_a_package_file_rendered_with_autoescape(bare_run):
+    from explainkit import report
+
+    folder = Path(report.__file__).parent / "templates"
+    assert (folder / "report.html").is_file()
+    env = report.environment()
+    assert env is report.environment()  # built once per process
+    assert env.autoescape is True
+    write_manifest(bare_run, "evil", title=EVIL, summary=EVIL, options={EVIL: EVIL})
+    (bare_run / "analyses" / "evil" / "x.json").write_text("{}")
+    manifest = json.loads((bare_run / "analyses" / "evil" / "manifest.json").read_text())
+    manifest["artifacts"] = [{"title": EVIL, "kind": "json", "path": "x.json", "caption": EVIL}]
+    (bare_run / "analyses" / "evil" / "manifest.json").write_text(json.dumps(manifest))
+    text = render_report(bare_run, available=[EVIL])
+    assert "<script" not in text.lower()
+    escaped = html.escape(EVIL)
+    # class name, nav, heading, summary, option key and value, artifact title, caption, not run
+    assert text.count(escaped) >= 9
+    assert f"<figcaption>{escaped}</figcaption>" in text
+    assert f"<h3>{escaped}</h3>" in text
+    assert "The run could not be read completely" in text
+
+
+def test_report_survives_text_that_is_not_utf8(bare_run):
+    folder = write_manifest(
+        bare_run,
+        "bytes",
+        title="lone \udc80 surrogate",
+        artifacts=[
+            {"title": "Latin-1 table", "kind": "table", "path": "t.csv"},
+            {"title": "Latin-1 JSON", "kind": "json", "path": "j.json"},
+        ],
+    )
+    (folder / "t.csv").write_bytes(b"name,score\ncaf\xe9 <b>,1\n")
+    (folder / "j.json").write_bytes(b'{"label": "caf\xe9"}')
+    latin = bare_run / "analyses" / "latin"
+    latin.mkdir()
+    (latin / "manifest.json").write_bytes(b'{"title": "caf\xe9", "status": "ok"}')
+    path = build_report(bare_run, available=[])
+    text = path.read_text(encoding="utf-8")  # written as valid UTF-8
+    assert "lone ? surrogate" in text
+    assert "caf\ufffd &lt;b&gt;" in text  # the undecodable byte shows, the tag is text
+    assert '"label": "caf\ufffd"' in html.unescape(text)
+    assert 'id="a-latin"' in text and "manifest.json cannot be read" in text
+
+
+def test_report_says_what_is_wrong_with_each_damaged_artifact(bare_run, monkeypatch):
+    from explainkit import report
+
+    folder = write_manifest(
+        bare_run,
+        "damaged",
+        artifacts=[
+            "just a string",
+            {"title": "Fake", "kind": "image", "path": "fake.png"},
+            {"title": "Huge", "kind": "image", "path": "huge.png"},
+            {"title": "Tiny", "kind": "image", "path": "tiny.png"},
+            {"title": "Empty", "kind": "table", "path": "empty.csv"},
+            {"title": "Wide", "kind": "table", "path": "wide.csv"},
+            {"title": "Nul", "kind": "json", "path": "a\0b"},
+            {"title": "Other", "kind": "weights", "path": "w.bin", "caption": "cap"},
+        ],
+    )
+    (folder / "fake.png").write_bytes(b"<script>alert(1)</script>")
+    (folder / "huge.png").write_bytes(png_bytes() + bytes(2000))
+    (folder / "tiny.png").write_bytes(png_bytes(16, 8))
+    (folder / "empty.csv").write_bytes(b"")
+    wide = [",".join(f"c{i}" for i in range(45)), ",".join("1" * 45)]
+    (folder / "wide.csv").write_text("\n".join(wide) + "\n")
+    (folder / "w.bin").write_bytes(bytes(10))
+    monkeypatch.setattr(report, "MAX_IMAGE_BYTES", len(png_bytes()) + 1000)
+    text = render_report(bare_run, available=[])
+    assert "An artifact entry is not an object: just a string" in text
+    assert "is not a PNG, JPEG, GIF, WebP or SVG image" in text
+    assert "is too large to embed; open the file" in text
+    assert 'class="small" width="128" height="64"' in text  # 16 px wide: scaled up, at most 8x
+    assert "empty.csv</span>" in text and "is empty." in text
+    assert "first 40 of 45 columns shown" in text and "<th>c39</th>" in text
+    assert "<th>c40</th>" not in text
+    assert text.count("outside the analysis folder") == 1  # the NUL path
+    assert "file of kind &#39;weights&#39;" in text and "<figcaption>cap</figcaption>" in text
