@@ -355,7 +355,17 @@ class StoreReader:
         return self._read("logits", self._epoch_row(epoch))
 
     def predictions(self, epoch: int | None = None) -> np.ndarray:
+        """The run's recorded prediction of each eval image: what every analyzer calls
+        "predicted" (with the run's eval weights and TTA, as stored)."""
         return self.logits(epoch).argmax(axis=1).astype(np.int64)
+
+    def probabilities(self, epoch: int | None = None) -> np.ndarray:
+        """Softmax of the recorded logits, in float64 (the row maximum subtracted first)."""
+        z = self.logits(epoch).astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        return z
 
     def verify(self) -> None:
         """Read every committed byte so checksum (fletcher32) errors surface now."""

@@ -3,8 +3,9 @@
 Two parts. (1) Agreement: Captum's ``LayerGradCam`` runs on the same images, layer and targets
 as the native engine, batch by batch in the same process; the analyzer reports how far apart
 the maps are and the time per image of each. (2) Side by side: a few images explained by
-several Captum methods and native Grad-CAM, with the pairwise Spearman rank correlations of
-their maps and each method's time per image.
+several methods (run through :mod:`explainkit.explain.attribution`, so each is reduced to a
+map by its one rule), with the pairwise Spearman rank correlations of their maps and each
+method's time per image.
 """
 
 from __future__ import annotations
@@ -19,30 +20,19 @@ import click
 from explainkit import hookimpl
 from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.errors import AnalyzerError
+from explainkit.explain.methods import CAPTUM_METHODS, METHODS
 
-__all__ = ["CaptumAnalyzer", "METHODS", "rank_rows", "spearman_matrix"]
+__all__ = ["CaptumAnalyzer"]
 
-# name -> column title; the first five are the default.
-METHODS = {
-    "gradcam": "Grad-CAM (native)",
-    "integrated_gradients": "Integrated Gradients",
-    "saliency": "Saliency",
-    "guided_gradcam": "Guided Grad-CAM",
-    "occlusion": "Occlusion",
-    "input_x_gradient": "Input x Gradient",
-    "guided_backprop": "Guided Backprop",
-}
+SIDE_BY_SIDE = ("gradcam", *CAPTUM_METHODS)  # what the figure can show
 DEFAULT_METHODS = "gradcam,integrated_gradients,saliency,guided_gradcam,occlusion"
-SHORT_LABELS = {  # column headers: fit a 128 px tile
-    "gradcam": "Grad-CAM",
-    "integrated_gradients": "Integrated Grad.",
-    "saliency": "Saliency",
-    "guided_gradcam": "Guided Grad-CAM",
-    "occlusion": "Occlusion",
-    "input_x_gradient": "Input x Grad.",
-    "guided_backprop": "Guided Backprop",
-}
 MAP_CMAP = "inferno"
+
+
+def _title(name: str) -> str:
+    """Column title: the native engine's Grad-CAM is marked as such."""
+    method = METHODS[name]
+    return f"{method.label} (native)" if method.source == "native" else method.label
 
 
 class CaptumAnalyzer(Analyzer):
@@ -89,7 +79,8 @@ class CaptumAnalyzer(Analyzer):
             "methods",
             str,
             DEFAULT_METHODS,
-            f"Comma-separated methods for the side-by-side figure, from: {', '.join(METHODS)}.",
+            "Comma-separated methods for the side-by-side figure, from: "
+            f"{', '.join(SIDE_BY_SIDE)}.",
         ),
         Option("count", click.IntRange(1, 64), 8, "Images in the side-by-side figure."),
         Option(
@@ -118,132 +109,136 @@ class CaptumAnalyzer(Analyzer):
         n_steps: int,
         occlusion_window: int,
     ) -> list[dict]:
-        from explainkit.plugins import _plot
-        from explainkit.plugins.gradcam import choose_layer, parse_target
+        from explainkit.explain.methods import parse_methods
+        from explainkit.selection import parse_target
 
-        chosen_methods = parse_methods(methods)
-        store = context.store
-        classes = list(store.classes)
-        target_arg = parse_target(target, classes, "--captum-target")
+        chosen = parse_methods(methods, "--captum-methods", list(SIDE_BY_SIDE))
+        target_arg = parse_target(target, context.classes, "--captum-target")
         model = context.model()
-        layer = choose_layer(context, model, layer)
-        out = context.output_dir
-        bs = max(1, int(context.batch_size))
-
+        layer = context.target_layer(layer, model)
         with warnings.catch_warnings():
             # Captum warns that it sets requires_grad on inputs and hooks on ReLUs: expected.
             warnings.filterwarnings("ignore", module=r"captum\.")
-            agreement = _agreement(context, model, layer, target_arg, limit, bs)
+            agreement = _agreement(context, model, layer, target_arg, limit)
             side = _side_by_side(
-                context, model, layer, target_arg, chosen_methods, count, n_steps,
-                occlusion_window, bs,
-            )  # fmt: skip
-
-        report = {
-            "layer": layer,
-            "target": str(target),
-            "epoch": context.epoch,
-            "device": str(context.device),
-            "batch_size": bs,
-            **agreement,
-            "side_by_side": {
-                "methods": chosen_methods,
-                "images": side["indices"].tolist(),
-                "n_steps": n_steps,
-                "occlusion_window": occlusion_window,
-                "ms_per_image": side["ms_per_image"],
-                "spearman": side["spearman"].tolist(),
-            },
-        }
-        _plot.write_json(out / "agreement.json", report)
-        rows = [
-            [which, m["max_abs_diff"], m["rel_diff"], m["pearson"]]
-            for which, m in agreement["agreement"].items()
-        ]
-        _plot.write_csv(
-            out / "agreement.csv", ["maps", "max_abs_diff", "rel_diff", "pearson"], rows
-        )
-        timing = agreement["timing"]
-        _plot.write_csv(
-            out / "timing.csv",
-            ["method", "images", "seconds", "ms_per_image", "images_per_s"],
-            [
-                [k, v["images"], v["seconds"], v["ms_per_image"], v["images_per_s"]]
-                for k, v in timing.items()
-            ],
-        )
-        names = chosen_methods
-        _plot.write_csv(
-            out / "rank_correlation.csv",
-            ["method", *names, "ms_per_image"],
-            [
-                [m, *side["spearman"][i].tolist(), side["ms_per_image"][m]]
-                for i, m in enumerate(names)
-            ],
-        )
-
-        fig = _methods_figure(side, classes, layer)
-        _plot.save_figure(fig, out / "methods.png")
-        if len(names) > 1:
-            fig = _correlation_figure(side["spearman"], names, side["ms_per_image"])
-            _plot.save_figure(fig, out / "rank_correlation.png")
-
-        up = agreement["agreement"]["upsampled"]
-        speed = timing["native"]["ms_per_image"] / max(timing["captum"]["ms_per_image"], 1e-12)
-        artifacts = [
-            context.artifact(
-                "agreement.json",
-                "Native Grad-CAM vs Captum LayerGradCam",
-                "json",
-                f"{agreement['num_images']} images at {layer}: relative difference "
-                f"{up['rel_diff']:.2g}, Pearson r {up['pearson']:.6f}; native takes "
-                f"{speed:.2f}x Captum's time per image.",
-            ),
-            context.artifact(
-                "agreement.csv",
-                "Agreement (raw and upsampled maps)",
-                "table",
-                "rel_diff = max |native - captum| / max |captum|.",
-            ),  # fmt: skip
-            context.artifact("timing.csv", "Grad-CAM time per image", "table", "Same batches."),
-            context.artifact(
-                "methods.png",
-                "Attribution methods side by side",
-                "image",
-                f"Rows: {len(side['indices'])} eval images (true/predicted); columns: methods. "
-                "Pixel methods are summed |attribution| over channels; every map is scaled to "
-                f"[0, 1] per image ({MAP_CMAP}).",
-            ),
-            context.artifact(
-                "rank_correlation.csv",
-                "Spearman rank correlation between methods",
-                "table",
-                "Mean over the shown images of the per-image Spearman correlation of the maps; "
-                "last column: time per image.",
-            ),
-        ]
-        if len(names) > 1:
-            artifacts.append(
-                context.artifact(
-                    "rank_correlation.png",
-                    "Rank correlation between methods",
-                    "image",
-                    "Mean per-image Spearman correlation; method labels show ms per image.",
-                )
+                context, model, layer, target_arg, chosen, count, n_steps, occlusion_window
             )
-        return artifacts
+        report = _report(context, layer, target, agreement, side, n_steps, occlusion_window)
+        _write_tables(context, report, side)
+        _write_figures(context, side, layer)
+        return _artifacts(context, layer, agreement, side)
 
 
-def parse_methods(text: str) -> list[str]:
-    """Comma list -> known method names, in the given order, without duplicates."""
-    names = [m.strip().lower().replace("-", "_") for m in str(text).split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise AnalyzerError(
-            f"--captum-methods {text!r} names unknown methods ({', '.join(unknown) or 'none'}); "
-            f"choose from: {', '.join(METHODS)}."
+def _report(
+    context: AnalysisContext,
+    layer: str,
+    target: str,
+    agreement: dict,
+    side: dict,
+    n_steps: int,
+    occlusion_window: int,
+) -> dict:
+    return {
+        "layer": layer,
+        "target": str(target),
+        "epoch": context.epoch,
+        "device": str(context.device),
+        "batch_size": max(1, int(context.batch_size)),
+        **agreement,
+        "side_by_side": {
+            "methods": side["methods"],
+            "images": side["indices"].tolist(),
+            "n_steps": n_steps,
+            "occlusion_window": occlusion_window,
+            "ms_per_image": side["ms_per_image"],
+            "spearman": side["spearman"].tolist(),
+        },
+    }
+
+
+def _write_tables(context: AnalysisContext, report: dict, side: dict) -> None:
+    from explainkit.tables import write_csv, write_json
+
+    out = context.output_dir
+    write_json(out / "agreement.json", report)
+    rows = [
+        [which, m["max_abs_diff"], m["rel_diff"], m["pearson"]]
+        for which, m in report["agreement"].items()
+    ]
+    write_csv(out / "agreement.csv", ["maps", "max_abs_diff", "rel_diff", "pearson"], rows)
+    write_csv(
+        out / "timing.csv",
+        ["method", "images", "seconds", "ms_per_image", "images_per_s"],
+        [
+            [k, v["images"], v["seconds"], v["ms_per_image"], v["images_per_s"]]
+            for k, v in report["timing"].items()
+        ],
+    )
+    names = side["methods"]
+    write_csv(
+        out / "rank_correlation.csv",
+        ["method", *names, "ms_per_image"],
+        [[m, *side["spearman"][i].tolist(), side["ms_per_image"][m]] for i, m in enumerate(names)],
+    )
+
+
+def _write_figures(context: AnalysisContext, side: dict, layer: str) -> None:
+    from explainkit.figures import save_figure
+
+    out = context.output_dir
+    save_figure(_methods_figure(side, context.classes, layer), out / "methods.png")
+    if len(side["methods"]) > 1:
+        fig = _correlation_figure(side["spearman"], side["methods"], side["ms_per_image"])
+        save_figure(fig, out / "rank_correlation.png")
+
+
+def _artifacts(context: AnalysisContext, layer: str, agreement: dict, side: dict) -> list[dict]:
+    up = agreement["agreement"]["upsampled"]
+    timing = agreement["timing"]
+    speed = timing["native"]["ms_per_image"] / max(timing["captum"]["ms_per_image"], 1e-12)
+    artifacts = [
+        context.artifact(
+            "agreement.json",
+            "Native Grad-CAM vs Captum LayerGradCam",
+            "json",
+            f"{agreement['num_images']} images at {layer}: relative difference "
+            f"{up['rel_diff']:.2g}, Pearson r {up['pearson']:.6f}; native takes "
+            f"{speed:.2f}x Captum's time per image.",
+        ),
+        context.artifact(
+            "agreement.csv",
+            "Agreement (raw and upsampled maps)",
+            "table",
+            "rel_diff = max |native - captum| / max |captum|.",
+        ),
+        context.artifact("timing.csv", "Grad-CAM time per image", "table", "Same batches."),
+        context.artifact(
+            "methods.png",
+            "Attribution methods side by side",
+            "image",
+            f"Rows: {len(side['indices'])} eval images (true/predicted); columns: methods. "
+            "Pixel methods are reduced over channels as each method defines (Saliency: the "
+            "largest |gradient|; the others: the sum of |attribution|); every map is scaled "
+            f"to [0, 1] per image ({MAP_CMAP}).",
+        ),
+        context.artifact(
+            "rank_correlation.csv",
+            "Spearman rank correlation between methods",
+            "table",
+            "Mean over the shown images of the per-image Spearman correlation of the maps "
+            "(a constant map counts as 0); last column: time per image.",
+        ),
+    ]
+    if len(side["methods"]) > 1:
+        artifacts.append(
+            context.artifact(
+                "rank_correlation.png",
+                "Rank correlation between methods",
+                "image",
+                "Mean per-image Spearman correlation; method labels show ms per image.",
+            )
         )
-    return list(dict.fromkeys(names))
+    return artifacts
 
 
 def _sync(context: AnalysisContext) -> Callable[[], None]:
@@ -252,9 +247,7 @@ def _sync(context: AnalysisContext) -> Callable[[], None]:
     return torch.cuda.synchronize if context.device.type == "cuda" else (lambda: None)
 
 
-def _agreement(
-    context: AnalysisContext, model: Any, layer: str, target: Any, limit: int, bs: int
-) -> dict:
+def _agreement(context: AnalysisContext, model: Any, layer: str, target: Any, limit: int) -> dict:
     """Native vs Captum LayerGradCam on the first ``limit`` images, batch by batch.
 
     Statistics are accumulated in float64 so memory stays bounded for any ``limit``.
@@ -267,18 +260,17 @@ def _agreement(
 
     store = context.store
     n = store.num_images if limit == 0 else min(limit, store.num_images)
+    bs = max(1, int(context.batch_size))
     labels = store.targets
-    module = dict(model.named_modules()).get(layer)
     sync = _sync(context)
     stats = {k: _Stats() for k in ("raw", "upsampled")}
     seconds = {"native": 0.0, "captum": 0.0}
-    with GradCAM(model, layer) as cam:  # an unknown layer fails here, listing valid names
-        captum_cam = LayerGradCam(model, module)
+    with GradCAM(model, layer) as cam:
+        captum_cam = LayerGradCam(model, dict(model.named_modules())[layer])
         batches = list(range(0, n, bs))
         for b, start in enumerate(context.progress(batches, desc="agreement")):
-            stop = min(start + bs, n)
-            x = context.normalize(store.images(np.arange(start, stop)))
-            true = torch.from_numpy(labels[start:stop])
+            x = context.normalize(store.images(np.arange(start, min(start + bs, n))))
+            true = torch.from_numpy(labels[start : start + len(x)])
             runs = 2 if b == 0 else 1  # the first batch once untimed: warm-up
             for r in range(runs):
                 sync()
@@ -298,20 +290,20 @@ def _agreement(
                     seconds["captum"] += t2 - t1
             stats["raw"].add(native.raw, ref[:, 0])
             stats["upsampled"].add(native.maps, ref_maps)
-
-    def timing(s: float) -> dict:
-        return {
-            "images": n,
-            "seconds": s,
-            "ms_per_image": 1000 * s / n,
-            "images_per_s": n / s if s > 0 else None,
-        }
-
     return {
         "num_images": n,
         "agreement": {k: v.result() for k, v in stats.items()},
-        "timing": {"native": timing(seconds["native"]), "captum": timing(seconds["captum"])},
+        "timing": {k: _timing(n, s) for k, s in seconds.items()},
         "native_speedup": seconds["captum"] / seconds["native"] if seconds["native"] else None,
+    }
+
+
+def _timing(n: int, seconds: float) -> dict:
+    return {
+        "images": n,
+        "seconds": seconds,
+        "ms_per_image": 1000 * seconds / n,
+        "images_per_s": n / seconds if seconds > 0 else None,
     }
 
 
@@ -351,157 +343,82 @@ def _side_by_side(
     count: int,
     n_steps: int,
     window: int,
-    bs: int,
 ) -> dict:
     """Maps of every method for ``count`` images (mixed right/wrong), with time per image."""
     import numpy as np
     import torch
-    from explainkit.plugins.gradcam import select_images
 
-    from explainkit.explain.gradcam import GradCAM, normalize_maps
+    from explainkit.explain.gradcam import compute_cam
+    from explainkit.explain.stats import mean_spearman_matrix
+    from explainkit.selection import select_right_and_wrong
 
     store = context.store
     labels = store.targets
-    predicted = store.predictions(context.epoch)
-    indices = select_images(labels, predicted, count, "mixed", context.rng)
+    indices = select_right_and_wrong(
+        labels, store.predictions(context.epoch), count, "mixed", context.rng
+    )
     images = store.images(indices)
-    x_all = context.normalize(images)
-    true_all = torch.from_numpy(labels[indices])
-    module = dict(model.named_modules())[layer]
-    sync = _sync(context)
-
+    x = context.normalize(images)
+    bs = max(1, int(context.batch_size))
     # The targets, as the native engine resolves them, are shared by every method.
-    with GradCAM(model, layer) as cam:
-        gradcam_batches = [
-            cam(x_all[s : s + bs], target=target, true_targets=true_all[s : s + bs])
-            for s in range(0, len(indices), bs)
-        ]
-    targets = torch.cat([r.targets for r in gradcam_batches])
-    model_pred = torch.cat([r.predicted for r in gradcam_batches]).cpu().numpy()
-
-    maps: dict[str, Any] = {}
-    ms: dict[str, float] = {}
+    native = compute_cam(
+        model,
+        x,
+        layer,
+        target=target,
+        batch_size=bs,
+        true_targets=torch.from_numpy(labels[indices]),
+    )
+    maps, ms = {}, {}
     for name in methods:
-        attribute = _method(name, model, module, layer, n_steps, window, bs, len(indices))
-        parts, seconds = [], 0.0
-        for s in range(0, len(indices), bs):
-            x, t, true = x_all[s : s + bs], targets[s : s + bs], true_all[s : s + bs]
-            sync()
-            t0 = time.perf_counter()
-            with torch.inference_mode(False), torch.enable_grad():
-                a = attribute(x, t, true)
-            a = a.detach()
-            m = normalize_maps(a.abs().sum(1) if a.dim() == 4 else a)
-            sync()
-            seconds += time.perf_counter() - t0
-            parts.append(m)
-        maps[name] = torch.cat(parts).float().cpu().numpy()
-        ms[name] = 1000 * seconds / max(len(indices), 1)
-        if not np.isfinite(maps[name]).all():
-            raise AnalyzerError(f"captum method {name} produced non-finite attributions.")
+        maps[name], ms[name] = _method_maps(context, model, name, x, native.targets, layer,
+                                            n_steps, window)  # fmt: skip
     stacked = np.stack([maps[m] for m in methods])  # (methods, N, H, W)
     return {
         "indices": indices,
         "images": images,
         "labels": labels[indices],
-        "predicted": model_pred,
-        "targets": targets.cpu().numpy(),
+        "predicted": native.predicted.cpu().numpy(),
+        "targets": native.targets.cpu().numpy(),
         "methods": methods,
         "maps": stacked,
         "ms_per_image": ms,
-        "spearman": spearman_matrix(stacked),
+        "spearman": mean_spearman_matrix(stacked),
     }
 
 
-def _method(
-    name: str, model: Any, module: Any, layer: str, n_steps: int, window: int, bs: int, n: int
-) -> Callable[[Any, Any, Any], Any]:
-    """A function ``(x, targets, true) -> attributions`` for one method, memory bounded."""
+def _method_maps(
+    context: AnalysisContext,
+    model: Any,
+    name: str,
+    x: Any,
+    targets: Any,
+    layer: str,
+    n_steps: int,
+    window: int,
+) -> tuple[Any, float]:
+    """One method's maps of ``x`` batch by batch, and its time per image in ms."""
+    import numpy as np
     import torch
-    from captum import attr
 
-    from explainkit.explain.gradcam import GradCAM
+    from explainkit.explain.attribution import attribution_fn
 
-    if name == "gradcam":
-        cam = GradCAM(model, layer)
-        return lambda x, t, true: cam(x, target=t).maps
-    if name == "integrated_gradients":
-        ig = attr.IntegratedGradients(model)
-        # internal_batch_size bounds the n_steps x images expansion to one --batch-size.
-        return lambda x, t, true: ig.attribute(
-            x, baselines=torch.zeros_like(x), target=t, n_steps=n_steps, internal_batch_size=bs
-        )
-    if name == "saliency":
-        sal = attr.Saliency(model)
-        return lambda x, t, true: sal.attribute(x, target=t, abs=True)
-    if name == "guided_gradcam":
-        ggc = attr.GuidedGradCam(model, module)
-        return lambda x, t, true: ggc.attribute(x, target=t)
-    if name == "input_x_gradient":
-        ixg = attr.InputXGradient(model)
-        return lambda x, t, true: ixg.attribute(x, target=t)
-    if name == "guided_backprop":
-        gbp = attr.GuidedBackprop(model)
-        return lambda x, t, true: gbp.attribute(x, target=t)
-    if name == "occlusion":
-        occ = attr.Occlusion(model)
-
-        def occlude(x: Any, t: Any, true: Any) -> Any:
-            w = min(window, x.shape[-1], x.shape[-2])
-            per_eval = max(1, bs // max(x.shape[0], 1))  # patches per forward: <= --batch-size
-            return occ.attribute(
-                x, target=t, sliding_window_shapes=(x.shape[1], w, w),
-                strides=(x.shape[1], w, w), baselines=0.0, perturbations_per_eval=per_eval,
-            )  # fmt: skip
-
-        return occlude
-    raise AnalyzerError(f"unknown captum method {name!r}; choose from: {', '.join(METHODS)}.")
-
-
-# -- rank correlation (numpy) --------------------------------------------------------------
-
-
-def rank_rows(values: Any) -> Any:
-    """Average ranks (ties share their mean rank) of each row of a 2-D array, via argsort."""
-    import numpy as np
-
-    values = np.asarray(values, dtype=np.float64)
-    rows, k = values.shape
-    order = np.argsort(values, axis=1, kind="stable")
-    ordered = np.take_along_axis(values, order, axis=1)
-    new_group = np.ones((rows, k), bool)
-    new_group[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    group = np.cumsum(new_group, axis=1) - 1 + (np.arange(rows) * k)[:, None]
-    position = np.broadcast_to(np.arange(k, dtype=np.float64), (rows, k))
-    sums = np.bincount(group.ravel(), weights=position.ravel(), minlength=rows * k)
-    counts = np.bincount(group.ravel(), minlength=rows * k)
-    mean_rank = sums / np.maximum(counts, 1)
-    ranks = np.empty((rows, k))
-    np.put_along_axis(ranks, order, mean_rank[group], axis=1)
-    return ranks
-
-
-def spearman_matrix(maps: Any) -> Any:
-    """(M methods, N images, ...) -> (M, M) mean over images of per-image Spearman rho.
-
-    An image where a method's map is constant has no defined correlation and is left out of
-    that pair's mean; the diagonal is exactly 1 and the matrix exactly symmetric.
-    """
-    import numpy as np
-
-    m, n = maps.shape[:2]
-    ranks = rank_rows(np.asarray(maps).reshape(m * n, -1)).reshape(m, n, -1)
-    centered = ranks - ranks.mean(axis=2, keepdims=True)
-    norms = np.sqrt((centered**2).sum(axis=2))  # (M, N)
-    out = np.eye(m)
-    for i in range(m):
-        for j in range(i + 1, m):
-            num = (centered[i] * centered[j]).sum(axis=1)
-            den = norms[i] * norms[j]
-            valid = den > 0
-            rho = float(np.mean(num[valid] / den[valid])) if valid.any() else float("nan")
-            out[i, j] = out[j, i] = rho
-    return out
+    bs = max(1, int(context.batch_size))
+    fn = attribution_fn(
+        name, layer=layer, ig_steps=n_steps, internal_batch_size=bs, occlusion_window=window
+    )
+    sync = _sync(context)
+    parts, seconds = [], 0.0
+    for s in range(0, len(x), bs):
+        sync()
+        t0 = time.perf_counter()
+        parts.append(fn(model, x[s : s + bs], targets[s : s + bs]))
+        sync()
+        seconds += time.perf_counter() - t0
+    maps = torch.cat(parts).float().cpu().numpy()
+    if not np.isfinite(maps).all():
+        raise AnalyzerError(f"captum method {name} produced non-finite attributions")
+    return maps, 1000 * seconds / max(len(x), 1)
 
 
 # -- figures -------------------------------------------------------------------------------
@@ -509,12 +426,12 @@ def spearman_matrix(maps: Any) -> Any:
 
 def _methods_figure(side: dict, classes: list[str], layer: str) -> Any:
     import numpy as np
-    from explainkit.plugins import _plot
-    from explainkit.plugins.gradcam import get_colormap, heat_rgb
+
+    from explainkit.figures import get_colormap, grid_figure, heat_rgb, short
 
     methods = side["methods"]
     n = len(side["indices"])
-    cmap = get_colormap(MAP_CMAP, "colormap")
+    cmap = get_colormap(MAP_CMAP)
     cols = 1 + len(methods)
     tiles = np.empty((n, cols, *side["images"].shape[1:3], 3), np.uint8)
     tiles[:, 0] = side["images"][..., :3]
@@ -524,13 +441,11 @@ def _methods_figure(side: dict, classes: list[str], layer: str) -> Any:
     for i in range(n):
         true, pred = classes[side["labels"][i]], classes[side["predicted"][i]]
         mark = "✓" if true == pred else "✗"
-        captions.append(f"{_plot.short(true, 11)}/{_plot.short(pred, 11)} {mark}")
+        captions.append(f"{short(true, 11)}/{short(pred, 11)} {mark}")
         for name in methods:
-            if i == 0:
-                captions.append(f"{SHORT_LABELS[name]}\n{side['ms_per_image'][name]:.1f} ms/image")
-            else:
-                captions.append("")
-    return _plot.grid_figure(
+            ms = side["ms_per_image"][name]
+            captions.append(f"{METHODS[name].short}\n{ms:.1f} ms/image" if i == 0 else "")
+    return grid_figure(
         tiles.reshape(n * cols, *tiles.shape[2:]),
         cols,
         captions=captions,
@@ -542,14 +457,15 @@ def _methods_figure(side: dict, classes: list[str], layer: str) -> Any:
 
 def _correlation_figure(rho: Any, names: list[str], ms: dict[str, float]) -> Any:
     import numpy as np
-    from explainkit.plugins import _plot
+
+    from explainkit.figures import new_figure
 
     k = len(names)
-    fig = _plot.new_figure(1.2 * k + 3.2, 1.0 * k + 1.6)
+    fig = new_figure(1.2 * k + 3.2, 1.0 * k + 1.6)
     ax = fig.add_subplot()
     im = ax.imshow(rho, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-    labels = [f"{METHODS[n]}\n{ms[n]:.1f} ms/img" for n in names]
-    ax.set_xticks(np.arange(k), [METHODS[n] for n in names], rotation=30, ha="right", fontsize=9)
+    labels = [f"{_title(n)}\n{ms[n]:.1f} ms/img" for n in names]
+    ax.set_xticks(np.arange(k), [_title(n) for n in names], rotation=30, ha="right", fontsize=9)
     ax.set_yticks(np.arange(k), labels, fontsize=9)
     for (r, c), value in np.ndenumerate(rho):
         text = "n/a" if not np.isfinite(value) else f"{value:.2f}"

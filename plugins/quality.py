@@ -9,28 +9,39 @@ writes tables and figures. See docs/explanation-quality.md for how to read them.
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
 from explainkit import hookimpl
 from explainkit.analyzer import AnalysisContext, Analyzer, Option
-from explainkit.errors import AnalyzerError
 
-__all__ = ["QualityAnalyzer", "parse_methods", "select_images", "resolve_targets", "table_row"]
+__all__ = ["QualityAnalyzer"]
 
 TARGETS = ("predicted", "true")
 HEADER = ("method", "metric", "mean", "ci_low", "ci_high", "n")
 CLASS_HEADER = ("method", "metric", "class", "mean", "ci_low", "ci_high", "n")
+DEFAULT_METHODS = ",".join(
+    ["gradcam", "gradcampp", "random"]
+    + (["saliency"] if importlib.util.find_spec("captum") is not None else [])
+)
+_CHANCE_NOTE = (
+    "A map that knows nothing about the object hits it in the pointing game, and puts energy "
+    "inside it, in proportion to the mask's area: mask_fraction is that chance level."
+)
 
 
-def _default_methods() -> str:
-    import importlib.util
+@dataclass
+class _Sample:
+    """The evaluated images, on the model's device."""
 
-    names = ["gradcam", "gradcampp", "random"]
-    if importlib.util.find_spec("captum") is not None:
-        names.append("saliency")
-    return ",".join(names)
+    indices: Any
+    images: Any
+    labels: Any
+    targets: Any
+    masks: Any
 
 
 class QualityAnalyzer(Analyzer):
@@ -52,10 +63,10 @@ class QualityAnalyzer(Analyzer):
         Option(
             "methods",
             str,
-            _default_methods(),
+            DEFAULT_METHODS,
             "Comma-separated attribution methods (gradcam, gradcampp, xgradcam, layercam; with "
-            "Captum: saliency, integrated_gradients, guided_gradcam; random). random is always "
-            "added as the baseline.",
+            "Captum: saliency, integrated_gradients, guided_gradcam, ...; random). random is "
+            "always added as the baseline.",
         ),
         Option("count", click.IntRange(1), 256, "Eval images to evaluate (seeded sample)."),
         Option("steps", click.IntRange(1, 256), 16, "Deletion/insertion steps."),
@@ -81,7 +92,7 @@ class QualityAnalyzer(Analyzer):
         self,
         context: AnalysisContext,
         *,
-        methods: str | None,
+        methods: str,
         count: int,
         steps: int,
         baseline: str,
@@ -89,102 +100,25 @@ class QualityAnalyzer(Analyzer):
         layer: str | None,
         target: str,
     ) -> list[dict]:
-        import torch
+        from explainkit.explain.methods import parse_methods
 
-        from explainkit.explain import metrics as M
-        from explainkit.explain.gradcam import resolve_layer
-
-        store = context.store
-        layer = layer or store.attrs.get("default_layer") or "layer4"
+        names = parse_methods(methods, "--quality-methods")
+        names += [] if "random" in names else ["random"]
         model = context.model()
-        resolve_layer(model, layer)  # a clear error before any work
-        registry = M.attribution_methods(layer, seed=context.seed)
-        names = parse_methods(methods or _default_methods(), registry)
-        indices = select_images(store.num_images, count, context.rng)
-        images = context.normalize(store.images(indices))
-        labels = store.targets[indices]
-        bs = context.batch_size
-        targets = resolve_targets(model, images, labels, target, bs)
-        masks = None
-        if store.has_masks:
-            masks = torch.from_numpy(store.masks[indices]).to(context.device)
-
-        gen = torch.Generator().manual_seed(context.seed)
-        maps: dict[str, torch.Tensor] = {}
-        curves: dict[str, Any] = {}
-        per_image: dict[tuple[str, str], torch.Tensor] = {}
-        for name in context.progress(names, desc="deletion/insertion"):
-            maps[name] = M.attribute(registry[name], model, images, targets, bs)
-            c = M.perturbation_curves(
-                model, images, maps[name], targets, steps=steps, baseline=baseline,
-                max_batch=8 * bs, generator=gen,
-            )  # fmt: skip
-            curves[name] = c
-            per_image[(name, "deletion_auc")] = c.deletion_auc
-            per_image[(name, "insertion_auc")] = c.insertion_auc
-        for name in names:
-            if name == "random":
-                continue
-            rnd = curves["random"]
-            per_image[(name, "deletion_gain_vs_random")] = (
-                rnd.deletion_auc - curves[name].deletion_auc
-            )
-            per_image[(name, "insertion_gain_vs_random")] = (
-                curves[name].insertion_auc - rnd.insertion_auc
-            )
-        if masks is not None:
-            for name in names:
-                per_image[(name, "pointing_game")] = M.pointing_game(maps[name], masks).double()
-                per_image[(name, "energy_in_mask")] = M.energy_in_mask(maps[name], masks)
-        sanity_results: dict[str, Any] = {}
+        layer = context.target_layer(layer, model)
+        fns = _attribution_fns(names, layer, context.seed)
+        sample = _load_sample(context, model, count, target)
+        maps, curves = _faithfulness(context, model, sample, fns, steps, baseline)
+        scores = _per_image_scores(maps, curves, sample.masks)
+        verdicts = None
         if sanity:
-            chosen = {name: registry[name] for name in names}
-            sanity_results = M.randomization_check(
-                model, images, targets, chosen, batch_size=bs, seed=context.seed, original=maps
-            )
-            for name, res in sanity_results.items():
-                for i, step in enumerate(res.layers):
-                    per_image[(name, f"sanity_spearman:{step}")] = res.spearman[i]
-                    per_image[(name, f"sanity_ssim:{step}")] = res.ssim[i]
-
-        # One transfer to the CPU for everything that gets bootstrapped.
-        host = {k: v.detach().double().cpu().numpy() for k, v in per_image.items()}
-        seed = context.seed
-        rows = [table_row(name, metric, host[(name, metric)], seed) for name, metric in host]
-        class_rows = []
-        if masks is not None:
-            classes = context.classes
-            for name in names:
-                for metric in ("pointing_game", "energy_in_mask"):
-                    values = host[(name, metric)]
-                    for k, cls in enumerate(classes):
-                        sel = values[labels == k]
-                        if sel.size:
-                            class_rows.append({"class": cls, **table_row(name, metric, sel, seed)})
-        curve_summary = {
-            name: _curve_summary(c, seed) for name, c in curves.items()
-        }  # small: steps + 1 points per method
-        verdicts = _sanity_summary(sanity_results) if sanity else None
-        mask_fraction = float(masks.double().mean()) if masks is not None else None
-
-        out = context.output_dir
-        from explainkit.plugins import _plot
-
-        _plot.write_csv(out / "quality.csv", HEADER, [[r[h] for h in HEADER] for r in rows])
-        artifacts = [
-            context.artifact(
-                "quality.csv",
-                "Explanation quality table",
-                "table",
-                f"Mean and 95% bootstrap CI (1000 resamples) over {len(indices)} eval images, "
-                "per method and metric.",
-            )  # fmt: skip
-        ]
+            verdicts = _sanity(context, model, sample, fns, maps, scores)
+        rows, class_rows = _tables(context, scores, names, sample)
         report = {
             "epoch": context.epoch,
             "layer": layer,
             "target": target,
-            "count": int(len(indices)),
+            "count": int(len(sample.indices)),
             "steps": steps,
             "baseline": baseline,
             "methods": names,
@@ -192,129 +126,37 @@ class QualityAnalyzer(Analyzer):
             "bootstrap_resamples": 1000,
             "table": rows,
             "per_class": class_rows,
-            "curves": curve_summary,
-            "localization": (
-                {"mask_fraction": mask_fraction, "chance_note": _CHANCE_NOTE}
-                if masks is not None
-                else None
-            ),
-            "localization_skipped": None if masks is not None else "the store has no masks",
+            "curves": {name: _curve_summary(c, context.seed) for name, c in curves.items()},
+            **_localization_note(sample.masks),
             "sanity": verdicts,
         }
-        _plot.write_json(out / "quality.json", report)
-        artifacts.append(
-            context.artifact(
-                "quality.json",
-                "Explanation quality (all results)",
-                "json",
-                "Table, per-class localization, mean curves and the sanity-check verdicts.",
-            )  # fmt: skip
-        )
-        if class_rows:
-            _plot.write_csv(
-                out / "localization_per_class.csv",
-                CLASS_HEADER,
-                [[r[h] for h in CLASS_HEADER] for r in class_rows],
-            )
-            artifacts.append(
-                context.artifact(
-                    "localization_per_class.csv",
-                    "Localization per class",
-                    "table",
-                    "Pointing game and energy in mask per true class, with 95% bootstrap CIs.",
-                )  # fmt: skip
-            )
-
-        n = len(indices)
-        fig = _curves_figure(curve_summary, n, baseline, context.epoch)
-        _plot.save_figure(fig, out / "deletion_insertion.png")
-        artifacts.append(
-            context.artifact(
-                "deletion_insertion.png",
-                "Deletion and insertion curves",
-                "image",
-                f"Mean target-class probability as the most-attributed pixels are removed "
-                f"(deletion, lower AUC is better) or added (insertion, higher is better); "
-                f"{baseline} baseline, {steps} steps, {n} images, bands: 95% bootstrap CI.",
-            )  # fmt: skip
-        )
-        if verdicts is not None:
-            _plot.save_figure(_sanity_figure(verdicts, n), out / "sanity.png")
-            failed = ", ".join(verdicts["failed"]) or "none"
-            artifacts.append(
-                context.artifact(
-                    "sanity.png",
-                    "Model-parameter randomization sanity check",
-                    "image",
-                    f"Similarity of each method's maps to the trained model's as layers are "
-                    f"re-initialized from the top; {n} images, error bars: 95% bootstrap CI. "
-                    f"Fails (rank correlation > {M.SANITY_THRESHOLD} with layers down to "
-                    f"{M.SANITY_DEPTH} randomized): {failed}.",
-                )  # fmt: skip
-            )
-        if masks is not None:
-            fig = _localization_figure(rows, names, mask_fraction, n)
-            _plot.save_figure(fig, out / "localization.png")
-            artifacts.append(
-                context.artifact(
-                    "localization.png",
-                    "Localization (pointing game, energy in mask)",
-                    "image",
-                    f"{n} images; error bars: 95% bootstrap CI; dashed: a map that knows "
-                    "nothing (mean mask area).",
-                )  # fmt: skip
-            )
-            fig = _per_class_figure(class_rows, names, context.classes)
-            _plot.save_figure(fig, out / "localization_per_class.png")
-            artifacts.append(
-                context.artifact(
-                    "localization_per_class.png",
-                    "Localization per class",
-                    "image",
-                    "Pointing-game hit rate and energy in mask per true class, 95% CIs.",
-                )  # fmt: skip
-            )
-        return artifacts
+        return _write_outputs(context, report)
 
 
-_CHANCE_NOTE = (
-    "A map that knows nothing about the object hits it in the pointing game, and puts energy "
-    "inside it, in proportion to the mask's area: mask_fraction is that chance level."
-)
+def _attribution_fns(names: list[str], layer: str, seed: int) -> dict[str, Any]:
+    from explainkit.explain.attribution import attribution_fn
+
+    return {name: attribution_fn(name, layer=layer, seed=seed) for name in names}
 
 
-def parse_methods(text: str, registry: dict[str, Any]) -> list[str]:
-    """Comma list -> known method names (order kept, no duplicates, ``random`` appended)."""
-    from explainkit.explain.metrics import CAPTUM_METHODS
+def _load_sample(context: AnalysisContext, model: Any, count: int, target: str) -> _Sample:
+    """A seeded sample of eval images, their targets and (when the store has them) masks."""
+    import torch
 
-    names = list(dict.fromkeys(n.strip() for n in str(text).split(",") if n.strip()))
-    for name in names:
-        if name not in registry:
-            if name in CAPTUM_METHODS:
-                raise AnalyzerError(
-                    f"--quality-methods {name} needs Captum, which is not installed; "
-                    "pip install captum or leave it out."
-                )
-            raise AnalyzerError(
-                f"--quality-methods: unknown method {name!r}; available: {', '.join(registry)}."
-            )
-    if "random" not in names:
-        names.append("random")
-    return names
+    from explainkit.selection import sample_indices
+
+    store = context.store
+    indices = sample_indices(store.num_images, count, context.rng)
+    images = context.normalize(store.images(indices))
+    labels = store.targets[indices]
+    targets = _resolve_targets(model, images, labels, target, context.batch_size)
+    masks = None
+    if store.has_masks:
+        masks = torch.from_numpy(store.masks[indices]).to(context.device)
+    return _Sample(indices, images, labels, targets, masks)
 
 
-def select_images(num_images: int, count: int, rng: Any) -> Any:
-    """A seeded sample of ``count`` store positions, sorted (all images when fewer)."""
-    import numpy as np
-
-    if num_images == 0:
-        raise AnalyzerError("the store has no eval images to explain.")
-    if count >= num_images:
-        return np.arange(num_images)
-    return np.sort(rng.choice(num_images, size=count, replace=False))
-
-
-def resolve_targets(model: Any, images: Any, labels: Any, target: str, batch_size: int) -> Any:
+def _resolve_targets(model: Any, images: Any, labels: Any, target: str, batch_size: int) -> Any:
     """(N,) class each map explains: the model's prediction (one no-grad pass) or the label."""
     import torch
 
@@ -329,19 +171,99 @@ def resolve_targets(model: Any, images: Any, labels: Any, target: str, batch_siz
         )
 
 
-def table_row(method: str, metric: str, values: Any, seed: int = 0) -> dict[str, Any]:
-    """One table row: mean, 95% bootstrap CI and n of per-image values."""
-    from explainkit.explain.metrics import bootstrap_ci
+def _faithfulness(
+    context: AnalysisContext, model: Any, sample: _Sample, fns: dict, steps: int, baseline: str
+) -> tuple[dict, dict]:
+    """Each method's maps and its deletion/insertion curves."""
+    import torch
 
-    mean, low, high, n = bootstrap_ci(values, seed=seed)
-    return {"method": method, "metric": metric, "mean": mean, "ci_low": low, "ci_high": high,
-            "n": n}  # fmt: skip
+    from explainkit.explain.attribution import attribute
+    from explainkit.explain.metrics import perturbation_curves
+
+    bs = context.batch_size
+    gen = torch.Generator().manual_seed(context.seed)
+    maps, curves = {}, {}
+    for name in context.progress(list(fns), desc="deletion/insertion"):
+        maps[name] = attribute(fns[name], model, sample.images, sample.targets, bs)
+        curves[name] = perturbation_curves(
+            model, sample.images, maps[name], sample.targets, steps=steps, baseline=baseline,
+            max_batch=8 * bs, generator=gen,
+        )  # fmt: skip
+    return maps, curves
+
+
+def _per_image_scores(maps: dict, curves: dict, masks: Any) -> dict[tuple[str, str], Any]:
+    """(method, metric) -> per-image values (tensors on the device)."""
+    from explainkit.explain.metrics import energy_in_mask, pointing_game
+
+    scores: dict[tuple[str, str], Any] = {}
+    for name, c in curves.items():
+        scores[(name, "deletion_auc")] = c.deletion_auc
+        scores[(name, "insertion_auc")] = c.insertion_auc
+    rnd = curves["random"]
+    for name, c in curves.items():
+        if name != "random":
+            scores[(name, "deletion_gain_vs_random")] = rnd.deletion_auc - c.deletion_auc
+            scores[(name, "insertion_gain_vs_random")] = c.insertion_auc - rnd.insertion_auc
+    if masks is not None:
+        for name in curves:
+            scores[(name, "pointing_game")] = pointing_game(maps[name], masks).double()
+            scores[(name, "energy_in_mask")] = energy_in_mask(maps[name], masks)
+    return scores
+
+
+def _sanity(
+    context: AnalysisContext, model: Any, sample: _Sample, fns: dict, maps: dict, scores: dict
+) -> dict[str, Any]:
+    """The randomization check: adds its per-image similarities to ``scores``."""
+    from explainkit.explain.metrics import randomization_check
+
+    results = randomization_check(
+        model, sample.images, sample.targets, fns, batch_size=context.batch_size,
+        seed=context.seed, original=maps,
+    )  # fmt: skip
+    for name, res in results.items():
+        for i, step in enumerate(res.layers):
+            scores[(name, f"sanity_spearman:{step}")] = res.spearman[i]
+            scores[(name, f"sanity_ssim:{step}")] = res.ssim[i]
+    return _sanity_summary(results)
+
+
+def _tables(
+    context: AnalysisContext, scores: dict, names: list[str], sample: _Sample
+) -> tuple[list[dict], list[dict]]:
+    """Table rows (method, metric) and, with masks, localization rows per true class."""
+    from explainkit.explain.stats import summarize
+
+    seed = context.seed
+    # One transfer to the CPU for everything that gets bootstrapped.
+    host = {k: v.detach().double().cpu().numpy() for k, v in scores.items()}
+    rows = [{"method": n, "metric": m, **summarize(host[(n, m)], seed)} for n, m in host]
+    class_rows = []
+    if sample.masks is not None:
+        for name in names:
+            for metric in ("pointing_game", "energy_in_mask"):
+                values = host[(name, metric)]
+                for k, cls in enumerate(context.classes):
+                    sel = values[sample.labels == k]
+                    if sel.size:
+                        row = {"method": name, "metric": metric, **summarize(sel, seed)}
+                        class_rows.append({"class": cls, **row})
+    return rows, class_rows
+
+
+def _localization_note(masks: Any) -> dict[str, Any]:
+    if masks is None:
+        return {"localization": None, "localization_skipped": "the store has no masks"}
+    fraction = float(masks.double().mean())
+    note = {"mask_fraction": fraction, "chance_note": _CHANCE_NOTE}
+    return {"localization": note, "localization_skipped": None}
 
 
 def _curve_summary(curves: Any, seed: int) -> dict[str, Any]:
     import numpy as np
 
-    from explainkit.explain.metrics import bootstrap_ci
+    from explainkit.explain.stats import bootstrap_ci, summarize
 
     out: dict[str, Any] = {"fractions": curves.fractions.cpu().numpy().tolist()}
     for kind in ("deletion", "insertion"):
@@ -349,44 +271,30 @@ def _curve_summary(curves: Any, seed: int) -> dict[str, Any]:
         stats = np.array([bootstrap_ci(data[:, k], seed=seed)[:3] for k in range(data.shape[1])])
         out[kind] = {"mean": stats[:, 0].tolist(), "ci_low": stats[:, 1].tolist(),
                      "ci_high": stats[:, 2].tolist()}  # fmt: skip
-        mean, low, high, n = bootstrap_ci(getattr(curves, f"{kind}_auc"), seed=seed)
-        out[f"{kind}_auc"] = {"mean": mean, "ci_low": low, "ci_high": high, "n": n}
+        out[f"{kind}_auc"] = summarize(getattr(curves, f"{kind}_auc"), seed)
     return out
 
 
 def _sanity_summary(results: dict[str, Any]) -> dict[str, Any]:
     from explainkit.explain import metrics as M
+    from explainkit.explain.stats import summarize
 
     methods = {}
     for name, res in results.items():
         passed, value, step = M.sanity_verdict(res)
-        if passed:
-            verdict = (
-                f"{name} PASSES: with the layers down to {step} re-initialized its maps keep a "
-                f"mean rank correlation of {value:.2f} (<= {M.SANITY_THRESHOLD}) with the trained "
-                "model's maps, so they depend on what the model learned."
-            )
-        else:
-            verdict = (
-                f"{name} FAILS: with the layers down to {step} re-initialized its maps still have "
-                f"a mean rank correlation of {value:.2f} (> {M.SANITY_THRESHOLD}) with the trained "
-                "model's maps; they do not depend on the learned weights and should not be "
-                "trusted as explanations of this model."
-            )
-        steps = []
-        for i, layer in enumerate(res.layers):
-            sp = M.bootstrap_ci(res.spearman[i])
-            ss = M.bootstrap_ci(res.ssim[i])
-            steps.append({
+        steps = [
+            {
                 "randomized": layer,
-                "spearman": {"mean": sp[0], "ci_low": sp[1], "ci_high": sp[2], "n": sp[3]},
-                "ssim": {"mean": ss[0], "ci_low": ss[1], "ci_high": ss[2], "n": ss[3]},
-            })  # fmt: skip
+                "spearman": summarize(res.spearman[i]),
+                "ssim": summarize(res.ssim[i]),
+            }
+            for i, layer in enumerate(res.layers)
+        ]
         methods[name] = {
             "passed": passed,
             "spearman_at_depth": value,
             "depth_step": step,
-            "verdict": verdict,
+            "verdict": _verdict(name, passed, value, step),
             "steps": steps,
         }
     return {
@@ -401,6 +309,126 @@ def _sanity_summary(results: dict[str, Any]) -> dict[str, Any]:
         "failed": [n for n, m in methods.items() if not m["passed"]],
         "methods": methods,
     }
+
+
+def _verdict(name: str, passed: bool, value: float, step: str) -> str:
+    from explainkit.explain.metrics import SANITY_THRESHOLD
+
+    if passed:
+        return (
+            f"{name} PASSES: with the layers down to {step} re-initialized its maps keep a "
+            f"mean rank correlation of {value:.2f} (<= {SANITY_THRESHOLD}) with the trained "
+            "model's maps, so they depend on what the model learned."
+        )
+    return (
+        f"{name} FAILS: with the layers down to {step} re-initialized its maps still have "
+        f"a mean rank correlation of {value:.2f} (> {SANITY_THRESHOLD}) with the trained "
+        "model's maps; they do not depend on the learned weights and should not be "
+        "trusted as explanations of this model."
+    )
+
+
+def _write_outputs(context: AnalysisContext, report: dict[str, Any]) -> list[dict]:
+    """Tables, the JSON report and the figures, with their manifest records."""
+    from explainkit.tables import write_csv, write_json
+
+    out = context.output_dir
+    rows, class_rows, n = report["table"], report["per_class"], report["count"]
+    write_csv(out / "quality.csv", HEADER, [[r[h] for h in HEADER] for r in rows])
+    write_json(out / "quality.json", report)
+    artifacts = [
+        context.artifact(
+            "quality.csv",
+            "Explanation quality table",
+            "table",
+            f"Mean and 95% bootstrap CI (1000 resamples) over {n} eval images, per method "
+            "and metric.",
+        ),
+        context.artifact(
+            "quality.json",
+            "Explanation quality (all results)",
+            "json",
+            "Table, per-class localization, mean curves and the sanity-check verdicts.",
+        ),
+    ]
+    if class_rows:
+        write_csv(
+            out / "localization_per_class.csv",
+            CLASS_HEADER,
+            [[r[h] for h in CLASS_HEADER] for r in class_rows],
+        )
+        artifacts.append(
+            context.artifact(
+                "localization_per_class.csv",
+                "Localization per class",
+                "table",
+                "Pointing game and energy in mask per true class, with 95% bootstrap CIs.",
+            )
+        )
+    return artifacts + _write_figures(context, report)
+
+
+def _write_figures(context: AnalysisContext, report: dict[str, Any]) -> list[dict]:
+    from explainkit.explain.metrics import SANITY_DEPTH, SANITY_THRESHOLD
+    from explainkit.figures import save_figure
+
+    out, n = context.output_dir, report["count"]
+    steps, baseline = report["steps"], report["baseline"]
+    fig = _curves_figure(report["curves"], n, baseline, report["epoch"])
+    save_figure(fig, out / "deletion_insertion.png")
+    artifacts = [
+        context.artifact(
+            "deletion_insertion.png",
+            "Deletion and insertion curves",
+            "image",
+            "Mean target-class probability as the most-attributed pixels are removed "
+            "(deletion, lower AUC is better) or added (insertion, higher is better); "
+            f"{baseline} baseline, {steps} steps, {n} images, bands: 95% bootstrap CI.",
+        )
+    ]
+    verdicts = report["sanity"]
+    if verdicts is not None:
+        save_figure(_sanity_figure(verdicts, n), out / "sanity.png")
+        failed = ", ".join(verdicts["failed"]) or "none"
+        artifacts.append(
+            context.artifact(
+                "sanity.png",
+                "Model-parameter randomization sanity check",
+                "image",
+                "Similarity of each method's maps to the trained model's as layers are "
+                f"re-initialized from the top; {n} images, error bars: 95% bootstrap CI. "
+                f"Fails (rank correlation > {SANITY_THRESHOLD} with layers down to "
+                f"{SANITY_DEPTH} randomized): {failed}.",
+            )
+        )
+    if report["localization"] is not None:
+        artifacts += _localization_figures(context, report)
+    return artifacts
+
+
+def _localization_figures(context: AnalysisContext, report: dict[str, Any]) -> list[dict]:
+    from explainkit.figures import save_figure
+
+    out, n, names = context.output_dir, report["count"], report["methods"]
+    fraction = report["localization"]["mask_fraction"]
+    save_figure(_localization_figure(report["table"], names, fraction, n), out / "localization.png")
+    fig = _per_class_figure(report["per_class"], names, context.classes)
+    save_figure(fig, out / "localization_per_class.png")
+    return [
+        context.artifact(
+            "localization.png",
+            "Localization (pointing game, energy in mask)",
+            "image",
+            f"{n} images; error bars: 95% bootstrap CI; dashed: a map that knows "
+            "nothing (mean mask area).",
+        ),
+        context.artifact(
+            "localization_per_class.png",
+            "Localization per class",
+            "image",
+            "Pointing-game hit rate and energy in mask per true class, 95% CIs.",
+        ),
+    ]
 
 
 def _colors(names: list[str]) -> dict[str, Any]:
@@ -418,9 +446,9 @@ def _colors(names: list[str]) -> dict[str, Any]:
 
 
 def _curves_figure(summary: dict[str, Any], n: int, baseline: str, epoch: int) -> Any:
-    from explainkit.plugins import _plot
+    from explainkit import figures
 
-    fig = _plot.new_figure(12, 4.4)
+    fig = figures.new_figure(12, 4.4)
     axes = fig.subplots(1, 2)
     colors = _colors(list(summary))
     for ax, kind, better in zip(axes, ("deletion", "insertion"), ("lower", "higher"), strict=True):
@@ -444,11 +472,11 @@ def _curves_figure(summary: dict[str, Any], n: int, baseline: str, epoch: int) -
 
 
 def _sanity_figure(verdicts: dict[str, Any], n: int) -> Any:
-    from explainkit.plugins import _plot
+    from explainkit import figures
 
     names = list(verdicts["methods"])
     colors = _colors(names)
-    fig = _plot.new_figure(12, 4.4)
+    fig = figures.new_figure(12, 4.4)
     axes = fig.subplots(1, 2)
     for ax, key, label in zip(axes, ("spearman", "ssim"), ("Spearman rank corr.", "SSIM"),
                               strict=True):  # fmt: skip
@@ -476,10 +504,11 @@ def _sanity_figure(verdicts: dict[str, Any], n: int) -> Any:
 
 def _localization_figure(rows: list[dict], names: list[str], mask_fraction: float, n: int) -> Any:
     import numpy as np
-    from explainkit.plugins import _plot
+
+    from explainkit import figures
 
     colors = _colors(names)
-    fig = _plot.new_figure(12, 4.4)
+    fig = figures.new_figure(12, 4.4)
     axes = fig.subplots(1, 2)
     lookup = {(r["method"], r["metric"]): r for r in rows}
     for ax, metric, title in zip(
@@ -506,11 +535,12 @@ def _localization_figure(rows: list[dict], names: list[str], mask_fraction: floa
 
 def _per_class_figure(class_rows: list[dict], names: list[str], classes: list[str]) -> Any:
     import numpy as np
-    from explainkit.plugins import _plot
+
+    from explainkit import figures
 
     colors = _colors(names)
     width = max(10.0, 0.35 * len(classes) * len(names) + 2)
-    fig = _plot.new_figure(min(width, 30), 7.5)
+    fig = figures.new_figure(min(width, 30), 7.5)
     axes = fig.subplots(2, 1)
     lookup = {(r["method"], r["metric"], r["class"]): r for r in class_rows}
     bar = 0.8 / len(names)
@@ -530,8 +560,8 @@ def _per_class_figure(class_rows: list[dict], names: list[str], classes: list[st
                 hi.append(r["ci_high"] - r["mean"])
             ax.bar(xs, means, width=bar, yerr=[lo, hi], capsize=2, color=colors[name],
                    label=name, error_kw={"lw": 0.8})  # fmt: skip
-        ax.set_xticks(np.arange(len(classes)), [_plot.short(c) for c in classes],
-                      fontsize=_plot.class_font_size(len(classes)), rotation=30)  # fmt: skip
+        ax.set_xticks(np.arange(len(classes)), [figures.short(c) for c in classes],
+                      fontsize=figures.class_font_size(len(classes)), rotation=30)  # fmt: skip
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{title} per true class (95% bootstrap CI)")
         ax.grid(axis="y", alpha=0.3)

@@ -11,11 +11,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from explainkit.plugins.quality import DEFAULT_METHODS
 from torch import nn
 
+from explainkit.explain import attribution as A
+from explainkit.explain import methods as EM
 from explainkit.explain import metrics as M
+from explainkit.explain import stats as S
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def all_methods(layer: str = "layer4", **kwargs):
+    """Every attribution method available here, by name."""
+    return {n: A.attribution_fn(n, layer=layer, **kwargs) for n in EM.available_methods()}
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +84,12 @@ def test_rank_correlation_matches_spearman_with_ties():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 5, (3, 40)).astype(np.float32)  # many ties
     b = a + rng.normal(0, 2, a.shape).astype(np.float32)
-    got = M.rank_correlation(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    got = S.spearman(torch.from_numpy(a), torch.from_numpy(b)).numpy()
     want = [np.corrcoef(_rankdata(x), _rankdata(y))[0, 1] for x, y in zip(a, b, strict=True)]
     assert got == pytest.approx(want, abs=1e-9)
-    assert M.rank_correlation(torch.from_numpy(a), torch.from_numpy(a)).tolist() == pytest.approx(
-        [1.0] * 3
-    )
+    assert S.spearman(torch.from_numpy(a), torch.from_numpy(a)).tolist() == pytest.approx([1.0] * 3)
     const = torch.zeros(1, 10)
-    assert M.rank_correlation(const, torch.arange(10.0)[None]).item() == 0.0
+    assert S.spearman(const, torch.arange(10.0)[None]).item() == 0.0
 
 
 def test_pointing_game_and_energy_on_hand_made_maps():
@@ -102,13 +109,13 @@ def test_pointing_game_and_energy_on_hand_made_maps():
 def test_bootstrap_ci_contains_the_mean_and_is_seeded():
     rng = np.random.default_rng(1)
     values = rng.normal(3.0, 1.0, 200)
-    mean, low, high, n = M.bootstrap_ci(values, seed=0)
+    mean, low, high, n = S.bootstrap_ci(values, seed=0)
     assert n == 200 and mean == pytest.approx(values.mean())
     assert low < mean < high
     assert high - low == pytest.approx(2 * 1.96 / math.sqrt(200), rel=0.25)
-    assert M.bootstrap_ci(values, seed=0) == (mean, low, high, n)
-    assert M.bootstrap_ci(torch.tensor([0.5])) == (0.5, 0.5, 0.5, 1)
-    empty = M.bootstrap_ci([])
+    assert S.bootstrap_ci(values, seed=0) == (mean, low, high, n)
+    assert S.bootstrap_ci(torch.tensor([0.5])) == (0.5, 0.5, 0.5, 1)
+    empty = S.bootstrap_ci([])
     assert empty[3] == 0 and math.isnan(empty[0])
 
 
@@ -163,21 +170,21 @@ def test_perturbation_curves_endpoints_and_chunking():
 
 
 def test_random_map_depends_on_the_image_not_the_model():
-    fn = M.attribution_methods()["random"]
+    fn = all_methods()["random"]
     g = torch.Generator().manual_seed(0)
     images = torch.randn(3, 3, 8, 8, generator=g)
     a = fn(_Tiny(), images, torch.zeros(3, dtype=torch.long))
     b = fn(nn.Identity(), images, torch.zeros(3, dtype=torch.long))
     assert torch.equal(a, b) and a.shape == (3, 8, 8)
     assert 0 <= a.min() and a.max() < 1
-    assert M.rank_correlation(a[0:1], a[1:2]).abs().item() < 0.3  # different images differ
+    assert S.spearman(a[0:1], a[1:2]).abs().item() < 0.3  # different images differ
 
 
 def test_registry_and_defaults():
-    methods = M.attribution_methods("layer4")
+    methods = all_methods("layer4")
     assert {"gradcam", "gradcampp", "xgradcam", "layercam", "random"} <= set(methods)
-    assert set(M.CAPTUM_METHODS) <= set(methods) or not M.captum_available()
-    assert set(M.default_methods()) <= set(methods)
+    assert set(EM.CAPTUM_METHODS) <= set(methods) or not EM.captum_available()
+    assert set(DEFAULT_METHODS.split(",")) <= set(methods)
     with pytest.raises(Exception, match="baseline"):
         M.perturbation_baseline(torch.zeros(1, 3, 4, 4), "noise")
 
@@ -187,12 +194,12 @@ def test_registry_and_defaults():
 
 def test_gradcam_points_at_the_object_more_often_than_random(trained):
     model, images, labels, predicted, masks = trained
-    methods = M.attribution_methods("layer4")
+    methods = all_methods("layer4")
     hits = {}
     for name in ("gradcam", "random"):
-        maps = M.attribute(methods[name], model, images, labels, batch_size=64)
+        maps = A.attribute(methods[name], model, images, labels, batch_size=64)
         hits[name] = M.pointing_game(maps, masks).double()
-    g, r = (M.bootstrap_ci(hits[k]) for k in ("gradcam", "random"))
+    g, r = (S.bootstrap_ci(hits[k]) for k in ("gradcam", "random"))
     print(f"pointing game: gradcam {g[0]:.3f} [{g[1]:.3f}, {g[2]:.3f}], random {r[0]:.3f}")
     assert g[0] > r[0] + 0.15
     assert g[1] > r[2]  # the intervals do not overlap
@@ -200,11 +207,11 @@ def test_gradcam_points_at_the_object_more_often_than_random(trained):
 
 def test_gradcam_deletion_auc_below_insertion_auc(trained):
     model, images, labels, predicted, masks = trained
-    methods = M.attribution_methods("layer4")
+    methods = all_methods("layer4")
     g = torch.Generator().manual_seed(0)
     curves = {}
     for name in ("gradcam", "random"):
-        maps = M.attribute(methods[name], model, images, predicted, batch_size=64)
+        maps = A.attribute(methods[name], model, images, predicted, batch_size=64)
         curves[name] = M.perturbation_curves(
             model, images, maps, predicted, steps=8, max_batch=256, generator=g
         )
@@ -218,7 +225,7 @@ def test_gradcam_deletion_auc_below_insertion_auc(trained):
 
 def test_randomization_changes_gradcam_but_not_the_random_map(trained):
     model, images, labels, predicted, masks = trained
-    methods = M.attribution_methods("layer4")
+    methods = all_methods("layer4")
     chosen = {k: methods[k] for k in ("gradcam", "random")}
     before = [p.clone() for p in model.parameters()]
     results = M.randomization_check(model, images[:64], predicted[:64], chosen, seed=0)
@@ -237,11 +244,11 @@ def test_randomization_changes_gradcam_but_not_the_random_map(trained):
     assert torch.equal(again["gradcam"].spearman, gc.spearman)
 
 
-@pytest.mark.skipif(not M.captum_available(), reason="captum not installed")
+@pytest.mark.skipif(not EM.captum_available(), reason="captum not installed")
 def test_captum_methods_give_normalized_maps(trained):
     model, images, labels, predicted, masks = trained
-    methods = M.attribution_methods("layer4", ig_steps=4)
-    for name in M.CAPTUM_METHODS:
+    methods = all_methods("layer4", ig_steps=4)
+    for name in EM.CAPTUM_METHODS:
         maps = methods[name](model, images[:8], predicted[:8])
         assert maps.shape == (8, 32, 32), name
         assert maps.min() >= 0 and maps.max() <= 1 and not maps.requires_grad

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from explainkit.errors import AnalyzerError
+from explainkit.errors import AnalyzerError, did_you_mean
+from explainkit.explain.methods import CAM_METHODS
 
 __all__ = [
     "CAM",
@@ -102,7 +102,7 @@ def resolve_layer(model: nn.Module, layer: str) -> nn.Module:
     if isinstance(layer, str) and layer and layer in modules:
         return modules[layer]
     choices = _layer_choices(model)
-    close = difflib.get_close_matches(str(layer), list(modules)[1:], n=3, cutoff=0.6)
+    close = did_you_mean(str(layer), list(modules)[1:], n=3)
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
     raise AnalyzerError(
         f"unknown target layer {layer!r}; {hint}"
@@ -365,12 +365,8 @@ class LayerCAM(CAM):
         return F.relu(grads)
 
 
-METHODS: dict[str, type[CAM]] = {
-    "gradcam": GradCAM,
-    "gradcampp": GradCAMpp,
-    "xgradcam": XGradCAM,
-    "layercam": LayerCAM,
-}
+METHODS: dict[str, type[CAM]] = {cls.name: cls for cls in (GradCAM, GradCAMpp, XGradCAM, LayerCAM)}
+assert tuple(METHODS) == CAM_METHODS, "explain/methods.py lists the native CAMs"
 
 
 def _method(method: str) -> type[CAM]:

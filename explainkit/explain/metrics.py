@@ -14,59 +14,47 @@ numbers per image) travel to the CPU, once, for the bootstrap confidence interva
   arXiv:1608.00507) and the share of attribution energy inside the mask (Wang et al. 2020,
   Score-CAM, arXiv:1910.01279).
 
-Attribution methods share one signature, ``fn(model, images, targets) -> (N, H, W)`` maps
-scaled per image to [0, 1], so every metric treats native CAMs, Captum methods and the random
-baseline alike.
+Attribution methods come from :mod:`explainkit.explain.attribution` as functions
+``fn(model, images, targets) -> (N, H, W)`` maps scaled per image to [0, 1], so every metric
+treats native CAMs, Captum methods and the random baseline alike; rank statistics and
+confidence intervals come from :mod:`explainkit.explain.stats`.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from explainkit.errors import AnalyzerError
-from explainkit.explain.gradcam import METHODS as CAM_METHODS
-from explainkit.explain.gradcam import compute_cam, normalize_maps, resolve_layer
+from explainkit.explain.attribution import AttributionFn, attribute
+from explainkit.explain.gradcam import normalize_maps
+from explainkit.explain.stats import spearman
 
 __all__ = [
-    "AttributionFn",
     "BASELINES",
-    "CAPTUM_METHODS",
     "DEFAULT_CASCADE",
     "SANITY_DEPTH",
     "SANITY_THRESHOLD",
     "PerturbationCurves",
     "SanityResult",
-    "attribute",
-    "attribution_methods",
     "auc",
-    "bootstrap_ci",
-    "captum_available",
-    "default_methods",
     "energy_in_mask",
     "gaussian_blur",
     "perturbation_baseline",
     "perturbation_curves",
     "pointing_game",
     "randomization_check",
-    "rank_correlation",
     "sanity_verdict",
     "ssim",
 ]
 
-AttributionFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
-
 BASELINES = ("blur", "mean")
-CAPTUM_METHODS = ("saliency", "integrated_gradients", "guided_gradcam")
 # Cascading randomization order: from the logits down to the stem (Adebayo et al. 2018).
 DEFAULT_CASCADE: tuple[tuple[str, ...], ...] = (
     ("linear",),
@@ -81,127 +69,6 @@ DEFAULT_CASCADE: tuple[tuple[str, ...], ...] = (
 # trained model's maps by a mean Spearman rank correlation above SANITY_THRESHOLD.
 SANITY_DEPTH = "layer4"
 SANITY_THRESHOLD = 0.5
-
-
-# -- attribution methods -------------------------------------------------------------------
-
-
-def captum_available() -> bool:
-    """Whether Captum can be imported (its methods are optional)."""
-    return importlib.util.find_spec("captum") is not None
-
-
-def default_methods() -> list[str]:
-    """The methods ``quality`` compares by default."""
-    names = ["gradcam", "gradcampp", "random"]
-    return names + ["saliency"] if captum_available() else names
-
-
-def _cam_fn(method: str, layer: str) -> AttributionFn:
-    def fn(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
-        return compute_cam(model, images, layer, method, target=targets).maps
-
-    fn.__name__ = method
-    return fn
-
-
-def _random_fn(seed: int) -> AttributionFn:
-    """A model-independent pseudo-random map, a deterministic function of the image.
-
-    Because the same image always gets the same map, whatever the weights, the random baseline
-    fails the randomization check (as any model-independent map should), while its pixel
-    order is as good as random for deletion/insertion and the pointing game.
-    """
-
-    def fn(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
-        n, c, h, w = images.shape
-        g = torch.Generator().manual_seed(seed)
-        field = (torch.rand(h, w, generator=g, dtype=torch.float64) * 1000).to(images.device)
-        coef = (torch.rand(c, generator=g, dtype=torch.float64) * 100 + 10).to(images.device)
-        x = (images.double() * coef.view(1, c, 1, 1)).sum(1) + field
-        v = torch.sin(x) * 43758.5453
-        return (v - v.floor()).float()
-
-    fn.__name__ = "random"
-    return fn
-
-
-def _captum_fn(method: str, layer: str, ig_steps: int, internal_batch: int | None) -> AttributionFn:
-    def fn(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
-        import captum.attr as ca
-
-        x = images.detach().clone().requires_grad_(True)
-        with torch.inference_mode(False), torch.enable_grad():
-            if method == "saliency":
-                # Simonyan et al. 2014: max over channels of |d y_t / d x|.
-                attr = ca.Saliency(model).attribute(x, target=targets, abs=True).amax(1)
-            elif method == "integrated_gradients":
-                # Baseline 0 in normalized space is the dataset-mean image.
-                attr = (
-                    ca.IntegratedGradients(model)
-                    .attribute(
-                        x,
-                        baselines=torch.zeros_like(x),
-                        target=targets,
-                        n_steps=ig_steps,
-                        internal_batch_size=internal_batch,
-                    )
-                    .abs()
-                    .sum(1)
-                )
-            else:
-                module = resolve_layer(model, layer)
-                with warnings.catch_warnings():  # Captum warns that it hooks ReLUs; expected
-                    warnings.simplefilter("ignore", UserWarning)
-                    gg = ca.GuidedGradCam(model, module).attribute(x, target=targets)
-                attr = gg.abs().sum(1)
-        return normalize_maps(attr.detach().float())
-
-    fn.__name__ = method
-    return fn
-
-
-def attribution_methods(
-    layer: str = "layer4",
-    *,
-    seed: int = 0,
-    ig_steps: int = 16,
-    internal_batch_size: int | None = 256,
-) -> dict[str, AttributionFn]:
-    """Every attribution method available here, by name.
-
-    Args:
-        layer: target layer of the CAM methods and Guided Grad-CAM.
-        seed: seed of the ``random`` baseline.
-        ig_steps: Riemann steps of Integrated Gradients (small: metrics need many images).
-        internal_batch_size: largest batch Integrated Gradients runs at once.
-
-    Returns:
-        ``{name: fn(model, images, targets) -> (N, H, W) maps in [0, 1]}``: the native CAMs
-        (gradcam, gradcampp, xgradcam, layercam), the Captum methods when Captum is
-        importable (saliency, integrated_gradients, guided_gradcam) and ``random``.
-    """
-    methods: dict[str, AttributionFn] = {name: _cam_fn(name, layer) for name in CAM_METHODS}
-    if captum_available():
-        for name in CAPTUM_METHODS:
-            methods[name] = _captum_fn(name, layer, ig_steps, internal_batch_size)
-    methods["random"] = _random_fn(seed)
-    return methods
-
-
-def attribute(
-    fn: AttributionFn, model: nn.Module, images: Tensor, targets: Tensor, batch_size: int = 64
-) -> Tensor:
-    """Maps (N, H, W) for all ``images``, ``batch_size`` at a time, on the model's device."""
-    if images.shape[0] == 0:
-        raise AnalyzerError("no images to explain; pass at least one.")
-    targets = targets.to(images.device)
-    return torch.cat(
-        [
-            fn(model, images[s : s + batch_size], targets[s : s + batch_size])
-            for s in range(0, images.shape[0], batch_size)
-        ]
-    )
 
 
 # -- deletion / insertion ------------------------------------------------------------------
@@ -345,35 +212,6 @@ def perturbation_curves(
 # -- comparing maps ------------------------------------------------------------------------
 
 
-def _average_ranks(x: Tensor) -> Tensor:
-    """Ranks along dim 1 with ties given their average rank (as scipy's rankdata)."""
-    n, p = x.shape
-    values, order = x.sort(1)
-    new = torch.ones_like(values, dtype=torch.bool)
-    new[:, 1:] = values[:, 1:] != values[:, :-1]
-    group = new.long().cumsum(1) - 1 + torch.arange(n, device=x.device)[:, None] * p
-    pos = torch.arange(p, device=x.device, dtype=torch.float64).expand(n, p).reshape(-1)
-    sums = torch.zeros(n * p, device=x.device, dtype=torch.float64)
-    sums.scatter_add_(0, group.reshape(-1), pos)
-    cnt = torch.zeros(n * p, device=x.device, dtype=torch.float64)
-    cnt.scatter_add_(0, group.reshape(-1), torch.ones_like(pos))
-    ranks_sorted = (sums / cnt.clamp_min(1))[group]
-    return torch.empty_like(ranks_sorted).scatter_(1, order, ranks_sorted)
-
-
-def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation per image of two (N, ...) map stacks, in float64.
-
-    Ties get average ranks. A constant map has no ranking; its correlation is reported as 0.
-    """
-    ra = _average_ranks(a.flatten(1).double())
-    rb = _average_ranks(b.flatten(1).double())
-    ra = ra - ra.mean(1, keepdim=True)
-    rb = rb - rb.mean(1, keepdim=True)
-    denom = (ra.square().sum(1) * rb.square().sum(1)).sqrt()
-    return torch.where(denom > 0, (ra * rb).sum(1) / denom.clamp_min(1e-300), 0.0)
-
-
 def ssim(
     a: Tensor, b: Tensor, *, window: int = 11, sigma: float = 1.5, data_range: float = 1.0
 ) -> Tensor:
@@ -482,7 +320,7 @@ def randomization_check(
                 p.requires_grad_(False)
             for name, fn in methods.items():
                 maps = attribute(fn, rand, images, targets, batch_size)
-                spear[name].append(rank_correlation(original[name], maps))
+                spear[name].append(spearman(original[name], maps))
                 sims[name].append(ssim(normalize_maps(original[name]), normalize_maps(maps)))
     labels = ["+".join(g) for g in steps]
     return {
@@ -528,34 +366,3 @@ def energy_in_mask(maps: Tensor, masks: Tensor) -> Tensor:
     inside = (m * (masks.flatten(1).to(m.device) > 0)).sum(1)
     total = m.sum(1)
     return torch.where(total > 0, inside / total.clamp_min(1e-300), 0.0)
-
-
-# -- statistics ----------------------------------------------------------------------------
-
-
-def bootstrap_ci(
-    values: np.ndarray | Tensor | Sequence[float],
-    *,
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float, float, int]:
-    """Mean and percentile bootstrap confidence interval of the mean.
-
-    Returns:
-        ``(mean, ci_low, ci_high, n)``; NaNs for no values, a zero-width interval for one.
-    """
-    if isinstance(values, Tensor):
-        values = values.detach().double().cpu().numpy()
-    v = np.asarray(values, dtype=np.float64).ravel()
-    n = int(v.size)
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0
-    mean = float(v.mean())
-    if n == 1:
-        return mean, mean, mean, 1
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, n, size=(n_resamples, n))].mean(1)
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return mean, float(min(low, mean)), float(max(high, mean)), n

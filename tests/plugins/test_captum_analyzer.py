@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from explainkit.plugins.captum import rank_rows, spearman_matrix
+import torch
 
+from explainkit.explain.stats import average_ranks, mean_spearman_matrix
 from explainkit.runner import analyze
 from tests.conftest import run_cli
 
@@ -93,22 +94,23 @@ def test_analyzer_captum_unknown_method_exits_1(tiny_run):
 
 def test_analyzer_captum_spearman_ranks_ties_and_symmetry():
     np.testing.assert_array_equal(
-        rank_rows(np.array([[3.0, 1.0, 3.0, 2.0], [0.0, 0.0, 0.0, 5.0]])),
+        average_ranks(torch.tensor([[3.0, 1.0, 3.0, 2.0], [0.0, 0.0, 0.0, 5.0]])).numpy(),
         [[2.5, 0.0, 2.5, 1.0], [1.0, 1.0, 1.0, 3.0]],
     )
     rng = np.random.default_rng(0)
     a = rng.random((5, 6, 6))
     maps = np.stack([a, a**3, -a, rng.random((5, 6, 6)), np.zeros((5, 6, 6))])
-    rho = spearman_matrix(maps)
+    rho = mean_spearman_matrix(maps)
     np.testing.assert_array_equal(rho, rho.T)
     np.testing.assert_array_equal(np.diag(rho), 1.0)
     assert rho[0, 1] == pytest.approx(1.0)  # monotone transform: same ranks
     assert rho[0, 2] == pytest.approx(-1.0)
     assert abs(rho[0, 3]) < 0.5
-    assert np.isnan(rho[0, 4])  # a constant map has no rank correlation
+    # A constant map ranks nothing: rho 0 with any map, as everywhere (explain/stats.py).
+    assert rho[0, 4] == 0.0
     # Against the textbook formula for distinct values: 1 - 6 sum d^2 / (n (n^2 - 1)).
     x, y = rng.random(50), rng.random(50)
-    rx, ry = rank_rows(np.stack([x, y]))
+    rx, ry = average_ranks(torch.from_numpy(np.stack([x, y]))).numpy()
     d2 = ((rx - ry) ** 2).sum()
     expected = 1 - 6 * d2 / (50 * (50**2 - 1))
-    assert spearman_matrix(np.stack([x, y])[:, None])[0, 1] == pytest.approx(expected)
+    assert mean_spearman_matrix(np.stack([x, y])[:, None])[0, 1] == pytest.approx(expected)

@@ -1,17 +1,16 @@
-"""Shared figure helpers for the built-in analyzers (matplotlib Agg, no pyplot state).
+"""Figures every analyzer can use: image grids, CAM overlays, colormaps (public API).
 
 Figures are ``matplotlib.figure.Figure`` objects on an explicit Agg canvas, so nothing depends
 on a display, the global backend or pyplot's figure registry (no leaks in long runs).
 Image grids are composed into one numpy mosaic and drawn with a single ``imshow``: a grid of
 hundreds of tiles costs one draw call, not one axes per image.
 
-Import this module inside ``Analyzer.run`` only; it imports numpy and matplotlib.
+Import this module inside ``Analyzer.run`` only; it imports numpy and matplotlib. Tables and
+JSON files go through :mod:`explainkit.tables`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from matplotlib.figure import Figure
 DPI = 100
 TILE_PX = 128  # displayed side of one gallery image (32 px images are upscaled 4x)
 BG = 1.0  # white mosaic background
+GAP_PX = 2  # white gap between image, heatmap and overlay in a CAM tile (before upscaling)
 
 __all__ = [
     "DPI",
@@ -37,9 +37,11 @@ __all__ = [
     "draw_mosaic",
     "grid_figure",
     "short",
-    "write_csv",
-    "write_json",
     "class_font_size",
+    "get_colormap",
+    "heat_rgb",
+    "overlay",
+    "cam_grid",
 ]
 
 
@@ -210,34 +212,63 @@ def class_font_size(num_classes: int) -> float:
     return 5
 
 
-def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    """Write a small table (rows are the classes or epochs, not the images)."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for row in rows:
-            writer.writerow([_cell(v) for v in row])
-    return path
+def get_colormap(name: str, flag: str = "colormap") -> Any:
+    """A matplotlib colormap by name; an unknown name lists a few good ones."""
+    import matplotlib
+
+    from explainkit.errors import AnalyzerError
+
+    try:
+        return matplotlib.colormaps[name]
+    except KeyError:
+        raise AnalyzerError(
+            f"{flag} {name!r} is not a matplotlib colormap; try turbo, jet, inferno or viridis"
+        ) from None
 
 
-def _cell(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return repr(value)  # round-trips exactly
-    return value
+def heat_rgb(maps: np.ndarray, cmap: Any) -> np.ndarray:
+    """(N,H,W) maps in [0, 1] -> uint8 (N,H,W,3) colour images (NaN shows as 0)."""
+    rgba = cmap(np.clip(np.nan_to_num(maps), 0.0, 1.0))
+    return (rgba[..., :3] * 255 + 0.5).astype(np.uint8)
 
 
-def write_json(path: Path, data: Any) -> Path:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, default=_json_default)
-        f.write("\n")
-    return path
+def overlay(images: np.ndarray, maps: np.ndarray, cmap: Any, alpha: float = 0.5) -> np.ndarray:
+    """uint8 (N,H,W,3) images blended with their (N,H,W) [0, 1] maps: ``(1-a) img + a heat``."""
+    heat = heat_rgb(maps, cmap).astype(np.float32)
+    blended = (1 - alpha) * images[..., :3].astype(np.float32) + alpha * heat
+    return blended.round().clip(0, 255).astype(np.uint8)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+def cam_grid(
+    images: np.ndarray,
+    maps: np.ndarray,
+    captions: Sequence[str],
+    cmap: Any,
+    alpha: float = 0.5,
+    title: str = "",
+) -> Figure:
+    """One wide tile per image (image | heatmap | overlay), two tiles per row from 5 images.
+
+    Args:
+        images: uint8 (N,H,W,3).
+        maps: (N,H,W) maps in [0, 1], at the images' size.
+        captions: One line per image.
+        cmap: A colormap (:func:`get_colormap`).
+        alpha: Heatmap opacity in the overlay.
+        title: Figure title.
+    """
+    n, h = images.shape[:2]
+    gap = np.full((n, h, GAP_PX, 3), 255, np.uint8)  # white, before the integer upscaling
+    heat = heat_rgb(maps, cmap)
+    tiles = np.concatenate(
+        [images[..., :3], gap, heat, gap, overlay(images, maps, cmap, alpha)], axis=2
+    )
+    return grid_figure(
+        tiles,
+        cols=2 if n > 4 else 1,
+        captions=list(captions),
+        title=title,
+        caption_lines=1,
+        font_size=10,
+        pad=28,
+    )
