@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -10,7 +11,7 @@ from explainkit import hookimpl
 from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.errors import ExplainkitError
 
-__all__ = ["DataAnalyzer", "load_train_split", "sample_per_class"]
+__all__ = ["DataAnalyzer", "load_train_split"]
 
 
 class DataAnalyzer(Analyzer):
@@ -38,128 +39,183 @@ class DataAnalyzer(Analyzer):
         *,
         per_class: int,
     ) -> list[dict]:
+        splits = _Splits.of(context)
+        sizes = _size_summary(splits.train, splits.dataset, _stored_size(context), splits.reason)
+        return [
+            *_write_distribution(context, splits),
+            *_write_samples(context, splits, per_class),
+            *_write_summary(context, splits, sizes),
+            *_write_sizes(context, sizes, splits.dataset),
+        ]
+
+
+# -- step 1: the two splits -----------------------------------------------------------------
+
+
+@dataclass
+class _Splits:
+    """The eval split (from the store) and the train split (re-loaded, or the reason not)."""
+
+    classes: list[str]
+    dataset: str
+    data_info: dict
+    num_eval: int
+    eval_counts: Any
+    train: Any  # the train Dataset, or None
+    train_counts: Any  # per class, or None
+    reason: str | None  # why the train split is unavailable
+
+    @classmethod
+    def of(cls, context: AnalysisContext) -> _Splits:
         import numpy as np
-        from explainkit.plugins import _plot
 
-        from explainkit.data import channel_stats
-
-        store = context.store
-        classes = list(store.classes)
+        store, classes = context.store, context.classes
         k = len(classes)
-        out = context.output_dir
-        artifacts = []
         run_config = context.config
         data_info = run_config.get("data", {}) if isinstance(run_config, dict) else {}
-        dataset_name = store.attrs.get("dataset") or data_info.get("dataset", "")
-
-        targets = store.targets
-        eval_counts = np.bincount(targets, minlength=k)[:k]
-        train, train_reason = load_train_split(run_config, classes)
-        train_counts = np.bincount(train.targets, minlength=k)[:k] if train is not None else None
-
-        # Class distribution.
-        rows = []
-        for i, name in enumerate(classes):
-            row = [name, int(eval_counts[i]), float(eval_counts[i] / max(len(targets), 1))]
-            if train_counts is not None:
-                row += [int(train_counts[i]), float(train_counts[i] / max(len(train), 1))]
-            else:
-                row += ["", ""]
-            rows.append(row)
-        _plot.write_csv(
-            out / "class_distribution.csv",
-            ["class", "eval_count", "eval_fraction", "train_count", "train_fraction"],
-            rows,
-        )
-        fig = _distribution_figure(classes, eval_counts, train_counts, train_reason)
-        _plot.save_figure(fig, out / "class_distribution.png")
-        caption = f"Eval split from the store ({len(targets)} images)"
-        caption += (
-            f"; train split re-loaded from {dataset_name} ({len(train)} images)."
-            if train is not None
-            else f"; train split skipped: {train_reason}."
-        )
-        artifacts.append(
-            context.artifact("class_distribution.png", "Class distribution", "image", caption)
-        )
-        artifacts.append(
-            context.artifact("class_distribution.csv", "Class distribution", "table", caption)
+        dataset = store.attrs.get("dataset") or data_info.get("dataset", "")
+        train, reason = load_train_split(run_config, classes)
+        return cls(
+            classes=classes,
+            dataset=dataset,
+            data_info=data_info,
+            num_eval=int(len(store.targets)),
+            eval_counts=np.bincount(store.targets, minlength=k)[:k],
+            train=train,
+            train_counts=np.bincount(train.targets, minlength=k)[:k] if train is not None else None,
+            reason=reason,
         )
 
-        # Sample images per class (eval split).
-        chosen, positions = sample_per_class(targets, k, per_class, context.rng)
-        images = store.images(chosen)
-        row_labels = [
-            f"{_plot.short(c, 24)} ({int(n)})" for c, n in zip(classes, eval_counts, strict=True)
-        ]
-        fig = _plot.grid_figure(
-            images,
-            cols=per_class,
-            rows=k,
-            positions=positions,
-            row_labels=row_labels,
-            title=f"Eval images per class (up to {per_class}; eval count in brackets)",
-            tile_px=96 if k <= 15 else 64,
-            pad=4,
-        )
-        _plot.save_figure(fig, out / "samples.png")
-        artifacts.append(
-            context.artifact(
-                "samples.png",
-                "Sample images per class",
-                "image",
-                f"Up to {per_class} eval images per class, un-normalized, nearest-neighbour "
-                "upscaled.",
-            )
-        )
 
-        # Channel statistics and image sizes.
-        eval_mean, eval_std = channel_stats(store.images())
-        h, w = (int(v) for v in store.attrs["input_shape"][1:3])
-        sizes = _size_summary(train, dataset_name, (h, w), train_reason)
-        summary = {
-            "dataset": dataset_name,
-            "classes": classes,
-            "eval": {
-                "source": "prediction store",
-                "num_images": int(len(targets)),
-                "class_counts": eval_counts.tolist(),
-                "mean": list(eval_mean),
-                "std": list(eval_std),
-            },
-            "train": {
-                "available": train is not None,
-                "reason": train_reason,
-                "num_images": int(len(train)) if train is not None else data_info.get("num_train"),
-                "class_counts": train_counts.tolist() if train_counts is not None else None,
-                "mean": data_info.get("mean"),
-                "std": data_info.get("std"),
-                "stats_source": "config.json data.mean/std" if "mean" in data_info else None,
-            },
-            "normalization": {"mean": list(store.mean), "std": list(store.std)},
-            "image_sizes": {k2: v for k2, v in sizes.items() if k2 != "table"},
-        }
-        _plot.write_json(out / "data.json", summary)
-        artifacts.append(
-            context.artifact(
-                "data.json",
-                "Data summary",
-                "json",
-                "Per-channel mean/std in [0,1] units (eval: computed from the stored images; "
-                "train: as recorded in config.json), class counts, image sizes.",
-            )
+def _stored_size(context: AnalysisContext) -> tuple[int, int]:
+    """(height, width) of the images in the store."""
+    h, w = (int(v) for v in context.store.attrs["input_shape"][1:3])
+    return h, w
+
+
+# -- step 2: class distribution -----------------------------------------------------------
+
+
+def _write_distribution(context: AnalysisContext, s: _Splits) -> list[dict]:
+    from explainkit import figures, tables
+
+    out = context.output_dir
+    rows = []
+    for i, name in enumerate(s.classes):
+        row = [name, int(s.eval_counts[i]), float(s.eval_counts[i] / max(s.num_eval, 1))]
+        if s.train_counts is not None:
+            row += [int(s.train_counts[i]), float(s.train_counts[i] / max(len(s.train), 1))]
+        else:
+            row += ["", ""]
+        rows.append(row)
+    tables.write_csv(
+        out / "class_distribution.csv",
+        ["class", "eval_count", "eval_fraction", "train_count", "train_fraction"],
+        rows,
+    )
+    fig = _distribution_figure(s.classes, s.eval_counts, s.train_counts, s.reason)
+    figures.save_figure(fig, out / "class_distribution.png")
+    caption = f"Eval split from the store ({s.num_eval} images)"
+    caption += (
+        f"; train split re-loaded from {s.dataset} ({len(s.train)} images)."
+        if s.train is not None
+        else f"; train split skipped: {s.reason}."
+    )
+    return [
+        context.artifact("class_distribution.png", "Class distribution", "image", caption),
+        context.artifact("class_distribution.csv", "Class distribution", "table", caption),
+    ]
+
+
+# -- step 3: sample images per class ------------------------------------------------------
+
+
+def _write_samples(context: AnalysisContext, s: _Splits, per_class: int) -> list[dict]:
+    from explainkit import figures
+    from explainkit.selection import per_class_sample
+
+    k = len(s.classes)
+    chosen, positions = per_class_sample(context.store.targets, k, per_class, context.rng)
+    row_labels = [
+        f"{figures.short(c, 24)} ({int(n)})" for c, n in zip(s.classes, s.eval_counts, strict=True)
+    ]
+    fig = figures.grid_figure(
+        context.store.images(chosen),
+        cols=per_class,
+        rows=k,
+        positions=positions,
+        row_labels=row_labels,
+        title=f"Eval images per class (up to {per_class}; eval count in brackets)",
+        tile_px=96 if k <= 15 else 64,
+        pad=4,
+    )
+    figures.save_figure(fig, context.output_dir / "samples.png")
+    return [
+        context.artifact(
+            "samples.png",
+            "Sample images per class",
+            "image",
+            f"Up to {per_class} eval images per class, un-normalized, nearest-neighbour upscaled.",
         )
-        if sizes["varying"]:
-            table = sizes["table"]
-            _plot.write_csv(out / "image_sizes.csv", ["height", "width", "count"], table)
-            _plot.save_figure(_sizes_figure(table, dataset_name), out / "image_sizes.png")
-            artifacts.append(
-                context.artifact("image_sizes.png", "Image sizes", "image", sizes["note"])
-            )
-            artifacts.append(
-                context.artifact("image_sizes.csv", "Image sizes", "table", sizes["note"])
-            )
-        return artifacts
+    ]
+
+
+# -- step 4: the summary JSON and image sizes ---------------------------------------------
+
+
+def _write_summary(context: AnalysisContext, s: _Splits, sizes: dict) -> list[dict]:
+    from explainkit import tables
+    from explainkit.data import channel_stats
+
+    store, info = context.store, s.data_info
+    eval_mean, eval_std = channel_stats(store.images())
+    summary = {
+        "dataset": s.dataset,
+        "classes": s.classes,
+        "eval": {
+            "source": "prediction store",
+            "num_images": s.num_eval,
+            "class_counts": s.eval_counts.tolist(),
+            "mean": list(eval_mean),
+            "std": list(eval_std),
+        },
+        "train": {
+            "available": s.train is not None,
+            "reason": s.reason,
+            "num_images": int(len(s.train)) if s.train is not None else info.get("num_train"),
+            "class_counts": s.train_counts.tolist() if s.train_counts is not None else None,
+            "mean": info.get("mean"),
+            "std": info.get("std"),
+            "stats_source": "config.json data.mean/std" if "mean" in info else None,
+        },
+        "normalization": {"mean": list(store.mean), "std": list(store.std)},
+        "image_sizes": {key: v for key, v in sizes.items() if key != "table"},
+    }
+    tables.write_json(context.output_dir / "data.json", summary)
+    return [
+        context.artifact(
+            "data.json",
+            "Data summary",
+            "json",
+            "Per-channel mean/std in [0,1] units (eval: computed from the stored images; "
+            "train: as recorded in config.json), class counts, image sizes.",
+        )
+    ]
+
+
+def _write_sizes(context: AnalysisContext, sizes: dict, dataset: str) -> list[dict]:
+    """The original image sizes of the train split, only when they vary."""
+    from explainkit import figures, tables
+
+    if not sizes["varying"]:
+        return []
+    out, table = context.output_dir, sizes["table"]
+    tables.write_csv(out / "image_sizes.csv", ["height", "width", "count"], table)
+    figures.save_figure(_sizes_figure(table, dataset), out / "image_sizes.png")
+    return [
+        context.artifact("image_sizes.png", "Image sizes", "image", sizes["note"]),
+        context.artifact("image_sizes.csv", "Image sizes", "table", sizes["note"]),
+    ]
 
 
 def load_train_split(run_config: dict, classes: list[str]) -> tuple[Any, str | None]:
@@ -189,18 +245,6 @@ def load_train_split(run_config: dict, classes: list[str]) -> tuple[Any, str | N
     if list(ds.classes) != list(classes):
         return None, "the training data found here has other classes than the run"
     return ds, None
-
-
-def sample_per_class(targets: Any, num_classes: int, per_class: int, rng: Any) -> tuple[Any, Any]:
-    """Up to ``per_class`` random eval positions per class, and their grid cells (row = class)."""
-    import numpy as np
-
-    perm = rng.permutation(len(targets))
-    order = perm[np.argsort(targets[perm], kind="stable")]
-    sorted_targets = targets[order]
-    rank = np.arange(len(order)) - np.searchsorted(sorted_targets, sorted_targets, side="left")
-    keep = rank < per_class
-    return order[keep], sorted_targets[keep] * per_class + rank[keep]
 
 
 def _size_summary(
@@ -239,15 +283,16 @@ def _distribution_figure(
     classes: list[str], eval_counts: Any, train_counts: Any, train_reason: str | None
 ) -> Any:
     import numpy as np
-    from explainkit.plugins import _plot
     from matplotlib.ticker import MaxNLocator
+
+    from explainkit import figures
 
     k = len(classes)
     height = max(3.0, 0.24 * k + 1.6)
-    fig = _plot.new_figure(12, height)
-    font = _plot.class_font_size(k)
+    fig = figures.new_figure(12, height)
+    font = figures.class_font_size(k)
     y = np.arange(k)
-    labels = [_plot.short(c, 24) for c in classes]
+    labels = [figures.short(c, 24) for c in classes]
     panels = (
         ("eval split (prediction store)", eval_counts, "C1"),
         ("train split", train_counts, "C0"),
@@ -288,11 +333,12 @@ def _wrap(text: str, width: int) -> str:
 
 def _sizes_figure(table: list[list[int]], dataset_name: str) -> Any:
     import numpy as np
-    from explainkit.plugins import _plot
+
+    from explainkit import figures
 
     data = np.asarray(table, dtype=np.int64)
     heights, widths, counts = data[:, 0], data[:, 1], data[:, 2]
-    fig = _plot.new_figure(11, 4.2)
+    fig = figures.new_figure(11, 4.2)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     area = 20 + 280 * counts / counts.max()
     ax1.scatter(widths, heights, s=area, alpha=0.5, color="C0", edgecolor="none")

@@ -8,6 +8,7 @@ against the epoch. Maps explain the *true* class, so every epoch answers the sam
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -15,10 +16,10 @@ import click
 from explainkit import hookimpl
 from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.errors import AnalyzerError
+from explainkit.explain.methods import CAM_METHODS
 
-__all__ = ["EvolutionAnalyzer", "overlay"]
+__all__ = ["EvolutionAnalyzer"]
 
-CAM_CHOICES = ("gradcam", "gradcampp", "xgradcam", "layercam")
 HEADER = ("epoch", "metric", "mean", "ci_low", "ci_high", "n")
 
 
@@ -40,7 +41,7 @@ class EvolutionAnalyzer(Analyzer):
     options = (
         Option("count", click.IntRange(1, 64), 8, "Images in the grid (rows)."),
         Option("layer", str, None, "Target layer (default: the run's default layer)."),
-        Option("method", str, "gradcam", "CAM method of the maps.", choices=CAM_CHOICES),
+        Option("method", str, "gradcam", "CAM method of the maps.", choices=CAM_METHODS),
         Option(
             "metric_count",
             click.IntRange(1),
@@ -60,153 +61,251 @@ class EvolutionAnalyzer(Analyzer):
         metric_count: int,
         steps: int,
     ) -> list[dict]:
+        checkpoints = _checkpoints(context)
+        layer = context.target_layer(layer, context.model())
+        inputs = _Inputs.sample(context, count, metric_count)
+        grid, per_epoch = _explain_epochs(context, checkpoints, inputs, layer, method, steps)
+        result = _Evolution(
+            method=method,
+            layer=layer,
+            steps=steps,
+            epochs=list(checkpoints),
+            eval_acc=_eval_accuracy(context.store.history),
+            inputs=inputs,
+            grid=grid,
+            rows=_table(per_epoch, context.seed),
+        )
+        return [
+            *_write_grid(context, result),
+            *_write_metrics(context, result),
+            *_write_json(context, result),
+        ]
+
+
+# -- step 1: the checkpoints and the images -----------------------------------------------
+
+
+def _checkpoints(context: AnalysisContext) -> dict[int, Any]:
+    """Epoch -> checkpoint path, in epoch order; an error when the run kept none."""
+    from explainkit.train.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(context.run_dir)
+    if not checkpoints:
+        raise AnalyzerError(
+            f"{context.run_dir} has no per-epoch checkpoints (checkpoints/epoch_NNN.pt); "
+            "train with checkpoints kept to see the evolution"
+        )
+    return checkpoints
+
+
+@dataclass
+class _Inputs:
+    """The grid's images (spread over classes) and the metric sample, on the device.
+
+    Both are drawn from one seeded sample; the maps explain each image's true class.
+    """
+
+    grid_idx: Any  # store positions of the grid's rows
+    metric_idx: Any  # store positions of the metric sample
+    grid_x: Any
+    grid_t: Any
+    metric_x: Any
+    metric_t: Any
+    masks: Any  # ground-truth masks of the metric sample, or None
+
+    @classmethod
+    def sample(cls, context: AnalysisContext, count: int, metric_count: int) -> _Inputs:
         import torch
-        from explainkit.plugins import _plot
-        from explainkit.plugins.quality import select_images
 
-        from explainkit.explain import metrics as M
-        from explainkit.explain.gradcam import compute_cam, resolve_layer
-        from explainkit.train.checkpoint import list_checkpoints, load_model
+        from explainkit.selection import sample_indices, spread_over_classes
 
-        store = context.store
-        checkpoints = list_checkpoints(context.run_dir)
-        if not checkpoints:
-            raise AnalyzerError(
-                f"{context.run_dir} has no per-epoch checkpoints (checkpoints/epoch_NNN.pt); "
-                "train with checkpoints kept to see the evolution."
-            )
-        epochs = list(checkpoints)
-        layer = layer or store.attrs.get("default_layer") or "layer4"
-        sample = select_images(store.num_images, max(count, metric_count), context.rng)
-        grid_idx = _spread(sample, store.targets[sample], count)
+        store, device, targets = context.store, context.device, context.store.targets
+        sample = sample_indices(store.num_images, max(count, metric_count), context.rng)
+        grid_idx = spread_over_classes(sample, targets[sample], count)
         metric_idx = sample[:metric_count]
-        grid_x = context.normalize(store.images(grid_idx))
-        metric_x = context.normalize(store.images(metric_idx))
-        device = context.device
-        grid_t = torch.as_tensor(store.targets[grid_idx], device=device)
-        metric_t = torch.as_tensor(store.targets[metric_idx], device=device)
         masks = None
         if store.has_masks:
             masks = torch.from_numpy(store.masks[metric_idx]).to(device)
-        bs = context.batch_size
-        gen = torch.Generator().manual_seed(context.seed)
-
-        grid_maps, grid_probs = [], []
-        per_epoch: dict[int, dict[str, Any]] = {}
-        for epoch in context.progress(epochs, desc="epochs"):
-            model = load_model(checkpoints[epoch], device=device)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            resolve_layer(model, layer)
-            res = compute_cam(model, grid_x, layer, method, target=grid_t, batch_size=bs)
-            grid_maps.append(res.maps)
-            grid_probs.append(res.logits.float().softmax(1).gather(1, grid_t[:, None])[:, 0])
-            maps = compute_cam(model, metric_x, layer, method, target=metric_t, batch_size=bs).maps
-            c = M.perturbation_curves(
-                model, metric_x, maps, metric_t, steps=steps, max_batch=8 * bs, generator=gen
-            )
-            values = {"deletion_auc": c.deletion_auc, "insertion_auc": c.insertion_auc}
-            if masks is not None:
-                values["pointing_game"] = M.pointing_game(maps, masks).double()
-                values["energy_in_mask"] = M.energy_in_mask(maps, masks)
-            per_epoch[epoch] = values
-            del model
-
-        rows = []
-        for epoch, values in per_epoch.items():
-            for metric, v in values.items():
-                mean, low, high, n = M.bootstrap_ci(v, seed=context.seed)
-                rows.append({"epoch": epoch, "metric": metric, "mean": mean, "ci_low": low,
-                             "ci_high": high, "n": n})  # fmt: skip
-        maps_np = torch.stack(grid_maps, 1).cpu().numpy()  # (count, epochs, H, W)
-        probs_np = torch.stack(grid_probs, 1).cpu().numpy()
-        history = store.history
-        acc = {int(e): float(a) for e, a in zip(history["epoch"], history["eval_acc"], strict=True)}
-
-        out = context.output_dir
-        classes = context.classes
-        images = store.images(grid_idx)
-        fig = _grid_figure(images, maps_np, probs_np, epochs, grid_idx, store.targets[grid_idx],
-                           classes, method, layer)  # fmt: skip
-        _plot.save_figure(fig, out / "evolution.png")
-        artifacts = [
-            context.artifact(
-                "evolution.png",
-                f"{method} across training",
-                "image",
-                f"Rows: {len(grid_idx)} eval images; columns: the image, then the {method} map "
-                f"of its true class at each of {len(epochs)} saved epoch(s) (layer {layer}); "
-                "captions: probability of the true class.",
-            )  # fmt: skip
-        ]
-        fig = _metrics_figure(rows, epochs, acc, masks is not None, len(metric_idx), method)
-        _plot.save_figure(fig, out / "evolution_metrics.png")
-        artifacts.append(
-            context.artifact(
-                "evolution_metrics.png",
-                "Map quality against the epoch",
-                "image",
-                f"Deletion/insertion AUC{' and localization' if masks is not None else ''} of "
-                f"the {method} maps of {len(metric_idx)} eval images per saved epoch, with 95% "
-                "bootstrap CIs.",
-            )  # fmt: skip
+        return cls(
+            grid_idx=grid_idx,
+            metric_idx=metric_idx,
+            grid_x=context.normalize(store.images(grid_idx)),
+            grid_t=torch.as_tensor(targets[grid_idx], device=device),
+            metric_x=context.normalize(store.images(metric_idx)),
+            metric_t=torch.as_tensor(targets[metric_idx], device=device),
+            masks=masks,
         )
-        _plot.write_csv(out / "evolution.csv", HEADER, [[r[h] for h in HEADER] for r in rows])
-        artifacts.append(
-            context.artifact(
-                "evolution.csv",
-                "Map quality per epoch",
-                "table",
-                "Mean, 95% bootstrap CI and n of each metric at each saved epoch.",
-            )  # fmt: skip
+
+
+# -- step 2: maps and metrics at every saved epoch ----------------------------------------
+
+
+@dataclass
+class _Grid:
+    """The grid's maps and true-class probabilities, (images, epochs, ...) numpy arrays."""
+
+    maps: Any  # (count, epochs, H, W)
+    probs: Any  # (count, epochs)
+
+
+def _explain_epochs(
+    context: AnalysisContext,
+    checkpoints: dict[int, Any],
+    inputs: _Inputs,
+    layer: str,
+    method: str,
+    steps: int,
+) -> tuple[_Grid, dict[int, dict[str, Any]]]:
+    """Load each epoch's model in turn (one in memory at a time) and explain the inputs."""
+    import torch
+
+    from explainkit.explain.gradcam import compute_cam
+    from explainkit.train.checkpoint import load_model
+
+    bs = context.batch_size
+    gen = torch.Generator().manual_seed(context.seed)
+    grid_maps, grid_probs = [], []
+    per_epoch: dict[int, dict[str, Any]] = {}
+    for epoch in context.progress(list(checkpoints), desc="epochs"):
+        model = load_model(checkpoints[epoch], device=context.device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        res = compute_cam(model, inputs.grid_x, layer, method, target=inputs.grid_t, batch_size=bs)
+        grid_maps.append(res.maps)
+        grid_probs.append(res.logits.float().softmax(1).gather(1, inputs.grid_t[:, None])[:, 0])
+        per_epoch[epoch] = _epoch_metrics(model, inputs, layer, method, steps, bs, gen)
+        del model
+    grid = _Grid(
+        maps=torch.stack(grid_maps, 1).cpu().numpy(),
+        probs=torch.stack(grid_probs, 1).cpu().numpy(),
+    )
+    return grid, per_epoch
+
+
+def _epoch_metrics(
+    model: Any, inputs: _Inputs, layer: str, method: str, steps: int, bs: int, gen: Any
+) -> dict[str, Any]:
+    """Per-image deletion/insertion AUC (and localization with masks) of one epoch's maps."""
+    from explainkit.explain import metrics as M
+    from explainkit.explain.gradcam import compute_cam
+
+    x, t = inputs.metric_x, inputs.metric_t
+    maps = compute_cam(model, x, layer, method, target=t, batch_size=bs).maps
+    c = M.perturbation_curves(model, x, maps, t, steps=steps, max_batch=8 * bs, generator=gen)
+    values = {"deletion_auc": c.deletion_auc, "insertion_auc": c.insertion_auc}
+    if inputs.masks is not None:
+        values["pointing_game"] = M.pointing_game(maps, inputs.masks).double()
+        values["energy_in_mask"] = M.energy_in_mask(maps, inputs.masks)
+    return values
+
+
+def _table(per_epoch: dict[int, dict[str, Any]], seed: int) -> list[dict]:
+    """One row per (epoch, metric): mean, 95% bootstrap CI and n."""
+    from explainkit.explain.stats import summarize
+
+    return [
+        {"epoch": epoch, "metric": metric, **summarize(v, seed=seed)}
+        for epoch, values in per_epoch.items()
+        for metric, v in values.items()
+    ]
+
+
+# -- step 3: figures, table and JSON ------------------------------------------------------
+
+
+@dataclass
+class _Evolution:
+    """Everything the files show: the grid's maps and the metric table of every epoch."""
+
+    method: str
+    layer: str
+    steps: int
+    epochs: list[int]
+    eval_acc: dict[int, float]
+    inputs: _Inputs
+    grid: _Grid
+    rows: list[dict]
+
+    @property
+    def has_masks(self) -> bool:
+        return self.inputs.masks is not None
+
+
+def _eval_accuracy(history: dict) -> dict[int, float]:
+    return {int(e): float(a) for e, a in zip(history["epoch"], history["eval_acc"], strict=True)}
+
+
+def _write_grid(context: AnalysisContext, r: _Evolution) -> list[dict]:
+    from explainkit.figures import save_figure
+
+    store, idx = context.store, r.inputs.grid_idx
+    fig = _grid_figure(store.images(idx), r.grid.maps, r.grid.probs, r.epochs, idx,
+                       store.targets[idx], context.classes, r.method, r.layer)  # fmt: skip
+    save_figure(fig, context.output_dir / "evolution.png")
+    return [
+        context.artifact(
+            "evolution.png",
+            f"{r.method} across training",
+            "image",
+            f"Rows: {len(idx)} eval images; columns: the image, then the {r.method} map "
+            f"of its true class at each of {len(r.epochs)} saved epoch(s) (layer {r.layer}); "
+            "captions: probability of the true class.",
         )
-        _plot.write_json(
-            out / "evolution.json",
-            {
-                "epochs": epochs,
-                "method": method,
-                "layer": layer,
-                "target": "true",
-                "steps": steps,
-                "grid_images": grid_idx.tolist(),
-                "grid_true_prob": {str(e): probs_np[:, i].tolist() for i, e in enumerate(epochs)},
-                "metric_images": int(len(metric_idx)),
-                "eval_acc": {str(e): acc.get(e) for e in epochs},
-                "has_masks": masks is not None,
-                "table": rows,
-            },
+    ]
+
+
+def _write_metrics(context: AnalysisContext, r: _Evolution) -> list[dict]:
+    from explainkit import figures, tables
+
+    out, n = context.output_dir, len(r.inputs.metric_idx)
+    fig = _metrics_figure(r.rows, r.epochs, r.eval_acc, r.has_masks, n, r.method)
+    figures.save_figure(fig, out / "evolution_metrics.png")
+    tables.write_csv(out / "evolution.csv", HEADER, [[row[h] for h in HEADER] for row in r.rows])
+    return [
+        context.artifact(
+            "evolution_metrics.png",
+            "Map quality against the epoch",
+            "image",
+            f"Deletion/insertion AUC{' and localization' if r.has_masks else ''} of the "
+            f"{r.method} maps of {n} eval images per saved epoch, with 95% bootstrap CIs.",
+        ),
+        context.artifact(
+            "evolution.csv",
+            "Map quality per epoch",
+            "table",
+            "Mean, 95% bootstrap CI and n of each metric at each saved epoch.",
+        ),
+    ]
+
+
+def _write_json(context: AnalysisContext, r: _Evolution) -> list[dict]:
+    from explainkit.tables import write_json
+
+    probs = r.grid.probs
+    write_json(
+        context.output_dir / "evolution.json",
+        {
+            "epochs": r.epochs,
+            "method": r.method,
+            "layer": r.layer,
+            "target": "true",
+            "steps": r.steps,
+            "grid_images": r.inputs.grid_idx.tolist(),
+            "grid_true_prob": {str(e): probs[:, i].tolist() for i, e in enumerate(r.epochs)},
+            "metric_images": int(len(r.inputs.metric_idx)),
+            "eval_acc": {str(e): r.eval_acc.get(e) for e in r.epochs},
+            "has_masks": r.has_masks,
+            "table": r.rows,
+        },
+    )
+    return [
+        context.artifact(
+            "evolution.json",
+            "Evolution data",
+            "json",
+            "Epochs, the grid's images and true-class probabilities, and the metric table.",
         )
-        artifacts.append(
-            context.artifact(
-                "evolution.json",
-                "Evolution data",
-                "json",
-                "Epochs, the grid's images and true-class probabilities, and the metric table.",
-            )  # fmt: skip
-        )
-        return artifacts
-
-
-def _spread(sample: Any, labels: Any, count: int) -> Any:
-    """Up to ``count`` positions from ``sample``, round-robin over classes (more variety)."""
-    import numpy as np
-
-    by_class = {c: list(sample[labels == c]) for c in np.unique(labels)}
-    chosen: list[int] = []
-    while len(chosen) < min(count, len(sample)):
-        for c in list(by_class):
-            if by_class[c] and len(chosen) < count:
-                chosen.append(int(by_class[c].pop(0)))
-    return np.sort(np.asarray(chosen, dtype=np.int64))
-
-
-def overlay(images: Any, maps: Any, alpha: float = 0.5) -> Any:
-    """uint8 (N,H,W,3) images blended with (N,H,W) [0, 1] maps in the jet colormap."""
-    import numpy as np
-    from matplotlib import colormaps
-
-    heat = colormaps["jet"](np.clip(maps, 0, 1))[..., :3]
-    return ((1 - alpha) * images / 255.0 + alpha * heat).clip(0, 1).__mul__(255).astype(np.uint8)
+    ]
 
 
 def _grid_figure(
@@ -221,18 +320,20 @@ def _grid_figure(
     layer: str,
 ) -> Any:
     import numpy as np
-    from explainkit.plugins import _plot
 
+    from explainkit import figures
+
+    jet = figures.get_colormap("jet")
     n, e = maps.shape[:2]
     tiles, captions = [], []
     for i in range(n):
         tiles.append(images[i])
-        captions.append(f"{_plot.short(classes[targets[i]], 12)}\n#{indices[i]}")
-        blended = overlay(np.repeat(images[i][None], e, 0), maps[i])
+        captions.append(f"{figures.short(classes[targets[i]], 12)}\n#{indices[i]}")
+        blended = figures.overlay(np.repeat(images[i][None], e, 0), maps[i], jet, 0.5)
         for j in range(e):
             tiles.append(blended[j])
             captions.append(f"epoch {epochs[j]}\np={probs[i, j]:.2f}")
-    return _plot.grid_figure(
+    return figures.grid_figure(
         np.stack(tiles),
         cols=e + 1,
         captions=captions,
@@ -244,12 +345,12 @@ def _grid_figure(
 def _metrics_figure(
     rows: list[dict], epochs: list[int], acc: dict[int, float], masks: bool, n: int, method: str
 ) -> Any:
-    from explainkit.plugins import _plot
+    from explainkit.figures import new_figure
 
     panels = [("deletion_auc", "insertion_auc")]
     if masks:
         panels.append(("pointing_game", "energy_in_mask"))
-    fig = _plot.new_figure(6 * len(panels) + 1, 4.2)
+    fig = new_figure(6 * len(panels) + 1, 4.2)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     lookup = {(r["epoch"], r["metric"]): r for r in rows}
     for ax, metrics in zip(axes, panels, strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -10,8 +11,10 @@ from explainkit import hookimpl
 from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.errors import AnalyzerError
 
-__all__ = ["GalleryAnalyzer", "select_mistakes", "softmax"]
+__all__ = ["GalleryAnalyzer"]
 
+# The choices of explainkit.selection.select_mistakes (MISTAKE_CHOICES, equal by a test),
+# spelled out here so that listing the plugin does not import numpy.
 SELECT_CHOICES = ("confident", "random", "per_class")
 MAX_COLS = 5
 ANNOTATE_MAX_CLASSES = 15  # above this, confusion cells are too small for numbers
@@ -54,209 +57,147 @@ class GalleryAnalyzer(Analyzer):
         select: str,
         class_name: str | None,
     ) -> list[dict]:
-        import numpy as np
-        from explainkit.plugins import _plot
-
-        store = context.store
-        classes = list(store.classes)
-        num_classes = len(classes)
-        class_id = None
-        if class_name is not None:
-            if class_name not in classes:
-                raise AnalyzerError(
-                    f"--gallery-class-name {class_name!r} is not a class of this run; "
-                    f"classes: {', '.join(classes)}"
-                )
-            class_id = classes.index(class_name)
-
-        epoch = context.epoch
-        targets = store.targets
-        probs = softmax(store.logits(epoch))
-        preds = probs.argmax(axis=1)
-        confidence = probs[np.arange(len(preds)), preds]
-        wrong = preds != targets
-        candidates = wrong if class_id is None else wrong & (targets == class_id)
-        chosen = select_mistakes(
-            np.flatnonzero(candidates), targets, confidence, count, select, context.rng
-        )
-
-        out = context.output_dir
-        artifacts = []
-        items = [
-            {
-                "index": int(i),
-                "source_index": int(s),
-                "true": classes[t],
-                "true_id": int(t),
-                "predicted": classes[p],
-                "predicted_id": int(p),
-                "confidence": float(c),
-            }
-            for i, s, t, p, c in zip(
-                chosen,
-                store.index[chosen] if len(chosen) else [],
-                targets[chosen],
-                preds[chosen],
-                confidence[chosen],
-                strict=True,
-            )
+        class_id = _class_id(class_name, context.classes)
+        mistakes = _find_mistakes(context, class_id, count, select)
+        counts = _confusion_counts(context, mistakes)
+        return [
+            *_write_gallery(context, mistakes, count, select, class_name),
+            *_write_confusion(context, counts),
+            *_write_per_class_accuracy(context, counts),
         ]
-        num_wrong = int(wrong.sum())
-        scope = f" of class {class_name!r}" if class_name is not None else ""
-        _plot.write_json(
-            out / "gallery.json",
-            {
-                "epoch": epoch,
-                "select": select,
-                "count": count,
-                "class_name": class_name,
-                "num_images": int(len(targets)),
-                "num_mistakes": num_wrong,
-                "num_candidates": int(candidates.sum()),
-                "items": items,
-            },
-        )
-
-        title = f"Misclassified eval images{scope}, epoch {epoch}"
-        if items:
-            fig = _gallery_figure(store.images(chosen), items, title)
-            caption = (
-                f"{len(items)} of {int(candidates.sum())} mistakes{scope} "
-                f"({num_wrong} of {len(targets)} eval images wrong), selected: {select}; "
-                "caption: true → predicted (softmax confidence)"
-            )
-        else:
-            fig = _plot.message_figure(
-                f"No misclassified images{scope} at epoch {epoch}\n"
-                f"({num_wrong} of {len(targets)} eval images are wrong).",
-                title,
-            )
-            caption = f"no mistakes{scope} to show at epoch {epoch}"
-        _plot.save_figure(fig, out / "gallery.png")
-        artifacts.append(context.artifact("gallery.png", "Misclassified images", "image", caption))
-        artifacts.append(
-            context.artifact(
-                "gallery.json", "Gallery selection", "json", "Shown images, in display order."
-            )
-        )
-
-        # Confusion matrix and per-class accuracy over the whole eval set (vectorized).
-        matrix = np.bincount(
-            targets * num_classes + preds, minlength=num_classes * num_classes
-        ).reshape(num_classes, num_classes)
-        support = matrix.sum(axis=1)
-        correct = np.diag(matrix)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            normalized = matrix / support[:, None]
-            accuracy = correct / support
-        normalized = np.nan_to_num(normalized)
-        _plot.write_csv(
-            out / "confusion_matrix.csv",
-            ["true \\ predicted", *classes],
-            [[name, *row] for name, row in zip(classes, matrix.tolist(), strict=True)],
-        )
-        fig = _confusion_figure(matrix, normalized, classes, epoch)
-        _plot.save_figure(fig, out / "confusion_matrix.png")
-        overall = float(correct.sum() / max(len(targets), 1))
-        artifacts.append(
-            context.artifact(
-                "confusion_matrix.png",
-                "Confusion matrix",
-                "image",
-                f"Rows: true class, columns: predicted; {len(targets)} eval images, "
-                f"accuracy {100 * overall:.2f}% at epoch {epoch}.",
-            )
-        )
-        artifacts.append(
-            context.artifact(
-                "confusion_matrix.csv", "Confusion matrix (counts)", "table", "Rows: true class."
-            )
-        )
-
-        per_class = [
-            {
-                "class": name,
-                "class_id": k,
-                "support": int(support[k]),
-                "correct": int(correct[k]),
-                "accuracy": None if support[k] == 0 else float(accuracy[k]),
-            }
-            for k, name in enumerate(classes)
-        ]
-        _plot.write_csv(
-            out / "per_class_accuracy.csv",
-            ["class", "class_id", "support", "correct", "accuracy"],
-            [
-                [r["class"], r["class_id"], r["support"], r["correct"], r["accuracy"]]
-                for r in per_class
-            ],
-        )
-        _plot.write_json(
-            out / "per_class_accuracy.json",
-            {
-                "epoch": epoch,
-                "accuracy": overall,
-                "num_images": int(len(targets)),
-                "classes": per_class,
-            },
-        )
-        artifacts.append(
-            context.artifact(
-                "per_class_accuracy.csv", "Per-class accuracy", "table", "Empty support → blank."
-            )
-        )
-        artifacts.append(
-            context.artifact("per_class_accuracy.json", "Per-class accuracy (JSON)", "json")
-        )
-        return artifacts
 
 
-def softmax(logits: Any) -> Any:
-    """Row-wise softmax in float64 (stable: the row maximum is subtracted first)."""
-    import numpy as np
-
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
+# -- step 1: which mistakes to show -------------------------------------------------------
 
 
-def select_mistakes(
-    candidates: Any, targets: Any, confidence: Any, count: int, select: str, rng: Any
-) -> Any:
-    """Pick up to ``count`` eval positions from ``candidates``, in display order.
+def _class_id(class_name: str | None, classes: list[str]) -> int | None:
+    """The index of ``--gallery-class-name`` (None when not given); unknown names list all."""
+    if class_name is None:
+        return None
+    if class_name not in classes:
+        raise AnalyzerError(
+            f"--gallery-class-name {class_name!r} is not a class of this run; "
+            f"classes: {', '.join(classes)}"
+        )
+    return classes.index(class_name)
 
-    ``confident``: highest confidence first. ``random``: a seeded sample, then shown highest
-    confidence first. ``per_class``: round-robin over true classes in class order, each class's
-    mistakes taken most confident first. Ties break by eval position, so the result is stable.
+
+@dataclass
+class _Mistakes:
+    """The recorded predictions of one epoch and the mistakes chosen for display.
+
+    ``candidates`` marks the mistakes in scope (of the chosen class, if any); ``chosen`` are
+    the store positions shown, in display order.
     """
+
+    epoch: int
+    targets: Any
+    preds: Any
+    confidence: Any
+    wrong: Any
+    candidates: Any
+    chosen: Any
+
+    @property
+    def num_wrong(self) -> int:
+        return int(self.wrong.sum())
+
+    @property
+    def num_candidates(self) -> int:
+        return int(self.candidates.sum())
+
+
+def _find_mistakes(
+    context: AnalysisContext, class_id: int | None, count: int, select: str
+) -> _Mistakes:
     import numpy as np
 
-    candidates = np.asarray(candidates, dtype=np.int64)
-    if candidates.size == 0:
-        return candidates
-    conf = confidence[candidates]
-    if select == "random":
-        take = min(count, candidates.size)
-        picked = np.sort(rng.choice(candidates.size, size=take, replace=False))
-        candidates, conf = candidates[picked], conf[picked]
-        return candidates[np.lexsort((candidates, -conf))]
-    if select == "confident":
-        return candidates[np.lexsort((candidates, -conf))][:count]
-    if select == "per_class":
-        cls = targets[candidates]
-        order = np.lexsort((candidates, -conf, cls))  # by class, then most confident
-        cls_sorted = cls[order]
-        starts = np.searchsorted(cls_sorted, cls_sorted, side="left")
-        rank = np.arange(order.size) - starts  # position within its class
-        round_robin = order[np.lexsort((cls_sorted, rank))]
-        return candidates[round_robin][:count]
-    raise AnalyzerError(f"unknown gallery selection {select!r}; use {', '.join(SELECT_CHOICES)}")
+    from explainkit.selection import select_mistakes
+
+    store, epoch = context.store, context.epoch
+    targets = store.targets
+    preds = store.predictions(epoch)
+    confidence = store.probabilities(epoch)[np.arange(len(preds)), preds]
+    wrong = preds != targets
+    candidates = wrong if class_id is None else wrong & (targets == class_id)
+    chosen = select_mistakes(
+        np.flatnonzero(candidates), targets, confidence, count, select, context.rng
+    )
+    return _Mistakes(epoch, targets, preds, confidence, wrong, candidates, chosen)
+
+
+# -- step 2: the gallery figure and its JSON ----------------------------------------------
+
+
+def _write_gallery(
+    context: AnalysisContext, m: _Mistakes, count: int, select: str, class_name: str | None
+) -> list[dict]:
+    from explainkit import figures, tables
+
+    out = context.output_dir
+    items = _gallery_items(context, m)
+    tables.write_json(
+        out / "gallery.json",
+        {
+            "epoch": m.epoch,
+            "select": select,
+            "count": count,
+            "class_name": class_name,
+            "num_images": int(len(m.targets)),
+            "num_mistakes": m.num_wrong,
+            "num_candidates": m.num_candidates,
+            "items": items,
+        },
+    )
+    scope = f" of class {class_name!r}" if class_name is not None else ""
+    title = f"Misclassified eval images{scope}, epoch {m.epoch}"
+    total = f"{m.num_wrong} of {len(m.targets)} eval images"
+    if items:
+        fig = _gallery_figure(context.store.images(m.chosen), items, title)
+        caption = (
+            f"{len(items)} of {m.num_candidates} mistakes{scope} ({total} wrong), "
+            f"selected: {select}; caption: true → predicted (softmax confidence)"
+        )
+    else:
+        fig = figures.message_figure(
+            f"No misclassified images{scope} at epoch {m.epoch}\n({total} are wrong).", title
+        )
+        caption = f"no mistakes{scope} to show at epoch {m.epoch}"
+    figures.save_figure(fig, out / "gallery.png")
+    return [
+        context.artifact("gallery.png", "Misclassified images", "image", caption),
+        context.artifact(
+            "gallery.json", "Gallery selection", "json", "Shown images, in display order."
+        ),
+    ]
+
+
+def _gallery_items(context: AnalysisContext, m: _Mistakes) -> list[dict]:
+    """One JSON record per shown image, in display order."""
+    classes, chosen = context.classes, m.chosen
+    return [
+        {
+            "index": int(i),
+            "source_index": int(s),
+            "true": classes[t],
+            "true_id": int(t),
+            "predicted": classes[p],
+            "predicted_id": int(p),
+            "confidence": float(c),
+        }
+        for i, s, t, p, c in zip(
+            chosen,
+            context.store.index[chosen] if len(chosen) else [],
+            m.targets[chosen],
+            m.preds[chosen],
+            m.confidence[chosen],
+            strict=True,
+        )
+    ]
 
 
 def _caption(item: dict) -> str:
-    from explainkit.plugins._plot import short
+    from explainkit.figures import short
 
     true, pred = short(item["true"]), short(item["predicted"])
     conf = f"({100 * item['confidence']:.1f}%)"
@@ -266,9 +207,9 @@ def _caption(item: dict) -> str:
 
 
 def _gallery_figure(images: Any, items: list[dict], title: str) -> Any:
-    from explainkit.plugins import _plot
+    from explainkit.figures import grid_figure
 
-    return _plot.grid_figure(
+    return grid_figure(
         images,
         cols=min(MAX_COLS, len(items)),
         captions=[_caption(item) for item in items],
@@ -276,43 +217,153 @@ def _gallery_figure(images: Any, items: list[dict], title: str) -> Any:
     )
 
 
-def _confusion_figure(matrix: Any, normalized: Any, classes: list[str], epoch: int) -> Any:
+# -- step 3: confusion matrix over the whole eval set -------------------------------------
+
+
+@dataclass
+class _ConfusionCounts:
+    """Confusion matrix (rows: true class) of one epoch, and what follows from it."""
+
+    epoch: int
+    classes: list[str]
+    matrix: Any  # (K, K) counts
+    normalized: Any  # each row divided by its support; 0 for an empty class
+    support: Any
+    correct: Any
+    accuracy: Any  # per class; NaN for an empty class
+
+    @property
+    def num_images(self) -> int:
+        return int(self.matrix.sum())
+
+    @property
+    def overall(self) -> float:
+        return float(self.correct.sum() / max(self.num_images, 1))
+
+
+def _confusion_counts(context: AnalysisContext, m: _Mistakes) -> _ConfusionCounts:
+    """Counts of ``(true, predicted)`` pairs over the whole eval set, vectorized."""
     import numpy as np
-    from explainkit.plugins import _plot
+
+    k = len(context.classes)
+    matrix = np.bincount(m.targets * k + m.preds, minlength=k * k).reshape(k, k)
+    support = matrix.sum(axis=1)
+    correct = np.diag(matrix)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalized = matrix / support[:, None]
+        accuracy = correct / support
+    return _ConfusionCounts(
+        m.epoch, context.classes, matrix, np.nan_to_num(normalized), support, correct, accuracy
+    )
+
+
+def _write_confusion(context: AnalysisContext, c: _ConfusionCounts) -> list[dict]:
+    from explainkit import figures, tables
+
+    out = context.output_dir
+    tables.write_csv(
+        out / "confusion_matrix.csv",
+        ["true \\ predicted", *c.classes],
+        [[name, *row] for name, row in zip(c.classes, c.matrix.tolist(), strict=True)],
+    )
+    figures.save_figure(_confusion_figure(c), out / "confusion_matrix.png")
+    return [
+        context.artifact(
+            "confusion_matrix.png",
+            "Confusion matrix",
+            "image",
+            f"Rows: true class, columns: predicted; {c.num_images} eval images, "
+            f"accuracy {100 * c.overall:.2f}% at epoch {c.epoch}.",
+        ),
+        context.artifact(
+            "confusion_matrix.csv", "Confusion matrix (counts)", "table", "Rows: true class."
+        ),
+    ]
+
+
+def _confusion_figure(c: _ConfusionCounts) -> Any:
+    from explainkit import figures
+
+    k = len(c.classes)
+    side = max(4.5, 0.26 * k + 2.5)
+    fig = figures.new_figure(2 * side + 1.2, 0.9 * side + 0.6)
+    panels = (
+        (c.matrix, "Counts", None),
+        (c.normalized, "Row-normalized (recall per true class)", (0.0, 1.0)),
+    )
+    for i, (data, name, limits) in enumerate(panels):
+        _confusion_panel(fig, fig.add_subplot(1, 2, i + 1), data, name, limits, c.classes)
+    fig.suptitle(f"Confusion matrix, epoch {c.epoch} ({c.num_images} eval images)")
+    return fig
+
+
+def _confusion_panel(
+    fig: Any, ax: Any, data: Any, name: str, limits: tuple[float, float] | None, classes: list
+) -> None:
+    """One heatmap of the matrix: counts (``limits`` None) or fractions in ``limits``."""
+    import numpy as np
+
+    from explainkit.figures import class_font_size, short
 
     k = len(classes)
-    side = max(4.5, 0.26 * k + 2.5)
-    fig = _plot.new_figure(2 * side + 1.2, 0.9 * side + 0.6)
-    font = _plot.class_font_size(k)
-    labels = [_plot.short(c, 22) for c in classes]
-    panels = (
-        (matrix, "Counts", "Blues", None),
-        (normalized, "Row-normalized (recall per true class)", "Blues", (0.0, 1.0)),
+    font = class_font_size(k)
+    labels = [short(name, 22) for name in classes]
+    vmin, vmax = limits if limits else (0, max(int(data.max()), 1))
+    im = ax.imshow(data, cmap="Blues", vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_title(name, fontsize=11)
+    ax.set_xticks(np.arange(k), labels, rotation=90, fontsize=font)
+    ax.tick_params(length=2)
+    ax.set_yticks(np.arange(k), labels, fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    if k > ANNOTATE_MAX_CLASSES:
+        return
+    threshold = vmin + 0.6 * (vmax - vmin)
+    for (r, col), value in np.ndenumerate(data):
+        text = f"{value:d}" if limits is None else f"{value:.2f}"
+        color = "white" if value > threshold else "black"
+        if value == 0:
+            text, color = "0", "0.7"  # zeros recede, so the errors stand out
+        ax.text(col, r, text, ha="center", va="center", fontsize=8 if k <= 10 else 6, color=color)
+
+
+# -- step 4: per-class accuracy -----------------------------------------------------------
+
+
+def _write_per_class_accuracy(context: AnalysisContext, c: _ConfusionCounts) -> list[dict]:
+    from explainkit import tables
+
+    out = context.output_dir
+    per_class = [
+        {
+            "class": name,
+            "class_id": k,
+            "support": int(c.support[k]),
+            "correct": int(c.correct[k]),
+            "accuracy": None if c.support[k] == 0 else float(c.accuracy[k]),
+        }
+        for k, name in enumerate(c.classes)
+    ]
+    header = ["class", "class_id", "support", "correct", "accuracy"]
+    tables.write_csv(
+        out / "per_class_accuracy.csv", header, [[r[h] for h in header] for r in per_class]
     )
-    for i, (data, name, cmap, limits) in enumerate(panels):
-        ax = fig.add_subplot(1, 2, i + 1)
-        vmin, vmax = limits if limits else (0, max(int(data.max()), 1))
-        im = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-        ax.set_title(name, fontsize=11)
-        ax.set_xticks(np.arange(k), labels, rotation=90, fontsize=font)
-        ax.tick_params(length=2)
-        ax.set_yticks(np.arange(k), labels, fontsize=font)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        fig.colorbar(im, ax=ax, shrink=0.8)
-        if k <= ANNOTATE_MAX_CLASSES:
-            threshold = vmin + 0.6 * (vmax - vmin)
-            for (r, c), value in np.ndenumerate(data):
-                text = f"{value:d}" if limits is None else f"{value:.2f}"
-                color = "white" if value > threshold else "black"
-                if value == 0:
-                    text, color = "0", "0.7"  # zeros recede, so the errors stand out
-                ax.text(
-                    c, r, text, ha="center", va="center", fontsize=8 if k <= 10 else 6,
-                    color=color,
-                )  # fmt: skip
-    fig.suptitle(f"Confusion matrix, epoch {epoch} ({int(matrix.sum())} eval images)")
-    return fig
+    tables.write_json(
+        out / "per_class_accuracy.json",
+        {
+            "epoch": c.epoch,
+            "accuracy": c.overall,
+            "num_images": c.num_images,
+            "classes": per_class,
+        },
+    )
+    return [
+        context.artifact(
+            "per_class_accuracy.csv", "Per-class accuracy", "table", "Empty support → blank."
+        ),
+        context.artifact("per_class_accuracy.json", "Per-class accuracy (JSON)", "json"),
+    ]
 
 
 @hookimpl

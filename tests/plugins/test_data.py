@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
-from explainkit.plugins.data import sample_per_class
 
 from explainkit.data import load_dataset
+from explainkit.selection import per_class_sample
 from explainkit.store import open_store
 
 from .test_gallery import check_png, load, make_run, run_one
@@ -92,7 +92,7 @@ def test_analyzer_data_folder_sizes_vary(tmp_path, tiny_run_master):
 def test_analyzer_data_samples_per_class_are_from_their_class(per_class):
     rng = np.random.default_rng(0)
     targets = rng.integers(0, 6, 50)
-    chosen, positions = sample_per_class(targets, 6, per_class, np.random.default_rng(1))
+    chosen, positions = per_class_sample(targets, 6, per_class, np.random.default_rng(1))
     assert len(set(chosen.tolist())) == len(chosen)
     np.testing.assert_array_equal(positions // per_class, targets[chosen])
     counts = np.bincount(targets[chosen], minlength=6)

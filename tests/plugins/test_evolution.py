@@ -10,8 +10,7 @@ import pytest
 
 from tests.conftest import train_run
 
-from .test_gallery import check_png
-from .test_quality import run_one
+from .test_gallery import check_png, run_one
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -244,3 +244,12 @@ def test_analyzer_all_builtin_large_store(tmp_path, tiny_run_master):
     counts = load(run, "data", "data.json")["eval"]["class_counts"]
     assert sum(counts) == 10_000
     shutil.rmtree(run)
+
+
+def test_analyzer_gallery_select_choices_are_the_selection_ones():
+    from explainkit.plugins.gallery import GalleryAnalyzer
+
+    from explainkit.selection import MISTAKE_CHOICES
+
+    (select,) = [o for o in GalleryAnalyzer.options if o.name == "select"]
+    assert select.choices == MISTAKE_CHOICES
