@@ -6,11 +6,12 @@ positions as int64 arrays, and breaks ties by position, so a figure is the same 
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from explainkit.errors import AnalyzerError
+
+if TYPE_CHECKING:  # pragma: no cover - numpy is imported where it is used, so that plugins can
+    import numpy as np  # take SELECT_CHOICES for their options without loading it
 
 __all__ = [
     "MISTAKE_CHOICES",
@@ -52,6 +53,8 @@ def parse_target(target: Any, classes: list[str], flag: str) -> str | int:
 
 def sample_indices(num_images: int, count: int, rng: np.random.Generator) -> np.ndarray:
     """A seeded sample of ``count`` store positions, sorted (all images when fewer)."""
+    import numpy as np
+
     if num_images == 0:
         raise AnalyzerError("the store has no eval images to explain")
     if count >= num_images:
@@ -67,6 +70,8 @@ def select_right_and_wrong(
     ``mixed`` takes half (rounded down) misclassified and fills up with correct ones (or the
     other way round when one kind runs short); the sample within each kind is seeded.
     """
+    import numpy as np
+
     wrong = np.flatnonzero(predicted != labels)
     right = np.flatnonzero(predicted == labels)
     if select == "misclassified":
@@ -101,6 +106,8 @@ def select_mistakes(
     confidence first. ``per_class``: round-robin over true classes in class order, each class's
     mistakes taken most confident first. Ties break by eval position.
     """
+    import numpy as np
+
     candidates = np.asarray(candidates, dtype=np.int64)
     if candidates.size == 0:
         return candidates
@@ -127,6 +134,8 @@ def per_class_sample(
     targets: np.ndarray, num_classes: int, per_class: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``per_class`` random positions per class, and their grid cells (row = class)."""
+    import numpy as np
+
     perm = rng.permutation(len(targets))
     order = perm[np.argsort(targets[perm], kind="stable")]
     sorted_targets = targets[order]
@@ -137,6 +146,8 @@ def per_class_sample(
 
 def spread_over_classes(sample: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
     """Up to ``count`` positions from ``sample``, round-robin over classes (more variety)."""
+    import numpy as np
+
     by_class = {c: list(sample[labels == c]) for c in np.unique(labels)}
     chosen: list[int] = []
     while len(chosen) < min(count, len(sample)):

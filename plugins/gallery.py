@@ -10,12 +10,10 @@ import click
 from explainkit import hookimpl
 from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.errors import AnalyzerError
+from explainkit.selection import MISTAKE_CHOICES
 
 __all__ = ["GalleryAnalyzer"]
 
-# The choices of explainkit.selection.select_mistakes (MISTAKE_CHOICES, equal by a test),
-# spelled out here so that listing the plugin does not import numpy.
-SELECT_CHOICES = ("confident", "random", "per_class")
 MAX_COLS = 5
 ANNOTATE_MAX_CLASSES = 15  # above this, confusion cells are too small for numbers
 
@@ -44,7 +42,7 @@ class GalleryAnalyzer(Analyzer):
             "confident",
             "Which mistakes: most confident first, a seeded random sample, or round-robin "
             "over true classes.",
-            choices=SELECT_CHOICES,
+            choices=MISTAKE_CHOICES,
         ),
         Option("class_name", str, None, "Show only mistakes whose true class is this one."),
     )

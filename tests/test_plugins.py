@@ -124,7 +124,7 @@ def test_loading_plugins_does_not_import_torch():
     code = (
         "import sys, explainkit.manager as m\n"
         "m.get_analyzers(m.load_plugins())\n"
-        "print(sorted({'torch', 'h5py', 'matplotlib'} & set(sys.modules)))"
+        "print(sorted({'torch', 'h5py', 'matplotlib', 'numpy'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stderr

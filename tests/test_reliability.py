@@ -353,7 +353,7 @@ def test_non_image_files_in_an_image_folder(tmp_path):
         "train", *TRAIN_TINY, "--dataset", "folder", "--data-dir", str(root), "--epochs", "1",
         "--out", str(out),
     )  # fmt: skip
-    assert_clean_failure(result, (1,), "Cannot decode image", "broken.png")
+    assert_clean_failure(result, (1,), "cannot decode image", "broken.png")
     # A file without an image extension is skipped with a one-line warning, not an error.
     assert "warning: Skipping" in result.stderr and "notes.txt" in result.stderr
     assert "UserWarning" not in result.stderr

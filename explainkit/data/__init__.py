@@ -44,7 +44,7 @@ class Dataset:
         if limit is None or limit >= len(self):
             return self
         if limit < 1:
-            raise DataError(f"limit must be a positive number of images, got {limit}.")
+            raise DataError(f"limit must be a positive number of images, got {limit}")
         return Dataset(
             images=self.images[:limit],
             targets=self.targets[:limit],
@@ -67,13 +67,13 @@ def load_dataset(
 ) -> Dataset:
     """Load one split of a named dataset; `limit` keeps the first `limit` images."""
     if name not in DATASETS:
-        raise DataError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:
-        raise DataError(f"Unknown split {split!r}; choose 'train' or 'eval'.")
+        raise DataError(f"unknown split {split!r}; choose 'train' or 'eval'")
     if image_size < 8:
-        raise DataError(f"image_size must be at least 8 pixels, got {image_size}.")
+        raise DataError(f"image_size must be at least 8 pixels, got {image_size}")
     if limit is not None and limit < 1:
-        raise DataError(f"limit must be a positive number of images, got {limit}.")
+        raise DataError(f"limit must be a positive number of images, got {limit}")
     if name == "cifar10":
         from explainkit.data.cifar10 import load_cifar10
 
@@ -88,7 +88,7 @@ def load_dataset(
     from explainkit.data.folder import load_folder
 
     if data_dir is None:
-        raise DataError("The folder dataset needs --data-dir pointing at an ImageFolder tree.")
+        raise DataError("the folder dataset needs --data-dir pointing at an ImageFolder tree")
     return load_folder(split, data_dir, image_size=image_size, seed=seed, limit=limit)
 
 
@@ -96,7 +96,7 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     """Per-channel mean and std in [0,1] units, accumulated in float64 chunk by chunk."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
-        raise DataError(f"channel_stats expects non-empty (N,H,W,3) images, got {images.shape}.")
+        raise DataError(f"channel_stats expects non-empty (N,H,W,3) images, got {images.shape}")
     total = np.zeros(3)
     squares = np.zeros(3)
     for start in range(0, len(images), 4096):

@@ -69,11 +69,11 @@ def safe_load(path: Path) -> object:
         with open(path, "rb") as f:
             return SafeUnpickler(f, encoding="latin1").load()
     except OSError as e:
-        raise DataError(f"Cannot read CIFAR-10 file {path}: {e.strerror or e}.") from e
+        raise DataError(f"cannot read CIFAR-10 file {path}: {e.strerror or e}") from e
     except Exception as e:  # truncated, corrupt, or a code-running pickle
         raise DataError(
             f"{path} is not a valid CIFAR-10 batch ({type(e).__name__}: {e}); "
-            "replace it with the official cifar-10-batches-py files."
+            "replace it with the official cifar-10-batches-py files"
         ) from e
 
 
@@ -81,7 +81,7 @@ def read_batch(path: Path, num_classes: int = 10) -> tuple[np.ndarray, np.ndarra
     """Read one batch file into NHWC uint8 images and int64 labels after validating it."""
     batch = safe_load(path)
     if not isinstance(batch, dict):
-        raise DataError(f"{path} is not a CIFAR-10 batch (no dict inside); use the official files.")
+        raise DataError(f"{path} is not a CIFAR-10 batch (no dict inside); use the official files")
     data = batch.get("data")
     labels = batch.get("labels", batch.get("fine_labels"))
     if (
@@ -90,17 +90,17 @@ def read_batch(path: Path, num_classes: int = 10) -> tuple[np.ndarray, np.ndarra
         or data.ndim != 2
         or data.shape[1] != 3072
     ):
-        raise DataError(f"{path} has no uint8 (N,3072) 'data' array; use the official files.")
+        raise DataError(f"{path} has no uint8 (N,3072) 'data' array; use the official files")
     if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data):
-        raise DataError(f"{path} has no list of {len(data)} labels; use the official files.")
+        raise DataError(f"{path} has no list of {len(data)} labels; use the official files")
     try:
         targets = np.array(labels, dtype=np.int64)
     except (TypeError, ValueError, OverflowError):
         raise DataError(
-            f"{path} has labels that are not integers; use the official files."
+            f"{path} has labels that are not integers; use the official files"
         ) from None
     if targets.ndim != 1 or (len(targets) and (targets.min() < 0 or targets.max() >= num_classes)):
-        raise DataError(f"{path} has labels outside 0..{num_classes - 1}; use the official files.")
+        raise DataError(f"{path} has labels outside 0..{num_classes - 1}; use the official files")
     # Each row is 1024 red, 1024 green, 1024 blue values, each plane row-major.
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     return images, targets
@@ -114,7 +114,7 @@ def read_classes(folder: Path) -> list[str]:
     meta = safe_load(path)
     names = meta.get("label_names") if isinstance(meta, dict) else None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise DataError(f"{path} has no list of label_names; use the official CIFAR-10 files.")
+        raise DataError(f"{path} has no list of label_names; use the official CIFAR-10 files")
     return names
 
 
@@ -140,8 +140,8 @@ def download_archive(root: Path) -> None:
         download_and_extract_archive(URL, download_root=str(root), md5=MD5)
     except Exception as e:
         raise DataError(
-            f"Could not download CIFAR-10 ({type(e).__name__}: {e}); point --data-dir at a "
-            f"folder containing {FOLDER} (or at {FOLDER} itself)."
+            f"could not download CIFAR-10 ({type(e).__name__}: {e}); point --data-dir at a "
+            f"folder containing {FOLDER} (or at {FOLDER} itself)"
         ) from e
 
 
@@ -157,13 +157,13 @@ def load_cifar10(split: str, data_dir: str | Path | None = None, download: bool 
     if not files:
         if not download:
             raise DataError(
-                f"No CIFAR-10 {split} batches in {folder}; point --data-dir at a folder "
-                f"containing {FOLDER} or allow downloading."
+                f"no CIFAR-10 {split} batches in {folder}; point --data-dir at a folder "
+                f"containing {FOLDER} or allow downloading"
             )
         download_archive(root)
         files = _split_files(folder, split)
         if not files:
-            raise DataError(f"The download did not produce {folder}; point --data-dir at {FOLDER}.")
+            raise DataError(f"the download did not produce {folder}; point --data-dir at {FOLDER}")
     classes = read_classes(folder)
     parts = [read_batch(path, len(classes)) for path in files]
     targets = np.concatenate([t for _, t in parts])

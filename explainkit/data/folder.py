@@ -24,7 +24,7 @@ HOLDOUT = 0.1
 def scan(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
     """Sorted image files and class ids; files without an image extension are skipped."""
     if not root.is_dir():
-        raise DataError(f"Image folder {root} does not exist; point --data-dir at an ImageFolder.")
+        raise DataError(f"image folder {root} does not exist; point --data-dir at an ImageFolder")
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if classes is None:
         classes = found
@@ -32,7 +32,7 @@ def scan(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list
     if unknown:
         raise DataError(
             f"{root} has class folders {unknown} that the training folder lacks; "
-            "use the same class folders in every split."
+            "use the same class folders in every split"
         )
     files, targets = [], []
     for target, name in enumerate(classes):
@@ -48,7 +48,7 @@ def scan(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list
             files.append(path)
             targets.append(target)
     if not files:
-        raise DataError(f"No images found under {root}; expected one subfolder per class.")
+        raise DataError(f"no images found under {root}; expected one subfolder per class")
     return files, targets, classes
 
 
@@ -63,7 +63,7 @@ def read_image(path: Path, image_size: int) -> tuple[np.ndarray, tuple[int, int]
             img = img.resize((image_size, image_size), Image.BILINEAR)
             return np.asarray(img, dtype=np.uint8), size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"Cannot decode image {path} ({e}); remove or replace the file.") from e
+        raise DataError(f"cannot decode image {path} ({e}); remove or replace the file") from e
 
 
 def load_folder(
@@ -85,7 +85,7 @@ def load_folder(
         held[order[: max(1, round(HOLDOUT * len(files)))]] = True
         index = np.flatnonzero(held if split == "eval" else ~held)
         if split == "train" and len(index) == 0:
-            raise DataError(f"{root} has too few images to hold 10% out for evaluation.")
+            raise DataError(f"{root} has too few images to hold 10% out for evaluation")
     elif split == "eval":
         files, targets, _ = scan(eval_root, classes)
         index = np.arange(len(files))

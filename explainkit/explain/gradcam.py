@@ -76,7 +76,7 @@ class CAMResult:
     def cat(results: Sequence[CAMResult]) -> CAMResult:
         """Join batch results along the image dimension."""
         if not results:
-            raise AnalyzerError("no CAM results to join; pass at least one image.")
+            raise AnalyzerError("no CAM results to join; pass at least one image")
         return CAMResult(*(torch.cat([getattr(r, f) for r in results]) for f in _FIELDS))
 
 
@@ -106,7 +106,7 @@ def resolve_layer(model: nn.Module, layer: str) -> nn.Module:
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
     raise AnalyzerError(
         f"unknown target layer {layer!r}; {hint}"
-        f"valid layers include: {', '.join(choices)} (any name from model.named_modules())."
+        f"valid layers include: {', '.join(choices)} (any name from model.named_modules())"
     )
 
 
@@ -161,12 +161,12 @@ class CAM:
         if not isinstance(output, Tensor) or output.dim() != 4:
             raise AnalyzerError(
                 f"layer {self.layer!r} does not output an (N, C, H, W) tensor; "
-                "pick a convolutional layer or stage such as 'layer4'."
+                "pick a convolutional layer or stage such as 'layer4'"
             )
         if self._acts:
             raise AnalyzerError(
                 f"layer {self.layer!r} runs more than once per forward pass; "
-                "pick a module that is used once, e.g. a stage or a block."
+                "pick a module that is used once, e.g. a stage or a block"
             )
         # A leaf that requires grad: the backward pass stops here. The network goes on with the
         # leaf itself; autograd refuses in-place changes to a leaf, and then ``__call__`` runs
@@ -212,11 +212,11 @@ class CAM:
                 if not self._acts:
                     raise AnalyzerError(
                         f"layer {self.layer!r} was not used in the forward pass; "
-                        "pick a layer the model runs."
+                        "pick a layer the model runs"
                     )
                 acts = self._acts[0]
                 if logits.dim() != 2:
-                    raise AnalyzerError("the model must return (N, C) logits to explain.")
+                    raise AnalyzerError("the model must return (N, C) logits to explain")
                 predicted = logits.detach().argmax(1)
                 targets = self._targets(target, true_targets, predicted, logits.shape[1])
                 # d(sum_n logits[n, t_n]) / d acts, as Captum computes it, without the
@@ -227,7 +227,7 @@ class CAM:
                 except RuntimeError as e:
                     raise AnalyzerError(
                         f"the model's output does not depend on layer {self.layer!r} "
-                        f"({e}); pick a layer before the classifier head."
+                        f"({e}); pick a layer before the classifier head"
                     ) from e
             with torch.no_grad():
                 raw, maps = self.compute_maps(acts.detach(), grads, images.shape[-2:])
@@ -254,10 +254,10 @@ class CAM:
             raise AnalyzerError(
                 "images must be a float (N, C, H, W) tensor, normalized as for training; "
                 f"got {getattr(images, 'dtype', type(images))} "
-                f"{tuple(getattr(images, 'shape', ()))}."
+                f"{tuple(getattr(images, 'shape', ()))}"
             )
         if images.shape[0] == 0:
-            raise AnalyzerError("no images to explain; pass at least one.")
+            raise AnalyzerError("no images to explain; pass at least one")
         if self._params and images.device != self._params[0].device:
             images = images.to(self._params[0].device, non_blocking=True)
         return images
@@ -276,26 +276,26 @@ class CAM:
             if target != "true":
                 raise AnalyzerError(
                     f"unknown target {target!r}; use 'predicted', 'true', a class index "
-                    "or one index per image."
+                    "or one index per image"
                 )
             if true_targets is None:
-                raise AnalyzerError("target='true' needs true_targets (one label per image).")
+                raise AnalyzerError("target='true' needs true_targets (one label per image)")
             target = true_targets
         if isinstance(target, bool):
-            raise AnalyzerError(f"target must be a class index, not {target!r}.")
+            raise AnalyzerError(f"target must be a class index, not {target!r}")
         if isinstance(target, int):
             if not 0 <= target < num_classes:
-                raise AnalyzerError(f"target class {target} is not in [0, {num_classes}).")
+                raise AnalyzerError(f"target class {target} is not in [0, {num_classes})")
             return torch.full((n,), target, dtype=torch.int64, device=device)
         t = torch.as_tensor(target)
         if t.dim() != 1 or t.shape[0] != n or t.is_floating_point() or t.dtype == torch.bool:
             raise AnalyzerError(
                 f"targets must be {n} integer class indices, one per image; "
-                f"got {t.dtype} {tuple(t.shape)}."
+                f"got {t.dtype} {tuple(t.shape)}"
             )
         # Checked only on the CPU: a check on the device would cost a sync per batch.
         if t.device.type == "cpu" and ((t < 0) | (t >= num_classes)).any():
-            raise AnalyzerError(f"targets must lie in [0, {num_classes}).")
+            raise AnalyzerError(f"targets must lie in [0, {num_classes})")
         return t.to(device=device, dtype=torch.int64, non_blocking=True)
 
     def compute_maps(
@@ -372,7 +372,7 @@ assert tuple(METHODS) == CAM_METHODS, "explain/methods.py lists the native CAMs"
 def _method(method: str) -> type[CAM]:
     if method not in METHODS:
         raise AnalyzerError(
-            f"unknown CAM method {method!r}; available: {', '.join(sorted(METHODS))}."
+            f"unknown CAM method {method!r}; available: {', '.join(sorted(METHODS))}"
         )
     return METHODS[method]
 
@@ -390,7 +390,7 @@ def iter_cam(
     n = images.shape[0] if isinstance(images, Tensor) else 0
     step = batch_size or max(n, 1)
     if step < 1:
-        raise AnalyzerError(f"batch_size must be positive, got {batch_size}.")
+        raise AnalyzerError(f"batch_size must be positive, got {batch_size}")
     per_image = not isinstance(target, (str, int))
     target_t = torch.as_tensor(target) if per_image else None
     true_t = torch.as_tensor(true_targets) if true_targets is not None else None

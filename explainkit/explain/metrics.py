@@ -105,7 +105,7 @@ def perturbation_baseline(images: Tensor, kind: str = "blur") -> Tensor:
     if kind == "mean":
         return torch.zeros_like(images)
     raise AnalyzerError(
-        f"unknown perturbation baseline {kind!r}; use one of {', '.join(BASELINES)}."
+        f"unknown perturbation baseline {kind!r}; use one of {', '.join(BASELINES)}"
     )
 
 
@@ -182,10 +182,10 @@ def perturbation_curves(
         generator: CPU generator for tie-breaking (seeded for reproducibility).
     """
     if steps < 1:
-        raise AnalyzerError(f"steps must be at least 1, got {steps}.")
+        raise AnalyzerError(f"steps must be at least 1, got {steps}")
     n, c, h, w = images.shape
     if maps.shape != (n, h, w):
-        raise AnalyzerError(f"maps must be (N, H, W) = {(n, h, w)}; got {tuple(maps.shape)}.")
+        raise AnalyzerError(f"maps must be (N, H, W) = {(n, h, w)}; got {tuple(maps.shape)}")
     device = images.device
     targets = targets.to(device)
     base = perturbation_baseline(images, baseline)
@@ -299,7 +299,7 @@ def randomization_check(
     if not steps:
         raise AnalyzerError(
             "none of the layers to randomize exist in this model "
-            f"({', '.join('+'.join(g) for g in cascade)}); pass cascade= with its module names."
+            f"({', '.join('+'.join(g) for g in cascade)}); pass cascade= with its module names"
         )
     original = dict(original or {})
     for name, fn in methods.items():
