@@ -26,6 +26,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# What ``explainkit train --resume`` may change: options that say how or where the run
+# computes, never what it computes. Every other option differing from the run's config.json is
+# refused, because the checkpoints, the stored logits and the history were made with it; among
+# them --preset (a name for recipe values), --ema (whether the average exists, is checkpointed
+# and produced the stored logits), --tta (what the stored logits are), --sync-bn (the BatchNorm
+# statistics training uses under torchrun, like --batch-size) and --data-dir (which images).
+RESUMABLE = (
+    "epochs",  # how long to train; the one-cycle schedule is re-sized from the current step on
+    "device",  # where it runs; the same recipe, though the bits differ from device to device
+    "compile",  # torch.compile: the same model, compiled
+    "amp",  # CUDA mixed precision: the numeric precision of the same model
+    "channels_last",  # CUDA memory layout: the same model
+    "keep_checkpoints",  # how many epoch files are kept on disk; nothing trained changes
+)
+
+
 class ConfigError(ExplainkitError):
     """A config file or option value is invalid."""
 
@@ -188,3 +204,8 @@ def resolve_config(
     config = TrainConfig.from_dict(merged, source=str(config_file or "options"))
     config.validate()
     return config
+
+
+def refused_on_resume(saved: TrainConfig, values: dict[str, Any]) -> list[str]:
+    """The options in ``values`` that differ from the ``saved`` run and are not in RESUMABLE."""
+    return [k for k, v in values.items() if k not in RESUMABLE and getattr(saved, k) != v]

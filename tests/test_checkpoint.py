@@ -74,3 +74,52 @@ def test_checkpoints_hold_only_tensors_and_plain_values(tiny_run):
     data = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
     assert {"optimizer", "scheduler", "scaler", "rng", "config", "epoch"} <= set(data)
     assert not any(k.startswith("module.") for k in data["state_dict"])
+
+
+def test_checkpoint_keys_say_what_they_hold(tiny_run):
+    """v2: ``state_dict`` is the raw training weights, ``state_dict_ema`` their average, and
+    the model that is loaded is the average, which is what was evaluated and stored."""
+    from explainkit.train.checkpoint import FORMAT_VERSION, eval_state_dict
+
+    data = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
+    assert data["format_version"] == FORMAT_VERSION == 2 and "train_state_dict" not in data
+    raw, ema = data["state_dict"], data["state_dict_ema"]
+    assert raw.keys() == ema.keys() and data["ema_updates"] > 0
+    assert not torch.equal(raw["linear.weight"], ema["linear.weight"])
+    assert eval_state_dict(data) is ema
+    loaded = load_model(tiny_run / "checkpoints" / "last.pt").state_dict()
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)
+
+
+def _v1_layout(v2: dict, ema: bool) -> dict:
+    """The same checkpoint as explainkit wrote it before format v2 (state_dict = evaluated)."""
+    old = {k: v for k, v in v2.items() if k not in ("state_dict", "state_dict_ema", "ema_updates")}
+    old["format_version"] = 1
+    if ema:
+        old.update(
+            state_dict=v2["state_dict_ema"],
+            train_state_dict=v2["state_dict"],
+            ema_updates=v2["ema_updates"],
+        )
+    else:
+        old.update(state_dict=v2["state_dict"], train_state_dict=None, ema_updates=0)
+    return old
+
+
+@pytest.mark.parametrize("ema", [True, False], ids=["ema", "no-ema"])
+def test_v1_checkpoints_load_to_the_same_weights(tiny_run, tmp_path, ema):
+    v2 = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
+    path = tmp_path / "v1.pt"
+    torch.save(_v1_layout(v2, ema), path)
+    data = load_checkpoint(path)
+    assert data["format_version"] == 2 and "train_state_dict" not in data
+    expected = dict(v2) if ema else {k: v for k, v in v2.items() if "ema" not in k}
+    assert data.keys() == expected.keys()
+    for key in ("state_dict", "state_dict_ema"):
+        if key in expected:
+            assert all(torch.equal(data[key][k], expected[key][k]) for k in expected[key]), key
+    if ema:
+        assert data["ema_updates"] == v2["ema_updates"]
+    weights = v2["state_dict_ema"] if ema else v2["state_dict"]  # what v1 evaluated
+    loaded = load_model(path).state_dict()
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)

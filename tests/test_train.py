@@ -49,9 +49,11 @@ def test_stored_logits_are_the_checkpoints_logits(tiny_run):
 def test_same_seed_gives_bit_identical_runs(tmp_path):
     a = train_run(tmp_path / "a", epochs=2, limit_train=128, limit_eval=32, cutout=8)
     b = train_run(tmp_path / "b", epochs=2, limit_train=128, limit_eval=32, cutout=8)
-    sa = load_checkpoint(a / "checkpoints" / "last.pt")["state_dict"]
-    sb = load_checkpoint(b / "checkpoints" / "last.pt")["state_dict"]
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ca = load_checkpoint(a / "checkpoints" / "last.pt")
+    cb = load_checkpoint(b / "checkpoints" / "last.pt")
+    for key in ("state_dict", "state_dict_ema"):  # the raw weights and their moving average
+        sa, sb = ca[key], cb[key]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), key
     with open_store(a) as ra, open_store(b) as rb:
         assert np.array_equal(ra.logits(2), rb.logits(2))
 
@@ -197,18 +199,18 @@ def test_every_random_state_round_trips_through_a_checkpoint(tmp_path):
     import random
 
     from explainkit.train.checkpoint import save_checkpoint
-    from explainkit.train.trainer import _restore_rng_state, _rng_state
+    from explainkit.train.state import restore_rng_state, rng_state
 
     data, aug = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     np.random.seed(3)
     np.random.rand(5)  # move numpy's position off its fresh value
     random.seed(4)
     save_checkpoint(
-        tmp_path / "r.pt", {"model": {}, "state_dict": {}, "epoch": 1, "rng": _rng_state(data, aug)}
+        tmp_path / "r.pt", {"model": {}, "state_dict": {}, "epoch": 1, "rng": rng_state(data, aug)}
     )
     expected = (np.random.rand(), random.random(), torch.rand(1), torch.rand(1, generator=aug))
     np.random.rand(9), random.random(), torch.rand(4), torch.rand(4, generator=aug)
-    _restore_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"], data, aug)
+    restore_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"], data, aug)
     again = (np.random.rand(), random.random(), torch.rand(1), torch.rand(1, generator=aug))
     assert expected[:2] == again[:2]
     assert torch.equal(expected[2], again[2]) and torch.equal(expected[3], again[3])

@@ -1,6 +1,21 @@
 """Checkpoints: plain tensors and values, written atomically, read with ``weights_only=True``.
 
 Never fall back to full unpickling: a checkpoint that ``weights_only`` refuses is refused.
+
+Layout (``format_version`` 2); each key says what it holds, as in timm:
+
+    model           the model spec: arch, width, num_classes, input_shape, default_layer
+    state_dict      the raw training weights, always
+    state_dict_ema  the moving average of the weights; only in runs with ``--ema``, where it
+                    is what was evaluated and stored (see :func:`eval_state_dict`)
+    ema_updates     the moving average's update count; only with ``state_dict_ema``
+    optimizer, scheduler, scaler    their state_dicts, for resuming
+    epoch, eval_acc, best_acc, best_epoch
+    rng             every random state (explainkit.train.state)
+    config, classes, mean, std
+
+Version 1 kept the evaluated weights under ``state_dict`` (the average, with EMA) and the raw
+ones under ``train_state_dict``; :func:`load_checkpoint` translates it to version 2.
 """
 
 from __future__ import annotations
@@ -22,7 +37,7 @@ from explainkit.errors import CheckpointError, RunError
 from explainkit.rundir import RunDir
 
 FORMAT_NAME = "explainkit-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _EPOCH_FILE = re.compile(r"^epoch_(\d{3,})\.pt$")
 
 
@@ -52,9 +67,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path} was refused: it contains objects other than tensors and plain values "
-            "(a pickle that could run code, or a checkpoint from another tool); "
-            "explainkit never unpickles those"
+            # The reason first: the CLI shows the first 200 characters of a message.
+            f"{path} was refused: it holds objects other than tensors and plain values; "
+            "explainkit never unpickles those (a pickle can run code); is it another tool's file?"
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(
@@ -75,7 +90,27 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     for key in ("model", "state_dict", "epoch"):
         if key not in data:
             raise CheckpointError(f"{path} lacks {key!r}; the checkpoint is damaged")
+    if version < 2:
+        _upgrade_v1(data)
     return data
+
+
+def _upgrade_v1(data: dict[str, Any]) -> None:
+    """Rename v1 keys in place: with EMA, v1 kept the average under ``state_dict`` and the raw
+    weights under ``train_state_dict``; without EMA, ``state_dict`` was already the raw weights."""
+    raw = data.pop("train_state_dict", None)
+    if raw is not None:
+        data["state_dict_ema"] = data["state_dict"]
+        data["state_dict"] = raw
+    else:
+        data.pop("ema_updates", None)  # always 0 without EMA
+    data["format_version"] = FORMAT_VERSION  # the dict now has the current layout
+
+
+def eval_state_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """The weights that were evaluated and stored: the moving average when the run had one."""
+    ema = data.get("state_dict_ema")
+    return ema if ema is not None else data["state_dict"]
 
 
 def list_checkpoints(run_dir: str | Path) -> dict[int, Path]:
@@ -88,6 +123,17 @@ def list_checkpoints(run_dir: str | Path) -> dict[int, Path]:
             if m:
                 found[int(m.group(1))] = p
     return dict(sorted(found.items()))
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int | None, best_epoch: int) -> None:
+    """Delete epoch checkpoints older than the last ``keep``, sparing epoch 1 and the best."""
+    if keep is None:
+        return
+    saved = list_checkpoints(run_dir)
+    recent = set(sorted(saved)[-keep:])
+    for epoch, path in saved.items():
+        if epoch != 1 and epoch != best_epoch and epoch not in recent:
+            path.unlink(missing_ok=True)
 
 
 def resolve_checkpoint(path_or_run: str | Path, epoch: int | None = None) -> Path:
@@ -118,13 +164,13 @@ def resolve_checkpoint(path_or_run: str | Path, epoch: int | None = None) -> Pat
 
 
 def model_from_checkpoint(data: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
-    """Build the model a checkpoint describes and load its weights, in eval mode."""
+    """Build the model a checkpoint describes with the weights it evaluated, in eval mode."""
     from explainkit.models import build_model
 
     spec = data["model"]
     model = build_model(spec["arch"], num_classes=spec["num_classes"], width=spec["width"])
     try:
-        model.load_state_dict(data["state_dict"])
+        model.load_state_dict(eval_state_dict(data))
     except RuntimeError as e:
         raise CheckpointError(
             f"checkpoint weights do not fit model {spec['arch']} (width {spec['width']}): "
