@@ -39,11 +39,11 @@ class AnalyzerError(ExplainkitError):
     """An analyzer could not run on this run directory."""
 
 
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    """The first non-empty line of an exception's message, cut at a word boundary."""
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first non-empty line of an exception's message, cut at a word boundary if long."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[0] if lines else ""
-    if len(text) > limit:
+    if limit is not None and len(text) > limit:
         text = text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
     return text
 
@@ -54,9 +54,9 @@ def error_sentence(exc: BaseException, plain: tuple[type[BaseException], ...] = 
     An error we raised already says what to do; anything else is shown with its type
     (``ValueError: ...``) so that a bug reads as one.
     """
-    text = first_line(exc)
     if isinstance(exc, (ExplainkitError, *plain)):
-        return text or type(exc).__name__
+        return first_line(exc) or type(exc).__name__
+    text = first_line(exc, limit=300)  # a foreign message can be a whole dump
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
