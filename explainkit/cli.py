@@ -529,7 +529,25 @@ def demo_command(
 
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="explainkit")
+    try:
+        cli(prog_name="explainkit")
+    except SystemExit as e:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _exit_without_finalizing(e.code)
+        raise
+
+
+def _exit_without_finalizing(code: Any) -> None:
+    """Leave a torchrun rank without tearing down the interpreter.
+
+    The process group is already destroyed, but gloo's worker threads may still hold
+    tensors; freeing them while the interpreter finalizes aborts the process
+    ("terminate called without an active exception", pytorch#179291) after all the work
+    was done. Everything is flushed first, so nothing is lost.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 if __name__ == "__main__":  # pragma: no cover
