@@ -22,7 +22,8 @@ from explainkit.rundir import RunDir
 
 
 class ExplainkitGroup(click.Group):
-    """Turns ExplainkitError into one line on stderr and exit 1 (traceback with --verbose)."""
+    """Turns ExplainkitError into one line on stderr and exit 1, or 2 for a bad value
+    (ConfigError); a traceback with --verbose."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -30,7 +31,10 @@ class ExplainkitGroup(click.Group):
         except ExplainkitError as e:
             if ctx.params.get("verbose"):
                 raise
-            raise click.ClickException(str(e)) from e
+            error = click.ClickException(str(e))
+            # A bad value (ConfigError) is a usage error like click's own: exit 2.
+            error.exit_code = getattr(e, "exit_code", 1)
+            raise error from e
         except OSError as e:
             # Disk full, permission denied, ...: the OS's own sentence is the clearest one.
             if ctx.params.get("verbose"):
@@ -62,6 +66,63 @@ def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> str:
     return f"warning: {message}\n"
 
 
+class _IntOption(click.IntRange):
+    """An integer whose range shows in --help; the range itself is checked by
+    TrainConfig.validate, so the command line and config files get the same sentence."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return _convert_number(self, int, value, param, ctx)
+
+
+class _FloatOption(click.FloatRange):
+    """A float whose range shows in --help (nan and inf are refused by validate)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return _convert_number(self, float, value, param, ctx)
+
+
+def _convert_number(
+    ptype: click.ParamType,
+    kind: type,
+    value: Any,
+    param: click.Parameter | None,
+    ctx: click.Context | None,
+) -> Any:
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    try:
+        return kind(value)
+    except (ValueError, TypeError, OverflowError):
+        from explainkit.config import brief
+
+        what = "an integer" if kind is int else "a number"
+        if isinstance(value, str) and len(value) > 100:  # int() refuses over 4300 digits
+            ptype.fail(f"{brief(value)} is too long to be {what}", param, ctx)
+        ptype.fail(f"{brief(value)} is not {what}", param, ctx)
+
+
+class _Choice(click.Choice):
+    """click.Choice that shows at most ~60 characters of a refused value."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and len(value) > 60:
+            from explainkit.config import brief
+
+            choices = ", ".join(map(str, self.choices))
+            self.fail(f"{brief(value)} is not one of {choices}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def _train_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if len(value) > 60:
+        from explainkit.config import brief
+
+        raise click.BadParameter(
+            f"{brief(value)} is not a device; use auto, cpu, cuda, cuda:N or mps"
+        )
+    return _check_device(ctx, param, value)
+
+
 def train_options(func: Any) -> Any:
     """Add one click option per TrainConfig field, so the dataclass stays the one source."""
     for f in reversed(dataclasses.fields(TrainConfig)):
@@ -74,10 +135,22 @@ def train_options(func: Any) -> Any:
         else:
             decl = [f"--{flag}"]
             # Annotations are strings here ("int | None"): the first word names the type.
-            ptype: Any = {"int": int, "float": float}.get(str(f.type).split()[0], str)
+            kind = str(f.type).split()[0]
+            ptype: Any = str
+            if kind in ("int", "float"):
+                meta = f.metadata
+                number = _IntOption if kind == "int" else _FloatOption
+                ptype = number(
+                    meta.get("min"),
+                    meta.get("max"),
+                    min_open=meta.get("min_open", False),
+                    max_open=meta.get("max_open", False),
+                )
             if choices:
-                ptype = click.Choice(choices)
+                ptype = _Choice(choices)
             kwargs = {"default": f.default, "type": ptype}
+            if f.metadata.get("pattern"):
+                kwargs["callback"] = _train_device
         kwargs["show_default"] = f.default is not None
         func = click.option(*decl, f.name, help=help_text, **kwargs)(func)
     return func
@@ -125,9 +198,11 @@ def train(
             raise click.UsageError(
                 "--resume takes the run's own config; drop --out/--overwrite/--config"
             )
+        from explainkit.config import check_value
         from explainkit.train.trainer import resume_config
 
-        config = resume_config(Path(resume), {k: values[k] for k in explicit})
+        given = {k: check_value(k, values[k]) for k in explicit}  # a bad value: exit 2 first
+        config = resume_config(Path(resume), given)
         out = resume
     else:
         config = resolve_config(values, explicit, config_file)

@@ -1,14 +1,18 @@
 """Fuzz the store reader and the config loaders: only explainkit's own errors may escape.
 
 Inputs are random bytes, mutated copies of a real store (bytes overwritten at random offsets,
-truncations) and random JSON/YAML documents. A reader that meets them must either work or
-raise an ExplainkitError with a message; any other exception is a bug (it would reach the
-user as a traceback). Kept small (max_examples 60, no deadline) so the file runs in seconds.
+truncations), random JSON/YAML documents, any JSON value for any TrainConfig field and damaged
+``RUN/config.json`` documents. A reader that meets them must either work or raise its own error
+(ConfigError for options, RunError for a run's config) as one bounded sentence; any other
+exception is a bug (it would reach the user as a traceback). Kept small (max_examples 60, no
+deadline) so the file runs in seconds.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -18,10 +22,19 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from explainkit.config import TrainConfig, resolve_config
-from explainkit.errors import ExplainkitError
+from explainkit.config import (
+    FIELDS,
+    ConfigError,
+    TrainConfig,
+    check_run_config,
+    field_kind,
+    resolve_config,
+)
+from explainkit.errors import ExplainkitError, RunError
 from explainkit.rundir import RunDir
 from explainkit.store import HISTORY_COLUMNS, append_epoch, create_store, open_store
+from tests.conftest import run_cli
+from tests.test_hostile_config import valid_run_document
 
 FUZZ = settings(
     max_examples=60,
@@ -148,14 +161,21 @@ keys = st.sampled_from(OPTION_NAMES + [n.replace("_", "-") for n in OPTION_NAMES
 documents = st.dictionaries(keys, values, max_size=6)
 
 
+def assert_one_sentence(error: Exception, limit: int = 400) -> None:
+    message = str(error)
+    assert message.strip(), "an error without a message"
+    assert "\n" not in message and len(message) < limit, message[:2000]
+    assert not message.endswith("."), message
+
+
 def load_config_text(text: str | bytes, suffix: str) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"config{suffix}"
         path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
         try:
             config = resolve_config({}, set(), path)
-        except ExplainkitError as e:
-            assert str(e).strip(), "an error without a message"
+        except ConfigError as e:
+            assert_one_sentence(e, 400 + len(str(path)))
         else:
             config.validate()  # whatever was accepted is a valid config
 
@@ -188,6 +208,181 @@ def test_random_config_text_raises_only_config_errors(text, suffix):
 )
 def test_known_awkward_yaml(text):
     load_config_text(text, ".yaml")
+
+
+# -- any value for any TrainConfig field ------------------------------------------------------
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# Any JSON value, and the awkward ones: unbounded integers (4,000 digits from JSON, 5,000 from
+# Python, whose repr raises), nan and infinities, lists nested deeper than repr can go.
+json_values = (
+    values
+    | st.integers()
+    | st.sampled_from([10**5000, -(10**4000), 2**63, 2**64, -1, 0, math.nan, math.inf, "", "\x00"])
+    | st.integers(0, 3000).map(nested)
+)
+field_names = st.sampled_from(sorted(FIELDS))
+
+
+def check_from_dict(document: dict) -> TrainConfig | None:
+    """from_dict + validate: a valid config, or one ConfigError sentence naming a field."""
+    try:
+        config = TrainConfig.from_dict(document, source="fuzz")
+        config.validate()
+    except ConfigError as e:
+        assert_one_sentence(e)
+        return None
+    for name in FIELDS:  # what was accepted holds what its field says
+        value = getattr(config, name)
+        kind = {"int": int, "float": float, "bool": bool, "str": str}[field_kind(name)]
+        assert value is None or (
+            isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        )
+    return config
+
+
+@FUZZ
+@given(st.dictionaries(field_names, json_values, max_size=6))
+def test_any_value_for_any_field_is_a_config_or_a_config_error(document):
+    check_from_dict(document)
+
+
+def bad_values(name: str) -> st.SearchStrategy:
+    """Values that field ``name`` must refuse: the wrong type, out of range, not finite."""
+    meta = FIELDS[name].metadata
+    kind = field_kind(name)
+    optional = "None" in str(FIELDS[name].type)
+    wrong: list[st.SearchStrategy] = [
+        st.lists(json_values, max_size=3),
+        st.dictionaries(st.text(max_size=4), json_values, max_size=2),
+    ]
+    if not optional:
+        wrong.append(st.none())
+    if kind in ("int", "float"):
+        wrong += [st.text(max_size=8), st.booleans()]
+        low, high = meta["min"], meta["max"]
+        if kind == "int":
+            wrong += [st.floats(), st.integers(max_value=low - 1), st.integers(min_value=high + 1)]
+        else:
+            wrong += [st.sampled_from([math.nan, math.inf, -math.inf, 10**400])]
+            below = st.floats(max_value=low, exclude_max=not meta.get("min_open"))
+            above = st.floats(min_value=high, exclude_min=not meta.get("max_open"))
+            wrong += [below.filter(math.isfinite), above.filter(math.isfinite)]
+    elif kind == "bool":
+        wrong += [st.integers(), st.text(max_size=8), st.floats()]
+    else:
+        wrong += [st.integers(), st.booleans(), st.floats()]
+        if meta.get("choices"):
+            wrong.append(st.text(max_size=12).filter(lambda v: v not in meta["choices"]))
+        elif meta.get("pattern"):
+            wrong.append(st.sampled_from(["gpu", "cuda:", "CPU", "cuda:0 ", "x" * 5000]))
+        else:
+            wrong.append(st.text(max_size=8).map(lambda v: v + "\x00"))
+    return st.one_of(wrong)
+
+
+bad_fields = field_names.flatmap(lambda name: st.tuples(st.just(name), bad_values(name)))
+
+
+@FUZZ
+@given(st.data(), st.dictionaries(field_names, json_values, max_size=4))
+def test_a_bad_value_is_always_refused(data, others):
+    """Every field, each example: one bad value among any others is always refused."""
+    for name in sorted(FIELDS):
+        value = data.draw(bad_values(name), label=name)
+        assert check_from_dict({**others, name: value}) is None, (name, value)
+
+
+@settings(FUZZ, max_examples=8)
+@given(bad_fields, st.dictionaries(keys, values, max_size=3), st.sampled_from([".json", ".yaml"]))
+def test_bad_config_files_through_the_real_cli(bad, others, suffix):
+    """The real CLI on a config file holding a bad value: exit 2, one sentence, nothing made."""
+    name, value = bad
+    document = {**others, name: value}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"c{suffix}"
+        try:
+            if suffix == ".json":
+                text = json.dumps(document, allow_nan=True)
+            else:
+                text = yaml.safe_dump(document, allow_unicode=True)
+        except (RecursionError, ValueError):  # too deep or too long for the writers
+            return
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        out = Path(folder) / "never"
+        result = run_cli("train", "--config", str(path), "--out", str(out), timeout=120)
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and len(result.stderr) < 1000, result.stderr[-2000:]
+        assert not out.exists()
+
+
+# -- RUN/config.json through check_run_config --------------------------------------------------
+
+
+def leaf_paths(document: dict, prefix: tuple = ()) -> list[tuple]:
+    paths = []
+    for key, value in document.items():
+        paths.append((*prefix, key))
+        if isinstance(value, dict):
+            paths += leaf_paths(value, (*prefix, key))
+    return paths
+
+
+VALID_RUN = valid_run_document()
+RUN_PATHS = leaf_paths(VALID_RUN)
+
+
+def check_run_document(document) -> None:
+    try:
+        checked = check_run_config(document, "run/config.json")
+    except RunError as e:
+        assert_one_sentence(e)
+        assert str(e).startswith("run/config.json: ")
+    else:
+        TrainConfig.from_dict(checked["config"]).validate(check_memory=False)
+        assert len(checked["data"]["classes"]) == checked["model"]["num_classes"]
+
+
+@FUZZ
+@given(
+    st.lists(st.tuples(st.sampled_from(RUN_PATHS), st.none() | json_values), min_size=1, max_size=3)
+)
+def test_damaged_run_documents_raise_only_run_errors(edits):
+    """A real document with up to three values replaced (None: deleted) by any JSON value."""
+    document = copy.deepcopy(VALID_RUN)
+    for path, value in edits:
+        target = document
+        for key in path[:-1]:
+            target = target.get(key) if isinstance(target, dict) else None
+        if isinstance(target, dict):
+            if value is None:
+                target.pop(path[-1], None)
+            else:
+                target[path[-1]] = value
+    check_run_document(document)
+
+
+@FUZZ
+@given(
+    st.dictionaries(
+        st.sampled_from(["format_version", "config", "model", "data", "world_size"])
+        | st.text(max_size=8),
+        json_values,
+        max_size=5,
+    )
+    | json_values
+)
+def test_random_run_documents_raise_only_run_errors(document):
+    check_run_document(document)
 
 
 @FUZZ

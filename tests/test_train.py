@@ -162,9 +162,79 @@ def test_config_file_typos_and_bad_types_are_refused(tmp_path):
 )
 def test_bad_numbers_get_one_sentence(tmp_path, args, message):
     result = run_cli("train", "--dataset", "shapes", "--out", str(tmp_path / "x"), *args)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a bad value is a usage error
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_train_device_is_checked_like_analyze_device(tmp_path):
+    result = run_cli(
+        "train", "--dataset", "shapes", "--device", "foo", "--out", str(tmp_path / "x")
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "'foo' is not a device; use auto, cpu, cuda, cuda:N or mps" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_bad_value_from_a_config_file_is_a_usage_error_too(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: shapes\nweight_decay: -0.01\n")
+    result = run_cli("train", "--config", str(path), "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"Error: {path}: weight_decay must be at least 0.0, got -0.01" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_parameter_count_used_by_the_memory_check_is_exact():
+    from explainkit.config import resnet18_parameters
+    from explainkit.models import build_model
+
+    for arch in ("resnet18-s8", "resnet18"):
+        for width, classes in ((8, 10), (16, 37), (64, 10)):
+            model = build_model(arch, classes, width)
+            expected = sum(p.numel() for p in model.parameters())
+            assert resnet18_parameters(width, classes, arch) == expected, (arch, width)
+
+
+def test_every_config_the_project_uses_fits_a_small_machine(monkeypatch):
+    """The memory check refuses only the absurd: defaults, presets, the tests' and the demo's
+    configs all pass on a 2 GiB machine."""
+    from explainkit import config as config_module
+    from explainkit.demo import demo_config
+    from tests.conftest import TINY, TRAINED
+
+    monkeypatch.setattr(config_module, "physical_memory", lambda: 2 * 2**30)
+    configs = [TrainConfig(), TrainConfig(preset="seed"), TrainConfig(dataset="shapes", **TINY)]
+    configs.append(TrainConfig(**TRAINED))
+    configs += [TrainConfig(dataset="cifar10", **TINY), TrainConfig(model="resnet18")]
+    for gpu in (False, True):
+        for dataset in ("shapes", "cifar10"):
+            configs.append(demo_config(dataset, data_dir="cifar", device="cpu", gpu=gpu))
+    for config in configs:
+        config.validate()
+    big = TrainConfig(width=512)  # 700 M parameters: 11 GiB for weights, gradients, momentum, EMA
+    with pytest.raises(ConfigError, match=r"need at least 1\d\.\d GiB of memory .* has 2\.0 GiB"):
+        big.validate()
+    big.validate(check_memory=False)  # a finished run's config is readable anywhere
+
+
+def test_the_memory_check_counts_the_data_and_the_batch(monkeypatch):
+    from explainkit import config as config_module
+    from explainkit.config import memory_needed
+
+    monkeypatch.setattr(config_module, "physical_memory", lambda: 8 * 2**30)
+    full = memory_needed(TrainConfig(image_size=1024))  # 60,000 CIFAR images of 1024 px
+    assert full["data"] == 60_000 * 1024 * 1024 * 3
+    with pytest.raises(ConfigError, match="lower --width, --image-size"):
+        TrainConfig(image_size=1024).validate()
+    TrainConfig(image_size=1024, limit_train=500, limit_eval=100, batch_size=16).validate()
+    assert memory_needed(TrainConfig(dataset="folder", data_dir="x", limit_train=10**9))[
+        "data"
+    ] == (
+        2 * 32 * 32 * 3  # a folder's size is unknown: one image per split is the lower bound
+    )
+    monkeypatch.setattr(config_module, "physical_memory", lambda: None)
+    TrainConfig(image_size=1024).validate()  # no figure from the OS: no refusal
 
 
 def test_train_cli_on_the_cifar_sample(tmp_path):
