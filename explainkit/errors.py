@@ -54,6 +54,8 @@ def error_sentence(exc: BaseException, plain: tuple[type[BaseException], ...] = 
     An error we raised already says what to do; anything else is shown with its type
     (``ValueError: ...``) so that a bug reads as one.
     """
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r}); raise an exception instead"
     if isinstance(exc, (ExplainkitError, *plain)):
         return first_line(exc) or type(exc).__name__
     text = first_line(exc, limit=300)  # a foreign message can be a whole dump

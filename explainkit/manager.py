@@ -195,7 +195,7 @@ def _load_entrypoints(pm: ExplainkitPluginManager) -> None:
     for name in wanted:
         try:
             pm.load_setuptools_entrypoints(ENTRYPOINT_GROUP, name=name)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             if pm.has_plugin(name):  # registration failed half-way: drop what got in
                 pm.unregister(name=name)
             pm.record_error(name, SOURCE_ENTRYPOINT, exc)
@@ -208,7 +208,7 @@ def _load_defaults(pm: ExplainkitPluginManager) -> None:
     for modname in DEFAULT_PLUGINS:
         try:
             module = importlib.import_module(modname)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             pm.record_error(modname, SOURCE_BUILTIN, exc)
             continue
         _register(pm, module, modname, SOURCE_BUILTIN)
@@ -232,7 +232,7 @@ def _load_plugins_dir(pm: ExplainkitPluginManager, folder: Path) -> None:
             except BaseException:
                 sys.modules.pop(modname, None)
                 raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             pm.record_error(name, SOURCE_PLUGINS_DIR, exc)
             continue
         _register(pm, module, name, SOURCE_PLUGINS_DIR)
@@ -241,7 +241,7 @@ def _load_plugins_dir(pm: ExplainkitPluginManager, folder: Path) -> None:
 def _register(pm: ExplainkitPluginManager, plugin: object, name: str, source: str) -> None:
     try:
         pm.register(plugin, name=name)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         if pm.has_plugin(name) and pm.get_plugin(name) is plugin:
             pm.unregister(name=name)
         pm.record_error(name, source, exc)
@@ -304,7 +304,7 @@ def get_analyzers(pm: ExplainkitPluginManager) -> dict[str, AnalyzerEntry]:
         others = [p for p in all_plugins if p is not impl.plugin]
         try:
             pm.subset_hook_caller("register_analyzers", remove_plugins=others)(register=register)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             pm.record_error(plugin_name, source, exc)
             continue
         registry.update(found)
@@ -320,7 +320,7 @@ def register_plugin_commands(cli: Any, pm: ExplainkitPluginManager) -> None:
         others = [p for p in all_plugins if p is not impl.plugin]
         try:
             pm.subset_hook_caller("register_commands", remove_plugins=others)(cli=cli)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             pm.record_error(impl.plugin_name, pm.source_of(impl.plugin_name), exc)
 
 

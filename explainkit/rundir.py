@@ -9,16 +9,17 @@ spelled once and every reader validates the same way::
       predictions.h5    the HDF5 prediction store
       analyses/NAME/    one folder per analyzer, with its manifest.json
       report.html       explainkit report RUN
-      .lock             the pid of the process writing the run
+      .lock             flock'ed by the process writing the run (and its pid)
 
 Only the standard library is imported here: analysis commands validate a run without torch.
 """
 
 from __future__ import annotations
 
-import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -122,7 +123,7 @@ class RunDir:
         return self.has_config or self.has_store
 
     def lock_owner(self) -> int | None:
-        """The pid recorded in the lock file, or None when there is no readable lock."""
+        """The pid recorded in the lock file, or None when there is none to read."""
         try:
             data: Any = json.loads(self.lock_path.read_text())
             return int(data["pid"])
@@ -130,9 +131,32 @@ class RunDir:
             return None
 
     def in_use_by(self) -> int | None:
-        """The pid of a live process writing this run, or None."""
-        owner = self.lock_owner()
-        return owner if owner is not None and pid_alive(owner) else None
+        """The pid of the process writing this run (0 when it cannot be read), or None."""
+        if not self.is_locked():
+            return None
+        return self.lock_owner() or 0
+
+    def is_locked(self) -> bool:
+        """Whether a live process holds the run's lock (the kernel knows; no pid guessing)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the probe's shared lock
+        return False
+
+    def foreign_entries(self) -> list[str]:
+        """Names in the folder that no run writes (a user's files, another program's)."""
+        return sorted(p.name for p in self.path.iterdir() if not _is_run_file(p.name))
+
+    def is_half_made(self) -> bool:
+        """A folder a run began to set up and was stopped in: only run files, no config."""
+        return self.path.is_dir() and not self.has_config and not self.foreign_entries()
 
     # -- checks ----------------------------------------------------------------------------
     def check(self) -> RunDir:
@@ -158,6 +182,11 @@ class RunDir:
         if not self.path.is_dir():
             raise RunError(f"{self.path} is not a directory; give the run directory of a run")
         path = self.config_path
+        if not path.is_file() and self.is_half_made() and any(self.path.iterdir()):
+            raise RunError(
+                f"{self.path} was stopped during setup, before its config was written; "
+                "start it again with the same options and --overwrite"
+            )
         if not path.is_file():
             raise RunError(f"{self.path} has no config.json; is it an explainkit run directory?")
         try:
@@ -189,82 +218,111 @@ class RunDir:
             path = Path(root) / f"{stamp}-{n}"
         return RunDir(path)
 
-    def prepare(self, overwrite: bool) -> None:
-        """Create the folder, or with ``overwrite`` empty a previous run there.
+    def create(self, overwrite: bool) -> RunLock:
+        """Make the run directory (or with ``overwrite`` empty a previous run) and lock it.
 
-        Files a run does not own are never deleted, and a folder that holds anything but a
-        run is refused even with ``overwrite``.
+        The lock is taken before anything is checked or deleted, so two processes started
+        together can never both pass the checks. A run's own files are deleted only with
+        ``overwrite``; a folder holding anything else is refused even then. A folder left by
+        a run stopped during setup (run files, no config) is taken over like an empty one.
+
+        Returns:
+            The held lock; release it when the run is done.
         """
-        out = self.path
-        if out.exists() and not out.is_dir():
-            raise RunError(f"{out} exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()):
-            owner = self.in_use_by()
-            if owner is not None:
-                raise RunError(
-                    f"{out} is in use by another explainkit process (pid {owner}); "
-                    "wait for it to finish or use another --out"
-                )
-            if not overwrite:
-                raise RunError(
-                    f"{out} already exists; pass --overwrite to replace it, --resume to "
-                    "continue it, or choose another --out"
-                )
-            if not self.is_run():
-                raise RunError(
-                    f"{out} is not empty and is not an explainkit run; refusing to delete it "
-                    "even with --overwrite"
-                )
-            for name in self.OWNED:
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"{self.path} exists and is not a directory; choose another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(self)
+        lock.acquire()
         try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            if e.errno == errno.EEXIST:  # pragma: no cover
-                raise RunError(f"{out} exists and is not a directory") from e
+            self._clear_for_new_run(overwrite)
+        except BaseException:
+            lock.release()
             raise
+        return lock
 
-    def lock(self) -> RunLock:
-        """The run's writer lock (not yet acquired)."""
-        return RunLock(self)
+    def _clear_for_new_run(self, overwrite: bool) -> None:
+        if self.foreign_entries() and not self.is_run():
+            raise RunError(
+                f"{self.path} is not empty and is not an explainkit run; refusing to delete "
+                "it even with --overwrite; choose another --out"
+            )
+        if self.is_run() and not overwrite:
+            raise RunError(
+                f"{self.path} already exists; pass --overwrite to replace it, --resume to "
+                "continue it, or choose another --out"
+            )
+        for entry in self.path.iterdir():  # a half-made run's files go without asking
+            if _is_run_file(entry.name) and entry.name != self.LOCK:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    def open_existing(self) -> RunLock:
+        """Lock an existing run to continue it; RunError when there is none to continue."""
+        if not self.path.is_dir():
+            self.read_config()  # says what is wrong with the path
+        lock = RunLock(self)
+        lock.acquire()
+        try:
+            self.read_config()
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+
+def _is_run_file(name: str) -> bool:
+    """Whether a run writes a file of this name (its own files, lock and temporary files)."""
+    if name in RunDir.OWNED or name == RunDir.LOCK:
+        return True
+    return bool(re.fullmatch(r"\.(config\.json|report\.html)\.tmp-\d+", name))
 
 
 class RunLock:
-    """An exclusive lock file holding the owner's pid; a dead owner's lock is taken over."""
+    """The writer lock of a run: ``flock`` on ``RUN/.lock``, which also records the pid.
+
+    The kernel holds the lock for the process and drops it when the process dies, however
+    it dies, so a stale lock file never blocks anyone. The file is removed on release; a
+    process that locked a file which was removed meanwhile (its inode is no longer the one
+    at the path) lets go and tries again, so two processes can never both hold the lock.
+    """
 
     def __init__(self, run: RunDir | str | os.PathLike[str]) -> None:
         self.run = run if isinstance(run, RunDir) else RunDir(run)
         self.path = self.run.lock_path
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def acquire(self) -> None:
-        for _ in range(2):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self.run.in_use_by()
-                if owner is not None:
-                    raise RunError(
-                        f"{self.run.path} is in use by another explainkit process "
-                        f"(pid {owner}); wait for it to finish or use another --out"
-                    ) from None
-                # Stale lock from a killed process: remove and retry once.
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": os.uname().nodename}, f)
-            self.held = True
-            return
-        raise RunError(f"could not lock {self.run.path}; remove {self.path} if no run uses it")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                owner = self.run.lock_owner()
+                who = f" (pid {owner})" if owner else ""
+                raise RunError(
+                    f"{self.run.path} is in use by another explainkit process{who}; wait for "
+                    "it to finish or use another --out"
+                ) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # the holder removed this file as we locked it: take the new one
+        owner = json.dumps({"pid": os.getpid(), "host": os.uname().nodename})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, owner.encode(), 0)
+        self._fd = fd
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                self.path.unlink(missing_ok=True)  # while still locked: no one holds it next
+            finally:
+                os.close(fd)  # closing releases the flock
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -272,3 +330,10 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False

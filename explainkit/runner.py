@@ -319,7 +319,7 @@ def _run_one(
                 raise AnalyzerError(f"{name} needs {'; '.join(reasons)}")
             artifacts = cls().run(context, **options)
             manifest["artifacts"] = _check_artifacts(name, artifacts, tmp)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # a plugin's sys.exit() ends only its own run
             manifest["status"] = "failed"
             manifest["error"] = error_sentence(e)
             if not isinstance(e, ExplainkitError):

@@ -12,7 +12,6 @@ from explainkit.rundir import RunDir
 def summarize_run(run: str | Path | RunDir) -> dict[str, Any]:
     """Everything ``inspect`` prints, as plain data (also used by the report)."""
     from explainkit.store import open_store
-    from explainkit.train.checkpoint import list_checkpoints
 
     run = run if isinstance(run, RunDir) else RunDir(run)
     data = run.read_config()
@@ -29,16 +28,9 @@ def summarize_run(run: str | Path | RunDir) -> dict[str, Any]:
             "eval_images": store.num_images,
             "has_masks": store.has_masks,
         }
-    ckpts = list_checkpoints(run)
     named = sorted(p.name for p in run.checkpoints.glob("*.pt"))
-    if run.in_use_by() is not None:
-        state = "training"
-    elif len(epochs) >= config["epochs"]:
-        state = "complete"
-    elif ckpts:
-        state = "interrupted (resumable with explainkit train --resume)"
-    else:
-        state = "interrupted before the first epoch"
+    resume_point = _resume_point(run)
+    state = _state(run, resume_point, len(epochs), config["epochs"])
     analyses = []
     if run.analyses.is_dir():
         for manifest in run.manifests():
@@ -58,6 +50,7 @@ def summarize_run(run: str | Path | RunDir) -> dict[str, Any]:
         "config": config,
         "device": data.get("environment", {}).get("device"),
         "epochs_done": len(epochs),
+        "resume_point": resume_point,
         "epochs_planned": config["epochs"],
         "best_epoch": best,
         "best_eval_acc": best_acc,
@@ -67,6 +60,34 @@ def summarize_run(run: str | Path | RunDir) -> dict[str, Any]:
         "analyses": analyses,
         "history": {k: v.tolist() for k, v in history.items()},
     }
+
+
+def _resume_point(run: RunDir) -> int:
+    """The epoch last.pt holds: where ``train --resume`` continues (0: from the start)."""
+    from explainkit.errors import CheckpointError
+    from explainkit.train.checkpoint import load_checkpoint
+
+    last = run.checkpoint("last")
+    if not last.is_file():
+        return 0
+    try:
+        return int(load_checkpoint(last)["epoch"])
+    except CheckpointError:
+        return 0  # a damaged last.pt is reported by resume itself, in its own words
+
+
+def _state(run: RunDir, resume_point: int, stored: int, planned: int) -> str:
+    """What the run is, judged by what resume would do, not by what the store holds."""
+    if run.is_locked():
+        return "training"
+    if resume_point >= planned and stored >= planned:
+        return "complete"
+    resume = f"resumable with explainkit train --resume {run.path}"
+    if resume_point == 0:
+        return f"interrupted before its first checkpoint ({resume}, from the start)"
+    ahead = stored - resume_point
+    note = f"; the store's {ahead} later epoch(s) will be redone" if ahead > 0 else ""
+    return f"interrupted after epoch {resume_point} ({resume}){note}"
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -46,20 +46,26 @@ def check_resume_config(run_dir: Path, config: TrainConfig) -> None:
     _refuse(run, refused_on_resume(_saved_config(run), config.to_dict()))
 
 
-def restore_last_checkpoint(trainer: Trainer, run_dir: Path) -> None:
-    """Load last.pt and trim the store to its epoch (later epochs were never checkpointed)."""
-    run = RunDir(run_dir)
+def load_resume_point(trainer: Trainer, run: RunDir) -> bool:
+    """Load last.pt into ``trainer``, writing nothing; False when the run has none yet.
+
+    A run stopped before its first epoch ended has no checkpoint: it starts again from the
+    beginning, which (same config, same seed) gives the same bits as an unbroken run. A
+    damaged or mismatched checkpoint is refused here, before any file of the run changes.
+    """
     last = run.checkpoint("last")
     if not last.is_file():
-        raise RunError(
-            f"{run_dir} has no checkpoints/last.pt to resume from (it stopped before its first "
-            "epoch ended); start it again with --overwrite"
-        )
+        return False
     trainer.load_state(load_checkpoint(last))
-    if trainer.is_main:
-        truncate_store(run.store_path, trainer.epoch)
-        stray = [e for e in list_checkpoints(run_dir) if e > trainer.epoch]
-        for epoch in stray:
+    return True
+
+
+def trim_to_checkpoint(trainer: Trainer, run: RunDir) -> None:
+    """Drop what came after the loaded checkpoint: later store epochs and checkpoints, and
+    temporary files of writes that were killed (rank 0 only)."""
+    truncate_store(run.store_path, trainer.epoch)
+    for epoch in list_checkpoints(run.path):
+        if epoch > trainer.epoch:
             run.checkpoint(epoch).unlink(missing_ok=True)
-        for tmp in run.checkpoints.glob(".*.tmp-*"):  # from a write that was killed
-            tmp.unlink(missing_ok=True)
+    for tmp in run.checkpoints.glob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ The parts the Trainer is made of live beside this file, one place each:
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import time
@@ -39,7 +40,12 @@ from explainkit.train.checkpoint import prune_checkpoints, save_checkpoint
 from explainkit.train.device_data import DeviceData
 from explainkit.train.ema import EMA
 from explainkit.train.optim import make_optimizer, make_scheduler, one_cycle_factor, steps_per_epoch
-from explainkit.train.resume import check_resume_config, restore_last_checkpoint, resume_config
+from explainkit.train.resume import (
+    check_resume_config,
+    load_resume_point,
+    resume_config,
+    trim_to_checkpoint,
+)
 from explainkit.train.run_files import create_empty_store, write_config
 from explainkit.train.state import restore_rng_state, rng_state, seed_everything
 
@@ -48,6 +54,10 @@ __all__ = ["Trainer", "TrainingInterrupted", "one_cycle_factor", "resume_config"
 
 class TrainingInterrupted(ExplainkitError):
     """SIGINT/SIGTERM stopped training at a safe point; completed epochs are kept."""
+
+
+class TrainingDiverged(ExplainkitError):
+    """The loss or the logits became NaN or infinite; the epoch was not committed."""
 
 
 class _StopFlag:
@@ -276,7 +286,7 @@ class Trainer:
             if self._should_stop(stop, step):
                 raise TrainingInterrupted(
                     f"training stopped by a signal during epoch {self.epoch + 1}; "
-                    f"epochs 1..{self.epoch} are saved; continue with: "
+                    f"{self._saved_epochs()}; continue with: "
                     f"explainkit train --resume {self.run_dir}"
                 )
             if step == self.steps_per_epoch // 2:
@@ -363,6 +373,23 @@ class Trainer:
                 flush=True,
             )
 
+    def _saved_epochs(self) -> str:
+        if self.epoch == 0:
+            return "no epoch was finished yet"
+        return f"epochs 1..{self.epoch} are saved"
+
+    def _refuse_non_finite(self, train_loss: float, eval_loss: float, logits: np.ndarray) -> None:
+        """Stop before committing an epoch whose numbers are NaN or infinite: the run stays
+        at its last good epoch instead of storing nonsense (checked once per epoch, on the
+        epoch's sums, so the loop never waits on the device for it)."""
+        if math.isfinite(train_loss) and math.isfinite(eval_loss) and np.isfinite(logits).all():
+            return
+        what = "training loss" if not math.isfinite(train_loss) else "evaluation"
+        raise TrainingDiverged(
+            f"epoch {self.epoch + 1} produced a non-finite {what} (NaN or infinity) and was "
+            f"not saved; {self._saved_epochs()}; train again with a lower --lr"
+        )
+
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> None:
         with _StopFlag() as stop:
@@ -371,6 +398,7 @@ class Trainer:
                 train_loss, train_acc, images_per_s = self.train_epoch(stop)
                 lr = self.last_lr
                 logits, eval_loss, eval_acc = self.evaluate()
+                self._refuse_non_finite(train_loss, eval_loss, logits)
                 self.epoch += 1
                 row = {
                     "epoch": self.epoch,
@@ -392,33 +420,48 @@ class Trainer:
                     )
 
 
-def _prepare_run_dir(
-    run: RunDir,
-    config: TrainConfig,
-    dist: dist_utils.DistContext,
-    lock: RunLock,
-    overwrite: bool,
-    resume: bool,
-) -> None:
-    """Rank 0 checks the run (resume) or creates it (new), then takes the lock; every rank
-    learns whether that worked, so none trains on a run that was refused."""
-    error = None
+def _claim_run(
+    run: RunDir, config: TrainConfig, dist: dist_utils.DistContext, overwrite: bool, resume: bool
+) -> RunLock | None:
+    """Rank 0 locks the run, then checks it (resume) or clears it (new); every rank learns
+    whether that worked, so none trains on a run that was refused. Nothing is written
+    before the lock is held."""
+    error, lock = None, None
     if dist.rank == 0:
         try:
+            lock = run.open_existing() if resume else run.create(overwrite)
             if resume:
-                if not run.has_config:
-                    raise RunError(f"{run.path} is not a run directory; nothing to resume")
                 check_resume_config(run.path, config)
-            else:
-                run.prepare(overwrite)
-            lock.acquire()
         except ExplainkitError as e:
             error = e
+            if lock is not None:
+                lock.release()
+                lock = None
     failed = dist.broadcast_flag(error is not None)
     if error is not None:
         raise error
     if failed:
         raise RunError(f"rank 0 could not prepare {run.path}; see its message")
+    return lock
+
+
+def _start(trainer: Trainer, config: TrainConfig, run: RunDir, resume: bool) -> None:
+    """Load the resume point (if any), then write what the run needs before its first step.
+
+    Everything that can refuse (a damaged or mismatched last.pt) runs before the first
+    write, so a refused resume leaves every file of the run as it was.
+    """
+    resumed = resume and load_resume_point(trainer, run)
+    if trainer.is_main:
+        write_config(trainer, config, run)
+        fault_point("setup:config")
+        if resumed:
+            trim_to_checkpoint(trainer, run)
+        else:
+            create_empty_store(trainer, config, run)
+    trainer.dist.barrier()
+    if resumed and trainer.is_main:
+        print(f"resuming {run.path} after epoch {trainer.epoch}", file=sys.stderr)
 
 
 def train(
@@ -437,22 +480,15 @@ def train(
         raise RunError("resume needs the run directory")
     run = RunDir(out) if out else RunDir.new_default()
     dist = dist_utils.init_from_env(config.device)
-    lock = run.lock()
+    lock = None
     try:
-        _prepare_run_dir(run, config, dist, lock, overwrite, resume)
+        lock = _claim_run(run, config, dist, overwrite, resume)
+        fault_point("setup:locked")
         trainer = Trainer(config, run.path, quiet=quiet, dist=dist)
-        if trainer.is_main:
-            write_config(trainer, config, run)
-            if not resume:
-                create_empty_store(trainer, config, run)
-        trainer.dist.barrier()
-        if resume:
-            restore_last_checkpoint(trainer, run.path)
-            trainer.dist.barrier()
-            if trainer.is_main:
-                print(f"resuming {run.path} after epoch {trainer.epoch}", file=sys.stderr)
+        _start(trainer, config, run, resume)
         trainer.run()
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
         dist_utils.shutdown()
     return run.path
