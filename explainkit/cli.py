@@ -513,14 +513,21 @@ def _plugin_command(group: click.Group, name: str) -> click.Command | None:
     help="Where to write the HTML file (default RUN/report.html).",
 )
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in a web browser.")
-def report_command(run: Path, out: Path | None, open_browser: bool) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing file given with --out.")
+def report_command(run: Path, out: Path | None, open_browser: bool, overwrite: bool) -> None:
     """Build one self-contained HTML page of a run and all its analyses.
 
     Prints the path of the written file. The page embeds its images and needs no network.
+    RUN/report.html is the run's own and is replaced; a file given with --out is replaced
+    only with --overwrite.
     """
     from explainkit.report import build_report
 
     RunDir(run).check()
+    if out is not None and out.exists() and not overwrite:
+        raise click.ClickException(
+            f"{out} already exists; pass --overwrite to replace it or choose another --out"
+        )
     path = build_report(run, out=out)
     click.echo(str(path))
     if open_browser:

@@ -189,9 +189,12 @@ class RunDir:
             )
         if not path.is_file():
             raise RunError(f"{self.path} has no config.json; is it an explainkit run directory?")
+        from explainkit.config import check_run_config, read_regular_file
+
+        raw = read_regular_file(path, "run config", RunError)  # bounded; no FIFO, no device
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            data = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, 5,000-digit ints, depth
             raise RunError(f"{path} is not valid JSON; the run directory is damaged") from e
         if not isinstance(data, dict) or data.get("format") != CONFIG_FORMAT:
             raise RunError(f"{path} is not an explainkit run config")
@@ -200,11 +203,7 @@ class RunDir:
             raise RunError(f"{path} has an invalid format_version; the run directory is damaged")
         if version > CONFIG_VERSION:
             raise RunError(f"{path} is from a newer explainkit; upgrade explainkit to read it")
-        if not isinstance(data.get("config"), dict) or not isinstance(data.get("model"), dict):
-            raise RunError(
-                f"{path} lacks its config or model section; the run directory is damaged"
-            )
-        return data
+        return check_run_config(data, path)
 
     # -- creation --------------------------------------------------------------------------
     @staticmethod

@@ -1,5 +1,4 @@
 import json
-import os
 
 import numpy as np
 import pytest
@@ -105,8 +104,9 @@ def test_a_run_dir_in_use_is_refused(tmp_path):
     run = tmp_path / "busy"
     run.mkdir()
     (run / "config.json").write_text("{}")
-    (run / ".lock").write_text(json.dumps({"pid": os.getpid()}))
-    with pytest.raises(RunError, match="in use"):
+    from explainkit.rundir import RunLock
+
+    with RunLock(run), pytest.raises(RunError, match="in use"):  # held as a live trainer holds it
         train_run(run, epochs=1)
 
 
