@@ -15,9 +15,11 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from explainkit import hookimpl, manager
-from explainkit.analyzer import Analyzer
+from explainkit.analyzer import Analyzer, Option
 from explainkit.cli import cli
 from explainkit.errors import PluginError
 
@@ -568,3 +570,79 @@ def test_broken_installed_plugin_does_not_break_cli(example_target, tiny_run, tm
     result = run_cli(["analyze", str(tiny_run), "--plugin", "confidence"], target, example_target)
     assert result.returncode == 0, result.stderr
     assert re.search(r"ok +confidence", result.stderr)
+
+
+# -- malformed analyzer classes are skipped alone, naming their plugin ----------------------
+
+ATTRIBUTE_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=5),
+    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers()),
+)  # fmt: skip
+
+
+def _is_valid(attr: str, value) -> bool:
+    if attr in ("summary", "title"):
+        return isinstance(value, str)
+    if attr == "order":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return False  # options, needs, requires: none of the generated values is a valid one
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    attr=st.sampled_from(["options", "needs", "requires", "order", "summary", "title"]),
+    value=ATTRIBUTE_VALUES,
+)
+def test_malformed_analyzer_attributes_are_refused_naming_the_plugin(attr, value):
+    broken = make_analyzer("broken", **{attr: value})
+    pm = manager.get_plugin_manager(entrypoints=False, quiet=True)
+    pm.register(AnalyzersPlugin(broken), name="undo-malformed")
+    entries = manager.get_analyzers(pm)
+    assert {"gradcam", "gallery", "losses"} <= set(entries)  # the rest still load
+    if _is_valid(attr, value):
+        assert "broken" in entries
+    else:
+        assert "broken" not in entries
+        (error,) = [e for e in pm.load_errors if e.plugin == "undo-malformed"]
+        assert attr in error.error and "\n" not in error.error
+
+
+@pytest.mark.parametrize(
+    "run_source, problem",
+    [
+        ("def run(self, context, *, count=3): ...", "repeats the default"),
+        ("def run(self, context, **options): ...", "**kwargs"),
+        ("def run(self, context, *, count, extra): ...", "make them the same"),
+        ("def run(self, context): ...", "make them the same"),
+    ],
+)
+def test_run_must_take_exactly_the_declared_options(run_source, problem):
+    namespace: dict = {}
+    exec(run_source, namespace)
+    cls = make_analyzer(
+        "strict", options=(Option("count", int, 3, "How many."),), run=namespace["run"]
+    )
+    pm = manager.get_plugin_manager(entrypoints=False, quiet=True)
+    pm.register(AnalyzersPlugin(cls), name="undo-strict")
+    assert "strict" not in manager.get_analyzers(pm)
+    (error,) = [e for e in pm.load_errors if e.plugin == "undo-strict"]
+    assert problem in error.error and "undo-strict" in error.error
+
+
+def test_a_malformed_analyzer_breaks_no_other_command(tmp_path):
+    (tmp_path / "bad.py").write_text(
+        "from explainkit import Analyzer, hookimpl\n"
+        "class Bad(Analyzer):\n"
+        "    name = 'bad'\n"
+        "    options = None\n"
+        "    needs = None\n"
+        "    order = 'first'\n"
+        "@hookimpl\n"
+        "def register_analyzers(register):\n"
+        "    register(Bad)\n"
+    )
+    listed = run_cli(["plugins", "--all", "--plugins-dir", str(tmp_path)])
+    assert listed.returncode == 0, listed.stderr
+    assert "options must be a tuple of explainkit.Option" in listed.stdout + listed.stderr
+    helped = run_cli(["analyze", "--help", "--plugins-dir", str(tmp_path)])
+    assert helped.returncode == 0 and "gradcam" in helped.stdout
