@@ -8,12 +8,23 @@ written next to the original, flushed, fsynced and renamed over it. So a killed 
 either the old or the new file, never a half-written one, and a reader that has the store
 open keeps a consistent snapshot while training goes on. ``committed_epochs`` is the commit
 marker; readers ignore anything past it.
+
+A store is validated when it is opened, and before a writer changes it (:func:`_inspect`, the
+"Validation" section of docs/store-format.md): attributes, shapes, dtypes and ranges, so that
+a wrong value is one :class:`StoreError` sentence instead of confident nonsense in a figure.
+A file that is not ours says so; a file that is ours but wrong says it is damaged.
+
+Other HDF5 files (analyzer outputs) are written with :func:`open_h5_for_writing`: streamed to
+disk through Python I/O, so a full disk is one sentence instead of a crash inside libhdf5.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +32,8 @@ import h5py
 import numpy as np
 
 from explainkit import __version__
-from explainkit.atomic import write_atomic
-from explainkit.errors import StoreError
+from explainkit.atomic import _fsync_dir, write_atomic
+from explainkit.errors import ExplainkitError, StoreError
 from explainkit.rundir import RunDir
 
 FORMAT_NAME = "explainkit-predictions"
@@ -64,6 +75,10 @@ DATASETS = (
     "history",
     "committed_epochs",
 )
+# What a reader cannot do without (the rest is optional or has a default).
+REQUIRED_ATTRIBUTES = ("schema_version", "classes", "model", "mean", "std", "input_shape")
+REQUIRED_DATASETS = tuple(name for name in DATASETS if name != "eval/masks")
+EVAL_WEIGHTS = ("trained", "ema")
 
 # What h5py and numpy raise on a damaged file (checked by tests/test_fuzz.py): each becomes a
 # StoreError, so a corrupt store is one sentence, never a traceback.
@@ -79,6 +94,7 @@ _DAMAGE_ERRORS = (
 )
 
 _COMPRESSION = {"compression": "gzip", "compression_opts": 1, "fletcher32": True}
+_REMEDY = "restore it from a backup or train the run again"
 
 
 def _text(value: str) -> np.bytes_:
@@ -106,6 +122,262 @@ def _commit(path: Path, buffer: io.BytesIO, fault: str | None = None) -> None:
     write_atomic(path, buffer.getbuffer(), StoreError, tmp=tmp, fault=fault)
 
 
+# -- validation --------------------------------------------------------------------------------
+
+
+class _Damage(Exception):
+    """What is wrong with a store that is ours, as a phrase; becomes one StoreError sentence."""
+
+
+def _damaged(path: Path, detail: str) -> StoreError:
+    return StoreError(f"{path} is damaged: {detail}; {_REMEDY}")
+
+
+def _corrupt(path: Path, name: str, e: BaseException) -> StoreError:
+    return StoreError(
+        f"{path}: reading {name} failed, the data is corrupt ({_short(e)}); {_REMEDY}"
+    )
+
+
+def _read_dataset(ds: h5py.Dataset, path: Path, selection: Any = ()) -> np.ndarray:
+    try:
+        return ds[selection]
+    except _DAMAGE_ERRORS as e:
+        raise _corrupt(path, ds.name.lstrip("/"), e) from e
+
+
+def _describe(value: Any) -> str:
+    """A stored value in a few words, for a message."""
+    if isinstance(value, np.ndarray) and value.ndim > 0:
+        return f"a {value.dtype} array of shape {value.shape}"
+    text = repr(_decode(value)) if isinstance(value, np.generic | bytes) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _as_int(value: Any, what: str) -> int:
+    """A stored integer scalar as ``int``; a bool, a float, a string or an array is damage."""
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise _Damage(f"{what} is {_describe(value)}, not an integer")
+    return int(value)
+
+
+def _text_attr(attrs: dict[str, Any], name: str) -> str | None:
+    """A text attribute (fixed-length bytes or str), or None when absent."""
+    if name not in attrs:
+        return None
+    value = attrs[name]
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if isinstance(value, np.bytes_ | bytes):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Damage(f"the {name} attribute is not UTF-8 text") from None
+    if isinstance(value, str):
+        return value
+    raise _Damage(f"the {name} attribute is {_describe(value)}, not text")
+
+
+def _json_attr(attrs: dict[str, Any], name: str) -> Any:
+    try:
+        return json.loads(_text_attr(attrs, name) or "")
+    except ValueError:  # JSONDecodeError
+        raise _Damage(f"the {name} attribute is not valid JSON") from None
+
+
+def _numbers_attr(
+    attrs: dict[str, Any], name: str, length: int, why: str, kinds: str = "iuf"
+) -> np.ndarray:
+    """A 1-D numeric attribute of ``length`` finite values (``why``: where the length is from)."""
+    value = np.asarray(attrs[name])
+    if value.ndim != 1 or value.dtype.kind not in kinds:
+        noun = "integers" if kinds == "iu" else "numbers"
+        raise _Damage(f"the {name} attribute is {_describe(attrs[name])}, not a list of {noun}")
+    if len(value) != length:
+        count = f"{len(value)} value{'' if len(value) == 1 else 's'}"
+        raise _Damage(f"the {name} attribute has {count}, not {length} ({why})")
+    value = value.astype(np.float64)
+    if not np.isfinite(value).all():
+        raise _Damage(f"the {name} attribute holds NaN or infinity")
+    return value
+
+
+def _check_shape(ds: h5py.Dataset, name: str, kinds: str, shape: tuple[int, ...], what: str):
+    """``ds`` must have a dtype of one of ``kinds`` (numpy kind letters) and ``shape``."""
+    if ds.dtype.kind not in kinds or ds.shape != shape:
+        raise _Damage(f"{name} is {ds.dtype} {ds.shape}; expected {what} of shape {shape}")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a validated store holds (all checked by :func:`_inspect`)."""
+
+    attrs: dict[str, Any]
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_images: int
+    image_shape: tuple[int, ...]
+    has_masks: bool
+    committed: int
+    history: np.ndarray  # the committed rows
+    targets: np.ndarray
+    index: np.ndarray
+
+
+def _inspect(f: h5py.File, path: Path) -> _Layout:
+    """Check a store's attributes, shapes, dtypes and ranges; read what is small.
+
+    Raises StoreError for a file that is not ours, a newer schema or a corrupt chunk, and
+    ``_Damage`` (or an h5py/numpy error) for anything else wrong with one of ours. The cost
+    is a few dozen metadata reads plus targets, index and the committed history rows (about
+    8 bytes per image each): it does not grow with the image size or the number of epochs.
+    Logits are checked when an epoch is read (:meth:`StoreReader.logits`), masks when read.
+    """
+    if _decode(f.attrs.get("format")) != FORMAT_NAME:
+        raise StoreError(
+            f"{path} is an HDF5 file but not an explainkit prediction store; "
+            "point explainkit at a run directory written by explainkit train"
+        )
+    raw = {key: f.attrs[key] for key in f.attrs}
+    if "schema_version" not in raw:
+        raise _Damage("it lacks the schema_version attribute")
+    version = _as_int(raw["schema_version"], "schema_version")
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has store schema v{version}, newer than this explainkit "
+            f"(v{SCHEMA_VERSION}); upgrade explainkit to read it"
+        )
+    if version < 1:
+        raise _Damage(f"its store schema version {version} is unknown")
+    missing = [name for name in REQUIRED_DATASETS if name not in f]
+    missing += [f"the {name} attribute" for name in REQUIRED_ATTRIBUTES if name not in raw]
+    if missing:
+        raise _Damage(f"it lacks {', '.join(missing)}")
+    ds: dict[str, h5py.Dataset] = {}
+    for name in DATASETS:
+        if name in f:
+            obj = f[name]
+            if not isinstance(obj, h5py.Dataset):
+                raise _Damage(f"{name} is not a dataset")
+            ds[name] = obj
+
+    images = ds["eval/images"]
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise _Damage(f"eval/images is {images.dtype} {images.shape}, not uint8 (N, H, W, C)")
+    n, h, w, c = images.shape
+    if n < 1:
+        raise _Damage("it holds no eval images")
+    if min(h, w, c) < 1:
+        raise _Damage(f"eval/images has the empty image shape {images.shape[1:]}")
+
+    classes = _json_attr(raw, "classes")
+    if not (isinstance(classes, list) and classes and all(isinstance(x, str) for x in classes)):
+        raise _Damage("the classes attribute is not a non-empty list of class names")
+    if len(set(classes)) != len(classes):
+        raise _Damage("the classes attribute names a class twice")
+    k = len(classes)
+    model = _json_attr(raw, "model")
+    if not isinstance(model, dict):
+        raise _Damage("the model attribute is not a JSON object")
+    spec_classes = model.get("num_classes", k)
+    if isinstance(spec_classes, bool) or spec_classes != k:
+        raise _Damage(f"the model has {spec_classes!r} classes but the store names {k}")
+    mean = _numbers_attr(raw, "mean", c, f"the images have {c} channels")
+    std = _numbers_attr(raw, "std", c, f"the images have {c} channels")
+    if ((mean < 0) | (mean > 1)).any():
+        raise _Damage("the mean attribute is outside [0, 1] (pixel units)")
+    if (std <= 0).any():
+        raise _Damage("the std attribute has a value that is not positive")
+    input_shape = _numbers_attr(raw, "input_shape", 3, "C, H, W", kinds="iu")
+    if tuple(input_shape) != (c, h, w):
+        raise _Damage(
+            f"input_shape {[int(v) for v in input_shape]} does not match the images (C, H, W) "
+            f"= {[c, h, w]}"
+        )
+    for name in ("dataset", "explainkit_version", "default_layer"):
+        _text_attr(raw, name)
+    if _text_attr(raw, "eval_weights") not in (None, *EVAL_WEIGHTS):
+        raise _Damage(f"eval_weights is {_describe(raw['eval_weights'])}, not trained or ema")
+    if "eval_tta" in raw and not isinstance(raw["eval_tta"], bool | np.bool_):
+        raise _Damage(f"eval_tta is {_describe(raw['eval_tta'])}, not true or false")
+    attrs: dict[str, Any] = {key: _decode(value) for key, value in raw.items()}
+    attrs.update(classes=classes, model=model)
+
+    _check_shape(ds["eval/targets"], "eval/targets", "iu", (n,), "integers")
+    _check_shape(ds["eval/index"], "eval/index", "iu", (n,), "integers")
+    if "eval/masks" in ds:
+        _check_shape(ds["eval/masks"], "eval/masks", "ub", (n, h, w), "uint8 masks")
+    logits = ds["logits"]
+    if logits.dtype.kind != "f" or logits.ndim != 3 or logits.shape[1:] != (n, k):
+        raise _Damage(
+            f"logits are {logits.dtype} {logits.shape}; expected floats of shape "
+            f"(epochs, {n}, {k}) for {n} images and {k} classes"
+        )
+    history = ds["history"]
+    names = history.dtype.names or ()
+    if history.ndim != 1 or any(
+        name not in names or history.dtype[name].kind not in "iuf" for name, _ in HISTORY_COLUMNS
+    ):
+        raise _Damage("the history table lacks its numeric columns")
+    marker = ds["committed_epochs"]
+    if marker.shape != () or marker.dtype.kind not in "iu":
+        raise _Damage(f"committed_epochs is {marker.dtype} {marker.shape}, not an integer")
+    committed = int(_read_dataset(marker, path))
+    if committed < 0:
+        raise _Damage(f"committed_epochs is {committed}, not 0 or more")
+    held = min(logits.shape[0], history.shape[0])
+    if committed > held:
+        raise _Damage(f"it claims {committed} committed epochs but holds {held}")
+
+    rows = _read_dataset(history, path, slice(0, committed))
+    if not np.array_equal(rows["epoch"], np.arange(1, committed + 1)):
+        shown = ", ".join(f"{v:g}" for v in rows["epoch"][:5].astype(np.float64))
+        raise _Damage(f"the history's epoch column is [{shown}], not 1..{committed}")
+    for name, _ in HISTORY_COLUMNS[1:]:
+        column = rows[name].astype(np.float64)
+        if not np.isfinite(column).all():
+            raise _Damage(f"the history's {name} column holds NaN or infinity")
+        if (column < 0).any():
+            raise _Damage(f"the history's {name} column holds a negative value")
+    targets = _read_dataset(ds["eval/targets"], path).astype(np.int64)
+    if targets.min() < 0 or targets.max() >= k:
+        raise _Damage(f"eval/targets holds a class outside 0..{k - 1}")
+    index = _read_dataset(ds["eval/index"], path).astype(np.int64)
+    if index.min() < 0:
+        raise _Damage("eval/index holds a negative position")
+    return _Layout(
+        attrs=attrs,
+        classes=list(classes),
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        num_images=n,
+        image_shape=(h, w, c),
+        has_masks="eval/masks" in ds,
+        committed=committed,
+        history=rows,
+        targets=targets,
+        index=index,
+    )
+
+
+def _validated(f: h5py.File, path: Path) -> _Layout:
+    """:func:`_inspect`, with every complaint as one StoreError sentence."""
+    try:
+        return _inspect(f, path)
+    except StoreError:
+        raise
+    except _Damage as e:
+        raise _damaged(path, str(e)) from None
+    except _DAMAGE_ERRORS as e:
+        raise _damaged(path, _short(e)) from e
+
+
+# -- writing the store ---------------------------------------------------------------------------
+
+
 def create_store(
     path: str | Path,
     *,
@@ -121,11 +393,25 @@ def create_store(
     eval_weights: str = "trained",
     eval_tta: bool = False,
 ) -> Path:
-    """Write a new store with the evaluation split and no epochs yet (atomically)."""
+    """Write a new store with the evaluation split and no epochs yet (atomically).
+
+    Raises ValueError for arguments that would make a store its readers refuse.
+    """
     path = Path(path)
     n = len(images)
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError("images must be uint8 (N,H,W,C)")
+    channels = images.shape[3]
+    if np.shape(targets) != (n,) or np.shape(index) != (n,):
+        raise ValueError(f"targets and index must have one entry per image ({n})")
+    if masks is not None and masks.shape != images.shape[:3]:
+        raise ValueError(f"masks must have shape {images.shape[:3]}, got {masks.shape}")
+    if not classes or len(set(classes)) != len(classes):
+        raise ValueError("classes must be distinct names, at least one")
+    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        raise ValueError(f"mean and std need {channels} values each, std positive")
+    if eval_weights not in EVAL_WEIGHTS:
+        raise ValueError(f"eval_weights must be one of {', '.join(EVAL_WEIGHTS)}")
     buffer = io.BytesIO()
     # HDF5 >= 1.10 object headers carry checksums, and fixed-length (not variable-length)
     # strings keep text inside them: damaged metadata is then refused instead of crashing or
@@ -176,12 +462,39 @@ def create_store(
     return path
 
 
+def _open_copy(path: Path) -> io.BytesIO:
+    """An in-memory copy of a store about to be changed (the file itself is never touched)."""
+    try:
+        return io.BytesIO(path.read_bytes())
+    except OSError as e:
+        raise StoreError(
+            f"cannot read {path}: {e.strerror or e}; is the run directory intact?"
+        ) from e
+
+
+def _open_h5(buffer: io.BytesIO, path: Path) -> h5py.File:
+    try:
+        return h5py.File(buffer, "r+")
+    except OSError as e:
+        raise StoreError(
+            f"{path} cannot be opened as HDF5 (truncated or not an HDF5 file): {_short(e)}; "
+            f"{_REMEDY}"
+        ) from e
+
+
 def append_epoch(path: str | Path, logits: np.ndarray, history_row: dict[str, float]) -> int:
-    """Commit one epoch's logits and history row; returns the number of committed epochs."""
+    """Commit one epoch's logits and history row; returns the number of committed epochs.
+
+    The store is validated first, and the new epoch must fit it (logits of shape (N, classes),
+    finite; the row's epoch one past the committed ones; finite, non-negative numbers):
+    otherwise StoreError, and the file is left as it was.
+    """
     path = Path(path)
-    buffer = io.BytesIO(path.read_bytes())
-    with h5py.File(buffer, "r+") as f:
-        committed = int(f["committed_epochs"][()])
+    buffer = _open_copy(path)
+    with _open_h5(buffer, path) as f:
+        layout = _validated(f, path)
+        committed = layout.committed
+        _check_new_epoch(path, layout, logits, history_row)
         _truncate(f, committed)
         ds = f["logits"]
         ds.resize(committed + 1, axis=0)
@@ -197,13 +510,52 @@ def append_epoch(path: str | Path, logits: np.ndarray, history_row: dict[str, fl
     return committed + 1
 
 
+def _check_new_epoch(
+    path: Path, layout: _Layout, logits: np.ndarray, history_row: dict[str, float]
+) -> None:
+    """Refuse an epoch that the store's readers would refuse (the file stays as it was)."""
+    expected = (layout.num_images, len(layout.classes))
+    shape = np.shape(logits)
+    if shape != expected:
+        raise StoreError(
+            f"cannot add an epoch to {path}: its logits have shape {shape} but the store holds "
+            f"{expected[0]} images of {expected[1]} classes; train this run with its own data"
+        )
+    if not np.isfinite(np.asarray(logits, dtype=np.float64)).all():
+        raise StoreError(
+            f"cannot add an epoch to {path}: its logits hold NaN or infinity; "
+            "lower the learning rate and train again"
+        )
+    missing = [name for name, _ in HISTORY_COLUMNS if name not in history_row]
+    if missing:
+        raise StoreError(f"cannot add an epoch to {path}: its history row lacks {missing}")
+    epoch = history_row["epoch"]
+    if epoch != layout.committed + 1:
+        raise StoreError(
+            f"cannot add epoch {epoch!r} to {path}: it holds {layout.committed} epochs, so the "
+            f"next is {layout.committed + 1}; the store and the checkpoints disagree, train "
+            "the run again with --overwrite"
+        )
+    for name, _ in HISTORY_COLUMNS[1:]:
+        try:
+            value = float(history_row[name])
+        except (TypeError, ValueError, OverflowError):
+            value = float("nan")
+        if not (np.isfinite(value) and value >= 0):
+            raise StoreError(
+                f"cannot add epoch {epoch} to {path}: its {name} is {history_row[name]!r}, "
+                "not a finite number of 0 or more"
+            )
+
+
 def truncate_store(path: str | Path, epochs: int) -> None:
     """Keep only the first ``epochs`` committed epochs (used by resume)."""
     path = Path(path)
-    buffer = io.BytesIO(path.read_bytes())
-    with h5py.File(buffer, "r+") as f:
-        committed = int(f["committed_epochs"][()])
-        keep = min(committed, epochs)
+    if isinstance(epochs, bool) or not isinstance(epochs, int | np.integer) or epochs < 0:
+        raise ValueError(f"epochs must be an integer of 0 or more, got {epochs!r}")
+    buffer = _open_copy(path)
+    with _open_h5(buffer, path) as f:
+        keep = min(_validated(f, path).committed, int(epochs))
         _truncate(f, keep)
         f["committed_epochs"][()] = keep
     _commit(path, buffer)
@@ -216,8 +568,15 @@ def _truncate(f: h5py.File, epochs: int) -> None:
         f["history"].resize(epochs, axis=0)
 
 
+# -- reading the store ---------------------------------------------------------------------------
+
+
 class StoreReader:
-    """Read-only view of a store's committed epochs. Use as a context manager or call close()."""
+    """Read-only view of a store's committed epochs. Use as a context manager or call close().
+
+    Opening validates the store (see :func:`_inspect`); reading an epoch's logits checks that
+    they are finite, reading the masks that they are 0 or 1. Every complaint is a StoreError.
+    """
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
@@ -227,7 +586,7 @@ class StoreReader:
         if not path.exists():
             raise StoreError(f"no prediction store at {path}; is this a run directory?")
         if path.stat().st_size == 0:
-            raise StoreError(f"{path} is empty (0 bytes); the store is damaged")
+            raise StoreError(f"{path} is empty (0 bytes); the store is damaged, {_REMEDY}")
         try:
             self._f = h5py.File(path, "r")
         except OSError as e:
@@ -235,52 +594,28 @@ class StoreReader:
                 f"{path} cannot be opened as HDF5 (truncated or not an HDF5 file): {_short(e)}"
             ) from e
         try:
-            self._check()
-        except StoreError:
+            layout = _validated(self._f, path)
+        except BaseException:
             self._f.close()
             raise
-        except _DAMAGE_ERRORS as e:
-            self._f.close()
-            raise StoreError(f"{path} is damaged: {_short(e)}") from e
-
-    def _check(self) -> None:
-        f = self._f
-        if _decode(f.attrs.get("format")) != FORMAT_NAME:
-            raise StoreError(f"{self.path} is an HDF5 file but not an explainkit prediction store")
-        version = int(f.attrs.get("schema_version", -1))
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} has store schema v{version}, newer than this explainkit "
-                f"(v{SCHEMA_VERSION}); upgrade explainkit to read it"
-            )
-        if version < 1:
-            raise StoreError(f"{self.path} has an unknown store schema version {version}")
-        missing = [n for n in DATASETS if n != "eval/masks" and n not in f]
-        if missing:
-            raise StoreError(f"{self.path} is missing {', '.join(missing)}; the store is damaged")
-        self.committed = int(f["committed_epochs"][()])
-        if f["logits"].shape[0] < self.committed or f["history"].shape[0] < self.committed:
-            raise StoreError(f"{self.path} claims more epochs than it holds; the store is damaged")
-        self.attrs: dict[str, Any] = {}
-        for key, value in f.attrs.items():
-            value = _decode(value)
-            if key in ("classes", "model"):
-                value = json.loads(value)
-            self.attrs[key] = value
-        self.classes: list[str] = list(self.attrs["classes"])
-        self.mean = tuple(self.attrs["mean"])
-        self.std = tuple(self.attrs["std"])
-        self.num_images = int(f["eval/targets"].shape[0])
-        self._has_masks = "eval/masks" in f
-        self._image_shape = tuple(f["eval/images"].shape[1:])
+        self.committed = layout.committed
+        self.attrs: dict[str, Any] = layout.attrs
+        self.classes: list[str] = layout.classes
+        self.mean = layout.mean
+        self.std = layout.std
+        self.num_images = layout.num_images
+        self._has_masks = layout.has_masks
+        self._image_shape = layout.image_shape
+        self._history = layout.history
+        self._targets = layout.targets
+        self._index = layout.index
 
     def _read(self, name: str, selection: Any = ()) -> np.ndarray:
         try:
-            return self._f[name][selection]
+            ds = self._f[name]
         except _DAMAGE_ERRORS as e:
-            raise StoreError(
-                f"{self.path}: reading {name} failed, the data is corrupt ({_short(e)})"
-            ) from e
+            raise _corrupt(self.path, name, e) from e
+        return _read_dataset(ds, self.path, selection)
 
     @property
     def epochs(self) -> list[int]:
@@ -292,28 +627,23 @@ class StoreReader:
 
     @property
     def history(self) -> dict[str, np.ndarray]:
-        rows = self._read("history", slice(0, self.committed))
-        try:
-            return {name: np.asarray(rows[name]) for name, _ in HISTORY_COLUMNS}
-        except (ValueError, KeyError, IndexError) as e:
-            raise StoreError(
-                f"{self.path}: the history table lacks its columns; the store is damaged"
-            ) from e
+        """The committed history rows, one array per column (checked when the store opened)."""
+        return {name: np.array(self._history[name]) for name, _ in HISTORY_COLUMNS}
 
     @property
     def best_epoch(self) -> int | None:
         if not self.committed:
             return None
-        acc = self.history["eval_acc"]
-        return int(self.history["epoch"][int(np.argmax(acc))])
+        history = self.history
+        return int(history["epoch"][int(np.argmax(history["eval_acc"]))])
 
     @property
     def targets(self) -> np.ndarray:
-        return self._read("eval/targets")
+        return self._targets.copy()
 
     @property
     def index(self) -> np.ndarray:
-        return self._read("eval/index")
+        return self._index.copy()
 
     @property
     def has_masks(self) -> bool:
@@ -321,7 +651,12 @@ class StoreReader:
 
     @property
     def masks(self) -> np.ndarray | None:
-        return self._read("eval/masks") if self.has_masks else None
+        if not self.has_masks:
+            return None
+        masks = self._read("eval/masks")
+        if masks.size and masks.max() > 1:
+            raise _damaged(self.path, "eval/masks holds values other than 0 and 1")
+        return masks
 
     def images(self, indices: Any = None) -> np.ndarray:
         """uint8 (n,H,W,C) images; ``indices`` any 1-D integer selection (order kept)."""
@@ -341,7 +676,9 @@ class StoreReader:
 
     def _epoch_row(self, epoch: int | None) -> int:
         if not self.committed:
-            raise StoreError(f"{self.path} has no committed epochs yet")
+            raise StoreError(
+                f"{self.path} has no committed epochs yet; wait for the first epoch to finish"
+            )
         if epoch is None:
             return self.committed - 1
         if not 1 <= epoch <= self.committed:
@@ -351,8 +688,16 @@ class StoreReader:
         return epoch - 1
 
     def logits(self, epoch: int | None = None) -> np.ndarray:
-        """float32 (N, classes) logits of an epoch (default: the last committed one)."""
-        return self._read("logits", self._epoch_row(epoch))
+        """float32 (N, classes) logits of an epoch (default: the last committed one).
+
+        Checked to be finite here, not when the store opens: the check costs what the read
+        costs, and a damaged epoch fails only the analyzers that read it.
+        """
+        row = self._epoch_row(epoch)
+        data = self._read("logits", row).astype(np.float32, copy=False)
+        if not np.isfinite(data).all():
+            raise _damaged(self.path, f"the logits of epoch {row + 1} hold NaN or infinity")
+        return data
 
     def predictions(self, epoch: int | None = None) -> np.ndarray:
         """The run's recorded prediction of each eval image: what every analyzer calls
@@ -371,11 +716,9 @@ class StoreReader:
         """Read every committed byte so checksum (fletcher32) errors surface now."""
         for name in ("eval/images", "eval/targets", "eval/index"):
             self._read(name)
-        if self.has_masks:
-            self._read("eval/masks")
-        if self.committed:
-            self._read("logits", slice(0, self.committed))
-        self.history  # noqa: B018 - reads and checks the table
+        self.masks  # noqa: B018 - reads and checks the masks
+        for epoch in self.epochs:
+            self.logits(epoch)
 
     def close(self) -> None:
         self._f.close()
@@ -395,3 +738,187 @@ def _short(e: BaseException) -> str:
 def open_store(path: str | Path) -> StoreReader:
     """Open a store (a ``predictions.h5`` file or a run directory) for reading."""
     return StoreReader(path)
+
+
+# -- other HDF5 files: streamed through Python I/O -----------------------------------------------
+
+
+class _GuardedFile:
+    """A file object for h5py's ``fileobj`` driver that never lets a write error into libhdf5.
+
+    libhdf5 does not survive a failed write: the file cannot be closed, and the process
+    crashes when the handle is freed (at the latest at exit). So the first OSError is kept
+    here, later writes are dropped (and reads past what reached the disk see zeros), libhdf5
+    closes its file normally, and :class:`H5Writer` raises the kept error as one sentence.
+    The file is unbuffered: every write reaches the disk (memory stays bounded by HDF5's
+    chunk cache) and fails where it happens.
+    """
+
+    def __init__(self, raw: io.FileIO) -> None:
+        self._raw = raw
+        self._pos = 0
+        self.error: OSError | None = None
+
+    def _fail(self, e: OSError) -> None:
+        if self.error is None:
+            self.error = e
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            self._pos = self._raw.seek(offset, whence)
+        except OSError as e:
+            self._fail(e)
+            if whence == io.SEEK_SET:
+                self._pos = offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        try:
+            self._raw.seek(self._pos)
+            while done < len(view):
+                got = self._raw.readinto(view[done:])
+                if not got:
+                    break
+                done += got
+        except OSError as e:
+            self._fail(e)
+        if done < len(view) and self.error is not None:
+            view[done:] = bytes(len(view) - done)  # what was dropped reads as zeros
+            done = len(view)
+        self._pos += done
+        return done
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = max(0, os.fstat(self._raw.fileno()).st_size - self._pos)
+        buffer = bytearray(size)
+        return bytes(buffer[: self.readinto(buffer)])
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            done = 0
+            try:
+                self._raw.seek(self._pos)
+                while done < len(view):
+                    wrote = self._raw.write(view[done:])
+                    if not wrote:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    done += wrote
+            except OSError as e:
+                self._fail(e)
+        self._pos += len(view)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if self.error is None:
+            try:
+                self._raw.truncate(size)
+            except OSError as e:
+                self._fail(e)
+        return size
+
+    def flush(self) -> None:
+        pass  # unbuffered: nothing is held here
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+
+class H5Writer:
+    """Context manager of :func:`open_h5_for_writing`; ``with`` gives the ``h5py.File``."""
+
+    def __init__(
+        self, path: str | Path, error: type[ExplainkitError] = StoreError, **options: Any
+    ) -> None:
+        self.path = Path(path)
+        self._error = error
+        self._options = {"libver": ("v110", "latest"), **options}
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._raw: io.FileIO | None = None
+        self._guard: _GuardedFile | None = None
+        self._file: h5py.File | None = None
+
+    def _sentence(self, e: BaseException) -> ExplainkitError:
+        reason = getattr(e, "strerror", None) or _short(e)
+        return self._error(
+            f"cannot write {self.path}: {reason}; free some disk space and try again"
+        )
+
+    def check(self) -> None:
+        """Raise now if a write has failed (call it once per batch to stop early)."""
+        if self._guard is not None and self._guard.error is not None:
+            raise self._sentence(self._guard.error) from self._guard.error
+
+    def __enter__(self) -> h5py.File:
+        try:
+            self._raw = open(self._tmp, "w+b", buffering=0)  # closed by _finish
+        except OSError as e:
+            raise self._sentence(e) from e
+        self._guard = _GuardedFile(self._raw)
+        try:
+            self._file = h5py.File(self._guard, "w", **self._options)
+        except BaseException as e:
+            self._finish(e)
+            raise
+        return self._file
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        self._finish(exc)
+        return False
+
+    def _finish(self, exc: BaseException | None) -> None:
+        """Close everything; publish the file only when all of it reached the disk."""
+        assert self._raw is not None and self._guard is not None
+        guard, raw = self._guard, self._raw
+        closing: Exception | None = None
+        try:
+            if self._file is not None:
+                try:
+                    self._file.close()
+                except Exception as e:  # not a write error (those are kept by the guard)
+                    closing = e
+            if guard.error is None and closing is None and exc is None:
+                try:
+                    os.fsync(raw.fileno())
+                except OSError as e:
+                    guard._fail(e)
+            raw.close()
+            if guard.error is not None:
+                raise self._sentence(guard.error) from guard.error
+            if closing is not None:
+                raise self._sentence(closing) from closing
+            if exc is None:
+                os.replace(self._tmp, self.path)
+                _fsync_dir(self.path.parent)
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+
+def open_h5_for_writing(
+    path: str | Path, error: type[ExplainkitError] = StoreError, **options: Any
+) -> H5Writer:
+    """Open a new HDF5 file for streamed writing through Python I/O.
+
+    Use as ``with open_h5_for_writing(path, AnalyzerError) as f:`` and write datasets batch by
+    batch as with ``h5py.File(path, "w")``. Data goes to disk as HDF5 evicts chunks from its
+    cache, so memory stays bounded however large the file grows. The file is written beside
+    ``path`` and renamed over it only when complete: a failure leaves an older ``path`` as it
+    was. A failed write (a full disk, a file-size limit) raises ``error`` with one sentence
+    when the ``with`` block ends, or at once from ``writer.check()``; libhdf5 never sees it,
+    so it cannot crash the process. ``options`` go to ``h5py.File`` (default
+    ``libver=("v110", "latest")``: checksummed metadata, as in the prediction store).
+    """
+    return H5Writer(path, error, **options)

@@ -108,8 +108,8 @@ class GradCAMAnalyzer(Analyzer):
         model = context.model()
         layer = context.target_layer(layer, model)
         path = context.output_dir / "attributions.h5"
-        maps = _write_maps(context, model, layer, method, target_arg, dtype, path)
-        _write_attributes(path, context, layer, method, target)
+        attributes = _attributes(context, layer, method, target)
+        maps = _write_maps(context, model, layer, method, target_arg, dtype, path, attributes)
         labels = context.store.targets
         chosen = _choose_shown(context, labels, maps.predicted, count, select)
         items = _shown_items(chosen, labels, maps, context.classes)
@@ -127,20 +127,29 @@ def _write_maps(
     target: Any,
     dtype: str,
     path: Any,
+    attributes: dict[str, Any],
 ) -> _Maps:
-    """Explain every eval image, batch by batch, straight into attributions.h5."""
-    import h5py
+    """Explain every eval image, batch by batch, straight into attributions.h5.
+
+    The file is written through Python I/O (:func:`explainkit.store.open_h5_for_writing`),
+    streamed with bounded memory: a full disk stops the pass with one AnalyzerError sentence
+    instead of crashing libhdf5, and the file appears only when it is complete.
+    """
     import numpy as np
     import torch
 
+    from explainkit.errors import AnalyzerError
     from explainkit.explain.gradcam import METHODS as CAM_CLASSES
+    from explainkit.store import open_h5_for_writing
 
     store = context.store
     n, bs = store.num_images, max(1, int(context.batch_size))
     labels = store.targets
     sync = torch.cuda.synchronize if context.device.type == "cuda" else (lambda: None)
     seconds = 0.0
-    with CAM_CLASSES[method](model, layer) as cam, h5py.File(path, "w") as f:
+    writer = open_h5_for_writing(path, AnalyzerError)
+    with CAM_CLASSES[method](model, layer) as cam, writer as f:
+        f.attrs.update(attributes)
         maps_ds = raw_ds = None
         targets_ds = _dataset(f, "targets", (n,), "int64", bs)
         predicted_ds = _dataset(f, "predicted", (n,), "int64", bs)
@@ -161,6 +170,7 @@ def _write_maps(
             raw_ds[start:stop] = res.raw.cpu().numpy()
             targets_ds[start:stop] = res.targets.cpu().numpy()
             predicted_ds[start:stop] = res.predicted.cpu().numpy()
+            writer.check()  # a full disk ends the pass now, not after the last batch
         return _Maps(predicted_ds[:], targets_ds[:], raw_ds.shape[1:], maps_ds.shape[1:], seconds)
 
 
@@ -179,24 +189,20 @@ def _dataset(f: Any, name: str, shape: tuple[int, ...], dtype: str, batch: int) 
     )
 
 
-def _write_attributes(
-    path: Any, context: AnalysisContext, layer: str, method: str, target: str
-) -> None:
+def _attributes(context: AnalysisContext, layer: str, method: str, target: str) -> dict:
+    """The root attributes of attributions.h5."""
     import h5py
     import numpy as np
 
-    with h5py.File(path, "r+") as f:
-        f.attrs.update(
-            {
-                "layer": layer,
-                "method": method,
-                "epoch": context.epoch,
-                "target": str(target),
-                "num_images": context.store.num_images,
-                "upsampling": UPSAMPLING,
-                "classes": np.array(context.classes, dtype=h5py.string_dtype()),
-            }
-        )
+    return {
+        "layer": layer,
+        "method": method,
+        "epoch": context.epoch,
+        "target": str(target),
+        "num_images": context.store.num_images,
+        "upsampling": UPSAMPLING,
+        "classes": np.array(context.classes, dtype=h5py.string_dtype()),
+    }
 
 
 def _choose_shown(

@@ -56,8 +56,15 @@ def test_truncated_checkpoints_are_refused(tiny_run):
         load_checkpoint(path)
 
 
+def minimal_payload(num_classes: int = 3, width: int = 8) -> dict:
+    """The least a checkpoint holds: a model spec and weights that fit it, and an epoch."""
+    spec = {"arch": "resnet18-s8", "width": width, "num_classes": num_classes}
+    model = build_model(spec["arch"], num_classes=num_classes, width=width)
+    return {"model": spec, "state_dict": model.state_dict(), "epoch": 1}
+
+
 def test_atomic_save_leaves_no_temporary_files(tmp_path):
-    save_checkpoint(tmp_path / "a.pt", {"model": {}, "state_dict": {}, "epoch": 1})
+    save_checkpoint(tmp_path / "a.pt", minimal_payload())
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
     assert load_checkpoint(tmp_path / "a.pt")["epoch"] == 1
 
@@ -123,3 +130,109 @@ def test_v1_checkpoints_load_to_the_same_weights(tiny_run, tmp_path, ema):
     weights = v2["state_dict_ema"] if ema else v2["state_dict"]  # what v1 evaluated
     loaded = load_model(path).state_dict()
     assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+
+
+def _set(key, value):
+    def mutate(data):
+        data[key] = value
+
+    return mutate
+
+
+def _set_model(key, value):
+    def mutate(data):
+        data["model"] = {**data["model"], key: value}
+
+    return mutate
+
+
+def _set_weight(which, key, value):
+    def mutate(data):
+        data[which] = {**data[which], key: value}
+
+    return mutate
+
+
+def _drop(key, inside=None):
+    def mutate(data):
+        (data[inside] if inside else data).pop(key)
+
+    return mutate
+
+
+HOSTILE_CHECKPOINTS = {
+    "version-as-text": (_set("format_version", "1"), "its format_version is '1', not a version"),
+    "version-as-float": (_set("format_version", 1.0), "its format_version is 1.0"),
+    "version-0": (_set("format_version", 0), "its format_version is 0"),
+    "negative-epoch": (_set("epoch", -1), "its epoch is -1, not a whole number"),
+    "fractional-epoch": (_set("epoch", 1.5), "its epoch is 1.5"),
+    "epoch-as-bool": (_set("epoch", True), "its epoch is True"),
+    "state-dict-list": (_set("state_dict", [1, 2]), "its state_dict is [1, 2], not a dict"),
+    "wrong-shape": (
+        _set_weight("state_dict", "linear.weight", torch.zeros(5, 5)),
+        "its state_dict['linear.weight'] has shape [5, 5], but model resnet18-s8",
+    ),
+    "wrong-shape-ema": (
+        _set_weight("state_dict_ema", "conv1.weight", torch.zeros(1)),
+        "its state_dict_ema['conv1.weight'] has shape [1]",
+    ),
+    "nan-weight": (
+        _set_weight("state_dict", "linear.bias", torch.full((10,), float("nan"))),
+        "holds NaN or infinity",
+    ),
+    "not-a-tensor": (_set_weight("state_dict", "linear.bias", [0.0] * 10), "not a tensor"),
+    "integer-weight": (
+        _set_weight("state_dict", "linear.bias", torch.zeros(10, dtype=torch.int64)),
+        "is int64, not float32",
+    ),
+    "extra-key": (_set_weight("state_dict", "extra", torch.zeros(1)), "the unknown key 'extra'"),
+    "missing-key": (_drop("linear.bias", "state_dict"), "it lacks 'linear.bias'"),
+    "missing-model": (_drop("model"), "it lacks 'model'"),
+    "model-a-list": (_set("model", ["resnet18"]), "its model spec is ['resnet18'], not a dict"),
+    "arch-not-text": (_set_model("arch", 18), "its model arch is 18, not a model name"),
+    "arch-unknown": (_set_model("arch", "vgg16"), "its model arch 'vgg16' is unknown"),
+    "width-0": (_set_model("width", 0), "its model width is 0"),
+    "classes-as-text": (_set_model("num_classes", "10"), "its model num_classes is '10'"),
+    "fewer-classes": (_set_model("num_classes", 3), "but model resnet18-s8 (width 8, 3 classes)"),
+    "ema-without-count": (_drop("ema_updates"), "state_dict_ema but no ema_updates"),
+    "best-after-last": (_set("best_epoch", 99), "its best_epoch is 99, not an epoch in 0..2"),
+    "nan-accuracy": (_set("eval_acc", float("nan")), "its eval_acc is nan"),
+    "optimizer-list": (_set("optimizer", []), "its optimizer is [], not a dict"),
+    "class-names": (_set("classes", ["a"]), "its classes are ['a'], not 10 class names"),
+    "zero-std": (_set("std", [0.2, 0.0, 0.2]), "its std is [0.2, 0.0, 0.2]"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_CHECKPOINTS)
+def test_crafted_checkpoints_are_refused_at_load(tiny_run_master, tmp_path, name):
+    """Each is an explainkit checkpoint with one field wrong: one sentence, at load."""
+    mutate, message = HOSTILE_CHECKPOINTS[name]
+    data = torch.load(tiny_run_master / "checkpoints" / "last.pt", weights_only=True)
+    mutate(data)
+    path = tmp_path / "crafted.pt"
+    torch.save(data, path)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    text = str(caught.value)
+    assert message in text and f"{path} is damaged: " in text, text
+    assert "newer" not in text and "\n" not in text and not text.endswith(".")
+
+
+def test_a_newer_format_still_says_upgrade(tiny_run_master, tmp_path):
+    data = torch.load(tiny_run_master / "checkpoints" / "last.pt", weights_only=True)
+    data["format_version"] = 3
+    torch.save(data, tmp_path / "new.pt")
+    with pytest.raises(CheckpointError, match="format v3, newer than this explainkit"):
+        load_checkpoint(tmp_path / "new.pt")
+
+
+def test_model_from_checkpoint_checks_a_dict_it_did_not_load(tiny_run_master):
+    from explainkit.train.checkpoint import model_from_checkpoint
+
+    data = load_checkpoint(tiny_run_master / "checkpoints" / "last.pt")
+    assert not model_from_checkpoint(data).training
+    bad = {**data, "state_dict_ema": {**data["state_dict_ema"], "linear.weight": torch.zeros(2)}}
+    with pytest.raises(CheckpointError, match="the checkpoint is damaged: its state_dict_ema"):
+        model_from_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="not what load_checkpoint returns .missing or"):
+        model_from_checkpoint({"epoch": 1})

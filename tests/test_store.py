@@ -38,8 +38,12 @@ def make_store(path, n=20, classes=3, epochs=2):
     for e in range(1, epochs + 1):
         lg = rng.standard_normal((n, classes)).astype(np.float32)
         logits.append(lg)
-        append_epoch(path, lg, {name: float(e) for name, _ in HISTORY_COLUMNS})
+        append_epoch(path, lg, history_row(e))
     return logits
+
+
+def history_row(epoch: int) -> dict[str, float]:
+    return {name: float(epoch) / (10 if "acc" in name else 1) for name, _ in HISTORY_COLUMNS}
 
 
 def test_store_round_trips_every_field(tmp_path):
@@ -88,7 +92,7 @@ def test_a_leftover_temporary_copy_does_not_matter(tmp_path):
     make_store(path, epochs=1)
     shutil.copyfile(path, tmp_path / "p.h5.tmp")
     (tmp_path / "p.h5.tmp").write_bytes(b"half written")
-    append_epoch(path, np.zeros((20, 3), np.float32), {n: 2.0 for n, _ in HISTORY_COLUMNS})
+    append_epoch(path, np.zeros((20, 3), np.float32), history_row(2))
     with open_store(path) as store:
         assert store.epochs == [1, 2]
 
@@ -97,7 +101,7 @@ def test_an_open_reader_keeps_its_snapshot_while_epochs_are_added(tmp_path):
     path = tmp_path / "p.h5"
     make_store(path, epochs=1)
     with open_store(path) as store:
-        append_epoch(path, np.zeros((20, 3), np.float32), {n: 2.0 for n, _ in HISTORY_COLUMNS})
+        append_epoch(path, np.zeros((20, 3), np.float32), history_row(2))
         assert store.epochs == [1]
         store.verify()
     with open_store(path) as store:
@@ -118,6 +122,170 @@ def test_damaged_stores_are_refused_with_a_sentence(tmp_path, damage, message):
     damage(path)
     with pytest.raises(StoreError, match=message):
         open_store(path)
+
+
+def _replace(name, value):
+    def mutate(f):
+        del f[name]
+        f[name] = value
+
+    return mutate
+
+
+def _attr(name, value):
+    def mutate(f):
+        f.attrs[name] = value
+
+    return mutate
+
+
+def _history_epochs(*epochs):
+    def mutate(f):
+        rows = f["history"][...]
+        rows["epoch"] = epochs
+        f["history"][...] = rows
+
+    return mutate
+
+
+def _history_value(column, value):
+    def mutate(f):
+        rows = f["history"][...]
+        rows[column][0] = value
+        f["history"][...] = rows
+
+    return mutate
+
+
+def _delete(name):
+    def mutate(f):
+        del f[name]
+
+    return mutate
+
+
+FLOAT_IMAGES = np.zeros((20, 8, 8, 3), np.float32)
+HOSTILE_STORES = {
+    "negative-committed": (_replace("committed_epochs", np.int64(-1)), "committed_epochs is -1"),
+    "fractional-committed": (_replace("committed_epochs", 1.5), "committed_epochs is float64"),
+    "too-many-committed": (_replace("committed_epochs", np.int64(3)), "claims 3 committed"),
+    "epoch-column-repeats": (_history_epochs(1, 1), "epoch column is [1, 1], not 1..2"),
+    "epoch-column-from-0": (_history_epochs(0, 1), "epoch column is [0, 1], not 1..2"),
+    "nan-in-history": (_history_value("eval_acc", np.nan), "eval_acc column holds NaN"),
+    "negative-loss": (_history_value("train_loss", -1.0), "train_loss column holds a negative"),
+    "logits-class-count": (
+        _replace("logits", np.zeros((2, 20, 4), np.float32)),
+        "expected floats of shape (epochs, 20, 3) for 20 images and 3 classes",
+    ),
+    "logits-image-count": (_replace("logits", np.zeros((2, 19, 3), np.float32)), "(epochs, 20, 3)"),
+    "integer-logits": (_replace("logits", np.zeros((2, 20, 3), np.int32)), "logits are int32"),
+    "float-images": (_replace("eval/images", FLOAT_IMAGES), "eval/images is float32"),
+    "zero-std": (_attr("std", np.array([0.25, 0.0, 0.25])), "std attribute has a value that"),
+    "one-value-mean": (_attr("mean", np.array([0.5])), "mean attribute has 1 value, not 3"),
+    "scalar-mean": (_attr("mean", 0.5), "mean attribute is 0.5, not a list of numbers"),
+    "nan-mean": (_attr("mean", np.array([0.5, np.nan, 0.5])), "mean attribute holds NaN"),
+    "mean-in-0-255": (_attr("mean", np.array([125.0, 120.0, 110.0])), "outside [0, 1]"),
+    "classes-not-json": (_attr("classes", np.bytes_(b"[a, b")), "classes attribute is not valid"),
+    "classes-empty": (_attr("classes", np.bytes_(b"[]")), "not a non-empty list of class names"),
+    "classes-twice": (_attr("classes", np.bytes_(b'["a", "a", "b"]')), "names a class twice"),
+    "classes-fewer": (_attr("classes", np.bytes_(b'["a", "b"]')), "model has 3 classes"),
+    "model-not-object": (_attr("model", np.bytes_(b"[1]")), "model attribute is not a JSON"),
+    "input-shape": (_attr("input_shape", np.array([3, 32, 32])), "input_shape [3, 32, 32]"),
+    "targets-out-of-range": (
+        _replace("eval/targets", np.full(20, 3, np.int64)),
+        "eval/targets holds a class outside 0..2",
+    ),
+    "float-targets": (_replace("eval/targets", np.zeros(20)), "eval/targets is float64"),
+    "negative-index": (_replace("eval/index", np.full(20, -1)), "eval/index holds a negative"),
+    "mask-shape": (_replace("eval/masks", np.zeros((20, 4, 4), np.uint8)), "eval/masks is uint8"),
+    "schema-as-text": (_attr("schema_version", np.bytes_(b"1")), "schema_version is '1', not an"),
+    "schema-0": (_attr("schema_version", 0), "schema version 0 is unknown"),
+    "missing-targets": (_delete("eval/targets"), "it lacks eval/targets"),
+    "missing-std": (lambda f: f.attrs.__delitem__("std"), "it lacks the std attribute"),
+    "logits-a-group": (
+        lambda f: (f.__delitem__("logits"), f.create_group("logits")),
+        "logits is not a dataset",
+    ),
+    "eval-weights": (_attr("eval_weights", np.bytes_(b"best")), "eval_weights is 'best'"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_STORES)
+def test_wrong_values_are_refused_at_open_as_damage(tmp_path, name):
+    """Each is ours (format attribute intact) but wrong: one sentence saying it is damaged."""
+    mutate, message = HOSTILE_STORES[name]
+    path = tmp_path / "p.h5"
+    make_store(path)
+    with h5py.File(path, "r+") as f:
+        mutate(f)
+    before = path.read_bytes()
+    with pytest.raises(StoreError) as caught:
+        open_store(path)
+    text = str(caught.value)
+    assert message in text and f"{path} is damaged: " in text, text
+    assert "\n" not in text and not text.endswith(".") and "train the run again" in text
+    assert "not an explainkit prediction store" not in text
+    assert path.read_bytes() == before
+
+
+def test_nan_logits_fail_the_epoch_that_holds_them(tmp_path):
+    """Finiteness is checked when an epoch is read: other epochs still read."""
+    path = tmp_path / "p.h5"
+    logits = make_store(path)
+    with h5py.File(path, "r+") as f:
+        f["logits"][1, 4, 2] = np.inf
+    with open_store(path) as store:
+        np.testing.assert_array_equal(store.logits(1), logits[0])
+        for read in (store.logits, store.predictions, store.probabilities):
+            with pytest.raises(StoreError, match="the logits of epoch 2 hold NaN or infinity"):
+                read(2)
+        with pytest.raises(StoreError, match="epoch 2 hold NaN"):
+            store.verify()
+
+
+def test_masks_other_than_0_and_1_are_refused_when_read(tmp_path):
+    path = tmp_path / "p.h5"
+    make_store(path)
+    with h5py.File(path, "r+") as f:
+        f["eval/masks"][3, 0, 0] = 7
+    with open_store(path) as store:
+        assert store.epochs == [1, 2]
+        with pytest.raises(StoreError, match="eval/masks holds values other than 0 and 1"):
+            store.masks  # noqa: B018
+
+
+def test_writers_refuse_a_damaged_store_and_leave_it_as_it_was(tmp_path):
+    from explainkit.store import truncate_store
+
+    path = tmp_path / "p.h5"
+    make_store(path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["std"] = np.zeros(3)
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="is damaged: the std attribute"):
+        append_epoch(path, np.zeros((20, 3), np.float32), history_row(3))
+    with pytest.raises(StoreError, match="is damaged: the std attribute"):
+        truncate_store(path, 1)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "logits, row, message",
+    [
+        (np.zeros((20, 4), np.float32), history_row(3), "shape (20, 4) but the store holds"),
+        (np.full((20, 3), np.nan, np.float32), history_row(3), "logits hold NaN or infinity"),
+        (np.zeros((20, 3), np.float32), history_row(5), "the next is 3"),
+        (np.zeros((20, 3), np.float32), {**history_row(3), "lr": -0.1}, "its lr is -0.1"),
+    ],
+    ids=["class-count", "nan", "epoch-gap", "negative-lr"],
+)
+def test_an_epoch_that_does_not_fit_is_not_committed(tmp_path, logits, row, message):
+    path = tmp_path / "p.h5"
+    make_store(path)
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match=re.escape(message)):
+        append_epoch(path, logits, row)
+    assert path.read_bytes() == before
 
 
 def test_hdf5_files_that_are_not_ours_are_refused(tmp_path):

@@ -21,9 +21,9 @@ ones under ``train_state_dict``; :func:`load_checkpoint` translates it to versio
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import re
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from torch import nn
 
 from explainkit import __version__
 from explainkit.atomic import write_atomic
-from explainkit.errors import CheckpointError, RunError
+from explainkit.errors import CheckpointError, RunError, first_line
 from explainkit.rundir import RunDir
 
 FORMAT_NAME = "explainkit-checkpoint"
@@ -59,7 +59,14 @@ def save_checkpoint(paths: str | Path | Sequence[str | Path], payload: dict[str,
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and validate an explainkit checkpoint on the CPU, refusing anything else."""
+    """Load and validate an explainkit checkpoint on the CPU, refusing anything else.
+
+    Validated here, so that a bad file is one CheckpointError now and not a traceback later:
+    the format and its version, the epoch, the model spec (arch, num_classes, width, ...),
+    that ``state_dict`` (and ``state_dict_ema``) are finite tensors of exactly the shapes
+    the described model has (built on the meta device: no memory, a few milliseconds), and
+    the types of the other fields a resume reads.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -71,28 +78,203 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} was refused: it holds objects other than tensors and plain values; "
             "explainkit never unpickles those (a pickle can run code); is it another tool's file?"
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} cannot be read as a checkpoint (truncated or damaged): "
-            f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
-        ) from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+    except PermissionError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}; check its permissions") from e
+    except Exception as e:  # whatever the parser meets in a damaged file (OSError(22) too)
+        raise _unreadable(path, e) from e
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if not isinstance(fmt, str) or fmt != FORMAT_NAME:
         raise CheckpointError(
             f"{path} is not an explainkit checkpoint (a plain state_dict or another "
             "library's file); train with `explainkit train` to get one"
         )
     version = data.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _damaged(path, f"its format_version is {_describe(version)}, not a version number")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format v{version}, newer than this explainkit "
             f"(v{FORMAT_VERSION}); upgrade explainkit"
         )
-    for key in ("model", "state_dict", "epoch"):
-        if key not in data:
-            raise CheckpointError(f"{path} lacks {key!r}; the checkpoint is damaged")
+    missing = [key for key in ("model", "state_dict", "epoch") if key not in data]
+    if missing:
+        raise _damaged(path, f"it lacks {', '.join(map(repr, missing))}")
     if version < 2:
         _upgrade_v1(data)
+    try:
+        _validate(data)
+    except _Damage as e:
+        raise _damaged(path, str(e)) from None
+    except _CHECK_ERRORS as e:  # a value too odd for the checks themselves is damage too
+        raise _damaged(path, first_line(e, limit=120) or type(e).__name__) from e
     return data
+
+
+_REMEDY = "use another epoch's checkpoint or train the run again"
+_CHECK_ERRORS = (TypeError, ValueError, OverflowError, RuntimeError, KeyError, IndexError)
+
+
+class _Damage(Exception):
+    """What is wrong with a checkpoint that is ours, as a phrase; becomes a CheckpointError."""
+
+
+def _damaged(path: Path, detail: str) -> CheckpointError:
+    return CheckpointError(f"{path} is damaged: {detail}; {_REMEDY}")
+
+
+def _unreadable(path: Path, e: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{path} cannot be read as a checkpoint (truncated or damaged: "
+        f"{first_line(e, limit=160) or type(e).__name__}); {_REMEDY}"
+    )
+
+
+def _describe(value: Any) -> str:
+    """A value in a few words, for a message."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__} ({text[:30]}...)"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _validate(data: dict[str, Any]) -> None:
+    """Check every field a reader or a resume uses (raises ``_Damage``)."""
+    epoch = data["epoch"]
+    if not _is_int(epoch) or epoch < 1:
+        raise _Damage(f"its epoch is {_describe(epoch)}, not a whole number of 1 or more")
+    spec = _model_spec(data["model"])
+    if not isinstance(data["state_dict"], dict):
+        raise _Damage(f"its state_dict is {_describe(data['state_dict'])}, not a dict of tensors")
+    expected = _expected_weights(spec)
+    _check_weights(data["state_dict"], "state_dict", expected, spec)
+    ema = data.get("state_dict_ema")
+    if ema is not None:
+        if not isinstance(ema, dict):
+            raise _Damage(f"its state_dict_ema is {_describe(ema)}, not a dict of tensors")
+        _check_weights(ema, "state_dict_ema", expected, spec)
+        if "ema_updates" not in data:
+            raise _Damage("it has state_dict_ema but no ema_updates")
+    if "ema_updates" in data and (not _is_int(data["ema_updates"]) or data["ema_updates"] < 0):
+        raise _Damage(f"its ema_updates is {_describe(data['ema_updates'])}, not a count")
+    best = data.get("best_epoch")
+    if best is not None and (not _is_int(best) or not 0 <= best <= epoch):
+        raise _Damage(f"its best_epoch is {_describe(best)}, not an epoch in 0..{epoch}")
+    for key in ("eval_acc", "best_acc"):
+        if data.get(key) is not None and not _is_real(data[key]):
+            raise _Damage(f"its {key} is {_describe(data[key])}, not a finite number")
+    for key in ("optimizer", "scheduler", "scaler", "rng", "config"):
+        if key in data and not isinstance(data[key], dict):
+            raise _Damage(f"its {key} is {_describe(data[key])}, not a dict")
+    classes = data.get("classes")
+    if classes is not None and (
+        not isinstance(classes, list | tuple)
+        or len(classes) != spec["num_classes"]
+        or not all(isinstance(c, str) for c in classes)
+    ):
+        raise _Damage(
+            f"its classes are {_describe(classes)}, not {spec['num_classes']} class names"
+        )
+    for key in ("mean", "std"):
+        values = data.get(key)
+        if values is not None and (
+            not isinstance(values, list | tuple)
+            or not values
+            or not all(_is_real(v) for v in values)
+            or (key == "std" and min(values) <= 0)
+        ):
+            raise _Damage(f"its {key} is {_describe(values)}, not a list of finite numbers")
+
+
+def _model_spec(spec: Any) -> dict[str, Any]:
+    """The model spec, checked: arch a known name, num_classes and width positive integers."""
+    from explainkit.models import MODELS
+
+    if not isinstance(spec, dict):
+        raise _Damage(f"its model spec is {_describe(spec)}, not a dict")
+    arch = spec.get("arch")
+    if not isinstance(arch, str):
+        raise _Damage(f"its model arch is {_describe(arch)}, not a model name")
+    if arch not in MODELS:
+        raise _Damage(f"its model arch {arch!r} is unknown (known: {', '.join(sorted(MODELS))})")
+    for key in ("num_classes", "width"):
+        if not _is_int(spec.get(key)) or spec[key] < 1:
+            raise _Damage(f"its model {key} is {_describe(spec.get(key))}, not 1 or more")
+    shape = spec.get("input_shape")
+    if shape is not None and (
+        not isinstance(shape, list | tuple)
+        or len(shape) != 3
+        or not all(_is_int(v) and v >= 1 for v in shape)
+    ):
+        raise _Damage(f"its model input_shape is {_describe(shape)}, not [C, H, W]")
+    if spec.get("default_layer") is not None and not isinstance(spec["default_layer"], str):
+        raise _Damage(f"its default_layer is {_describe(spec['default_layer'])}, not a name")
+    return spec
+
+
+def _expected_weights(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state_dict the described model has, built on the meta device (no memory)."""
+    from explainkit.models import build_model
+
+    try:
+        with torch.device("meta"):
+            model = build_model(spec["arch"], num_classes=spec["num_classes"], width=spec["width"])
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as e:
+        raise _Damage(f"its model spec does not build ({first_line(e, limit=120)})") from e
+    return model.state_dict()
+
+
+def _check_weights(
+    weights: dict[Any, Any], name: str, expected: dict[str, torch.Tensor], spec: dict[str, Any]
+) -> None:
+    """Exactly the model's keys; finite, plain CPU tensors of its shapes and kinds."""
+    model = f"{spec['arch']} (width {spec['width']}, {spec['num_classes']} classes)"
+    missing = [k for k in expected if k not in weights]
+    extra = [k for k in weights if k not in expected]
+    if missing or extra:
+        what = f"lacks {missing[0]!r}" if missing else f"has the unknown key {extra[0]!r}"
+        count = len(missing) + len(extra)
+        more = f" and {count - 1} more differences" if count > 1 else ""
+        raise _Damage(f"its {name} does not fit model {model}: it {what}{more}")
+    for key, want in expected.items():
+        t = weights[key]
+        if not isinstance(t, torch.Tensor):
+            raise _Damage(f"its {name}[{key!r}] is {_describe(t)}, not a tensor")
+        if t.layout != torch.strided or t.is_meta or t.is_quantized or t.device.type != "cpu":
+            raise _Damage(f"its {name}[{key!r}] is not a plain CPU tensor")
+        if t.shape != want.shape:
+            raise _Damage(
+                f"its {name}[{key!r}] has shape {list(t.shape)}, but model {model} needs "
+                f"{list(want.shape)}"
+            )
+        if want.is_floating_point() != t.is_floating_point() or t.is_complex():
+            raise _Damage(
+                f"its {name}[{key!r}] is {str(t.dtype).removeprefix('torch.')}, "
+                f"not {str(want.dtype).removeprefix('torch.')}"
+            )
+        if t.dtype == torch.bool and want.dtype != torch.bool:
+            raise _Damage(f"its {name}[{key!r}] is bool, not a number")
+        if t.is_floating_point() and not _all_finite(t):
+            raise _Damage(f"its {name}[{key!r}] holds NaN or infinity")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """True when every value is finite: a finite sum proves it (fast); else look closer."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def _upgrade_v1(data: dict[str, Any]) -> None:
@@ -164,9 +346,22 @@ def resolve_checkpoint(path_or_run: str | Path, epoch: int | None = None) -> Pat
 
 
 def model_from_checkpoint(data: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
-    """Build the model a checkpoint describes with the weights it evaluated, in eval mode."""
+    """Build the model a checkpoint describes with the weights it evaluated, in eval mode.
+
+    ``data`` comes from :func:`load_checkpoint`, which has checked that the weights fit; a
+    dict from anywhere else is checked here, and refused with a CheckpointError.
+    """
     from explainkit.models import build_model
 
+    try:
+        _validate(data)
+    except _Damage as e:
+        raise CheckpointError(f"the checkpoint is damaged: {e}; {_REMEDY}") from None
+    except _CHECK_ERRORS as e:
+        raise CheckpointError(
+            f"the checkpoint is not what load_checkpoint returns (missing or odd: "
+            f"{first_line(e, limit=80) or type(e).__name__}); load it with load_checkpoint"
+        ) from e
     spec = data["model"]
     model = build_model(spec["arch"], num_classes=spec["num_classes"], width=spec["width"])
     try:
@@ -174,7 +369,7 @@ def model_from_checkpoint(data: dict[str, Any], device: str | torch.device = "cp
     except RuntimeError as e:
         raise CheckpointError(
             f"checkpoint weights do not fit model {spec['arch']} (width {spec['width']}): "
-            f"{str(e).splitlines()[0][:160]}"
+            f"{first_line(e, limit=160)}; {_REMEDY}"
         ) from e
     return model.to(device).eval()
 
