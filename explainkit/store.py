@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 
 from explainkit import __version__
-from explainkit.atomic import _fsync_dir, write_atomic
+from explainkit.atomic import fsync_dir, write_atomic
 from explainkit.errors import ExplainkitError, StoreError
 from explainkit.rundir import RunDir
 
@@ -902,7 +902,7 @@ class H5Writer:
                 raise self._sentence(closing) from closing
             if exc is None:
                 os.replace(self._tmp, self.path)
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         finally:
             self._tmp.unlink(missing_ok=True)
 

@@ -40,6 +40,15 @@ def train_run(out: Path, overwrite: bool = False, **overrides) -> Path:
     return train(TrainConfig(**values), out=out, overwrite=overwrite, quiet=True)
 
 
+def minimal_payload(num_classes: int = 3, width: int = 8) -> dict:
+    """The least a checkpoint holds: a model spec and weights that fit it, and an epoch."""
+    from explainkit.models import build_model
+
+    spec = {"arch": "resnet18-s8", "width": width, "num_classes": num_classes}
+    model = build_model(spec["arch"], num_classes=num_classes, width=width)
+    return {"model": spec, "state_dict": model.state_dict(), "epoch": 1}
+
+
 @pytest.fixture(scope="session")
 def tiny_run_master(tmp_path_factory) -> Path:
     return train_run(tmp_path_factory.mktemp("runs") / "shapes")

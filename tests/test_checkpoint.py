@@ -7,7 +7,7 @@ from explainkit import load_model
 from explainkit.errors import CheckpointError
 from explainkit.models import build_model
 from explainkit.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from tests.conftest import run_cli
+from tests.conftest import minimal_payload, run_cli
 
 
 class Sentinel:
@@ -54,13 +54,6 @@ def test_truncated_checkpoints_are_refused(tiny_run):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(path)
-
-
-def minimal_payload(num_classes: int = 3, width: int = 8) -> dict:
-    """The least a checkpoint holds: a model spec and weights that fit it, and an epoch."""
-    spec = {"arch": "resnet18-s8", "width": width, "num_classes": num_classes}
-    model = build_model(spec["arch"], num_classes=num_classes, width=width)
-    return {"model": spec, "state_dict": model.state_dict(), "epoch": 1}
 
 
 def test_atomic_save_leaves_no_temporary_files(tmp_path):

@@ -306,3 +306,16 @@ def test_a_plugin_calling_sys_exit_is_contained_and_named(tiny_run, tmp_path, wh
         assert manifest["status"] == "failed" and "sys.exit(0)" in manifest["error"]
     else:
         assert result.returncode == 0
+
+
+def test_a_weights_only_last_checkpoint_is_refused_by_resume(tiny_run):
+    from explainkit.train.checkpoint import save_checkpoint
+
+    last = tiny_run / "checkpoints" / "last.pt"
+    data = load_checkpoint(last)
+    save_checkpoint(last, {k: v for k, v in data.items() if k not in ("optimizer", "rng")})
+    before = digest(tiny_run)
+    result = run_cli("train", "--resume", str(tiny_run), "--epochs", "4", "--quiet")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "optimizer, rng state" in result.stderr
+    assert digest(tiny_run) == before

@@ -8,7 +8,7 @@ from explainkit.config import ConfigError, TrainConfig, resolve_config
 from explainkit.errors import RunError
 from explainkit.store import open_store
 from explainkit.train.checkpoint import load_checkpoint
-from tests.conftest import CIFAR_MINI, run_cli, train_run
+from tests.conftest import CIFAR_MINI, minimal_payload, run_cli, train_run
 
 
 def test_train_writes_a_complete_run_dir(tiny_run):
@@ -275,9 +275,7 @@ def test_every_random_state_round_trips_through_a_checkpoint(tmp_path):
     np.random.seed(3)
     np.random.rand(5)  # move numpy's position off its fresh value
     random.seed(4)
-    save_checkpoint(
-        tmp_path / "r.pt", {"model": {}, "state_dict": {}, "epoch": 1, "rng": rng_state(data, aug)}
-    )
+    save_checkpoint(tmp_path / "r.pt", {**minimal_payload(), "rng": rng_state(data, aug)})
     expected = (np.random.rand(), random.random(), torch.rand(1), torch.rand(1, generator=aug))
     np.random.rand(9), random.random(), torch.rand(4), torch.rand(4, generator=aug)
     restore_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"], data, aug)

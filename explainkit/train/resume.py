@@ -6,10 +6,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from explainkit.config import RESUMABLE, TrainConfig, refused_on_resume
-from explainkit.errors import RunError
+from explainkit.errors import CheckpointError, RunError
 from explainkit.rundir import RunDir
 from explainkit.store import truncate_store
 from explainkit.train.checkpoint import list_checkpoints, load_checkpoint
+
+# What a checkpoint needs beyond its weights for training to continue exactly.
+RESUME_STATE = ("optimizer", "scheduler", "scaler", "rng")
 
 if TYPE_CHECKING:
     from explainkit.train.trainer import Trainer
@@ -56,7 +59,14 @@ def load_resume_point(trainer: Trainer, run: RunDir) -> bool:
     last = run.checkpoint("last")
     if not last.is_file():
         return False
-    trainer.load_state(load_checkpoint(last))
+    data = load_checkpoint(last)
+    missing = [key for key in RESUME_STATE if not isinstance(data.get(key), dict)]
+    if missing:
+        raise CheckpointError(
+            f"{last} holds weights but not the {', '.join(missing)} state a resume continues "
+            "from; analyze it, or start the run again with --overwrite"
+        )
+    trainer.load_state(data)
     return True
 
 
