@@ -33,7 +33,7 @@ class ExplainkitGroup(click.Group):
                 raise
             error = click.ClickException(str(e))
             # A bad value (ConfigError) is a usage error like click's own: exit 2.
-            error.exit_code = getattr(e, "exit_code", 1)
+            error.exit_code = e.exit_code
             raise error from e
         except OSError as e:
             # Disk full, permission denied, ...: the OS's own sentence is the clearest one.

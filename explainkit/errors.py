@@ -2,7 +2,8 @@
 
 Messages are one lowercase sentence: what failed, then what to do (``unknown analyzer
 'gradcm'; did you mean 'gradcam'? available: ...``). The CLI prints them as one line and exits
-1; usage errors (click's) exit 2.
+with the error's ``exit_code``: 1 for failures, 2 for bad input values (``ConfigError``) as
+for click's usage errors.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Iterable
 
 class ExplainkitError(Exception):
     """Base class: the message says what failed and what to do next."""
+
+    exit_code = 1
 
 
 class DataError(ExplainkitError):
