@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -19,7 +20,7 @@ from explainkit.data import (
     load_dataset,
 )
 from explainkit.errors import DataError
-from tests.conftest import CIFAR_MINI
+from tests.conftest import CIFAR_MINI, run_cli
 
 SAMPLE = CIFAR_MINI / "cifar-10-batches-py"
 
@@ -342,3 +343,26 @@ def test_augment_deterministic_with_generator():
     assert not torch.equal(a, aug(x, _gen(8)))
     off = Augment(crop_padding=0, flip=False, cutout=0)
     assert not off.enabled and torch.equal(off(x, _gen()), x)
+
+
+def test_folder_classes_named_in_another_encoding_reach_every_output(tmp_path):
+    """b'caf\\xe9' (Latin-1 'café') on a UTF-8 system: a readable, distinct class name."""
+    from PIL import Image
+
+    root = os.fsencode(tmp_path / "data")
+    for name in (b"caf\xe9", b"cafe"):
+        folder = os.path.join(root, name)
+        os.makedirs(folder)
+        for i in range(12):
+            pixels = np.full((10, 12, 3), 40 * i, np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, b"%d.png" % i))
+    run = tmp_path / "run"
+    trained = run_cli(
+        "train", "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--width", "8",
+        "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(run),
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    classes = json.loads((run / "config.json").read_text())["data"]["classes"]
+    assert classes == ["cafe", "café"]
+    analyzed = run_cli("analyze", str(run), "--plugin", "gallery", "--device", "cpu")
+    assert analyzed.returncode == 0, analyzed.stderr

@@ -7,6 +7,7 @@ evaluation and the rest is the training split, so the two never overlap.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -21,11 +22,34 @@ IMAGE_EXTENSIONS = frozenset(
 HOLDOUT = 0.1
 
 
+def readable(name: str) -> str:
+    """A folder name as text every format can hold: undecodable bytes read as Latin-1.
+
+    On a UTF-8 system a folder named in another encoding comes back with surrogates, which
+    JSON, HDF5 attributes and fonts refuse. Latin-1 maps each byte to one character, so two
+    distinct folders keep two distinct class names.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("latin-1")
+
+
 def scan(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
-    """Sorted image files and class ids; files without an image extension are skipped."""
+    """Sorted image files and class ids; files without an image extension are skipped.
+
+    Class names are the folder names (made :func:`readable`); ``classes`` fixes their order
+    (the training split's, for the evaluation split).
+    """
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist; point --data-dir at an ImageFolder")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = {
+        readable(p.name): p
+        for p in sorted(root.iterdir())
+        if p.is_dir() and not p.name.startswith(".")
+    }
+    found = sorted(folders)
     if classes is None:
         classes = found
     unknown = sorted(set(found) - set(classes))
@@ -36,8 +60,8 @@ def scan(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list
         )
     files, targets = [], []
     for target, name in enumerate(classes):
-        folder = root / name
-        if not folder.is_dir():
+        folder = folders.get(name)
+        if folder is None:
             continue
         for path in sorted(folder.rglob("*")):
             if not path.is_file() or path.name.startswith("."):
