@@ -354,7 +354,7 @@ def test_folder_classes_named_in_another_encoding_reach_every_output(tmp_path):
         folder = os.path.join(root, name)
         os.makedirs(folder)
         for i in range(12):
-            pixels = np.full((10, 12, 3), 40 * i, np.uint8)
+            pixels = np.full((10, 12, 3), 20 * i, np.uint8)
             Image.fromarray(pixels).save(os.path.join(folder, b"%d.png" % i))
     run = tmp_path / "run"
     trained = run_cli(
