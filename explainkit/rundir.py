@@ -9,6 +9,7 @@ spelled once and every reader validates the same way::
       predictions.h5    the HDF5 prediction store
       analyses/NAME/    one folder per analyzer, with its manifest.json
       report.html       explainkit report RUN
+      train.log         the per-epoch lines train printed
       .lock             flock'ed by the process writing the run (and its pid)
 
 Only the standard library is imported here: analysis commands validate a run without torch.
@@ -56,10 +57,11 @@ class RunDir:
     CHECKPOINTS = "checkpoints"
     ANALYSES = "analyses"
     REPORT = "report.html"
+    LOG = "train.log"
     LOCK = ".lock"
     MANIFEST = "manifest.json"  # inside each analyses/NAME/ folder
     # What ``--overwrite`` may delete: the files a run writes, and nothing else.
-    OWNED = (CONFIG, STORE, CHECKPOINTS, ANALYSES, REPORT, STORE + ".tmp")
+    OWNED = (CONFIG, STORE, CHECKPOINTS, ANALYSES, REPORT, LOG, STORE + ".tmp")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -90,6 +92,11 @@ class RunDir:
     @property
     def report_path(self) -> Path:
         return self.path / self.REPORT
+
+    @property
+    def log_path(self) -> Path:
+        """The per-epoch training log, the lines ``train`` prints, appended as they come."""
+        return self.path / self.LOG
 
     @property
     def lock_path(self) -> Path:
