@@ -268,7 +268,7 @@ def cam_grid(
         cols=2 if n > 4 else 1,
         captions=list(captions),
         title=title,
-        caption_lines=1,
+        caption_lines=max((c.count("\n") + 1 for c in captions), default=1),
         font_size=10,
         pad=28,
     )

@@ -241,6 +241,13 @@ def _artifacts(context: AnalysisContext, layer: str, agreement: dict, side: dict
     return artifacts
 
 
+def _recorded_if_predicted(target: Any, recorded: Any) -> Any:
+    """Per-image targets from the recorded predictions when ``target`` is "predicted"."""
+    import torch
+
+    return torch.from_numpy(recorded) if target == "predicted" else target
+
+
 def _sync(context: AnalysisContext) -> Callable[[], None]:
     import torch
 
@@ -262,6 +269,7 @@ def _agreement(context: AnalysisContext, model: Any, layer: str, target: Any, li
     n = store.num_images if limit == 0 else min(limit, store.num_images)
     bs = max(1, int(context.batch_size))
     labels = store.targets
+    recorded = store.predictions(context.epoch)
     sync = _sync(context)
     stats = {k: _Stats() for k in ("raw", "upsampled")}
     seconds = {"native": 0.0, "captum": 0.0}
@@ -271,11 +279,12 @@ def _agreement(context: AnalysisContext, model: Any, layer: str, target: Any, li
         for b, start in enumerate(context.progress(batches, desc="agreement")):
             x = context.normalize(store.images(np.arange(start, min(start + bs, n))))
             true = torch.from_numpy(labels[start : start + len(x)])
+            batch_target = _recorded_if_predicted(target, recorded[start : start + len(x)])
             runs = 2 if b == 0 else 1  # the first batch once untimed: warm-up
             for r in range(runs):
                 sync()
                 t0 = time.perf_counter()
-                native = cam(x, target=target, true_targets=true)
+                native = cam(x, target=batch_target, true_targets=true)
                 sync()
                 t1 = time.perf_counter()
                 with torch.inference_mode(False), torch.enable_grad():
@@ -354,18 +363,18 @@ def _side_by_side(
 
     store = context.store
     labels = store.targets
-    indices = select_right_and_wrong(
-        labels, store.predictions(context.epoch), count, "mixed", context.rng
-    )
+    recorded = store.predictions(context.epoch)
+    indices = select_right_and_wrong(labels, recorded, count, "mixed", context.rng)
     images = store.images(indices)
     x = context.normalize(images)
     bs = max(1, int(context.batch_size))
-    # The targets, as the native engine resolves them, are shared by every method.
+    # The targets, as the native engine resolves them, are shared by every method;
+    # "predicted" is the run's recorded prediction, as in every analyzer.
     native = compute_cam(
         model,
         x,
         layer,
-        target=target,
+        target=_recorded_if_predicted(target, recorded[indices]),
         batch_size=bs,
         true_targets=torch.from_numpy(labels[indices]),
     )
@@ -378,7 +387,7 @@ def _side_by_side(
         "indices": indices,
         "images": images,
         "labels": labels[indices],
-        "predicted": native.predicted.cpu().numpy(),
+        "predicted": recorded[indices],
         "targets": native.targets.cpu().numpy(),
         "methods": methods,
         "maps": stacked,

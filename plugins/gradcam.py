@@ -23,7 +23,8 @@ UPSAMPLING = "bilinear, then per-image min-max scaling to [0, 1]"
 class _Maps:
     """What one pass over the eval set produced (the maps themselves stay in the file)."""
 
-    predicted: Any
+    predicted: Any  # the run's recorded prediction (stored logits: its eval weights and TTA)
+    model_predicted: Any  # what the explained forward pass alone predicted
     targets: Any
     raw_shape: tuple[int, ...]
     map_shape: tuple[int, ...]
@@ -145,6 +146,7 @@ def _write_maps(
     store = context.store
     n, bs = store.num_images, max(1, int(context.batch_size))
     labels = store.targets
+    recorded = store.predictions(context.epoch)  # what "predicted" means in every analyzer
     sync = torch.cuda.synchronize if context.device.type == "cuda" else (lambda: None)
     seconds = 0.0
     writer = open_h5_for_writing(path, AnalyzerError)
@@ -153,14 +155,19 @@ def _write_maps(
         maps_ds = raw_ds = None
         targets_ds = _dataset(f, "targets", (n,), "int64", bs)
         predicted_ds = _dataset(f, "predicted", (n,), "int64", bs)
+        alone_ds = _dataset(f, "model_predicted", (n,), "int64", bs)
+        predicted_ds[:] = recorded
         starts = range(0, n, bs)
         for start in context.progress(starts, desc="maps", total=len(starts)):
             stop = min(start + bs, n)
             x = context.normalize(store.images(np.arange(start, stop)))
             true = torch.from_numpy(labels[start:stop])
+            batch_target = (
+                torch.from_numpy(recorded[start:stop]) if target == "predicted" else target
+            )
             sync()
             t0 = time.perf_counter()
-            res = cam(x, target=target, true_targets=true)
+            res = cam(x, target=batch_target, true_targets=true)
             sync()
             seconds += time.perf_counter() - t0
             if maps_ds is None:  # shapes are known after the first batch
@@ -169,9 +176,11 @@ def _write_maps(
             maps_ds[start:stop] = res.maps.cpu().numpy().astype(dtype)
             raw_ds[start:stop] = res.raw.cpu().numpy()
             targets_ds[start:stop] = res.targets.cpu().numpy()
-            predicted_ds[start:stop] = res.predicted.cpu().numpy()
+            alone_ds[start:stop] = res.predicted.cpu().numpy()
             writer.check()  # a full disk ends the pass now, not after the last batch
-        return _Maps(predicted_ds[:], targets_ds[:], raw_ds.shape[1:], maps_ds.shape[1:], seconds)
+        return _Maps(
+            recorded, alone_ds[:], targets_ds[:], raw_ds.shape[1:], maps_ds.shape[1:], seconds
+        )
 
 
 def _dataset(f: Any, name: str, shape: tuple[int, ...], dtype: str, batch: int) -> Any:
@@ -220,6 +229,7 @@ def _shown_items(chosen: Any, labels: Any, maps: _Maps, classes: list[str]) -> l
             "true": classes[labels[i]],
             "predicted": classes[maps.predicted[i]],
             "target": classes[maps.targets[i]],
+            "model_predicted": classes[maps.model_predicted[i]],
             "correct": bool(labels[i] == maps.predicted[i]),
         }
         for i in chosen
@@ -246,6 +256,8 @@ def _summary(
         "batch_size": max(1, int(context.batch_size)),
         "num_images": n,
         "num_misclassified": int((maps.predicted != context.store.targets).sum()),
+        "predicted_from": "the run's recorded predictions (predictions.h5)",
+        "num_model_disagrees": int((maps.model_predicted != maps.predicted).sum()),
         "raw_shape": list(maps.raw_shape),
         "map_shape": list(maps.map_shape),
         "maps_dtype": dtype,
@@ -294,11 +306,18 @@ def _write_figure(
     images = context.store.images(chosen)
     fig = cam_grid(images, shown, [_caption(item) for item in items], cmap, alpha, title)
     save_figure(fig, out)
+    disagree = summary["num_model_disagrees"]
+    alone = (
+        f" Predictions are the run's recorded ones; this forward pass alone predicts otherwise "
+        f"for {disagree} of {n} images (marked 'this pass alone')."
+        if disagree
+        else ""
+    )
     return (
         f"{len(items)} of {n} eval images ({select}; {summary['num_misclassified']} "
         f"misclassified overall): each shows the image (captioned true/predicted), the {label} "
         f"heatmap of the target class ({cmap.name}: low → high, scaled per image), overlay at "
-        f"alpha {alpha:g}."
+        f"alpha {alpha:g}." + alone
     )
 
 
@@ -309,6 +328,8 @@ def _caption(item: dict) -> str:
     caption = f"{short(item['true'], 14)}/{short(item['predicted'], 14)} {mark}"
     if item["target"] != item["predicted"]:
         caption += f"  (map of {short(item['target'], 14)})"
+    if item["model_predicted"] != item["predicted"]:  # e.g. the recorded one used flip TTA
+        caption += f"\nthis pass alone: {short(item['model_predicted'], 14)}"
     return caption
 
 

@@ -83,7 +83,7 @@ class QualityAnalyzer(Analyzer):
             "target",
             str,
             "predicted",
-            "Class each map explains: the model's prediction or the true label.",
+            "Class each map explains: the run's recorded prediction or the true label.",
             choices=TARGETS,
         ),
     )
@@ -107,7 +107,7 @@ class QualityAnalyzer(Analyzer):
         model = context.model()
         layer = context.target_layer(layer, model)
         fns = _attribution_fns(names, layer, context.seed)
-        sample = _load_sample(context, model, count, target)
+        sample = _load_sample(context, count, target)
         maps, curves = _faithfulness(context, model, sample, fns, steps, baseline)
         scores = _per_image_scores(maps, curves, sample.masks)
         verdicts = None
@@ -139,7 +139,7 @@ def _attribution_fns(names: list[str], layer: str, seed: int) -> dict[str, Any]:
     return {name: attribution_fn(name, layer=layer, seed=seed) for name in names}
 
 
-def _load_sample(context: AnalysisContext, model: Any, count: int, target: str) -> _Sample:
+def _load_sample(context: AnalysisContext, count: int, target: str) -> _Sample:
     """A seeded sample of eval images, their targets and (when the store has them) masks."""
     import torch
 
@@ -149,26 +149,13 @@ def _load_sample(context: AnalysisContext, model: Any, count: int, target: str) 
     indices = sample_indices(store.num_images, count, context.rng)
     images = context.normalize(store.images(indices))
     labels = store.targets[indices]
-    targets = _resolve_targets(model, images, labels, target, context.batch_size)
+    recorded = store.predictions(context.epoch)[indices]
+    chosen = labels if target == "true" else recorded  # "predicted": the run's recorded one
+    targets = torch.as_tensor(chosen, dtype=torch.int64, device=images.device)
     masks = None
     if store.has_masks:
         masks = torch.from_numpy(store.masks[indices]).to(context.device)
     return _Sample(indices, images, labels, targets, masks)
-
-
-def _resolve_targets(model: Any, images: Any, labels: Any, target: str, batch_size: int) -> Any:
-    """(N,) class each map explains: the model's prediction (one no-grad pass) or the label."""
-    import torch
-
-    if target == "true":
-        return torch.as_tensor(labels, dtype=torch.int64, device=images.device)
-    with torch.no_grad():
-        return torch.cat(
-            [
-                model(images[s : s + batch_size]).argmax(1)
-                for s in range(0, images.shape[0], batch_size)
-            ]
-        )
 
 
 def _faithfulness(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import gc
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from explainkit.errors import AnalyzerError
 from explainkit.explain.gradcam import (
@@ -277,3 +280,48 @@ def test_inplace_op_after_layer_is_handled(images):
     )
     assert _rel(result.raw, ref.detach()[:, 0]) <= 1e-5
     assert len(net[0]._forward_hooks) == 0
+
+
+@settings(max_examples=50, deadline=None, derandomize=True)
+@given(
+    level=st.floats(-1e6, 1e6, allow_nan=False).filter(lambda v: abs(v) > 1e-3),
+    ripple=st.floats(0, 1e-6),
+)
+def test_a_map_constant_up_to_float_noise_normalizes_to_zero(level, ripple):
+    g = torch.Generator().manual_seed(0)
+    noise = (torch.rand(2, 8, 8, generator=g, dtype=torch.float64) - 0.5) * ripple * abs(level)
+    maps = (level + noise).float()
+    assert torch.equal(normalize_maps(maps), torch.zeros_like(maps))
+
+
+def test_a_varying_map_still_spans_zero_to_one():
+    maps = torch.linspace(3.0, 3.5, 64).view(1, 8, 8)  # small range, far from zero: not noise
+    out = normalize_maps(maps)
+    assert out.min().item() == 0.0 and out.max().item() == pytest.approx(1.0)
+
+
+def test_a_1x1_layer_gives_zero_maps_and_one_warning_naming_a_better_layer():
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GradCAM(model, "layer4") as cam:
+            first, second = cam(images), cam(images)
+    assert first.raw.shape[-2:] == (1, 1)
+    assert torch.equal(first.maps, torch.zeros_like(first.maps))  # not stretched noise
+    assert torch.equal(second.maps, first.maps)
+    (warning,) = [str(w.message) for w in caught]  # once per engine
+    assert "'layer4' gives 1x1 maps for 32x32 inputs" in warning and "'layer3'" in warning
+
+
+def test_locate_layer_picks_the_last_spatial_layer_the_logits_use():
+    import torchvision
+
+    from explainkit.explain.layers import locate_layer
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    assert locate_layer(model, torch.randn(1, 3, 32, 32)) == "layer3"
+    assert locate_layer(model, torch.randn(1, 3, 224, 224)) == "layer4"
+    assert not model.training

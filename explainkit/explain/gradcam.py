@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,12 +84,21 @@ class CAMResult:
 _FIELDS = ("maps", "raw", "targets", "predicted", "logits")
 
 
-def normalize_maps(maps: Tensor) -> Tensor:
-    """Scale each map of (N, H, W) to [0, 1]; constant maps (e.g. all zero) become zero."""
+def normalize_maps(maps: Tensor, rtol: float = 1e-5) -> Tensor:
+    """Scale each map of (N, H, W) to [0, 1]; a constant map becomes zero.
+
+    "Constant" allows float noise: a map whose range is within ``rtol`` of its magnitude
+    (a 1x1 layer upsampled leaves ripples of ~1e-8) is constant, and stretching that noise
+    to [0, 1] would paint a confident picture of nothing.
+    """
     flat = maps.flatten(1)
-    low = flat.amin(1).view(-1, 1, 1)
-    span = (flat.amax(1).view(-1, 1, 1) - low).clamp_min(_EPS)
-    return (maps - low) / span
+    low, high = flat.amin(1), flat.amax(1)
+    span = high - low
+    scale = torch.maximum(high.abs(), low.abs())
+    constant = span <= rtol * scale
+    span = torch.where(constant, 1.0, span).clamp_min(_EPS).view(-1, 1, 1)
+    out = (maps - low.view(-1, 1, 1)) / span
+    return torch.where(constant.view(-1, 1, 1), 0.0, out)
 
 
 def _layer_choices(model: nn.Module) -> list[str]:
@@ -138,6 +148,7 @@ class CAM:
         self._params = list(model.parameters())
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._copy_output = False
+        self._warned_unlocalized = False
         self._acts: list[Tensor] = []
 
     # -- context manager -------------------------------------------------------------------
@@ -237,7 +248,23 @@ class CAM:
                 p.requires_grad_(True)
             for m in training:
                 m.training = True
+        if raw.shape[-2:].numel() == 1 and not self._warned_unlocalized:
+            self._warn_unlocalized(images)
         return CAMResult(maps, raw, targets, predicted, logits.detach())
+
+    def _warn_unlocalized(self, images: Tensor) -> None:
+        """Once per engine: a 1x1 layer's maps are constant, so say which layer would work."""
+        from explainkit.explain.layers import locate_layer
+
+        self._warned_unlocalized = True
+        better = locate_layer(self.model, images)
+        instead = f"an earlier layer such as {better!r}" if better else "an earlier layer"
+        h, w = images.shape[-2:]
+        warnings.warn(
+            f"layer {self.layer!r} gives 1x1 maps for {h}x{w} inputs, which cannot localize "
+            f"anything (each map is one number, shown as zero); explain {instead}",
+            stacklevel=3,
+        )
 
     def _forward(self, images: Tensor) -> Tensor:
         try:

@@ -204,3 +204,34 @@ def test_analyzer_gradcam_asks_the_plugin_manager_it_runs_under(tiny_run):
     (manifest,) = analyze(tiny_run, plugins=["gradcam"], pm=pm, device="cpu", gradcam_count=1)
     assert manifest["status"] == "ok", manifest["error"]
     assert read_h5(tiny_run)[1]["layer"] == "layer2.1"
+
+
+def test_gradcam_gallery_and_confusion_agree_on_every_image(tiny_run):
+    """'predicted' is the run's recorded prediction (EMA + flip TTA here) in every analyzer."""
+    from explainkit.store import open_store
+
+    manifests = analyze(tiny_run, plugins=["gradcam", "gallery"], device="cpu", gradcam_count=12)
+    assert all(m["status"] == "ok" for m in manifests), [m["error"] for m in manifests]
+    with open_store(tiny_run) as store:
+        epoch = manifests[0]["epoch"]
+        recorded, labels, classes = store.predictions(epoch), store.targets, store.classes
+    data, _ = read_h5(tiny_run)
+    np.testing.assert_array_equal(data["predicted"], recorded)
+    np.testing.assert_array_equal(data["targets"], recorded)  # maps explain that class
+    out = tiny_run / "analyses"
+    shown = json.loads((out / "gradcam" / "gradcam.json").read_text())["shown"]
+    for item in shown:
+        assert item["predicted"] == classes[recorded[item["index"]]]
+        assert item["correct"] == (recorded[item["index"]] == labels[item["index"]])
+    gallery = json.loads((out / "gallery" / "gallery.json").read_text())
+    assert gallery["num_mistakes"] == int((recorded != labels).sum())
+    for item in gallery["items"]:
+        assert item["predicted_id"] == recorded[item["index"]]
+    header, *rows = (out / "gallery" / "confusion_matrix.csv").read_text().splitlines()
+    counts = np.array([[int(v) for v in row.split(",")[1:]] for row in rows])
+    expected = np.zeros_like(counts)
+    np.add.at(expected, (labels, recorded), 1)
+    np.testing.assert_array_equal(counts, expected)
+    summary = json.loads((out / "gradcam" / "gradcam.json").read_text())
+    alone = data["model_predicted"]
+    assert summary["num_model_disagrees"] == int((alone != recorded).sum())
