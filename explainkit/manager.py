@@ -51,6 +51,7 @@ DEFAULT_PLUGINS = (
     "explainkit.plugins.captum",
     "explainkit.plugins.quality",
     "explainkit.plugins.evolution",
+    "explainkit.plugins.model",
 )
 
 # Where a plugin came from, as shown by ``explainkit plugins``.
