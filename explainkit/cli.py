@@ -479,7 +479,8 @@ def plugins_command(
             click.echo(f"  analyzer {a['name']}: {a['summary']}")
             for o in a["options"]:
                 default = f" (default: {o['default']})" if o["default"] is not None else ""
-                click.echo(f"    {o['flag']} {o['type'].upper()}{default}  {o['help']}")
+                kind = "|".join(o["choices"]) if o["choices"] else o["type"].upper()
+                click.echo(f"    {o['flag']} {kind}{default}  {o['help']}")
         for error in row["errors"]:
             click.echo(f"  error: {error}")
 

@@ -77,6 +77,12 @@ class LoadError:
         )
 
 
+# Load failures already printed by this process: a command may build more than one plugin
+# manager (a plugins folder given twice over, --help then the real parse), and the user
+# needs to read each failure once.
+_WARNED: set[LoadError] = set()
+
+
 @dataclass(frozen=True)
 class AnalyzerEntry:
     """One registered analyzer and the plugin that provided it."""
@@ -107,7 +113,8 @@ class ExplainkitPluginManager(pluggy.PluginManager):
         if error in self.load_errors:
             return
         self.load_errors.append(error)
-        if not self.quiet:
+        if not self.quiet and error not in _WARNED:  # several managers, one warning
+            _WARNED.add(error)
             print(f"explainkit: warning: {error.sentence()}", file=sys.stderr)
 
 
@@ -410,8 +417,9 @@ def load_plugins(
 
 
 def reset_plugins() -> None:
-    """Forget the cached manager, so the next load_plugins() reads the environment again."""
+    """Forget the cached manager (and the warnings printed), as a fresh process would."""
     _loaded.clear()
+    _WARNED.clear()
 
 
 def hook_names(pm: pluggy.PluginManager) -> list[str]:

@@ -144,6 +144,18 @@ def test_cifar10_download_failure_is_a_data_error(tmp_path, monkeypatch, capsys)
     assert "cifar-10-batches-py" in str(info.value)
     assert "Downloading CIFAR-10" in capsys.readouterr().err
 
+    def partial(url, download_root, **kwargs):  # dies half-way, as a dropped connection does
+        Path(download_root).mkdir(parents=True, exist_ok=True)
+        (Path(download_root) / "cifar-10-python.tar.gz").write_bytes(b"partial")
+        (Path(download_root) / "cifar-10-batches-py").mkdir()
+        raise urllib.error.URLError("connection reset")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", partial)
+    (tmp_path / "mine.txt").write_text("not ours")
+    with pytest.raises(DataError, match="connection reset"):
+        load_dataset("cifar10", "train", tmp_path / "new" / "data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]  # nothing left behind
+
 
 def test_cifar10_download_happy_path(tmp_path, monkeypatch, capsys):
     import torchvision.datasets.utils as tv_utils

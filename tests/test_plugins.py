@@ -646,3 +646,14 @@ def test_a_malformed_analyzer_breaks_no_other_command(tmp_path):
     assert "options must be a tuple of explainkit.Option" in listed.stdout + listed.stderr
     helped = run_cli(["analyze", "--help", "--plugins-dir", str(tmp_path)])
     assert helped.returncode == 0 and "gradcam" in helped.stdout
+
+
+def test_a_broken_plugin_is_mentioned_once_and_choices_are_listed(tmp_path):
+    (tmp_path / "broken.py").write_text("raise ImportError('broken on purpose')\n")
+    for args in (["analyze", "--help"], ["plugins", "--all"]):
+        result = run_cli([*args, "--plugins-dir", str(tmp_path)])
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.count("broken on purpose") == 1, result.stderr
+    listed = run_cli(["plugins", "--all"])
+    assert "--gradcam-method gradcam|gradcampp|xgradcam|layercam" in listed.stdout
+    assert "CHOICE" not in listed.stdout

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -132,17 +133,37 @@ def _split_files(folder: Path, split: str) -> list[Path]:
 
 
 def download_archive(root: Path) -> None:
-    """Fetch and unpack the official archive into root (torchvision checks the md5)."""
+    """Fetch and unpack the official archive into root (torchvision checks the md5).
+
+    A failed download (offline, interrupted) takes back what it made: the partial archive,
+    a half-unpacked folder and the folders it created, so no empty data folder is left to
+    look like a dataset later.
+    """
     from torchvision.datasets.utils import download_and_extract_archive
 
+    made = [p for p in (root / FOLDER, root, *root.parents) if not p.exists()]
     print(f"Downloading CIFAR-10 (163 MB) from {URL} into {root}", file=sys.stderr)
     try:
         download_and_extract_archive(URL, download_root=str(root), md5=MD5)
     except Exception as e:
+        _take_back(root, made)
         raise DataError(
             f"could not download CIFAR-10 ({type(e).__name__}: {e}); point --data-dir at a "
             f"folder containing {FOLDER} (or at {FOLDER} itself)"
         ) from e
+
+
+def _take_back(root: Path, made: list[Path]) -> None:
+    """Remove the partial archive and every folder a failed download created."""
+    (root / URL.rsplit("/", 1)[1]).unlink(missing_ok=True)
+    for folder in made:  # deepest first
+        if folder.name == FOLDER:
+            shutil.rmtree(folder, ignore_errors=True)  # did not exist before: all ours
+        else:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty or not ours to remove: leave it and its parents
 
 
 def load_cifar10(split: str, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
