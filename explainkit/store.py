@@ -71,13 +71,16 @@ DATASETS = (
     "eval/targets",
     "eval/index",
     "eval/masks",
+    "eval/paths",
+    "eval/sizes",
     "logits",
     "history",
     "committed_epochs",
 )
 # What a reader cannot do without (the rest is optional or has a default).
 REQUIRED_ATTRIBUTES = ("schema_version", "classes", "model", "mean", "std", "input_shape")
-REQUIRED_DATASETS = tuple(name for name in DATASETS if name != "eval/masks")
+OPTIONAL_DATASETS = ("eval/masks", "eval/paths", "eval/sizes")
+REQUIRED_DATASETS = tuple(name for name in DATASETS if name not in OPTIONAL_DATASETS)
 EVAL_WEIGHTS = ("trained", "ema")
 
 # What h5py and numpy raise on a damaged file (checked by tests/test_fuzz.py): each becomes a
@@ -221,6 +224,8 @@ class _Layout:
     num_images: int
     image_shape: tuple[int, ...]
     has_masks: bool
+    has_paths: bool
+    sizes: np.ndarray | None  # original (H, W) of each image, when recorded
     committed: int
     history: np.ndarray  # the committed rows
     targets: np.ndarray
@@ -232,9 +237,10 @@ def _inspect(f: h5py.File, path: Path) -> _Layout:
 
     Raises StoreError for a file that is not ours, a newer schema or a corrupt chunk, and
     ``_Damage`` (or an h5py/numpy error) for anything else wrong with one of ours. The cost
-    is a few dozen metadata reads plus targets, index and the committed history rows (about
-    8 bytes per image each): it does not grow with the image size or the number of epochs.
-    Logits are checked when an epoch is read (:meth:`StoreReader.logits`), masks when read.
+    is a few dozen metadata reads plus targets, index, sizes and the committed history rows
+    (about 8 bytes per image each): it does not grow with the image size or the number of
+    epochs. Logits are checked when an epoch is read (:meth:`StoreReader.logits`), masks and
+    paths when read.
     """
     if _decode(f.attrs.get("format")) != FORMAT_NAME:
         raise StoreError(
@@ -310,6 +316,10 @@ def _inspect(f: h5py.File, path: Path) -> _Layout:
     _check_shape(ds["eval/index"], "eval/index", "iu", (n,), "integers")
     if "eval/masks" in ds:
         _check_shape(ds["eval/masks"], "eval/masks", "ub", (n, h, w), "uint8 masks")
+    if "eval/paths" in ds:
+        _check_paths(ds["eval/paths"], n)
+    if "eval/sizes" in ds:
+        _check_shape(ds["eval/sizes"], "eval/sizes", "iu", (n, 2), "integers")
     logits = ds["logits"]
     if logits.dtype.kind != "f" or logits.ndim != 3 or logits.shape[1:] != (n, k):
         raise _Damage(
@@ -348,6 +358,11 @@ def _inspect(f: h5py.File, path: Path) -> _Layout:
     index = _read_dataset(ds["eval/index"], path).astype(np.int64)
     if index.min() < 0:
         raise _Damage("eval/index holds a negative position")
+    sizes = None
+    if "eval/sizes" in ds:
+        sizes = _read_dataset(ds["eval/sizes"], path).astype(np.int64)
+        if sizes.min() < 1:
+            raise _Damage("eval/sizes holds a size below 1 pixel")
     return _Layout(
         attrs=attrs,
         classes=list(classes),
@@ -356,11 +371,22 @@ def _inspect(f: h5py.File, path: Path) -> _Layout:
         num_images=n,
         image_shape=(h, w, c),
         has_masks="eval/masks" in ds,
+        has_paths="eval/paths" in ds,
+        sizes=sizes,
         committed=committed,
         history=rows,
         targets=targets,
         index=index,
     )
+
+
+def _check_paths(ds: h5py.Dataset, n: int) -> None:
+    """``eval/paths`` must be N fixed-length strings (their text is checked when read)."""
+    info = h5py.check_string_dtype(ds.dtype)
+    if info is not None and info.length is None:
+        raise _Damage("eval/paths holds variable-length strings, not fixed-length UTF-8 text")
+    if info is None or ds.shape != (n,):
+        raise _Damage(f"eval/paths is {ds.dtype} {ds.shape}; expected ({n},) UTF-8 strings")
 
 
 def _validated(f: h5py.File, path: Path) -> _Layout:
@@ -392,10 +418,14 @@ def create_store(
     masks: np.ndarray | None = None,
     eval_weights: str = "trained",
     eval_tta: bool = False,
+    paths: list[str] | None = None,
+    sizes: np.ndarray | None = None,
 ) -> Path:
     """Write a new store with the evaluation split and no epochs yet (atomically).
 
-    Raises ValueError for arguments that would make a store its readers refuse.
+    ``paths`` (each image's source file, relative to the data folder) and ``sizes`` (its
+    original height and width before resizing) are optional. Raises ValueError for arguments
+    that would make a store its readers refuse.
     """
     path = Path(path)
     n = len(images)
@@ -412,6 +442,13 @@ def create_store(
         raise ValueError(f"mean and std need {channels} values each, std positive")
     if eval_weights not in EVAL_WEIGHTS:
         raise ValueError(f"eval_weights must be one of {', '.join(EVAL_WEIGHTS)}")
+    encoded_paths = None if paths is None else _encode_paths(paths, n)
+    if sizes is not None:
+        sizes = np.asarray(sizes)
+        if sizes.shape != (n, 2) or sizes.dtype.kind not in "iu":
+            raise ValueError(f"sizes must be integers of shape ({n}, 2), got {sizes.shape}")
+        if n and (sizes.min() < 1 or sizes.max() > np.iinfo(np.int32).max):
+            raise ValueError("sizes must be positive heights and widths that fit int32")
     buffer = io.BytesIO()
     # HDF5 >= 1.10 object headers carry checksums, and fixed-length (not variable-length)
     # strings keep text inside them: damaged metadata is then refused instead of crashing or
@@ -440,6 +477,10 @@ def create_store(
             f.create_dataset(
                 "eval/masks", data=masks.astype(np.uint8), chunks=mchunk, **_COMPRESSION
             )
+        if encoded_paths is not None:
+            f.create_dataset("eval/paths", data=encoded_paths, **_COMPRESSION)
+        if sizes is not None:
+            f.create_dataset("eval/sizes", data=sizes.astype(np.int32), **_COMPRESSION)
         c = len(classes)
         f.create_dataset(
             "logits",
@@ -460,6 +501,20 @@ def create_store(
         f.create_dataset("committed_epochs", data=np.int64(0))
     _commit(path, buffer)
     return path
+
+
+def _encode_paths(paths: list[str], n: int) -> np.ndarray:
+    """``paths`` as fixed-length UTF-8 strings: stored inline, covered by chunk checksums."""
+    if len(paths) != n or not all(isinstance(p, str) and p for p in paths):
+        raise ValueError(f"paths must be {n} non-empty strings, one per image")
+    try:
+        encoded = [p.encode("utf-8") for p in paths]
+    except UnicodeEncodeError:
+        raise ValueError("paths must be UTF-8 text") from None
+    if any(b"\0" in e for e in encoded):
+        raise ValueError("paths must not contain NUL characters")
+    length = max([1, *(len(e) for e in encoded)])
+    return np.array(encoded, dtype=h5py.string_dtype("utf-8", length))
 
 
 def _open_copy(path: Path) -> io.BytesIO:
@@ -575,7 +630,8 @@ class StoreReader:
     """Read-only view of a store's committed epochs. Use as a context manager or call close().
 
     Opening validates the store (see :func:`_inspect`); reading an epoch's logits checks that
-    they are finite, reading the masks that they are 0 or 1. Every complaint is a StoreError.
+    they are finite, reading the masks that they are 0 or 1, reading the source paths that they
+    are UTF-8 text. Every complaint is a StoreError.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -605,6 +661,9 @@ class StoreReader:
         self.std = layout.std
         self.num_images = layout.num_images
         self._has_masks = layout.has_masks
+        self._has_paths = layout.has_paths
+        self._paths: list[str] | None = None
+        self._sizes = layout.sizes
         self._image_shape = layout.image_shape
         self._history = layout.history
         self._targets = layout.targets
@@ -657,6 +716,50 @@ class StoreReader:
         if masks.size and masks.max() > 1:
             raise _damaged(self.path, "eval/masks holds values other than 0 and 1")
         return masks
+
+    @property
+    def has_paths(self) -> bool:
+        """Whether the store records each image's source file (folder datasets)."""
+        return self._has_paths
+
+    @property
+    def sizes(self) -> np.ndarray | None:
+        """int64 (N, 2): each image's original (height, width) before resizing, or None for a
+        store that does not record them (written before explainkit recorded sizes)."""
+        return None if self._sizes is None else self._sizes.copy()
+
+    def sources(self, indices: Any = None) -> list[str]:
+        """Where each image came from, as text for tables: its file relative to the data folder
+        when the store records paths (folder datasets), else ``"{dataset} #{index}"`` with its
+        position in the source split (``eval/index``), e.g. ``"cifar10 #417"``.
+
+        ``indices``: store positions, any 1-D integer selection (order kept); None for all.
+        """
+        if indices is None:
+            idx = np.arange(self.num_images)
+        else:
+            idx = np.asarray(indices, dtype=np.int64)
+            if idx.ndim != 1:
+                raise ValueError(f"indices must be 1-D, got shape {idx.shape}")
+            if idx.size and (idx.min() < 0 or idx.max() >= self.num_images):
+                raise IndexError(f"image indices must be in 0..{self.num_images - 1}")
+        if self._has_paths:
+            paths = self._source_paths()
+            return [paths[i] for i in idx]
+        name = self.attrs.get("dataset") or "image"
+        return [f"{name} #{int(self._index[i])}" for i in idx]
+
+    def _source_paths(self) -> list[str]:
+        """``eval/paths`` decoded (read once): non-empty UTF-8 text, else the store is damaged."""
+        if self._paths is None:
+            try:
+                paths = [bytes(p).decode("utf-8") for p in self._read("eval/paths")]
+            except UnicodeDecodeError:
+                raise _damaged(self.path, "eval/paths holds text that is not UTF-8") from None
+            if not all(paths):
+                raise _damaged(self.path, "eval/paths holds an empty path")
+            self._paths = paths
+        return self._paths
 
     def images(self, indices: Any = None) -> np.ndarray:
         """uint8 (n,H,W,C) images; ``indices`` any 1-D integer selection (order kept)."""
@@ -717,6 +820,9 @@ class StoreReader:
         for name in ("eval/images", "eval/targets", "eval/index"):
             self._read(name)
         self.masks  # noqa: B018 - reads and checks the masks
+        if self._has_paths:
+            self._paths = None
+            self._source_paths()
         for epoch in self.epochs:
             self.logits(epoch)
 

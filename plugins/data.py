@@ -13,13 +13,16 @@ from explainkit.errors import ExplainkitError
 
 __all__ = ["DataAnalyzer", "load_train_split"]
 
+CHANNELS = ("red", "green", "blue")  # names of the rows of channel_stats.csv for RGB images
+
 
 class DataAnalyzer(Analyzer):
     """Class balance, sample images, channel statistics and image sizes of the run's data.
 
-    The eval split comes from the prediction store alone; the train split is re-loaded from
-    the dataset named in ``config.json`` when it is available here (never downloaded), and its
-    figures are skipped with a note when it is not.
+    The eval split comes from the prediction store alone (its images, and the original sizes
+    recorded at training time); the train split is re-loaded from the dataset named in
+    ``config.json`` when it is available here (never downloaded), and what needs it is skipped
+    with a note when it is not.
 
     Example:
         explainkit analyze runs/cifar --plugin data --data-per-class 4
@@ -40,12 +43,14 @@ class DataAnalyzer(Analyzer):
         per_class: int,
     ) -> list[dict]:
         splits = _Splits.of(context)
-        sizes = _size_summary(splits.train, splits.dataset, _stored_size(context), splits.reason)
+        stats = _ChannelStats.of(context)
+        sizes = _sizes_of(context, splits)
         return [
             *_write_distribution(context, splits),
             *_write_samples(context, splits, per_class),
-            *_write_summary(context, splits, sizes),
-            *_write_sizes(context, sizes, splits.dataset),
+            *_write_channel_stats(context, stats),
+            *_write_sizes(context, sizes),
+            *_write_summary(context, splits, stats, sizes),
         ]
 
 
@@ -86,11 +91,13 @@ class _Splits:
             reason=reason,
         )
 
-
-def _stored_size(context: AnalysisContext) -> tuple[int, int]:
-    """(height, width) of the images in the store."""
-    h, w = (int(v) for v in context.store.attrs["input_shape"][1:3])
-    return h, w
+    @property
+    def num_train(self) -> int | None:
+        """Train images: re-loaded, else as recorded in config.json (None when unknown)."""
+        if self.train is not None:
+            return len(self.train)
+        value = self.data_info.get("num_train") if isinstance(self.data_info, dict) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 # -- step 2: class distribution -----------------------------------------------------------
@@ -160,15 +167,179 @@ def _write_samples(context: AnalysisContext, s: _Splits, per_class: int) -> list
     ]
 
 
-# -- step 4: the summary JSON and image sizes ---------------------------------------------
+# -- step 4: per-channel mean and std -----------------------------------------------------
 
 
-def _write_summary(context: AnalysisContext, s: _Splits, sizes: dict) -> list[dict]:
+@dataclass
+class _ChannelStats:
+    """Per-channel mean and std in [0, 1] units of both splits.
+
+    Eval: computed from the stored images. Train: the store's ``mean``/``std``, computed from
+    the train split at training time (the model's normalization), so no data folder is needed.
+    """
+
+    channels: list[str]
+    eval_mean: tuple[float, ...]
+    eval_std: tuple[float, ...]
+    train_mean: tuple[float, ...]
+    train_std: tuple[float, ...]
+    num_eval: int
+
+    @classmethod
+    def of(cls, context: AnalysisContext) -> _ChannelStats:
+        from explainkit.data import channel_stats
+
+        store = context.store
+        eval_mean, eval_std = channel_stats(store.images())
+        names = CHANNELS if len(store.mean) == len(CHANNELS) else None
+        return cls(
+            channels=list(names or (str(i) for i in range(len(store.mean)))),
+            eval_mean=eval_mean,
+            eval_std=eval_std,
+            train_mean=tuple(store.mean),
+            train_std=tuple(store.std),
+            num_eval=store.num_images,
+        )
+
+    def rows(self) -> list[list]:
+        return [
+            [split, name, float(m), float(sd)]
+            for split, means, stds in (
+                ("train", self.train_mean, self.train_std),
+                ("eval", self.eval_mean, self.eval_std),
+            )
+            for name, m, sd in zip(self.channels, means, stds, strict=True)
+        ]
+
+
+def _write_channel_stats(context: AnalysisContext, st: _ChannelStats) -> list[dict]:
     from explainkit import tables
-    from explainkit.data import channel_stats
 
-    store, info = context.store, s.data_info
-    eval_mean, eval_std = channel_stats(store.images())
+    tables.write_csv(
+        context.output_dir / "channel_stats.csv", ["split", "channel", "mean", "std"], st.rows()
+    )
+    caption = (
+        "Per-channel mean and std of the pixel values in [0, 1] units. train: computed from the "
+        "train split at training time (the model's input normalization, stored in "
+        f"predictions.h5); eval: computed from the {st.num_eval} stored eval images."
+    )
+    return [context.artifact("channel_stats.csv", "Channel mean and std", "table", caption)]
+
+
+# -- step 5: original image sizes of both splits ------------------------------------------
+
+
+@dataclass
+class _SplitSizes:
+    """The original (height, width) of one split's images, or why they are unknown."""
+
+    split: str
+    sizes: Any  # int (N, 2), or None when unknown
+    total: int | None  # images in the split, when known
+    reason: str | None = None  # why the sizes are unknown
+
+    def table(self) -> list[list[int]]:
+        """Distinct sizes ``[height, width, count]``, the most common first."""
+        import numpy as np
+
+        if self.sizes is None or len(self.sizes) == 0:
+            return []
+        uniq, counts = np.unique(self.sizes, axis=0, return_counts=True)
+        order = np.lexsort((uniq[:, 1], uniq[:, 0], -counts))
+        return [[int(uniq[i, 0]), int(uniq[i, 1]), int(counts[i])] for i in order]
+
+    def note(self) -> str:
+        table = self.table()
+        if not table:
+            return f"{self.split} sizes unknown ({self.reason})"
+        if len(table) == 1:
+            h, w, n = table[0]
+            return f"all {n} {self.split} images are {h}x{w}"
+        heights = [row[0] for row in table]
+        widths = [row[1] for row in table]
+        return (
+            f"{len(table)} distinct sizes among {len(self.sizes)} {self.split} images "
+            f"(height {min(heights)}–{max(heights)}, width {min(widths)}–{max(widths)})"
+        )
+
+    def summary(self) -> dict:
+        table = self.table()
+        if not table:
+            return {"known": False, "reason": self.reason, "num_images": self.total}
+        return {
+            "known": True,
+            "source": "prediction store" if self.split == "eval" else "re-loaded train split",
+            "num_images": int(len(self.sizes)),
+            "distinct": len(table),
+            "height": {"min": min(r[0] for r in table), "max": max(r[0] for r in table)},
+            "width": {"min": min(r[1] for r in table), "max": max(r[1] for r in table)},
+            "note": self.note(),
+        }
+
+
+@dataclass
+class _Sizes:
+    stored: str  # "HxW" the images were resized to
+    splits: list[_SplitSizes]  # train, eval
+
+    @property
+    def varying(self) -> bool:
+        return any(len(s.table()) > 1 for s in self.splits)
+
+    def caption(self) -> str:
+        notes = "; ".join(s.note() for s in self.splits)
+        return f"Original sizes (height x width) before resizing: {notes}; stored at {self.stored}."
+
+
+def _sizes_of(context: AnalysisContext, s: _Splits) -> _Sizes:
+    """Train sizes from the re-loaded split, eval sizes from the store (recorded at training)."""
+    store = context.store
+    h, w = (int(v) for v in store.attrs["input_shape"][1:3])
+    train = _SplitSizes(
+        "train",
+        None if s.train is None else s.train.sizes,
+        s.num_train,
+        s.reason if s.train is None else "the dataset does not report them",
+    )
+    evals = _SplitSizes(
+        "eval",
+        store.sizes,
+        store.num_images,
+        "this store does not record them: it was written before explainkit did",
+    )
+    return _Sizes(stored=f"{h}x{w}", splits=[train, evals])
+
+
+def _write_sizes(context: AnalysisContext, sizes: _Sizes) -> list[dict]:
+    """A table of the sizes of both splits always; a figure when some split's sizes vary."""
+    from explainkit import figures, tables
+
+    out = context.output_dir
+    rows: list[list] = []
+    for split in sizes.splits:
+        table = split.table()
+        rows += [[split.split, *row] for row in table] or [
+            [split.split, "", "", "" if split.total is None else split.total]
+        ]
+    tables.write_csv(out / "image_sizes.csv", ["split", "height", "width", "count"], rows)
+    caption = sizes.caption()
+    artifacts = []
+    if sizes.varying:
+        figures.save_figure(_sizes_figure(sizes), out / "image_sizes.png")
+        artifacts.append(context.artifact("image_sizes.png", "Image sizes", "image", caption))
+    artifacts.append(context.artifact("image_sizes.csv", "Image sizes", "table", caption))
+    return artifacts
+
+
+# -- step 6: the summary JSON -------------------------------------------------------------
+
+
+def _write_summary(
+    context: AnalysisContext, s: _Splits, st: _ChannelStats, sizes: _Sizes
+) -> list[dict]:
+    from explainkit import tables
+
+    train_sizes, eval_sizes = sizes.splits
     summary = {
         "dataset": s.dataset,
         "classes": s.classes,
@@ -176,20 +347,25 @@ def _write_summary(context: AnalysisContext, s: _Splits, sizes: dict) -> list[di
             "source": "prediction store",
             "num_images": s.num_eval,
             "class_counts": s.eval_counts.tolist(),
-            "mean": list(eval_mean),
-            "std": list(eval_std),
+            "mean": list(st.eval_mean),
+            "std": list(st.eval_std),
         },
         "train": {
             "available": s.train is not None,
             "reason": s.reason,
-            "num_images": int(len(s.train)) if s.train is not None else info.get("num_train"),
+            "num_images": s.num_train,
             "class_counts": s.train_counts.tolist() if s.train_counts is not None else None,
-            "mean": info.get("mean"),
-            "std": info.get("std"),
-            "stats_source": "config.json data.mean/std" if "mean" in info else None,
+            "mean": list(st.train_mean),
+            "std": list(st.train_std),
+            "stats_source": "prediction store mean/std (computed at training time)",
         },
-        "normalization": {"mean": list(store.mean), "std": list(store.std)},
-        "image_sizes": {key: v for key, v in sizes.items() if key != "table"},
+        "normalization": {"mean": list(st.train_mean), "std": list(st.train_std)},
+        "image_sizes": {
+            "stored": sizes.stored,
+            "varying": sizes.varying,
+            "train": train_sizes.summary(),
+            "eval": eval_sizes.summary(),
+        },
     }
     tables.write_json(context.output_dir / "data.json", summary)
     return [
@@ -197,24 +373,9 @@ def _write_summary(context: AnalysisContext, s: _Splits, sizes: dict) -> list[di
             "data.json",
             "Data summary",
             "json",
-            "Per-channel mean/std in [0,1] units (eval: computed from the stored images; "
-            "train: as recorded in config.json), class counts, image sizes.",
+            "Class counts, per-channel mean/std in [0,1] units and original image sizes of "
+            "both splits, as in the tables above.",
         )
-    ]
-
-
-def _write_sizes(context: AnalysisContext, sizes: dict, dataset: str) -> list[dict]:
-    """The original image sizes of the train split, only when they vary."""
-    from explainkit import figures, tables
-
-    if not sizes["varying"]:
-        return []
-    out, table = context.output_dir, sizes["table"]
-    tables.write_csv(out / "image_sizes.csv", ["height", "width", "count"], table)
-    figures.save_figure(_sizes_figure(table, dataset), out / "image_sizes.png")
-    return [
-        context.artifact("image_sizes.png", "Image sizes", "image", sizes["note"]),
-        context.artifact("image_sizes.csv", "Image sizes", "table", sizes["note"]),
     ]
 
 
@@ -245,38 +406,6 @@ def load_train_split(run_config: dict, classes: list[str]) -> tuple[Any, str | N
     if list(ds.classes) != list(classes):
         return None, "the training data found here has other classes than the run"
     return ds, None
-
-
-def _size_summary(
-    train: Any, dataset_name: str, stored_hw: tuple[int, int], reason: str | None
-) -> dict:
-    import numpy as np
-
-    stored = f"{stored_hw[0]}x{stored_hw[1]}"
-    if train is None or train.sizes is None:
-        if train is None and dataset_name == "folder":
-            note = f"original image sizes unknown ({reason}); stored at {stored}"
-        else:
-            note = f"{dataset_name or 'this dataset'} images all have one size; stored at {stored}"
-        return {"varying": False, "note": note, "stored": stored}
-    uniq, counts = np.unique(train.sizes, axis=0, return_counts=True)
-    table = [[int(hh), int(ww), int(c)] for (hh, ww), c in zip(uniq, counts, strict=True)]
-    if len(uniq) == 1:
-        note = f"all {len(train)} train images are {uniq[0][0]}x{uniq[0][1]}; stored at {stored}"
-        return {"varying": False, "note": note, "stored": stored}
-    note = (
-        f"{len(uniq)} distinct original sizes (height x width) among {len(train)} train "
-        f"images; all resized to {stored}"
-    )
-    return {
-        "varying": True,
-        "note": note,
-        "stored": stored,
-        "distinct": len(uniq),
-        "height": {"min": int(uniq[:, 0].min()), "max": int(uniq[:, 0].max())},
-        "width": {"min": int(uniq[:, 1].min()), "max": int(uniq[:, 1].max())},
-        "table": table,
-    }
 
 
 def _distribution_figure(
@@ -331,28 +460,46 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, width)) or text
 
 
-def _sizes_figure(table: list[list[int]], dataset_name: str) -> Any:
+def _sizes_figure(sizes: _Sizes) -> Any:
+    """Original sizes of each split: height against width, and the spread of √(h·w)."""
     import numpy as np
 
     from explainkit import figures
 
-    data = np.asarray(table, dtype=np.int64)
-    heights, widths, counts = data[:, 0], data[:, 1], data[:, 2]
     fig = figures.new_figure(11, 4.2)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    area = 20 + 280 * counts / counts.max()
-    ax1.scatter(widths, heights, s=area, alpha=0.5, color="C0", edgecolor="none")
+    known = [(split, np.asarray(split.table(), np.int64)) for split in sizes.splits]
+    known = [(split, table) for split, table in known if len(table)]
+    peak = max(int(table[:, 2].max()) for _, table in known)
+    sides = np.concatenate([np.sqrt(table[:, 0] * table[:, 1]) for _, table in known])
+    bins = np.histogram_bin_edges(sides, bins=min(40, max(5, len(sides))))
+    for split, table in known:
+        heights, widths, counts = table[:, 0], table[:, 1], table[:, 2]
+        color = "C0" if split.split == "train" else "C1"
+        label = f"{split.split} ({int(counts.sum())})"
+        ax1.scatter(
+            widths, heights, s=20 + 280 * counts / peak, alpha=0.5, color=color,
+            edgecolor="none", label=label,
+        )  # fmt: skip
+        ax2.hist(
+            np.sqrt(heights * widths), bins=bins, weights=counts / counts.sum(), color=color,
+            histtype="step", linewidth=1.8, label=label,
+        )  # fmt: skip
     ax1.set_xlabel("width (px)")
     ax1.set_ylabel("height (px)")
     ax1.set_title("Original sizes (marker area ∝ images)", fontsize=11)
     ax1.grid(alpha=0.3)
-    side = np.sqrt(heights * widths)
-    ax2.hist(side, bins=min(40, max(5, len(side))), weights=counts, color="C0")
+    ax1.legend(fontsize=9)
     ax2.set_xlabel("√(height × width) (px)")
-    ax2.set_ylabel("images")
+    ax2.set_ylabel("fraction of the split's images")
     ax2.set_title("Image size distribution", fontsize=11)
     ax2.grid(alpha=0.3)
-    fig.suptitle(f"{dataset_name} train images before resizing ({int(counts.sum())})")
+    ax2.legend(fontsize=9)
+    missing = [split.split for split in sizes.splits if not split.table()]
+    title = f"Image sizes before resizing to {sizes.stored}"
+    if missing:
+        title += f" ({' and '.join(missing)} unknown)"
+    fig.suptitle(title)
     return fig
 
 

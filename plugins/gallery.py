@@ -171,21 +171,24 @@ def _write_gallery(
 
 
 def _gallery_items(context: AnalysisContext, m: _Mistakes) -> list[dict]:
-    """One JSON record per shown image, in display order."""
+    """One JSON record per shown image, in display order; ``source`` names its file (folder
+    datasets) or its dataset and position, as :meth:`StoreReader.sources` does."""
     classes, chosen = context.classes, m.chosen
     return [
         {
             "index": int(i),
             "source_index": int(s),
+            "source": source,
             "true": classes[t],
             "true_id": int(t),
             "predicted": classes[p],
             "predicted_id": int(p),
             "confidence": float(c),
         }
-        for i, s, t, p, c in zip(
+        for i, s, source, t, p, c in zip(
             chosen,
             context.store.index[chosen] if len(chosen) else [],
+            context.store.sources(chosen),
             m.targets[chosen],
             m.preds[chosen],
             m.confidence[chosen],

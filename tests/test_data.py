@@ -257,6 +257,84 @@ def test_folder_train_val_layout(tmp_path):
         load_dataset("folder", "eval", tmp_path)
 
 
+def _files_of(root: Path, paths: list[str]) -> list[tuple[int, int]]:
+    """The (H, W) PIL reads from each of ``paths`` (relative to ``root``)."""
+    from PIL import Image
+
+    sizes = []
+    for rel in paths:
+        with Image.open(root / rel) as img:
+            sizes.append((img.height, img.width))
+    return sizes
+
+
+def test_folder_paths_and_sizes_name_each_file(tmp_path):
+    """Every image knows its file (relative to the data folder) and its original size."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 3)):
+        for cls in ("cat", "dog"):
+            for i in range(n):
+                size = (int(rng.integers(9, 40)), int(rng.integers(9, 40)))  # PIL: (W, H)
+                _png(tmp_path / split / cls / f"{cls} {i}.png", size, (i, 0, 0))
+    train = load_dataset("folder", "train", tmp_path, image_size=8)
+    val = load_dataset("folder", "eval", tmp_path, image_size=8, limit=4)
+    assert train.paths[:2] == ["train/cat/cat 0.png", "train/cat/cat 1.png"]
+    assert val.paths == ["val/cat/cat 0.png", "val/cat/cat 1.png", "val/cat/cat 2.png",
+                         "val/dog/dog 0.png"]  # fmt: skip
+    for ds in (train, val):
+        assert len(ds.paths) == len(ds) == len(ds.sizes)
+        assert [tuple(s) for s in ds.sizes] == _files_of(tmp_path, ds.paths)
+        assert ds.images.shape[1:3] == (8, 8)
+    assert [p.split("/")[1] for p in val.paths] == [val.classes[t] for t in val.targets]
+    kept = train.take(3)
+    assert kept.paths == train.paths[:3] and kept.sizes.tolist() == train.sizes[:3].tolist()
+
+
+def test_folder_holdout_paths_are_disjoint_and_match_the_index(tmp_path):
+    for i in range(15):
+        _png(tmp_path / "a" / f"{i:02d}.png", (10 + i, 20), (0, 0, 0))
+        _png(tmp_path / "b" / "deeper" / f"{i:02d}.jpg", (20, 10 + i), (0, 0, 0))
+    train = load_dataset("folder", "train", tmp_path, seed=3)
+    held = load_dataset("folder", "eval", tmp_path, seed=3)
+    files = [f"a/{i:02d}.png" for i in range(15)] + [f"b/deeper/{i:02d}.jpg" for i in range(15)]
+    assert train.paths == [files[i] for i in train.index]
+    assert held.paths == [files[i] for i in held.index]
+    assert not set(train.paths) & set(held.paths) and len(held) == 3
+    assert [tuple(s) for s in held.sizes] == _files_of(tmp_path, held.paths)
+
+
+def test_folder_paths_in_another_encoding_are_readable_text(tmp_path):
+    from explainkit.store import create_store, open_store
+
+    root = os.fsencode(tmp_path / "data")
+    for folder in (b"caf\xe9", b"cafe"):
+        os.makedirs(os.path.join(root, folder))
+        for i in range(6):
+            name = os.path.join(root, folder, b"\xfc%d.png" % i)  # Latin-1 'ü'
+            _png(Path(os.fsdecode(name)), (9, 7), (i, 0, 0))
+    held = load_dataset("folder", "eval", tmp_path / "data", image_size=8)
+    ds = load_dataset("folder", "train", tmp_path / "data", image_size=8)
+    expected = {f"{c}/ü{i}.png" for c in ("cafe", "café") for i in range(6)}
+    assert set(ds.paths) | set(held.paths) == expected and len(ds) == 11
+    create_store(
+        tmp_path / "p.h5", images=ds.images, targets=ds.targets, index=ds.index,
+        classes=ds.classes, dataset="folder", model={}, mean=(0.5,) * 3, std=(0.2,) * 3,
+        paths=ds.paths, sizes=ds.sizes,
+    )  # fmt: skip
+    with open_store(tmp_path / "p.h5") as store:
+        assert store.sources() == ds.paths
+        assert store.sizes.tolist() == [[7, 9]] * len(ds)
+
+
+def test_fixed_size_datasets_record_their_one_original_size():
+    """CIFAR-10 images are 32x32 whatever --image-size resizes them to; shapes are drawn at it."""
+    cifar = load_dataset("cifar10", "eval", SAMPLE, image_size=16, download=False, limit=5)
+    assert cifar.images.shape[1:3] == (16, 16) and cifar.sizes.tolist() == [[32, 32]] * 5
+    assert cifar.paths is None
+    shapes = load_dataset("shapes", "train", image_size=24, limit=4)
+    assert shapes.sizes.tolist() == [[24, 24]] * 4 and shapes.paths is None
+
+
 def test_load_dataset_rejects_unknown_names(tmp_path):
     assert DATASETS == ("cifar10", "shapes", "folder")
     with pytest.raises(DataError, match="cifar10"):

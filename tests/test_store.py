@@ -20,8 +20,13 @@ from tests.conftest import run_cli
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "store-format.md").read_text()
 
 
-def make_store(path, n=20, classes=3, epochs=2):
+PATHS = [f"val/c{i % 3}/café {i}.png" for i in range(20)]  # relative, UTF-8, one per image
+
+
+def make_store(path, n=20, classes=3, epochs=2, sources=True):
+    """A store with every dataset (``sources=False``: without paths and sizes, as old ones)."""
     rng = np.random.default_rng(0)
+    extra = {"paths": PATHS[:n], "sizes": np.arange(2 * n).reshape(n, 2) + 1} if sources else {}
     create_store(
         path,
         images=rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8),
@@ -33,6 +38,7 @@ def make_store(path, n=20, classes=3, epochs=2):
         mean=(0.5, 0.5, 0.5),
         std=(0.25, 0.25, 0.25),
         masks=(rng.random((n, 8, 8)) > 0.5).astype(np.uint8),
+        **extra,
     )
     logits = []
     for e in range(1, epochs + 1):
@@ -58,6 +64,77 @@ def test_store_round_trips_every_field(tmp_path):
         picked = store.images([5, 2, 5])
         np.testing.assert_array_equal(picked[0], store.images()[5])
         np.testing.assert_array_equal(picked[1], store.images()[2])
+        assert store.has_paths and store.sources() == PATHS
+        assert store.sources(np.array([5, 2, 5])) == [PATHS[5], PATHS[2], PATHS[5]]
+        assert store.sources([]) == []
+        np.testing.assert_array_equal(store.sizes, np.arange(40).reshape(20, 2) + 1)
+    with h5py.File(path) as f:  # fixed-length UTF-8 text, inside checksummed chunks
+        info = h5py.check_string_dtype(f["eval/paths"].dtype)
+        assert info.encoding == "utf-8" and info.length == max(len(p.encode()) for p in PATHS)
+        assert f["eval/paths"].fletcher32 and f["eval/sizes"].dtype == np.int32
+
+
+def test_a_store_without_paths_and_sizes_still_opens(tmp_path):
+    """Stores written before paths and sizes were recorded: sources name dataset and index."""
+    path = tmp_path / "p.h5"
+    make_store(path, sources=False)
+    with open_store(path) as store:
+        assert not store.has_paths and store.sizes is None
+        assert store.sources([0, 3]) == ["test #100", "test #103"]
+        assert len(store.sources()) == 20
+        store.verify()
+
+
+@pytest.mark.parametrize("indices", [[20], [-1], [[0, 1]]])
+def test_sources_refuses_positions_outside_the_store(tmp_path, indices):
+    path = tmp_path / "p.h5"
+    make_store(path, epochs=0)
+    with open_store(path) as store, pytest.raises((IndexError, ValueError)):
+        store.sources(indices)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"paths": PATHS[:19]}, "paths must be 20 non-empty strings"),
+        ({"paths": ["", *PATHS[1:]]}, "paths must be 20 non-empty strings"),
+        ({"paths": ["bad\udce9.png", *PATHS[1:]]}, "paths must be UTF-8 text"),
+        ({"sizes": np.ones((20, 3), np.int64)}, "sizes must be integers of shape (20, 2)"),
+        ({"sizes": np.ones((20, 2), np.float32)}, "sizes must be integers of shape (20, 2)"),
+        ({"sizes": np.zeros((20, 2), np.int64)}, "sizes must be positive"),
+        ({"sizes": np.full((20, 2), 2**31, np.int64)}, "fit int32"),
+    ],
+)
+def test_create_store_refuses_paths_and_sizes_readers_would_refuse(tmp_path, extra, message):
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        create_store(
+            tmp_path / "p.h5",
+            images=rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8),
+            targets=np.zeros(20, np.int64),
+            index=np.arange(20),
+            classes=["a"],
+            dataset="test",
+            model={"num_classes": 1},
+            mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25),
+            **extra,
+        )
+    assert not (tmp_path / "p.h5").exists()
+
+
+def test_paths_that_are_not_utf8_are_damage_when_read(tmp_path):
+    path = tmp_path / "p.h5"
+    make_store(path)
+    with h5py.File(path, "r+") as f:
+        del f["eval/paths"]
+        f["eval/paths"] = np.array([b"a\xe9.png"] * 20, dtype=h5py.string_dtype("utf-8", 6))
+    with open_store(path) as store:
+        assert store.sizes is not None  # the rest of the store reads
+        with pytest.raises(StoreError, match="eval/paths holds text that is not UTF-8"):
+            store.sources([0])
+        with pytest.raises(StoreError, match="is damaged: eval/paths"):
+            store.verify()
 
 
 def test_documented_names_are_the_ones_written(tmp_path):
@@ -207,6 +284,18 @@ HOSTILE_STORES = {
         "logits is not a dataset",
     ),
     "eval-weights": (_attr("eval_weights", np.bytes_(b"best")), "eval_weights is 'best'"),
+    "paths-count": (_replace("eval/paths", np.array([b"a.png"] * 19)), "expected (20,) UTF-8"),
+    "paths-numbers": (_replace("eval/paths", np.arange(20)), "eval/paths is int64 (20,)"),
+    "paths-variable-length": (
+        lambda f: (
+            f.__delitem__("eval/paths"),
+            f.create_dataset("eval/paths", data=PATHS, dtype=h5py.string_dtype()),
+        ),
+        "eval/paths holds variable-length strings",
+    ),
+    "sizes-shape": (_replace("eval/sizes", np.ones((20, 3), np.int32)), "eval/sizes is int32"),
+    "sizes-float": (_replace("eval/sizes", np.ones((20, 2))), "eval/sizes is float64 (20, 2)"),
+    "sizes-zero": (_replace("eval/sizes", np.zeros((20, 2), np.int32)), "size below 1 pixel"),
 }
 
 

@@ -29,8 +29,9 @@ class Dataset:
     classes: list[str]
     index: np.ndarray  # int64 (N,) position of each image in its source split
     masks: np.ndarray | None = None  # uint8 (N,H,W), 1 = object (shapes dataset)
-    sizes: np.ndarray | None = None  # int64 (N,2) original (H,W) before resizing (folder)
+    sizes: np.ndarray | None = None  # int64 (N,2) original (H,W) of each image, before resizing
     name: str = ""
+    paths: list[str] | None = None  # source file of each image, relative to the data folder
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -53,6 +54,7 @@ class Dataset:
             masks=None if self.masks is None else self.masks[:limit],
             sizes=None if self.sizes is None else self.sizes[:limit],
             name=self.name,
+            paths=None if self.paths is None else self.paths[:limit],
         )
 
 
@@ -77,19 +79,26 @@ def load_dataset(
     if name == "cifar10":
         from explainkit.data.cifar10 import load_cifar10
 
-        ds = load_cifar10(split, data_dir, download=download).take(limit)
+        ds = _with_sizes(load_cifar10(split, data_dir, download=download).take(limit))
         if image_size != ds.images.shape[1]:
             ds.images = resize_images(ds.images, image_size)
         return ds
     if name == "shapes":
         from explainkit.data.shapes import make_shapes
 
-        return make_shapes(split, image_size=image_size, seed=seed, limit=limit)
+        return _with_sizes(make_shapes(split, image_size=image_size, seed=seed, limit=limit))
     from explainkit.data.folder import load_folder
 
     if data_dir is None:
         raise DataError("the folder dataset needs --data-dir pointing at an ImageFolder tree")
     return load_folder(split, data_dir, image_size=image_size, seed=seed, limit=limit)
+
+
+def _with_sizes(ds: Dataset) -> Dataset:
+    """``ds`` with ``sizes`` recorded: its images' own (H, W), for datasets of one size."""
+    if ds.sizes is None:
+        ds.sizes = np.tile(np.asarray(ds.images.shape[1:3], np.int64), (len(ds), 1))
+    return ds
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -97,7 +97,11 @@ def load_folder(
     seed: int = 0,
     limit: int | None = None,
 ) -> Dataset:
-    """Load a split; `index` is the position of each file in its (sorted) source tree."""
+    """Load a split; `index` is the position of each file in its (sorted) source tree.
+
+    ``paths`` name each image's file relative to ``data_dir`` (``/``-separated, made
+    :func:`readable`) and ``sizes`` its original (H, W), for the store and the reports.
+    """
     root = Path(data_dir).expanduser()
     train_root = root / "train" if (root / "train").is_dir() else root
     files, targets, classes = scan(train_root)
@@ -128,4 +132,10 @@ def load_folder(
         index=index.astype(np.int64),
         sizes=sizes,
         name="folder",
+        paths=[relative_name(files[i], root) for i in index],
     )
+
+
+def relative_name(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` as ``/``-separated UTF-8 text (each part :func:`readable`)."""
+    return "/".join(readable(part) for part in path.relative_to(root).parts)

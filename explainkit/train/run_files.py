@@ -59,7 +59,11 @@ def write_config(trainer: Trainer, config: TrainConfig, run: RunDir) -> None:
 
 
 def create_empty_store(trainer: Trainer, config: TrainConfig, run: RunDir) -> None:
-    """A new run's empty prediction store: the eval images, and what their logits will be."""
+    """A new run's empty prediction store: the eval images, and what their logits will be.
+
+    The images' source paths (folder datasets) and original sizes go in too, so reports name
+    the user's files and their sizes without the data folder.
+    """
     ev = trainer.data.eval_data
     create_store(
         run.store_path,
@@ -67,6 +71,8 @@ def create_empty_store(trainer: Trainer, config: TrainConfig, run: RunDir) -> No
         targets=ev.targets,
         index=ev.index,
         masks=ev.masks,
+        paths=ev.paths,
+        sizes=ev.sizes,
         classes=trainer.classes,
         dataset=config.dataset,
         model=trainer.model_spec,

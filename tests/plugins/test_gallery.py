@@ -82,6 +82,31 @@ def make_run(
     return path
 
 
+def make_image_folder(root: Path, classes=("cat", "café"), train=12, val=4, seed=0) -> Path:
+    """An ImageFolder tree ``root/train/<class>/``, ``root/val/<class>/`` of PNG files with
+    random pixels, each image its own random size (9 to 40 pixels a side)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("val", val)):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                h, w = int(rng.integers(9, 41)), int(rng.integers(9, 41))
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"img {i:02d}.png")
+    return root
+
+
+def train_folder_run(tmp_path: Path) -> tuple[Path, Path]:
+    """A real run (1 epoch, width 8, 16x16 inputs) on a fresh image folder: (run, data)."""
+    from tests.conftest import train_run
+
+    data = make_image_folder(tmp_path / "data")
+    run = train_run(tmp_path / "run", dataset="folder", data_dir=str(data), image_size=16, epochs=1)
+    return run, data
+
+
 def run_one(run: Path, name: str, **options) -> dict:
     (manifest,) = analyze(run, plugins=[name], device="cpu", **options)
     return manifest
@@ -126,6 +151,37 @@ def test_analyzer_gallery_shows_confident_mistakes_in_order(tiny_run):
     check_png(load(tiny_run, "gallery", "gallery.png"))
     paths = {a["path"] for a in manifest["artifacts"]}
     assert {"gallery.png", "confusion_matrix.png", "confusion_matrix.csv"} <= paths
+
+
+def test_analyzer_gallery_items_name_their_source(tiny_run):
+    """Without file paths (shapes), the source is the dataset and the position in it."""
+    assert run_one(tiny_run, "gallery", gallery_count=5)["status"] == "ok"
+    items = load(tiny_run, "gallery", "gallery.json")["items"]
+    assert items and all(it["source"] == f"shapes #{it['source_index']}" for it in items)
+
+
+def test_analyzer_gallery_names_the_users_files(tmp_path):
+    """Folder datasets: each shown mistake names its file, also once the data folder is gone."""
+    from PIL import Image
+
+    run, data = train_folder_run(tmp_path)
+    with open_store(run) as store:
+        paths = store.sources()
+    shutil.rmtree(data / "train")
+    moved = shutil.move(data, tmp_path / "moved")  # the store needs no data folder
+    manifest = run_one(run, "gallery", gallery_count=400)
+    assert manifest["status"] == "ok", manifest["error"]
+    gallery = load(run, "gallery", "gallery.json")
+    items = gallery["items"]
+    assert len(items) == gallery["num_mistakes"] > 0
+    for it in items:
+        assert it["source"] == paths[it["index"]]
+        split, true_class, _ = it["source"].split("/")
+        assert split == "val" and true_class == it["true"]
+        with Image.open(Path(moved) / it["source"]) as img:
+            assert img.format == "PNG"
+    captions = manifest["artifacts"][0]["caption"]
+    assert "true → predicted" in captions  # figure captions unchanged
 
 
 def test_analyzer_gallery_confusion_matrix_matches_numpy(tiny_run):
