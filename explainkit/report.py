@@ -1,7 +1,8 @@
 """``explainkit report``: one self-contained HTML page from a run and its analyzer manifests.
 
 The page is built from ``config.json``, the prediction store's history (via
-``explainkit.summary.summarize_run``) and ``analyses/*/manifest.json`` only, so an analyzer
+``explainkit.summary.summarize_run``), the end of ``train.log`` and
+``analyses/*/manifest.json`` only, so an analyzer
 from a third-party plugin appears without any change here. Everything is embedded (images as
 base64 data URLs, CSS inline, charts as inline SVG) and nothing executable is written, so the
 file can be mailed, archived or opened offline.
@@ -30,6 +31,7 @@ from typing import Any
 from explainkit import __version__
 from explainkit.atomic import write_atomic
 from explainkit.errors import ExplainkitError, RunError
+from explainkit.rundir import RunDir
 
 __all__ = ["build_report", "render_report", "load_manifests", "installed_analyzers", "REPORT_NAME"]
 
@@ -40,6 +42,9 @@ MAX_TABLE_COLUMNS = 40
 MAX_JSON_CHARS = 4000
 MAX_IMAGE_BYTES = 20_000_000
 MAX_HISTORY_ROWS = 60
+MAX_LOG_LINES = 200  # the end of train.log shown under the run
+MAX_LOG_BYTES = 200_000  # read from the end of the file: 200 lines are about 25 KB
+MAX_LOG_LINE = 500  # characters of one line
 MIN_IMAGE_WIDTH = 240
 
 _IMAGE_MAGIC = (
@@ -368,6 +373,47 @@ def _history(history: dict[str, list[float]]) -> dict[str, Any]:
     return {"chart": _accuracy_chart(history), "table": table, "note": note}
 
 
+def _training_log(run_dir: Path) -> dict[str, Any]:
+    """The last MAX_LOG_LINES lines of ``RUN/train.log`` (the lines train printed per epoch).
+
+    Only the end of the file is read, so a long log costs no more than a short one. Bytes that
+    are not UTF-8 show as U+FFFD, control characters as U+FFFD too; autoescaping does the rest.
+    ``missing`` when the run has no log (trained before explainkit wrote one), ``error`` when
+    it cannot be read.
+    """
+    path = RunDir(run_dir).log_path
+    shown = {"file": path.name}
+    try:
+        if not path.exists():
+            return {**shown, "missing": True}
+        if not path.is_file():
+            return {**shown, "error": f"{path.name} is not a regular file; it is not read"}
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - MAX_LOG_BYTES))
+            data = f.read(MAX_LOG_BYTES)
+    except OSError as e:
+        return {**shown, "error": f"{path.name} cannot be read ({e.strerror or e})"}
+    lines = data.decode("utf-8", "replace").splitlines()
+    if size > MAX_LOG_BYTES and lines:
+        lines = lines[1:]  # the first line read is cut
+    total = len(lines) if size <= MAX_LOG_BYTES else None
+    lines = [
+        _CONTROL.sub("\ufffd", line[:MAX_LOG_LINE] + ("…" if len(line) > MAX_LOG_LINE else ""))
+        for line in lines[-MAX_LOG_LINES:]
+    ]
+    if total is not None and total <= MAX_LOG_LINES:
+        note = f"{total} line{'' if total == 1 else 's'}"
+    elif total is not None:
+        note = f"the last {MAX_LOG_LINES} of {total} lines"
+    else:
+        note = f"the last {len(lines)} lines of {_size(size)}"
+    return {**shown, "text": "\n".join(lines), "note": note}
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def _artifact(folder: Path, artifact: Any) -> dict[str, Any]:
     """What the page shows for one manifest artifact; ``show`` picks the template's branch.
 
@@ -553,6 +599,7 @@ def render_report(
             run_path=run_dir.resolve(),
             run_arg=run_dir,
             run=_run_section(summary, raw, why),
+            training_log=_training_log(run_dir),
             analyses=[_analysis(m) for m in manifests],
             not_run=sorted(set(available) - {m["_name"] for m in manifests}),
             version=__version__,

@@ -41,7 +41,8 @@ SCHEMA_VERSION = 1
 
 HISTORY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("epoch", "i8"),
-    ("train_loss", "f8"),
+    ("train_loss", "f8"),  # the training objective (label smoothing included)
+    ("train_ce", "f8"),  # plain cross-entropy of the same training logits
     ("train_acc", "f8"),
     ("eval_loss", "f8"),
     ("eval_acc", "f8"),
@@ -50,6 +51,10 @@ HISTORY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("images_per_s", "f8"),
 )
 HISTORY_DTYPE = np.dtype(list(HISTORY_COLUMNS))
+# Columns added after the first stores were written: a store without one still opens (its
+# history lacks the column), and an epoch row without one stores it as not recorded (NaN in
+# every row; a column recorded for some epochs only is damage).
+OPTIONAL_HISTORY_COLUMNS = ("train_ce",)
 
 # Every name written to the store, checked against docs/store-format.md by a test.
 ROOT_ATTRIBUTES = (
@@ -329,7 +334,9 @@ def _inspect(f: h5py.File, path: Path) -> _Layout:
     history = ds["history"]
     names = history.dtype.names or ()
     if history.ndim != 1 or any(
-        name not in names or history.dtype[name].kind not in "iuf" for name, _ in HISTORY_COLUMNS
+        (name not in names and name not in OPTIONAL_HISTORY_COLUMNS)
+        or (name in names and history.dtype[name].kind not in "iuf")
+        for name, _ in HISTORY_COLUMNS
     ):
         raise _Damage("the history table lacks its numeric columns")
     marker = ds["committed_epochs"]
@@ -347,7 +354,11 @@ def _inspect(f: h5py.File, path: Path) -> _Layout:
         shown = ", ".join(f"{v:g}" for v in rows["epoch"][:5].astype(np.float64))
         raise _Damage(f"the history's epoch column is [{shown}], not 1..{committed}")
     for name, _ in HISTORY_COLUMNS[1:]:
+        if name not in names:
+            continue  # an optional column this older store does not have
         column = rows[name].astype(np.float64)
+        if name in OPTIONAL_HISTORY_COLUMNS and column.size and np.isnan(column).all():
+            continue  # not recorded by the writer
         if not np.isfinite(column).all():
             raise _Damage(f"the history's {name} column holds NaN or infinity")
         if (column < 0).any():
@@ -556,9 +567,10 @@ def append_epoch(path: str | Path, logits: np.ndarray, history_row: dict[str, fl
         ds[committed] = np.asarray(logits, dtype="f4")
         hist = f["history"]
         hist.resize(committed + 1, axis=0)
-        row = np.zeros((), dtype=HISTORY_DTYPE)
+        row = np.zeros((), dtype=hist.dtype)  # an older store lacks the optional columns
         for name, _ in HISTORY_COLUMNS:
-            row[name] = history_row[name]
+            if name in hist.dtype.names:
+                row[name] = history_row.get(name, np.nan)
         hist[committed] = row
         f["committed_epochs"][()] = committed + 1
     _commit(path, buffer, fault=f"store-write:{committed + 1}")
@@ -581,7 +593,11 @@ def _check_new_epoch(
             f"cannot add an epoch to {path}: its logits hold NaN or infinity; "
             "lower the learning rate and train again"
         )
-    missing = [name for name, _ in HISTORY_COLUMNS if name not in history_row]
+    missing = [
+        name
+        for name, _ in HISTORY_COLUMNS
+        if name not in history_row and name not in OPTIONAL_HISTORY_COLUMNS
+    ]
     if missing:
         raise StoreError(f"cannot add an epoch to {path}: its history row lacks {missing}")
     epoch = history_row["epoch"]
@@ -592,6 +608,8 @@ def _check_new_epoch(
             "the run again with --overwrite"
         )
     for name, _ in HISTORY_COLUMNS[1:]:
+        if name not in history_row:
+            continue  # optional: stored as not recorded
         try:
             value = float(history_row[name])
         except (TypeError, ValueError, OverflowError):
@@ -686,8 +704,16 @@ class StoreReader:
 
     @property
     def history(self) -> dict[str, np.ndarray]:
-        """The committed history rows, one array per column (checked when the store opened)."""
-        return {name: np.array(self._history[name]) for name, _ in HISTORY_COLUMNS}
+        """The committed history rows, one array per column (checked when the store opened).
+
+        An optional column (``OPTIONAL_HISTORY_COLUMNS``) is left out when the store has none
+        (written by an older explainkit) or its writer did not record it.
+        """
+        return {
+            name: np.array(self._history[name])
+            for name, _ in HISTORY_COLUMNS
+            if _recorded(self._history, name)
+        }
 
     @property
     def best_epoch(self) -> int | None:
@@ -834,6 +860,16 @@ class StoreReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _recorded(rows: np.ndarray, name: str) -> bool:
+    """Whether the history ``rows`` hold column ``name`` (an optional one may be absent or
+    all NaN, which means not recorded)."""
+    if name not in (rows.dtype.names or ()):
+        return False
+    if name in OPTIONAL_HISTORY_COLUMNS and len(rows):
+        return not np.isnan(rows[name].astype(np.float64)).all()
+    return True
 
 
 def _short(e: BaseException) -> str:

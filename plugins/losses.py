@@ -17,6 +17,11 @@ class LossesAnalyzer(Analyzer):
     store, one point per epoch, so an interrupted run shows exactly the epochs it finished.
     The best epoch (highest eval accuracy) is marked in every panel.
 
+    The two solid loss lines measure the same thing, the plain cross-entropy (``train_ce`` of
+    the training batches, ``eval_loss`` of the stored eval logits), and the legend says which
+    weights and images each comes from. The objective training minimised (``train_loss``,
+    label smoothing included) is a dashed line of its own when label smoothing was on.
+
     Example:
         explainkit analyze runs/cifar --plugin losses
     """
@@ -38,7 +43,8 @@ class LossesAnalyzer(Analyzer):
         )
         best = store.best_epoch
         best_row = _row_of(history["epoch"], best)
-        fig = _curves_figure(history, best, best_row, _figure_title(store.attrs, history))
+        lines = _loss_lines(history, context.config, store.attrs)
+        fig = _curves_figure(history, lines, best, best_row, _figure_title(store.attrs, history))
         figures.save_figure(fig, out / "curves.png")
         return [
             context.artifact(
@@ -73,19 +79,64 @@ def _caption(history: dict, best: int | None, best_row: int | None) -> str:
             f"; best epoch {best}: eval accuracy {100 * history['eval_acc'][best_row]:.2f}%, "
             f"eval loss {history['eval_loss'][best_row]:.4f}"
         )
-    return caption
+        if "train_ce" in history:
+            caption += f", train cross-entropy {history['train_ce'][best_row]:.4f}"
+    return caption + ". Solid loss lines: plain cross-entropy on both sides."
 
 
-def _curves_figure(history: dict, best: int | None, best_row: int | None, title: str) -> Any:
+def _loss_lines(history: dict, run_config: dict, attrs: dict) -> list[dict[str, Any]]:
+    """The loss curves to draw: column, legend label, colour and line style.
+
+    The comparable pair is the plain cross-entropy on both sides. Without label smoothing the
+    objective is that cross-entropy, so ``train_loss`` stands in for a ``train_ce`` that an
+    older store lacks; with it, the objective is drawn dashed and labelled as such. Which
+    weights and images each side saw comes from the store's ``eval_weights`` and
+    ``eval_tta`` (the run's config where an older store lacks them).
+    """
+    config = run_config.get("config") if isinstance(run_config, dict) else None
+    config = config if isinstance(config, dict) else {}
+    smoothing = _number(config.get("label_smoothing", 0.0))
+    augmented = any(config.get(k) for k in ("crop_padding", "flip", "cutout"))
+    train_side = f"raw weights, {'augmented' if augmented else 'unaugmented'} images"
+    ema = attrs.get("eval_weights", "ema" if _number(config.get("ema")) > 0 else "trained")
+    tta = attrs.get("eval_tta", config.get("tta", False))
+    eval_side = f"{'EMA' if ema == 'ema' else 'raw'} weights, {'flip TTA' if tta else 'no TTA'}"
+
+    def line(column: str, label: str, color: str, linestyle: str = "-") -> dict[str, Any]:
+        return {"column": column, "label": label, "color": color, "linestyle": linestyle}
+
+    lines = []
+    train_ce = "train_ce" if "train_ce" in history else "train_loss" if smoothing == 0 else None
+    if train_ce is not None:
+        lines.append(line(train_ce, f"train: cross-entropy ({train_side})", "C0"))
+    lines.append(line("eval_loss", f"eval: cross-entropy ({eval_side})", "C1"))
+    if smoothing > 0:
+        label = f"train: objective, cross-entropy with label smoothing {smoothing:g}"
+        if train_ce is None:
+            label += " (the plain cross-entropy was not recorded)"
+        lines.append(line("train_loss", label, "C0", "--"))
+    return lines
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _curves_figure(
+    history: dict, lines: list[dict], best: int | None, best_row: int | None, title: str
+) -> Any:
     """Three panels: loss, accuracy, learning rate; the best epoch marked in each."""
     from explainkit.figures import new_figure
 
     epochs = history["epoch"]
-    fig = new_figure(13, 4.2)
+    fig = new_figure(13, 5.2)
     grid = fig.add_gridspec(1, 3, width_ratios=[1, 1, 0.6])
     ax_loss, ax_acc, ax_lr = (fig.add_subplot(grid[0, i]) for i in range(3))
     style = {"marker": "o" if len(epochs) <= 40 else None, "markersize": 4, "linewidth": 1.6}
-    _plot_loss(ax_loss, history, style)
+    _plot_loss(ax_loss, history, lines, style)
     _plot_accuracy(ax_acc, history, style)
     ax_lr.plot(epochs, history["lr"], color="C2", **style)
     ax_lr.set_title("Learning rate (end of epoch)")
@@ -94,31 +145,58 @@ def _curves_figure(history: dict, best: int | None, best_row: int | None, title:
         _epoch_axis(ax, epochs, best)
     if best_row is not None:
         _mark_best(ax_loss, ax_acc, history, best, best_row)
-    ax_loss.legend(fontsize=9)
+    # Below the panel: the labels say what each line measures, too long to sit on the curves.
+    ax_loss.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     ax_acc.legend(fontsize=9, loc="lower right")
     fig.suptitle(title, fontsize=12)
     return fig
 
 
-def _plot_loss(ax: Any, history: dict, style: dict) -> None:
-    """Train and eval loss; log scale when one exploding epoch would flatten the rest."""
+def _plot_loss(ax: Any, history: dict, lines: list[dict], style: dict) -> None:
+    """The loss lines; a log scale when one spiking epoch would flatten the rest (or the
+    losses span more than 20x), said in the panel's title and axis label."""
     import numpy as np
-    from matplotlib.ticker import LogFormatter
 
     epochs = history["epoch"]
-    ax.plot(epochs, history["train_loss"], label="train", color="C0", **style)
-    ax.plot(epochs, history["eval_loss"], label="eval", color="C1", **style)
-    losses = np.concatenate([history["train_loss"], history["eval_loss"]])
-    finite = losses[np.isfinite(losses)]
-    if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
+    for line in lines:
+        ax.plot(epochs, history[line["column"]], label=line["label"], color=line["color"],
+                **{**style, "linestyle": line["linestyle"]})  # fmt: skip
+    losses = np.concatenate([history[line["column"]] for line in lines])
+    if _log_scale(losses):
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(LogFormatter())
-        ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
+        ax.yaxis.set_major_formatter(_plain_log_formatter())
+        ax.yaxis.set_minor_formatter(_plain_log_formatter(minor_thresholds=(2, 0.5)))
         ax.tick_params(axis="y", which="minor", labelsize=7)
-        ax.set_ylabel("cross-entropy (log scale)")
+        ax.set_ylabel("loss (log scale)")
+        ax.set_title("Loss, log scale")
     else:
-        ax.set_ylabel("cross-entropy")
-    ax.set_title("Loss")
+        ax.set_ylabel("loss (linear scale)")
+        ax.set_title("Loss")
+
+
+def _plain_log_formatter(**options: Any) -> Any:
+    """A log-axis formatter that labels the ticks LogFormatter picks with plain numbers
+    (0.6, not 6e-01)."""
+    from matplotlib.ticker import LogFormatter
+
+    class Plain(LogFormatter):
+        def __call__(self, x: float, pos: Any = None) -> str:
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return Plain(**options)
+
+
+def _log_scale(losses: Any) -> bool:
+    """Whether the loss axis needs a log scale: the values span more than 20x, or on a
+    linear axis the highest one (an early eval spike) would squeeze all others into less
+    than half of it."""
+    import numpy as np
+
+    finite = np.sort(losses[np.isfinite(losses)])
+    if finite.size < 2 or finite[0] <= 0:
+        return False
+    low, second, high = finite[0], finite[-2], finite[-1]
+    return bool(high / low > 20 or (second - low) < 0.5 * (high - low))
 
 
 def _plot_accuracy(ax: Any, history: dict, style: dict) -> None:

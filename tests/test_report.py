@@ -428,3 +428,43 @@ def test_report_says_what_is_wrong_with_each_damaged_artifact(bare_run, monkeypa
     assert "<th>c40</th>" not in text
     assert text.count("outside the analysis folder") == 1  # the NUL path
     assert "file of kind &#39;weights&#39;" in text and "<figcaption>cap</figcaption>" in text
+
+
+# -- the training log ---------------------------------------------------------------------------
+
+
+def test_report_shows_the_end_of_the_training_log_as_text(tiny_run):
+    log = tiny_run / "train.log"
+    lines = log.read_text().splitlines()
+    assert [line[:12] for line in lines] == ["epoch   1/2 ", "epoch   2/2 "]
+    text = render_report(tiny_run, available=[])
+    assert "<h3>Training log</h3>" in text and f"{html.escape(lines[-1])}</pre>" in text
+    assert "train.log</span>: 2 lines" in text
+    assert text.index("Training log") < text.index("No analyses yet")  # under the run
+
+    with open(log, "a") as f:
+        f.write(f"{EVIL}\x1b[31m\n")
+        f.writelines(f"epoch {i}\n" for i in range(300))
+    text = render_report(tiny_run, available=[])
+    assert "<script" not in text.lower() and "\x1b" not in text
+    pre = text.split('<pre class="log">', 1)[1].split("</pre>", 1)[0].splitlines()
+    assert len(pre) == 200 and pre[0] == "epoch 100" and pre[-1] == "epoch 299"
+    assert "the last 200 of 303 lines" in text
+
+
+def test_report_reads_only_the_end_of_a_long_log(tiny_run, monkeypatch):
+    from explainkit import report
+
+    (tiny_run / "train.log").write_bytes(b"x" * 5000 + b"\ncaf\xe9 <b>\nlast line\n")
+    monkeypatch.setattr(report, "MAX_LOG_BYTES", 100)
+    text = render_report(tiny_run, available=[])
+    pre = text.split('<pre class="log">', 1)[1].split("</pre>", 1)[0]
+    assert pre == "caf\ufffd &lt;b&gt;\nlast line"  # the cut first line is dropped
+    assert "the last 2 lines of 5.0 KB" in text
+
+
+def test_report_of_a_run_without_a_training_log_says_so(bare_run):
+    text = render_report(bare_run, available=[])
+    assert 'This run has no <span class="file">train.log</span>' in text
+    (bare_run / "train.log").mkdir()
+    assert "train.log is not a regular file" in render_report(bare_run, available=[])

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -282,3 +283,125 @@ def test_every_random_state_round_trips_through_a_checkpoint(tmp_path):
     again = (np.random.rand(), random.random(), torch.rand(1), torch.rand(1, generator=aug))
     assert expected[:2] == again[:2]
     assert torch.equal(expected[2], again[2]) and torch.equal(expected[3], again[3])
+
+
+# -- what the history records: the objective and the plain cross-entropy --------------------
+
+
+def test_a_step_returns_the_objective_and_the_plain_cross_entropy_of_the_same_logits(tmp_path):
+    from explainkit.train.trainer import Trainer
+
+    config = TrainConfig(dataset="shapes", device="cpu", width=8, limit_train=64, limit_eval=16)
+    trainer = Trainer(config, tmp_path / "run", quiet=True)
+    x = trainer.data.augment(trainer.data.train.images[:32])
+    y = trainer.data.train.targets[:32]
+    out, loss, ce = trainer._step(x, y)
+    assert config.label_smoothing == 0.1
+    expected_loss = torch.nn.functional.cross_entropy(out.detach(), y, label_smoothing=0.1)
+    torch.testing.assert_close(loss.detach(), expected_loss)
+    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(out.detach(), y))
+    assert not ce.requires_grad and ce.device == out.device  # a tensor: no sync per step
+
+
+def test_history_has_the_objective_and_the_comparable_cross_entropies(tiny_run):
+    """train_ce is recorded beside train_loss; eval_loss is the plain cross-entropy of the
+    stored logits."""
+    with open_store(tiny_run) as store:
+        history = store.history
+        logits = torch.from_numpy(store.logits(2))
+        targets = torch.from_numpy(store.targets)
+    assert list(history)[:3] == ["epoch", "train_loss", "train_ce"]
+    assert np.isfinite(history["train_ce"]).all() and (history["train_ce"] > 0).all()
+    assert not np.array_equal(history["train_ce"], history["train_loss"])  # smoothing 0.1
+    eval_ce = torch.nn.functional.cross_entropy(logits, targets).item()
+    assert history["eval_loss"][1] == pytest.approx(eval_ce, rel=1e-5)
+
+
+def test_without_label_smoothing_the_objective_is_the_cross_entropy(tmp_path, monkeypatch):
+    from explainkit.train.trainer import Trainer
+
+    run = train_run(tmp_path / "r", epochs=1, limit_train=64, limit_eval=16, label_smoothing=0.0)
+    with open_store(run) as store:
+        history = store.history
+    assert np.array_equal(history["train_ce"], history["train_loss"])
+
+    # No .item() (a device sync) in the epoch: the sums stay on the device until it ends.
+    config = TrainConfig(dataset="shapes", device="cpu", width=8, limit_train=128, limit_eval=16)
+    trainer = Trainer(config, tmp_path / "s", quiet=True)
+    calls = []
+    original = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append(1) or original(t))
+    from explainkit.train.trainer import _StopFlag
+
+    stats = trainer.train_epoch_stats(_StopFlag())
+    assert calls == [] and set(stats) == {"train_loss", "train_ce", "train_acc", "images_per_s"}
+
+
+# -- the training log ---------------------------------------------------------------------------
+
+
+def test_train_log_holds_the_printed_lines_and_a_resume_continues_it(tmp_path):
+    out = tmp_path / "run"
+    args = ["--dataset", "shapes", "--width", "8", "--batch-size", "64", "--device", "cpu"]
+    args += ["--limit-train", "128", "--limit-eval", "32", "--cutout", "0", "--quiet"]
+    first = run_cli("train", *args, "--epochs", "1", "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    log = out / "train.log"
+    printed = [line for line in first.stderr.splitlines() if line.startswith("epoch ")]
+    assert log.read_text().splitlines() == printed and printed[0].startswith("epoch   1/1  ")
+
+    resumed = run_cli("train", "--resume", str(out), "--epochs", "2", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    lines = log.read_text().splitlines()
+    assert lines[0] == printed[0]
+    assert lines[1] == f"resuming {out} after epoch 1" and lines[1] in resumed.stderr
+    assert lines[2].startswith("epoch   2/2  train loss ") and lines[2] in resumed.stderr
+    assert len(lines) == 3 and log.read_text().endswith("\n")  # whole lines, flushed
+
+
+# -- presets -----------------------------------------------------------------------------------
+
+
+def test_the_seed_preset_is_the_seed_recipe_exactly():
+    seed = resolve_config({"preset": "seed"}, {"preset"})
+    assert (seed.crop_padding, seed.cutout, seed.image_size) == (4, 16, 32)  # crop 32 pad 4
+    assert seed.flip is False and seed.label_smoothing == 0.0
+    assert seed.ema == 0.0 and seed.tta is False
+    default = resolve_config({"preset": "default"}, {"preset"})
+    assert default.flip is True and default == TrainConfig()
+    assert resolve_config({"preset": "seed", "flip": True}, {"preset", "flip"}).flip is True
+
+
+def _doc_value(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def test_docs_training_table_says_what_each_preset_contains():
+    """docs/training.md's preset table matches config.PRESETS: a column per preset, a row for
+    every option a preset sets, and each cell the value ``--preset NAME`` resolves to."""
+    from explainkit.config import FIELDS, PRESETS
+    from tests.conftest import REPO
+
+    text = (REPO / "docs" / "training.md").read_text()
+    table = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in text.split("| option |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    ]
+    header = text.split("| option |", 1)[1].splitlines()[0].strip().strip("|").split("|")
+    presets = [cell.strip().removesuffix(" preset") for cell in header[:-1]]
+    assert sorted(presets) == sorted(PRESETS)
+    resolved = {name: resolve_config({"preset": name}, {"preset"}) for name in presets}
+    documented = set()
+    for row in table:
+        flags = re.findall(r"`--([a-z-]+)`", row[0])
+        assert flags, row
+        for flag in flags:
+            name = flag.replace("-", "_")
+            assert name in FIELDS, flag
+            documented.add(name)
+            for preset, cell in zip(presets, row[1:], strict=False):
+                assert cell == _doc_value(getattr(resolved[preset], name)), (flag, preset)
+    for values in PRESETS.values():
+        assert set(values) <= documented

@@ -1,7 +1,8 @@
 """The training loop: steps, per-epoch eval, and one safe commit of what each epoch made.
 
 Everything an epoch produces (checkpoint, logits, history) is committed atomically after the
-epoch, so a run killed at any moment can be inspected, analyzed and resumed.
+epoch, so a run killed at any moment can be inspected, analyzed and resumed. The line printed
+for each epoch is appended to ``RUN/train.log`` as well, once the epoch is committed.
 
 The parts the Trainer is made of live beside this file, one place each:
 
@@ -257,11 +258,22 @@ class Trainer:
         flag = torch.tensor(float(stop.signal is not None), device=self.device)
         return self.dist.all_reduce_sum(flag).item() > 0
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, backward, update; then the schedule and the moving average follow."""
+    def _step(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward, backward, update; then the schedule and the moving average follow.
+
+        Returns the logits, the objective (with label smoothing) and the plain cross-entropy
+        of the same logits, which is what eval loss measures (no second forward pass).
+        """
         with self._autocast():
             out = self.forward_net(x)
             loss = F.cross_entropy(out, y, label_smoothing=self.config.label_smoothing)
+        if self.config.label_smoothing:
+            with torch.no_grad():
+                ce = F.cross_entropy(out.detach().float(), y)
+        else:
+            ce = loss.detach()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -270,14 +282,26 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update()
-        return out, loss
+        return out, loss, ce
 
     def train_epoch(self, stop: _StopFlag) -> tuple[float, float, float]:
-        """One pass over this rank's share of the data: mean loss, accuracy and images/s."""
+        """One pass over this rank's share of the data: mean loss, accuracy and images/s
+        (:meth:`train_epoch_stats` has the plain cross-entropy too)."""
+        stats = self.train_epoch_stats(stop)
+        return stats["train_loss"], stats["train_acc"], stats["images_per_s"]
+
+    def train_epoch_stats(self, stop: _StopFlag) -> dict[str, float]:
+        """One pass over this rank's share of the data, as history columns (all ranks):
+        ``train_loss`` (the mean objective, label smoothing included), ``train_ce`` (the
+        mean plain cross-entropy of the same logits), ``train_acc`` and ``images_per_s``.
+
+        The sums stay on the device until the epoch ends, so no step waits for a number.
+        """
         self.net.train()
         perm = self.dist.shard(self.data.epoch_order()).to(self.device)
         bs = self.config.batch_size
         loss_sum = torch.zeros((), device=self.device)
+        ce_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
         bar = self._progress(self.steps_per_epoch, f"epoch {self.epoch + 1}")
@@ -294,22 +318,30 @@ class Trainer:
             idx = perm[step * bs : (step + 1) * bs]
             x = self.data.augment(self.data.train.images[idx])
             y = self.data.train.targets[idx]
-            out, loss = self._step(x, y)
+            out, loss, ce = self._step(x, y)
             n = len(y)
             seen += n
             loss_sum += loss.detach() * n
+            ce_sum += ce * n
             correct += (out.detach().argmax(1) == y).sum()
             if bar is not None:
                 self._show_progress(bar, step, loss_sum, correct, seen, start)
         if bar is not None:
             bar.close()
-        totals = self.dist.all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype)]))
+        sums = torch.stack([loss_sum, ce_sum, correct.to(loss_sum.dtype)])
+        totals = self.dist.all_reduce_sum(sums)
         seen_all = self.dist.all_reduce_sum(torch.tensor(float(seen), device=self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         total_seen = float(seen_all)
-        return float(totals[0]) / total_seen, float(totals[1]) / total_seen, total_seen / seconds
+        loss_mean, ce_mean, acc = (float(v) / total_seen for v in totals.cpu())
+        return {
+            "train_loss": loss_mean,
+            "train_ce": ce_mean,
+            "train_acc": acc,
+            "images_per_s": total_seen / seconds,
+        }
 
     @torch.inference_mode()
     def evaluate(self) -> tuple[np.ndarray, float, float]:
@@ -363,28 +395,34 @@ class Trainer:
             )
 
     def _log_epoch(self, row: dict[str, float]) -> None:
+        self.log(
+            f"epoch {self.epoch:>3}/{self.config.epochs}  "
+            f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:5.2f}%  "
+            f"eval loss {row['eval_loss']:.4f} acc {100 * row['eval_acc']:5.2f}%  "
+            f"lr {row['lr']:.4f}  {row['seconds']:6.1f}s  {row['images_per_s']:7.0f} img/s"
+        )
+
+    def log(self, line: str) -> None:
+        """Print ``line`` to stderr and append it to the run's training log (rank 0 only)."""
         if self.is_main:
-            print(
-                f"epoch {self.epoch:>3}/{self.config.epochs}  "
-                f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:5.2f}%  "
-                f"eval loss {row['eval_loss']:.4f} acc {100 * row['eval_acc']:5.2f}%  "
-                f"lr {row['lr']:.4f}  {row['seconds']:6.1f}s  {row['images_per_s']:7.0f} img/s",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(line, file=sys.stderr, flush=True)
+            append_log(self.rundir, line)
 
     def _saved_epochs(self) -> str:
         if self.epoch == 0:
             return "no epoch was finished yet"
         return f"epochs 1..{self.epoch} are saved"
 
-    def _refuse_non_finite(self, train_loss: float, eval_loss: float, logits: np.ndarray) -> None:
+    def _refuse_non_finite(
+        self, train: dict[str, float], eval_loss: float, logits: np.ndarray
+    ) -> None:
         """Stop before committing an epoch whose numbers are NaN or infinite: the run stays
         at its last good epoch instead of storing nonsense (checked once per epoch, on the
         epoch's sums, so the loop never waits on the device for it)."""
-        if math.isfinite(train_loss) and math.isfinite(eval_loss) and np.isfinite(logits).all():
+        train_ok = math.isfinite(train["train_loss"]) and math.isfinite(train["train_ce"])
+        if train_ok and math.isfinite(eval_loss) and np.isfinite(logits).all():
             return
-        what = "training loss" if not math.isfinite(train_loss) else "evaluation"
+        what = "training loss" if not train_ok else "evaluation"
         raise TrainingDiverged(
             f"epoch {self.epoch + 1} produced a non-finite {what} (NaN or infinity) and was "
             f"not saved; {self._saved_epochs()}; train again with a lower --lr"
@@ -395,20 +433,18 @@ class Trainer:
         with _StopFlag() as stop:
             while self.epoch < self.config.epochs:
                 start = time.perf_counter()
-                train_loss, train_acc, images_per_s = self.train_epoch(stop)
+                train = self.train_epoch_stats(stop)
                 lr = self.last_lr
                 logits, eval_loss, eval_acc = self.evaluate()
-                self._refuse_non_finite(train_loss, eval_loss, logits)
+                self._refuse_non_finite(train, eval_loss, logits)
                 self.epoch += 1
                 row = {
                     "epoch": self.epoch,
-                    "train_loss": train_loss,
-                    "train_acc": train_acc,
-                    "eval_loss": eval_loss,
+                    **train,
+                    "eval_loss": eval_loss,  # plain cross-entropy of the stored logits
                     "eval_acc": eval_acc,
                     "lr": lr,
                     "seconds": time.perf_counter() - start,
-                    "images_per_s": images_per_s,
                 }
                 self.commit_epoch(logits, row, eval_acc)
                 self._log_epoch(row)
@@ -418,6 +454,20 @@ class Trainer:
                         f"training stopped by signal {stop.signal} after epoch {self.epoch}; "
                         f"continue with: explainkit train --resume {self.run_dir}"
                     )
+
+
+def append_log(run: RunDir, line: str) -> None:
+    """Append one line to ``RUN/train.log`` and flush it: the file grows by whole lines, a
+    resumed run continues it, and ``--overwrite`` removes it with the run's other files."""
+    try:
+        with open(run.log_path, "a", encoding="utf-8", errors="replace") as f:
+            f.write(line + "\n")
+            f.flush()
+    except OSError as e:
+        raise RunError(
+            f"cannot write {run.log_path}: {e.strerror or e}; free some disk space and resume "
+            f"with: explainkit train --resume {run.path}"
+        ) from e
 
 
 def _claim_run(
@@ -460,8 +510,8 @@ def _start(trainer: Trainer, config: TrainConfig, run: RunDir, resume: bool) -> 
         else:
             create_empty_store(trainer, config, run)
     trainer.dist.barrier()
-    if resumed and trainer.is_main:
-        print(f"resuming {run.path} after epoch {trainer.epoch}", file=sys.stderr)
+    if resumed:
+        trainer.log(f"resuming {run.path} after epoch {trainer.epoch}")
 
 
 def train(
