@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +237,8 @@ class RunResources(Protocol):
 
     def model(self, epoch: int) -> torch.nn.Module: ...
 
+    def say(self, line: str) -> None: ...
+
 
 @dataclass
 class AnalysisContext:
@@ -302,6 +303,16 @@ class AnalysisContext:
         """
         return self.resources.model(self.epoch if epoch is None else epoch)
 
+    def say(self, line: str) -> None:
+        """Tell the user something now (stderr on the CLI), e.g. an estimate before long work."""
+        self.resources.say(f"{self.analyzer_name}: {line}")
+
+    def estimate(self, what: str, seconds: float, hint: str = "") -> None:
+        """Say how long ``what`` will take, before it starts (``about 3 min``)."""
+        from explainkit.progress import duration
+
+        self.say(f"{what}: about {duration(seconds)}{f' ({hint})' if hint else ''}")
+
     def target_layer(self, requested: str | None = None, model: Any = None) -> str:
         """The layer a layer-based method explains, checked to be a module of the model.
 
@@ -365,11 +376,11 @@ class AnalysisContext:
     def progress(
         self, iterable: Iterable[Any], desc: str | None = None, total: int | None = None
     ) -> Iterable[Any]:
-        """Wrap ``iterable`` in a progress bar on stderr, silent when stderr is not a TTY."""
-        from tqdm.auto import tqdm
+        """Wrap ``iterable`` in a progress bar (terminal or notebook) with throughput and ETA."""
+        from explainkit.progress import progress
 
         label = f"{self.analyzer_name}: {desc}" if desc else self.analyzer_name
-        return tqdm(iterable, desc=label, total=total, leave=False, disable=not sys.stderr.isatty())
+        return progress(iterable, desc=label, total=total)
 
     def normalize(self, images: Any) -> torch.Tensor:
         """uint8 NHWC images (tensor or array) -> normalized float NCHW on the device."""

@@ -422,6 +422,7 @@ def analyze_command(
         options=given,
         pm=pm,
         echo=lambda line: click.echo(line, err=True),
+        collect_failures=True,
     )
     if not manifests:
         raise click.ClickException(f"no analyzer can run on {run}; see the skipped lines above")

@@ -628,3 +628,14 @@ def build_report(
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, text.encode("utf-8", "replace"), RunError)
     return target
+
+
+def render_analyses(run_dir: str | os.PathLike[str], manifests: Iterable[dict]) -> str:
+    """HTML of some analyses with their images embedded: what a notebook cell shows for the
+    result of :func:`explainkit.analyze` (the same sections as the report, without the page)."""
+    run = RunDir(run_dir)
+    sections = [
+        _analysis({**m, "_name": m["analyzer"], "_dir": run.analysis(m["analyzer"])})
+        for m in manifests
+    ]
+    return environment().get_template("analyses.html").render(analyses=sections)

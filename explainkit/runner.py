@@ -43,19 +43,57 @@ if TYPE_CHECKING:  # pragma: no cover
     from explainkit.manager import AnalyzerEntry, ExplainkitPluginManager
     from explainkit.store import StoreReader
 
-__all__ = ["analyze", "split_options", "unmet_needs"]
+__all__ = ["AnalysisFailed", "Results", "analyze", "split_options", "unmet_needs"]
 
 FAILED_MANIFEST = "failed.json"
 assert RunDir.MANIFEST in RESERVED_NAMES and FAILED_MANIFEST in RESERVED_NAMES
 
 
+class Results(list):
+    """The manifests of one ``analyze`` call, as a list of dicts.
+
+    In a notebook the list shows itself: each analysis with its figures and tables, as the
+    report would show them (``_repr_html_``).
+    """
+
+    def __init__(self, run_dir: Path, manifests: Iterable[dict] = ()) -> None:
+        super().__init__(manifests)
+        self.run_dir = run_dir
+
+    def _repr_html_(self) -> str:
+        from explainkit.report import render_analyses
+
+        return render_analyses(self.run_dir, self)
+
+
+class AnalysisFailed(AnalyzerError):
+    """An analyzer failed in ``analyze(collect_failures=False)``; ``results`` has every
+    manifest, the failed ones with their error and traceback."""
+
+    def __init__(self, results: Results) -> None:
+        failed = [m for m in results if m["status"] != "ok"]
+        what = "; ".join(f"{m['analyzer']}: {m['error']}" for m in failed)
+        super().__init__(
+            f"{len(failed)} of {len(results)} analyzers failed ({what}); pass "
+            "collect_failures=True to get their manifests instead"
+        )
+        self.results = results
+
+
 class _SharedRun:
     """What all analyzers of one ``analyze`` call share: config, store, models (all lazy)."""
 
-    def __init__(self, run: RunDir, device: Any, plugin_manager: Any = None) -> None:
+    def __init__(
+        self,
+        run: RunDir,
+        device: Any,
+        plugin_manager: Any = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
         self.run = run
         self.device_name = device
         self.plugin_manager = plugin_manager
+        self.say = say or (lambda line: None)
         self._device: Any = None
         self._config: dict | None = None
         self._store: StoreReader | None = None
@@ -163,8 +201,9 @@ def analyze(
     pm: ExplainkitPluginManager | None = None,
     plugins_dir: str | os.PathLike[str] | None = None,
     echo: Callable[[str], None] | None = None,
+    collect_failures: bool = False,
     **kw_options: Any,
-) -> list[dict]:
+) -> Results:
     """Run analyzers on a run directory and return their manifests (sorted by ``order``).
 
     Args:
@@ -178,17 +217,22 @@ def analyze(
         pm: Plugin manager (default: the cached ``load_plugins(plugins_dir)``).
         plugins_dir: Folder of plugin modules, when ``pm`` is not given.
         echo: Receives one status line per analyzer and warnings (default: ``warnings``).
+        collect_failures: Return a failed analyzer's manifest (``status == "failed"``) instead
+            of raising; the other analyzers run either way.
         **kw_options: More options, like ``gradcam_layer="layer3"``.
 
     Returns:
-        One manifest dict per analyzer run, as written to ``analyses/<name>/manifest.json``.
-        A failed analyzer has ``status == "failed"`` and an ``error`` sentence; the others
-        still run.
+        One manifest dict per analyzer run, as written to ``analyses/<name>/manifest.json``,
+        in a list that a notebook shows as figures and tables (:class:`Results`).
+        With ``collect_failures``, a failed analyzer has ``status == "failed"`` and an
+        ``error`` sentence.
 
     Raises:
         RunError: The run directory is missing or not a run, or the epoch is not in it.
         PluginError: An unknown analyzer name.
         AnalyzerError: An unknown option or invalid option value.
+        AnalysisFailed: An analyzer failed (after all of them ran), unless
+            ``collect_failures``.
     """
     from explainkit.manager import get_analyzers, load_plugins
 
@@ -211,7 +255,7 @@ def analyze(
         if name not in entries:
             raise PluginError(unknown_name_message("analyzer", name, list(entries)))
 
-    shared = _SharedRun(rundir, device, pm)
+    shared = _SharedRun(rundir, device, pm, say)
     try:
         store = shared.store if rundir.has_store else None
         epoch = _resolve_epoch(store, epoch, rundir)
@@ -230,7 +274,7 @@ def analyze(
         todo.sort(key=lambda t: (t[1].order, t[0]))
         if todo:
             shared.device  # noqa: B018 - fail early on an unusable device, before any run
-        manifests = []
+        manifests = Results(rundir.path)
         for name, cls, reasons in todo:
             context = _new_context(shared, name, epoch, batch_size, seed)
             manifest = _run_one(cls, context, reasons, per_analyzer.get(name, {}))
@@ -241,6 +285,8 @@ def analyze(
                 say(f"ok      {name}: {n} file(s) in {where} ({manifest['seconds']:.1f} s)")
             else:
                 say(f"failed  {name}: {manifest['error']}")
+        if not collect_failures and any(m["status"] != "ok" for m in manifests):
+            raise AnalysisFailed(manifests)
         return manifests
     finally:
         shared.close()

@@ -8,6 +8,7 @@ against the epoch. Maps explain the *true* class, so every epoch answers the sam
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,7 +167,15 @@ def _explain_epochs(
     gen = torch.Generator().manual_seed(context.seed)
     grid_maps, grid_probs = [], []
     per_epoch: dict[int, dict[str, Any]] = {}
-    for epoch in context.progress(list(checkpoints), desc="epochs"):
+    started = time.perf_counter()
+    for i, epoch in enumerate(context.progress(list(checkpoints), desc="epochs")):
+        if i == 1 and len(checkpoints) > 2:  # timed on the first epoch, said before the rest
+            n = len(inputs.metric_t)
+            context.estimate(
+                f"{len(checkpoints)} saved epochs, {n} images each",
+                (time.perf_counter() - started) * (len(checkpoints) - 1),
+                "--evolution-metric-count sets how many images",
+            )
         model = load_model(checkpoints[epoch], device=context.device)
         for p in model.parameters():
             p.requires_grad_(False)

@@ -162,8 +162,13 @@ def _write_gallery(
         )
         caption = f"no mistakes{scope} to show at epoch {m.epoch}"
     figures.save_figure(fig, out / "gallery.png")
+    header = ["index", "source", "true", "predicted", "confidence"]
+    tables.write_csv(out / "gallery.csv", header, [[item[h] for h in header] for item in items])
     return [
         context.artifact("gallery.png", "Misclassified images", "image", caption),
+        context.artifact(
+            "gallery.csv", "Shown images", "table", "In display order; source: the image's file."
+        ),
         context.artifact(
             "gallery.json", "Gallery selection", "json", "Shown images, in display order."
         ),

@@ -113,7 +113,8 @@ class GradCAMAnalyzer(Analyzer):
         maps = _write_maps(context, model, layer, method, target_arg, dtype, path, attributes)
         labels = context.store.targets
         chosen = _choose_shown(context, labels, maps.predicted, count, select)
-        items = _shown_items(chosen, labels, maps, context.classes)
+        sources = context.store.sources(chosen)
+        items = _shown_items(chosen, labels, maps, context.classes, sources)
         summary = _summary(context, layer, method, target, select, dtype, maps, items)
         _write_json(context, summary)
         figure_caption = _write_figure(context, path, chosen, items, cmap, alpha, summary)
@@ -222,17 +223,20 @@ def _choose_shown(
     return select_right_and_wrong(labels, predicted, count, select, context.rng)
 
 
-def _shown_items(chosen: Any, labels: Any, maps: _Maps, classes: list[str]) -> list[dict]:
+def _shown_items(
+    chosen: Any, labels: Any, maps: _Maps, classes: list[str], sources: list[str]
+) -> list[dict]:
     return [
         {
             "index": int(i),
+            "source": source,  # the user's own file (folder datasets), else dataset #index
             "true": classes[labels[i]],
             "predicted": classes[maps.predicted[i]],
             "target": classes[maps.targets[i]],
             "model_predicted": classes[maps.model_predicted[i]],
             "correct": bool(labels[i] == maps.predicted[i]),
         }
-        for i in chosen
+        for i, source in zip(chosen, sources, strict=True)
     ]
 
 
@@ -268,10 +272,16 @@ def _summary(
     }
 
 
+SHOWN_HEADER = ("index", "source", "true", "predicted", "target", "model_predicted", "correct")
+
+
 def _write_json(context: AnalysisContext, summary: dict) -> None:
-    from explainkit.tables import write_json
+    """gradcam.json (everything) and shown.csv (the figure's images, naming their files)."""
+    from explainkit.tables import write_csv, write_json
 
     write_json(context.output_dir / "gradcam.json", summary)
+    rows = [[item[h] for h in SHOWN_HEADER] for item in summary["shown"]]
+    write_csv(context.output_dir / "shown.csv", SHOWN_HEADER, rows)
 
 
 def _write_figure(
@@ -340,6 +350,13 @@ def _artifacts(context: AnalysisContext, summary: dict, figure_caption: str) -> 
     rate = f", {summary['images_per_s']:.0f} images/s" if summary["images_per_s"] else ""
     return [
         context.artifact("gradcam.png", f"{label} examples", "image", figure_caption),
+        context.artifact(
+            "shown.csv",
+            "Images in the figure",
+            "table",
+            "source: the image's file; target: the class its map explains; model_predicted: "
+            "what the explained forward pass alone predicts.",
+        ),
         context.artifact(
             "attributions.h5",
             f"{label} maps of all eval images",

@@ -108,7 +108,7 @@ class QualityAnalyzer(Analyzer):
         layer = context.target_layer(layer, model)
         fns = _attribution_fns(names, layer, context.seed)
         sample = _load_sample(context, count, target)
-        maps, curves = _faithfulness(context, model, sample, fns, steps, baseline)
+        maps, curves = _faithfulness(context, model, sample, fns, steps, baseline, sanity)
         scores = _per_image_scores(maps, curves, sample.masks)
         verdicts = None
         if sanity:
@@ -159,9 +159,18 @@ def _load_sample(context: AnalysisContext, count: int, target: str) -> _Sample:
 
 
 def _faithfulness(
-    context: AnalysisContext, model: Any, sample: _Sample, fns: dict, steps: int, baseline: str
+    context: AnalysisContext,
+    model: Any,
+    sample: _Sample,
+    fns: dict,
+    steps: int,
+    baseline: str,
+    sanity: bool,
 ) -> tuple[dict, dict]:
-    """Each method's maps and its deletion/insertion curves."""
+    """Each method's maps and its deletion/insertion curves; after the first method, says how
+    long the rest will take (timed on it, so the estimate is this machine's)."""
+    import time
+
     import torch
 
     from explainkit.explain.attribution import attribute
@@ -170,13 +179,40 @@ def _faithfulness(
     bs = context.batch_size
     gen = torch.Generator().manual_seed(context.seed)
     maps, curves = {}, {}
-    for name in context.progress(list(fns), desc="deletion/insertion"):
+    for i, name in enumerate(context.progress(list(fns), desc="deletion/insertion")):
+        start = time.perf_counter()
         maps[name] = attribute(fns[name], model, sample.images, sample.targets, bs)
+        mapped = time.perf_counter()
         curves[name] = perturbation_curves(
             model, sample.images, maps[name], sample.targets, steps=steps, baseline=baseline,
             max_batch=8 * bs, generator=gen,
         )  # fmt: skip
+        if i == 0 and len(fns) > 1:
+            done = time.perf_counter()
+            _announce(context, sample, len(fns), sanity, mapped - start, done - start)
     return maps, curves
+
+
+def _announce(
+    context: AnalysisContext,
+    sample: _Sample,
+    methods: int,
+    sanity: bool,
+    map_seconds: float,
+    seconds: float,
+) -> None:
+    """Say the sample size and how long the rest takes (from the first method's time)."""
+    from explainkit.explain.metrics import DEFAULT_CASCADE
+
+    n, total = len(sample.indices), context.store.num_images
+    redo = len(DEFAULT_CASCADE) if sanity else 0  # the sanity check redoes every method's maps
+    rest = (methods - 1) * seconds + methods * redo * map_seconds
+    sampled = f"{n} of {total} eval images" + (" (a seeded sample)" if n < total else "")
+    context.estimate(
+        f"{sampled}: the other {methods - 1} methods" + (" and the sanity check" if redo else ""),
+        rest,
+        "timed on the first method; --quality-count sets how many images",
+    )
 
 
 def _per_image_scores(maps: dict, curves: dict, masks: Any) -> dict[tuple[str, str], Any]:

@@ -147,7 +147,7 @@ def test_analyze_default_epoch_is_best_and_epoch_is_checked(tiny_run, pm):
 
 
 def test_analyze_failure_does_not_stop_others(tiny_run, pm):
-    manifests = analyze(tiny_run, ["ek_writes", "ek_fails"], pm=pm)
+    manifests = analyze(tiny_run, ["ek_writes", "ek_fails"], pm=pm, collect_failures=True)
     assert [m["analyzer"] for m in manifests] == ["ek_fails", "ek_writes"]  # by order
     failed, ok = manifests
     assert failed["status"] == "failed"
@@ -168,7 +168,7 @@ def test_failed_rerun_keeps_previous_good_result(tiny_run, pm):
 
     pm2 = manager.get_plugin_manager(entrypoints=False, defaults=False, quiet=True)
     pm2.register(AnalyzersPlugin(Broken), name="undo-broken")
-    (m,) = analyze(tiny_run, ["ek_writes"], pm=pm2)
+    (m,) = analyze(tiny_run, ["ek_writes"], pm=pm2, collect_failures=True)
     assert m["status"] == "failed" and m["error"] == "cannot do it; try again"
     folder = tiny_run / "analyses" / "ek_writes"
     assert read_manifest(tiny_run, "ek_writes")["status"] == "ok"
@@ -193,14 +193,16 @@ def test_analyze_replaces_result_and_removes_stale_temp_folders(tiny_run, pm):
 
 def test_analyze_auto_selection_skips_unmet_needs(tiny_run, pm):
     lines = []
-    manifests = analyze(tiny_run, pm=pm, echo=lines.append)
+    manifests = analyze(tiny_run, pm=pm, echo=lines.append, collect_failures=True)
     names = [m["analyzer"] for m in manifests]
     assert names == ["ek_fails", "ek_writes", "ek_model"]
     assert any(
         line.startswith("skipped ek_needs_pkg: needs the package 'ek_no_such_package_xyz'")
         for line in lines
     )
-    (m,) = analyze(tiny_run, ["ek_needs_pkg"], pm=pm)  # asked for by name: a clear failure
+    (m,) = analyze(
+        tiny_run, ["ek_needs_pkg"], pm=pm, collect_failures=True
+    )  # asked for by name: a clear failure
     assert m["status"] == "failed" and "ek_no_such_package_xyz" in m["error"]
 
 
@@ -217,7 +219,7 @@ def test_analyze_context_model_and_generators(tiny_run, pm):
 
 def test_analyze_checkpoint_need_checks_the_epoch(tiny_run, pm):
     (tiny_run / "checkpoints" / "epoch_001.pt").unlink()
-    (m,) = analyze(tiny_run, ["ek_model"], pm=pm, epoch=1)
+    (m,) = analyze(tiny_run, ["ek_model"], pm=pm, epoch=1, collect_failures=True)
     assert m["status"] == "failed"
     assert "checkpoint of epoch 1 (saved epochs: 2)" in m["error"]
 
@@ -238,7 +240,7 @@ def test_analyze_rejects_bad_options(tiny_run, pm, options, message):
 
 def test_analyze_warns_about_options_of_unselected_analyzers(tiny_run, pm):
     with pytest.warns(UserWarning, match="--ek-writes-value ignored: analyzer ek_writes"):
-        analyze(tiny_run, ["ek_fails"], pm=pm, ek_writes_value=2)
+        analyze(tiny_run, ["ek_fails"], pm=pm, ek_writes_value=2, collect_failures=True)
 
 
 def test_analyze_unknown_analyzer_and_bad_run(tiny_run, pm, tmp_path):
@@ -269,7 +271,7 @@ def test_analyze_missing_artifact_file_fails(tiny_run, pm):
             return [context.artifact("never.png", "Never", "image")]
 
     pm.register(AnalyzersPlugin(Lies), name="undo-lies")
-    (m,) = analyze(tiny_run, ["ek_lies"], pm=pm)
+    (m,) = analyze(tiny_run, ["ek_lies"], pm=pm, collect_failures=True)
     assert m["status"] == "failed" and "did not write it" in m["error"]
 
 
@@ -403,3 +405,59 @@ def test_cli_analyze_in_subprocess_with_env_plugins_dir(tiny_run, plugdir):
     )
     assert result.returncode == 0, result.stderr
     assert (tiny_run / "analyses" / "ek_okay" / "lines.txt").is_file()
+
+
+def test_analyze_results_show_their_figures_in_a_notebook(tiny_run):
+    results = analyze(tiny_run, plugins=["losses", "gallery"], device="cpu")
+    assert [m["analyzer"] for m in results] == ["losses", "gallery"]  # still plain manifests
+    html = results._repr_html_()
+    assert html.count('<img src="data:image/png;base64,') >= 3  # curves, gallery, confusion
+    assert "Misclassified images" in html and "<table>" in html
+
+
+def test_cam_results_show_a_grid_of_image_heatmap_overlay(tiny_run):
+    import numpy as np
+    import torch
+
+    from explainkit.explain.gradcam import compute_cam
+    from explainkit.store import open_store
+    from explainkit.train.checkpoint import load_model
+
+    model = load_model(tiny_run)
+    with open_store(tiny_run) as store:
+        images = store.images(np.arange(3))
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (store.mean, store.std))
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    figure = compute_cam(model, x, "layer3").show(images)
+    width, height = figure.get_size_inches() * figure.dpi
+    assert width > 3 * 32 and height > 3 * 32  # three tiles of image | heatmap | overlay
+
+
+def test_progress_bars_show_in_a_terminal_or_a_notebook_only(monkeypatch):
+    import sys
+
+    from explainkit.progress import showing_progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    assert not showing_progress()  # a log file or CI
+    monkeypatch.setitem(sys.modules, "ipykernel", sys)  # a Jupyter kernel is running us
+    assert showing_progress()
+
+
+def test_analyze_from_python_raises_when_an_analyzer_failed(tiny_run, pm):
+    from explainkit.runner import AnalysisFailed
+
+    with pytest.raises(AnalysisFailed, match="ek_fails: ValueError: boom on purpose") as info:
+        analyze(tiny_run, ["ek_writes", "ek_fails"], pm=pm)
+    statuses = {m["analyzer"]: m["status"] for m in info.value.results}
+    assert statuses == {"ek_writes": "ok", "ek_fails": "failed"}  # the others still ran
+
+
+def test_analyze_shows_its_real_parameters_in_help():
+    import inspect
+
+    import explainkit
+
+    params = inspect.signature(explainkit.analyze).parameters
+    assert {"epoch", "device", "plugins_dir", "collect_failures"} <= set(params)

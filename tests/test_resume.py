@@ -50,6 +50,7 @@ def assert_same_as(reference, run):
     assert state["ema_updates"] == ref_state["ema_updates"]
     assert np.array_equal(logits, ref_logits)
     assert np.array_equal(history["train_loss"], ref_history["train_loss"])
+    assert np.array_equal(history["train_ce"], ref_history["train_ce"])
 
 
 @pytest.mark.parametrize(

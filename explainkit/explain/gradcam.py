@@ -73,6 +73,33 @@ class CAMResult:
         """Move every tensor, e.g. to the CPU before saving."""
         return CAMResult(*(getattr(self, f).to(device) for f in _FIELDS))
 
+    def show(
+        self,
+        images: Any,
+        captions: Sequence[str] | None = None,
+        colormap: str = "turbo",
+        alpha: float = 0.5,
+    ) -> Any:
+        """A figure of each image | heatmap | overlay; a notebook displays it inline.
+
+        Args:
+            images: The explained images as uint8 (N, H, W, 3), a numpy array or a tensor
+                (un-normalized: what a person sees).
+            captions: One line per image (default: the predicted and explained class ids).
+            colormap: A matplotlib colormap name.
+            alpha: Heatmap opacity in the overlay.
+        """
+        import numpy as np
+
+        from explainkit.figures import cam_grid, get_colormap
+
+        pixels = images.cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+        if captions is None:
+            pairs = zip(self.predicted.tolist(), self.targets.tolist(), strict=True)
+            captions = [f"predicted {p}, map of {t}" for p, t in pairs]
+        maps = self.maps.detach().float().cpu().numpy()
+        return cam_grid(pixels, maps, captions, get_colormap(colormap), alpha)
+
     @staticmethod
     def cat(results: Sequence[CAMResult]) -> CAMResult:
         """Join batch results along the image dimension."""

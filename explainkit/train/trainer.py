@@ -371,11 +371,11 @@ class Trainer:
 
     # -- progress and log lines ------------------------------------------------------------
     def _progress(self, total: int, desc: str) -> Any:
-        if self.quiet or not self.is_main or not sys.stderr.isatty():
-            return None
-        from tqdm import tqdm
+        from explainkit.progress import progress, showing_progress
 
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        if self.quiet or not self.is_main or not showing_progress():
+            return None
+        return progress(total=total, desc=desc, unit="step")
 
     def _show_progress(
         self,

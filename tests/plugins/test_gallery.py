@@ -108,7 +108,7 @@ def train_folder_run(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def run_one(run: Path, name: str, **options) -> dict:
-    (manifest,) = analyze(run, plugins=[name], device="cpu", **options)
+    (manifest,) = analyze(run, plugins=[name], device="cpu", collect_failures=True, **options)
     return manifest
 
 

@@ -20,7 +20,9 @@ from tests.conftest import run_cli
 
 
 def run_gradcam(run: Path, **options) -> dict:
-    (manifest,) = analyze(run, plugins=["gradcam"], device="cpu", batch_size=24, **options)
+    (manifest,) = analyze(
+        run, plugins=["gradcam"], device="cpu", batch_size=24, collect_failures=True, **options
+    )
     return manifest
 
 
@@ -94,6 +96,7 @@ def test_analyzer_gradcam_maps_whole_eval_set_match_captum(tiny_run):
     check_png(tiny_run / "analyses" / "gradcam" / "gradcam.png")
     assert {a["path"] for a in manifest["artifacts"]} == {
         "gradcam.png",
+        "shown.csv",
         "attributions.h5",
         "gradcam.json",
     }
@@ -235,3 +238,36 @@ def test_gradcam_gallery_and_confusion_agree_on_every_image(tiny_run):
     summary = json.loads((out / "gradcam" / "gradcam.json").read_text())
     alone = data["model_predicted"]
     assert summary["num_model_disagrees"] == int((alone != recorded).sum())
+
+
+def test_gradcam_and_gallery_tables_name_the_users_own_files(tmp_path):
+    """A folder dataset: the tables give each shown image's file, not a position."""
+    import csv
+
+    from PIL import Image
+
+    from tests.conftest import run_cli
+
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(16):
+            pixels = rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / cls / f"{cls} photo {i}.png")
+    run = tmp_path / "run"
+    trained = run_cli(
+        "train", "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--width", "8",
+        "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(run),
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    result = run_cli("analyze", str(run), "--plugin", "gradcam", "--plugin", "gallery",
+                     "--gradcam-count", "4", "--device", "cpu")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for table in ("gradcam/shown.csv", "gallery/gallery.csv"):
+        with open(run / "analyses" / table, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            folder, name = row["source"].split("/")
+            assert folder in ("cats", "dogs") and name.endswith(".png") and "photo" in name
+            assert (tmp_path / "data" / row["source"]).is_file()
+            assert row["true"] == folder

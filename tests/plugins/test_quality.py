@@ -15,7 +15,7 @@ from .test_gallery import check_png, make_run
 
 
 def run_one(run: Path, name: str, **options) -> dict:
-    (manifest,) = analyze(run, plugins=[name], device="cpu", **options)
+    (manifest,) = analyze(run, plugins=[name], device="cpu", collect_failures=True, **options)
     return manifest
 
 
@@ -119,3 +119,17 @@ def test_quality_needs_a_checkpoint(tmp_path, tiny_run_master):
     run = make_run(tmp_path / "run", tiny_run_master, num_classes=4, epochs=1)
     manifest = run_one(run, "quality")
     assert manifest["status"] == "failed" and "checkpoint" in manifest["error"]
+
+
+def test_quality_says_its_sample_and_an_estimate_before_the_long_part(tiny_run):
+    from tests.conftest import run_cli
+
+    result = run_cli(
+        "analyze", str(tiny_run), "--plugin", "quality", "--quality-count", "40",
+        "--quality-methods", "gradcam,random", "--no-quality-sanity", "--device", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if "about" in ln]
+    assert line.startswith("quality: 40 of 64 eval images (a seeded sample): the other 1 methods")
+    assert "--quality-count" in line
+    assert result.stderr.index(line) < result.stderr.index("ok      quality")
