@@ -91,6 +91,17 @@ def _write_files(context: AnalysisContext, summary: Any, label: str) -> None:
         },
     )
     (out / "model_summary.txt").write_text(format_table(summary))
+    t = summary.totals
+    totals = [
+        ["total parameters", t["total_params"]],
+        ["trainable parameters", t["trainable_params"]],
+        ["non-trainable parameters", t["non_trainable_params"]],
+        ["input size (MB)", round(t["input_size_mb"], 2)],
+        ["forward/backward pass size (MB)", round(t["forward_backward_pass_size_mb"], 2)],
+        ["parameters size (MB)", round(t["params_size_mb"], 2)],
+        ["estimated total size (MB)", round(t["estimated_total_size_mb"], 2)],
+    ]
+    tables.write_csv(out / "model_totals.csv", ["quantity", "value"], totals)
 
 
 def _shape_cell(shape: list[int]) -> str:
@@ -115,8 +126,9 @@ def _artifacts(context: AnalysisContext, summary: Any, label: str) -> list[dict]
         "(MB = 2^20 bytes, float32). The text table is model_summary.txt."
     )
     return [
+        context.artifact("model_totals.csv", "Model totals", "table", totals),
         context.artifact("model_summary.csv", "Model summary", "table", caption),
-        context.artifact("model_summary.json", "Model summary totals", "json", totals),
+        context.artifact("model_summary.json", "Model summary (all data)", "json", totals),
     ]
 
 

@@ -191,7 +191,11 @@ def check_outputs(run: Path, manifest: dict) -> dict:
     assert data["totals"]["trainable_params"] == total  # though the host froze the model
     assert data["input_shape"] == [c, h, w] and len(data["rows"]) == len(rows)
     assert f"Total params: {total:,}" in (folder / "model_summary.txt").read_text()
-    csv_artifact, json_artifact = manifest["artifacts"]
+    totals_artifact, csv_artifact, json_artifact = manifest["artifacts"]
+    assert totals_artifact["path"] == "model_totals.csv" and totals_artifact["kind"] == "table"
+    totals = {r["quantity"]: r["value"] for r in read_csv(folder / "model_totals.csv")}
+    assert int(totals["total parameters"]) == total
+    assert int(totals["trainable parameters"]) == total
     assert csv_artifact["path"] == "model_summary.csv" and csv_artifact["kind"] == "table"
     assert json_artifact["path"] == "model_summary.json" and json_artifact["kind"] == "json"
     assert f"{total:,} parameters" in csv_artifact["caption"]
