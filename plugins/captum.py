@@ -6,6 +6,11 @@ the maps are and the time per image of each. (2) Side by side: a few images expl
 several methods (run through :mod:`explainkit.explain.attribution`, so each is reduced to a
 map by its one rule), with the pairwise Spearman rank correlations of their maps and each
 method's time per image.
+
+A transformer's token layer (N, tokens, C), which the native engine views as a grid of
+patches (``reshape="auto"``), is something Captum's layer methods cannot turn into maps: the
+agreement check is skipped and Guided Grad-CAM is left out of the side by side, each said in
+a sentence; the pixel methods and the native Grad-CAM column still run.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ __all__ = ["CaptumAnalyzer"]
 SIDE_BY_SIDE = ("gradcam", *CAPTUM_METHODS)  # what the figure can show
 DEFAULT_METHODS = "gradcam,integrated_gradients,saliency,guided_gradcam,occlusion"
 MAP_CMAP = "inferno"
+TOKEN_SKIP = "captum's LayerGradCam cannot compare a token layer; the agreement check is skipped"
+TOKEN_LEFT_OUT = (
+    "captum's GuidedGradCam cannot explain a token layer; {names} is left out of the side by side"
+)
 
 
 def _title(name: str) -> str:
@@ -120,9 +129,11 @@ class CaptumAnalyzer(Analyzer):
             # Captum warns that it sets requires_grad on inputs and hooks on ReLUs: expected.
             warnings.filterwarnings("ignore", module=r"captum\.")
             agreement = _agreement(context, model, layer, target_arg, limit)
+            chosen, left_out = _runnable(context, chosen, token_layer=bool(agreement["skipped"]))
             side = _side_by_side(
                 context, model, layer, target_arg, chosen, count, n_steps, occlusion_window
             )
+            side["left_out"] = left_out
         report = _report(context, layer, target, agreement, side, n_steps, occlusion_window)
         _write_tables(context, report, side)
         _write_figures(context, side, layer)
@@ -150,6 +161,7 @@ def _report(
             "images": side["indices"].tolist(),
             "n_steps": n_steps,
             "occlusion_window": occlusion_window,
+            "left_out": side["left_out"],
             "ms_per_image": side["ms_per_image"],
             "spearman": side["spearman"].tolist(),
         },
@@ -161,6 +173,14 @@ def _write_tables(context: AnalysisContext, report: dict, side: dict) -> None:
 
     out = context.output_dir
     write_json(out / "agreement.json", report)
+    names = side["methods"]
+    write_csv(
+        out / "rank_correlation.csv",
+        ["method", *names, "ms_per_image"],
+        [[m, *side["spearman"][i].tolist(), side["ms_per_image"][m]] for i, m in enumerate(names)],
+    )
+    if report["skipped"]:
+        return
     rows = [
         [which, m["max_abs_diff"], m["rel_diff"], m["pearson"]]
         for which, m in report["agreement"].items()
@@ -174,12 +194,6 @@ def _write_tables(context: AnalysisContext, report: dict, side: dict) -> None:
             for k, v in report["timing"].items()
         ],
     )
-    names = side["methods"]
-    write_csv(
-        out / "rank_correlation.csv",
-        ["method", *names, "ms_per_image"],
-        [[m, *side["spearman"][i].tolist(), side["ms_per_image"][m]] for i, m in enumerate(names)],
-    )
 
 
 def _write_figures(context: AnalysisContext, side: dict, layer: str) -> None:
@@ -192,14 +206,18 @@ def _write_figures(context: AnalysisContext, side: dict, layer: str) -> None:
         save_figure(fig, out / "rank_correlation.png")
 
 
-def _artifacts(context: AnalysisContext, layer: str, agreement: dict, side: dict) -> list[dict]:
+def _agreement_artifacts(context: AnalysisContext, layer: str, agreement: dict) -> list[dict]:
+    title = "Native Grad-CAM vs Captum LayerGradCam"
+    if agreement["skipped"]:
+        caption = f"Layer {layer} outputs (N, tokens, C) tokens: {agreement['skipped']}."
+        return [context.artifact("agreement.json", title, "json", caption)]
     up = agreement["agreement"]["upsampled"]
     timing = agreement["timing"]
     speed = timing["native"]["ms_per_image"] / max(timing["captum"]["ms_per_image"], 1e-12)
-    artifacts = [
+    return [
         context.artifact(
             "agreement.json",
-            "Native Grad-CAM vs Captum LayerGradCam",
+            title,
             "json",
             f"{agreement['num_images']} images at {layer}: relative difference "
             f"{up['rel_diff']:.2g}, Pearson r {up['pearson']:.6f}; native takes "
@@ -212,6 +230,13 @@ def _artifacts(context: AnalysisContext, layer: str, agreement: dict, side: dict
             "rel_diff = max |native - captum| / max |captum|.",
         ),
         context.artifact("timing.csv", "Grad-CAM time per image", "table", "Same batches."),
+    ]
+
+
+def _artifacts(context: AnalysisContext, layer: str, agreement: dict, side: dict) -> list[dict]:
+    left_out = f" Left out: {side['left_out']}." if side["left_out"] else ""
+    artifacts = [
+        *_agreement_artifacts(context, layer, agreement),
         context.artifact(
             "methods.png",
             "Attribution methods side by side",
@@ -219,7 +244,7 @@ def _artifacts(context: AnalysisContext, layer: str, agreement: dict, side: dict
             f"Rows: {len(side['indices'])} eval images (true/predicted); columns: methods. "
             "Pixel methods are reduced over channels as each method defines (Saliency: the "
             "largest |gradient|; the others: the sum of |attribution|); every map is scaled "
-            f"to [0, 1] per image ({MAP_CMAP}).",
+            f"to [0, 1] per image ({MAP_CMAP}).{left_out}",
         ),
         context.artifact(
             "rank_correlation.csv",
@@ -254,10 +279,33 @@ def _sync(context: AnalysisContext) -> Callable[[], None]:
     return torch.cuda.synchronize if context.device.type == "cuda" else (lambda: None)
 
 
+def _runnable(
+    context: AnalysisContext, methods: list[str], token_layer: bool
+) -> tuple[list[str], str | None]:
+    """The side-by-side methods that can run, and the sentence saying which were left out.
+
+    Captum's layer methods (Guided Grad-CAM) read the layer as (N, C, H, W); on a token layer
+    Captum returns an empty tensor, so they are left out there.
+    """
+    layered = [m for m in methods if METHODS[m].source == "captum" and METHODS[m].uses_layer]
+    if not token_layer or not layered:
+        return methods, None
+    note = TOKEN_LEFT_OUT.format(names=", ".join(layered))
+    kept = [m for m in methods if m not in layered]
+    if not kept:
+        raise AnalyzerError(
+            f"{note.split(';')[0]}; choose other --captum-methods, e.g. gradcam,saliency"
+        )
+    context.say(note)
+    return kept, note
+
+
 def _agreement(context: AnalysisContext, model: Any, layer: str, target: Any, limit: int) -> dict:
     """Native vs Captum LayerGradCam on the first ``limit`` images, batch by batch.
 
-    Statistics are accumulated in float64 so memory stays bounded for any ``limit``.
+    Statistics are accumulated in float64 so memory stays bounded for any ``limit``. A token
+    layer (the native engine's layout is not NCHW) is skipped after the first native batch,
+    with :data:`TOKEN_SKIP` as ``skipped``.
     """
     import numpy as np
     import torch
@@ -285,6 +333,10 @@ def _agreement(context: AnalysisContext, model: Any, layer: str, target: Any, li
                 sync()
                 t0 = time.perf_counter()
                 native = cam(x, target=batch_target, true_targets=true)
+                if cam.layout.kind != "nchw":
+                    context.say(TOKEN_SKIP)
+                    return {"num_images": 0, "skipped": TOKEN_SKIP, "agreement": None,
+                            "timing": None, "native_speedup": None}  # fmt: skip
                 sync()
                 t1 = time.perf_counter()
                 with torch.inference_mode(False), torch.enable_grad():
@@ -301,6 +353,7 @@ def _agreement(context: AnalysisContext, model: Any, layer: str, target: Any, li
             stats["upsampled"].add(native.maps, ref_maps)
     return {
         "num_images": n,
+        "skipped": None,
         "agreement": {k: v.result() for k, v in stats.items()},
         "timing": {k: _timing(n, s) for k, s in seconds.items()},
         "native_speedup": seconds["captum"] / seconds["native"] if seconds["native"] else None,

@@ -16,6 +16,8 @@ from explainkit.selection import SELECT_CHOICES
 __all__ = ["GradCAMAnalyzer"]
 
 DTYPE_CHOICES = ("float16", "float32")
+# explainkit.explain.layers.RESHAPES, named here so that listing options imports no torch.
+RESHAPE_CHOICES = ("auto", "nchw", "vit", "swin")
 UPSAMPLING = "bilinear, then per-image min-max scaling to [0, 1]"
 
 
@@ -29,6 +31,7 @@ class _Maps:
     raw_shape: tuple[int, ...]
     map_shape: tuple[int, ...]
     seconds: float
+    layout: Any  # how the layer's output was viewed as maps (explain.layers.Layout)
 
 
 class GradCAMAnalyzer(Analyzer):
@@ -60,6 +63,15 @@ class GradCAMAnalyzer(Analyzer):
             "(default: the run's default layer).",
         ),
         Option("method", str, "gradcam", "CAM variant to compute.", choices=CAM_METHODS),
+        Option(
+            "reshape",
+            str,
+            "auto",
+            "How the layer's output becomes maps: nchw (N, C, H, W); vit (N, tokens, C): class "
+            "and register tokens dropped, patch tokens on their grid; swin (N, H, W, C); auto: "
+            "4-D is nchw, 3-D is vit.",
+            choices=RESHAPE_CHOICES,
+        ),
         Option(
             "target",
             str,
@@ -94,6 +106,7 @@ class GradCAMAnalyzer(Analyzer):
         *,
         layer: str | None,
         method: str,
+        reshape: str,
         target: str,
         count: int,
         select: str,
@@ -109,8 +122,10 @@ class GradCAMAnalyzer(Analyzer):
         model = context.model()
         layer = context.target_layer(layer, model)
         path = context.output_dir / "attributions.h5"
-        attributes = _attributes(context, layer, method, target)
-        maps = _write_maps(context, model, layer, method, target_arg, dtype, path, attributes)
+        attributes = {**_attributes(context, layer, method, target), "reshape": reshape}
+        maps = _write_maps(
+            context, model, layer, method, reshape, target_arg, dtype, path, attributes
+        )
         labels = context.store.targets
         chosen = _choose_shown(context, labels, maps.predicted, count, select)
         sources = context.store.sources(chosen)
@@ -126,6 +141,7 @@ def _write_maps(
     model: Any,
     layer: str,
     method: str,
+    reshape: str,
     target: Any,
     dtype: str,
     path: Any,
@@ -151,7 +167,7 @@ def _write_maps(
     sync = torch.cuda.synchronize if context.device.type == "cuda" else (lambda: None)
     seconds = 0.0
     writer = open_h5_for_writing(path, AnalyzerError)
-    with CAM_CLASSES[method](model, layer) as cam, writer as f:
+    with CAM_CLASSES[method](model, layer, reshape) as cam, writer as f:
         f.attrs.update(attributes)
         maps_ds = raw_ds = None
         targets_ds = _dataset(f, "targets", (n,), "int64", bs)
@@ -179,9 +195,11 @@ def _write_maps(
             targets_ds[start:stop] = res.targets.cpu().numpy()
             alone_ds[start:stop] = res.predicted.cpu().numpy()
             writer.check()  # a full disk ends the pass now, not after the last batch
+        f.attrs["layout"] = cam.layout.kind
         return _Maps(
-            recorded, alone_ds[:], targets_ds[:], raw_ds.shape[1:], maps_ds.shape[1:], seconds
-        )
+            recorded, alone_ds[:], targets_ds[:], raw_ds.shape[1:], maps_ds.shape[1:], seconds,
+            cam.layout,
+        )  # fmt: skip
 
 
 def _dataset(f: Any, name: str, shape: tuple[int, ...], dtype: str, batch: int) -> Any:
@@ -262,6 +280,7 @@ def _summary(
         "num_misclassified": int((maps.predicted != context.store.targets).sum()),
         "predicted_from": "the run's recorded predictions (predictions.h5)",
         "num_model_disagrees": int((maps.model_predicted != maps.predicted).sum()),
+        "reshape": _layout_text(maps.layout),
         "raw_shape": list(maps.raw_shape),
         "map_shape": list(maps.map_shape),
         "maps_dtype": dtype,
@@ -273,6 +292,15 @@ def _summary(
 
 
 SHOWN_HEADER = ("index", "source", "true", "predicted", "target", "model_predicted", "correct")
+
+
+def _layout_text(layout: Any) -> str:
+    """How the maps were read off the layer, e.g. "vit: 1 leading token dropped, 4x4 grid"."""
+    h, w = layout.grid
+    if layout.kind == "vit":
+        s = "" if layout.leading == 1 else "s"
+        return f"vit: {layout.leading} leading token{s} dropped, {h}x{w} grid of patch tokens"
+    return "swin: (N, H, W, C) channels-last" if layout.kind == "swin" else "nchw"
 
 
 def _write_json(context: AnalysisContext, summary: dict) -> None:
@@ -361,8 +389,8 @@ def _artifacts(context: AnalysisContext, summary: dict, figure_caption: str) -> 
             "attributions.h5",
             f"{label} maps of all eval images",
             "h5",
-            f"maps ({n}, {mh}, {mw}) {dtype} in [0, 1], raw ({n}, {rh}, {rw}) at {layer}, "
-            "targets, predicted.",
+            f"maps ({n}, {mh}, {mw}) {dtype} in [0, 1], raw ({n}, {rh}, {rw}) at {layer} "
+            f"({summary['reshape']}), targets, predicted.",
         ),
         context.artifact(
             "gradcam.json",

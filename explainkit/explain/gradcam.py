@@ -11,6 +11,17 @@ nothing before the target layer, and the backward pass runs from the logits down
 only, with no parameter gradients. On a ResNet18 with ``layer4`` as target this costs little
 more than plain inference.
 
+Transformers: ``reshape`` says how the layer's output is viewed as (N, C, h, w) maps
+(:class:`explainkit.explain.layers.Layout`): ``"nchw"`` as it is, ``"vit"`` (N, tokens, C)
+with the class and register tokens dropped and the patch tokens laid out on their grid,
+``"swin"`` (N, H, W, C) channels-last, and ``"auto"`` (the default) reads a 4-D output as
+NCHW and a 3-D one as ViT tokens. The hook still hands on a leaf of the layer's own output;
+activations and their gradients are both viewed the same way before the weights are
+computed, so every method works on token layers unchanged. For torchvision's ViT the usual
+target is the last block's first LayerNorm (``encoder.layers.encoder_layer_11.ln_1`` for
+ViT-B/16): after that block's attention only the class token reaches the logits, so the
+patch tokens of the block's output have zero gradient.
+
 Example:
     >>> with GradCAM(model, "layer4") as cam:
     ...     result = cam(images, target="predicted")
@@ -29,11 +40,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from explainkit.errors import AnalyzerError, did_you_mean
+from explainkit.explain.layers import (
+    RESHAPES,
+    Layout,
+    locate_layer,
+    looks_channels_last,
+    resolve_layout,
+)
 from explainkit.explain.methods import CAM_METHODS
 
 __all__ = [
     "CAM",
     "METHODS",
+    "RESHAPES",
     "CAMResult",
     "GradCAM",
     "GradCAMpp",
@@ -54,7 +73,8 @@ class CAMResult:
     Attributes:
         maps: (N, H, W) float32, upsampled (bilinear, as Captum's ``interpolate``) to the
             input size and scaled per image to [0, 1]; an all-zero map stays zero.
-        raw: (N, h, w) float32 at the layer's resolution, after ReLU, not normalized.
+        raw: (N, h, w) float32 at the layer's resolution (a token layer's patch grid), after
+            ReLU, not normalized.
         targets: (N,) int64, the class each map explains.
         predicted: (N,) int64, the model's predicted class.
         logits: (N, C) the model's output (detached).
@@ -158,17 +178,26 @@ class CAM:
     Args:
         model: a classifier returning (N, C) logits.
         layer: dotted name from ``model.named_modules()``, e.g. ``"layer4"`` or ``"layer3.1"``.
+        reshape: how the layer's output becomes (N, C, h, w) maps: ``"auto"`` (4-D: NCHW,
+            3-D: ViT tokens), ``"nchw"``, ``"vit"`` ((N, tokens, C); the leading class and
+            register tokens are dropped and the grid is found by
+            :func:`explainkit.explain.layers.token_grid`) or ``"swin"`` ((N, H, W, C)). The
+            layout the last call used is :attr:`layout`.
 
     Raises:
-        AnalyzerError: ``layer`` is not a module of ``model``.
+        AnalyzerError: ``layer`` is not a module of ``model``, or ``reshape`` is unknown.
     """
 
     name = "cam"
 
-    def __init__(self, model: nn.Module, layer: str) -> None:
+    def __init__(self, model: nn.Module, layer: str, reshape: str = "auto") -> None:
+        if reshape not in RESHAPES:
+            raise AnalyzerError(f"unknown reshape {reshape!r}; use one of {', '.join(RESHAPES)}")
         self.model = model
         self.layer = layer
+        self.reshape = reshape
         self.module = resolve_layer(model, layer)
+        self.layout: Layout | None = None  # how the last call viewed the layer's output
         # Walking the module tree costs more than a small batch's forward pass on a GPU
         # (launch-bound), so the lists are taken once; the model's structure must not change.
         self._all_modules = list(model.modules())
@@ -176,6 +205,9 @@ class CAM:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._copy_output = False
         self._warned_unlocalized = False
+        self._warned_layout = False
+        self._checked_tokens = False
+        self._size: tuple[int, int] = (0, 0)
         self._acts: list[Tensor] = []
 
     # -- context manager -------------------------------------------------------------------
@@ -196,11 +228,8 @@ class CAM:
 
     # -- the hook --------------------------------------------------------------------------
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> Tensor:
-        if not isinstance(output, Tensor) or output.dim() != 4:
-            raise AnalyzerError(
-                f"layer {self.layer!r} does not output an (N, C, H, W) tensor; "
-                "pick a convolutional layer or stage such as 'layer4'"
-            )
+        # Checked here, during the forward pass: a wrong layer fails before the rest runs.
+        self.layout = resolve_layout(output, self.reshape, self._size, self.layer)
         if self._acts:
             raise AnalyzerError(
                 f"layer {self.layer!r} runs more than once per forward pass; "
@@ -236,6 +265,7 @@ class CAM:
         """
         images = self._precheck(images)
         model = self.model
+        self._size = (int(images.shape[-2]), int(images.shape[-1]))
         training = [m for m in self._all_modules if m.training]
         frozen = [p for p in self._params if p.requires_grad]
         self._acts.clear()
@@ -268,7 +298,15 @@ class CAM:
                         f"({e}); pick a layer before the classifier head"
                     ) from e
             with torch.no_grad():
-                raw, maps = self.compute_maps(acts.detach(), grads, images.shape[-2:])
+                # Gradients are taken with respect to the layer's own output (tokens for a
+                # transformer), then viewed as (N, C, h, w) exactly as the activations are.
+                layout: Layout = self.layout  # type: ignore[assignment]  # set by the hook
+                a, g = layout.to_nchw(acts.detach()), layout.to_nchw(grads)
+                raw, maps = self.compute_maps(a, g, self._size)
+                unreached = False
+                if layout.kind == "vit" and not self._checked_tokens:
+                    self._checked_tokens = True  # one device sync, on the first call only
+                    unreached = not bool(g.any())
         finally:
             self.close()
             for p in frozen:
@@ -277,19 +315,45 @@ class CAM:
                 m.training = True
         if raw.shape[-2:].numel() == 1 and not self._warned_unlocalized:
             self._warn_unlocalized(images)
+        if self.reshape == "auto" and not self._warned_layout:
+            self._warn_channels_last(tuple(acts.shape))  # the layer's own output
+        if unreached:
+            self._warn_unreached_patches(images)
         return CAMResult(maps, raw, targets, predicted, logits.detach())
+
+    def _warn_channels_last(self, shape: tuple[int, ...]) -> None:
+        """Once per engine: "auto" reads a 4-D output as NCHW; say so when it looks NHWC."""
+        self._warned_layout = True
+        if looks_channels_last(shape, *self._size):
+            h, w = self._size
+            warnings.warn(
+                f"layer {self.layer!r} outputs {shape}, which looks channels-last (N, H, W, C) "
+                f"for {h}x{w} inputs, as a Swin stage does, but reshape 'auto' reads 4-D "
+                "outputs as (N, C, H, W); pass reshape 'swin' if it is channels-last, or "
+                "'nchw' to keep this reading",
+                stacklevel=3,
+            )
 
     def _warn_unlocalized(self, images: Tensor) -> None:
         """Once per engine: a 1x1 layer's maps are constant, so say which layer would work."""
-        from explainkit.explain.layers import locate_layer
-
         self._warned_unlocalized = True
-        better = locate_layer(self.model, images)
+        better = locate_layer(self.model, images, self.layout.kind if self.layout else "nchw")
         instead = f"an earlier layer such as {better!r}" if better else "an earlier layer"
         h, w = images.shape[-2:]
         warnings.warn(
             f"layer {self.layer!r} gives 1x1 maps for {h}x{w} inputs, which cannot localize "
             f"anything (each map is one number, shown as zero); explain {instead}",
+            stacklevel=3,
+        )
+
+    def _warn_unreached_patches(self, images: Tensor) -> None:
+        """Once per engine: patch tokens the logits do not depend on give all-zero maps."""
+        better = locate_layer(self.model, images, "vit")
+        instead = f"an earlier token layer such as {better!r}" if better else "an earlier layer"
+        warnings.warn(
+            f"the logits do not depend on the patch tokens of layer {self.layer!r} (a ViT reads "
+            "only the class token after the last block's attention), so every map is zero; "
+            f"explain {instead}, e.g. the last block's first norm",
             stacklevel=3,
         )
 
@@ -439,6 +503,7 @@ def iter_cam(
     target: str | int | Tensor | Sequence[int] = "predicted",
     batch_size: int | None = None,
     true_targets: Tensor | Sequence[int] | None = None,
+    reshape: str = "auto",
 ) -> Iterator[CAMResult]:
     """Yield one :class:`CAMResult` per batch of ``batch_size`` images (all when None)."""
     n = images.shape[0] if isinstance(images, Tensor) else 0
@@ -448,7 +513,7 @@ def iter_cam(
     per_image = not isinstance(target, (str, int))
     target_t = torch.as_tensor(target) if per_image else None
     true_t = torch.as_tensor(true_targets) if true_targets is not None else None
-    with _method(method)(model, layer) as cam:
+    with _method(method)(model, layer, reshape) as cam:
         if n == 0:
             cam._precheck(images)  # raises the usual error
         for start in range(0, n, step):
@@ -468,6 +533,7 @@ def compute_cam(
     target: str | int | Tensor | Sequence[int] = "predicted",
     batch_size: int | None = None,
     true_targets: Tensor | Sequence[int] | None = None,
+    reshape: str = "auto",
 ) -> CAMResult:
     """Explain ``images`` in batches and return one joined :class:`CAMResult`.
 
@@ -479,10 +545,11 @@ def compute_cam(
         target: see :meth:`CAM.__call__`.
         batch_size: images per forward/backward pass; None does all at once.
         true_targets: labels for ``target="true"``.
+        reshape: how the layer's output becomes maps: see :class:`CAM`.
 
     Returns:
         Maps and metadata for all images, on the model's device.
     """
     return CAMResult.cat(
-        list(iter_cam(model, images, layer, method, target, batch_size, true_targets))
+        list(iter_cam(model, images, layer, method, target, batch_size, true_targets, reshape))
     )

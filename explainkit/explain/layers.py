@@ -1,34 +1,273 @@
-"""Finding a layer worth explaining: the last one whose output still has a spatial extent.
+"""Layers worth explaining, and how their outputs become (N, C, h, w) maps.
 
 A CAM of a layer whose output is 1x1 is one number stretched over the image: it cannot
 localize anything. :func:`locate_layer` runs one example through the model with a forward
-hook on every module and picks the last module, in execution order, whose output is an
-(N, C, H, W) map larger than 1x1 and on which the logits depend (as torch-cam locates
-candidate layers, with the dependence checked by autograd).
+hook on every module and picks the last module, in execution order, whose output is a map
+larger than 1x1 and on which the logits depend (as torch-cam locates candidate layers, with
+the dependence checked by autograd).
+
+Transformers output tokens, not (N, C, H, W) maps. A :class:`Layout` says how a layer's
+output is viewed as maps (``reshape``):
+
+- ``"nchw"``: (N, C, H, W), a convolutional layer's output, used as it is;
+- ``"vit"``: (N, T, C) tokens, ``k`` leading class or register tokens then ``h*w`` patch
+  tokens in row-major order: the leading tokens are dropped and the patches laid out as an
+  h x w grid (:func:`token_grid` finds ``k``, ``h`` and ``w``);
+- ``"swin"``: (N, H, W, C), channels-last maps (Swin stages), permuted to channels-first;
+- ``"auto"``: a 4-D output is ``"nchw"``, a 3-D output is ``"vit"``.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["locate_layer"]
+from explainkit.errors import AnalyzerError
+
+__all__ = [
+    "MAX_LEADING_TOKENS",
+    "RESHAPES",
+    "Layout",
+    "grid_fits",
+    "locate_layer",
+    "looks_channels_last",
+    "resolve_layout",
+    "suggest_reshape",
+    "token_grid",
+]
+
+RESHAPES = ("auto", "nchw", "vit", "swin")
+# Class token, distillation token, register tokens: at most this many before the patches.
+MAX_LEADING_TOKENS = 8
 
 
-def locate_layer(model: nn.Module, example: Tensor) -> str | None:
+@dataclass(frozen=True)
+class Layout:
+    """How one layer's output is viewed as (N, C, h, w) maps.
+
+    Attributes:
+        kind: ``"nchw"``, ``"vit"`` or ``"swin"`` (never ``"auto"``: that is resolved).
+        leading: ``"vit"`` only: class and register tokens before the patch tokens.
+        grid: (h, w) of the maps.
+    """
+
+    kind: str
+    leading: int
+    grid: tuple[int, int]
+
+    def to_nchw(self, t: Tensor) -> Tensor:
+        """The layer's output (or its gradient) as (N, C, h, w); a view, no copy."""
+        if self.kind == "vit":
+            return t[:, self.leading :].transpose(1, 2).unflatten(2, self.grid)
+        if self.kind == "swin":
+            return t.permute(0, 3, 1, 2)
+        return t
+
+
+def grid_fits(h: int, w: int, height: int, width: int) -> bool:
+    """Whether an h x w grid can tile a height x width input: one patch size gives both.
+
+    A patch size ``p`` gives ``n`` cells along ``size`` pixels when ``n`` is ``size / p``
+    rounded down (a strided convolution: ``size/(n+1) < p <= size/n``) or rounded up
+    (padding: ``size/n <= p < size/(n-1)``). The grid fits when one ``p`` gives both sides
+    with the same rounding.
+    """
+    if min(h, w, height, width) < 1:
+        return False
+    down = max(height / (h + 1), width / (w + 1)) < min(height / h, width / w)
+    if down or height * w == width * h:  # p = size/n exactly counts as both roundings
+        return True
+    up_h = height / (h - 1) if h > 1 else math.inf
+    up_w = width / (w - 1) if w > 1 else math.inf
+    return max(height / h, width / w) < min(up_h, up_w)
+
+
+@lru_cache(maxsize=256)
+def token_grid(tokens: int, height: int, width: int) -> tuple[int, int, int] | None:
+    """``(leading, h, w)`` for ``tokens`` = leading + h*w tokens of a height x width input.
+
+    The rule: ``leading`` is 0 to :data:`MAX_LEADING_TOKENS`. A square input needs a square
+    grid (``tokens - leading`` a perfect square); any other input needs an h x w grid that
+    :func:`grid_fits` it (its aspect ratio). Among the candidates (two exist only for grids
+    of 4x4 or smaller) the preferred is: ``leading == 1`` (a class token, as in ViT), then a
+    patch size that divides the input exactly, then the most leading tokens. None when no
+    grid fits.
+    """
+    best: tuple[tuple, tuple[int, int, int]] | None = None
+    for leading in range(min(MAX_LEADING_TOKENS, tokens - 1) + 1):
+        patches = tokens - leading
+        if height == width:
+            side = math.isqrt(patches)
+            grids = [(side, side)] if side * side == patches else []
+        else:
+            divisors = [d for d in range(1, math.isqrt(patches) + 1) if patches % d == 0]
+            pairs = {(d, patches // d) for d in divisors} | {(patches // d, d) for d in divisors}
+            grids = [(h, w) for h, w in sorted(pairs) if grid_fits(h, w, height, width)]
+        for h, w in grids:
+            exact = height % h == 0 and width % w == 0 and height // h == width // w
+            aspect = abs(math.log(h * width / (w * height)))
+            key = (leading == 1, exact, leading, -aspect)
+            if best is None or key > best[0]:
+                best = key, (leading, h, w)
+    return None if best is None else best[1]
+
+
+def looks_channels_last(shape: tuple[int, ...], height: int, width: int) -> bool:
+    """Whether a 4-D (N, a, b, c) output is (N, H, W, C) rather than (N, C, H, W).
+
+    True when (a, b) is a grid of the input and (b, c) is not; a tie counts as channels-first.
+    """
+    if len(shape) != 4:
+        return False
+    _, a, b, c = shape
+    return grid_fits(a, b, height, width) and not grid_fits(b, c, height, width)
+
+
+def _describe(output: object) -> str:
+    if isinstance(output, Tensor):
+        return f"a {output.dim()}-D tensor {tuple(output.shape)}"
+    return f"a {type(output).__name__}, not a tensor"
+
+
+def resolve_layout(output: object, reshape: str, size: tuple[int, int], layer: str) -> Layout:
+    """The :class:`Layout` of ``layer``'s ``output`` for ``reshape`` and an input of ``size``.
+
+    Raises:
+        AnalyzerError: ``output`` does not have the shape ``reshape`` expects, or no grid of
+            patches fits its token count.
+    """
+    if reshape not in RESHAPES:
+        raise AnalyzerError(f"unknown reshape {reshape!r}; use one of {', '.join(RESHAPES)}")
+    dim = output.dim() if isinstance(output, Tensor) else -1
+    what = _describe(output)
+    if reshape == "auto":
+        if dim not in (3, 4):
+            raise AnalyzerError(
+                f"layer {layer!r} outputs {what}, neither an (N, C, H, W) map nor "
+                "(N, tokens, C) tokens; pick a convolutional stage such as 'layer4' or a "
+                "transformer block's layer"
+            )
+        reshape = "nchw" if dim == 4 else "vit"
+    if reshape == "nchw":
+        if dim != 4:
+            raise AnalyzerError(
+                f"layer {layer!r} outputs {what}, not an (N, C, H, W) map; pick a "
+                "convolutional layer or stage such as 'layer4', or use reshape 'vit' for a "
+                "transformer's (N, tokens, C) layer"
+            )
+        return Layout("nchw", 0, tuple(output.shape[-2:]))
+    if reshape == "swin":
+        if dim != 4:
+            raise AnalyzerError(
+                f"layer {layer!r} outputs {what}, not (N, H, W, C) channels-last maps as "
+                "reshape 'swin' expects; use reshape 'vit' for (N, tokens, C) tokens"
+            )
+        h, w = output.shape[1:3]
+        if not grid_fits(h, w, *size):
+            raise AnalyzerError(
+                f"layer {layer!r} outputs {what}, whose dimensions 1 and 2 ({h}x{w}) are no "
+                f"grid of the {size[0]}x{size[1]} input, so it is not channels-last; use "
+                "reshape 'nchw' for an (N, C, H, W) layer"
+            )
+        return Layout("swin", 0, (h, w))
+    if dim != 3:
+        raise AnalyzerError(
+            f"layer {layer!r} outputs {what}, not (N, tokens, C) tokens as reshape 'vit' "
+            "expects; use reshape 'nchw' (or 'auto') for an (N, C, H, W) layer"
+        )
+    found = token_grid(int(output.shape[1]), int(size[0]), int(size[1]))
+    if found is None:
+        raise AnalyzerError(
+            f"layer {layer!r} outputs {output.shape[1]} tokens, which no grid of patches of "
+            f"the {size[0]}x{size[1]} input fits after 0 to {MAX_LEADING_TOKENS} class or "
+            "register tokens; pick a layer whose tokens are the image's patches (a "
+            "transformer block or its norm)"
+        )
+    leading, h, w = found
+    return Layout("vit", leading, (h, w))
+
+
+def suggest_reshape(model: nn.Module, layer: str, example: Tensor) -> str:
+    """The ``reshape`` that views ``layer``'s output as maps: "nchw", "vit" or "swin".
+
+    One forward pass of ``example`` (N, C, H, W) without gradients. 3-D outputs are tokens
+    ("vit"); a 4-D output is "swin" when :func:`looks_channels_last`, else "nchw".
+
+    Raises:
+        AnalyzerError: ``layer`` is unknown, unused, or outputs neither 3-D nor 4-D tensors.
+    """
+    modules = dict(model.named_modules())
+    if layer not in modules or not layer:
+        raise AnalyzerError(
+            f"unknown target layer {layer!r}; pass a name from model.named_modules()"
+        )
+    seen: list[object] = []
+    handle = modules[layer].register_forward_hook(lambda m, i, out: seen.append(out))
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        handle.remove()
+        model.train(training)
+    if not seen:
+        raise AnalyzerError(
+            f"layer {layer!r} was not used in the forward pass; pick a layer the model runs"
+        )
+    layout = resolve_layout(seen[0], "auto", tuple(example.shape[-2:]), layer)
+    shape = tuple(seen[0].shape)  # type: ignore[attr-defined]
+    if layout.kind == "nchw" and looks_channels_last(shape, *example.shape[-2:]):
+        return "swin"
+    return layout.kind
+
+
+def _candidate(output: object, reshape: str, size: tuple[int, int]) -> Layout | None:
+    """The layout of a map larger than 1x1 that ``reshape`` sees in ``output``, else None."""
+    if not isinstance(output, Tensor) or output.dim() not in (3, 4):
+        return None
+    kind = reshape
+    if kind == "auto":
+        kind = "nchw" if output.dim() == 4 else "vit"
+    if kind == "swin" and not looks_channels_last(tuple(output.shape), *size):
+        return None
+    try:
+        layout = resolve_layout(output, kind, size, "")
+    except AnalyzerError:
+        return None
+    return layout if layout.grid[0] * layout.grid[1] > 1 else None
+
+
+def locate_layer(model: nn.Module, example: Tensor, reshape: str = "nchw") -> str | None:
     """The name of the last spatial (>1x1) layer the logits depend on, or None.
 
     Args:
         model: A classifier returning (N, C) logits.
         example: One or a few normalized input images (N, C, H, W) on the model's device.
+        reshape: Which outputs count (see :data:`RESHAPES`): "nchw" (N, C, H, W) maps;
+            "vit" (N, tokens, C) outputs whose token count fits a grid (:func:`token_grid`);
+            "swin" (N, H, W, C) outputs (:func:`looks_channels_last`); "auto" both 4-D
+            (N, C, H, W) and 3-D token outputs.
+
+    The logits must depend on the map part of the output (a nonzero gradient there): the
+    logits of a ViT read only the class token, so after the last block's attention the patch
+    tokens no longer reach them, and the last block's output is passed over for its ``ln_1``.
     """
-    outputs: list[tuple[str, Tensor]] = []
+    if reshape not in RESHAPES:
+        raise AnalyzerError(f"unknown reshape {reshape!r}; use one of {', '.join(RESHAPES)}")
+    size = tuple(example.shape[-2:])
+    outputs: list[tuple[str, Tensor, Layout]] = []
     handles = []
 
     def keep(name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> None:
-            if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
-                outputs.append((name, output))
+            layout = _candidate(output, reshape, size)
+            if layout is not None:
+                outputs.append((name, output, layout))  # type: ignore[arg-type]
 
         return hook
 
@@ -41,13 +280,17 @@ def locate_layer(model: nn.Module, example: Tensor) -> str | None:
         x = example[:1].detach().clone().requires_grad_(True)
         with torch.inference_mode(False), torch.enable_grad():
             logits = model(x)
-            candidates = [(n, o) for n, o in outputs if o.requires_grad]
+            candidates = [c for c in outputs if c[1].requires_grad]
             if not candidates:
                 return None
-            grads = torch.autograd.grad(logits.sum(), [o for _, o in candidates], allow_unused=True)
+            grads = torch.autograd.grad(logits.sum(), [c[1] for c in candidates], allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
         model.train(training)
-    used = [name for (name, _), g in zip(candidates, grads, strict=True) if g is not None]
+    used = [
+        name
+        for (name, _, layout), g in zip(candidates, grads, strict=True)
+        if g is not None and bool(layout.to_nchw(g).abs().amax() > 0)
+    ]
     return used[-1] if used else None

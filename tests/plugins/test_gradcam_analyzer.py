@@ -271,3 +271,77 @@ def test_gradcam_and_gallery_tables_name_the_users_own_files(tmp_path):
             assert folder in ("cats", "dogs") and name.endswith(".png") and "photo" in name
             assert (tmp_path / "data" / row["source"]).is_file()
             assert row["true"] == folder
+
+
+VIT_LAYER = "encoder.layers.encoder_layer_1.ln_1"
+
+
+@pytest.fixture
+def vit_run(tiny_run, monkeypatch):
+    """The tiny run, its checkpoint standing for a small torchvision ViT (4x4 patch tokens).
+
+    The model registry knows no transformer yet, so loading the checkpoint is replaced; the
+    recorded predictions stay the ResNet's, which only changes what "predicted" explains.
+    """
+    import torchvision
+
+    from explainkit.train import checkpoint
+
+    with open_store(tiny_run) as store:
+        num_classes = len(store.classes)
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+        num_classes=num_classes,
+    )  # fmt: skip
+    torch.nn.init.normal_(vit.heads.head.weight, std=0.5)  # torchvision starts it at zero
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: vit.eval())
+    return tiny_run
+
+
+def test_analyzer_gradcam_explains_a_vit_token_layer(vit_run):
+    manifest = run_gradcam(vit_run, gradcam_layer=VIT_LAYER, gradcam_count=4)
+    assert manifest["status"] == "ok", manifest["error"]
+    data, attrs = read_h5(vit_run)
+    n = len(data["targets"])
+    _verify_maps(data["maps"], n)
+    assert data["raw"].shape == (n, 4, 4) and data["raw"].max() > 0
+    assert attrs["reshape"] == "auto" and attrs["layout"] == "vit"
+    summary = json.loads((vit_run / "analyses" / "gradcam" / "gradcam.json").read_text())
+    assert summary["reshape"] == "vit: 1 leading token dropped, 4x4 grid of patch tokens"
+    (h5,) = [a for a in manifest["artifacts"] if a["path"] == "attributions.h5"]
+    assert "vit: 1 leading token dropped" in h5["caption"]
+
+    assert run_gradcam(vit_run, gradcam_layer=VIT_LAYER, gradcam_reshape="vit")["status"] == "ok"
+    bad = run_gradcam(vit_run, gradcam_layer=VIT_LAYER, gradcam_reshape="nchw")
+    assert bad["status"] == "failed" and VIT_LAYER in bad["error"] and "'vit'" in bad["error"]
+    assert bad["error"].count(". ") == 0
+
+
+def test_analyzer_captum_skips_the_agreement_on_a_vit_token_layer(vit_run):
+    pytest.importorskip("captum")
+    (manifest,) = analyze(
+        vit_run, plugins=["captum"], device="cpu", batch_size=16, collect_failures=True,
+        captum_layer=VIT_LAYER, captum_count=4, captum_n_steps=4, captum_limit=16,
+    )  # fmt: skip
+    assert manifest["status"] == "ok", manifest["error"]
+    out = vit_run / "analyses" / "captum"
+    report = json.loads((out / "agreement.json").read_text())
+    skip = "captum's LayerGradCam cannot compare a token layer; the agreement check is skipped"
+    assert report["skipped"] == skip and report["agreement"] is None
+    side = report["side_by_side"]
+    assert side["methods"] == ["gradcam", "integrated_gradients", "saliency", "occlusion"]
+    assert "guided_gradcam" in side["left_out"]
+    rho = np.array(side["spearman"])
+    assert rho.shape == (4, 4) and np.isfinite(rho).all()
+    captions = {a["path"]: a["caption"] for a in manifest["artifacts"]}
+    assert skip in captions["agreement.json"]
+    assert "guided_gradcam" in captions["methods.png"]
+    assert "agreement.csv" not in captions and not (out / "agreement.csv").exists()
+    check_png(out / "methods.png")
+
+    (alone,) = analyze(
+        vit_run, plugins=["captum"], device="cpu", collect_failures=True,
+        captum_layer=VIT_LAYER, captum_methods="guided_gradcam", captum_limit=16,
+    )  # fmt: skip
+    assert alone["status"] == "failed" and "--captum-methods" in alone["error"]
