@@ -452,7 +452,8 @@ def analyze_command(
 def plugins_command(
     show_all: bool, as_json: bool, hook: str | None, plugins_dir: Path | None
 ) -> None:
-    """List installed plugins: version, source, analyzers and options, hooks, load errors."""
+    """List installed plugins: version, source, analyzers and options, models, datasets,
+    hooks, load errors."""
     import json
 
     from explainkit.manager import hook_names, load_plugins, plugin_info
@@ -482,6 +483,11 @@ def plugins_command(
                 default = f" (default: {o['default']})" if o["default"] is not None else ""
                 kind = "|".join(o["choices"]) if o["choices"] else o["type"].upper()
                 click.echo(f"    {o['flag']} {kind}{default}  {o['help']}")
+        for m in row["models"]:
+            layer = f" [layer {m['default_layer']}]" if m.get("default_layer") else ""
+            click.echo(f"  model {m['name']}: {m['summary']}{layer}".rstrip(": "))
+        for d in row["datasets"]:
+            click.echo(f"  dataset {d['name']}: {d['summary']}".rstrip(": "))
         for error in row["errors"]:
             click.echo(f"  error: {error}")
 

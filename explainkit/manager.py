@@ -7,7 +7,11 @@ validation or raises in a hook is recorded (shown by ``explainkit plugins``, men
 stderr) and skipped, so one broken plugin never breaks the CLI; set
 ``EXPLAINKIT_RAISE_ERRORS=1`` to get the traceback instead.
 
-Nothing here imports torch: plugin modules import heavy code inside ``Analyzer.run``.
+The registries built from the hooks (analyzers, models, datasets) are collected the same way:
+each plugin's hook runs on its own, built-ins first, and a plugin that fails is skipped.
+
+Nothing here imports torch: plugin modules import heavy code inside ``Analyzer.run``, a
+model's ``build`` and a dataset's ``load``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,7 @@ from typing import Any
 import pluggy
 
 from explainkit import hookspecs
-from explainkit.errors import PluginError, error_sentence, unknown_name_message
+from explainkit.errors import PluginError, did_you_mean, error_sentence, unknown_name_message
 
 __all__ = [
     "DEFAULT_PLUGINS",
@@ -32,11 +37,17 @@ __all__ = [
     "AnalyzerEntry",
     "LoadError",
     "ExplainkitPluginManager",
+    "Registered",
+    "current_plugins",
     "get_plugin_manager",
     "get_analyzers",
+    "get_datasets",
+    "get_models",
     "hook_names",
     "load_plugins",
+    "model_choices",
     "reset_plugins",
+    "unknown_model_message",
     "register_plugin_commands",
     "plugin_info",
 ]
@@ -52,6 +63,8 @@ DEFAULT_PLUGINS = (
     "explainkit.plugins.quality",
     "explainkit.plugins.evolution",
     "explainkit.plugins.model",
+    "explainkit.plugins.models",
+    "explainkit.plugins.datasets",
 )
 
 # Where a plugin came from, as shown by ``explainkit plugins``.
@@ -88,6 +101,18 @@ class AnalyzerEntry:
     """One registered analyzer and the plugin that provided it."""
 
     cls: type
+    plugin_name: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Registered:
+    """One registered model, model family or dataset and the plugin that provided it.
+
+    ``item`` is a ``ModelEntry``, ``ModelFamily`` or ``DatasetEntry`` (explainkit.hookspecs).
+    """
+
+    item: Any
     plugin_name: str
     source: str
 
@@ -286,37 +311,130 @@ def get_analyzers(pm: ExplainkitPluginManager) -> dict[str, AnalyzerEntry]:
     """
     from explainkit.analyzer import check_analyzer_class
 
-    caller = pm.hook.register_analyzers
+    def check(cls: Any, plugin: str) -> str:
+        check_analyzer_class(cls, plugin)
+        return cls.name
+
+    found = _collect(pm, "register_analyzers", "analyzer name", check)
+    entries = {k: AnalyzerEntry(r.item, r.plugin_name, r.source) for k, r in found.items()}
+    return dict(sorted(entries.items()))
+
+
+def get_models(pm: ExplainkitPluginManager) -> dict[str, Registered]:
+    """Every plugin's models, collected like :func:`get_analyzers`, in registration order.
+
+    Keys are a ModelEntry's name (``"resnet18"``) or a ModelFamily's prefix and a colon
+    (``"torchvision:"``); built-ins come first. A failing plugin is recorded and skipped; a
+    name or prefix registered twice keeps the first and records a PluginError naming both.
+    Nothing is built and no family is asked for its names: this stays cheap.
+    """
+    return _collect(pm, "register_models", "model name", hookspecs.check_model_item)
+
+
+def get_datasets(pm: ExplainkitPluginManager) -> dict[str, Registered]:
+    """Every plugin's datasets by name, collected like :func:`get_models`."""
+    return _collect(pm, "register_datasets", "dataset name", hookspecs.check_dataset_entry)
+
+
+def model_choices(models: dict[str, Registered]) -> str:
+    """``resnet18-s8, resnet18, torchvision:NAME, timm:NAME``: the registered names, short."""
+    return ", ".join(key + "NAME" if key.endswith(":") else key for key in models)
+
+
+def unknown_model_message(name: str, models: dict[str, Registered]) -> str:
+    """``unknown model 'resnet50'; did you mean 'torchvision:resnet50'? available: ...``.
+
+    A name a family has (``resnet50`` without its prefix) is suggested with the prefix; else
+    the closest registered name, or the closest name of a family. Families are asked for
+    their names here only (it may import their library); one that cannot answer is left out.
+    """
+    suggestion = _suggest_model(name, models)
+    shown = repr(name) if len(name) <= 60 else repr(name[:59]) + "…"
+    text = f"unknown model {shown}"
+    text += f"; did you mean {suggestion!r}?" if suggestion else ";"
+    return (
+        f"{text} available: {model_choices(models)} "
+        "(plugins register more: explainkit plugins --all lists them)"
+    )
+
+
+def _family_names(family: Any) -> list[str]:
+    try:
+        return [str(n) for n in family.names()]
+    except Exception:  # a suggestion is optional (timm not installed, say)
+        return []
+
+
+def _suggest_model(name: str, models: dict[str, Registered]) -> str | None:
+    if len(name) > 200:
+        return None
+    plain = [key for key in models if not key.endswith(":")]
+    families = [r.item for key, r in models.items() if key.endswith(":")]
+    prefix, colon, rest = name.partition(":")
+    if colon:  # PREFIX:NAME: among that family's names, or the closest prefix
+        family = next((f for f in families if f.prefix == prefix), None)
+        if family is None:
+            close = _closest(prefix, [f.prefix for f in families])
+            return f"{close}:{rest}" if close else None
+        close = _closest(rest, _family_names(family))
+        return f"{prefix}:{close}" if close else None
+    qualified: dict[str, str] = {}
+    for family in families:
+        for member in _family_names(family):
+            qualified.setdefault(member, f"{family.prefix}:{member}")
+    if name in qualified:  # resnet50 -> torchvision:resnet50
+        return qualified[name]
+    close = _closest(name, plain)
+    if close:
+        return close
+    close = _closest(name, list(qualified))
+    return qualified[close] if close else None
+
+
+def _closest(name: str, known: list[str]) -> str | None:
+    """The known name closest to a mistyped one, or None."""
+    close = did_you_mean(name, known)
+    return close[0] if close else None
+
+
+def _collect(
+    pm: ExplainkitPluginManager,
+    hook: str,
+    what: str,
+    check: Callable[[Any, str], str],
+) -> dict[str, Registered]:
+    """Call ``hook`` plugin by plugin (built-ins first, then by name) with a ``register``
+    callback; ``check(item, plugin)`` validates an item and returns its key."""
+    caller = getattr(pm.hook, hook)
     impls = caller.get_hookimpls()
     all_plugins = [impl.plugin for impl in impls]
     impls = sorted(
         impls, key=lambda i: (pm.source_of(i.plugin_name) != SOURCE_BUILTIN, i.plugin_name)
     )
-    registry: dict[str, AnalyzerEntry] = {}
+    registry: dict[str, Registered] = {}
     for impl in impls:
         plugin_name = impl.plugin_name
         source = pm.source_of(plugin_name)
-        found: dict[str, AnalyzerEntry] = {}
+        found: dict[str, Registered] = {}
 
-        def register(cls: Any, _plugin: str = plugin_name, _found: dict = found) -> None:
-            check_analyzer_class(cls, _plugin)
-            name = cls.name
-            other = registry.get(name) or _found.get(name)
+        def register(item: Any, _plugin: str = plugin_name, _found: dict = found) -> None:
+            key = check(item, _plugin)
+            other = registry.get(key) or _found.get(key)
             if other is not None:
                 raise PluginError(
-                    f"analyzer name {name!r} is registered by both plugin "
-                    f"{other.plugin_name!r} and plugin {_plugin!r}; rename one of them"
+                    f"{what} {key!r} is registered by both plugin {other.plugin_name!r} and "
+                    f"plugin {_plugin!r}; rename one of them"
                 )
-            _found[name] = AnalyzerEntry(cls, _plugin, pm.source_of(_plugin))
+            _found[key] = Registered(item, _plugin, pm.source_of(_plugin))
 
         others = [p for p in all_plugins if p is not impl.plugin]
         try:
-            pm.subset_hook_caller("register_analyzers", remove_plugins=others)(register=register)
+            pm.subset_hook_caller(hook, remove_plugins=others)(register=register)
         except (Exception, SystemExit) as exc:
             pm.record_error(plugin_name, source, exc)
             continue
         registry.update(found)
-    return dict(sorted(registry.items()))
+    return registry
 
 
 def register_plugin_commands(cli: Any, pm: ExplainkitPluginManager) -> None:
@@ -333,11 +451,14 @@ def register_plugin_commands(cli: Any, pm: ExplainkitPluginManager) -> None:
 
 
 def plugin_info(pm: ExplainkitPluginManager, include_builtin: bool = False) -> list[dict]:
-    """Describe each plugin for ``explainkit plugins``: source, version, hooks, analyzers, errors.
+    """Describe each plugin for ``explainkit plugins``: source, version, hooks, analyzers,
+    models, datasets, errors.
 
     Plugins that failed to load appear with their ``errors`` and no hooks. Sorted by name.
     """
     analyzers = get_analyzers(pm)
+    models = get_models(pm)
+    datasets = get_datasets(pm)
     dists = {pm.get_name(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     errors: dict[str, list[LoadError]] = {}
     for err in pm.load_errors:
@@ -375,6 +496,12 @@ def plugin_info(pm: ExplainkitPluginManager, include_builtin: bool = False) -> l
                     for key, entry in analyzers.items()
                     if entry.plugin_name == name
                 ],
+                "models": [_model_info(r.item) for r in models.values() if r.plugin_name == name],
+                "datasets": [
+                    {"name": r.item.name, "summary": r.item.summary}
+                    for r in datasets.values()
+                    if r.plugin_name == name
+                ],
                 "errors": [e.error for e in errors.get(name, [])],
             }
         )
@@ -392,9 +519,22 @@ def _analyzer_info(name: str, entry: AnalyzerEntry) -> dict:
     }
 
 
+def _model_info(item: Any) -> dict:
+    if isinstance(item, hookspecs.ModelFamily):
+        return {"name": f"{item.prefix}:NAME", "family": True, "summary": item.summary}
+    return {
+        "name": item.name,
+        "family": False,
+        "summary": item.summary,
+        "default_layer": item.default_layer,
+        "reshape": item.reshape,
+    }
+
+
 # -- cached loading for the CLI ------------------------------------------------------------
 
 _loaded: dict[str | None, ExplainkitPluginManager] = {}
+_current: list[ExplainkitPluginManager] = []  # the one load_plugins returned last
 
 
 def load_plugins(
@@ -413,12 +553,25 @@ def load_plugins(
     if pm is None:
         pm = get_plugin_manager(entrypoints=True, plugins_dir=plugins_dir)
         _loaded[key] = pm
+    _current[:] = [pm]
     return pm
+
+
+def current_plugins() -> ExplainkitPluginManager:
+    """The manager this process's command loaded (with its ``--plugins-dir``), else
+    :func:`load_plugins`'s default one.
+
+    What name lookups use when given no manager (``explainkit.models.registry.model_entry``,
+    ``explainkit.data.load_dataset``, loading a run's model), so a model or dataset from a
+    plugins folder resolves wherever the command needs it.
+    """
+    return _current[0] if _current else load_plugins()
 
 
 def reset_plugins() -> None:
     """Forget the cached manager (and the warnings printed), as a fresh process would."""
     _loaded.clear()
+    _current.clear()
     _WARNED.clear()
 
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from explainkit import hookimpl, manager
 from explainkit.analyzer import Analyzer, Option
 from explainkit.cli import cli
+from explainkit.data import Dataset
 from explainkit.errors import PluginError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -327,6 +328,194 @@ def test_hook_register_analyzers_exception_is_isolated(pm):
     assert len(pm.load_errors) == 1  # recorded once
 
 
+class ItemsPlugin:
+    """An in-test plugin registering the given models (or datasets) as they are."""
+
+    def __init__(self, *items, hook="register_models"):
+        self.items = items
+        self.hook = hook
+
+    @hookimpl
+    def register_models(self, register):
+        for item in self.items if self.hook == "register_models" else ():
+            register(item)
+
+    @hookimpl
+    def register_datasets(self, register):
+        for item in self.items if self.hook == "register_datasets" else ():
+            register(item)
+
+
+def tiny_net(num_classes, width=4):
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(width, num_classes),
+    )  # fmt: skip
+
+
+def test_hook_register_models(pm):
+    from explainkit.models.registry import ModelEntry, ModelFamily, build_model, model_entry
+
+    nets = {"small": 4, "large": 16}
+
+    def resolve(name):
+        return ModelEntry(f"nets:{name}", lambda num_classes: tiny_net(num_classes, nets[name]))
+
+    pm.register(
+        ItemsPlugin(
+            ModelEntry("ek_tiny", tiny_net, default_layer="1", reshape="nchw", summary="Tiny."),
+            ModelFamily("nets", lambda name: resolve(name) if name in nets else None, nets.copy),
+        ),
+        name="undo-models",
+    )
+    models = manager.get_models(pm)
+    assert list(models)[:2] == ["resnet18-s8", "resnet18"]  # built-ins first
+    assert models["ek_tiny"].plugin_name == "undo-models" and models["nets:"].source == "registered"
+    model = build_model("ek_tiny", 3, pm=pm, width=2)
+    assert model[0].out_channels == 2 and model[-1].out_features == 3
+    assert build_model("nets:large", 5, pm=pm)[0].out_channels == 16
+    assert model_entry("nets:small", pm).name == "nets:small"
+    with pytest.raises(Exception, match="did you mean 'nets:small'"):
+        model_entry("nets:smal", pm)
+    assert not pm.load_errors
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("resnet", "registered str 'resnet', not a ModelEntry or ModelFamily"),
+        (("name with space", tiny_net), "model name 'name with space' of plugin 'undo-bad'"),
+        (("ek_x", "not callable"), "model 'ek_x': build of plugin 'undo-bad' is 'not callable'"),
+        (("ek_x", tiny_net, "layer4", "nhwc"), "reshape 'nhwc' is not one of nchw, vit, swin"),
+        (("ek_x", tiny_net, None, None, 224, (0.5, 0.5)), "mean of plugin 'undo-bad'"),
+        (("ek_x", tiny_net, None, None, 224, None, (1, 0, 1)), "not 3 finite numbers above 0"),
+    ],
+)
+def test_hook_register_models_rejects_invalid(pm, bad, message):
+    from explainkit.models.registry import ModelEntry
+
+    item = ModelEntry(*bad) if isinstance(bad, tuple) else bad
+    pm.register(ItemsPlugin(item), name="undo-bad")
+    pm.register(ItemsPlugin(ModelEntry("ek_fine", tiny_net)), name="undo-fine")
+    models = manager.get_models(pm)
+    assert "ek_fine" in models and "ek_x" not in models
+    (err,) = [e for e in pm.load_errors if e.plugin == "undo-bad"]
+    assert message in err.error, err.error
+
+
+def test_hook_register_models_duplicate_names_both_plugins(pm):
+    from explainkit.models.registry import ModelEntry, ModelFamily
+
+    pm.register(ItemsPlugin(ModelEntry("resnet18", tiny_net)), name="undo-shadow")
+    pm.register(ItemsPlugin(ModelFamily("torchvision", dict, list)), name="undo-family")
+    models = manager.get_models(pm)
+    assert models["resnet18"].plugin_name == "explainkit.plugins.models"  # built-ins win
+    assert models["torchvision:"].plugin_name == "explainkit.plugins.models"
+    errors = {e.plugin: e.error for e in pm.load_errors}
+    assert "model name 'resnet18' is registered by both plugin 'explainkit.plugins.models' " \
+        "and plugin 'undo-shadow'" in errors["undo-shadow"]  # fmt: skip
+    assert "'torchvision:' is registered by both" in errors["undo-family"]
+
+
+def test_hook_register_models_exception_is_isolated(pm):
+    from explainkit.models.registry import ModelEntry
+
+    class Raises:
+        @hookimpl
+        def register_models(self, register):
+            register(ModelEntry("ek_partial", tiny_net))
+            raise RuntimeError("models blew up")
+
+    pm.register(Raises(), name="undo-raises")
+    models = manager.get_models(pm)
+    assert "ek_partial" not in models and "resnet18" in models  # all or nothing
+    assert [e.error for e in pm.load_errors] == ["RuntimeError: models blew up"]
+
+
+def stripes(split, image_size, limit, seed):
+    import numpy as np
+
+    n = min(limit or 40, 40)
+    images = np.full((n, 20, 30, 3), 10 * seed, np.uint8)  # not square, not image_size
+    targets = np.arange(n) % 2
+    images[targets == 1, ::4] = 255
+    return Dataset(
+        images=images, targets=targets, classes=["plain", "striped"], index=np.arange(n),
+        name=f"stripes-{split}",
+    )  # fmt: skip
+
+
+def test_hook_register_datasets(pm):
+    from explainkit.data import DatasetEntry, dataset_names, load_dataset
+
+    pm.register(
+        ItemsPlugin(DatasetEntry("ek_stripes", stripes, "Stripes."), hook="register_datasets"),
+        name="undo-data",
+    )
+    assert dataset_names(pm) == ["cifar10", "shapes", "folder", "ek_stripes"]
+    ds = load_dataset("ek_stripes", "train", image_size=16, seed=2, limit=6, pm=pm)
+    # Kept the first 6, made 16-pixel squares (centre crop of the 20x30 images).
+    assert ds.images.shape == (6, 16, 16, 3) and ds.sizes.tolist() == [[20, 30]] * 6
+    assert ds.targets.dtype.name == "int64" and ds.name == "stripes-train"
+    assert ds.images[0].max() == 20 and ds.images[1].max() > 150  # plain, striped (blurred)
+
+
+@pytest.mark.parametrize(
+    ("load", "message"),
+    [
+        (lambda: [1, 2], "returned list, not an explainkit.data.Dataset"),
+        (lambda: _dataset(targets=[0, 5]), "targets outside 0..1 (its 2 classes)"),
+        (lambda: _dataset(images_dtype="float32"), "images that are not a uint8"),
+        (lambda: _dataset(classes=[]), "no class names"),
+    ],
+)
+def test_hook_register_datasets_refuses_what_a_load_returns_wrong(pm, load, message):
+    from explainkit.data import DatasetEntry, load_dataset
+    from explainkit.errors import DataError
+
+    pm.register(ItemsPlugin(DatasetEntry("ek_bad", load), hook="register_datasets"), name="bad")
+    with pytest.raises(DataError) as e:
+        load_dataset("ek_bad", "train", pm=pm)
+    assert str(e.value).startswith("dataset 'ek_bad' of plugin 'bad' returned ")
+    assert message in str(e.value)
+
+
+def _dataset(targets=(0, 1), images_dtype="uint8", classes=("a", "b")):
+    import numpy as np
+
+    n = len(targets)
+    return Dataset(
+        images=np.zeros((n, 8, 8, 3), images_dtype), targets=np.asarray(targets),
+        classes=list(classes), index=np.arange(n),
+    )  # fmt: skip
+
+
+def test_hook_register_datasets_rejects_invalid_and_duplicates(pm):
+    from explainkit.data import DatasetEntry
+
+    pm.register(ItemsPlugin(DatasetEntry("shapes", stripes), hook="register_datasets"), name="dup")
+    pm.register(ItemsPlugin("shapes", hook="register_datasets"), name="wrong")
+    datasets = manager.get_datasets(pm)
+    assert datasets["shapes"].plugin_name == "explainkit.plugins.datasets"
+    errors = {e.plugin: e.error for e in pm.load_errors}
+    assert "dataset name 'shapes' is registered by both plugin" in errors["dup"]
+    assert "registered str 'shapes', not a DatasetEntry" in errors["wrong"]
+
+
+def test_model_and_dataset_registries_import_no_torch():
+    code = (
+        "import sys, explainkit.manager as m\n"
+        "pm = m.load_plugins()\n"
+        "print(list(m.get_models(pm)), list(m.get_datasets(pm)))\n"
+        "print(sorted({'torch', 'torchvision', 'numpy', 'h5py'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    models, imported = out.stdout.strip().splitlines()
+    assert "'torchvision:'" in models and "'folder'" in models and imported == "[]", out.stderr
+
+
 def test_hook_register_commands(pm):
     class Commands:
         @hookimpl
@@ -463,6 +652,47 @@ def test_plugins_command(tmp_path):
     assert text.exit_code == 0
     assert "analyzer ek_alpha: The alpha analyzer." in text.stdout
     assert "error: ImportError: broken on purpose" in text.stdout
+
+
+def test_plugins_command_lists_each_plugins_models_and_datasets(tmp_path):
+    (tmp_path / "mine.py").write_text(
+        textwrap.dedent(
+            """
+            from explainkit import hookimpl
+            from explainkit.data import DatasetEntry
+            from explainkit.models.registry import ModelEntry
+
+            @hookimpl
+            def register_models(register):
+                register(ModelEntry("ek_net", print, "features", "nchw", summary="A net."))
+
+            @hookimpl
+            def register_datasets(register):
+                register(DatasetEntry("ek_pics", print, summary="Some pictures."))
+            """
+        )
+    )
+    runner = CliRunner()
+    text = runner.invoke(cli, ["plugins", "--plugins-dir", str(tmp_path)])
+    assert text.exit_code == 0, text.output
+    assert text.stdout.splitlines() == [
+        "mine  [plugins-dir]",
+        "  hooks: register_datasets, register_models",
+        "  model ek_net: A net. [layer features]",
+        "  dataset ek_pics: Some pictures.",
+    ]
+    rows = json.loads(runner.invoke(cli, ["plugins", "--all", "--json"]).stdout)
+    by_name = {r["name"]: r for r in rows}
+    models = by_name["explainkit.plugins.models"]["models"]
+    assert [m["name"] for m in models] == [
+        "resnet18-s8", "resnet18", "torchvision:NAME", "timm:NAME",
+    ]  # fmt: skip
+    assert models[0]["default_layer"] == "layer4" and models[2]["family"] is True
+    datasets = by_name["explainkit.plugins.datasets"]["datasets"]
+    assert [d["name"] for d in datasets] == ["cifar10", "shapes", "folder"]
+    listed = runner.invoke(cli, ["plugins", "--all"]).stdout
+    assert "  model torchvision:NAME: Every torchvision classification model" in listed
+    assert "  dataset shapes: Synthetic shapes" in listed
 
 
 # -- a real distribution, pip-installed into a temporary target ----------------------------

@@ -1,18 +1,31 @@
-"""Datasets as plain numpy arrays: one in-memory shape for CIFAR-10, synthetic shapes and folders.
+"""Datasets as plain numpy arrays: one in-memory shape for every dataset, found by name.
 
-Everything here imports numpy only; readers and torch-based augmentation load lazily so that
-`explainkit --help` stays fast.
+Datasets are registered by plugins through the ``register_datasets`` hook as
+:class:`DatasetEntry` objects; explainkit's own (cifar10, shapes, folder) come from the
+built-in plugin ``explainkit.plugins.datasets``, registered exactly as a third party's would be.
+:func:`load_dataset` looks a name up (loading the plugins on first use), checks what the
+dataset returned, keeps the first ``limit`` images and resizes them to ``image_size``.
+
+Importing this package imports neither numpy nor torch (plugins import it to register their
+datasets); readers and torch-based augmentation load lazily so `explainkit --help` stays fast.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from explainkit.errors import DataError, did_you_mean
+from explainkit.hookspecs import DatasetEntry
 
-from explainkit.errors import DataError
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import numpy as np
 
+    from explainkit.manager import ExplainkitPluginManager, Registered
+
+# explainkit's own datasets, in the order the built-in plugin registers them.
 DATASETS = ("cifar10", "shapes", "folder")
 SPLITS = ("train", "eval")
 
@@ -58,6 +71,37 @@ class Dataset:
         )
 
 
+def dataset_names(pm: ExplainkitPluginManager | None = None) -> list[str]:
+    """The registered dataset names, built-ins first, in registration order."""
+    return list(_registry(pm))
+
+
+def _registry(pm: ExplainkitPluginManager | None) -> dict[str, Registered]:
+    from explainkit.manager import current_plugins, get_datasets
+
+    return get_datasets(pm if pm is not None else current_plugins())
+
+
+def unknown_dataset_message(name: str, known: list[str]) -> str:
+    """``'mnist' is not one of cifar10, shapes, folder; did you mean ...?``, the value cut."""
+    shown = repr(name) if len(name) <= 60 else repr(name[:59]) + "…"
+    close = did_you_mean(name, known) if len(name) <= 200 else []
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (
+        f"{shown} is not one of {', '.join(known) or 'none'}{hint} (plugins register more: "
+        "explainkit plugins --all lists them)"
+    )
+
+
+def dataset_entry(name: str, pm: ExplainkitPluginManager | None = None) -> DatasetEntry:
+    """The registered dataset ``name``; DataError with a did-you-mean when there is none."""
+    datasets = _registry(pm)
+    found = datasets.get(name)
+    if found is None:
+        raise DataError(f"unknown dataset: {unknown_dataset_message(str(name), list(datasets))}")
+    return found.item
+
+
 def load_dataset(
     name: str,
     split: str,
@@ -66,43 +110,139 @@ def load_dataset(
     seed: int = 0,
     limit: int | None = None,
     download: bool = True,
+    pm: ExplainkitPluginManager | None = None,
 ) -> Dataset:
-    """Load one split of a named dataset; `limit` keeps the first `limit` images."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    """Load one split of a registered dataset as ``image_size`` squares.
+
+    Args:
+        name: A registered dataset (``cifar10``, ``shapes``, ``folder`` or a plugin's).
+        split: ``"train"`` or ``"eval"``.
+        data_dir: Where its files are (``--data-dir``), for the datasets that read files.
+        image_size: Side of the square images returned; other sizes are resized (the shorter
+            side to ``image_size``, then the centre cropped), their original sizes kept in
+            ``sizes``.
+        seed: For datasets that draw or split at random.
+        limit: Keep the first ``limit`` images.
+        download: Whether fetching missing files is allowed.
+        pm: The plugin manager (default: the running command's).
+
+    Raises:
+        DataError: An unknown name or split, a bad value, or what the dataset returned is not
+            a well-formed ``Dataset``.
+    """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose 'train' or 'eval'")
     if image_size < 8:
         raise DataError(f"image_size must be at least 8 pixels, got {image_size}")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of images, got {limit}")
-    if name == "cifar10":
-        from explainkit.data.cifar10 import load_cifar10
+    datasets = _registry(pm)
+    if name not in datasets:
+        raise DataError(f"unknown dataset: {unknown_dataset_message(str(name), list(datasets))}")
+    found = datasets[name]
+    entry: DatasetEntry = found.item
+    offered = {
+        "split": split,
+        "data_dir": None if data_dir is None else str(data_dir),
+        "image_size": image_size,
+        "seed": seed,
+        "limit": limit,
+        "download": download,
+    }
+    ds = entry.load(**_accepted(entry.load, offered))
+    ds = _checked(ds, name, found.plugin_name).take(limit)
+    return _fit(_with_sizes(ds), image_size)
 
-        ds = _with_sizes(load_cifar10(split, data_dir, download=download).take(limit))
-        if image_size != ds.images.shape[1]:
-            ds.images = resize_images(ds.images, image_size)
-        return ds
-    if name == "shapes":
-        from explainkit.data.shapes import make_shapes
 
-        return _with_sizes(make_shapes(split, image_size=image_size, seed=seed, limit=limit))
-    from explainkit.data.folder import load_folder
+def _accepted(func: Any, offered: dict[str, Any]) -> dict[str, Any]:
+    """The arguments ``func`` names (all of them when it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return offered
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return offered
+    return {k: v for k, v in offered.items() if k in params}
 
-    if data_dir is None:
-        raise DataError("the folder dataset needs --data-dir pointing at an ImageFolder tree")
-    return load_folder(split, data_dir, image_size=image_size, seed=seed, limit=limit)
+
+def _checked(ds: Any, name: str, plugin: str) -> Dataset:
+    """``ds`` if it is a well-formed Dataset (targets and index as int64); DataError naming
+    the dataset and its plugin otherwise."""
+    import numpy as np
+
+    def bad(problem: str) -> DataError:
+        return DataError(f"dataset {name!r} of plugin {plugin!r} returned {problem}; fix its load")
+
+    if not isinstance(ds, Dataset):
+        raise bad(f"{type(ds).__name__}, not an explainkit.data.Dataset")
+    images = ds.images
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+        raise bad("images that are not a uint8 (N, H, W, 3) array")
+    if images.shape[-1] != 3 or len(images) == 0 or min(images.shape[1:3]) < 1:
+        raise bad(f"images of shape {images.shape}, not a non-empty (N, H, W, 3) array")
+    n = len(images)
+    if not isinstance(ds.classes, list) or not ds.classes:
+        raise bad("no class names (classes must be a non-empty list of str)")
+    if not all(isinstance(c, str) for c in ds.classes):
+        raise bad("class names that are not all str")
+    for field in ("targets", "index"):
+        values = np.asarray(getattr(ds, field))
+        if values.shape != (n,) or not np.issubdtype(values.dtype, np.integer):
+            raise bad(f"{field} that are not {n} integers (one per image)")
+        setattr(ds, field, values.astype(np.int64, copy=False))
+    if ds.targets.min() < 0 or ds.targets.max() >= len(ds.classes):
+        raise bad(f"targets outside 0..{len(ds.classes) - 1} (its {len(ds.classes)} classes)")
+    if ds.masks is not None and np.shape(ds.masks) != images.shape[:3]:
+        raise bad(f"masks of shape {np.shape(ds.masks)}, not {images.shape[:3]}")
+    if not ds.name:
+        ds.name = name
+    return ds
 
 
 def _with_sizes(ds: Dataset) -> Dataset:
     """``ds`` with ``sizes`` recorded: its images' own (H, W), for datasets of one size."""
+    import numpy as np
+
     if ds.sizes is None:
         ds.sizes = np.tile(np.asarray(ds.images.shape[1:3], np.int64), (len(ds), 1))
     return ds
 
 
+def _fit(ds: Dataset, size: int) -> Dataset:
+    """``ds`` with its images (and masks) made ``size`` squares, when they are not."""
+    if ds.images.shape[1:3] == (size, size):
+        return ds
+    ds.images = fit_images(ds.images, size)
+    if ds.masks is not None:
+        ds.masks = fit_images(ds.masks, size, nearest=True)
+    return ds
+
+
+def fit_images(images: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+    """Resize uint8 images (N, H, W, 3), or masks (N, H, W), to size x size squares.
+
+    The shorter side becomes ``size`` and the centre is cropped, so nothing is stretched
+    (a square image is simply resized). Bilinear for images, nearest for masks (PIL).
+    """
+    import numpy as np
+    from PIL import Image
+
+    resample = Image.NEAREST if nearest else Image.BILINEAR
+    out = np.empty((len(images), size, size, *images.shape[3:]), dtype=images.dtype)
+    for i, img in enumerate(images):
+        h, w = img.shape[:2]
+        scale = size / min(h, w)
+        rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+        resized = Image.fromarray(img).resize((rw, rh), resample)
+        left, top = (rw - size) // 2, (rh - size) // 2
+        out[i] = np.asarray(resized.crop((left, top, left + size, top + size)))
+    return out
+
+
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std in [0,1] units, accumulated in float64 chunk by chunk."""
+    import numpy as np
+
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
         raise DataError(f"channel_stats expects non-empty (N,H,W,3) images, got {images.shape}")
@@ -119,7 +259,9 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 NHWC images to size x size (bilinear, PIL) for --image-size."""
+    """Resize uint8 NHWC images to size x size (bilinear, PIL), stretching non-square ones
+    (:func:`fit_images` crops them instead)."""
+    import numpy as np
     from PIL import Image
 
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
@@ -133,7 +275,12 @@ __all__ = [
     "CIFAR10_STD",
     "DATASETS",
     "Dataset",
+    "DatasetEntry",
     "channel_stats",
+    "dataset_entry",
+    "dataset_names",
+    "fit_images",
     "load_dataset",
     "resize_images",
+    "unknown_dataset_message",
 ]

@@ -1,0 +1,67 @@
+"""Built-in datasets: CIFAR-10, the synthetic shapes and any ImageFolder tree.
+
+Registered through the ``register_datasets`` hook exactly as a third-party plugin would, with
+public names only; each loader imports its reader (and numpy) when it runs. explainkit's
+``load_dataset`` then keeps the first ``limit`` images and resizes them to ``--image-size``
+(docs/datasets.md describes each dataset).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from explainkit import hookimpl
+from explainkit.data import Dataset, DatasetEntry
+from explainkit.errors import DataError
+
+__all__ = ["load_cifar10_split", "load_folder_split", "load_shapes_split", "register_datasets"]
+
+
+@hookimpl
+def register_datasets(register: Any) -> None:
+    register(
+        DatasetEntry(
+            "cifar10",
+            load_cifar10_split,
+            summary="CIFAR-10 from --data-dir (downloaded when missing): 32x32 photos, 10 classes.",
+        )
+    )
+    register(
+        DatasetEntry(
+            "shapes",
+            load_shapes_split,
+            summary="Synthetic shapes with object masks, drawn from --seed (no files needed).",
+        )
+    )
+    register(
+        DatasetEntry(
+            "folder",
+            load_folder_split,
+            summary="Any ImageFolder tree in --data-dir (one subfolder per class).",
+        )
+    )
+
+
+def load_cifar10_split(split: str, data_dir: str | None, download: bool) -> Dataset:
+    """The CIFAR-10 python batches at their own 32x32 (explainkit resizes them)."""
+    from explainkit.data.cifar10 import load_cifar10
+
+    return load_cifar10(split, data_dir, download=download)
+
+
+def load_shapes_split(split: str, image_size: int, seed: int, limit: int | None) -> Dataset:
+    """The shapes, drawn at ``image_size`` (sharper than resizing them)."""
+    from explainkit.data.shapes import make_shapes
+
+    return make_shapes(split, image_size=image_size, seed=seed, limit=limit)
+
+
+def load_folder_split(
+    split: str, data_dir: str | None, image_size: int, seed: int, limit: int | None
+) -> Dataset:
+    """An ImageFolder tree, each image decoded and resized to ``image_size``."""
+    from explainkit.data.folder import load_folder
+
+    if data_dir is None:
+        raise DataError("the folder dataset needs --data-dir pointing at an ImageFolder tree")
+    return load_folder(split, data_dir, image_size=image_size, seed=seed, limit=limit)

@@ -1,0 +1,282 @@
+"""Built-in models: explainkit's CIFAR ResNets, every torchvision classifier, every timm model.
+
+Registered through the ``register_models`` hook exactly as a third-party plugin would, with
+public names only. Nothing is imported at module level beyond explainkit's light modules:
+torch, torchvision and timm load when a model is built or a family name is resolved.
+
+* ``resnet18-s8`` and ``resnet18``: explainkit's ResNet18 variants for small images
+  (``explainkit.models.resnet``); they take ``width`` (``--width``).
+* ``torchvision:NAME``: any of ``torchvision.models.list_models(module=torchvision.models)``,
+  built with random weights; ``--weights IMAGENET1K_V1`` (or ``ResNet50_Weights.IMAGENET1K_V1``)
+  downloads torchvision's pretrained weights. ViTs take ``image_size`` (``--image-size``).
+* ``timm:NAME``: any of ``timm.list_models()`` when timm is installed (``pip install
+  explainkit[timm]``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+from typing import Any
+
+from explainkit import hookimpl
+from explainkit.config import ConfigError
+from explainkit.models.registry import ModelEntry, ModelFamily
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "register_models",
+    "timm_entry",
+    "timm_names",
+    "torchvision_entry",
+    "torchvision_layer",
+    "torchvision_names",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TIMM_MISSING = "timm models need timm: pip install explainkit[timm]"
+
+
+@hookimpl
+def register_models(register: Any) -> None:
+    register(
+        ModelEntry(
+            "resnet18-s8",
+            _resnet18_s8,
+            default_layer="layer4",
+            reshape="nchw",
+            summary="The seed's ResNet18 for small images: 8x8 last stage, 2x2-pooled head "
+            "(takes --width).",
+        )
+    )
+    register(
+        ModelEntry(
+            "resnet18",
+            _resnet18,
+            default_layer="layer4",
+            reshape="nchw",
+            summary="The common CIFAR ResNet18: last stage at stride 2, global pooling "
+            "(takes --width).",
+        )
+    )
+    register(
+        ModelFamily(
+            "torchvision",
+            torchvision_entry,
+            torchvision_names,
+            summary="Every torchvision classification model (torchvision:resnet50, "
+            "torchvision:vit_b_16, ...); --weights IMAGENET1K_V1 for pretrained weights.",
+        )
+    )
+    register(
+        ModelFamily(
+            "timm",
+            timm_entry,
+            timm_names,
+            summary="Every timm model (timm:convnext_tiny, ...), when timm is installed "
+            "(pip install explainkit[timm]).",
+        )
+    )
+
+
+# -- explainkit's ResNets --------------------------------------------------------------------
+
+
+def _resnet18_s8(num_classes: int, width: int = 64) -> Any:
+    from explainkit.models import build_model
+
+    return build_model("resnet18-s8", num_classes=num_classes, width=width)
+
+
+def _resnet18(num_classes: int, width: int = 64) -> Any:
+    from explainkit.models import build_model
+
+    return build_model("resnet18", num_classes=num_classes, width=width)
+
+
+# -- torchvision ---------------------------------------------------------------------------
+
+
+def torchvision_names() -> list[str]:
+    """Every torchvision classification model (not detection, segmentation, video...)."""
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def torchvision_entry(name: str) -> ModelEntry:
+    """The ModelEntry of ``torchvision:NAME``; KeyError for a name torchvision lacks."""
+    if name not in torchvision_names():
+        raise KeyError(name)
+    layer, reshape = torchvision_layer(name)
+    if name.startswith("vit_"):  # a ViT's position embedding is sized for one image size
+        build: Any = partial(_build_torchvision_vit, name)
+    else:
+        build = partial(_build_torchvision, name)
+    return ModelEntry(
+        f"torchvision:{name}",
+        build,
+        default_layer=layer,
+        reshape=reshape,
+        input_size=_torchvision_input_size(name),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        summary=f"torchvision's {name}",
+        weights=partial(_torchvision_weights, name),
+    )
+
+
+def _build_torchvision(name: str, num_classes: int) -> Any:
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def _build_torchvision_vit(name: str, num_classes: int, image_size: int = 224) -> Any:
+    import torchvision
+
+    return torchvision.models.get_model(
+        name, weights=None, num_classes=num_classes, image_size=image_size
+    )
+
+
+def torchvision_layer(name: str) -> tuple[str | None, str | None]:
+    """(default_layer, reshape) of a torchvision model: its last stage, or (None, None) to
+    let explainkit locate one when training starts."""
+    if name.startswith(("resnet", "resnext", "wide_resnet")):
+        return "layer4", "nchw"
+    if name.startswith("vit_"):
+        # The last block's first LayerNorm: after that block's attention only the class
+        # token reaches the logits, so later outputs have no gradient on the patch tokens.
+        blocks = [
+            n for n, _ in _meta_model(name).named_modules() if n.startswith("encoder.layers.")
+        ]
+        last = max(int(n.split(".")[2].rsplit("_", 1)[1]) for n in blocks)
+        return f"encoder.layers.encoder_layer_{last}.ln_1", "vit"
+    if name.startswith(("swin_", "convnext_")):
+        last = len(_meta_model(name).features) - 1
+        return f"features.{last}", "swin" if name.startswith("swin_") else "nchw"
+    if name.startswith(("efficientnet_", "mobilenet_", "densenet", "vgg")):
+        return "features", "nchw"
+    return None, None
+
+
+def _meta_model(name: str) -> Any:
+    """The architecture without memory (the meta device), to read its module names."""
+    import torch
+
+    with torch.device("meta"):
+        return _build_torchvision(name, 10)
+
+
+def _torchvision_input_size(name: str) -> int | None:
+    """The crop size of the model's default pretrained weights (224; 299 for Inception)."""
+    from torchvision.models import get_model_weights
+
+    try:
+        crop = get_model_weights(name).DEFAULT.transforms().crop_size
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return None
+    return int(crop[0]) if crop else None
+
+
+def _torchvision_weights(model: str, weights: str) -> Any:
+    """The state_dict of torchvision weights ``weights`` (``IMAGENET1K_V1``, ``DEFAULT`` or
+    ``ResNet18_Weights.IMAGENET1K_V1``) of ``model``; downloads on first use (OSError when it
+    cannot), then reads torch hub's cache."""
+    from torchvision.models import get_model_weights, get_weight
+
+    enum = get_model_weights(model)
+    known = ", ".join(enum.__members__)
+    try:
+        chosen = get_weight(weights) if "." in weights else enum[weights]
+    except (KeyError, ValueError, AttributeError, TypeError):
+        chosen = None
+    if chosen is None or type(chosen) is not enum:
+        raise ConfigError(
+            f"--weights {weights!r} are not weights of torchvision:{model}; its weights: "
+            f"{known} (or a state_dict file)"
+        )
+    return chosen.get_state_dict(progress=False, check_hash=True)
+
+
+# -- timm ----------------------------------------------------------------------------------
+
+
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(TIMM_MISSING) from None
+    return timm
+
+
+def timm_names() -> list[str]:
+    """Every model timm can create (ConfigError when timm is not installed)."""
+    return list(_timm().list_models())
+
+
+def timm_entry(name: str) -> ModelEntry:
+    """The ModelEntry of ``timm:NAME``; KeyError for a name timm lacks."""
+    timm = _timm()
+    if not timm.is_model(name):
+        raise KeyError(name)
+    layer, reshape, cfg, sized = _timm_layout(name)
+    build: Any = partial(_build_timm_sized if sized else _build_timm, name)
+    size = cfg.get("input_size")
+    return ModelEntry(
+        f"timm:{name}",
+        build,
+        default_layer=layer,
+        reshape=reshape,
+        input_size=int(size[-1]) if size else None,
+        mean=_three(cfg.get("mean")),
+        std=_three(cfg.get("std")),
+        summary=f"timm's {name}",
+    )
+
+
+def _build_timm(name: str, num_classes: int) -> Any:
+    return _timm().create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def _build_timm_sized(name: str, num_classes: int, image_size: int = 224) -> Any:
+    return _timm().create_model(
+        name, pretrained=False, num_classes=num_classes, img_size=image_size
+    )
+
+
+def _timm_layout(name: str) -> tuple[str | None, str | None, dict, bool]:
+    """(default_layer, reshape, pretrained config, takes img_size) read from the architecture
+    built on the meta device; (None, None, {}, False) when it cannot be built there: its
+    default layer is then located when training starts."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = _build_timm(name, 10)
+    except Exception:  # some architectures compute shapes from data: locate a layer later
+        return None, None, {}, False
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    # Transformers size their position embeddings (or windows) for one image size.
+    sized = "img_size" in inspect.signature(type(model).__init__).parameters
+    blocks = getattr(model, "blocks", None)
+    if hasattr(model, "cls_token") and blocks is not None and len(blocks):
+        return f"blocks.{len(blocks) - 1}.norm1", "vit", cfg, sized
+    info = getattr(model, "feature_info", None)
+    try:
+        last = info[-1]["module"] if info else None
+    except (TypeError, KeyError, IndexError):
+        last = None
+    if not isinstance(last, str) or last not in dict(model.named_modules()):
+        return None, None, cfg, sized
+    swin = "swin" in type(model).__name__.lower()
+    return last, "swin" if swin else "nchw", cfg, sized
+
+
+def _three(values: Any) -> tuple[float, ...] | None:
+    if isinstance(values, (list, tuple)) and len(values) == 3:
+        return tuple(float(v) for v in values)
+    return None
