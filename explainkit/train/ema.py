@@ -42,7 +42,8 @@ class EMA:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self._ema_avg, self._avg, 1 - decay)
-        torch._foreach_copy_(self._ema_copy, self._copy)
+        if self._copy:  # a model without BatchNorm (a plugin's, say) has no integer buffers
+            torch._foreach_copy_(self._ema_copy, self._copy)
 
     def state_dict(self) -> dict[str, Any]:
         """The averaged weights, as a plain model state_dict (loadable into the bare model)."""
