@@ -123,6 +123,14 @@ def _train_device(ctx: click.Context, param: click.Parameter, value: str) -> str
     return _check_device(ctx, param, value)
 
 
+_PLUGINS_DIR_OPTION = click.option(
+    "--plugins-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    envvar="EXPLAINKIT_PLUGINS_DIR",
+    help="Also load plugin modules (*.py) from this folder [env: EXPLAINKIT_PLUGINS_DIR].",
+)
+
+
 def train_options(func: Any) -> Any:
     """Add one click option per TrainConfig field, so the dataclass stays the one source."""
     for f in reversed(dataclasses.fields(TrainConfig)):
@@ -173,6 +181,7 @@ def train_options(func: Any) -> Any:
     help="Continue the run in this directory from its last checkpoint (--epochs may grow).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars; only the per-epoch summary lines.")
+@_PLUGINS_DIR_OPTION
 @train_options
 @click.pass_context
 def train(
@@ -182,10 +191,18 @@ def train(
     overwrite: bool,
     resume: str | None,
     quiet: bool,
+    plugins_dir: Path | None,
     **values: Any,
 ) -> None:
-    """Train a model and write a run directory."""
+    """Train a model and write a run directory.
+
+    --model and --dataset take any registered name: explainkit's own, torchvision:NAME,
+    timm:NAME, or one a plugin registers (installed, or in --plugins-dir).
+    """
     from explainkit.config import resolve_config
+    from explainkit.manager import load_plugins
+
+    load_plugins(plugins_dir)  # the registries --model and --dataset are looked up in
 
     explicit = {
         name
@@ -253,14 +270,6 @@ def _scan_plugins_dir(args: list[str]) -> str | None:
         # A bad folder is left to the option's own validation (exit 2 with a clear message).
         return value if value and Path(value).is_dir() else None
     return None
-
-
-_PLUGINS_DIR_OPTION = click.option(
-    "--plugins-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    envvar="EXPLAINKIT_PLUGINS_DIR",
-    help="Also load plugin modules (*.py) from this folder [env: EXPLAINKIT_PLUGINS_DIR].",
-)
 
 
 class AnalyzeCommand(click.Command):

@@ -25,6 +25,8 @@ from typing import Any
 
 from explainkit.errors import ExplainkitError, RunError, did_you_mean
 
+# The built-in names. --dataset and --model take any registered name (plugins register more
+# through the register_datasets / register_models hooks): validate() asks the registries.
 DATASET_CHOICES = ("cifar10", "shapes", "folder")
 MODEL_CHOICES = ("resnet18-s8", "resnet18")
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d{1,4})?"  # what `explainkit analyze --device` accepts
@@ -88,19 +90,40 @@ class TrainConfig:
         "Recipe preset: default (best measured) or seed (the seed's plain recipe).",
         choices=tuple(PRESETS),
     )
-    dataset: str = _opt("cifar10", "Dataset to train on.", choices=DATASET_CHOICES)
+    dataset: str = _opt(
+        "cifar10",
+        "Dataset to train on: cifar10, shapes, folder, or one a plugin registers "
+        "(explainkit plugins --all lists them).",
+        registered="dataset",
+    )
     data_dir: str | None = _opt(
         None, "Folder with the dataset (cifar10: contains cifar-10-batches-py; folder: class dirs)."
     )
     image_size: int = _opt(
-        32, "Image side in pixels (folder datasets are resized to it).", min=8, max=IMAGE_SIZE_MAX
+        32,
+        "Image side in pixels (images of other sizes are resized to it).",
+        min=8,
+        max=IMAGE_SIZE_MAX,
     )
-    model: str = _opt("resnet18-s8", "Model architecture.", choices=MODEL_CHOICES)
+    model: str = _opt(
+        "resnet18-s8",
+        "Model: resnet18-s8, resnet18, torchvision:NAME (any torchvision classifier), "
+        "timm:NAME, or one a plugin registers (explainkit plugins --all lists them).",
+        registered="model",
+    )
     width: int = _opt(
         64,
-        "Channels of the first stage (64 = full ResNet18; tests use 8 or 16).",
+        "Channels of the first stage of explainkit's ResNets (64 = full ResNet18; tests use 8 "
+        "or 16); other models ignore it.",
         min=1,
         max=WIDTH_MAX,
+    )
+    weights: str | None = _opt(
+        None,
+        "Start from these weights: torchvision's (IMAGENET1K_V1 or "
+        "ResNet50_Weights.IMAGENET1K_V1, downloaded), a state_dict file, or an explainkit "
+        "checkpoint (its evaluated weights). A classifier head of another class count is "
+        "trained afresh.",
     )
     epochs: int = _opt(20, "Number of epochs.", min=1, max=100_000)
     batch_size: int = _opt(
@@ -116,10 +139,18 @@ class TrainConfig:
     label_smoothing: float = _opt(
         0.1, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0, max_open=True
     )
-    crop_padding: int = _opt(4, "RandomCrop padding in pixels (0 disables).", min=0, max=1024)
+    crop_padding: int = _opt(
+        4,
+        "RandomCrop padding in pixels (0 disables); unset, --image-size / 8.",
+        min=0,
+        max=1024,
+    )
     flip: bool = _opt(True, "Random horizontal flips.")
     cutout: int = _opt(
-        16, "Cutout square side in pixels (0 disables).", min=0, max=2 * IMAGE_SIZE_MAX
+        16,
+        "Cutout square side in pixels (0 disables); unset, --image-size / 2.",
+        min=0,
+        max=2 * IMAGE_SIZE_MAX,
     )
     seed: int = _opt(
         0,
@@ -154,13 +185,21 @@ class TrainConfig:
         max=100_000,
     )
 
-    def validate(self, labels: Mapping[str, str] | None = None, check_memory: bool = True) -> None:
+    def validate(
+        self,
+        labels: Mapping[str, str] | None = None,
+        check_memory: bool = True,
+        check_names: bool = True,
+    ) -> None:
         """Raise ConfigError for values that cannot work, naming the option.
 
         Args:
             labels: How to name a field in messages (``c.yaml: epochs``); default its flag.
             check_memory: Also refuse a model and data that cannot fit in this machine's
                 memory (see :func:`memory_needed`); off for configs of finished runs.
+            check_names: Also refuse a ``dataset`` or ``model`` that no plugin registered
+                (:func:`check_registered`); off for configs of finished runs, which stay
+                readable without the plugin that trained them.
         """
         label = _labeller(labels)
         for f in fields(self):
@@ -170,6 +209,8 @@ class TrainConfig:
                 f"{label('dataset')} folder needs {label('data_dir')} pointing at an "
                 "ImageFolder tree"
             )
+        if check_names:
+            check_registered(self, label)
         if check_memory:
             _check_memory(self)
 
@@ -202,6 +243,30 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def check_registered(config: TrainConfig, label: Callable[[str], str] | None = None) -> None:
+    """ConfigError (with a did-you-mean) when no plugin registered ``config.dataset`` or
+    ``config.model``.
+
+    Cheap: the plugins are loaded (no torch), their registries collected, and a family name
+    (``torchvision:NAME``) is checked for its prefix only; the name after the colon is
+    checked when the model is built (``explainkit.models.registry.model_entry``), before a
+    run writes anything. Only a mistyped name asks the families for their names (for the
+    suggestion), which may import their library.
+    """
+    from explainkit.manager import current_plugins, get_datasets, get_models, unknown_model_message
+
+    label = label or _flag
+    pm = current_plugins()
+    datasets = get_datasets(pm)
+    if config.dataset not in datasets:
+        raise ConfigError(_unknown_dataset(label("dataset"), config.dataset, list(datasets)))
+    models = get_models(pm)
+    name = config.model
+    prefix, colon, rest = name.partition(":")
+    if name.endswith(":") or not (name in models or (colon and rest and f"{prefix}:" in models)):
+        raise ConfigError(f"{label('model')}: {unknown_model_message(name, models)}")
 
 
 def _flag(name: str) -> str:
@@ -243,6 +308,11 @@ def check_value(name: str, value: Any, label: str | None = None) -> Any:
         choices = meta.get("choices")
         if choices and value not in choices:
             raise ConfigError(f"{label} must be one of {', '.join(choices)}; got {brief(value)}")
+        registered = meta.get("registered")
+        if registered and not re.fullmatch(r"[^\s\x00]{1,200}", value):
+            # No registered name looks like this: say what the names are, without asking
+            # the registries (a run's config.json is checked here too, plugins or not).
+            raise ConfigError(_not_a_name(label, registered, value))
         pattern = meta.get("pattern")
         if pattern and not re.fullmatch(pattern, value):
             raise ConfigError(f"{label} must be auto, cpu, cuda, cuda:N or mps; got {brief(value)}")
@@ -266,6 +336,23 @@ def check_value(name: str, value: Any, label: str | None = None) -> Any:
             raise ConfigError(f"{label} must be a finite number, got {brief(value)}")
     _check_range(label, value, meta)
     return value
+
+
+def _not_a_name(label: str, kind: str, value: str) -> str:
+    if kind == "dataset":
+        return _unknown_dataset(label, value, list(DATASET_CHOICES))
+    return (
+        f"{label} {brief(value)} is not a model name: {', '.join(MODEL_CHOICES)}, "
+        "torchvision:NAME, timm:NAME or a plugin's (explainkit plugins --all lists them)"
+    )
+
+
+def _unknown_dataset(label: str, value: str, known: list[str]) -> str:
+    from explainkit.data import unknown_dataset_message
+
+    return (
+        f"{label} must be one of the registered datasets: {unknown_dataset_message(value, known)}"
+    )
 
 
 def _check_range(label: str, value: float, meta: Mapping[str, Any]) -> None:
@@ -380,10 +467,11 @@ def memory_needed(config: TrainConfig) -> dict[str, int]:
     """A lower bound of the bytes training ``config`` allocates, by part.
 
     ``model``: the float32 weights, gradients, SGD momentum and moving average (each when
-    used) of the model at ``--width``; ``data``: both splits as uint8 images (what sits on the
-    device); ``batch``: the padded input batch and the first stage's activations of one step.
-    The true need is higher (every layer's activations, host copies), so a config over the
-    machine's memory can never work.
+    used) of explainkit's ResNet at ``--width`` (0 for other models: unknown until built);
+    ``data``: both splits as uint8 images (what sits on the device); ``batch``: the padded
+    input batch and the first stage's activations of one step. The true need is higher
+    (every layer's activations, host copies), so a config over the machine's memory can
+    never work.
     """
     train_images, eval_images = _SPLIT_SIZES.get(config.dataset, (1, 1))
     if config.dataset != "folder":  # a folder's size is unknown: its limits are no lower bound
@@ -392,7 +480,10 @@ def memory_needed(config: TrainConfig) -> dict[str, int]:
     side = config.image_size
     copies = 2 + (config.momentum > 0) + (config.ema > 0)
     classes = 1 if config.dataset == "folder" else 10
-    params = resnet18_parameters(config.width, classes, config.model)
+    # explainkit's ResNets are counted exactly; another model's size is unknown until built.
+    params = 0
+    if config.model in MODEL_CHOICES:
+        params = resnet18_parameters(config.width, classes, config.model)
     batch = min(config.batch_size, train_images)
     padded = side + 2 * config.crop_padding
     return {
@@ -586,9 +677,23 @@ def resolve_config(
         where = labels.get("preset", "--preset")
         raise ConfigError(f"{where} must be one of {', '.join(PRESETS)}; got {brief(preset)}")
     merged = {**cli_values, **PRESETS[preset], **chosen, "preset": preset}
+    set_by_user = set(chosen) | set(PRESETS[preset])
     config = TrainConfig.from_dict(merged, source=source, labels=labels)
+    scale_augmentation(config, set_by_user)
     config.validate(labels)
     return config
+
+
+def scale_augmentation(config: TrainConfig, given: set[str] | frozenset[str] = frozenset()) -> None:
+    """Scale the augmentation the user did not set (not in ``given``) to ``image_size``:
+    RandomCrop padding ``image_size / 8`` and Cutout ``image_size / 2``, as 4 and 16 are for
+    32-pixel CIFAR images (the defaults; 32-pixel runs are unchanged)."""
+    if not isinstance(config.image_size, int) or isinstance(config.image_size, bool):
+        return  # validate() names the bad value
+    if "crop_padding" not in given:
+        config.crop_padding = config.image_size // 8
+    if "cutout" not in given:
+        config.cutout = config.image_size // 2
 
 
 def refused_on_resume(saved: TrainConfig, values: dict[str, Any]) -> list[str]:
@@ -604,8 +709,10 @@ def check_run_config(data: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
 
     The ``config`` section goes through TrainConfig's rules (types, ranges, choices; keys it
     lacks take their defaults, without the memory check: a run trained elsewhere is readable
-    here). ``model`` needs arch, width, num_classes, input_shape (3 positive ints) and
-    default_layer; ``data`` needs classes (one name per class) and mean/std (finite, std > 0).
+    here; names are not checked against the registries, so a run stays readable without the
+    plugin that trained it). ``model`` needs arch, num_classes, input_shape (3 positive ints)
+    and default_layer, and may hold width, kwargs (the model's build arguments) and reshape;
+    ``data`` needs classes (one name per class) and mean/std (finite, std > 0).
     Returns the document with its ``config`` section complete (every TrainConfig field).
     """
     where = str(path)
@@ -629,13 +736,22 @@ def check_run_config(data: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         labels = {name: f"config.{name}" for name in FIELDS}
         config = TrainConfig.from_dict(sections["config"], source="config", labels=labels)
-        config.validate(labels, check_memory=False)
+        config.validate(labels, check_memory=False, check_names=False)
     except ConfigError as e:
         raise fail(str(e)) from None
 
     model = sections["model"]
     _run_text(fail, model, "model.arch")
-    _run_int(fail, model, "model.width", 1, WIDTH_MAX)
+    if "width" in model:  # explainkit's ResNets; other models have none
+        _run_int(fail, model, "model.width", 1, WIDTH_MAX)
+    kwargs = model.get("kwargs", {})
+    if not isinstance(kwargs, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, (str, bool, int, float)))
+        for k, v in kwargs.items()
+    ):
+        raise fail(f"model.kwargs must map names to plain values, got {describe(kwargs)}")
+    if "reshape" in model:
+        _run_text(fail, model, "model.reshape")
     num_classes = _run_int(fail, model, "model.num_classes", 1, 1_000_000)
     shape = model.get("input_shape")
     if (

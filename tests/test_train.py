@@ -405,3 +405,257 @@ def test_docs_training_table_says_what_each_preset_contains():
                 assert cell == _doc_value(getattr(resolved[preset], name)), (flag, preset)
     for values in PRESETS.values():
         assert set(values) <= documented
+
+
+# -- any model, any dataset: the registries ------------------------------------------------------
+
+PLUGIN = """
+from explainkit import hookimpl
+from explainkit.data import Dataset, DatasetEntry
+from explainkit.models.registry import ModelEntry
+
+
+def tiny(num_classes, width=4):
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(width, num_classes),
+    )
+
+
+def stripes(split, image_size, seed):
+    import numpy as np
+
+    n = 48 if split == "train" else 16
+    rng = np.random.default_rng(seed + (split == "eval"))
+    images = rng.integers(0, 60, (n, image_size, image_size, 3), dtype=np.uint8)
+    targets = np.arange(n) % 2
+    images[targets == 1, ::4] = 255
+    return Dataset(images=images, targets=targets, classes=["plain", "striped"],
+                   index=np.arange(n))
+
+
+@hookimpl
+def register_models(register):
+    register(ModelEntry("ek_tiny", tiny, summary="A convolution and a head."))
+
+
+@hookimpl
+def register_datasets(register):
+    register(DatasetEntry("ek_stripes", stripes, summary="Plain or striped noise."))
+"""
+
+FAST = ("--epochs", "1", "--batch-size", "8", "--device", "cpu", "--quiet")
+
+
+@pytest.fixture
+def plugin_dir(tmp_path):
+    folder = tmp_path / "myplugins"
+    folder.mkdir()
+    (folder / "stripes.py").write_text(PLUGIN)
+    return folder
+
+
+@pytest.mark.parametrize("how", ["--plugins-dir", "EXPLAINKIT_PLUGINS_DIR"])
+def test_a_plugins_model_and_dataset_train_through_the_cli(plugin_dir, tmp_path, how):
+    out = tmp_path / "run"
+    args = ["train", "--model", "ek_tiny", "--dataset", "ek_stripes", "--width", "3"]
+    args += ["--image-size", "16", *FAST, "--out", str(out)]
+    if how == "--plugins-dir":
+        result = run_cli(*args, "--plugins-dir", str(plugin_dir))
+    else:
+        result = run_cli(*args, env={"EXPLAINKIT_PLUGINS_DIR": str(plugin_dir)})
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["model"] == {
+        "arch": "ek_tiny",
+        "width": 3,
+        "kwargs": {"width": 3},  # the plugin's build takes width: it got --width
+        "num_classes": 2,
+        "input_shape": [3, 16, 16],
+        "default_layer": "1",  # none registered: the last spatial layer, located
+        "reshape": "nchw",
+    }
+    assert doc["data"]["dataset"] == "ek_stripes" and doc["data"]["num_train"] == 48
+    assert (doc["config"]["crop_padding"], doc["config"]["cutout"]) == (2, 8)  # 16 px / 8, / 2
+    from explainkit.manager import load_plugins, reset_plugins
+
+    load_plugins(plugin_dir)  # in this process too, so that the registry knows ek_tiny
+    try:
+        last = load_checkpoint(out / "checkpoints" / "last.pt")
+    finally:
+        reset_plugins()
+    assert last["model"]["kwargs"] == {"width": 3}
+    assert last["state_dict"]["0.weight"].shape == (3, 3, 3, 3)
+
+
+def test_a_plugins_run_is_analyzed_with_its_plugin_and_named_without_it(plugin_dir, tmp_path):
+    out = tmp_path / "run"
+    trained = run_cli(
+        "train", "--model", "ek_tiny", "--dataset", "ek_stripes", "--image-size", "16", *FAST,
+        "--out", str(out), "--plugins-dir", str(plugin_dir),
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    analyzed = run_cli(
+        "analyze", str(out), "--plugin", "gradcam", "--device", "cpu", "--plugins-dir",
+        str(plugin_dir),
+    )  # fmt: skip
+    assert analyzed.returncode == 0, analyzed.stderr
+    assert "using '1' from the run's metadata" in analyzed.stderr
+    without = run_cli("analyze", str(out), "--plugin", "gradcam", "--device", "cpu")
+    assert without.returncode == 1
+    assert "its model arch 'ek_tiny' is unknown" in without.stderr
+    assert "a plugin's model needs that plugin: --plugins-dir" in without.stderr
+
+
+def _image_folder(root, classes=("cat", "dog"), per_class=8):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 80, (40 + 3 * i, 56, 3), dtype=np.uint8)  # not square
+            pixels[..., c] += 150
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_torchvision_model_trains_on_an_image_folder_at_any_size(tmp_path):
+    from explainkit import load_model
+
+    data, out = _image_folder(tmp_path / "photos"), tmp_path / "run"
+    result = run_cli(
+        "train", "--model", "torchvision:resnet18", "--dataset", "folder", "--data-dir",
+        str(data), "--image-size", "64", "--width", "8", "--limit-train", "12", *FAST,
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "note: torchvision:resnet18 takes no --width; --width 8 is ignored" in result.stderr
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["model"] == {
+        "arch": "torchvision:resnet18",
+        "kwargs": {},
+        "num_classes": 2,
+        "input_shape": [3, 64, 64],
+        "default_layer": "layer4",
+        "reshape": "nchw",
+    }
+    # Augmentation scaled to 64 pixels: RandomCrop padding 64/8, Cutout 64/2.
+    assert (doc["config"]["crop_padding"], doc["config"]["cutout"]) == (8, 32)
+    model = load_model(out)
+    assert type(model).__name__ == "ResNet" and model.fc.out_features == 2
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 2)
+    with open_store(out) as store:
+        assert store.images().shape[1:] == (64, 64, 3)
+
+
+@pytest.mark.parametrize("classes_there", [2, 1000])
+def test_weights_from_a_local_torchvision_state_dict(tmp_path, classes_there):
+    import torchvision
+
+    data, out = _image_folder(tmp_path / "photos"), tmp_path / "run"
+    source = torchvision.models.resnet18(num_classes=classes_there)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    result = run_cli(
+        "train", "--model", "torchvision:resnet18", "--dataset", "folder", "--data-dir",
+        str(data), "--weights", str(path), "--lr", "1e-9", "--ema", "0", *FAST,
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    log = (out / "train.log").read_text()
+    assert f"weights: file {path} (" in log
+    head = "the classifier head (fc.weight, fc.bias) was trained for 1000 classes"
+    assert (head in log) == (classes_there == 1000)
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["config"]["weights"] == str(path)
+    assert doc["data"]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # what they expect
+    trained = load_checkpoint(out / "checkpoints" / "last.pt")["state_dict"]
+    start = source.state_dict()
+    for key in ("conv1.weight", "layer4.1.conv2.weight"):  # lr 1e-9: as loaded
+        assert torch.allclose(trained[key], start[key], atol=1e-6), key
+    assert trained["fc.weight"].shape == (2, 512)  # this run's head
+    assert torch.allclose(trained["fc.weight"], start["fc.weight"][:2], atol=1e-6) == (
+        classes_there == 2
+    )
+
+
+def test_weights_from_an_explainkit_checkpoint_fine_tune_on_other_classes(tiny_run, tmp_path):
+    data, out = _image_folder(tmp_path / "photos"), tmp_path / "tuned"
+    checkpoint = tiny_run / "checkpoints" / "best.pt"
+    result = run_cli(
+        "train", "--dataset", "folder", "--data-dir", str(data), "--width", "8", "--weights",
+        str(checkpoint), *FAST, "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "the classifier head (linear.weight, linear.bias) was trained for 10 classes" in (
+        result.stderr
+    )
+    tiny = json.loads((tiny_run / "config.json").read_text())["data"]
+    assert json.loads((out / "config.json").read_text())["data"]["mean"] == tiny["mean"]
+
+
+def test_weights_that_cannot_be_had_stop_before_anything_is_written(tmp_path):
+    out = tmp_path / "never"
+    missing = run_cli("train", "--dataset", "shapes", "--weights", "nope.pt", "--out", str(out))
+    assert missing.returncode == 2 and "neither a file nor a weights name" in missing.stderr
+    wrong = run_cli("train", "--dataset", "shapes", "--weights", "IMAGENET1K_V1", "--out", str(out))
+    assert wrong.returncode == 2 and "model resnet18-s8 has no named weights" in wrong.stderr
+    assert not out.exists() and "Traceback" not in missing.stderr + wrong.stderr
+
+
+def test_unknown_model_names_exit_2_with_a_did_you_mean(tmp_path):
+    out = tmp_path / "never"
+    small = ("--dataset", "shapes", "--width", "8", *FAST, "--out", str(out))
+    typo = run_cli("train", "--model", "resnet19", *small)
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert "Error: --model: unknown model 'resnet19'; did you mean 'resnet18'?" in typo.stderr
+    bare = run_cli("train", "--model", "resnet50", *small)
+    assert bare.returncode == 2 and "did you mean 'torchvision:resnet50'?" in bare.stderr
+    family = run_cli("train", "--model", "torchvision:resnt18", *small)  # checked at build
+    assert family.returncode == 2, family.stderr
+    assert "unknown model 'torchvision:resnt18'; did you mean 'torchvision:resnet18'?" in (
+        family.stderr
+    )
+    dataset = run_cli("train", "--model", "resnet18", "--dataset", "shapse", *small[2:])
+    assert dataset.returncode == 2 and "did you mean 'shapes'?" in dataset.stderr
+    assert not out.exists()
+
+
+def _old_style(spec: dict) -> dict:
+    """A model spec as runs wrote it before the registry: arch and width, no kwargs."""
+    return {k: v for k, v in spec.items() if k not in ("kwargs", "reshape")}
+
+
+def test_a_run_from_before_the_registry_still_loads_and_resumes(tiny_run):
+    from explainkit import load_model
+
+    path = tiny_run / "config.json"
+    doc = json.loads(path.read_text())
+    doc["model"] = _old_style(doc["model"])
+    del doc["config"]["weights"]
+    path.write_text(json.dumps(doc))
+    for checkpoint in (tiny_run / "checkpoints").glob("*.pt"):
+        data = torch.load(checkpoint, weights_only=True)
+        data["model"] = _old_style(data["model"])
+        del data["config"]["weights"]
+        torch.save(data, checkpoint)
+    assert set(doc["model"]) == {"arch", "width", "num_classes", "input_shape", "default_layer"}
+    model = load_model(tiny_run)
+    assert model.layer1[0].conv1.out_channels == 8  # width 8, from the old spec
+    assert run_cli("inspect", str(tiny_run)).returncode == 0
+    resumed = run_cli("train", "--resume", str(tiny_run), "--epochs", "3", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(tiny_run / "checkpoints" / "last.pt")["epoch"] == 3
+
+
+def test_augmentation_scales_with_the_image_size_unless_set():
+    assert (TrainConfig().crop_padding, TrainConfig().cutout) == (4, 16)  # 32 px
+    big = resolve_config({"image_size": 96}, {"image_size"})
+    assert (big.crop_padding, big.cutout) == (12, 48)
+    set_by_user = resolve_config({"image_size": 96, "cutout": 0}, {"image_size", "cutout"})
+    assert (set_by_user.crop_padding, set_by_user.cutout) == (12, 0)
+    seed = resolve_config({"image_size": 16, "preset": "seed"}, {"image_size", "preset"})
+    assert (seed.crop_padding, seed.cutout) == (2, 8)

@@ -4,7 +4,9 @@ Never fall back to full unpickling: a checkpoint that ``weights_only`` refuses i
 
 Layout (``format_version`` 2); each key says what it holds, as in timm:
 
-    model           the model spec: arch, width, num_classes, input_shape, default_layer
+    model           the model spec: arch (its registered name), kwargs (its build arguments,
+                    e.g. width), num_classes, input_shape, default_layer, reshape; runs
+                    before the registry recorded width instead of kwargs, which still loads
     state_dict      the raw training weights, always
     state_dict_ema  the moving average of the weights; only in runs with ``--ema``, where it
                     is what was evaluated and stored (see :func:`eval_state_dict`)
@@ -199,19 +201,38 @@ def _validate(data: dict[str, Any]) -> None:
 
 
 def _model_spec(spec: Any) -> dict[str, Any]:
-    """The model spec, checked: arch a known name, num_classes and width positive integers."""
-    from explainkit.models import MODELS
+    """The model spec, checked: arch a registered name, num_classes (and width, where there is
+    one) positive integers, kwargs a mapping of names to plain values."""
+    from explainkit.config import ConfigError
+    from explainkit.models.registry import model_entry, spec_kwargs
 
     if not isinstance(spec, dict):
         raise _Damage(f"its model spec is {_describe(spec)}, not a dict")
     arch = spec.get("arch")
     if not isinstance(arch, str):
         raise _Damage(f"its model arch is {_describe(arch)}, not a model name")
-    if arch not in MODELS:
-        raise _Damage(f"its model arch {arch!r} is unknown (known: {', '.join(sorted(MODELS))})")
-    for key in ("num_classes", "width"):
+    try:
+        model_entry(arch)
+    except ConfigError as e:
+        # An unknown name: the plugin that registered it may just not be loaded here.
+        prefix = f"unknown model {arch!r}"
+        detail = str(e).removeprefix(prefix) if str(e).startswith(prefix) else f" ({e})"
+        raise _Damage(
+            f"its model arch {arch!r} is unknown{detail} (a plugin's model needs that plugin: "
+            "--plugins-dir, EXPLAINKIT_PLUGINS_DIR or an installed package)"
+        ) from None
+    keys = ("num_classes", "width") if "width" in spec or "kwargs" not in spec else ("num_classes",)
+    for key in keys:
         if not _is_int(spec.get(key)) or spec[key] < 1:
             raise _Damage(f"its model {key} is {_describe(spec.get(key))}, not 1 or more")
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, str | bool | int | float))
+        for k, v in kwargs.items()
+    ):
+        raise _Damage(f"its model kwargs are {_describe(kwargs)}, not names and plain values")
+    if "width" in spec and spec_kwargs(spec).get("width", spec["width"]) != spec["width"]:
+        raise _Damage(f"its model width {spec['width']} differs from its kwargs {kwargs}")
     shape = spec.get("input_shape")
     if shape is not None and (
         not isinstance(shape, list | tuple)
@@ -224,14 +245,34 @@ def _model_spec(spec: Any) -> dict[str, Any]:
     return spec
 
 
+def describe_model(spec: dict[str, Any]) -> str:
+    """``resnet18-s8 (width 8, 3 classes)``: a model spec in a few words, for messages."""
+    from explainkit.models.registry import spec_kwargs
+
+    parts = [f"{k} {v}" for k, v in spec_kwargs(spec).items()]
+    parts.append(f"{spec['num_classes']} classes")
+    return f"{spec['arch']} ({', '.join(parts)})"
+
+
+def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """An untrained model as a spec describes it, built through the model registry."""
+    from explainkit.models.registry import build_model, spec_kwargs
+
+    return build_model(spec["arch"], spec["num_classes"], **spec_kwargs(spec))
+
+
 def _expected_weights(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The state_dict the described model has, built on the meta device (no memory)."""
-    from explainkit.models import build_model
+    """The state_dict the described model has, built on the meta device (no memory), or on
+    the CPU for the few architectures that compute their shapes from data."""
+    from explainkit.config import ConfigError
 
     try:
-        with torch.device("meta"):
-            model = build_model(spec["arch"], num_classes=spec["num_classes"], width=spec["width"])
-    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as e:
+        try:
+            with torch.device("meta"):
+                model = build_from_spec(spec)
+        except NotImplementedError:  # "Cannot copy out of meta tensor" (torchvision RegNet)
+            model = build_from_spec(spec)
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError, ConfigError) as e:
         raise _Damage(f"its model spec does not build ({first_line(e, limit=120)})") from e
     return model.state_dict()
 
@@ -240,7 +281,7 @@ def _check_weights(
     weights: dict[Any, Any], name: str, expected: dict[str, torch.Tensor], spec: dict[str, Any]
 ) -> None:
     """Exactly the model's keys; finite, plain CPU tensors of its shapes and kinds."""
-    model = f"{spec['arch']} (width {spec['width']}, {spec['num_classes']} classes)"
+    model = describe_model(spec)
     missing = [k for k in expected if k not in weights]
     extra = [k for k in weights if k not in expected]
     if missing or extra:
@@ -349,10 +390,10 @@ def model_from_checkpoint(data: dict[str, Any], device: str | torch.device = "cp
     """Build the model a checkpoint describes with the weights it evaluated, in eval mode.
 
     ``data`` comes from :func:`load_checkpoint`, which has checked that the weights fit; a
-    dict from anywhere else is checked here, and refused with a CheckpointError.
+    dict from anywhere else is checked here, and refused with a CheckpointError. The model is
+    built through the registry (``explainkit.models.registry``) from the spec's ``arch`` and
+    ``kwargs``, so a plugin's model needs its plugin loaded.
     """
-    from explainkit.models import build_model
-
     try:
         _validate(data)
     except _Damage as e:
@@ -363,14 +404,18 @@ def model_from_checkpoint(data: dict[str, Any], device: str | torch.device = "cp
             f"{first_line(e, limit=80) or type(e).__name__}); load it with load_checkpoint"
         ) from e
     spec = data["model"]
-    model = build_model(spec["arch"], num_classes=spec["num_classes"], width=spec["width"])
+    model = build_from_spec(spec)
     try:
         model.load_state_dict(eval_state_dict(data))
     except RuntimeError as e:
         raise CheckpointError(
-            f"checkpoint weights do not fit model {spec['arch']} (width {spec['width']}): "
+            f"checkpoint weights do not fit model {describe_model(spec)}: "
             f"{first_line(e, limit=160)}; {_REMEDY}"
         ) from e
+    layer = spec.get("default_layer")
+    if layer and not hasattr(model, "default_target_layer"):
+        # explainkit.models.default_target_layer(model) then answers for any architecture.
+        model.default_target_layer = layer
     return model.to(device).eval()
 
 

@@ -51,10 +51,16 @@ class DeviceData:
         self.eval = Split.to_device(evals.images, evals.targets, device)
         self.num_train = len(train.images)
         self.num_eval = len(evals.images)
-        self.mean_t = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        self.std_t = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        self.use_normalization(self.mean, self.std)
         self.order_gen = torch.Generator().manual_seed(config.seed)
         self.aug_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+
+    def use_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """Normalize batches with ``mean`` and ``std`` (in [0, 1] units): the training split's
+        statistics by default, the ones pretrained weights expect when a run starts from them."""
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self.mean_t = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        self.std_t = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
 
     def epoch_order(self) -> torch.Tensor:
         """A fresh permutation of the training images (on the CPU, from ``order_gen``)."""

@@ -11,6 +11,7 @@ The parts the Trainer is made of live beside this file, one place each:
     ema.py          the moving average of the weights (``--ema``)
     state.py        seeding, and saving and restoring every random state
     checkpoint.py   the checkpoint file: layout, loading, loading a model, pruning
+    weights.py      the weights a run starts from (``--weights``)
     resume.py       what may change on ``--resume``, and continuing from last.pt
     run_files.py    config.json and the empty prediction store, written before epoch 1
 """
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explainkit.config import TrainConfig
+from explainkit.config import FIELDS, TrainConfig
 from explainkit.device import resolve_device
 from explainkit.errors import ExplainkitError, RunError
 from explainkit.faults import fault_point
@@ -49,6 +50,7 @@ from explainkit.train.resume import (
 )
 from explainkit.train.run_files import create_empty_store, write_config
 from explainkit.train.state import restore_rng_state, rng_state, seed_everything
+from explainkit.train.weights import InitialWeights, apply_weights, read_weights
 
 __all__ = ["Trainer", "TrainingInterrupted", "one_cycle_factor", "resume_config", "train"]
 
@@ -95,7 +97,20 @@ class Trainer:
         run_dir: Path,
         quiet: bool = False,
         dist: dist_utils.DistContext | None = None,
+        weights: InitialWeights | None = None,
+        load_weights: bool = True,
     ) -> None:
+        """Set the run up: device, data, model (from its initial weights), optimizer.
+
+        Args:
+            config: The run's config.
+            run_dir: Its directory (already claimed: see :func:`train`).
+            quiet: No progress bars.
+            dist: The torchrun context (default: read from the environment).
+            weights: ``config.weights`` already read (:func:`train` reads them before it
+                writes anything); None reads them here.
+            load_weights: False when a checkpoint will replace them anyway (a resume).
+        """
         self.config = config
         self.run_dir = run_dir
         self.rundir = RunDir(run_dir)
@@ -103,7 +118,7 @@ class Trainer:
         self._choose_device(dist)
         seed_everything(config.seed)  # before the first random draw (the data, the init)
         self.data = DeviceData(config, self.device, self.channels_last)
-        self._build_model()
+        self._build_model(weights, load_weights)
         self.ema = EMA(self.model, config.ema) if config.ema > 0 else None
         self._wrap_model()
         self._build_optimizer()
@@ -121,19 +136,37 @@ class Trainer:
         # Batches and the model share one memory format, so both need to know it.
         self.channels_last = self.device.type == "cuda" and self.config.channels_last
 
-    def _build_model(self) -> None:
-        """The bare model on the device (what is checkpointed), its spec, and mixed precision."""
-        from explainkit.models import build_model, default_target_layer
+    def _build_model(self, weights: InitialWeights | None, load_weights: bool) -> None:
+        """The bare model on the device (what is checkpointed), its spec, and mixed precision.
+
+        The model is built through the registry (``config.model``), given the arguments its
+        ``build`` takes (``width``, ``image_size``), started from ``config.weights`` when set,
+        and described by :attr:`model_spec`: what a checkpoint needs to build it again.
+        """
+        from explainkit.models.registry import accepted_kwargs, model_entry
 
         config, cuda = self.config, self.device.type == "cuda"
         num_classes = len(self.data.classes)
-        self.model = build_model(config.model, num_classes, config.width).to(self.device)
+        entry = model_entry(config.model)
+        offered = {"width": config.width, "image_size": config.image_size}
+        kwargs = accepted_kwargs(entry.build, offered)
+        self.model = entry.build(num_classes, **kwargs)
+        if "width" not in kwargs and config.width != FIELDS["width"].default:
+            self.log(f"note: {config.model} takes no --width; --width {config.width} is ignored")
+        if config.weights and load_weights:
+            self._start_from(weights or read_weights(config.weights, entry), entry, num_classes)
+        self.model = self.model.to(self.device)
+        layer, reshape = entry.default_layer, entry.reshape or "auto"
+        if layer is None:
+            layer, reshape = self._locate_layer()
         self.model_spec = {
             "arch": config.model,
-            "width": config.width,
+            **({"width": kwargs["width"]} if "width" in kwargs else {}),
+            "kwargs": kwargs,
             "num_classes": num_classes,
             "input_shape": [3, config.image_size, config.image_size],
-            "default_layer": default_target_layer(self.model),
+            "default_layer": layer,
+            "reshape": reshape,
         }
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -144,6 +177,32 @@ class Trainer:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if self.dist.enabled and cuda and config.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+
+    def _start_from(self, weights: InitialWeights, entry: Any, num_classes: int) -> None:
+        """Copy the initial weights in, and normalize as they were trained when known."""
+        for note in apply_weights(self.model, weights, num_classes, entry.name):
+            self.log(note)
+        if weights.mean is not None and weights.std is not None:
+            self.data.use_normalization(weights.mean, weights.std)
+        size = self.config.image_size
+        if entry.input_size and entry.input_size != size:
+            self.log(
+                f"note: {entry.name} expects {entry.input_size}-pixel images and this run "
+                f"trains at --image-size {size}"
+            )
+
+    def _locate_layer(self) -> tuple[str, str]:
+        """The default layer of a model whose entry names none: the last spatial layer the
+        logits depend on (explainkit.explain.layers.locate_layer), else its last child."""
+        from explainkit.explain.layers import locate_layer
+
+        size = self.config.image_size
+        example = torch.zeros(1, 3, size, size, device=self.device)
+        found = locate_layer(self.model, example)
+        if found:
+            return found, "nchw"
+        children = [name for name, _ in self.model.named_children()]
+        return (children[-1] if children else "layer4"), "auto"
 
     def _wrap_model(self) -> None:
         """What a training step calls: DDP under torchrun (which averages the gradients),
@@ -221,6 +280,9 @@ class Trainer:
                 f"but this config has --ema {self.config.ema}; resume with the run's own --ema"
             )
         self.model.load_state_dict(data["state_dict"])
+        if data.get("mean") is not None and data.get("std") is not None:
+            # The run's own normalization: its data's statistics, or its initial weights'.
+            self.data.use_normalization(data["mean"], data["std"])
         if self.ema is not None:
             self.ema.load_state_dict(ema, data["ema_updates"])
         self.optimizer.load_state_dict(data["optimizer"])
@@ -525,16 +587,25 @@ def train(
 
     Returns the run directory. Under torchrun every rank calls this; only rank 0 writes.
     """
+    from explainkit.models.registry import model_entry
+
     config.validate()
     if resume and out is None:
         raise RunError("resume needs the run directory")
+    # Everything the user named must exist before anything is written: the model (a family's
+    # name after the colon is checked here) and the weights (read, or downloaded, now).
+    entry = model_entry(config.model)
     run = RunDir(out) if out else RunDir.new_default()
+    continuing = resume and run.checkpoint("last").is_file()  # its weights replace these
+    weights = read_weights(config.weights, entry) if config.weights and not continuing else None
     dist = dist_utils.init_from_env(config.device)
     lock = None
     try:
         lock = _claim_run(run, config, dist, overwrite, resume)
         fault_point("setup:locked")
-        trainer = Trainer(config, run.path, quiet=quiet, dist=dist)
+        trainer = Trainer(
+            config, run.path, quiet=quiet, dist=dist, weights=weights, load_weights=not continuing
+        )
         _start(trainer, config, run, resume)
         trainer.run()
     finally:
