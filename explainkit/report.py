@@ -304,7 +304,8 @@ def _run_section(summary: dict | None, raw: dict, why: str | None) -> dict[str, 
     model_text = ""
     if model:
         model_text = (
-            f"{model.get('arch', '?')}, width {model.get('width', '?')}, "
+            f"{model.get('arch', '?')}"
+            f"{', width ' + str(model['width']) if model.get('width') else ''}, "
             f"{model.get('num_classes', '?')} classes"
         )
     pairs: list[tuple[str, Any]] = [("model", model_text)]

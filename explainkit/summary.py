@@ -95,7 +95,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"run          {s['run']}",
         f"state        {s['state']}",
-        f"model        {m['arch']} width {m['width']}, {m['num_classes']} classes",
+        f"model        {m['arch']}{f' width {w}' if (w := m.get('width')) else ''}, "
+        f"{m['num_classes']} classes",
         f"dataset      {s['dataset']} ({s['store']['eval_images']} eval images"
         f"{', with masks' if s['store']['has_masks'] else ''})",
         f"device       {s['device']}",

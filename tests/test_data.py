@@ -456,3 +456,18 @@ def test_folder_classes_named_in_another_encoding_reach_every_output(tmp_path):
     assert classes == ["cafe", "café"]
     analyzed = run_cli("analyze", str(run), "--plugin", "gallery", "--device", "cpu")
     assert analyzed.returncode == 0, analyzed.stderr
+
+
+def test_folder_images_are_centre_cropped_not_stretched(tmp_path):
+    """A 20x60 image of three equal bands: the centre square is the middle band alone."""
+    from PIL import Image
+
+    from explainkit.data.folder import read_image
+
+    bands = np.zeros((20, 60, 3), np.uint8)
+    bands[:, :20, 0] = bands[:, 20:40, 1] = bands[:, 40:, 2] = 255  # red | green | blue
+    Image.fromarray(bands).save(tmp_path / "wide.png")
+    image, size = read_image(tmp_path / "wide.png", 30)
+    assert size == (20, 60) and image.shape == (30, 30, 3)
+    green = (image[..., 1] > 128) & (image[..., 0] < 128) & (image[..., 2] < 128)
+    assert green.mean() > 0.95  # stretched to a square, green would be one third

@@ -549,6 +549,9 @@ def test_a_torchvision_model_trains_on_an_image_folder_at_any_size(tmp_path):
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 2)
     with open_store(out) as store:
         assert store.images().shape[1:] == (64, 64, 3)
+    inspected = run_cli("inspect", str(out))  # a model without --width reads back too
+    assert inspected.returncode == 0, inspected.stderr
+    assert "torchvision:resnet18, 2 classes" in inspected.stdout
 
 
 @pytest.mark.parametrize("classes_there", [2, 1000])

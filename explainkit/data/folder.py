@@ -77,14 +77,23 @@ def scan(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list
 
 
 def read_image(path: Path, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode one image as RGB, resized (bilinear) to image_size; returns it and its (H, W)."""
+    """Decode one image as RGB, its shorter side resized to image_size and the centre cropped
+    square (nothing stretched, as torchvision's Resize + CenterCrop); returns it and its
+    original (H, W)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
             size = (img.height, img.width)
-            img = img.resize((image_size, image_size), Image.BILINEAR)
+            scale = image_size / min(size)
+            w, h = (
+                max(image_size, round(img.width * scale)),
+                max(image_size, round(img.height * scale)),
+            )
+            img = img.resize((w, h), Image.BILINEAR)
+            left, top = (w - image_size) // 2, (h - image_size) // 2
+            img = img.crop((left, top, left + image_size, top + image_size))
             return np.asarray(img, dtype=np.uint8), size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {path} ({e}); remove or replace the file") from e
