@@ -23,6 +23,7 @@ _PUBLIC = {
     "AnalysisContext": "explainkit.analyzer",
     "Option": "explainkit.analyzer",
     "analyze": "explainkit.runner",
+    "evaluate": "explainkit.evaluate",
     "load_model": "explainkit.train.checkpoint",
     "open_store": "explainkit.store",
     "RunDir": "explainkit.rundir",

@@ -7,6 +7,7 @@ h5py and matplotlib are imported inside the commands that need them, so ``--help
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from pathlib import Path
@@ -131,11 +132,16 @@ _PLUGINS_DIR_OPTION = click.option(
 )
 
 
-def train_options(func: Any) -> Any:
-    """Add one click option per TrainConfig field, so the dataclass stays the one source."""
+def train_options(
+    func: Any, only: tuple[str, ...] | None = None, helps: dict[str, str] | None = None
+) -> Any:
+    """Add one click option per TrainConfig field (or per field in ``only``, with the help
+    texts in ``helps`` instead of the field's), so the dataclass stays the one source."""
     for f in reversed(dataclasses.fields(TrainConfig)):
+        if only is not None and f.name not in only:
+            continue
         flag = f.name.replace("_", "-")
-        help_text = f.metadata["help"]
+        help_text = (helps or {}).get(f.name, f.metadata["help"])
         choices = f.metadata.get("choices")
         if f.type in ("bool", bool):
             decl = [f"--{flag}/--no-{flag}"]
@@ -228,6 +234,52 @@ def train(
     run_dir = run_training(config, out=out, overwrite=overwrite, quiet=quiet, resume=bool(resume))
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"run written to {run_dir}", err=True)
+
+
+EVALUATE_FIELDS = (
+    "model",
+    "weights",
+    "width",
+    "dataset",
+    "data_dir",
+    "image_size",
+    "device",
+    "batch_size",
+    "limit_eval",
+)
+EVALUATE_HELP = {
+    "dataset": "Dataset whose eval split the model is evaluated on: cifar10, shapes, folder, or "
+    "one a plugin registers.",
+    "weights": "The model's weights (required): a state_dict file, an explainkit checkpoint, or "
+    "torchvision's named weights (IMAGENET1K_V1, downloaded). The classifier head must be for "
+    "the dataset's classes.",
+    "batch_size": "Images evaluated at a time.",
+}
+
+
+@cli.command("evaluate")
+@click.option(
+    "--out", type=click.Path(file_okay=False), help="Run directory (default runs/<time>)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@_PLUGINS_DIR_OPTION
+@functools.partial(train_options, only=EVALUATE_FIELDS, helps=EVALUATE_HELP)
+def evaluate_command(
+    out: str | None, overwrite: bool, plugins_dir: Path | None, **values: Any
+) -> None:
+    """Evaluate a model explainkit did not train and write a run directory for it.
+
+    The model (--model, any registered name) with --weights (a state_dict file, an
+    explainkit checkpoint or a weights name) is evaluated once on the eval split of
+    --dataset; every analyzer and `explainkit report` then read the run as a trained one.
+    """
+    from explainkit.manager import load_plugins
+
+    load_plugins(plugins_dir)
+    from explainkit.evaluate import evaluate_run
+
+    run_dir = evaluate_run(TrainConfig(**values), out=out, overwrite=overwrite)
+    click.echo(f"run written to {run_dir}", err=True)
 
 
 @cli.command()
