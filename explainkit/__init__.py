@@ -23,7 +23,7 @@ _PUBLIC = {
     "AnalysisContext": "explainkit.analyzer",
     "Option": "explainkit.analyzer",
     "analyze": "explainkit.runner",
-    "evaluate": "explainkit.evaluate",
+    "evaluate": "explainkit.evaluation",
     "load_model": "explainkit.train.checkpoint",
     "open_store": "explainkit.store",
     "RunDir": "explainkit.rundir",

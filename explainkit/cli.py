@@ -276,7 +276,7 @@ def evaluate_command(
     from explainkit.manager import load_plugins
 
     load_plugins(plugins_dir)
-    from explainkit.evaluate import evaluate_run
+    from explainkit.evaluation import evaluate_run
 
     run_dir = evaluate_run(TrainConfig(**values), out=out, overwrite=overwrite)
     click.echo(f"run written to {run_dir}", err=True)

@@ -26,9 +26,7 @@ and those analyzers refuse the run in one sentence.
 
 from __future__ import annotations
 
-import sys
 import time
-import types
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -395,14 +393,3 @@ def _locate_layer(model: nn.Module, size: int, device: Any) -> tuple[str, str]:
         return found, "nchw"
     children = [name for name, _ in model.named_children()]
     return (children[-1] if children else "layer4"), "auto"
-
-
-class _CallableModule(types.ModuleType):
-    """``explainkit.evaluate(...)`` calls :func:`evaluate` even once this module is imported:
-    importing a submodule binds its name on the package, hiding the function of that name."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Path:
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
