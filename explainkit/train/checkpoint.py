@@ -26,7 +26,7 @@ import io
 import math
 import pickle
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,18 +277,27 @@ def _expected_weights(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def key_mismatch(expected: Iterable[Any], given: Iterable[Any]) -> str | None:
+    """How a state_dict's keys differ from a model's, in words (None when they match):
+    ``lacks 'fc.weight' (and 3 more differences)``."""
+    expected, given = list(expected), list(given)
+    missing = [k for k in expected if k not in set(given)]
+    extra = [k for k in given if k not in set(expected)]
+    if not missing and not extra:
+        return None
+    what = f"lacks {missing[0]!r}" if missing else f"has the unknown key {extra[0]!r}"
+    count = len(missing) + len(extra)
+    return what + (f" (and {count - 1} more differences)" if count > 1 else "")
+
+
 def _check_weights(
     weights: dict[Any, Any], name: str, expected: dict[str, torch.Tensor], spec: dict[str, Any]
 ) -> None:
     """Exactly the model's keys; finite, plain CPU tensors of its shapes and kinds."""
     model = describe_model(spec)
-    missing = [k for k in expected if k not in weights]
-    extra = [k for k in weights if k not in expected]
-    if missing or extra:
-        what = f"lacks {missing[0]!r}" if missing else f"has the unknown key {extra[0]!r}"
-        count = len(missing) + len(extra)
-        more = f" and {count - 1} more differences" if count > 1 else ""
-        raise _Damage(f"its {name} does not fit model {model}: it {what}{more}")
+    mismatch = key_mismatch(expected, weights)
+    if mismatch:
+        raise _Damage(f"its {name} does not fit model {model}: it {mismatch}")
     for key, want in expected.items():
         t = weights[key]
         if not isinstance(t, torch.Tensor):

@@ -170,16 +170,14 @@ def apply_weights(
         ConfigError: A key is missing or extra, or a tensor other than the head has another
             shape (the weights are of another architecture).
     """
+    from explainkit.train.checkpoint import key_mismatch
+
     own = model.state_dict()
     given = weights.state_dict
-    missing = [k for k in own if k not in given]
-    extra = [k for k in given if k not in own]
-    if missing or extra:
-        what = f"lacks {missing[0]!r}" if missing else f"has the unknown key {extra[0]!r}"
-        count = len(missing) + len(extra)
-        more = f" (and {count - 1} more differences)" if count > 1 else ""
+    mismatch = key_mismatch(own, given)
+    if mismatch:
         raise ConfigError(
-            f"--weights {weights.source} do not fit model {name}: the weights {what}{more}; "
+            f"--weights {weights.source} do not fit model {name}: the weights {mismatch}; "
             "give weights of the same architecture"
         )
     head = []
