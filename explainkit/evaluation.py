@@ -29,7 +29,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from explainkit.config import ConfigError, TrainConfig
@@ -258,9 +257,9 @@ def _write(
     import torch.nn.functional as F
 
     from explainkit.device import resolve_device
-    from explainkit.store import append_epoch, create_store
+    from explainkit.store import append_epoch
     from explainkit.train.checkpoint import save_checkpoint
-    from explainkit.train.run_files import write_config
+    from explainkit.train.run_files import RunFacts, create_empty_store, write_config
 
     if len(ds.images) == 0:
         raise ExplainkitError("the evaluation set holds no images")
@@ -297,32 +296,17 @@ def _write(
     run = RunDir(out) if out else RunDir.new_default()
     lock = run.create(overwrite)
     try:
-        facts = SimpleNamespace(
+        facts = RunFacts(
             model_spec=spec,
             classes=list(ds.classes),
-            data=SimpleNamespace(num_train=0, num_eval=len(ds.images)),
+            eval_data=ds,
+            num_train=0,
             mean=mean,
             std=std,
             device=device,
-            dist=SimpleNamespace(world_size=1),
         )
-        write_config(facts, config, run)  # type: ignore[arg-type]
-        create_store(
-            run.store_path,
-            images=ds.images,
-            targets=ds.targets,
-            index=ds.index,
-            masks=ds.masks,
-            paths=ds.paths,
-            sizes=ds.sizes,
-            classes=list(ds.classes),
-            dataset=config.dataset,
-            model=spec,
-            mean=mean,
-            std=std,
-            eval_weights="trained",
-            eval_tta=False,
-        )
+        write_config(facts, config, run)
+        create_empty_store(facts, config, run)  # config.ema 0, tta off: "trained", no TTA
         row = {  # nothing was trained: the training columns hold 0, train_ce is not recorded
             "epoch": 1,
             "train_loss": 0.0,

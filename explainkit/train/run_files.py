@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,7 +17,22 @@ from explainkit.rundir import CONFIG_FORMAT, CONFIG_VERSION, RunDir
 from explainkit.store import create_store
 
 if TYPE_CHECKING:
-    from explainkit.train.trainer import Trainer
+    from explainkit.data import Dataset
+
+
+@dataclass
+class RunFacts:
+    """What a new run's config.json and empty store record: the trainer and
+    ``explainkit evaluate`` each fill one in, and both write their run the same way."""
+
+    model_spec: dict[str, Any]
+    classes: list[str]
+    eval_data: Dataset
+    num_train: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device
+    world_size: int = 1
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -36,35 +52,35 @@ def _environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def write_config(trainer: Trainer, config: TrainConfig, run: RunDir) -> None:
+def write_config(facts: RunFacts, config: TrainConfig, run: RunDir) -> None:
     """config.json (the resolved config, model spec, data facts, environment); checkpoints/."""
     run.checkpoints.mkdir(exist_ok=True)
     config_json = {
         "format": CONFIG_FORMAT,
         "format_version": CONFIG_VERSION,
         "config": config.to_dict(),
-        "model": trainer.model_spec,
+        "model": facts.model_spec,
         "data": {
             "dataset": config.dataset,
-            "classes": trainer.classes,
-            "num_train": trainer.data.num_train,
-            "num_eval": trainer.data.num_eval,
-            "mean": list(trainer.mean),
-            "std": list(trainer.std),
+            "classes": facts.classes,
+            "num_train": facts.num_train,
+            "num_eval": len(facts.eval_data),
+            "mean": list(facts.mean),
+            "std": list(facts.std),
         },
-        "environment": _environment(trainer.device),
-        "world_size": trainer.dist.world_size,
+        "environment": _environment(facts.device),
+        "world_size": facts.world_size,
     }
     write_atomic(run.config_path, json.dumps(config_json, indent=2) + "\n", RunError)
 
 
-def create_empty_store(trainer: Trainer, config: TrainConfig, run: RunDir) -> None:
+def create_empty_store(facts: RunFacts, config: TrainConfig, run: RunDir) -> None:
     """A new run's empty prediction store: the eval images, and what their logits will be.
 
     The images' source paths (folder datasets) and original sizes go in too, so reports name
     the user's files and their sizes without the data folder.
     """
-    ev = trainer.data.eval_data
+    ev = facts.eval_data
     create_store(
         run.store_path,
         images=ev.images,
@@ -73,11 +89,11 @@ def create_empty_store(trainer: Trainer, config: TrainConfig, run: RunDir) -> No
         masks=ev.masks,
         paths=ev.paths,
         sizes=ev.sizes,
-        classes=trainer.classes,
+        classes=facts.classes,
         dataset=config.dataset,
-        model=trainer.model_spec,
-        mean=trainer.mean,
-        std=trainer.std,
+        model=facts.model_spec,
+        mean=facts.mean,
+        std=facts.std,
         eval_weights="ema" if config.ema > 0 else "trained",
         eval_tta=config.tta,
     )

@@ -48,7 +48,7 @@ from explainkit.train.resume import (
     resume_config,
     trim_to_checkpoint,
 )
-from explainkit.train.run_files import create_empty_store, write_config
+from explainkit.train.run_files import RunFacts, create_empty_store, write_config
 from explainkit.train.state import restore_rng_state, rng_state, seed_everything
 from explainkit.train.weights import InitialWeights, apply_weights, read_weights
 
@@ -223,6 +223,20 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     # -- what the run is made of -----------------------------------------------------------
+    @property
+    def run_facts(self) -> RunFacts:
+        """What this run's config.json and empty store record."""
+        return RunFacts(
+            model_spec=self.model_spec,
+            classes=self.classes,
+            eval_data=self.data.eval_data,
+            num_train=self.data.num_train,
+            mean=self.mean,
+            std=self.std,
+            device=self.device,
+            world_size=self.dist.world_size,
+        )
+
     @property
     def classes(self) -> list[str]:
         return self.data.classes
@@ -565,12 +579,13 @@ def _start(trainer: Trainer, config: TrainConfig, run: RunDir, resume: bool) -> 
     """
     resumed = resume and load_resume_point(trainer, run)
     if trainer.is_main:
-        write_config(trainer, config, run)
+        facts = trainer.run_facts
+        write_config(facts, config, run)
         fault_point("setup:config")
         if resumed:
             trim_to_checkpoint(trainer, run)
         else:
-            create_empty_store(trainer, config, run)
+            create_empty_store(facts, config, run)
     trainer.dist.barrier()
     if resumed:
         trainer.log(f"resuming {run.path} after epoch {trainer.epoch}")
