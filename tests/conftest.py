@@ -49,6 +49,19 @@ def minimal_payload(num_classes: int = 3, width: int = 8) -> dict:
     return {"model": spec, "state_dict": model.state_dict(), "epoch": 1}
 
 
+@pytest.fixture
+def fresh_plugins(monkeypatch):
+    """Each test reads the environment afresh and sees no developer-installed plugins."""
+    from explainkit import manager
+
+    monkeypatch.setenv("EXPLAINKIT_LOAD_PLUGINS", "")
+    for name in ("EXPLAINKIT_RAISE_ERRORS", "EXPLAINKIT_TRACE_PLUGINS", "EXPLAINKIT_PLUGINS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    manager.reset_plugins()
+    yield
+    manager.reset_plugins()
+
+
 @pytest.fixture(scope="session")
 def tiny_run_master(tmp_path_factory) -> Path:
     return train_run(tmp_path_factory.mktemp("runs") / "shapes")

@@ -21,14 +21,7 @@ from explainkit.errors import AnalyzerError, PluginError, RunError
 from explainkit.runner import analyze
 from tests.test_plugins import AnalyzersPlugin
 
-
-@pytest.fixture(autouse=True)
-def _fresh_plugins(monkeypatch):
-    monkeypatch.setenv("EXPLAINKIT_LOAD_PLUGINS", "")
-    monkeypatch.delenv("EXPLAINKIT_PLUGINS_DIR", raising=False)
-    manager.reset_plugins()
-    yield
-    manager.reset_plugins()
+pytestmark = pytest.mark.usefixtures("fresh_plugins")
 
 
 class Writes(Analyzer):

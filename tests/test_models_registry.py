@@ -30,13 +30,7 @@ from explainkit.train.weights import InitialWeights, apply_weights, read_weights
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 
 
-@pytest.fixture(autouse=True)
-def _fresh_plugins(monkeypatch):
-    monkeypatch.setenv("EXPLAINKIT_LOAD_PLUGINS", "")
-    monkeypatch.delenv("EXPLAINKIT_PLUGINS_DIR", raising=False)
-    manager.reset_plugins()
-    yield
-    manager.reset_plugins()
+pytestmark = pytest.mark.usefixtures("fresh_plugins")
 
 
 def params(model: torch.nn.Module) -> int:

@@ -29,15 +29,7 @@ EXAMPLE = REPO / "examples" / "explainkit-example-analyzer"
 HOOKS_MD = REPO / "docs" / "plugin-hooks.md"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_plugins(monkeypatch):
-    """Each test reads the environment afresh and sees no developer-installed plugins."""
-    monkeypatch.setenv("EXPLAINKIT_LOAD_PLUGINS", "")
-    for name in ("EXPLAINKIT_RAISE_ERRORS", "EXPLAINKIT_TRACE_PLUGINS", "EXPLAINKIT_PLUGINS_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    manager.reset_plugins()
-    yield
-    manager.reset_plugins()
+pytestmark = pytest.mark.usefixtures("fresh_plugins")
 
 
 @pytest.fixture
