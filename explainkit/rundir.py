@@ -54,6 +54,7 @@ class RunDir:
 
     CONFIG = "config.json"
     STORE = "predictions.h5"
+    STORE_EPOCHS = "predictions.epochs"  # the store's epoch files (store.epochs_folder)
     CHECKPOINTS = "checkpoints"
     ANALYSES = "analyses"
     REPORT = "report.html"
@@ -61,7 +62,7 @@ class RunDir:
     LOCK = ".lock"
     MANIFEST = "manifest.json"  # inside each analyses/NAME/ folder
     # What ``--overwrite`` may delete: the files a run writes, and nothing else.
-    OWNED = (CONFIG, STORE, CHECKPOINTS, ANALYSES, REPORT, LOG, STORE + ".tmp")
+    OWNED = (CONFIG, STORE, STORE_EPOCHS, CHECKPOINTS, ANALYSES, REPORT, LOG, STORE + ".tmp")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -80,6 +81,11 @@ class RunDir:
     @property
     def store_path(self) -> Path:
         return self.path / self.STORE
+
+    @property
+    def store_epochs(self) -> Path:
+        """The folder of the store's epoch files (schema v2), one per committed epoch."""
+        return self.path / self.STORE_EPOCHS
 
     @property
     def checkpoints(self) -> Path:

@@ -1,5 +1,4 @@
 import re
-import shutil
 from pathlib import Path
 
 import h5py
@@ -9,10 +8,15 @@ import pytest
 from explainkit.errors import StoreError
 from explainkit.store import (
     DATASETS,
+    EPOCH_ATTRIBUTES,
+    EPOCH_DATASETS,
     HISTORY_COLUMNS,
     ROOT_ATTRIBUTES,
+    V1_DATASETS,
     append_epoch,
     create_store,
+    create_v1_store,
+    epoch_file,
     open_store,
 )
 from tests.conftest import run_cli
@@ -23,11 +27,12 @@ DOC = (Path(__file__).resolve().parents[1] / "docs" / "store-format.md").read_te
 PATHS = [f"val/c{i % 3}/café {i}.png" for i in range(20)]  # relative, UTF-8, one per image
 
 
-def make_store(path, n=20, classes=3, epochs=2, sources=True):
-    """A store with every dataset (``sources=False``: without paths and sizes, as old ones)."""
+def make_store(path, n=20, classes=3, epochs=2, sources=True, version=2):
+    """A store with every dataset (``sources=False``: without paths and sizes, as old ones;
+    ``version=1``: the one-file schema of explainkit before store v2)."""
     rng = np.random.default_rng(0)
     extra = {"paths": PATHS[:n], "sizes": np.arange(2 * n).reshape(n, 2) + 1} if sources else {}
-    create_store(
+    (create_v1_store if version == 1 else create_store)(
         path,
         images=rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8),
         targets=np.arange(n) % classes,
@@ -52,9 +57,21 @@ def history_row(epoch: int) -> dict[str, float]:
     return {name: float(epoch) / (10 if "acc" in name else 1) for name, _ in HISTORY_COLUMNS}
 
 
-def test_store_round_trips_every_field(tmp_path):
+def logits_location(path: Path, epoch: int) -> tuple[Path, str, tuple]:
+    """Where an epoch's logits live: (file, dataset, index of the epoch in it)."""
+    with h5py.File(path) as f:
+        if int(f.attrs["schema_version"]) == 1:
+            return path, "logits", (epoch - 1,)
+    return epoch_file(path, epoch), "logits", ()
+
+
+VERSIONS = pytest.mark.parametrize("version", [2, 1], ids=["v2", "v1"])
+
+
+@VERSIONS
+def test_store_round_trips_every_field(tmp_path, version):
     path = tmp_path / "p.h5"
-    logits = make_store(path)
+    logits = make_store(path, version=version)
     with open_store(path) as store:
         assert store.epochs == [1, 2]
         np.testing.assert_array_equal(store.logits(1), logits[0])
@@ -137,23 +154,31 @@ def test_paths_that_are_not_utf8_are_damage_when_read(tmp_path):
             store.verify()
 
 
-def test_documented_names_are_the_ones_written(tmp_path):
-    path = tmp_path / "p.h5"
-    make_store(path)
+def names_in(path: Path) -> set[str]:
     with h5py.File(path) as f:
         written = set(f.attrs)
         f.visit(lambda name: written.add(name))
+    return written - {"eval"}
+
+
+def test_documented_names_are_the_ones_written(tmp_path):
+    path = tmp_path / "p.h5"
+    make_store(path)
+    make_store(tmp_path / "v1.h5", version=1)
+    head, epoch, v1 = names_in(path), names_in(epoch_file(path, 1)), names_in(tmp_path / "v1.h5")
+    assert head == set(ROOT_ATTRIBUTES) | set(DATASETS)
+    assert epoch == set(EPOCH_ATTRIBUTES) | set(EPOCH_DATASETS)
+    assert v1 == (head - {"store_id"}) | set(V1_DATASETS)
     documented = set(re.findall(r"^\| `([^`]+)` \|", DOC, flags=re.M))
-    assert written - {"eval"} == documented
-    assert set(ROOT_ATTRIBUTES) | set(DATASETS) == documented
+    assert head | epoch | v1 == documented
     for name, _ in HISTORY_COLUMNS:
         assert f"`{name}`" in DOC
 
 
 def test_readers_ignore_data_past_the_commit_marker(tmp_path):
-    """A writer killed after growing logits but before the marker leaves epochs unseen."""
+    """A v1 writer killed after growing logits but before the marker leaves epochs unseen."""
     path = tmp_path / "p.h5"
-    make_store(path, epochs=2)
+    make_store(path, epochs=2, version=1)
     with h5py.File(path, "r+") as f:
         f["logits"].resize(3, axis=0)
         f["logits"][2] = 7.0
@@ -164,19 +189,30 @@ def test_readers_ignore_data_past_the_commit_marker(tmp_path):
             store.logits(3)
 
 
-def test_a_leftover_temporary_copy_does_not_matter(tmp_path):
+def store_bytes(path: Path) -> dict[str, bytes]:
+    """The bytes of a store's head and of every file in its epochs folder."""
+    files = [path, *sorted(epoch_file(path, 1).parent.glob("*"))]
+    return {p.name: p.read_bytes() for p in files if p.is_file()}
+
+
+@VERSIONS
+def test_a_leftover_temporary_copy_does_not_matter(tmp_path, version):
     path = tmp_path / "p.h5"
-    make_store(path, epochs=1)
-    shutil.copyfile(path, tmp_path / "p.h5.tmp")
+    make_store(path, epochs=1, version=version)
     (tmp_path / "p.h5.tmp").write_bytes(b"half written")
+    leftover = epoch_file(path, 2).with_name(".epoch_0002.h5.tmp-999999")
+    if version == 2:
+        leftover.write_bytes(b"half written")
     append_epoch(path, np.zeros((20, 3), np.float32), history_row(2))
     with open_store(path) as store:
         assert store.epochs == [1, 2]
+    assert not leftover.exists()
 
 
-def test_an_open_reader_keeps_its_snapshot_while_epochs_are_added(tmp_path):
+@VERSIONS
+def test_an_open_reader_keeps_its_snapshot_while_epochs_are_added(tmp_path, version):
     path = tmp_path / "p.h5"
-    make_store(path, epochs=1)
+    make_store(path, epochs=1, version=version)
     with open_store(path) as store:
         append_epoch(path, np.zeros((20, 3), np.float32), history_row(2))
         assert store.epochs == [1]
@@ -193,9 +229,10 @@ def test_an_open_reader_keeps_its_snapshot_while_epochs_are_added(tmp_path):
         (lambda p: p.write_bytes(np.random.default_rng(1).bytes(4096)), "cannot be opened"),
     ],
 )
-def test_damaged_stores_are_refused_with_a_sentence(tmp_path, damage, message):
+@VERSIONS
+def test_damaged_stores_are_refused_with_a_sentence(tmp_path, damage, message, version):
     path = tmp_path / "p.h5"
-    make_store(path)
+    make_store(path, version=version)
     damage(path)
     with pytest.raises(StoreError, match=message):
         open_store(path)
@@ -242,7 +279,8 @@ def _delete(name):
 
 
 FLOAT_IMAGES = np.zeros((20, 8, 8, 3), np.float32)
-HOSTILE_STORES = {
+# Wrong epochs in a v1 store (v2 epoch files: tests/test_store_v2.py).
+HOSTILE_V1_EPOCHS = {
     "negative-committed": (_replace("committed_epochs", np.int64(-1)), "committed_epochs is -1"),
     "fractional-committed": (_replace("committed_epochs", 1.5), "committed_epochs is float64"),
     "too-many-committed": (_replace("committed_epochs", np.int64(3)), "claims 3 committed"),
@@ -256,6 +294,13 @@ HOSTILE_STORES = {
     ),
     "logits-image-count": (_replace("logits", np.zeros((2, 19, 3), np.float32)), "(epochs, 20, 3)"),
     "integer-logits": (_replace("logits", np.zeros((2, 20, 3), np.int32)), "logits are int32"),
+    "logits-a-group": (
+        lambda f: (f.__delitem__("logits"), f.create_group("logits")),
+        "logits is not a dataset",
+    ),
+}
+# Wrong values in the head: the same in both schemas.
+HOSTILE_STORES = {
     "float-images": (_replace("eval/images", FLOAT_IMAGES), "eval/images is float32"),
     "zero-std": (_attr("std", np.array([0.25, 0.0, 0.25])), "std attribute has a value that"),
     "one-value-mean": (_attr("mean", np.array([0.5])), "mean attribute has 1 value, not 3"),
@@ -279,9 +324,9 @@ HOSTILE_STORES = {
     "schema-0": (_attr("schema_version", 0), "schema version 0 is unknown"),
     "missing-targets": (_delete("eval/targets"), "it lacks eval/targets"),
     "missing-std": (lambda f: f.attrs.__delitem__("std"), "it lacks the std attribute"),
-    "logits-a-group": (
-        lambda f: (f.__delitem__("logits"), f.create_group("logits")),
-        "logits is not a dataset",
+    "targets-a-group": (
+        lambda f: (f.__delitem__("eval/targets"), f.create_group("eval/targets")),
+        "eval/targets is not a dataset",
     ),
     "eval-weights": (_attr("eval_weights", np.bytes_(b"best")), "eval_weights is 'best'"),
     "paths-count": (_replace("eval/paths", np.array([b"a.png"] * 19)), "expected (20,) UTF-8"),
@@ -299,12 +344,17 @@ HOSTILE_STORES = {
 }
 
 
-@pytest.mark.parametrize("name", HOSTILE_STORES)
-def test_wrong_values_are_refused_at_open_as_damage(tmp_path, name):
+CASES = [(name, 2) for name in HOSTILE_STORES] + [
+    (name, 1) for name in [*HOSTILE_STORES, *HOSTILE_V1_EPOCHS]
+]
+
+
+@pytest.mark.parametrize("name, version", CASES, ids=[f"{n}-v{v}" for n, v in CASES])
+def test_wrong_values_are_refused_at_open_as_damage(tmp_path, name, version):
     """Each is ours (format attribute intact) but wrong: one sentence saying it is damaged."""
-    mutate, message = HOSTILE_STORES[name]
+    mutate, message = {**HOSTILE_STORES, **HOSTILE_V1_EPOCHS}[name]
     path = tmp_path / "p.h5"
-    make_store(path)
+    make_store(path, version=version)
     with h5py.File(path, "r+") as f:
         mutate(f)
     before = path.read_bytes()
@@ -317,12 +367,14 @@ def test_wrong_values_are_refused_at_open_as_damage(tmp_path, name):
     assert path.read_bytes() == before
 
 
-def test_nan_logits_fail_the_epoch_that_holds_them(tmp_path):
+@VERSIONS
+def test_nan_logits_fail_the_epoch_that_holds_them(tmp_path, version):
     """Finiteness is checked when an epoch is read: other epochs still read."""
     path = tmp_path / "p.h5"
-    logits = make_store(path)
-    with h5py.File(path, "r+") as f:
-        f["logits"][1, 4, 2] = np.inf
+    logits = make_store(path, version=version)
+    where, name, row = logits_location(path, 2)
+    with h5py.File(where, "r+") as f:
+        f[name][(*row, 4, 2)] = np.inf
     with open_store(path) as store:
         np.testing.assert_array_equal(store.logits(1), logits[0])
         for read in (store.logits, store.predictions, store.probabilities):
@@ -343,19 +395,20 @@ def test_masks_other_than_0_and_1_are_refused_when_read(tmp_path):
             store.masks  # noqa: B018
 
 
-def test_writers_refuse_a_damaged_store_and_leave_it_as_it_was(tmp_path):
+@VERSIONS
+def test_writers_refuse_a_damaged_store_and_leave_it_as_it_was(tmp_path, version):
     from explainkit.store import truncate_store
 
     path = tmp_path / "p.h5"
-    make_store(path)
+    make_store(path, version=version)
     with h5py.File(path, "r+") as f:
         f.attrs["std"] = np.zeros(3)
-    before = path.read_bytes()
+    before = store_bytes(path)
     with pytest.raises(StoreError, match="is damaged: the std attribute"):
         append_epoch(path, np.zeros((20, 3), np.float32), history_row(3))
     with pytest.raises(StoreError, match="is damaged: the std attribute"):
         truncate_store(path, 1)
-    assert path.read_bytes() == before
+    assert store_bytes(path) == before
 
 
 @pytest.mark.parametrize(
@@ -368,13 +421,14 @@ def test_writers_refuse_a_damaged_store_and_leave_it_as_it_was(tmp_path):
     ],
     ids=["class-count", "nan", "epoch-gap", "negative-lr"],
 )
-def test_an_epoch_that_does_not_fit_is_not_committed(tmp_path, logits, row, message):
+@VERSIONS
+def test_an_epoch_that_does_not_fit_is_not_committed(tmp_path, logits, row, message, version):
     path = tmp_path / "p.h5"
-    make_store(path)
-    before = path.read_bytes()
+    make_store(path, version=version)
+    before = store_bytes(path)
     with pytest.raises(StoreError, match=re.escape(message)):
         append_epoch(path, logits, row)
-    assert path.read_bytes() == before
+    assert store_bytes(path) == before
 
 
 def test_hdf5_files_that_are_not_ours_are_refused(tmp_path):
@@ -395,17 +449,20 @@ def test_newer_schema_is_refused(tmp_path):
 
 
 def flip_bytes_in_logits(path: Path) -> None:
+    """Invert 16 bytes in the first chunk of epoch 1's logits (wherever the schema keeps it)."""
+    path, name, _ = logits_location(path, 1)
     with h5py.File(path, "r") as f:
-        offset = f["logits"].id.get_chunk_info(0).byte_offset
+        offset = f[name].id.get_chunk_info(0).byte_offset
     data = bytearray(path.read_bytes())
     for i in range(offset + 8, offset + 24):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
-def test_flipped_bytes_are_caught_by_the_checksum(tmp_path):
+@VERSIONS
+def test_flipped_bytes_are_caught_by_the_checksum(tmp_path, version):
     path = tmp_path / "p.h5"
-    make_store(path)
+    make_store(path, version=version)
     flip_bytes_in_logits(path)
     with open_store(path) as store, pytest.raises(StoreError, match="corrupt"):
         store.logits(1)
