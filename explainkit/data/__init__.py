@@ -1,10 +1,14 @@
-"""Datasets as plain numpy arrays: one in-memory shape for every dataset, found by name.
+"""Datasets as numpy arrays (or lazily decoded images), one shape for every dataset, by name.
 
 Datasets are registered by plugins through the ``register_datasets`` hook as
 :class:`DatasetEntry` objects; explainkit's own (cifar10, shapes, folder) come from the
 built-in plugin ``explainkit.plugins.datasets``, registered exactly as a third party's would be.
 :func:`load_dataset` looks a name up (loading the plugins on first use), checks what the
 dataset returned, keeps the first ``limit`` images and resizes them to ``image_size``.
+
+A split too large for memory (an ImageFolder of 224-px images) keeps its images as a lazy
+array-like (:mod:`explainkit.data.lazy`): decoded only when indexed. :func:`iter_batches` reads
+any split a batch at a time, by slicing or through DataLoader workers.
 
 Importing this package imports neither numpy nor torch (plugins import it to register their
 datasets); readers and torch-based augmentation load lazily so `explainkit --help` stays fast.
@@ -21,8 +25,12 @@ from explainkit.errors import DataError, did_you_mean
 from explainkit.hookspecs import DatasetEntry
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    import numpy as np
+    from collections.abc import Iterator
 
+    import numpy as np
+    import torch
+
+    from explainkit.data.lazy import LazyImages
     from explainkit.manager import ExplainkitPluginManager, Registered
 
 # explainkit's own datasets, in the order the built-in plugin registers them.
@@ -35,9 +43,9 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 @dataclass
 class Dataset:
-    """A whole split in memory; small enough for CIFAR-sized data and simple to hand to torch."""
+    """One split: its images (in memory, or lazy when too large), labels and provenance."""
 
-    images: np.ndarray  # uint8 (N,H,W,3)
+    images: np.ndarray | LazyImages  # uint8 (N,H,W,3), decoded on demand when lazy
     targets: np.ndarray  # int64 (N,)
     classes: list[str]
     index: np.ndarray  # int64 (N,) position of each image in its source split
@@ -59,8 +67,11 @@ class Dataset:
             return self
         if limit < 1:
             raise DataError(f"limit must be a positive number of images, got {limit}")
+        from explainkit.data.lazy import is_lazy
+
+        images = self.images
         return Dataset(
-            images=self.images[:limit],
+            images=images.select(slice(limit)) if is_lazy(images) else images[:limit],
             targets=self.targets[:limit],
             classes=self.classes,
             index=self.index[:limit],
@@ -170,13 +181,16 @@ def _checked(ds: Any, name: str, plugin: str) -> Dataset:
     the dataset and its plugin otherwise."""
     import numpy as np
 
+    from explainkit.data.lazy import is_lazy
+
     def bad(problem: str) -> DataError:
         return DataError(f"dataset {name!r} of plugin {plugin!r} returned {problem}; fix its load")
 
     if not isinstance(ds, Dataset):
         raise bad(f"{type(ds).__name__}, not an explainkit.data.Dataset")
     images = ds.images
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+    array = isinstance(images, np.ndarray) or is_lazy(images)
+    if not array or images.dtype != np.uint8 or images.ndim != 4:
         raise bad("images that are not a uint8 (N, H, W, 3) array")
     if images.shape[-1] != 3 or len(images) == 0 or min(images.shape[1:3]) < 1:
         raise bad(f"images of shape {images.shape}, not a non-empty (N, H, W, 3) array")
@@ -209,10 +223,14 @@ def _with_sizes(ds: Dataset) -> Dataset:
 
 
 def _fit(ds: Dataset, size: int) -> Dataset:
-    """``ds`` with its images (and masks) made ``size`` squares, when they are not."""
+    """``ds`` with its images (and masks) made ``size`` squares, when they are not (lazy
+    images become a lazy view that resizes as it decodes)."""
+    from explainkit.data.lazy import is_lazy
+
     if ds.images.shape[1:3] == (size, size):
         return ds
-    ds.images = fit_images(ds.images, size)
+    images = ds.images
+    ds.images = images.resized(size) if is_lazy(images) else fit_images(images, size)
     if ds.masks is not None:
         ds.masks = fit_images(ds.masks, size, nearest=True)
     return ds
@@ -239,23 +257,60 @@ def fit_images(images: np.ndarray, size: int, nearest: bool = False) -> np.ndarr
     return out
 
 
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std in [0,1] units, accumulated in float64 chunk by chunk."""
+STATS_SAMPLE = 4096  # images of a lazy split that its channel statistics are computed from
+STATS_CHUNK = 1 << 22  # values per channel_stats step: 4M uint8 values, 8 MB as uint16 squares
+
+
+def channel_stats(
+    images: np.ndarray | LazyImages, seed: int = 0
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0,1] units, from exact integer sums chunk by chunk.
+
+    A lazy split is streamed; one larger than :data:`STATS_SAMPLE` images is estimated from
+    that many images drawn with ``seed`` (ImageNet's statistics settle within 1e-3 on a few
+    thousand images), so reading it does not cost a whole pass over the data.
+    """
     import numpy as np
 
-    images = np.asarray(images)
+    from explainkit.data.lazy import is_lazy
+
+    lazy = is_lazy(images)
+    if not lazy:
+        images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
         raise DataError(f"channel_stats expects non-empty (N,H,W,3) images, got {images.shape}")
-    total = np.zeros(3)
-    squares = np.zeros(3)
-    for start in range(0, len(images), 4096):
-        chunk = images[start : start + 4096].reshape(-1, 3).astype(np.float64) / 255.0
-        total += chunk.sum(0)
-        squares += np.square(chunk).sum(0)
-    count = images.size // 3
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    if lazy and len(images) > STATS_SAMPLE:
+        rows = np.random.default_rng(seed).choice(len(images), STATS_SAMPLE, replace=False)
+        images = images.select(np.sort(rows))
+    total = np.zeros(3, np.int64)
+    squares = np.zeros(3, np.int64)
+    step = max(1, STATS_CHUNK // (int(np.prod(images.shape[1:3])) * 3))
+    for _, batch in iter_batches(images, step):
+        chunk = batch.numpy()
+        total += chunk.sum(axis=(0, 1, 2), dtype=np.int64)
+        squares += np.square(chunk, dtype=np.uint16).sum(axis=(0, 1, 2), dtype=np.int64)
+    count = len(images) * int(np.prod(images.shape[1:3]))
+    mean = total / (count * 255.0)
+    std = np.sqrt(np.maximum(squares / (count * 255.0**2) - mean**2, 0.0))
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def iter_batches(
+    data: Dataset | np.ndarray | LazyImages,
+    batch_size: int,
+    workers: int | None = None,
+    pin_memory: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, images)`` for consecutive batches of a split, in dataset order: ``images`` a
+    uint8 tensor (b, H, W, 3) of positions ``start .. start + b - 1``.
+
+    In-memory images are sliced (no copy, no workers); lazy ones are decoded by ``workers``
+    DataLoader processes (default: a few, fewer than the cores), in order, with at most a few
+    batches decoded at once; ``pin_memory`` pins batches for a fast copy to a CUDA device.
+    """
+    from explainkit.data.batches import iter_batches as batches
+
+    return batches(data, batch_size, workers, pin_memory)
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
@@ -280,6 +335,7 @@ __all__ = [
     "dataset_entry",
     "dataset_names",
     "fit_images",
+    "iter_batches",
     "load_dataset",
     "resize_images",
     "unknown_dataset_message",

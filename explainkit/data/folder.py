@@ -3,6 +3,9 @@
 Layouts: ROOT/train/<class>/... with an optional ROOT/val or ROOT/test for evaluation, or a plain
 ROOT/<class>/... tree. Without an evaluation folder, a seeded 10% of the tree is held out for
 evaluation and the rest is the training split, so the two never overlap.
+
+A split whose decoded images would exceed the memory budget (explainkit.data.lazy) is not
+decoded at load: its images are :class:`FolderImages`, decoded when a batch is read.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from explainkit.data import Dataset
+from explainkit.data.lazy import LazyImages, fits_in_memory
 from explainkit.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -99,6 +103,34 @@ def read_image(path: Path, image_size: int) -> tuple[np.ndarray, tuple[int, int]
         raise DataError(f"cannot decode image {path} ({e}); remove or replace the file") from e
 
 
+def read_size(path: Path) -> tuple[int, int]:
+    """An image's (H, W) from its header alone (PIL decodes no pixels for it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot decode image {path} ({e}); remove or replace the file") from e
+
+
+class FolderImages(LazyImages):
+    """Image files decoded by :func:`read_image` when indexed: a folder split too large to
+    decode at load. The file names are one numpy bytes array, so DataLoader workers forked
+    from the loading process share them without copying (no per-name reference counts)."""
+
+    def __init__(self, files: list[Path], image_size: int) -> None:
+        super().__init__(len(files), image_size, image_size)
+        self.files = np.asarray([os.fsencode(f) for f in files], dtype=np.bytes_)
+        self.image_size = image_size
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self.shape[1:]), dtype=np.uint8)
+        for row, i in enumerate(rows):
+            out[row] = read_image(Path(os.fsdecode(self.files[i])), self.image_size)[0]
+        return out
+
+
 def load_folder(
     split: str,
     data_dir: str | Path,
@@ -110,6 +142,8 @@ def load_folder(
 
     ``paths`` name each image's file relative to ``data_dir`` (``/``-separated, made
     :func:`readable`) and ``sizes`` its original (H, W), for the store and the reports.
+    A split too large for the memory budget gets :class:`FolderImages` (its sizes read from
+    the file headers); a smaller one is decoded here.
     """
     root = Path(data_dir).expanduser()
     train_root = root / "train" if (root / "train").is_dir() else root
@@ -130,10 +164,16 @@ def load_folder(
         index = np.arange(len(files))
     if limit is not None:
         index = index[:limit]
-    images = np.empty((len(index), image_size, image_size, 3), dtype=np.uint8)
+    images: np.ndarray | FolderImages
     sizes = np.empty((len(index), 2), dtype=np.int64)
-    for row, i in enumerate(index):
-        images[row], sizes[row] = read_image(files[i], image_size)
+    if fits_in_memory(len(index), image_size):
+        images = np.empty((len(index), image_size, image_size, 3), dtype=np.uint8)
+        for row, i in enumerate(index):
+            images[row], sizes[row] = read_image(files[i], image_size)
+    else:
+        images = FolderImages([files[i] for i in index], image_size)
+        for row, i in enumerate(index):
+            sizes[row] = read_size(files[i])
     return Dataset(
         images=images,
         targets=np.asarray(targets, dtype=np.int64)[index],

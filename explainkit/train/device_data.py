@@ -1,11 +1,15 @@
-"""The training and eval splits as uint8 tensors on the device, and the batch transforms.
+"""The training and eval splits as uint8 batches on the device, and the batch transforms.
 
-The whole uint8 split sits on the device (150 MB for CIFAR-10) and batches are augmented there
-in one go, so no data loader or per-image Python work stands between two steps.
+A split that fits in memory sits whole on the device as uint8 (150 MB for CIFAR-10), so no
+data loader or per-image Python work stands between two steps. A split too large for memory
+(lazy images: explainkit.data.lazy) is streamed instead (streamed_data.py): DataLoader workers
+decode each batch in the epoch's order. Either way batches are augmented on the device with
+the same generators, so the two give the same bits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +18,9 @@ import torch
 from explainkit.config import TrainConfig
 from explainkit.data import channel_stats, load_dataset
 from explainkit.data.augment import cutout, random_crop, random_flip
+from explainkit.data.lazy import LazyImages, is_lazy
 from explainkit.errors import ExplainkitError
+from explainkit.train.streamed_data import StreamedSplit
 
 
 @dataclass
@@ -27,30 +33,52 @@ class Split:
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
         return cls(x.to(device), torch.from_numpy(targets).long().to(device))
 
+    def batches(
+        self, order: torch.Tensor, batch_size: int, steps: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """The images at ``order`` (CPU indices), ``batch_size`` at a time, for ``steps``
+        batches (default: all of them), as uint8 NCHW on the device."""
+        order = order.to(self.images.device)
+        if steps is None:
+            steps = -(-len(order) // batch_size)
+        for step in range(steps):
+            yield self.images[order[step * batch_size : (step + 1) * batch_size]]
+
+
+def place_split(
+    images: np.ndarray | LazyImages, targets: np.ndarray, device: torch.device
+) -> Split | StreamedSplit:
+    """The split on the device when it is in memory; streamed when its images are lazy."""
+    if is_lazy(images):
+        return StreamedSplit(images, targets, device)
+    return Split.to_device(images, targets, device)
+
 
 class DeviceData:
     """Both splits of ``config.dataset`` on ``device``, with the run's two seeded generators.
 
     ``order_gen`` draws each epoch's order and ``aug_gen`` the crops, flips and cutouts; they are
     separate from the global generators so that a checkpoint can save and restore them exactly.
+    Each split is a :class:`Split` on the device, or a :class:`StreamedSplit` when its images
+    are lazy; both hand out the same uint8 batches for the same order.
     """
 
     def __init__(self, config: TrainConfig, device: torch.device, channels_last: bool) -> None:
         c = config
         train = load_dataset(c.dataset, "train", c.data_dir, c.image_size, c.seed, c.limit_train)
         evals = load_dataset(c.dataset, "eval", c.data_dir, c.image_size, c.seed, c.limit_eval)
-        if len(train.images) < 2:
+        if len(train) < 2:
             raise ExplainkitError("the training split has fewer than 2 images")
         self.config = config
         self.device = device
         self.channels_last = channels_last
         self.classes = list(train.classes)
-        self.mean, self.std = channel_stats(train.images)
-        self.eval_data = evals  # the numpy split, for the prediction store
-        self.train = Split.to_device(train.images, train.targets, device)
-        self.eval = Split.to_device(evals.images, evals.targets, device)
-        self.num_train = len(train.images)
-        self.num_eval = len(evals.images)
+        self.mean, self.std = channel_stats(train.images, c.seed)
+        self.eval_data = evals  # the split as loaded (in memory or lazy), for the store
+        self.train = place_split(train.images, train.targets, device)
+        self.eval = place_split(evals.images, evals.targets, device)
+        self.num_train = len(train)
+        self.num_eval = len(evals)
         self.use_normalization(self.mean, self.std)
         self.order_gen = torch.Generator().manual_seed(config.seed)
         self.aug_gen = torch.Generator(device=device).manual_seed(config.seed + 1)

@@ -7,6 +7,7 @@ for each epoch is appended to ``RUN/train.log`` as well, once the epoch is commi
 The parts the Trainer is made of live beside this file, one place each:
 
     device_data.py  the splits as uint8 tensors on the device; augmentation and normalization
+    streamed_data.py  a split too large for memory, decoded batch by batch by DataLoader workers
     optim.py        SGD and the one-cycle learning-rate schedule
     ema.py          the moving average of the weights (``--ema``)
     state.py        seeding, and saving and restoring every random state
@@ -374,8 +375,10 @@ class Trainer:
         The sums stay on the device until the epoch ends, so no step waits for a number.
         """
         self.net.train()
-        perm = self.dist.shard(self.data.epoch_order()).to(self.device)
+        order = self.dist.shard(self.data.epoch_order())
+        perm = order.to(self.device)
         bs = self.config.batch_size
+        batches = self.data.train.batches(order, bs, self.steps_per_epoch)
         loss_sum = torch.zeros((), device=self.device)
         ce_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -392,7 +395,7 @@ class Trainer:
             if step == self.steps_per_epoch // 2:
                 fault_point(f"step:{self.epoch + 1}")
             idx = perm[step * bs : (step + 1) * bs]
-            x = self.data.augment(self.data.train.images[idx])
+            x = self.data.augment(next(batches))
             y = self.data.train.targets[idx]
             out, loss, ce = self._step(x, y)
             n = len(y)
@@ -421,16 +424,19 @@ class Trainer:
 
     @torch.inference_mode()
     def evaluate(self) -> tuple[np.ndarray, float, float]:
-        """Logits of the whole eval split in order (gathered across ranks), loss and accuracy."""
+        """Logits of the whole eval split in order (gathered across ranks), loss and accuracy.
+
+        The images come a batch at a time (streamed when the split is lazy); only the
+        logits, (N, classes) float32, are held whole.
+        """
         self.net.eval()
         model = self.eval_model.eval()
         self.dist.sync_buffers(model)
         indices = self.dist.eval_indices(self.data.num_eval)
         chunks = []
         bs = max(self.config.batch_size, 256)
-        for start in range(0, len(indices), bs):
-            idx = indices[start : start + bs].to(self.device)
-            x = self.data.normalize(self.data.eval.images[idx])
+        for xb in self.data.eval.batches(indices, bs):
+            x = self.data.normalize(xb)
             with self._autocast():
                 out = model(x).float()
                 if self.config.tta:  # the mirror image too, averaged
