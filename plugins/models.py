@@ -11,10 +11,14 @@ torch, torchvision and timm load when a model is built or a family name is resol
   downloads torchvision's pretrained weights. ViTs take ``image_size`` (``--image-size``).
 * ``timm:NAME``: any of ``timm.list_models()`` when timm is installed (``pip install
   explainkit[timm]``).
+* ``import:package.module:factory``: a model by import path, built as
+  ``factory(num_classes=N, **kwargs)``: what ``explainkit.evaluate`` and ``RunWriter`` record
+  for a module that no plugin registered, so that its run can rebuild it.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from functools import partial
 from typing import Any
@@ -26,6 +30,7 @@ from explainkit.models.registry import ModelEntry, ModelFamily
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "import_entry",
     "register_models",
     "timm_entry",
     "timm_names",
@@ -77,6 +82,16 @@ def register_models(register: Any) -> None:
             timm_names,
             summary="Every timm model (timm:convnext_tiny, ...), when timm is installed "
             "(pip install explainkit[timm]).",
+        )
+    )
+    register(
+        ModelFamily(
+            "import",
+            import_entry,
+            list,  # any importable factory: there is no list to suggest from
+            summary="Any model by import path (import:package.module:factory), built as "
+            "factory(num_classes=N, **kwargs); what explainkit.evaluate records for a module "
+            "no plugin registered.",
         )
     )
 
@@ -280,3 +295,54 @@ def _three(values: Any) -> tuple[float, ...] | None:
     if isinstance(values, (list, tuple)) and len(values) == 3:
         return tuple(float(v) for v in values)
     return None
+
+
+# -- import paths --------------------------------------------------------------------------
+
+
+def import_entry(path: str) -> ModelEntry:
+    """The ModelEntry of ``import:package.module:factory``.
+
+    ``factory`` (a class or function, dots reach nested attributes) must name a
+    ``num_classes`` parameter: explainkit always passes it, so a run's recorded arguments can
+    never make an unrelated function do something else. Only modules importable here
+    (installed, or on ``sys.path``) are imported; a run directory never adds to that.
+    """
+    module_name, colon, attribute = path.partition(":")
+    if not (colon and module_name and attribute):
+        raise ConfigError(
+            f"model import:{path} is not an import path; write import:package.module:factory"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(
+            f"model import:{path} cannot be built here: module {module_name!r} is not "
+            f"importable ({e}); install the package that defines it"
+        ) from None
+    factory: Any = module
+    for part in attribute.split("."):
+        factory = getattr(factory, part, None)
+    if not callable(factory) or "num_classes" not in _parameters(factory):
+        raise ConfigError(
+            f"model import:{path} cannot be built: {attribute} of {module_name} is not a class "
+            "or function taking num_classes; give explainkit a factory(num_classes, **kwargs) "
+            "or register the model in a plugin"
+        )
+    return ModelEntry(
+        f"import:{path}", partial(_build_imported, factory), summary=f"{attribute} of {module_name}"
+    )
+
+
+def _parameters(factory: Any) -> list[str]:
+    """The parameter names ``factory`` takes by keyword (a class: its ``__init__``'s)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return []
+    return [p.name for p in params if p.kind in kinds]
+
+
+def _build_imported(factory: Any, num_classes: int, **kwargs: Any) -> Any:
+    return factory(num_classes=num_classes, **kwargs)

@@ -183,7 +183,6 @@ HOSTILE_CHECKPOINTS = {
     "missing-model": (_drop("model"), "it lacks 'model'"),
     "model-a-list": (_set("model", ["resnet18"]), "its model spec is ['resnet18'], not a dict"),
     "arch-not-text": (_set_model("arch", 18), "its model arch is 18, not a model name"),
-    "arch-unknown": (_set_model("arch", "vgg16"), "its model arch 'vgg16' is unknown"),
     "width-0": (_set_model("width", 0), "its model width is 0"),
     "classes-as-text": (_set_model("num_classes", "10"), "its model num_classes is '10'"),
     "fewer-classes": (_set_model("num_classes", 3), "but model resnet18-s8 (width 8, 3 classes)"),
@@ -209,6 +208,30 @@ def test_crafted_checkpoints_are_refused_at_load(tiny_run_master, tmp_path, name
     text = str(caught.value)
     assert message in text and f"{path} is damaged: " in text, text
     assert "newer" not in text and "\n" not in text and not text.endswith(".")
+
+
+@pytest.mark.parametrize(
+    "arch, message",
+    [
+        ("vgg16", "its model arch 'vgg16' is unknown; did you mean 'torchvision:vgg16'?"),
+        ("import:no_such_module_ek:Net", "module 'no_such_module_ek' is not importable"),
+        ("import:os:system", "system of os is not a class or function taking num_classes"),
+        ("json.decoder:JSONDecoder", "JSONDecoder of json.decoder is not a class or function"),
+    ],
+)
+def test_a_model_that_cannot_be_built_here_is_not_called_damage(
+    tiny_run_master, tmp_path, arch, message
+):
+    """A sound checkpoint of a model whose plugin or module is missing here says so: the
+    file is fine, and nothing recorded in it makes an unrelated function run."""
+    data = torch.load(tiny_run_master / "checkpoints" / "last.pt", weights_only=True)
+    data["model"]["arch"] = arch
+    torch.save(data, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(tmp_path / "other.pt")
+    text = str(caught.value)
+    assert text.startswith(f"{tmp_path / 'other.pt'} cannot be rebuilt here: "), text
+    assert message in text and "damaged" not in text and "\n" not in text, text
 
 
 def test_a_newer_format_still_says_upgrade(tiny_run_master, tmp_path):

@@ -54,10 +54,26 @@ def layer_output_shape(entry: ModelEntry, size: int = 64, **offered) -> tuple[in
 def test_builtin_names_come_from_the_builtin_plugin():
     pm = manager.get_plugin_manager(entrypoints=False, quiet=True)
     models = manager.get_models(pm)
-    assert list(models) == ["resnet18-s8", "resnet18", "torchvision:", "timm:"]
+    assert list(models) == ["resnet18-s8", "resnet18", "torchvision:", "timm:", "import:"]
     assert {r.plugin_name for r in models.values()} == {"explainkit.plugins.models"}
     assert {r.source for r in models.values()} == {"builtin"}
-    assert model_names(pm) == ["resnet18-s8", "resnet18", "torchvision:NAME", "timm:NAME"]
+    assert model_names(pm) == [
+        "resnet18-s8", "resnet18", "torchvision:NAME", "timm:NAME", "import:NAME"
+    ]  # fmt: skip
+
+
+def test_a_model_by_import_path_builds_with_its_class_count_and_arguments():
+    """``import:package.module:factory`` builds ``factory(num_classes=N, **kwargs)`` from any
+    importable module (a dotted bare ``package.module:factory`` means the same)."""
+    from evaluate_models import TinyNet
+
+    for name in ("import:evaluate_models:tiny_net", "import:evaluate_models:TinyNet"):
+        model = build_model(name, num_classes=5)
+        assert isinstance(model, TinyNet) and model.head.out_features == 5
+    entry = model_entry("import:evaluate_models:TinyNet")
+    assert entry.name == "import:evaluate_models:TinyNet" and entry.default_layer is None
+    with pytest.raises(ConfigError, match="is not a class or function taking num_classes"):
+        model_entry("json.decoder:JSONDecoder")  # the bare dotted form reaches the family
 
 
 @pytest.mark.parametrize("arch, expected", [("resnet18-s8", 11_189_322), ("resnet18", 11_173_962)])

@@ -13,7 +13,9 @@ a :class:`ModelFamily` many under a prefix (``--model torchvision:resnet50``,
     small = build_model("resnet18-s8", num_classes=10, width=16)
 
 A run records how to rebuild its model (:func:`model_spec`): the registered name (``arch``)
-and the keyword arguments its ``build`` was given (``kwargs``, e.g. ``{"width": 64}``).
+and the keyword arguments its ``build`` was given (``kwargs``, e.g. ``{"width": 64}``). A
+module no plugin registered is recorded by import path, ``import:package.module:factory``
+(the built-in ``import`` family; a bare ``package.module:factory`` means the same).
 
 Importing this module imports no torch; building a model does.
 """
@@ -76,6 +78,8 @@ def model_entry(name: str, pm: ExplainkitPluginManager | None = None) -> ModelEn
     if registered is not None:
         return registered.item
     prefix, colon, rest = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if colon and "." in prefix and "import:" in models:
+        prefix, rest = "import", name  # package.module:factory, as runs of 0.2 recorded it
     family_key = f"{prefix}:"
     if not colon or family_key not in models or not rest:
         raise ConfigError(unknown_model_message(name, models))

@@ -105,6 +105,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         _upgrade_v1(data)
     try:
         _validate(data)
+    except _Unavailable as e:
+        raise CheckpointError(f"{path} cannot be rebuilt here: {e}") from None
     except _Damage as e:
         raise _damaged(path, str(e)) from None
     except _CHECK_ERRORS as e:  # a value too odd for the checks themselves is damage too
@@ -118,6 +120,10 @@ _CHECK_ERRORS = (TypeError, ValueError, OverflowError, RuntimeError, KeyError, I
 
 class _Damage(Exception):
     """What is wrong with a checkpoint that is ours, as a phrase; becomes a CheckpointError."""
+
+
+class _Unavailable(Exception):
+    """A sound checkpoint whose model cannot be built here (its plugin or module is missing)."""
 
 
 def _damaged(path: Path, detail: str) -> CheckpointError:
@@ -214,12 +220,14 @@ def _model_spec(spec: Any) -> dict[str, Any]:
     try:
         model_entry(arch)
     except ConfigError as e:
-        # An unknown name: the plugin that registered it may just not be loaded here.
+        # Not damage: the plugin or module that provides the model may just be missing here.
         prefix = f"unknown model {arch!r}"
-        detail = str(e).removeprefix(prefix) if str(e).startswith(prefix) else f" ({e})"
-        raise _Damage(
-            f"its model arch {arch!r} is unknown{detail} (a plugin's model needs that plugin: "
-            "--plugins-dir, EXPLAINKIT_PLUGINS_DIR or an installed package)"
+        if not str(e).startswith(prefix):
+            raise _Unavailable(str(e)) from None
+        raise _Unavailable(
+            f"its model arch {arch!r} is unknown{str(e).removeprefix(prefix)} (a plugin's "
+            "model needs that plugin: --plugins-dir, EXPLAINKIT_PLUGINS_DIR or an installed "
+            "package)"
         ) from None
     keys = ("num_classes", "width") if "width" in spec or "kwargs" not in spec else ("num_classes",)
     for key in keys:
@@ -405,6 +413,8 @@ def model_from_checkpoint(data: dict[str, Any], device: str | torch.device = "cp
     """
     try:
         _validate(data)
+    except _Unavailable as e:
+        raise CheckpointError(f"the checkpoint's model cannot be rebuilt here: {e}") from None
     except _Damage as e:
         raise CheckpointError(f"the checkpoint is damaged: {e}; {_REMEDY}") from None
     except _CHECK_ERRORS as e:
