@@ -24,6 +24,7 @@ _PUBLIC = {
     "Option": "explainkit.analyzer",
     "analyze": "explainkit.runner",
     "evaluate": "explainkit.evaluation",
+    "RunWriter": "explainkit.evaluation",
     "load_model": "explainkit.train.checkpoint",
     "open_store": "explainkit.store",
     "RunDir": "explainkit.rundir",

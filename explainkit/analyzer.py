@@ -342,6 +342,19 @@ class AnalysisContext:
         log.warning("%s: no layer given; using %r from %s", self.analyzer_name, chosen, source)
         return chosen
 
+    def layer_reshape(self, layer: str) -> str:
+        """How ``layer``'s output becomes maps, for the CAM engine's ``reshape``.
+
+        The run's recorded layout when ``layer`` is its model's default layer (a Swin stage's
+        channels-last (N, H, W, C) output cannot be told from (N, C, H, W) by its shape),
+        else ``"auto"`` (4-D is NCHW, 3-D is ViT tokens).
+        """
+        spec = (self.config or {}).get("model", {})
+        recorded = spec.get("reshape") if isinstance(spec, dict) else None
+        if layer == spec.get("default_layer") and recorded in ("nchw", "vit", "swin"):
+            return recorded
+        return "auto"
+
     def _default_layer(self, model: Any) -> tuple[str, str]:
         pm = self.plugin_manager
         if pm is not None:

@@ -17,15 +17,19 @@ or from Python, for any ``nn.Module``::
 Nothing is trained, so the history's training columns hold 0 (``train_loss``, ``train_acc``,
 ``lr``, ``images_per_s``: the store refuses NaN there) and ``train_ce`` is not recorded.
 
+A training loop of your own writes the same run one epoch at a time with :class:`RunWriter`
+(``explainkit.lightning.ExplainkitCallback`` does it for a PyTorch Lightning ``Trainer``).
+
 The run records how to rebuild its model (``model.arch`` of config.json and the checkpoint):
 a registered name (``--model``, or ``arch=`` from Python) with its build ``kwargs``, or
-otherwise an import path ``package.module:factory``. Analyzers that reload the model from the
-checkpoint (gradcam, model) need a registered name; an import path is recorded for the reader
-and those analyzers refuse the run in one sentence.
+otherwise an import path ``import:package.module:factory``, built as ``factory(num_classes=N,
+**kwargs)``. Analyzers that rebuild the model from the checkpoint (gradcam, model, captum,
+quality, evolution) refuse in one sentence a run whose model cannot be built here.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +43,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
     from torch import nn
 
-__all__ = ["ARRAYS", "evaluate", "evaluate_run"]
+    from explainkit.data import Dataset
+
+__all__ = ["ARRAYS", "RunWriter", "evaluate", "evaluate_run"]
 
 ARRAYS = "arrays"  # the dataset name a run records for images handed over as arrays
 
@@ -58,7 +64,7 @@ def evaluate_run(
         ConfigError: No ``weights``, or weights that do not fit the model (a classifier head
             for another number of classes is refused too: nothing would train it).
     """
-    from explainkit.data import channel_stats, load_dataset
+    from explainkit.data import load_dataset
     from explainkit.models.registry import accepted_kwargs, model_entry
     from explainkit.train.weights import apply_weights, read_weights
 
@@ -83,29 +89,18 @@ def evaluate_run(
             f"than the {len(ds.classes)} of {config.dataset}; evaluate needs the head that "
             "was trained for these classes"
         )
-    if weights.mean is not None and weights.std is not None:
-        mean, std = weights.mean, weights.std
-    else:
-        mean, std = channel_stats(ds.images)
-    return _write(
-        model,
-        ds,
-        config,
-        out,
-        overwrite,
-        arch=config.model,
-        kwargs=kwargs,
-        default_layer=entry.default_layer,
-        reshape=entry.reshape,
-        mean=mean,
-        std=std,
-        notes=notes,
-    )
+    mean, std = (weights.mean, weights.std) if weights.mean is not None else (None, None)
+    with RunWriter(
+        out, model, ds, mean=mean, std=std, arch=config.model, kwargs=kwargs,
+        overwrite=overwrite, _config=config, _notes=notes,
+    ) as writer:  # fmt: skip
+        writer.log_epoch()
+    return writer.path
 
 
 def evaluate(
     model: nn.Module,
-    data: str | tuple[np.ndarray, Sequence[int] | np.ndarray],
+    data: str | Dataset | tuple[np.ndarray, Sequence[int] | np.ndarray],
     out: str | Path | None = None,
     *,
     classes: Sequence[str] | None = None,
@@ -125,14 +120,15 @@ def evaluate(
 
     Args:
         model: Any classifier returning (N, classes) logits for normalized (N, 3, H, W) images.
-        data: A registered dataset name (its eval split: ``"folder"`` with ``data_dir``), or
-            ``(images, targets)``: uint8 images (N, H, W, 3) and their class indices.
+        data: A registered dataset name (its eval split: ``"folder"`` with ``data_dir``), an
+            ``explainkit.data.Dataset``, or ``(images, targets)``: uint8 images (N, H, W, 3)
+            and their class indices.
         out: The run directory (default ``runs/<time>``).
         classes: Class names (default: the dataset's; needed with arrays).
         mean, std: The normalization the model expects, in [0, 1] units (default: the
             evaluation images' own statistics).
         arch: How to rebuild the model: a registered name (``torchvision:resnet18``), or an
-            import path ``package.module:factory`` called as ``factory(num_classes,
+            import path ``import:package.module:factory`` called as ``factory(num_classes=N,
             **kwargs)``. Default: the model's class as an import path.
         kwargs: The build arguments ``arch`` takes besides ``num_classes``.
         default_layer: The layer explained by default (default: the registered model's, or
@@ -145,224 +141,387 @@ def evaluate(
     Returns:
         The run directory.
     """
+    with RunWriter(
+        out, model, data, classes=classes, mean=mean, std=std, arch=arch, kwargs=kwargs,
+        default_layer=default_layer, data_dir=data_dir, image_size=image_size,
+        limit_eval=limit_eval, device=device, batch_size=batch_size, overwrite=overwrite,
+    ) as writer:  # fmt: skip
+        writer.log_epoch()
+    return writer.path
+
+
+class RunWriter:
+    """A run directory written by your own training loop, one evaluated epoch at a time.
+
+    Every analyzer and the report read what it writes as they read a run ``explainkit
+    train`` wrote: config.json, the prediction store (the eval images once, then each epoch's
+    logits and history row) and a checkpoint per epoch (with best.pt and last.pt), so
+    ``evolution`` follows the explanations across your epochs::
+
+        from explainkit import RunWriter
+
+        with RunWriter("runs/mine", model, (images, targets), classes=names) as writer:
+            for epoch in range(10):
+                loss = train_one_epoch(model)        # your loop
+                writer.log_epoch(train_loss=loss, lr=optimizer.param_groups[0]["lr"])
+
+    ``log_epoch`` evaluates the model on the eval data (eval mode, no gradients; the model's
+    train/eval mode is restored after) and commits the epoch atomically: a process killed at
+    any moment leaves the epochs committed before it. The run directory is locked from the
+    start until ``close`` (``with`` closes it), so a second writer or ``explainkit train``
+    cannot write into it. Arguments are those of :func:`evaluate`.
+    """
+
+    def __init__(
+        self,
+        out: str | Path | None,
+        model: nn.Module,
+        data: str | Dataset | tuple[np.ndarray, Sequence[int] | np.ndarray],
+        *,
+        classes: Sequence[str] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        arch: str | None = None,
+        kwargs: dict[str, Any] | None = None,
+        default_layer: str | None = None,
+        data_dir: str | Path | None = None,
+        image_size: int | None = None,
+        limit_eval: int | None = None,
+        device: str = "auto",
+        batch_size: int = 256,
+        overwrite: bool = False,
+        _config: TrainConfig | None = None,
+        _notes: Sequence[str] = (),
+    ) -> None:
+        from explainkit.data import channel_stats
+        from explainkit.device import resolve_device
+
+        kwargs = dict(kwargs or {})
+        arch = _import_path(model) if arch is None else _canonical(arch)
+        entry = _registered(arch)
+        ds, dataset, size = _eval_data(data, classes, data_dir, image_size, limit_eval, entry)
+        if (mean is None) != (std is None):
+            raise ConfigError("give both mean and std, or neither")
+        if mean is None:
+            mean, std = channel_stats(ds.images)
+        config = _config or TrainConfig(
+            model=arch,
+            dataset=dataset,
+            data_dir=None if data_dir is None else str(data_dir),
+            image_size=size,
+            epochs=1,
+            tta=False,
+            device=device,
+            batch_size=batch_size,
+            limit_eval=limit_eval,
+        )
+        config.validate(check_memory=False, check_names=False)
+        self.model = model
+        self.eval_data = ds
+        self.device = resolve_device(config.device)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)  # type: ignore[union-attr]
+        self.batch_size = config.batch_size
+        self.epoch = 0
+        self.best_acc, self.best_epoch = -1.0, 0
+        self._config = config
+        self._spec = self._model_spec(arch, kwargs, default_layer, entry, size)
+        self._notes = list(_notes)
+        self._run = RunDir(out) if out else RunDir.new_default()
+        self._lock: Any = None
+        self._open(overwrite)
+
+    @property
+    def path(self) -> Path:
+        """The run directory."""
+        return self._run.path
+
+    def _model_spec(
+        self, arch: str, kwargs: dict[str, Any], layer: str | None, entry: Any, size: int
+    ) -> dict[str, Any]:
+        reshape = None
+        if entry is not None and layer in (None, entry.default_layer):
+            layer, reshape = entry.default_layer, entry.reshape
+        if layer is None:
+            layer, reshape = _locate_layer(self.model.to(self.device), size, self.device)
+        return {
+            "arch": arch,
+            **({"width": kwargs["width"]} if "width" in kwargs else {}),
+            "kwargs": kwargs,
+            "num_classes": len(self.eval_data.classes),
+            "input_shape": [3, size, size],
+            "default_layer": layer,
+            "reshape": reshape or "auto",
+        }
+
+    def _open(self, overwrite: bool) -> None:
+        """Lock the run directory now (a taken --out fails before any training); its files
+        are written with the first epoch, so a model that fails at once leaves nothing."""
+        from explainkit.train.run_files import RunFacts
+
+        if len(self.eval_data) == 0:
+            raise ExplainkitError("the evaluation set holds no images")
+        self._facts = RunFacts(
+            model_spec=self._spec,
+            classes=list(self.eval_data.classes),
+            eval_data=self.eval_data,
+            num_train=0,
+            mean=self.mean,
+            std=self.std,
+            device=self.device,
+        )
+        self._created = not self._run.path.exists()
+        self._lock = self._run.create(overwrite)
+
+    def _write_setup(self) -> None:
+        """config.json and the store of the eval images, before the first epoch's commit."""
+        from explainkit.train.run_files import create_empty_store, write_config
+
+        write_config(self._facts, self._config, self._run)
+        create_empty_store(self._facts, self._config, self._run)  # "trained", no TTA
+
+    def log_epoch(
+        self,
+        model: nn.Module | None = None,
+        *,
+        train_loss: float | None = None,
+        train_acc: float | None = None,
+        lr: float | None = None,
+        images_per_s: float | None = None,
+        seconds: float | None = None,
+    ) -> dict[str, float]:
+        """Evaluate ``model`` (default: the one given at the start) and commit one epoch.
+
+        The training numbers are yours to give (they fill the history table and the loss
+        curves); one not given is stored as 0. ``seconds`` defaults to the time since the
+        previous epoch (or since the start). Returns the committed history row.
+
+        Raises:
+            ExplainkitError: The model's outputs are not finite or not (N, classes); nothing
+                of this epoch is written.
+        """
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        from explainkit.store import append_epoch
+
+        if self._lock is None:
+            raise ExplainkitError(f"the writer of {self.path} is closed; open a new RunWriter")
+        model = self.model if model is None else model
+        started = time.perf_counter()
+        logits = _checked_logits(
+            _logits(model, self.eval_data, self.mean, self.std, self.device, self.batch_size),
+            len(self.eval_data),
+            len(self.eval_data.classes),
+        )
+        targets = np.asarray(self.eval_data.targets, dtype=np.int64)
+        eval_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(targets)))
+        eval_acc = float((logits.argmax(1) == targets).mean())
+        self.epoch += 1
+        row = {
+            "epoch": self.epoch,
+            "train_loss": float(train_loss or 0.0),
+            "train_acc": float(train_acc or 0.0),
+            "eval_loss": eval_loss,
+            "eval_acc": eval_acc,
+            "lr": float(lr or 0.0),
+            "seconds": float(seconds if seconds is not None else time.perf_counter() - started),
+            "images_per_s": float(images_per_s or 0.0),
+        }
+        try:
+            if self.epoch == 1:
+                self._write_setup()
+            append_epoch(self._run.store_path, logits, row)
+        except BaseException:
+            self.epoch -= 1
+            raise
+        self._save_checkpoints(model, eval_acc)
+        self._log(f"epoch {self.epoch}: eval loss {eval_loss:.4f} acc {100 * eval_acc:5.2f}%")
+        return row
+
+    def _save_checkpoints(self, model: nn.Module, eval_acc: float) -> None:
+        """epoch_NNN.pt, best.pt when this epoch is the best so far, then last.pt."""
+        from explainkit.train.checkpoint import save_checkpoint
+
+        is_best = eval_acc > self.best_acc
+        if is_best:
+            self.best_acc, self.best_epoch = eval_acc, self.epoch
+        config = self._config.to_dict()
+        config["epochs"] = self.epoch  # what the run holds so far
+        payload = {
+            "model": self._spec,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "epoch": self.epoch,
+            "eval_acc": eval_acc,
+            "best_acc": self.best_acc,
+            "best_epoch": self.best_epoch,
+            "config": config,
+            "classes": list(self.eval_data.classes),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+        names = [self.epoch] + (["best"] if is_best else []) + ["last"]
+        save_checkpoint([self._run.checkpoint(name) for name in names], payload)
+
+    def _log(self, line: str) -> None:
+        from explainkit.train.trainer import append_log
+
+        for note in self._notes:
+            append_log(self._run, note)
+        self._notes = []
+        append_log(self._run, line)
+
+    def close(self) -> None:
+        """Record how many epochs the run holds in config.json and release the run's lock."""
+        from explainkit.train.run_files import write_config
+
+        if self._lock is None:
+            return
+        try:
+            if self.epoch and self.epoch != self._config.epochs:
+                self._config.epochs = self.epoch
+                write_config(self._facts, self._config, self._run)
+        finally:
+            self._lock.release()
+            self._lock = None
+            if self._created and not self.epoch:
+                shutil.rmtree(self._run.path, ignore_errors=True)  # nothing of ours in it
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _eval_data(
+    data: Any,
+    classes: Sequence[str] | None,
+    data_dir: str | Path | None,
+    image_size: int | None,
+    limit_eval: int | None,
+    entry: Any,
+) -> tuple[Dataset, str, int]:
+    """(the eval split, the dataset name to record, the image side) of what ``data`` is."""
     import numpy as np
 
-    from explainkit.data import Dataset, channel_stats, load_dataset
+    from explainkit.data import Dataset, load_dataset
 
-    kwargs = dict(kwargs or {})
-    entry = _registered(arch)
-    if isinstance(data, str):
+    if isinstance(data, Dataset):
+        ds = data.take(limit_eval)
+        size = int(ds.images.shape[1])
+        name = ds.name or ARRAYS
+    elif isinstance(data, str):
         size = image_size or (entry.input_size if entry and entry.input_size else 224)
         ds = load_dataset(data, "eval", data_dir, size, 0, limit_eval)
-        dataset = data
-        if classes is not None:
-            if len(classes) != len(ds.classes):
-                raise ConfigError(
-                    f"classes names {len(classes)} classes but {data} has {len(ds.classes)}"
-                )
-            ds.classes = [str(c) for c in classes]
+        name = data
     elif isinstance(data, tuple) and len(data) == 2:
-        images = np.asarray(data[0])
-        targets = np.asarray(data[1]).astype(np.int64)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ConfigError(
-                f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}"
-            )
-        if images.shape[1] != images.shape[2]:
-            raise ConfigError(f"images must be square, got {images.shape[1]}x{images.shape[2]}")
-        if targets.shape != (len(images),):
-            raise ConfigError(f"targets must hold one class per image ({len(images)})")
         if classes is None:
             raise ConfigError("classes= is needed with (images, targets): one name per class")
-        if len(targets) and (targets.min() < 0 or targets.max() >= len(classes)):
-            raise ConfigError(f"targets must be class indices from 0 to {len(classes) - 1}")
-        if limit_eval is not None:
-            images, targets = images[:limit_eval], targets[:limit_eval]
-        ds = Dataset(images, targets, [str(c) for c in classes], np.arange(len(targets)))
-        dataset, size = ARRAYS, int(images.shape[1])
+        ds = _array_dataset(np.asarray(data[0]), np.asarray(data[1]), classes).take(limit_eval)
+        return ds, ARRAYS, int(ds.images.shape[1])
     else:
-        raise ConfigError("data must be a registered dataset name or a tuple (images, targets)")
-    if arch is None:
-        arch = _import_path(model)
-    if (mean is None) != (std is None):
-        raise ConfigError("give both mean and std, or neither")
-    if mean is None:
-        mean, std = channel_stats(ds.images)
-    config = TrainConfig(
-        model=arch,
-        dataset=dataset,
-        data_dir=None if data_dir is None else str(data_dir),
-        image_size=size,
-        epochs=1,
-        tta=False,
-        device=device,
-        batch_size=batch_size,
-        limit_eval=limit_eval,
-    )
-    config.validate(check_memory=False, check_names=False)
-    return _write(
-        model,
-        ds,
-        config,
-        out,
-        overwrite,
-        arch=arch,
-        kwargs=kwargs,
-        default_layer=default_layer or (entry.default_layer if entry else None),
-        reshape=entry.reshape if entry else None,
-        mean=tuple(float(v) for v in mean),
-        std=tuple(float(v) for v in std),  # type: ignore[union-attr]
-        notes=[],
-    )
+        raise ConfigError(
+            "data must be a registered dataset name, an explainkit.data.Dataset or a tuple "
+            "(images, targets)"
+        )
+    if classes is not None:
+        if len(classes) != len(ds.classes):
+            raise ConfigError(
+                f"classes names {len(classes)} classes but {name} has {len(ds.classes)}"
+            )
+        ds.classes = [str(c) for c in classes]
+    if ds.images.shape[1] != ds.images.shape[2]:
+        raise ConfigError(f"images must be square, got {ds.images.shape[1]}x{ds.images.shape[2]}")
+    return ds, name, size
 
 
-def _registered(arch: str | None) -> Any:
-    """The ModelEntry of a registered ``arch``, or None (an import path, or nothing)."""
-    if arch is None:
-        return None
+def _array_dataset(images: np.ndarray, targets: np.ndarray, classes: Sequence[str]) -> Dataset:
+    import numpy as np
+
+    from explainkit.data import Dataset
+
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ConfigError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if images.shape[1] != images.shape[2]:
+        raise ConfigError(f"images must be square, got {images.shape[1]}x{images.shape[2]}")
+    if not np.issubdtype(targets.dtype, np.integer) or targets.shape != (len(images),):
+        raise ConfigError(f"targets must hold one class index per image ({len(images)})")
+    targets = targets.astype(np.int64)
+    if len(targets) and (targets.min() < 0 or targets.max() >= len(classes)):
+        raise ConfigError(f"targets must be class indices from 0 to {len(classes) - 1}")
+    names = [str(c) for c in classes]
+    return Dataset(images, targets, names, np.arange(len(targets)), name=ARRAYS)
+
+
+def _canonical(arch: str) -> str:
+    """``import:package.module:factory`` for a bare import path; other names as they are."""
+    prefix, colon, _ = arch.partition(":")
+    return f"import:{arch}" if colon and "." in prefix else arch
+
+
+def _registered(arch: str) -> Any:
+    """The ModelEntry of ``arch``, or None for an import path that cannot be built here (the
+    run still records it; analyzers that rebuild the model then say why they cannot)."""
     from explainkit.models.registry import model_entry
 
     try:
         return model_entry(arch)
     except ConfigError:
-        if ":" in arch and "." in arch.partition(":")[0]:
-            return None  # package.module:factory
+        if arch.startswith("import:"):
+            return None
         raise
 
 
 def _import_path(model: nn.Module) -> str:
-    """``package.module:Class`` of the model's class (what rebuilds it, when importable)."""
+    """``import:package.module:Class`` of the model's class (what rebuilds it, if importable
+    and its ``__init__`` takes ``num_classes``)."""
     cls = type(model)
-    return f"{cls.__module__}:{cls.__qualname__}"
+    return f"import:{cls.__module__}:{cls.__qualname__}"
 
 
-def _write(
-    model: nn.Module,
-    ds: Any,
-    config: TrainConfig,
-    out: str | Path | None,
-    overwrite: bool,
-    *,
-    arch: str,
-    kwargs: dict[str, Any],
-    default_layer: str | None,
-    reshape: str | None,
-    mean: Sequence[float],
-    std: Sequence[float],
-    notes: list[str],
-) -> Path:
-    """Evaluate, then write config.json, the store and the checkpoints under the run's lock."""
+def _checked_logits(logits: np.ndarray, n: int, classes: int) -> np.ndarray:
     import numpy as np
-    import torch
-    import torch.nn.functional as F
 
-    from explainkit.device import resolve_device
-    from explainkit.store import append_epoch
-    from explainkit.train.checkpoint import save_checkpoint
-    from explainkit.train.run_files import RunFacts, create_empty_store, write_config
-
-    if len(ds.images) == 0:
-        raise ExplainkitError("the evaluation set holds no images")
-    device = resolve_device(config.device)
-    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    model = model.to(device).eval()
-    size = int(ds.images.shape[1])
-    if default_layer is None:
-        default_layer, reshape = _locate_layer(model, size, device)
-    spec = {
-        "arch": arch,
-        **({"width": kwargs["width"]} if "width" in kwargs else {}),
-        "kwargs": kwargs,
-        "num_classes": len(ds.classes),
-        "input_shape": [3, size, size],
-        "default_layer": default_layer,
-        "reshape": reshape or "auto",
-    }
-    start = time.perf_counter()
-    logits = _logits(model, ds.images, mean, std, device, config.batch_size)
-    seconds = time.perf_counter() - start
-    if not np.isfinite(logits).all():
-        raise ExplainkitError("the model's outputs hold NaN or infinity; nothing was written")
-    if logits.shape != (len(ds.images), len(ds.classes)):
+    if logits.shape != (n, classes):
         raise ExplainkitError(
-            f"the model returned outputs of shape {list(logits.shape)} for {len(ds.images)} "
-            f"images; a classifier of {len(ds.classes)} classes returns "
-            f"[{len(ds.images)}, {len(ds.classes)}]"
+            f"the model returned outputs of shape {list(logits.shape)} for {n} images; a "
+            f"classifier of {classes} classes returns [{n}, {classes}]"
         )
-    targets = torch.from_numpy(np.asarray(ds.targets, dtype=np.int64))
-    eval_loss = float(F.cross_entropy(torch.from_numpy(logits), targets))
-    eval_acc = float((logits.argmax(1) == ds.targets).mean())
-
-    run = RunDir(out) if out else RunDir.new_default()
-    lock = run.create(overwrite)
-    try:
-        facts = RunFacts(
-            model_spec=spec,
-            classes=list(ds.classes),
-            eval_data=ds,
-            num_train=0,
-            mean=mean,
-            std=std,
-            device=device,
+    if not np.isfinite(logits).all():
+        raise ExplainkitError(
+            "the model's outputs hold NaN or infinity; this epoch was not written"
         )
-        write_config(facts, config, run)
-        create_empty_store(facts, config, run)  # config.ema 0, tta off: "trained", no TTA
-        row = {  # nothing was trained: the training columns hold 0, train_ce is not recorded
-            "epoch": 1,
-            "train_loss": 0.0,
-            "train_acc": 0.0,
-            "eval_loss": eval_loss,
-            "eval_acc": eval_acc,
-            "lr": 0.0,
-            "seconds": seconds,
-            "images_per_s": 0.0,
-        }
-        append_epoch(run.store_path, logits, row)
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        payload = {
-            "model": spec,
-            "state_dict": state,
-            "epoch": 1,
-            "eval_acc": eval_acc,
-            "best_acc": eval_acc,
-            "best_epoch": 1,
-            "config": config.to_dict(),
-            "classes": list(ds.classes),
-            "mean": list(mean),
-            "std": list(std),
-        }
-        save_checkpoint(
-            [run.checkpoint(1), run.checkpoint("best"), run.checkpoint("last")], payload
-        )
-        from explainkit.train.trainer import append_log
-
-        for line in [*notes, f"evaluated: eval loss {eval_loss:.4f} acc {100 * eval_acc:5.2f}%"]:
-            append_log(run, line)
-    finally:
-        lock.release()
-    return run.path
+    return logits
 
 
 def _logits(
     model: nn.Module,
-    images: np.ndarray,
+    ds: Dataset,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     device: Any,
     batch_size: int,
 ) -> np.ndarray:
-    """The model's logits for uint8 (N, H, W, 3) images, normalized as a run evaluates them."""
-    import numpy as np
+    """The model's logits for the eval images, normalized as a run evaluates them, batch by
+    batch (a streamed dataset is never whole in memory); the model's mode is restored."""
     import torch
+
+    from explainkit.data import iter_batches
 
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    was_training = model.training
+    model.to(device).eval()
     chunks = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-            x = batch.to(device).permute(0, 3, 1, 2).float().div_(255)
-            chunks.append(model((x - m) / s).float().cpu())
+    try:
+        with torch.inference_mode():
+            for _, batch in iter_batches(ds, batch_size, pin_memory=device.type == "cuda"):
+                x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+                chunks.append(model((x - m) / s).float().cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(chunks).numpy()
 
 

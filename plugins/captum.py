@@ -321,7 +321,7 @@ def _agreement(context: AnalysisContext, model: Any, layer: str, target: Any, li
     sync = _sync(context)
     stats = {k: _Stats() for k in ("raw", "upsampled")}
     seconds = {"native": 0.0, "captum": 0.0}
-    with GradCAM(model, layer) as cam:
+    with GradCAM(model, layer, context.layer_reshape(layer)) as cam:
         captum_cam = LayerGradCam(model, dict(model.named_modules())[layer])
         batches = list(range(0, n, bs))
         for b, start in enumerate(context.progress(batches, desc="agreement")):
@@ -430,6 +430,7 @@ def _side_by_side(
         target=_recorded_if_predicted(target, recorded[indices]),
         batch_size=bs,
         true_targets=torch.from_numpy(labels[indices]),
+        reshape=context.layer_reshape(layer),
     )
     maps, ms = {}, {}
     for name in methods:

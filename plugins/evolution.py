@@ -164,6 +164,7 @@ def _explain_epochs(
     from explainkit.train.checkpoint import load_model
 
     bs = context.batch_size
+    reshape = context.layer_reshape(layer)
     gen = torch.Generator().manual_seed(context.seed)
     grid_maps, grid_probs = [], []
     per_epoch: dict[int, dict[str, Any]] = {}
@@ -179,10 +180,13 @@ def _explain_epochs(
         model = load_model(checkpoints[epoch], device=context.device)
         for p in model.parameters():
             p.requires_grad_(False)
-        res = compute_cam(model, inputs.grid_x, layer, method, target=inputs.grid_t, batch_size=bs)
+        res = compute_cam(
+            model, inputs.grid_x, layer, method, target=inputs.grid_t, batch_size=bs,
+            reshape=reshape,
+        )  # fmt: skip
         grid_maps.append(res.maps)
         grid_probs.append(res.logits.float().softmax(1).gather(1, inputs.grid_t[:, None])[:, 0])
-        per_epoch[epoch] = _epoch_metrics(model, inputs, layer, method, steps, bs, gen)
+        per_epoch[epoch] = _epoch_metrics(model, inputs, (layer, reshape), method, steps, bs, gen)
         del model
     grid = _Grid(
         maps=torch.stack(grid_maps, 1).cpu().numpy(),
@@ -192,14 +196,21 @@ def _explain_epochs(
 
 
 def _epoch_metrics(
-    model: Any, inputs: _Inputs, layer: str, method: str, steps: int, bs: int, gen: Any
+    model: Any,
+    inputs: _Inputs,
+    layer: tuple[str, str],
+    method: str,
+    steps: int,
+    bs: int,
+    gen: Any,
 ) -> dict[str, Any]:
     """Per-image deletion/insertion AUC (and localization with masks) of one epoch's maps."""
     from explainkit.explain import metrics as M
     from explainkit.explain.gradcam import compute_cam
 
     x, t = inputs.metric_x, inputs.metric_t
-    maps = compute_cam(model, x, layer, method, target=t, batch_size=bs).maps
+    name, reshape = layer  # the layer and how its output becomes maps
+    maps = compute_cam(model, x, name, method, target=t, batch_size=bs, reshape=reshape).maps
     c = M.perturbation_curves(model, x, maps, t, steps=steps, max_batch=8 * bs, generator=gen)
     values = {"deletion_auc": c.deletion_auc, "insertion_auc": c.insertion_auc}
     if inputs.masks is not None:

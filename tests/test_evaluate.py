@@ -133,7 +133,7 @@ def test_python_evaluate_any_module(tmp_path):
         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), device="cpu",
     )  # fmt: skip
     config = RunDir(run).read_config()
-    assert config["model"]["arch"] == "evaluate_models:TinyNet"
+    assert config["model"]["arch"] == "import:evaluate_models:TinyNet"
     assert config["data"]["dataset"] == "arrays"
     assert config["model"]["default_layer"] == "features"
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
@@ -141,12 +141,38 @@ def test_python_evaluate_any_module(tmp_path):
         np.testing.assert_allclose(store.logits(), model(x).numpy(), rtol=1e-5, atol=1e-5)
     json.loads(RunDir(run).config_path.read_text())  # plain JSON
 
-    # Analyzers that read only the store work; those that rebuild the model say why not.
-    _invoke("analyze", run, "--plugin", "gallery", "--device", "cpu")
-    refused = CliRunner().invoke(cli, ["analyze", str(run), "--plugin", "gradcam"])
-    assert refused.exit_code != 0
-    assert "model arch 'evaluate_models:TinyNet' is unknown" in refused.output
+    # The import path rebuilds the model wherever its module is importable (here: tests/).
+    rebuilt = explainkit.load_model(run)
+    assert type(rebuilt) is TinyNet and rebuilt.head.out_features == 3
+    _invoke("analyze", run, "--plugin", "gradcam", "--plugin", "gallery", "--device", "cpu")
     _invoke("report", run)
+
+
+def test_a_run_whose_module_is_missing_here_says_what_to_install(tmp_path):
+    """Where the module is not importable, analyzers that rebuild the model say why in one
+    sentence (the run is not "damaged"); those that read only the store still work."""
+    import subprocess
+    import sys
+
+    from evaluate_models import TinyNet
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    run = explainkit.evaluate(
+        TinyNet(num_classes=2), (images, [0, 1, 0, 1, 0]), out=tmp_path / "mine",
+        classes=["a", "b"], device="cpu",
+    )  # fmt: skip
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-m", "explainkit", "analyze", str(run), "--device", "cpu"]
+    refused = subprocess.run([*cmd, "--plugin", "gradcam"], capture_output=True, text=True,
+                             cwd=tmp_path, env=env)  # fmt: skip
+    assert refused.returncode == 1
+    assert "cannot be rebuilt here: model import:evaluate_models:TinyNet" in refused.stderr
+    assert "module 'evaluate_models' is not importable" in refused.stderr
+    assert "damaged" not in refused.stderr and "Traceback" not in refused.stderr
+    gallery = subprocess.run([*cmd, "--plugin", "gallery"], capture_output=True, text=True,
+                             cwd=tmp_path, env=env)  # fmt: skip
+    assert gallery.returncode == 0, gallery.stderr
 
 
 def test_python_evaluate_a_registered_model_rebuilds_it(tmp_path, folder):
