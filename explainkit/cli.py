@@ -453,6 +453,10 @@ def analyze_command(
 
     Prints one status line per analyzer on stderr and the manifest paths (or, with --json,
     the manifests) on stdout. Exits 1 when any analyzer failed; the others still ran.
+
+    Under torchrun (torchrun --nproc-per-node N -m explainkit analyze ...), shardable
+    analyzers such as gradcam share the images among the processes; rank 0 runs the others
+    and reports (docs/distributed.md).
     """
     import json
 
@@ -485,6 +489,9 @@ def analyze_command(
         echo=lambda line: click.echo(line, err=True),
         collect_failures=True,
     )
+    failed = [m for m in manifests if m["status"] != "ok"]
+    if not manifests.is_main:  # another torchrun rank: rank 0 reports for the job
+        ctx.exit(1 if failed or not manifests else 0)
     if not manifests:
         raise click.ClickException(f"no analyzer can run on {run}; see the skipped lines above")
     if as_json:
@@ -492,7 +499,6 @@ def analyze_command(
     else:
         for m in manifests:
             click.echo(str(rundir.analysis(m["analyzer"]) / RunDir.MANIFEST))
-    failed = [m for m in manifests if m["status"] != "ok"]
     if failed:
         verbose = ctx.find_root().params.get("verbose")
         for m in failed:

@@ -8,6 +8,12 @@ Outputs of one analyzer are written to ``analyses/.<name>.tmp-<pid>`` and moved 
 ``analyses/<name>`` only when complete: concurrent runs never mix files, and a failed run
 never destroys an earlier good result.
 
+Under torchrun (``torchrun --nproc-per-node N -m explainkit analyze ...``) every rank calls
+``analyze``: an analyzer that declares ``shardable = True`` runs on every rank, each on its
+own block of images (:mod:`explainkit.sharding`), and any other runs on rank 0 while the
+others wait. Only rank 0 writes the run directory's analyses and speaks; every rank returns
+rank 0's manifests.
+
 Only the standard library and explainkit's light modules are imported at module level; torch
 and h5py are imported when a run's store or model is first needed.
 """
@@ -16,8 +22,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import tempfile
 import time
 import traceback
 import warnings
@@ -36,12 +44,14 @@ from explainkit.errors import (
     unknown_name_message,
 )
 from explainkit.rundir import RunDir, pid_alive
+from explainkit.sharding import Shard, is_shardable
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from explainkit.manager import AnalyzerEntry, ExplainkitPluginManager
     from explainkit.store import StoreReader
+    from explainkit.train.distributed import DistContext
 
 __all__ = ["AnalysisFailed", "Results", "analyze", "split_options", "unmet_needs"]
 
@@ -56,9 +66,10 @@ class Results(list):
     report would show them (``_repr_html_``).
     """
 
-    def __init__(self, run_dir: Path, manifests: Iterable[dict] = ()) -> None:
+    def __init__(self, run_dir: Path, manifests: Iterable[dict] = (), is_main: bool = True) -> None:
         super().__init__(manifests)
         self.run_dir = run_dir
+        self.is_main = is_main  # False on torchrun's other ranks: rank 0 reports for all
 
     def _repr_html_(self) -> str:
         from explainkit.report import render_analyses
@@ -98,6 +109,12 @@ class _SharedRun:
         self._config: dict | None = None
         self._store: StoreReader | None = None
         self._models: dict[int | None, Any] = {}
+        self.dist: DistContext | None = None  # set under torchrun
+        self.shard: Shard | None = None  # the running analyzer's share, when it is sharded
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.rank == 0
 
     @property
     def config(self) -> dict:
@@ -256,6 +273,10 @@ def analyze(
             raise PluginError(unknown_name_message("analyzer", name, list(entries)))
 
     shared = _SharedRun(rundir, device, pm, say)
+    joined = _join_torchrun(shared)
+    if not shared.is_main:  # rank 0 speaks for the job
+        say = shared.say = warn = lambda line: None  # type: ignore[assignment]
+    failed = True
     try:
         store = shared.store if rundir.has_store else None
         epoch = _resolve_epoch(store, epoch, rundir)
@@ -274,10 +295,15 @@ def analyze(
         todo.sort(key=lambda t: (t[1].order, t[0]))
         if todo:
             shared.device  # noqa: B018 - fail early on an unusable device, before any run
-        manifests = Results(rundir.path)
+        _check_same_plan(shared, epoch, [name for name, _, _ in todo])
+        manifests = Results(rundir.path, is_main=shared.is_main)
         for name, cls, reasons in todo:
-            context = _new_context(shared, name, epoch, batch_size, seed)
-            manifest = _run_one(cls, context, reasons, per_analyzer.get(name, {}))
+            given = per_analyzer.get(name, {})
+            if shared.dist is None:
+                context = _new_context(shared, name, epoch, batch_size, seed)
+                manifest = _run_one(cls, context, reasons, given)
+            else:
+                manifest = _run_on_ranks(shared, cls, reasons, given, epoch, batch_size, seed)
             manifests.append(manifest)
             if manifest["status"] == "ok":
                 n = len(manifest["artifacts"])
@@ -285,11 +311,14 @@ def analyze(
                 say(f"ok      {name}: {n} file(s) in {where} ({manifest['seconds']:.1f} s)")
             else:
                 say(f"failed  {name}: {manifest['error']}")
+        failed = False
         if not collect_failures and any(m["status"] != "ok" for m in manifests):
             raise AnalysisFailed(manifests)
         return manifests
     finally:
         shared.close()
+        if joined:
+            _leave_torchrun(failed)
 
 
 def _flags(cls: type[Analyzer], values: Mapping[str, Any]) -> list[str]:
@@ -318,6 +347,188 @@ def _resolve_epoch(store: Any, epoch: int | None, run: RunDir) -> int:
     return int(epoch)
 
 
+# -- torchrun: one analyze call over several processes -------------------------------------
+
+# Ranks wait at a collective while rank 0 runs an analyzer that is not sharded: allow long ones.
+WAIT_FOR_RANK_0 = 12 * 3600
+
+
+def _join_torchrun(shared: _SharedRun) -> bool:
+    """Join torchrun's process group (gloo: only small Python objects travel) and give this
+    rank its own device, ``cuda:LOCAL_RANK`` when CUDA is asked for. True when it joined."""
+    from explainkit.train.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return False
+    from datetime import timedelta
+
+    import torch.distributed
+
+    from explainkit.device import resolve_device
+    from explainkit.train.distributed import init_from_env
+
+    requested = resolve_device(shared.device_name)  # an unusable device is one sentence
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 speaks for the job; errors still show
+        logging.getLogger("explainkit").setLevel(logging.ERROR)
+    initialized = torch.distributed.is_initialized()
+    dist = init_from_env(requested.type, "gloo", timedelta(seconds=WAIT_FOR_RANK_0))
+    shared.dist = dist
+    shared._device = dist.device if requested.type == "cuda" else requested
+    return not initialized
+
+
+def _leave_torchrun(failed: bool) -> None:
+    """Leave the process group; after a failure a peer may be gone, so do not wait for it."""
+    import torch.distributed as dist
+
+    from explainkit.train.distributed import shutdown
+
+    if failed:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
+    try:
+        shutdown()
+    except RuntimeError as e:
+        raise RunError(_gone(e)) from e
+
+
+def _gone(e: BaseException) -> str:
+    """What a rank says when a collective fails because another rank is gone (``e`` is
+    gloo's connection error, which names no rank: torchrun's own report does)."""
+    return (
+        "another process of this torchrun job stopped (torchrun names it below); analyses "
+        "published before it stopped are complete, the one running was not published"
+    )
+
+
+def _check_same_plan(shared: _SharedRun, epoch: int, names: list[str]) -> None:
+    """Every rank must run the same analyzers on the same epoch, or the collectives of one
+    analyzer would meet those of another."""
+    if shared.dist is None:
+        return
+    try:
+        plans = shared.dist.gather_objects((epoch, names))
+    except RuntimeError as e:
+        raise RunError(_gone(e)) from e
+    if any(plan != plans[0] for plan in plans):
+        raise RunError(
+            f"the ranks of this torchrun job disagree on what to run ({plans[0]} on rank 0); "
+            "do all nodes see the same run directory and plugins?"
+        )
+
+
+def _run_on_ranks(
+    shared: _SharedRun,
+    cls: type[Analyzer],
+    reasons: list[str],
+    given: dict[str, Any],
+    epoch: int,
+    batch_size: int,
+    seed: int,
+) -> dict:
+    """One analyzer under torchrun: a shardable one on every rank, any other on rank 0 while
+    the others wait. Every rank returns rank 0's manifest."""
+    dist, name = shared.dist, cls.name
+    assert dist is not None
+    sharded = is_shardable(cls) and not reasons
+    parts = None
+    try:
+        if sharded:
+            parts = _parts_folder(shared, name)
+        if dist.rank == 0:
+            context = _new_context(shared, name, epoch, batch_size, seed)
+            if sharded:
+                shared.shard = _shard(shared, context, parts)
+            manifest = _run_one(cls, context, reasons, given)
+        elif sharded:
+            with tempfile.TemporaryDirectory(prefix=f"explainkit-{name}-") as tmp:
+                context = _host_context(shared, name, epoch, batch_size, seed, Path(tmp))
+                shared.shard = _shard(shared, context, parts)
+                _run_share(cls, context, given)
+            manifest = None
+        else:
+            manifest = None
+        try:
+            return dist.broadcast_object(manifest)
+        except RuntimeError as e:
+            raise RunError(_gone(e)) from e
+    finally:
+        shared.shard = None
+        if parts is not None and dist.rank == 0:
+            shutil.rmtree(parts, ignore_errors=True)
+
+
+def _parts_folder(shared: _SharedRun, name: str) -> Path:
+    """``analyses/.<name>.parts-<pid of rank 0>``, made by rank 0 and named to all ranks."""
+    assert shared.dist is not None
+    folder = None
+    if shared.dist.rank == 0:
+        shared.run.analyses.mkdir(exist_ok=True)
+        _remove_stale_tmp(shared.run.analyses, name)
+        folder = shared.run.analyses / f".{name}.parts-{os.getpid()}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+    try:
+        return Path(shared.dist.broadcast_object(str(folder)))
+    except RuntimeError as e:
+        raise RunError(_gone(e)) from e
+
+
+def _shard(shared: _SharedRun, context: AnalysisContext, parts: Path | None) -> Shard:
+    assert shared.dist is not None
+    n = shared.store.num_images
+    return Shard(
+        shared.dist.rank, shared.dist.world_size, n, context.output_dir, parts, shared.dist
+    )
+
+
+def _run_share(cls: type[Analyzer], context: AnalysisContext, given: dict[str, Any]) -> None:
+    """A rank other than 0 runs a sharded analyzer: its parts only; rank 0 publishes."""
+    error = None
+    try:
+        cls().run(context, **{**cls.option_defaults(), **given})
+    except (Exception, SystemExit) as e:
+        error = error_sentence(e)
+    assert context.resources.shard is not None  # type: ignore[attr-defined]
+    context.resources.shard.sync(error)  # type: ignore[attr-defined]
+
+
+def _other_ranks_failed(context: AnalysisContext, error: str | None) -> str | None:
+    """On rank 0, after a sharded analyzer's run: wait for the others (unless ``merge`` did)
+    and return the first failure among them."""
+    shard = getattr(context.resources, "shard", None)
+    return None if shard is None else shard.sync(error)
+
+
+class _HostContext(AnalysisContext):
+    """The context the host hands out: progress bars only on rank 0 under torchrun."""
+
+    def progress(
+        self, iterable: Iterable[Any], desc: str | None = None, total: int | None = None
+    ) -> Iterable[Any]:
+        if not getattr(self.resources, "is_main", True):
+            return iterable
+        shard = getattr(self.resources, "shard", None)
+        if shard is not None and desc:
+            desc = f"{desc} (rank 0 of {shard.world_size})"
+        return super().progress(iterable, desc=desc, total=total)
+
+
+def _host_context(
+    shared: _SharedRun, name: str, epoch: int, batch_size: int, seed: int, output_dir: Path
+) -> AnalysisContext:
+    return _HostContext(
+        run_dir=shared.run.path,
+        epoch=epoch,
+        batch_size=batch_size,
+        seed=seed,
+        output_dir=output_dir,
+        analyzer_name=name,
+        resources=shared,
+    )
+
+
 def _new_context(
     shared: _SharedRun, name: str, epoch: int, batch_size: int, seed: int
 ) -> AnalysisContext:
@@ -329,15 +540,7 @@ def _new_context(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    return AnalysisContext(
-        run_dir=shared.run.path,
-        epoch=epoch,
-        batch_size=batch_size,
-        seed=seed,
-        output_dir=tmp,
-        analyzer_name=name,
-        resources=shared,
-    )
+    return _host_context(shared, name, epoch, batch_size, seed, tmp)
 
 
 def _run_one(
@@ -364,8 +567,12 @@ def _run_one(
             if reasons:
                 raise AnalyzerError(f"{name} needs {'; '.join(reasons)}")
             artifacts = cls().run(context, **options)
+            elsewhere = _other_ranks_failed(context, None)
+            if elsewhere:
+                raise AnalyzerError(elsewhere)
             manifest["artifacts"] = _check_artifacts(name, artifacts, tmp)
         except (Exception, SystemExit) as e:  # a plugin's sys.exit() ends only its own run
+            _other_ranks_failed(context, error_sentence(e))  # they must not wait for rank 0
             manifest["status"] = "failed"
             manifest["error"] = error_sentence(e)
             if not isinstance(e, ExplainkitError):
@@ -430,7 +637,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 def _remove_stale_tmp(analyses: Path, name: str) -> None:
     """Remove temp folders left by killed ``analyze`` processes (their pid is gone)."""
-    for prefix in (f".{name}.tmp-", f".{name}.old-"):
+    for prefix in (f".{name}.tmp-", f".{name}.old-", f".{name}.parts-"):
         for path in analyses.glob(f"{prefix}*"):
             pid_text = path.name[len(prefix) :].split("-")[0]
             if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):

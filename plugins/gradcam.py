@@ -23,15 +23,17 @@ UPSAMPLING = "bilinear, then per-image min-max scaling to [0, 1]"
 
 @dataclass
 class _Maps:
-    """What one pass over the eval set produced (the maps themselves stay in the file)."""
+    """What the pass over the eval set produced, read back from attributions.h5 (1-D per-image
+    columns only: the maps themselves stay in the file)."""
 
     predicted: Any  # the run's recorded prediction (stored logits: its eval weights and TTA)
     model_predicted: Any  # what the explained forward pass alone predicted
     targets: Any
     raw_shape: tuple[int, ...]
     map_shape: tuple[int, ...]
-    seconds: float
-    layout: Any  # how the layer's output was viewed as maps (explain.layers.Layout)
+    seconds: float  # the slowest process's explanation time
+    reshape: str  # how the layer's output was viewed as maps, in words
+    processes: int  # how many processes shared the images (torchrun), else 1
 
 
 class GradCAMAnalyzer(Analyzer):
@@ -43,9 +45,15 @@ class GradCAMAnalyzer(Analyzer):
     layer), so the whole eval set is explained and written to ``attributions.h5`` batch by
     batch; the figure shows a few images as image | heatmap | overlay.
 
+    Shardable: under ``torchrun --nproc-per-node N -m explainkit analyze`` each process
+    explains a contiguous block of images on its own device, and rank 0 joins the blocks
+    into one attributions.h5 (docs/distributed.md).
+
     Example:
         explainkit analyze runs/cifar --plugin gradcam --gradcam-layer layer3.1 --gradcam-target cat
     """
+
+    shardable = True  # read by the host (explainkit.sharding)
 
     name = "gradcam"
     title = "Grad-CAM"
@@ -116,17 +124,23 @@ class GradCAMAnalyzer(Analyzer):
     ) -> list[dict]:
         from explainkit.figures import get_colormap
         from explainkit.selection import parse_target
+        from explainkit.sharding import shard_of
 
         cmap = get_colormap(colormap, "--gradcam-colormap")
         target_arg = parse_target(target, context.classes, "--gradcam-target")
         model = context.model()
         layer = context.target_layer(layer, model)
         reshape = _recorded_reshape(context, layer) if reshape == "auto" else reshape
-        path = context.output_dir / "attributions.h5"
+        shard = shard_of(context)  # every image, unless torchrun shares them among processes
         attributes = {**_attributes(context, layer, method, target), "reshape": reshape}
-        maps = _write_maps(
-            context, model, layer, method, reshape, target_arg, dtype, path, attributes
+        seconds, layout = _write_maps(
+            context, model, layer, method, reshape, target_arg, dtype, shard, attributes
         )
+        reports = shard.merge("attributions.h5", seconds=seconds, layout=layout)
+        if not shard.is_main:
+            return []  # rank 0 writes the summary and the figure
+        path = context.output_dir / "attributions.h5"
+        maps = _read_maps(path, reports or [])
         labels = context.store.targets
         chosen = _choose_shown(context, labels, maps.predicted, count, select)
         sources = context.store.sources(chosen)
@@ -155,11 +169,13 @@ def _write_maps(
     reshape: str,
     target: Any,
     dtype: str,
-    path: Any,
+    shard: Any,
     attributes: dict[str, Any],
-) -> _Maps:
-    """Explain every eval image, batch by batch, straight into attributions.h5.
+) -> tuple[float, str | None]:
+    """Explain this process's images (``shard``: all of them in one process), batch by batch,
+    straight into its attributions.h5 (its part of it under torchrun).
 
+    Returns the seconds spent explaining and the layout in words (None without images).
     The file is written through Python I/O (:func:`explainkit.store.open_h5_for_writing`),
     streamed with bounded memory: a full disk stops the pass with one AnalyzerError sentence
     instead of crashing libhdf5, and the file appears only when it is complete.
@@ -172,23 +188,24 @@ def _write_maps(
     from explainkit.store import open_h5_for_writing
 
     store = context.store
-    n, bs = store.num_images, max(1, int(context.batch_size))
-    labels = store.targets
-    recorded = store.predictions(context.epoch)  # what "predicted" means in every analyzer
+    first, n, bs = shard.start, shard.size, max(1, int(context.batch_size))
+    if n == 0:  # more processes than images: this one has none
+        return 0.0, None
+    labels = store.targets[first : first + n]
+    recorded = store.predictions(context.epoch)[first : first + n]  # "predicted" everywhere
     sync = torch.cuda.synchronize if context.device.type == "cuda" else (lambda: None)
     seconds = 0.0
-    writer = open_h5_for_writing(path, AnalyzerError)
+    writer = open_h5_for_writing(shard.part_path("attributions.h5"), AnalyzerError)
     with CAM_CLASSES[method](model, layer, reshape) as cam, writer as f:
         f.attrs.update(attributes)
         maps_ds = raw_ds = None
         targets_ds = _dataset(f, "targets", (n,), "int64", bs)
-        predicted_ds = _dataset(f, "predicted", (n,), "int64", bs)
         alone_ds = _dataset(f, "model_predicted", (n,), "int64", bs)
-        predicted_ds[:] = recorded
+        _dataset(f, "predicted", (n,), "int64", bs)[:] = recorded
         starts = range(0, n, bs)
         for start in context.progress(starts, desc="maps", total=len(starts)):
             stop = min(start + bs, n)
-            x = context.normalize(store.images(np.arange(start, stop)))
+            x = context.normalize(store.images(np.arange(first + start, first + stop)))
             true = torch.from_numpy(labels[start:stop])
             batch_target = (
                 torch.from_numpy(recorded[start:stop]) if target == "predicted" else target
@@ -207,10 +224,27 @@ def _write_maps(
             alone_ds[start:stop] = res.predicted.cpu().numpy()
             writer.check()  # a full disk ends the pass now, not after the last batch
         f.attrs["layout"] = cam.layout.kind
-        return _Maps(
-            recorded, alone_ds[:], targets_ds[:], raw_ds.shape[1:], maps_ds.shape[1:], seconds,
-            cam.layout,
-        )  # fmt: skip
+        return seconds, _layout_text(cam.layout)
+
+
+def _read_maps(path: Any, reports: list[dict]) -> _Maps:
+    """The per-image columns and shapes of the finished attributions.h5, and the pass's
+    timing: the slowest process's seconds (processes explain at the same time)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        columns = {name: f[name][:] for name in ("predicted", "model_predicted", "targets")}
+        raw_shape, map_shape = f["raw"].shape[1:], f["maps"].shape[1:]
+    return _Maps(
+        columns["predicted"],
+        columns["model_predicted"],
+        columns["targets"],
+        raw_shape,
+        map_shape,
+        max(report["seconds"] for report in reports),
+        next(report["layout"] for report in reports if report["layout"]),
+        len(reports),
+    )
 
 
 def _dataset(f: Any, name: str, shape: tuple[int, ...], dtype: str, batch: int) -> Any:
@@ -286,12 +320,13 @@ def _summary(
         "target": str(target),
         "epoch": context.epoch,
         "device": str(context.device),
+        "processes": maps.processes,
         "batch_size": max(1, int(context.batch_size)),
         "num_images": n,
         "num_misclassified": int((maps.predicted != context.store.targets).sum()),
         "predicted_from": "the run's recorded predictions (predictions.h5)",
         "num_model_disagrees": int((maps.model_predicted != maps.predicted).sum()),
-        "reshape": _layout_text(maps.layout),
+        "reshape": maps.reshape,
         "raw_shape": list(maps.raw_shape),
         "map_shape": list(maps.map_shape),
         "maps_dtype": dtype,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -85,11 +87,43 @@ class DistContext:
 
             dist.barrier()
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (small, picklable), in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
 
-def init_from_env(device_name: str) -> DistContext:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (small, picklable) on every rank."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, 0)
+        return box[0]
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several that torchrun started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(
+    device_name: str, backend: str | None = None, timeout: timedelta | None = None
+) -> DistContext:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1).
+
+    Each process uses ``cuda:LOCAL_RANK`` unless ``device_name`` is ``cpu`` or there is no
+    CUDA. ``backend`` defaults to nccl on CUDA and gloo on the CPU; analysis passes gloo
+    (it exchanges only small Python objects) and a long ``timeout``, because ranks wait
+    while rank 0 runs analyzers that cannot be sharded.
+    """
+    if not launched_by_torchrun():
         return DistContext()
     import torch.distributed as dist
 
@@ -101,7 +135,8 @@ def init_from_env(device_name: str) -> DistContext:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        options = {} if timeout is None else {"timeout": timeout}
+        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), **options)
     return DistContext(True, dist.get_rank(), dist.get_world_size(), device)
 
 
