@@ -106,13 +106,14 @@ class QualityAnalyzer(Analyzer):
         names += [] if "random" in names else ["random"]
         model = context.model()
         layer = context.target_layer(layer, model)
-        fns = _attribution_fns(names, layer, context.seed)
+        fns = _attribution_fns(names, layer, context.layer_reshape(layer), context.seed)
+        cascade = _cascade(model, layer) if sanity else None
         sample = _load_sample(context, count, target)
-        maps, curves = _faithfulness(context, model, sample, fns, steps, baseline, sanity)
+        maps, curves = _faithfulness(context, model, sample, fns, steps, baseline, cascade)
         scores = _per_image_scores(maps, curves, sample.masks)
         verdicts = None
-        if sanity:
-            verdicts = _sanity(context, model, sample, fns, maps, scores)
+        if cascade is not None:
+            verdicts = _sanity(context, model, sample, fns, maps, scores, cascade)
         rows, class_rows = _tables(context, scores, names, sample)
         report = {
             "epoch": context.epoch,
@@ -133,10 +134,17 @@ class QualityAnalyzer(Analyzer):
         return _write_outputs(context, report)
 
 
-def _attribution_fns(names: list[str], layer: str, seed: int) -> dict[str, Any]:
+def _attribution_fns(names: list[str], layer: str, reshape: str, seed: int) -> dict[str, Any]:
     from explainkit.explain.attribution import attribution_fn
 
-    return {name: attribution_fn(name, layer=layer, seed=seed) for name in names}
+    return {name: attribution_fn(name, layer=layer, seed=seed, reshape=reshape) for name in names}
+
+
+def _cascade(model: Any, layer: str) -> tuple[list, str]:
+    """The sanity check's randomization cascade for this model, and its verdict depth."""
+    from explainkit.explain.metrics import model_cascade
+
+    return model_cascade(model, layer)
 
 
 def _load_sample(context: AnalysisContext, count: int, target: str) -> _Sample:
@@ -165,7 +173,7 @@ def _faithfulness(
     fns: dict,
     steps: int,
     baseline: str,
-    sanity: bool,
+    cascade: tuple[list, str] | None,
 ) -> tuple[dict, dict]:
     """Each method's maps and its deletion/insertion curves; after the first method, says how
     long the rest will take (timed on it, so the estimate is this machine's)."""
@@ -189,7 +197,8 @@ def _faithfulness(
         )  # fmt: skip
         if i == 0 and len(fns) > 1:
             done = time.perf_counter()
-            _announce(context, sample, len(fns), sanity, mapped - start, done - start)
+            redo = len(cascade[0]) if cascade else 0  # the sanity check redoes every map
+            _announce(context, sample, len(fns), redo, mapped - start, done - start)
     return maps, curves
 
 
@@ -197,15 +206,13 @@ def _announce(
     context: AnalysisContext,
     sample: _Sample,
     methods: int,
-    sanity: bool,
+    redo: int,
     map_seconds: float,
     seconds: float,
 ) -> None:
-    """Say the sample size and how long the rest takes (from the first method's time)."""
-    from explainkit.explain.metrics import DEFAULT_CASCADE
-
+    """Say the sample size and how long the rest takes (from the first method's time);
+    ``redo``: how many times the sanity check recomputes every method's maps."""
     n, total = len(sample.indices), context.store.num_images
-    redo = len(DEFAULT_CASCADE) if sanity else 0  # the sanity check redoes every method's maps
     rest = (methods - 1) * seconds + methods * redo * map_seconds
     sampled = f"{n} of {total} eval images" + (" (a seeded sample)" if n < total else "")
     context.estimate(
@@ -236,20 +243,27 @@ def _per_image_scores(maps: dict, curves: dict, masks: Any) -> dict[tuple[str, s
 
 
 def _sanity(
-    context: AnalysisContext, model: Any, sample: _Sample, fns: dict, maps: dict, scores: dict
+    context: AnalysisContext,
+    model: Any,
+    sample: _Sample,
+    fns: dict,
+    maps: dict,
+    scores: dict,
+    cascade: tuple[list, str],
 ) -> dict[str, Any]:
     """The randomization check: adds its per-image similarities to ``scores``."""
     from explainkit.explain.metrics import randomization_check
 
+    groups, depth = cascade
     results = randomization_check(
-        model, sample.images, sample.targets, fns, batch_size=context.batch_size,
-        seed=context.seed, original=maps,
+        model, sample.images, sample.targets, fns, cascade=groups,
+        batch_size=context.batch_size, seed=context.seed, original=maps,
     )  # fmt: skip
     for name, res in results.items():
         for i, step in enumerate(res.layers):
             scores[(name, f"sanity_spearman:{step}")] = res.spearman[i]
             scores[(name, f"sanity_ssim:{step}")] = res.ssim[i]
-    return _sanity_summary(results)
+    return _sanity_summary(results, depth)
 
 
 def _tables(
@@ -298,13 +312,13 @@ def _curve_summary(curves: Any, seed: int) -> dict[str, Any]:
     return out
 
 
-def _sanity_summary(results: dict[str, Any]) -> dict[str, Any]:
+def _sanity_summary(results: dict[str, Any], depth: str) -> dict[str, Any]:
     from explainkit.explain import metrics as M
     from explainkit.explain.stats import summarize
 
     methods = {}
     for name, res in results.items():
-        passed, value, step = M.sanity_verdict(res)
+        passed, value, step = M.sanity_verdict(res, depth)
         steps = [
             {
                 "randomized": layer,
@@ -323,11 +337,11 @@ def _sanity_summary(results: dict[str, Any]) -> dict[str, Any]:
     return {
         "rule": (
             f"A method fails when the mean Spearman rank correlation between its maps on the "
-            f"trained model and on the model with the layers down to {M.SANITY_DEPTH} "
+            f"trained model and on the model with the layers down to {depth} "
             f"re-initialized (cascading from the top) exceeds {M.SANITY_THRESHOLD}."
         ),
         "threshold": M.SANITY_THRESHOLD,
-        "depth": M.SANITY_DEPTH,
+        "depth": depth,
         "passed": [n for n, m in methods.items() if m["passed"]],
         "failed": [n for n, m in methods.items() if not m["passed"]],
         "methods": methods,
@@ -392,7 +406,7 @@ def _write_outputs(context: AnalysisContext, report: dict[str, Any]) -> list[dic
 
 
 def _write_figures(context: AnalysisContext, report: dict[str, Any]) -> list[dict]:
-    from explainkit.explain.metrics import SANITY_DEPTH, SANITY_THRESHOLD
+    from explainkit.explain.metrics import SANITY_THRESHOLD
     from explainkit.figures import save_figure
 
     out, n = context.output_dir, report["count"]
@@ -421,7 +435,7 @@ def _write_figures(context: AnalysisContext, report: dict[str, Any]) -> list[dic
                 "Similarity of each method's maps to the trained model's as layers are "
                 f"re-initialized from the top; {n} images, error bars: 95% bootstrap CI. "
                 f"Fails (rank correlation > {SANITY_THRESHOLD} with layers down to "
-                f"{SANITY_DEPTH} randomized): {failed}.",
+                f"{verdicts['depth']} randomized): {failed}.",
             )
         )
     if report["localization"] is not None:

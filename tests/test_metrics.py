@@ -252,3 +252,23 @@ def test_captum_methods_give_normalized_maps(trained):
         maps = methods[name](model, images[:8], predicted[:8])
         assert maps.shape == (8, 32, 32), name
         assert maps.min() >= 0 and maps.max() <= 1 and not maps.requires_grad
+
+
+def test_the_randomization_cascade_follows_any_models_own_module_tree():
+    """Models without explainkit's ResNet names get a cascade from their own modules, from
+    the logits down, and the verdict is read once the explained layer is randomized."""
+    import torchvision
+
+    from explainkit.explain.metrics import DEFAULT_CASCADE, SANITY_DEPTH, model_cascade
+    from explainkit.models import build_model
+
+    ours = build_model("resnet18-s8", num_classes=3, width=8)
+    assert model_cascade(ours, "layer3") == ([tuple(g) for g in DEFAULT_CASCADE], SANITY_DEPTH)
+    groups, depth = model_cascade(torchvision.models.resnet18(num_classes=3), "layer4")
+    assert groups[:3] == [("fc",), ("layer4",), ("layer3",)] and depth == "layer4"
+    swin = torchvision.models.swin_t(num_classes=3)
+    groups, depth = model_cascade(swin, "features.7")
+    assert groups[:4] == [("head",), ("norm",), ("features.7",), ("features.6",)]
+    assert depth == "features.7" and groups[-1] == ("features.0",)
+    modules = dict(swin.named_modules())
+    assert all(name in modules for (name,) in groups)

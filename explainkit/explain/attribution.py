@@ -43,12 +43,15 @@ def attribution_fn(
     ig_steps: int = 16,
     internal_batch_size: int | None = 256,
     occlusion_window: int = 4,
+    reshape: str = "auto",
 ) -> AttributionFn:
     """The method ``name`` as ``fn(model, images, targets) -> (N, H, W)`` maps in [0, 1].
 
     Args:
         name: A key of :data:`METHODS`.
         layer: Target layer of the methods that use one (CAMs, Guided Grad-CAM).
+        reshape: How the native CAMs view ``layer``'s output (``AnalysisContext.layer_reshape``
+            gives the run's).
         seed: Seed of the ``random`` baseline.
         ig_steps: Riemann steps of Integrated Gradients.
         internal_batch_size: Largest batch Integrated Gradients and Occlusion run at once.
@@ -62,7 +65,7 @@ def attribution_fn(
     if method.uses_layer and not layer:
         raise AnalyzerError(f"attribution method {name} needs a target layer")
     if method.source == "native":
-        raw = _cam_fn(name, layer)  # type: ignore[arg-type]
+        raw = _cam_fn(name, layer, reshape)  # type: ignore[arg-type]
     elif method.source == "baseline":
         raw = _random_fn(seed)
     else:
@@ -92,9 +95,9 @@ def attribute(
     )
 
 
-def _cam_fn(method: str, layer: str) -> AttributionFn:
+def _cam_fn(method: str, layer: str, reshape: str) -> AttributionFn:
     def fn(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
-        return compute_cam(model, images, layer, method, target=targets).maps
+        return compute_cam(model, images, layer, method, target=targets, reshape=reshape).maps
 
     return fn
 

@@ -39,6 +39,7 @@ from explainkit.explain.stats import spearman
 __all__ = [
     "BASELINES",
     "DEFAULT_CASCADE",
+    "model_cascade",
     "SANITY_DEPTH",
     "SANITY_THRESHOLD",
     "PerturbationCurves",
@@ -264,6 +265,46 @@ def _reinit(module: nn.Module) -> None:
             reset()
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
+
+
+def model_cascade(model: nn.Module, layer: str) -> tuple[list[tuple[str, ...]], str]:
+    """The randomization cascade of ``model`` (groups of module names, from the logits down)
+    and the group after which the sanity verdict is read: the one holding ``layer``.
+
+    explainkit's ResNets keep :data:`DEFAULT_CASCADE` and :data:`SANITY_DEPTH`. Any other
+    model is split along its own module tree: its parameterized top-level modules in reverse
+    order, the one holding ``layer`` split again into its children, down to ``layer`` (for a
+    torchvision Swin and ``features.7``: the head, the norm, then each stage from the last;
+    the verdict is read once ``layer`` is randomized).
+    """
+    modules = dict(model.named_modules())
+    if all(name in modules for name in ("linear", SANITY_DEPTH)):
+        return [tuple(g) for g in DEFAULT_CASCADE], SANITY_DEPTH
+    groups, depth = _cascade_below(model, "", layer)
+    if not groups:
+        raise AnalyzerError("the model has no modules with parameters to randomize")
+    return groups, depth or groups[0][0]
+
+
+def _cascade_below(parent: nn.Module, prefix: str, layer: str) -> tuple[list[tuple[str]], str]:
+    """``parent``'s parameterized children from the last, the one holding ``layer`` split
+    again while ``layer`` lies below it; and the group that is or holds ``layer``."""
+    children = [
+        (prefix + name, child)
+        for name, child in parent.named_children()
+        if next(child.parameters(), None) is not None
+    ]
+    groups: list[tuple[str]] = []
+    depth = ""
+    for name, child in reversed(children):
+        holds = layer == name or layer.startswith(name + ".")
+        if holds and layer != name:
+            below, depth = _cascade_below(child, name + ".", layer)
+            groups += below
+            continue
+        groups.append((name,))
+        depth = name if holds else depth
+    return groups, depth
 
 
 def randomization_check(
