@@ -32,7 +32,14 @@ from explainkit.config import (
 )
 from explainkit.errors import ExplainkitError, RunError
 from explainkit.rundir import RunDir
-from explainkit.store import HISTORY_COLUMNS, append_epoch, create_store, open_store
+from explainkit.store import (
+    HISTORY_COLUMNS,
+    append_epoch,
+    create_store,
+    create_v1_store,
+    epochs_folder,
+    open_store,
+)
 from tests.conftest import run_cli
 from tests.test_hostile_config import valid_run_document
 
@@ -43,18 +50,25 @@ FUZZ = settings(
     derandomize=True,  # the same examples every run: a failure here is reproducible
 )
 OPTION_NAMES = [f.name for f in TrainConfig.__dataclass_fields__.values()]
-_STORE_BYTES: bytes | None = None
+_STORES: dict[int, dict[str, bytes]] = {}
+HEAD = "predictions.h5"
+EPOCH = "predictions.epochs/epoch_0002.h5"
+# Which file of which store the byte-level fuzzing damages: the v2 head, a v2 epoch file, or
+# the one file of a v1 store (explainkit before store v2).
+TARGETS = pytest.mark.parametrize(
+    "version, target", [(2, HEAD), (2, EPOCH), (1, HEAD)], ids=["v2-head", "v2-epoch", "v1"]
+)
 
 
-def real_store_bytes() -> bytes:
-    """A small but complete store (masks, 2 committed epochs), built once."""
-    global _STORE_BYTES
-    if _STORE_BYTES is None:
+def real_store_files(version: int = 2) -> dict[str, bytes]:
+    """A small but complete store (masks, 2 committed epochs), built once: its files' bytes."""
+    if version not in _STORES:
         rng = np.random.default_rng(0)
+        make = create_store if version == 2 else create_v1_store
         with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "predictions.h5"
+            path = Path(folder) / HEAD
             n, classes = 12, 3
-            create_store(
+            make(
                 path,
                 images=rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8),
                 targets=np.arange(n) % classes,
@@ -69,15 +83,24 @@ def real_store_bytes() -> bytes:
             for epoch in (1, 2):
                 logits = rng.standard_normal((n, classes)).astype(np.float32)
                 append_epoch(path, logits, {name: float(epoch) for name, _ in HISTORY_COLUMNS})
-            _STORE_BYTES = path.read_bytes()
-    return _STORE_BYTES
+            files = [path, *sorted(epochs_folder(path).glob("*.h5"))]
+            _STORES[version] = {str(p.relative_to(folder)): p.read_bytes() for p in files}
+    return _STORES[version]
 
 
-def read_everything(data: bytes) -> None:
-    """Open ``data`` as a store and touch every reader entry point."""
+def real_store_bytes(version: int = 2, target: str = HEAD) -> bytes:
+    return real_store_files(version)[target]
+
+
+def read_everything(data: bytes, version: int = 2, target: str = HEAD) -> None:
+    """Put ``data`` in place of file ``target`` of a real store; open it and touch every
+    reader entry point."""
+    files = {**real_store_files(version), target: data}
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "predictions.h5"
-        path.write_bytes(data)
+        for name, content in files.items():
+            (Path(folder) / name).parent.mkdir(exist_ok=True)
+            (Path(folder) / name).write_bytes(content)
+        path = Path(folder) / HEAD
         try:
             with open_store(path) as store:
                 store.verify()
@@ -89,54 +112,61 @@ def read_everything(data: bytes) -> None:
                 store.targets, store.index, store.masks  # noqa: B018
                 if store.num_images:
                     store.images([0, store.num_images - 1, 0])
+                    store.read_masks([store.num_images - 1, 0])
         except ExplainkitError as e:
             assert str(e).strip(), "an error without a message"
 
 
-def test_the_real_store_reads_back():
-    read_everything(real_store_bytes())
+@TARGETS
+def test_the_real_store_reads_back(version, target):
+    read_everything(real_store_bytes(version, target), version, target)
 
 
 @FUZZ
 @given(st.binary(min_size=0, max_size=4096))
-def test_random_bytes_are_refused_as_a_store(data):
-    read_everything(data)
+@TARGETS
+def test_random_bytes_are_refused_as_a_store(version, target, data):
+    read_everything(data, version, target)
 
 
 @FUZZ
 @given(st.binary(min_size=0, max_size=1024))
-def test_random_bytes_behind_an_hdf5_signature(tail):
-    read_everything(b"\x89HDF\r\n\x1a\n" + tail)
+@TARGETS
+def test_random_bytes_behind_an_hdf5_signature(version, target, tail):
+    read_everything(b"\x89HDF\r\n\x1a\n" + tail, version, target)
 
 
 @FUZZ
 @given(st.data())
-def test_mutated_stores_raise_only_store_errors(draw):
-    data = bytearray(real_store_bytes())
+@TARGETS
+def test_mutated_stores_raise_only_store_errors(version, target, draw):
+    data = bytearray(real_store_bytes(version, target))
     offsets = st.integers(0, len(data) - 1)
     edits = draw.draw(st.lists(st.tuples(offsets, st.integers(0, 255)), min_size=1, max_size=8))
     for where, value in edits:
         data[where] = value
-    read_everything(bytes(data))
+    read_everything(bytes(data), version, target)
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_many_random_byte_edits(seed):
+@TARGETS
+def test_many_random_byte_edits(version, target, seed):
     """Plain random edits too: hypothesis favours small offsets, damage can be anywhere."""
     rng = np.random.default_rng(seed)
-    original = real_store_bytes()
-    for _ in range(150):
+    original = real_store_bytes(version, target)
+    for _ in range(100):
         data = bytearray(original)
         for _ in range(int(rng.integers(1, 8))):
             data[int(rng.integers(0, len(data)))] = int(rng.integers(0, 256))
-        read_everything(bytes(data))
+        read_everything(bytes(data), version, target)
 
 
 @FUZZ
 @given(st.floats(0, 1, exclude_max=True))
-def test_truncated_stores_raise_only_store_errors(fraction):
-    data = real_store_bytes()
-    read_everything(data[: int(fraction * len(data))])
+@TARGETS
+def test_truncated_stores_raise_only_store_errors(version, target, fraction):
+    data = real_store_bytes(version, target)
+    read_everything(data[: int(fraction * len(data))], version, target)
 
 
 # -- config files ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Hostile files and full disks: generated wrong values in real stores and checkpoints, and
 HDF5 writes that fail.
 
-The generated tests take a real store (written with ``create_store``/``append_epoch``) or a
-real checkpoint (from a trained run), change one value with h5py or in the checkpoint dict,
+The generated tests take a real store (written with ``create_store``/``append_epoch``; its
+head, one of its epoch files, or a v1 store) or a real checkpoint (from a trained run), change
+one value with h5py or in the checkpoint dict,
 and read everything back. Only StoreError/CheckpointError may come out, as one sentence; and
 what a reader accepts must make sense (logits of the right shape and finite, the history's
 epochs 1..k, std positive, ...), so a wrong value can never pass as confident nonsense. Kept
@@ -30,10 +31,13 @@ from hypothesis import strategies as st
 
 from explainkit.errors import AnalyzerError, CheckpointError, StoreError
 from explainkit.store import (
+    EPOCH_ATTRIBUTES,
     HISTORY_COLUMNS,
     ROOT_ATTRIBUTES,
     append_epoch,
     create_store,
+    create_v1_store,
+    epochs_folder,
     open_h5_for_writing,
     open_store,
 )
@@ -61,19 +65,22 @@ def assert_one_sentence(e: BaseException) -> str:
 # -- stores ------------------------------------------------------------------------------------
 
 N, CLASSES, SIZE = 12, 3, 8
-_STORE: bytes | None = None
+_STORES: dict[int, dict[str, bytes]] = {}
+HEAD = "predictions.h5"
+EPOCH = "predictions.epochs/epoch_0002.h5"
 
 
-def real_store() -> bytes:
-    """A small complete store (masks, 2 committed epochs, a plausible history), built once."""
-    global _STORE
-    if _STORE is None:
+def real_store(version: int = 2) -> dict[str, bytes]:
+    """A small complete store (masks, 2 committed epochs, a plausible history), built once:
+    its files' bytes by path (``version=1``: the one-file schema before store v2)."""
+    if version not in _STORES:
         import tempfile
 
         rng = np.random.default_rng(0)
+        make = create_store if version == 2 else create_v1_store
         with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "predictions.h5"
-            create_store(
+            path = Path(folder) / HEAD
+            make(
                 path,
                 images=rng.integers(0, 255, (N, SIZE, SIZE, 3), dtype=np.uint8),
                 targets=np.arange(N) % CLASSES,
@@ -90,8 +97,9 @@ def real_store() -> bytes:
                 row["epoch"] = epoch
                 logits = rng.standard_normal((N, CLASSES)).astype(np.float32)
                 append_epoch(path, logits, row)
-            _STORE = path.read_bytes()
-    return _STORE
+            files = [path, *sorted(epochs_folder(path).glob("*.h5"))]
+            _STORES[version] = {str(p.relative_to(folder)): p.read_bytes() for p in files}
+    return _STORES[version]
 
 
 def read_store_checked(path: Path) -> str | None:
@@ -133,11 +141,14 @@ def read_store_checked(path: Path) -> str | None:
     return None
 
 
-def mutated_store(tmp: Path, mutate) -> Path:
-    path = tmp / "predictions.h5"
-    path.write_bytes(real_store())
+def mutated_store(tmp: Path, mutate, version: int = 2, target: str = HEAD) -> Path:
+    """A real store in ``tmp`` whose file ``target`` was changed by ``mutate(h5py_file)``."""
+    for name, data in real_store(version).items():
+        (tmp / name).parent.mkdir(exist_ok=True)
+        (tmp / name).write_bytes(data)
+    path = tmp / HEAD
     try:
-        with h5py.File(path, "r+") as f:
+        with h5py.File(tmp / target, "r+") as f:
             mutate(f)
     except (TypeError, ValueError, OSError, OverflowError, RuntimeError, IndexError):
         reject()  # h5py cannot store that value: nothing to read
@@ -183,8 +194,8 @@ DELETE = object()
 
 
 @st.composite
-def attribute_mutations(draw):
-    name = draw(st.sampled_from(ROOT_ATTRIBUTES))
+def attribute_mutations(draw, names=ROOT_ATTRIBUTES):
+    name = draw(st.sampled_from(names))
     value = draw(attribute_values | st.just(DELETE))
 
     def mutate(f):
@@ -203,6 +214,17 @@ def test_any_root_attribute_value_is_read_or_refused(tmp_path_factory, mutation)
     message = read_store_checked(mutated_store(tmp_path_factory.mktemp("s"), mutate))
     if message is not None and name != "format":
         assert "not an explainkit prediction store" not in message, message
+
+
+@hostile(150)
+@given(attribute_mutations(EPOCH_ATTRIBUTES))
+def test_any_epoch_attribute_value_is_read_or_refused(tmp_path_factory, mutation):
+    _, mutate = mutation
+    path = mutated_store(tmp_path_factory.mktemp("s"), mutate, target=EPOCH)
+    message = read_store_checked(path)
+    if message is not None:  # a damaged epoch file is never a foreign store
+        assert "not an explainkit prediction store" not in message, message
+        assert "epoch_0002.h5" in message, message
 
 
 def _replace(name, value):
@@ -235,34 +257,74 @@ def _history_cell(column, row, value):
 
 shapes = st.lists(st.integers(0, 14), min_size=0, max_size=4).map(tuple)
 dtypes = st.sampled_from(["u1", "i2", "i8", "u8", "f2", "f4", "f8", "?"])
-dataset_mutations = st.one_of(
-    st.tuples(st.just("committed_epochs"), numbers | arrays).map(lambda t: _replace(*t)),
+head_mutations = st.one_of(
     st.tuples(
-        st.sampled_from([name for name, _ in HISTORY_COLUMNS]), st.integers(0, 1), numbers
-    ).map(lambda t: _history_cell(*t)),
-    st.tuples(
-        st.sampled_from(["logits", "eval/images", "eval/targets", "eval/index", "eval/masks"]),
+        st.sampled_from(["eval/images", "eval/targets", "eval/index", "eval/masks"]),
         shapes,
         dtypes,
     ).map(lambda t: _replace(t[0], np.zeros(t[1], t[2]))),
     st.tuples(
-        st.sampled_from(["logits", "eval/targets", "eval/index", "eval/masks", "eval/images"]),
+        st.sampled_from(["eval/targets", "eval/index", "eval/masks", "eval/images"]),
         st.integers(0, 1),
         numbers,
     ).map(lambda t: _set_cell(t[0], (t[1],), t[2])),
-    st.tuples(st.integers(0, 1), st.integers(0, N - 1), numbers).map(
-        lambda t: _set_cell("logits", (t[0], t[1], 0), t[2])
-    ),
-    st.sampled_from(["logits", "history", "committed_epochs", "eval/targets", "eval/images"]).map(
+    st.sampled_from(["eval/targets", "eval/images", "eval/masks"]).map(
         lambda name: lambda f: f.__delitem__(name)
     ),
 )
+v1_epoch_mutations = st.one_of(
+    st.tuples(st.just("committed_epochs"), numbers | arrays).map(lambda t: _replace(*t)),
+    st.tuples(
+        st.sampled_from([name for name, _ in HISTORY_COLUMNS]), st.integers(0, 1), numbers
+    ).map(lambda t: _history_cell(*t)),
+    st.tuples(st.just("logits"), shapes, dtypes).map(
+        lambda t: _replace(t[0], np.zeros(t[1], t[2]))
+    ),
+    st.tuples(st.integers(0, 1), st.integers(0, N - 1), numbers).map(
+        lambda t: _set_cell("logits", (t[0], t[1], 0), t[2])
+    ),
+    st.sampled_from(["logits", "history", "committed_epochs"]).map(
+        lambda name: lambda f: f.__delitem__(name)
+    ),
+)
+epoch_file_mutations = st.one_of(  # epoch 2 of a v2 store: logits (N, classes), one history row
+    st.tuples(st.sampled_from([name for name, _ in HISTORY_COLUMNS]), st.just(0), numbers).map(
+        lambda t: _history_cell(*t)
+    ),
+    st.tuples(st.just("logits"), shapes, dtypes).map(
+        lambda t: _replace(t[0], np.zeros(t[1], t[2]))
+    ),
+    st.tuples(st.just("history"), shapes, dtypes).map(
+        lambda t: _replace(t[0], np.zeros(t[1], t[2]))
+    ),
+    st.tuples(st.integers(0, N - 1), st.integers(0, CLASSES - 1), numbers).map(
+        lambda t: _set_cell("logits", (t[0], t[1]), t[2])
+    ),
+    st.sampled_from(["logits", "history"]).map(lambda name: lambda f: f.__delitem__(name)),
+)
 
 
-@hostile(300)
-@given(dataset_mutations)
-def test_any_dataset_change_is_read_or_refused(tmp_path_factory, mutate):
-    message = read_store_checked(mutated_store(tmp_path_factory.mktemp("s"), mutate))
+@hostile(150)
+@given(head_mutations, st.sampled_from([1, 2]))
+def test_any_head_dataset_change_is_read_or_refused(tmp_path_factory, mutate, version):
+    path = mutated_store(tmp_path_factory.mktemp("s"), mutate, version)
+    message = read_store_checked(path)
+    if message is not None:
+        assert "not an explainkit prediction store" not in message, message
+
+
+@hostile(150)
+@given(epoch_file_mutations)
+def test_any_epoch_file_change_is_read_or_refused(tmp_path_factory, mutate):
+    message = read_store_checked(mutated_store(tmp_path_factory.mktemp("s"), mutate, 2, EPOCH))
+    if message is not None:
+        assert "not an explainkit prediction store" not in message, message
+
+
+@hostile(150)
+@given(v1_epoch_mutations)
+def test_any_v1_epoch_change_is_read_or_refused(tmp_path_factory, mutate):
+    message = read_store_checked(mutated_store(tmp_path_factory.mktemp("s"), mutate, 1))
     if message is not None:
         assert "not an explainkit prediction store" not in message, message
 

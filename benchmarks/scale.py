@@ -1,0 +1,156 @@
+"""Store commit cost: the time of one epoch's commit at 10,000 and 50,000 eval images, at epoch 1
+and epoch 20, with 10 and 1000 classes, for store v2 and (where it fits) the v1 copy-on-write.
+
+A v2 commit writes one epoch file (that epoch's logits and history row), so it should not
+grow with the images stored or with the epochs before it; only with the logits themselves
+(N x classes floats). Printed side by side: milliseconds per commit, milliseconds per MB of
+logits, and each case's ratio to the same classes' 10,000-image epoch-1 commit (per MB), and
+the epoch-20 / epoch-1 ratio at the same size (goal: within 10%).
+
+    python benchmarks/scale.py                       # everything (a few minutes)
+    python benchmarks/scale.py --images 10000 --classes 10 --repeats 3
+
+Images are 32 x 32 x 3 random pixels (stored once, streamed by StoreBuilder); logits random
+normal float32 (incompressible, like real logits). The 19 epochs before epoch 20 hold zeros
+in v2 (cheap to write: a v2 commit never reads them, only their names and the latest file's
+attributes); in v1 they hold random logits, since a v1 commit copies them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from explainkit.store import (
+    HISTORY_COLUMNS,
+    StoreBuilder,
+    append_epoch,
+    create_v1_store,
+    truncate_store,
+)
+
+SHAPE = (32, 32, 3)
+
+
+def row(epoch: int) -> dict[str, float]:
+    return {**{name: 0.5 for name, _ in HISTORY_COLUMNS}, "epoch": epoch}
+
+
+def split(n: int, classes: int) -> dict:
+    return dict(
+        targets=np.arange(n) % classes,
+        index=np.arange(n),
+        classes=[f"c{i}" for i in range(classes)],
+        dataset="synthetic",
+        model={"arch": "resnet18", "num_classes": classes},
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+    )
+
+
+def build_v2(path: Path, n: int, classes: int) -> float:
+    """Stream n random images into a new v2 store; seconds taken."""
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    with StoreBuilder(path, **split(n, classes), image_shape=SHAPE) as builder:
+        for first in range(0, n, 1000):
+            count = min(1000, n - first)
+            builder.add_images(rng.integers(0, 256, (count, *SHAPE), dtype=np.uint8))
+    return time.perf_counter() - start
+
+
+def timed_commits(path: Path, epoch: int, logits: np.ndarray, repeats: int) -> list[float]:
+    """Seconds of committing ``epoch`` ``repeats`` times (truncating back between tries)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        append_epoch(path, logits, row(epoch))
+        times.append(time.perf_counter() - start)
+        truncate_store(path, epoch - 1)
+    return times
+
+
+def measure_v2(folder: Path, n: int, classes: int, repeats: int) -> dict[int, float]:
+    path = folder / f"v2-{n}-{classes}.h5"
+    build = build_v2(path, n, classes)
+    print(f"  v2 head: {n} images streamed in {build:.1f} s", flush=True)
+    logits = np.random.default_rng(1).standard_normal((n, classes)).astype(np.float32)
+    result = {1: statistics.median(timed_commits(path, 1, logits, repeats))}
+    zeros = np.zeros((n, classes), np.float32)
+    for epoch in range(1, 20):
+        append_epoch(path, zeros, row(epoch))
+    result[20] = statistics.median(timed_commits(path, 20, logits, repeats))
+    return result
+
+
+def measure_v1(folder: Path, n: int, classes: int, repeats: int) -> dict[int, float]:
+    path = folder / f"v1-{n}-{classes}.h5"
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, *SHAPE), dtype=np.uint8)
+    create_v1_store(path, images=images, **split(n, classes))
+    del images
+    logits = np.random.default_rng(1).standard_normal((n, classes)).astype(np.float32)
+    result = {1: statistics.median(timed_commits(path, 1, logits, repeats))}
+    for epoch in range(1, 20):
+        append_epoch(path, logits, row(epoch))
+    result[20] = statistics.median(timed_commits(path, 20, logits, repeats))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, nargs="+", default=[10_000, 50_000])
+    parser.add_argument("--classes", type=int, nargs="+", default=[10, 1000])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: temp)")
+    parser.add_argument(
+        "--v1-max-mb", type=float, default=200.0,
+        help="run the v1 comparison only where a store of 20 epochs stays under this size",
+    )  # fmt: skip
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        folder = Path(tmp)
+        for classes in args.classes:
+            for n in args.images:
+                print(f"{n} images, {classes} classes", flush=True)
+                mb = n * classes * 4 / 2**20
+                v2 = measure_v2(folder, n, classes, args.repeats)
+                size = (n * int(np.prod(SHAPE)) + 20 * n * classes * 4) / 2**20
+                v1 = measure_v1(folder, n, classes, args.repeats) if size <= args.v1_max_mb else {}
+                for epoch in (1, 20):
+                    rows.append((classes, n, epoch, mb, v2[epoch], v1.get(epoch)))
+                for path in folder.iterdir():  # free the disk for the next case
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    print_table(rows)
+
+
+def print_table(rows: list[tuple]) -> None:
+    """Markdown, for docs/performance.md: per case, and ratios to the smallest case."""
+    per_mb = {}  # classes -> ms per MB of the first (fewest images) epoch-1 commit
+    for classes, _, epoch, mb, t2, _ in rows:
+        if epoch == 1 and classes not in per_mb:
+            per_mb[classes] = t2 / mb
+    print()
+    print(
+        "| classes | images | epoch | logits MB | v2 commit ms | v2 ms/MB | vs first (per MB)"
+        " | epoch 20 / epoch 1 | v1 commit ms |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for classes, n, epoch, mb, t2, t1 in rows:
+        first = next(r for r in rows if r[:2] == (classes, n) and r[2] == 1)[4]
+        v1 = f"{t1 * 1000:.0f}" if t1 is not None else "not run"
+        print(
+            f"| {classes} | {n:,} | {epoch} | {mb:.1f} | {t2 * 1000:.1f} | {t2 * 1000 / mb:.1f}"
+            f" | {t2 / mb / per_mb[classes]:.2f} | {t2 / first:.2f} | {v1} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
