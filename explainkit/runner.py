@@ -478,9 +478,8 @@ def _parts_folder(shared: _SharedRun, name: str) -> Path:
 def _shard(shared: _SharedRun, context: AnalysisContext, parts: Path | None) -> Shard:
     assert shared.dist is not None
     n = shared.store.num_images
-    return Shard(
-        shared.dist.rank, shared.dist.world_size, n, context.output_dir, parts, shared.dist
-    )
+    rank, world = shared.dist.rank, shared.dist.world_size
+    return Shard(rank, world, n, context.output_dir, parts, context.analyzer_name, shared.dist)
 
 
 def _run_share(cls: type[Analyzer], context: AnalysisContext, given: dict[str, Any]) -> None:

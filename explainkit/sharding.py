@@ -66,6 +66,7 @@ class Shard:
     num_images: int
     output_dir: Path
     parts_dir: Path | None = None
+    label: str = ""  # the analyzer's name, for progress bars
     group: Any = field(default=None, repr=False)  # explainkit.train.distributed.DistContext
     facts: dict = field(default_factory=dict, repr=False)
     outcomes: list | None = field(default=None, repr=False)
@@ -113,15 +114,10 @@ class Shard:
         failure = self.sync(None)
         if failure:
             raise AnalyzerError(failure)
+        n, world = self.num_images, self.world_size
         for name in names:
-            parts = [
-                (
-                    self.parts_dir / f"rank{r:05d}-{name}",
-                    *block(r, self.world_size, self.num_images),
-                )
-                for r in range(self.world_size)
-            ]
-            merge_h5_parts(parts, self.output_dir / name, self.num_images)
+            parts = [(self._part(r, name), *block(r, world, n)) for r in range(world)]
+            merge_h5_parts(parts, self.output_dir / name, n, self.label)
         return [outcome[1] for outcome in self.outcomes or []]
 
     def sync(self, error: str | None) -> str | None:
@@ -157,7 +153,9 @@ def shard_of(context: Any) -> Shard:
     return Shard(0, 1, context.store.num_images, context.output_dir)
 
 
-def merge_h5_parts(parts: Iterable[tuple[Path, int, int]], out: Path, n: int) -> None:
+def merge_h5_parts(
+    parts: Iterable[tuple[Path, int, int]], out: Path, n: int, label: str = ""
+) -> None:
     """Concatenate HDF5 parts along the first axis of every dataset into ``out``.
 
     ``parts`` are ``(path, start, stop)`` blocks that tile ``0..n`` in order; a part with an
@@ -184,7 +182,8 @@ def merge_h5_parts(parts: Iterable[tuple[Path, int, int]], out: Path, n: int) ->
         names = _dataset_names(first)
         for name in names:
             _create_like(f, name, first[name], n)
-        bar = progress(desc=f"merging {out.name}", total=n, unit="img")
+        desc = f"{label}: joining parts of {out.name}" if label else f"joining {out.name}"
+        bar = progress(desc=desc, total=n, unit="img")
         with bar:
             for path, start, stop in parts:
                 with h5py.File(path, "r") as part:
