@@ -368,9 +368,16 @@ def _join_torchrun(shared: _SharedRun) -> bool:
     from explainkit.train.distributed import init_from_env
 
     requested = resolve_device(shared.device_name)  # an unusable device is one sentence
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    gpus = torch.cuda.device_count() if requested.type == "cuda" else 0
+    if requested.type == "cuda" and local_rank >= gpus:
+        raise RunError(
+            f"torchrun started local process {local_rank} but this machine has {gpus} GPU(s), "
+            f"one per process; use --nproc-per-node {gpus} or fewer, or --device cpu"
+        )
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 speaks for the job; errors still show
         logging.getLogger("explainkit").setLevel(logging.ERROR)
-    initialized = torch.distributed.is_initialized()
+    initialized = torch.distributed.is_initialized()  # by the caller: leave it to them
     dist = init_from_env(requested.type, "gloo", timedelta(seconds=WAIT_FOR_RANK_0))
     shared.dist = dist
     shared._device = dist.device if requested.type == "cuda" else requested
