@@ -168,6 +168,7 @@ def merge_h5_parts(
     """
     import h5py
 
+    from explainkit.faults import fault_point
     from explainkit.progress import progress
     from explainkit.store import open_h5_for_writing
 
@@ -190,6 +191,7 @@ def merge_h5_parts(
                     for name in names:
                         _copy_block(part, f[name], name, path, start, stop)
                 bar.update(stop - start)
+                fault_point("analyze-merge")  # tests: rank 0 dies with the file half joined
 
 
 def _dataset_names(f: Any) -> list[str]:

@@ -198,6 +198,29 @@ def test_a_killed_rank_publishes_nothing_and_keeps_the_earlier_result(one_proces
     assert not [p.name for p in (run / "analyses").iterdir() if p.name.startswith(".")]
 
 
+def test_rank_0_killed_while_joining_publishes_nothing_and_the_next_run_cleans_up(
+    one_process, tmp_path
+):
+    from explainkit.manager import load_plugins
+
+    run = Path(shutil.copytree(one_process, tmp_path / "run"))
+    good = (run / "analyses" / "gradcam" / "attributions.h5").read_bytes()
+    result = torchrun(
+        "analyze", str(run), "--device", "cpu", "--batch-size", "8", "--plugin", "gradcam",
+        env={"EXPLAINKIT_FAULT": "analyze-merge"},  # rank 0 dies after joining one part
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert (run / "analyses" / "gradcam" / "attributions.h5").read_bytes() == good
+    left = sorted(p.name.split("-")[0] for p in (run / "analyses").iterdir())
+    assert left == [".gradcam.parts", ".gradcam.tmp", "brightness", "gradcam", "losses"]
+    # The next analysis (one process) removes what the killed one left and publishes anew.
+    (manifest,) = analyze(run, plugins=["gradcam"], device="cpu", batch_size=8, pm=load_plugins())
+    assert manifest["status"] == "ok"
+    assert sorted(p.name for p in (run / "analyses").iterdir()) == [
+        "brightness", "gradcam", "losses",
+    ]  # fmt: skip
+
+
 def test_a_failing_rank_fails_the_analyzer_with_its_sentence(odd_run, plugins_dir, tmp_path):
     run = Path(shutil.copytree(odd_run, tmp_path / "run"))
     result = torchrun(
