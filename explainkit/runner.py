@@ -242,10 +242,12 @@ def analyze(
         One manifest dict per analyzer run, as written to ``analyses/<name>/manifest.json``,
         in a list that a notebook shows as figures and tables (:class:`Results`).
         With ``collect_failures``, a failed analyzer has ``status == "failed"`` and an
-        ``error`` sentence.
+        ``error`` sentence. Under torchrun every rank gets rank 0's manifests
+        (``results.is_main`` is False on the others).
 
     Raises:
-        RunError: The run directory is missing or not a run, or the epoch is not in it.
+        RunError: The run directory is missing or not a run, or the epoch is not in it; under
+            torchrun, another process stopped or the ranks disagree on what to run.
         PluginError: An unknown analyzer name.
         AnalyzerError: An unknown option or invalid option value.
         AnalysisFailed: An analyzer failed (after all of them ran), unless
