@@ -169,6 +169,116 @@ def test_perturbation_curves_endpoints_and_chunking():
     assert best.deletion_auc.mean() < rand.deletion_auc.mean()
 
 
+def _reference_curves(model, images, maps, targets, steps, baseline, generator):
+    """Deletion and insertion the slow obvious way: every image, every step, one at a time."""
+    n, c, h, w = images.shape
+    base = M.perturbation_baseline(images, baseline)
+    noise = torch.rand(maps.flatten(1).shape, generator=generator)
+    deletion = torch.zeros(n, steps + 1)
+    insertion = torch.zeros(n, steps + 1)
+    with torch.no_grad():
+        for i in range(n):
+            # most attributed first; equal values in the order of their random noise
+            keys = sorted(range(h * w), key=lambda j: (-maps[i].flatten()[j].item(), noise[i, j]))
+            for k in range(steps + 1):
+                top = torch.zeros(h * w, dtype=torch.bool)
+                top[keys[: round(k / steps * h * w)]] = True
+                top = top.view(1, h, w)
+                for curve, x in (
+                    (deletion, torch.where(top, base[i], images[i])),
+                    (insertion, torch.where(top, images[i], base[i])),
+                ):
+                    curve[i, k] = model(x[None]).softmax(1)[0, targets[i]]
+    return deletion, insertion
+
+
+def _small_resnet():
+    """A random explainkit ResNet whose batch norms have non-trivial statistics to fold."""
+    from explainkit.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18-s8", num_classes=5, width=4)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("baseline", ["blur", "mean"])
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_batched_curves_equal_the_one_image_at_a_time_reference(baseline, steps):
+    model = _small_resnet()
+    g = torch.Generator().manual_seed(steps)
+    images = torch.randn(6, 3, 12, 12, generator=g)
+    maps = torch.rand(6, 12, 12, generator=g)
+    maps[0] = 0.5  # all ties: the order is the seeded noise
+    maps[1] = (maps[1] * 4).round()  # many ties
+    targets = torch.tensor([0, 1, 2, 3, 4, 0])
+    got = M.perturbation_curves(
+        model, images, maps, targets, steps=steps, baseline=baseline, max_batch=7,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    want_del, want_ins = _reference_curves(
+        model, images, maps, targets, steps, baseline, torch.Generator().manual_seed(1)
+    )
+    assert torch.allclose(got.deletion, want_del, atol=1e-5)
+    assert torch.allclose(got.insertion, want_ins, atol=1e-5)
+
+
+def test_inference_model_folds_batch_norms_and_leaves_the_model_alone():
+    model = _small_resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = M.inference_model(model)
+    assert fast is not model and M.inference_model(fast) is fast
+    kinds = {type(m) for m in fast.modules()}
+    assert nn.BatchNorm2d not in kinds  # folded into the convolutions
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.training is False and any(p.requires_grad for p in model.parameters())
+    # a model in training mode, or one fx cannot trace, is used as it is
+    assert M.inference_model(model.train()) is model
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x.flatten(1) if x.sum() > 0 else -x.flatten(1)  # data-dependent
+
+    branchy = Branchy().eval()
+    assert M.inference_model(branchy) is branchy
+
+
+def _reference_ssim(a, b, window=11, sigma=1.5):
+    """SSIM with the full 2-D Gaussian window, filtered one quantity at a time."""
+    x, y = a[:, None].double(), b[:, None].double()
+    size = min(window, a.shape[-1], a.shape[-2])
+    size -= 1 - size % 2
+    r = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    k = torch.exp(-(r**2) / (2 * sigma**2))
+    k = (k / k.sum()).double()  # the library's window is made in float32 too
+    kernel = (k[:, None] * k[None, :])[None, None]
+
+    def filt(t):
+        return torch.nn.functional.conv2d(t, kernel)
+
+    mx, my = filt(x), filt(y)
+    sxx, syy, sxy = filt(x * x) - mx**2, filt(y * y) - my**2, filt(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    return s.mean((1, 2, 3))
+
+
+def test_ssim_equals_the_two_dimensional_window_reference():
+    g = torch.Generator().manual_seed(3)
+    for shape in ((5, 32, 32), (3, 9, 14), (2, 4, 4)):
+        a, b = torch.rand(*shape, generator=g), torch.rand(*shape, generator=g)
+        b = 0.5 * a + 0.5 * b
+        assert torch.allclose(M.ssim(a, b), _reference_ssim(a, b), rtol=0, atol=1e-12)
+
+
 def test_random_map_depends_on_the_image_not_the_model():
     fn = all_methods()["random"]
     g = torch.Generator().manual_seed(0)

@@ -47,6 +47,7 @@ __all__ = [
     "auc",
     "energy_in_mask",
     "gaussian_blur",
+    "inference_model",
     "perturbation_baseline",
     "perturbation_curves",
     "pointing_game",
@@ -152,6 +153,31 @@ def _pixel_ranks(maps: Tensor, generator: torch.Generator | None) -> Tensor:
     return ranks
 
 
+def inference_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for fast gradient-free inference, or ``model`` itself.
+
+    Deletion and insertion classify ``2 * steps`` versions of every image, so their forward
+    passes dominate the quality analyzer. The copy folds each batch norm into the convolution
+    before it (``torch.fx``; the logits stay equal within float rounding) and, on the CPU, keeps
+    its weights channels-last, which oneDNN runs faster. A model that is in training mode or
+    cannot be traced symbolically is returned unchanged.
+    """
+    if getattr(model, "_explainkit_inference", False) or model.training:
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        fast = fuse(model, inplace=False)
+    except Exception:  # noqa: BLE001  # untraceable (data-dependent control flow, ...): as is
+        return model
+    param = next(fast.parameters(), None)
+    if param is not None and param.device.type == "cpu":
+        fast = fast.to(memory_format=torch.channels_last)
+    fast.requires_grad_(False)
+    fast._explainkit_inference = True  # type: ignore[assignment]
+    return fast
+
+
 @torch.no_grad()
 def perturbation_curves(
     model: nn.Module,
@@ -168,9 +194,11 @@ def perturbation_curves(
 
     Pixels are ordered by attribution (ties in seeded random order). At step ``k`` of
     ``steps`` the top ``round(k / steps * H * W)`` pixels are replaced by the baseline
-    (deletion) or copied onto the baseline (insertion), all channels at once. All
-    ``2 * (steps + 1)`` versions of a chunk of images are built as one tensor and classified in
-    one forward pass of at most ``max_batch`` images.
+    (deletion) or copied onto the baseline (insertion), all channels at once. Both curves
+    start or end at the intact image and at the baseline image, so each image has ``2 * steps``
+    distinct versions; those of a chunk of images are built as one tensor and classified in one
+    forward pass of at most ``max_batch`` images by :func:`inference_model` (pass its result as
+    ``model`` to build it once for several calls).
 
     Args:
         model: classifier in eval mode returning logits.
@@ -189,25 +217,40 @@ def perturbation_curves(
         raise AnalyzerError(f"maps must be (N, H, W) = {(n, h, w)}; got {tuple(maps.shape)}")
     device = images.device
     targets = targets.to(device)
+    model = inference_model(model)
     base = perturbation_baseline(images, baseline)
     ranks = _pixel_ranks(maps, generator)  # (N, HW)
     counts = torch.round(torch.linspace(0, h * w, steps + 1, device=device)).long()
-    versions = 2 * (steps + 1)
+    inner = counts[1:-1]  # steps 0 and K are the intact and the baseline image
+    versions = 2 * steps  # intact, baseline, then K-1 deletion and K-1 insertion steps
     per_chunk = max(1, max_batch // versions)
-    deletion, insertion = [], []
+    fmt = _memory_format(model)
+    probs = []
     for s in range(0, n, per_chunk):
-        x, b, r, t = (v[s : s + per_chunk] for v in (images, base, ranks, targets))
+        x, b, r = (v[s : s + per_chunk] for v in (images, base, ranks))
         m = x.shape[0]
-        top = (r[:, None, :] < counts[None, :, None]).view(m, steps + 1, 1, h, w)
+        top = (r[:, None, :] < inner[None, :, None]).view(m, steps - 1, 1, h, w)
         deleted = torch.where(top, b[:, None], x[:, None])
         inserted = torch.where(top, x[:, None], b[:, None])
-        batch = torch.cat([deleted, inserted], 1).reshape(m * versions, c, h, w)
-        probs = model(batch).float().softmax(1)
-        p = probs.gather(1, t.repeat_interleave(versions)[:, None]).view(m, 2, steps + 1)
-        deletion.append(p[:, 0])
-        insertion.append(p[:, 1])
-    fractions = counts.float() / (h * w)
-    return PerturbationCurves(fractions, torch.cat(deletion), torch.cat(insertion))
+        batch = torch.cat([x[:, None], b[:, None], deleted, inserted], 1)
+        batch = batch.reshape(m * versions, c, h, w).contiguous(memory_format=fmt)
+        p = model(batch).float().softmax(1)
+        t = targets[s : s + m].repeat_interleave(versions)
+        probs.append(p.gather(1, t[:, None]).view(m, versions))
+    p = torch.cat(probs)
+    intact, blank = p[:, :1], p[:, 1:2]
+    deletion = torch.cat([intact, p[:, 2 : steps + 1], blank], 1)
+    insertion = torch.cat([blank, p[:, steps + 1 :], intact], 1)
+    return PerturbationCurves(counts.float() / (h * w), deletion, insertion)
+
+
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    """Channels-last when the model's first 4-D weight is (as :func:`inference_model` makes)."""
+    weight = next((p for p in model.parameters() if p.dim() == 4), None)
+    if weight is not None and weight.is_contiguous(memory_format=torch.channels_last):
+        if not weight.is_contiguous():
+            return torch.channels_last
+    return torch.contiguous_format
 
 
 # -- comparing maps ------------------------------------------------------------------------
@@ -221,19 +264,19 @@ def ssim(
     Uses valid (unpadded) filtering, ``C1 = (0.01 R)^2``, ``C2 = (0.03 R)^2``; the window
     shrinks (odd) to fit small maps. Identical maps give exactly 1 up to rounding.
     """
+    n = a.shape[0]
     x, y = a[:, None].double(), b[:, None].double()
     size = min(window, a.shape[-1], a.shape[-2])
     size -= 1 - size % 2
     k1 = _gaussian_kernel(sigma, size, a.device).double()
-    kernel = (k1[:, None] * k1[None, :])[None, None]
-
-    def filt(t: Tensor) -> Tensor:
-        return F.conv2d(t, kernel)
-
-    mx, my = filt(x), filt(y)
-    sxx = filt(x * x) - mx**2
-    syy = filt(y * y) - my**2
-    sxy = filt(x * y) - mx * my
+    # The 2-D Gaussian window is separable: one pass along rows, one along columns, over all
+    # five filtered quantities at once.
+    stack = torch.cat([x, y, x * x, y * y, x * y])
+    stack = F.conv2d(F.conv2d(stack, k1.view(1, 1, 1, -1)), k1.view(1, 1, -1, 1))
+    mx, my, fxx, fyy, fxy = stack.split(n)
+    sxx = fxx - mx**2
+    syy = fyy - my**2
+    sxy = fxy - mx * my
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
     return s.mean((1, 2, 3))
