@@ -76,30 +76,30 @@ def timed_commits(path: Path, epoch: int, logits: np.ndarray, repeats: int) -> l
     return times
 
 
-def measure_v2(folder: Path, n: int, classes: int, repeats: int) -> dict[int, float]:
+def measure_v2(folder: Path, n: int, classes: int, repeats: int) -> dict[int, list[float]]:
     path = folder / f"v2-{n}-{classes}.h5"
     build = build_v2(path, n, classes)
     print(f"  v2 head: {n} images streamed in {build:.1f} s", flush=True)
     logits = np.random.default_rng(1).standard_normal((n, classes)).astype(np.float32)
-    result = {1: statistics.median(timed_commits(path, 1, logits, repeats))}
+    result = {1: timed_commits(path, 1, logits, repeats)}
     zeros = np.zeros((n, classes), np.float32)
     for epoch in range(1, 20):
         append_epoch(path, zeros, row(epoch))
-    result[20] = statistics.median(timed_commits(path, 20, logits, repeats))
+    result[20] = timed_commits(path, 20, logits, repeats)
     return result
 
 
-def measure_v1(folder: Path, n: int, classes: int, repeats: int) -> dict[int, float]:
+def measure_v1(folder: Path, n: int, classes: int, repeats: int) -> dict[int, list[float]]:
     path = folder / f"v1-{n}-{classes}.h5"
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, *SHAPE), dtype=np.uint8)
     create_v1_store(path, images=images, **split(n, classes))
     del images
     logits = np.random.default_rng(1).standard_normal((n, classes)).astype(np.float32)
-    result = {1: statistics.median(timed_commits(path, 1, logits, repeats))}
+    result = {1: timed_commits(path, 1, logits, repeats)}
     for epoch in range(1, 20):
         append_epoch(path, logits, row(epoch))
-    result[20] = statistics.median(timed_commits(path, 20, logits, repeats))
+    result[20] = timed_commits(path, 20, logits, repeats)
     return result
 
 
@@ -132,23 +132,30 @@ def main() -> None:
 
 
 def print_table(rows: list[tuple]) -> None:
-    """Markdown, for docs/performance.md: per case, and ratios to the smallest case."""
+    """Markdown, for docs/performance.md. Times are the median of the repeats (min in
+    brackets: the least disturbed try); ratios use medians."""
     per_mb = {}  # classes -> ms per MB of the first (fewest images) epoch-1 commit
     for classes, _, epoch, mb, t2, _ in rows:
         if epoch == 1 and classes not in per_mb:
-            per_mb[classes] = t2 / mb
+            per_mb[classes] = statistics.median(t2) / mb
     print()
     print(
-        "| classes | images | epoch | logits MB | v2 commit ms | v2 ms/MB | vs first (per MB)"
-        " | epoch 20 / epoch 1 | v1 commit ms |"
+        "| classes | images | epoch | logits MB | v2 commit ms | v2 ms per MB | per MB vs "
+        "fewest images | epoch 20 / epoch 1 | v1 commit ms |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for classes, n, epoch, mb, t2, t1 in rows:
-        first = next(r for r in rows if r[:2] == (classes, n) and r[2] == 1)[4]
-        v1 = f"{t1 * 1000:.0f}" if t1 is not None else "not run"
+        first = statistics.median(next(r for r in rows if r[:3] == (classes, n, 1))[4])
+        median = statistics.median(t2)
+        v1 = (
+            "not run"
+            if t1 is None
+            else f"{statistics.median(t1) * 1000:.0f} ({min(t1) * 1000:.0f})"
+        )
         print(
-            f"| {classes} | {n:,} | {epoch} | {mb:.1f} | {t2 * 1000:.1f} | {t2 * 1000 / mb:.1f}"
-            f" | {t2 / mb / per_mb[classes]:.2f} | {t2 / first:.2f} | {v1} |"
+            f"| {classes} | {n:,} | {epoch} | {mb:.1f} | {median * 1000:.0f} ({min(t2) * 1000:.0f})"
+            f" | {median * 1000 / mb:.1f} | {median / mb / per_mb[classes]:.2f}"
+            f" | {median / first:.2f} | {v1} |"
         )
 
 

@@ -15,7 +15,7 @@ reader that opened them keeps them (open files survive a rename or an unlink).
 Schema v1 stores (everything in ``predictions.h5``, commits copy-on-write, marker
 ``committed_epochs``) still open and read as before, and a resumed v1 run keeps committing
 copy-on-write: any v1 store was built in memory by its writer, so that stays as cheap as it
-was for it.
+was for it. :func:`upgrade_store` converts one to v2 without loss.
 
 Every store is validated when it is opened and before a writer changes it (the "Validation"
 section of docs/store-format.md): attributes, shapes, dtypes and ranges, in the head and in
@@ -35,7 +35,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -756,8 +756,11 @@ class StoreBuilder:
             eval_tta=eval_tta,
         )
         self.added = 0
+        self.store_id = uuid.uuid4().hex  # what this store's epoch files will carry
         self._writer: H5Writer | None = None
         self._file: h5py.File | None = None
+        # upgrade_store: (logits, history row) of epochs 1, 2, ... to write before publishing
+        self._epochs_to_publish: Iterable[tuple[np.ndarray, np.ndarray]] = ()
 
     def __enter__(self) -> StoreBuilder:
         n, shape = self.num_images, self.image_shape
@@ -771,7 +774,7 @@ class StoreBuilder:
         f = self._file = self._writer.__enter__()
         try:
             _write_root_attributes(f, version=SCHEMA_VERSION, **self._attributes)
-            f.attrs["store_id"] = _text(uuid.uuid4().hex)
+            f.attrs["store_id"] = _text(self.store_id)
             rows = _rows_per_chunk(n, int(np.prod(shape)))
             f.create_dataset(
                 "eval/images", (n, *shape), "u1", chunks=(rows, *shape), **_COMPRESSION
@@ -837,8 +840,11 @@ class StoreBuilder:
 
     def _remove_replaced_epochs(self) -> None:
         """The old store's epochs go before the new head replaces it (the highest first: a
-        kill meanwhile leaves the old store with fewer epochs, never a mismatched one)."""
+        kill meanwhile leaves the old store with fewer epochs, never a mismatched one); then
+        the epochs an upgraded v1 store brings (a v1 head ignores them until it is replaced)."""
         _remove_epochs_after(self.path, 0)
+        for epoch, (logits, row) in enumerate(self._epochs_to_publish, 1):
+            _write_epoch(self.path, self.store_id, epoch, logits, row)
 
 
 def _remove_epochs_after(path: Path, keep: int) -> None:
@@ -1055,12 +1061,19 @@ def append_epoch(path: str | Path, logits: np.ndarray, history_row: dict[str, fl
         _close_all(layout.epochs)
     row = _check_new_epoch(path, layout, logits, history_row)
     epoch = layout.committed + 1
+    _remove_epochs_after(path, layout.committed)  # a killed writer's temporary files
+    _write_epoch(path, layout.store_id or "", epoch, logits, row)
+    return epoch
+
+
+def _write_epoch(path: Path, store_id: str, epoch: int, logits: np.ndarray, row: np.ndarray):
+    """Write epoch file ``epoch``: built in memory, then temp file, fsync, rename, fsync."""
     buffer = io.BytesIO()
     n, k = np.shape(logits)
     with h5py.File(buffer, "w", **_FILE_OPTIONS) as f:
         f.attrs["format"] = _text(EPOCH_FORMAT_NAME)
         f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["store_id"] = _text(layout.store_id or "")
+        f.attrs["store_id"] = _text(store_id)
         f.attrs["epoch"] = epoch
         f.create_dataset(  # not gzipped: float logits shrink ~10% for 6x the commit time
             "logits",
@@ -1076,9 +1089,7 @@ def append_epoch(path: str | Path, logits: np.ndarray, history_row: dict[str, fl
         except OSError as e:
             raise StoreError(f"cannot create {folder}: {e.strerror or e}") from e
         fsync_dir(folder.parent)
-    _remove_epochs_after(path, layout.committed)  # a killed writer's temporary files
     write_atomic(epoch_file(path, epoch), buffer.getbuffer(), StoreError, fault=_fault(epoch))
-    return epoch
 
 
 def _fault(epoch: int) -> str:
@@ -1192,6 +1203,54 @@ def truncate_store(path: str | Path, epochs: int) -> None:
         _truncate(f, keep)
         f["committed_epochs"][()] = keep
     _commit(path, buffer)
+
+
+def upgrade_store(path: str | Path) -> bool:
+    """Convert a v1 store to v2 without loss; False when it already is v2 (nothing done).
+
+    The v1 store is validated and read (images and masks in batches); the v2 epoch files are
+    written first, then the new head is renamed over the v1 file. Until that rename a v1
+    reader sees the v1 store, which ignores the epochs folder; a kill at any moment leaves one
+    whole store, v1 or v2, and an upgrade run again starts over.
+    """
+    path = Path(path)
+    with StoreReader(path) as old:
+        if old.schema_version >= SCHEMA_VERSION:
+            return False
+        attrs = old.attrs
+        builder = StoreBuilder(
+            path,
+            targets=old.targets,
+            index=old.index,
+            classes=old.classes,
+            dataset=str(attrs.get("dataset", "")),
+            model=attrs["model"],
+            mean=old.mean,
+            std=old.std,
+            image_shape=old.images([0]).shape[1:],
+            has_masks=old.has_masks,
+            paths=old.sources() if old.has_paths else None,
+            sizes=old.sizes,
+            eval_weights=str(attrs.get("eval_weights", "trained")),
+            eval_tta=bool(attrs.get("eval_tta", False)),
+        )
+        history = old.history
+
+        def epochs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for epoch in old.epochs:  # one at a time: memory is one epoch's logits
+                row = _blank_row()
+                for name, column in history.items():
+                    row[name] = column[epoch - 1]
+                yield old.logits(epoch), row
+
+        builder._epochs_to_publish = epochs()
+        h, w, c = builder.image_shape
+        with builder:
+            for batch in old.batches(max(1, _CHUNK_BYTES * 16 // (h * w * c))):
+                builder.add_images(
+                    old.images(batch), old.read_masks(batch) if old.has_masks else None
+                )
+    return True
 
 
 def _truncate(f: h5py.File, epochs: int) -> None:

@@ -430,3 +430,59 @@ def test_a_v1_run_opens_and_resumes_as_v1(tiny_run):
             np.testing.assert_array_equal(store.logits(epoch), expected)
         assert list(store.history["epoch"]) == [1, 2, 3]
     assert not epochs_folder(tiny_run / "predictions.h5").exists()
+
+
+def test_upgrade_converts_a_v1_store_without_loss(tmp_path):
+    from explainkit.store import upgrade_store
+
+    v1, v2 = tmp_path / "v1.h5", tmp_path / "v2.h5"
+    make_store(v1, version=1, epochs=3)
+    make_store(v2, version=1, epochs=3)
+    assert upgrade_store(v2) and not upgrade_store(v2)
+    with open_store(v1) as old, open_store(v2) as new:
+        assert (old.schema_version, new.schema_version) == (1, 2)
+        assert new.epochs == old.epochs == [1, 2, 3]
+        for epoch in old.epochs:
+            np.testing.assert_array_equal(new.logits(epoch), old.logits(epoch))
+        for name, column in old.history.items():
+            np.testing.assert_array_equal(new.history[name], column)
+        np.testing.assert_array_equal(new.images(), old.images())
+        np.testing.assert_array_equal(new.masks, old.masks)
+        assert new.sources() == old.sources() and (new.sizes == old.sizes).all()
+        assert new.attrs["model"] == old.attrs["model"] and new.classes == old.classes
+        assert (new.targets == old.targets).all() and (new.index == old.index).all()
+        new.verify()
+    append_epoch(v2, np.zeros((N, K), np.float32), history_row(4))
+    with open_store(v2) as store:
+        assert store.epochs == [1, 2, 3, 4]
+
+
+UPGRADE_KILL = """
+import sys
+from explainkit.store import upgrade_store
+upgrade_store(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("fault", ["store-write:1", "store-write:3"])
+def test_a_kill_during_an_upgrade_leaves_the_v1_store(tmp_path, fault):
+    from explainkit.store import upgrade_store
+
+    path = tmp_path / "p.h5"
+    logits = make_store(path, version=1, epochs=3)
+    before = path.read_bytes()
+    killed = subprocess.run(
+        [sys.executable, "-c", UPGRADE_KILL, str(path)],
+        cwd=REPO,
+        env={**os.environ, "EXPLAINKIT_FAULT": fault},
+        capture_output=True,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert path.read_bytes() == before
+    with open_store(path) as store:
+        assert store.schema_version == 1 and store.epochs == [1, 2, 3]
+    assert upgrade_store(path)
+    with open_store(path) as store:
+        assert store.schema_version == 2
+        np.testing.assert_array_equal(store.logits(3), logits[2])
