@@ -19,11 +19,18 @@ from explainkit.data.lazy import LazyImages, is_lazy
 from explainkit.errors import DataError
 
 MAX_WORKERS = 8
+WORKERS_ENV = "EXPLAINKIT_DATA_WORKERS"
 
 
 def default_workers() -> int:
-    """Decoding processes: one core is left to the training or evaluating process, at most
+    """Decoding processes: ``EXPLAINKIT_DATA_WORKERS`` when set (0 decodes in the calling
+    process), else one core is left to the training or evaluating process, at most
     :data:`MAX_WORKERS` (more rarely helps a GPU that is fed 224-px JPEGs)."""
+    text = os.environ.get(WORKERS_ENV, "").strip()
+    if text:
+        if not text.isdigit():
+            raise DataError(f"{WORKERS_ENV}={text[:40]!r} is not a number of processes")
+        return int(text)
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux

@@ -108,8 +108,8 @@ class DeviceData:
         return self._layout(x)
 
     def normalize(self, xb: torch.Tensor) -> torch.Tensor:
-        """uint8 batch -> normalized float batch, as evaluated."""
-        return self._layout((xb.float().div_(255) - self.mean_t) / self.std_t)
+        """uint8 batch -> normalized float batch, as evaluated (in place: one float copy)."""
+        return self._layout(xb.float().div_(255).sub_(self.mean_t).div_(self.std_t))
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

@@ -436,12 +436,7 @@ class Trainer:
         chunks = []
         bs = max(self.config.batch_size, 256)
         for xb in self.data.eval.batches(indices, bs):
-            x = self.data.normalize(xb)
-            with self._autocast():
-                out = model(x).float()
-                if self.config.tta:  # the mirror image too, averaged
-                    out = (out + model(x.flip(3)).float()) / 2
-                chunks.append(out)
+            chunks.append(self._eval_batch(model, xb))
         local = (
             torch.cat(chunks) if chunks else torch.zeros(0, len(self.classes), device=self.device)
         )
@@ -450,6 +445,16 @@ class Trainer:
         loss = F.cross_entropy(logits, targets).item()
         acc = (logits.argmax(1) == targets).float().mean().item()
         return logits.cpu().numpy(), loss, acc
+
+    def _eval_batch(self, model: nn.Module, xb: torch.Tensor) -> torch.Tensor:
+        """One uint8 batch's logits; its float copies are freed on return, so the next batch
+        is never normalized beside them."""
+        x = self.data.normalize(xb)
+        with self._autocast():
+            out = model(x).float()
+            if self.config.tta:  # the mirror image too, averaged
+                out = (out + model(x.flip(3)).float()) / 2
+        return out
 
     # -- progress and log lines ------------------------------------------------------------
     def _progress(self, total: int, desc: str) -> Any:
