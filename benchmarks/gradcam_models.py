@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from _timing import round_robin
 
 from explainkit.explain.gradcam import GradCAM, normalize_maps
 
@@ -59,27 +59,16 @@ Rates = dict[str, tuple[float, "torch.Tensor | None"]]
 
 
 def best_rates(
-    fns: dict[str, Callable], x: torch.Tensor, bs: int, repeats: int, sync: Callable[[], None]
+    fns: dict[str, Callable], batches: tuple, repeats: int, sync: Callable[[], None]
 ) -> Rates:
-    """Images/s of each method's best pass over ``x``, and its maps.
-
-    Every method is warmed up first, then the passes go round-robin (method 1, 2, ..., then
-    again), so none is timed in a colder or warmer state than another (allocator caches,
-    weight packing and clock boosts favour whatever runs later).
-    """
-    for fn in fns.values():
-        fn(x[:bs])
-    best = {name: float("inf") for name in fns}
-    maps: dict[str, torch.Tensor | None] = {}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            out = [fn(x[s : s + bs]) for s in range(0, len(x), bs)]
-            sync()
-            best[name] = min(best[name], time.perf_counter() - start)
-            maps[name] = torch.cat(out) if out[0] is not None else None
-    return {name: (len(x) / best[name], maps[name]) for name in fns}
+    """Images/s of each method (round-robin by batch, _timing.py), and its maps."""
+    per_batch = {name: (lambda i, fn=fn: fn(batches[i])) for name, fn in fns.items()}
+    best, outs = round_robin(per_batch, len(batches), repeats, sync)
+    n = sum(len(b) for b in batches)
+    return {
+        name: (n / best[name], torch.cat(outs[name]) if outs[name][0] is not None else None)
+        for name in fns
+    }
 
 
 def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
@@ -92,24 +81,18 @@ def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear")[:, 0]
 
 
-def peers(model, layer: str, reshape: str, targets: torch.Tensor, size: int) -> dict:
-    """Each installed peer as ``fn(x) -> maps (N, size, size)``, or a reason it cannot run."""
+def peers(model, layer: str, reshape: str, target_of: Callable, size: int) -> dict:
+    """Each installed peer as ``fn(x) -> maps (N, size, size)``, or a reason it cannot run;
+    ``target_of(x)`` gives the classes to explain for batch ``x``."""
     module = dict(model.named_modules())[layer]
     out: dict[str, Callable | str] = {}
-    offsets: list[int] = [0]  # which slice of ``targets`` the current batch is
-
-    def batch_targets(n: int) -> torch.Tensor:
-        t = targets[offsets[0] : offsets[0] + n]
-        offsets[0] = (offsets[0] + n) % len(targets)
-        return t
-
     if importlib.util.find_spec("captum") and reshape == "nchw":
         from captum.attr import LayerGradCam
 
         lgc = LayerGradCam(model, module)
 
         def captum_fn(x):
-            a = lgc.attribute(x, target=batch_targets(len(x)), relu_attributions=True)
+            a = lgc.attribute(x, target=target_of(x), relu_attributions=True)
             return upsample(a[:, 0].detach(), size)
 
         out["captum"] = captum_fn
@@ -127,7 +110,7 @@ def peers(model, layer: str, reshape: str, targets: torch.Tensor, size: int) -> 
         pgc = PGCGradCAM(model=model, target_layers=[module], reshape_transform=transform)
 
         def pgc_fn(x):
-            ts = [ClassifierOutputTarget(int(c)) for c in batch_targets(len(x))]
+            ts = [ClassifierOutputTarget(int(c)) for c in target_of(x)]
             return torch.from_numpy(pgc(input_tensor=x, targets=ts))
 
         out["pytorch-grad-cam"] = pgc_fn
@@ -138,7 +121,7 @@ def peers(model, layer: str, reshape: str, targets: torch.Tensor, size: int) -> 
 
         def torchcam_fn(x):
             scores = model(x)
-            (maps,) = tc(class_idx=batch_targets(len(x)).tolist(), scores=scores)
+            (maps,) = tc(class_idx=target_of(x).tolist(), scores=scores)
             return upsample(maps.detach(), size)
 
         out["torch-cam"] = torchcam_fn
@@ -163,27 +146,29 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
     bs = args.batch_size
     with torch.no_grad():
         targets = torch.cat([model(x[s : s + bs]).argmax(1) for s in range(0, len(x), bs)])
+    batches = x.split(bs)
+    by_batch = dict(zip(map(id, batches), targets.split(bs), strict=True))
+
+    def target_of(batch: torch.Tensor) -> torch.Tensor:
+        return by_batch[id(batch)]
 
     def plain(batch):
         with torch.no_grad():
             model(batch)
 
     cam = GradCAM(model, layer, reshape=reshape)
-    offset = [0]
 
     def ours(batch):
-        t = targets[offset[0] : offset[0] + len(batch)]
-        offset[0] = (offset[0] + len(batch)) % len(targets)
-        return cam(batch, target=t).maps
+        return cam(batch, target=target_of(batch)).maps
 
     fns: dict[str, Callable] = {"plain inference": plain, "explainkit": ours}
     notes: dict[str, str] = {}
-    for peer, fn in peers(model, layer, reshape, targets, args.size).items():
+    for peer, fn in peers(model, layer, reshape, target_of, args.size).items():
         if isinstance(fn, str):
             notes[peer] = fn
         else:
             fns[peer] = fn
-    results = best_rates(fns, x, bs, args.repeats, sync)
+    results = best_rates(fns, batches, args.repeats, sync)
     our_maps = results["explainkit"][1].cpu()
     rows = []
     for name, (rate, maps) in results.items():

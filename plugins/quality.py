@@ -134,10 +134,33 @@ class QualityAnalyzer(Analyzer):
         return _write_outputs(context, report)
 
 
-def _attribution_fns(names: list[str], layer: str, reshape: str, seed: int) -> dict[str, Any]:
-    from explainkit.explain.attribution import attribution_fn
+@dataclass
+class _Methods:
+    """Attribution functions by name, and the native CAMs' joint function (or None)."""
 
-    return {name: attribution_fn(name, layer=layer, seed=seed, reshape=reshape) for name in names}
+    fns: dict[str, Any]
+    together: Any
+
+    def __len__(self) -> int:
+        return len(self.fns)
+
+
+def _attribution_fns(names: list[str], layer: str, reshape: str, seed: int) -> _Methods:
+    """Each method's function; two or more native CAMs also share one pass per batch."""
+    from explainkit.explain.attribution import attribution_fn
+    from explainkit.explain.gradcam import compute_cams
+    from explainkit.explain.methods import CAM_METHODS
+
+    fns = {name: attribution_fn(name, layer=layer, seed=seed, reshape=reshape) for name in names}
+    cams = [name for name in names if name in CAM_METHODS]
+    if len(cams) < 2:
+        return _Methods(fns, None)
+
+    def together(model: Any, images: Any, targets: Any) -> dict[str, Any]:
+        results = compute_cams(model, images, layer, cams, target=targets, reshape=reshape)
+        return {name: r.maps.detach().float() for name, r in results.items()}
+
+    return _Methods(fns, together)
 
 
 def _cascade(model: Any, layer: str) -> tuple[list, str]:
@@ -170,7 +193,7 @@ def _faithfulness(
     context: AnalysisContext,
     model: Any,
     sample: _Sample,
-    fns: dict,
+    fns: _Methods,
     steps: int,
     baseline: str,
     cascade: tuple[list, str] | None,
@@ -181,16 +204,20 @@ def _faithfulness(
 
     import torch
 
-    from explainkit.explain.attribution import attribute
-    from explainkit.explain.metrics import inference_model, perturbation_curves
+    from explainkit.explain.methods import CAM_METHODS
+    from explainkit.explain.metrics import attribute_all, inference_model, perturbation_curves
 
     bs = context.batch_size
     gen = torch.Generator().manual_seed(context.seed)
     fast = inference_model(model)  # batch norms folded once for every method's curves
     maps, curves = {}, {}
-    for i, name in enumerate(context.progress(list(fns), desc="deletion/insertion")):
+    for i, name in enumerate(context.progress(list(fns.fns), desc="deletion/insertion")):
         start = time.perf_counter()
-        maps[name] = attribute(fns[name], model, sample.images, sample.targets, bs)
+        if name not in maps:  # the native CAMs come all at once, with the first of them
+            joint = fns.together if name in CAM_METHODS else None
+            group = [n for n in fns.fns if n in CAM_METHODS] if joint else [name]
+            wanted = {n: fns.fns[n] for n in group}
+            maps.update(attribute_all(wanted, model, sample.images, sample.targets, bs, joint))
         mapped = time.perf_counter()
         curves[name] = perturbation_curves(
             fast, sample.images, maps[name], sample.targets, steps=steps, baseline=baseline,
@@ -247,7 +274,7 @@ def _sanity(
     context: AnalysisContext,
     model: Any,
     sample: _Sample,
-    fns: dict,
+    fns: _Methods,
     maps: dict,
     scores: dict,
     cascade: tuple[list, str],
@@ -257,8 +284,8 @@ def _sanity(
 
     groups, depth = cascade
     results = randomization_check(
-        model, sample.images, sample.targets, fns, cascade=groups,
-        batch_size=context.batch_size, seed=context.seed, original=maps,
+        model, sample.images, sample.targets, fns.fns, cascade=groups,
+        batch_size=context.batch_size, seed=context.seed, original=maps, together=fns.together,
     )  # fmt: skip
     for name, res in results.items():
         for i, step in enumerate(res.layers):

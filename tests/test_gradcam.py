@@ -19,6 +19,7 @@ from explainkit.explain.gradcam import (
     GradCAM,
     LayerCAM,
     compute_cam,
+    compute_cams,
     iter_cam,
     normalize_maps,
 )
@@ -224,6 +225,31 @@ def test_methods_give_finite_maps(model, images, method):
     assert (result.targets == 2).all()
     with pytest.raises(AnalyzerError, match="available"):
         compute_cam(model, images, "layer4", method="scorecam")
+
+
+def test_several_methods_from_one_pass_equal_each_method_alone(model, images, vit):
+    names = sorted(METHODS)
+    labels = torch.arange(N) % 10
+    joint = compute_cams(model, images, "layer4", names, target=labels, batch_size=6)
+    assert list(joint) == names
+    for name in names:
+        alone = compute_cam(model, images, "layer4", method=name, target=labels, batch_size=6)
+        for field in ("maps", "raw", "targets", "predicted", "logits"):
+            assert torch.equal(getattr(joint[name], field), getattr(alone, field)), (name, field)
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    # token layers too, and the pass runs once: the layer's hook fires once per batch
+    calls = []
+    layer = VIT_LAYER
+    handle = dict(vit.named_modules())[layer].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        tokens = compute_cams(vit, images[:4], layer, ["gradcam", "gradcampp"], reshape="vit")
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    alone = compute_cam(vit, images[:4], layer, method="gradcampp", reshape="vit")
+    assert torch.equal(tokens["gradcampp"].maps, alone.maps)
+    with pytest.raises(AnalyzerError, match="at least one"):
+        compute_cams(model, images, "layer4", [])
 
 
 def test_layercam_matches_its_definition(model, images):

@@ -251,6 +251,31 @@ def test_inference_model_folds_batch_norms_and_leaves_the_model_alone():
     assert M.inference_model(branchy) is branchy
 
 
+def test_cams_computed_together_give_the_same_sanity_check():
+    from explainkit.explain.gradcam import compute_cams
+
+    model = _small_resnet()
+    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([0, 1, 2, 3, 4, 0])
+    methods = {n: A.attribution_fn(n, layer="layer4") for n in ("gradcam", "gradcampp", "random")}
+    calls = []
+
+    def together(net, x, t):
+        calls.append(len(x))
+        out = compute_cams(net, x, "layer4", ["gradcam", "gradcampp"], target=t)
+        return {name: r.maps for name, r in out.items()}
+
+    alone = M.randomization_check(model, images, targets, methods, batch_size=4)
+    joint = M.randomization_check(model, images, targets, methods, batch_size=4, together=together)
+    assert calls == [4, 2] * len(M.DEFAULT_CASCADE)  # one call per batch and step
+    for name in methods:
+        assert torch.equal(alone[name].spearman, joint[name].spearman)
+        assert torch.equal(alone[name].ssim, joint[name].ssim)
+    maps = M.attribute_all(methods, model, images, targets, 4, together)
+    assert list(maps) == list(methods)
+    assert torch.equal(maps["gradcampp"], A.attribute(methods["gradcampp"], model, images, targets))
+
+
 def _reference_ssim(a, b, window=11, sigma=1.5):
     """SSIM with the full 2-D Gaussian window, filtered one quantity at a time."""
     x, y = a[:, None].double(), b[:, None].double()

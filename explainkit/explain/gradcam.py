@@ -59,6 +59,7 @@ __all__ = [
     "LayerCAM",
     "XGradCAM",
     "compute_cam",
+    "compute_cams",
     "iter_cam",
     "normalize_maps",
 ]
@@ -138,14 +139,14 @@ def normalize_maps(maps: Tensor, rtol: float = 1e-5) -> Tensor:
     (a 1x1 layer upsampled leaves ripples of ~1e-8) is constant, and stretching that noise
     to [0, 1] would paint a confident picture of nothing.
     """
-    flat = maps.flatten(1)
-    low, high = flat.amin(1), flat.amax(1)
+    maps = maps if maps.is_floating_point() else maps.float()
+    low, high = torch.aminmax(maps.flatten(1), dim=1)  # one pass over the maps, not two
     span = high - low
     scale = torch.maximum(high.abs(), low.abs())
     constant = span <= rtol * scale
     span = torch.where(constant, 1.0, span).clamp_min(_EPS).view(-1, 1, 1)
-    out = (maps - low.view(-1, 1, 1)) / span
-    return torch.where(constant.view(-1, 1, 1), 0.0, out)
+    out = (maps - low.view(-1, 1, 1)).div_(span)  # one new tensor, changed in place
+    return out.masked_fill_(constant.view(-1, 1, 1), 0.0)
 
 
 def _layer_choices(model: nn.Module) -> list[str]:
@@ -263,6 +264,16 @@ class CAM:
         Raises:
             AnalyzerError: bad images or targets, or a layer that cannot be explained.
         """
+        return self._explain(images, target, true_targets, [self])[0]
+
+    def _explain(
+        self,
+        images: Tensor,
+        target: str | int | Tensor | Sequence[int],
+        true_targets: Tensor | Sequence[int] | None,
+        methods: Sequence[CAM],
+    ) -> list[CAMResult]:
+        """One forward and one backward pass; each of ``methods`` turns them into maps."""
         images = self._precheck(images)
         model = self.model
         self._size = (int(images.shape[-2]), int(images.shape[-1]))
@@ -302,7 +313,7 @@ class CAM:
                 # transformer), then viewed as (N, C, h, w) exactly as the activations are.
                 layout: Layout = self.layout  # type: ignore[assignment]  # set by the hook
                 a, g = layout.to_nchw(acts.detach()), layout.to_nchw(grads)
-                raw, maps = self.compute_maps(a, g, self._size)
+                computed = [method.compute_maps(a, g, self._size) for method in methods]
                 unreached = False
                 if layout.kind == "vit" and not self._checked_tokens:
                     self._checked_tokens = True  # one device sync, on the first call only
@@ -313,13 +324,14 @@ class CAM:
                 p.requires_grad_(True)
             for m in training:
                 m.training = True
-        if raw.shape[-2:].numel() == 1 and not self._warned_unlocalized:
+        if a.shape[-2:].numel() == 1 and not self._warned_unlocalized:
             self._warn_unlocalized(images)
         if self.reshape == "auto" and not self._warned_layout:
             self._warn_channels_last(tuple(acts.shape))  # the layer's own output
         if unreached:
             self._warn_unreached_patches(images)
-        return CAMResult(maps, raw, targets, predicted, logits.detach())
+        logits = logits.detach()
+        return [CAMResult(maps, raw, targets, predicted, logits) for raw, maps in computed]
 
     def _warn_channels_last(self, shape: tuple[int, ...]) -> None:
         """Once per engine: "auto" reads a 4-D output as NCHW; say so when it looks NHWC."""
@@ -422,9 +434,10 @@ class CAM:
         """Raw maps (N, h, w) after ReLU, and maps upsampled to ``size`` and normalized."""
         acts, grads = acts.float(), grads.float()
         weights = self._weights(acts, grads)
-        if weights.dim() == 2:  # channel weights (N, C) -> (N, C, 1, 1)
-            weights = weights[:, :, None, None]
-        raw = F.relu((weights * acts).sum(1))
+        if weights.dim() == 2:  # channel weights (N, C): a batched matrix product, no temporary
+            raw = F.relu(torch.einsum("nc,nchw->nhw", weights, acts))
+        else:
+            raw = F.relu((weights * acts).sum(1))
         up = F.interpolate(raw[:, None], size=tuple(size), mode="bilinear", align_corners=False)
         return raw, normalize_maps(up[:, 0])
 
@@ -523,6 +536,50 @@ def iter_cam(
                 target=target_t[sl] if per_image else target,
                 true_targets=true_t[sl] if true_t is not None else None,
             )
+
+
+def compute_cams(
+    model: nn.Module,
+    images: Tensor,
+    layer: str,
+    methods: Sequence[str],
+    target: str | int | Tensor | Sequence[int] = "predicted",
+    batch_size: int | None = None,
+    true_targets: Tensor | Sequence[int] | None = None,
+    reshape: str = "auto",
+) -> dict[str, CAMResult]:
+    """Several CAM methods of one layer from one forward and one backward pass per batch.
+
+    Every method weighs the same activations and gradients, so explaining ``images`` with
+    Grad-CAM and Grad-CAM++ together costs what one of them costs. Arguments as
+    :func:`compute_cam`; returns method name -> joined :class:`CAMResult`.
+    """
+    if not methods:
+        raise AnalyzerError("no CAM methods to compute; name at least one")
+    engines = [_method(name)(model, layer, reshape) for name in methods]
+    n = images.shape[0] if isinstance(images, Tensor) else 0
+    step = batch_size or max(n, 1)
+    if step < 1:
+        raise AnalyzerError(f"batch_size must be positive, got {batch_size}")
+    per_image = not isinstance(target, (str, int))
+    target_t = torch.as_tensor(target) if per_image else None
+    true_t = torch.as_tensor(true_targets) if true_targets is not None else None
+    first = engines[0]
+    if n == 0:
+        first._precheck(images)  # raises the usual error
+    batches = []
+    with first:
+        for start in range(0, n, step):
+            sl = slice(start, start + step)
+            batches.append(
+                first._explain(
+                    images[sl],
+                    target_t[sl] if per_image else target,  # type: ignore[index]
+                    true_t[sl] if true_t is not None else None,
+                    engines,
+                )
+            )
+    return {name: CAMResult.cat([batch[i] for batch in batches]) for i, name in enumerate(methods)}
 
 
 def compute_cam(

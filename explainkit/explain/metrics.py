@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +44,8 @@ __all__ = [
     "SANITY_THRESHOLD",
     "PerturbationCurves",
     "SanityResult",
+    "JointAttributionFn",
+    "attribute_all",
     "auc",
     "energy_in_mask",
     "gaussian_blur",
@@ -350,6 +352,34 @@ def _cascade_below(parent: nn.Module, prefix: str, layer: str) -> tuple[list[tup
     return groups, depth
 
 
+JointAttributionFn = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+
+
+def attribute_all(
+    methods: Mapping[str, AttributionFn],
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    batch_size: int = 64,
+    together: JointAttributionFn | None = None,
+) -> dict[str, Tensor]:
+    """Every method's maps (N, H, W), ``batch_size`` images at a time; the methods that
+    ``together`` returns come from its one call per batch, the others one by one."""
+    joint: dict[str, list[Tensor]] = {}
+    if together is not None:
+        targets = targets.to(images.device)
+        for s in range(0, images.shape[0], batch_size):
+            sl = slice(s, s + batch_size)
+            for name, maps in together(model, images[sl], targets[sl]).items():
+                joint.setdefault(name, []).append(maps)
+    return {
+        name: torch.cat(joint[name])
+        if name in joint
+        else attribute(fn, model, images, targets, batch_size)
+        for name, fn in methods.items()
+    }
+
+
 def randomization_check(
     model: nn.Module,
     images: Tensor,
@@ -360,6 +390,7 @@ def randomization_check(
     batch_size: int = 64,
     seed: int = 0,
     original: Mapping[str, Tensor] | None = None,
+    together: JointAttributionFn | None = None,
 ) -> dict[str, SanityResult]:
     """Cascading model-parameter randomization (Adebayo et al. 2018).
 
@@ -376,6 +407,9 @@ def randomization_check(
         batch_size: images per attribution call.
         seed: seed of the re-initialization.
         original: precomputed maps of the trained model per method (computed when missing).
+        together: computes several methods' maps at once (native CAMs of one layer share
+            their forward and backward pass: :func:`explainkit.explain.gradcam.compute_cams`);
+            the methods it returns are not computed one by one.
     """
     modules = dict(model.named_modules())
     groups = [[name for name in group if name in modules] for group in cascade]
@@ -402,8 +436,9 @@ def randomization_check(
                 _reinit(rmods[name])
             for p in rand.parameters():
                 p.requires_grad_(False)
-            for name, fn in methods.items():
-                maps = attribute(fn, rand, images, targets, batch_size)
+            for name, maps in attribute_all(
+                methods, rand, images, targets, batch_size, together
+            ).items():
                 spear[name].append(spearman(original[name], maps))
                 sims[name].append(ssim(normalize_maps(original[name]), normalize_maps(maps)))
     labels = ["+".join(g) for g in steps]
