@@ -486,3 +486,43 @@ def test_a_kill_during_an_upgrade_leaves_the_v1_store(tmp_path, fault):
     with open_store(path) as store:
         assert store.schema_version == 2
         np.testing.assert_array_equal(store.logits(3), logits[2])
+
+
+BUILD_ON_A_FULL_DISK = """
+import sys
+import numpy as np
+from explainkit.errors import StoreError
+from explainkit.store import StoreBuilder
+n = 400
+rng = np.random.default_rng(0)
+try:
+    with StoreBuilder(sys.argv[1], targets=np.zeros(n, int), index=np.arange(n), classes=["a"],
+                      dataset="t", model={}, mean=(0.5,) * 3, std=(0.2,) * 3,
+                      image_shape=(32, 32, 3)) as builder:
+        for _ in range(4):
+            builder.add_images(rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8))
+except StoreError as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def test_a_builder_on_a_full_disk_says_so_and_keeps_the_older_store(tmp_path):
+    from tests.test_reliability import limited
+
+    path = tmp_path / "predictions.h5"
+    make_store(path)
+    before = store_bytes(path)
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_ON_A_FULL_DISK, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        preexec_fn=limited(200_000),  # the head of 400 random images is 1.2 MB
+        timeout=120,
+    )
+    assert result.returncode == 1, (result.returncode, result.stderr)  # never a segfault
+    assert "Traceback" not in result.stderr
+    assert f"cannot write {path}: File too large; free some disk" in result.stderr
+    assert store_bytes(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.epochs", "predictions.h5"]
