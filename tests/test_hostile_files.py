@@ -216,7 +216,7 @@ def test_any_root_attribute_value_is_read_or_refused(tmp_path_factory, mutation)
         assert "not an explainkit prediction store" not in message, message
 
 
-@hostile(150)
+@hostile(100)
 @given(attribute_mutations(EPOCH_ATTRIBUTES))
 def test_any_epoch_attribute_value_is_read_or_refused(tmp_path_factory, mutation):
     _, mutate = mutation
@@ -304,7 +304,7 @@ epoch_file_mutations = st.one_of(  # epoch 2 of a v2 store: logits (N, classes),
 )
 
 
-@hostile(150)
+@hostile(100)
 @given(head_mutations, st.sampled_from([1, 2]))
 def test_any_head_dataset_change_is_read_or_refused(tmp_path_factory, mutate, version):
     path = mutated_store(tmp_path_factory.mktemp("s"), mutate, version)
@@ -313,7 +313,7 @@ def test_any_head_dataset_change_is_read_or_refused(tmp_path_factory, mutate, ve
         assert "not an explainkit prediction store" not in message, message
 
 
-@hostile(150)
+@hostile(100)
 @given(epoch_file_mutations)
 def test_any_epoch_file_change_is_read_or_refused(tmp_path_factory, mutate):
     message = read_store_checked(mutated_store(tmp_path_factory.mktemp("s"), mutate, 2, EPOCH))
@@ -321,7 +321,7 @@ def test_any_epoch_file_change_is_read_or_refused(tmp_path_factory, mutate):
         assert "not an explainkit prediction store" not in message, message
 
 
-@hostile(150)
+@hostile(100)
 @given(v1_epoch_mutations)
 def test_any_v1_epoch_change_is_read_or_refused(tmp_path_factory, mutate):
     message = read_store_checked(mutated_store(tmp_path_factory.mktemp("s"), mutate, 1))
