@@ -11,7 +11,8 @@ _timing.py), and checked to give the same numbers:
 - ssim: the sanity check's map comparison. Before: five 2-D Gaussian filterings. Now: one
   separable filtering of the five quantities stacked.
 - ``--analyzer``: the whole ``quality`` analyzer (default methods, sanity check on), with the
-  previous curves and SSIM patched in, then as it is, alternating ``--analyzer-repeats`` times.
+  previous curves and SSIM patched in and each native CAM computed on its own pass (as
+  before), then as it is, alternating ``--analyzer-repeats`` times.
 
     python benchmarks/quality_speed.py --images 1000 --width 16 --repeats 3 --analyzer
 
@@ -169,10 +170,11 @@ def time_analyzer(run: Path, args) -> None:
     from explainkit.runner import analyze
 
     def once(previous: bool) -> float:
-        saved = M.perturbation_curves, M.ssim, M.inference_model
+        saved = M.perturbation_curves, M.ssim, M.inference_model, M.attribute_all
         if previous:
             M.perturbation_curves, M.ssim = previous_curves, previous_ssim
             M.inference_model = lambda model: model
+            M.attribute_all = lambda *a, together=None: saved[3](*a[:5])  # one CAM at a time
         shutil.rmtree(run / "analyses" / "quality", ignore_errors=True)
         try:
             start = time.perf_counter()
@@ -180,7 +182,7 @@ def time_analyzer(run: Path, args) -> None:
                                   quality_count=args.images, echo=lambda line: None)  # fmt: skip
             seconds = time.perf_counter() - start
         finally:
-            M.perturbation_curves, M.ssim, M.inference_model = saved
+            M.perturbation_curves, M.ssim, M.inference_model, M.attribute_all = saved
         assert manifest["status"] == "ok", manifest.get("error")
         return seconds
 
