@@ -9,11 +9,19 @@ memory) belongs to that measurement alone. Two ways of driving the engine are me
 * ``all``: ``compute_cam`` on one float tensor of all N images, returning all N maps. Its peak
   grows with N by design (input and output are N-sized); shown for contrast.
 
+A third measurement, ``--folder``, is the data path at 224 px: it generates an ImageFolder of
+N JPEGs, runs ``explainkit train`` on it (one epoch on 64 training images, then evaluating
+and storing all N eval images) with default settings, and reports that process's peak RSS
+beside the eval split's decoded size. Below the memory budget the split is decoded into
+memory; above it, it streams (docs/datasets.md). The model is a two-convolution network, so
+the figure is the data's cost (a real model adds its activations: on a GPU, device memory).
+
 Usage:
     python benchmarks/memory.py                       # 1,000 vs 10,000 images, batch 256, width 8
     python benchmarks/memory.py --sizes 500 5000 --batch-size 128 --device cuda
+    python benchmarks/memory.py --folder 2000 8000    # 224-px folders: in memory, streamed
 
-Figures are recorded in docs/reliability.md.
+Figures are recorded in docs/reliability.md (Grad-CAM) and docs/performance.md (folders).
 """
 
 from __future__ import annotations
@@ -101,6 +109,97 @@ def measure(n: int, mode: str, batch_size: int, width: int, device: str) -> dict
     return out
 
 
+TINY_MODEL = """
+from collections import OrderedDict
+
+from explainkit import hookimpl
+from explainkit.hookspecs import ModelEntry
+
+
+def build(num_classes):
+    from torch import nn
+
+    return nn.Sequential(OrderedDict(
+        stem=nn.Conv2d(3, 8, 8, stride=8), act=nn.ReLU(),
+        features=nn.Conv2d(8, 16, 3, stride=2, padding=1), relu=nn.ReLU(),
+        pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), head=nn.Linear(16, num_classes),
+    ))
+
+
+@hookimpl
+def register_models(register):
+    register(ModelEntry("tiny224", build, default_layer="features"))
+"""
+
+
+def make_folder(root, count: int, size: int = 224, distinct: int = 32) -> None:
+    """``count`` JPEGs in 10 class folders; ``distinct`` of them drawn, the rest copies (each
+    file is decoded all the same, and writing copies is fast)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    drawn = []
+    for i in range(min(count, distinct)):
+        pixels = rng.integers(0, 256, (size + 16, size + 32, 3), dtype=np.uint8)
+        folder = root / f"class{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"img{i:06d}.jpg"
+        Image.fromarray(pixels).resize((size + 32, size + 16)).save(path, quality=85)
+        drawn.append(path.read_bytes())
+    for i in range(len(drawn), count):
+        folder = root / f"class{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"img{i:06d}.jpg").write_bytes(drawn[i % len(drawn)])
+
+
+def measure_folder(n: int, device: str) -> dict:
+    """Train one epoch on a generated 224-px folder with N eval images in a child process;
+    its peak RSS (decoding workers are separate processes, not counted) and timings."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "plugins").mkdir()
+        (root / "plugins" / "tiny224.py").write_text(TINY_MODEL)
+        make_folder(root / "data" / "train", 64)
+        make_folder(root / "data" / "val", n)
+        env = {**os.environ, "EXPLAINKIT_PLUGINS_DIR": str(root / "plugins")}
+        cmd = [sys.executable, "-m", "explainkit", "train", "--dataset", "folder"]
+        cmd += ["--data-dir", str(root / "data"), "--image-size", "224", "--model", "tiny224"]
+        cmd += ["--epochs", "1", "--device", device, "--quiet", "--out", str(root / "run")]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+        stderr = proc.stderr.read() if proc.stderr else b""
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(stderr.decode(errors="replace"))
+    from explainkit.data.lazy import memory_budget
+
+    decoded = n * 224 * 224 * 3
+    return {
+        "images": n,
+        "decoded_mb": round(decoded / 2**20, 1),
+        "split": "streamed" if decoded > memory_budget() else "in memory",
+        "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "seconds": round(seconds, 1),
+        "device": device,
+    }
+
+
+def folder_table(sizes: list[int], device: str) -> None:
+    print("| eval images (224 px) | decoded MB | eval split | max RSS MB | seconds |")
+    print("|---|---|---|---|---|")
+    for n in sizes:
+        r = measure_folder(n, device)
+        print(json.dumps(r), file=sys.stderr)
+        cells = [r["images"], r["decoded_mb"], r["split"], r["max_rss_mb"], r["seconds"]]
+        print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
@@ -108,6 +207,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--modes", nargs="+", default=["stream", "all"])
+    parser.add_argument("--folder", type=int, nargs="+", metavar="N", help="224-px folders")
     parser.add_argument("--child", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = args.device
@@ -115,6 +215,9 @@ def main() -> None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.folder:
+        folder_table(args.folder, device)
+        return
     if args.child:
         n, mode = int(args.child[0]), args.child[1]
         print(json.dumps(measure(n, mode, args.batch_size, args.width, device)))
