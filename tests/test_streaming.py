@@ -15,10 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from explainkit.data import Dataset, channel_stats, iter_batches, load_dataset
+from explainkit import hookimpl
+from explainkit.data import Dataset, DatasetEntry, channel_stats, iter_batches, load_dataset
 from explainkit.data.batches import WORKERS_ENV
 from explainkit.data.folder import FolderImages
-from explainkit.data.lazy import MEMORY_ENV, is_lazy, memory_budget
+from explainkit.data.lazy import MEMORY_ENV, LazyImages, is_lazy, memory_budget
 from explainkit.errors import DataError
 from explainkit.store import open_store
 from explainkit.train.checkpoint import load_checkpoint
@@ -157,6 +158,43 @@ def test_a_lazy_split_asked_at_another_size_is_resized_as_it_is_read(both):
     assert np.array_equal(resized[[3, 1]], fit_images(eager.images[[3, 1]], 16))
 
 
+class Gradients(LazyImages):
+    """A plugin's own lazy images: 20 x 30 horizontal gradients, brighter row by row."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count, 20, 30)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        ramp = np.linspace(0, 200, 30).astype(np.uint8)[None, None, :, None]
+        return np.broadcast_to(
+            ramp + rows[:, None, None, None].astype(np.uint8), (len(rows), 20, 30, 3)
+        ).copy()
+
+
+class GradientsPlugin:
+    @hookimpl
+    def register_datasets(self, register):
+        def load(split):
+            n = 10
+            targets = np.arange(n) % 2
+            return Dataset(Gradients(n), targets, ["a", "b"], np.arange(n))
+
+        register(DatasetEntry("gradients", load, "Gradients."))
+
+
+def test_a_plugin_dataset_may_return_lazy_images_of_another_size():
+    from explainkit import manager
+
+    pm = manager.get_plugin_manager(entrypoints=False, quiet=True)
+    pm.register(GradientsPlugin(), name="gradients-plugin")
+    ds = load_dataset("gradients", "train", image_size=16, limit=6, pm=pm)
+    assert is_lazy(ds.images) and ds.images.shape == (6, 16, 16, 3)
+    assert ds.sizes.tolist() == [[20, 30]] * 6
+    from explainkit.data import fit_images
+
+    assert np.array_equal(ds.images[[5, 2]], fit_images(Gradients(10)[[5, 2]], 16))
+
+
 def test_channel_stats_of_lazy_images_equal_the_in_memory_ones(both):
     eager, lazy = both
     assert channel_stats(lazy.images) == channel_stats(eager.images)
@@ -211,6 +249,34 @@ def test_an_image_that_breaks_while_streaming_is_one_data_error(tmp_path):
 
 
 # --- training on lazy data ---------------------------------------------------------------------
+
+
+def test_the_trainer_streams_a_lazy_split_and_puts_an_in_memory_one_on_the_device(
+    tmp_path, monkeypatch
+):
+    from explainkit.config import TrainConfig
+    from explainkit.train.device_data import DeviceData, Split
+    from explainkit.train.streamed_data import StreamedSplit
+
+    data = make_folder(tmp_path / "data", 40, 30)
+    config = TrainConfig(dataset="folder", data_dir=str(data), image_size=24, device="cpu")
+    cpu = torch.device("cpu")
+    memory = DeviceData(config, cpu, channels_last=False)
+    monkeypatch.setenv(MEMORY_ENV, "0")
+    lazy = DeviceData(config, cpu, channels_last=False)
+    assert isinstance(memory.train, Split) and isinstance(memory.eval, Split)
+    assert isinstance(lazy.train, StreamedSplit) and isinstance(lazy.eval, StreamedSplit)
+    assert (lazy.mean, lazy.std) == (memory.mean, memory.std)
+    assert torch.equal(lazy.train.targets, memory.train.targets)
+    order = torch.randperm(lazy.num_train, generator=torch.Generator().manual_seed(1))
+    got, want = list(lazy.train.batches(order, 8, 3)), list(memory.train.batches(order, 8, 3))
+    assert len(got) == len(want) == 3
+    for streamed, placed in zip(got, want, strict=True):
+        assert streamed.shape == (8, 3, 24, 24) and streamed.is_contiguous()
+        assert torch.equal(streamed, placed)
+    evals = torch.arange(lazy.num_eval)
+    assert torch.equal(torch.cat(list(lazy.eval.batches(evals, 3))), memory.eval.images)
+
 
 TRAIN = (
     "--dataset folder --image-size 24 --width 8 --epochs 2 --batch-size 16 "
