@@ -15,12 +15,15 @@ shows whether the earlier epochs cost anything.
 Images are 32 x 32 x 3 random pixels (stored once, streamed by StoreBuilder); logits random
 normal float32 (incompressible, like real logits). The 19 epochs before epoch 20 hold zeros
 in v2 (cheap to write: a v2 commit never reads them, only their names and the latest file's
-attributes); in v1 they hold random logits, since a v1 commit copies them.
+attributes); in v1 they hold random logits, since a v1 commit copies them. Each epoch case
+has its own copy of the store; the cases take turns (interleaved) and the disk is synced
+before each timed commit, so noise from other work hits them alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -34,7 +37,6 @@ from explainkit.store import (
     StoreBuilder,
     append_epoch,
     create_v1_store,
-    open_store,
     truncate_store,
 )
 
@@ -70,49 +72,44 @@ def build_v2(path: Path, n: int, classes: int) -> float:
     return time.perf_counter() - start
 
 
-def timed_commits(path: Path, epoch: int, logits: np.ndarray, repeats: int) -> list[float]:
-    """Seconds of committing ``epoch`` ``repeats`` times (truncating back between tries)."""
-    times = []
+def interleaved_commits(
+    paths: dict[int, Path], logits: np.ndarray, repeats: int
+) -> dict[int, list[float]]:
+    """Seconds of committing epoch E to the store ``paths[E]`` (which holds E - 1 epochs),
+    ``repeats`` times, truncating back between tries. The cases take turns, so a burst of
+    other work on the machine hits them alike; the disk is synced before each timed commit,
+    so none pays for the writeback of the one before."""
+    times: dict[int, list[float]] = {epoch: [] for epoch in paths}
     for _ in range(repeats):
-        start = time.perf_counter()
-        append_epoch(path, logits, row(epoch))
-        times.append(time.perf_counter() - start)
-        truncate_store(path, epoch - 1)
+        for epoch, path in paths.items():
+            os.sync()
+            start = time.perf_counter()
+            append_epoch(path, logits, row(epoch))
+            times[epoch].append(time.perf_counter() - start)
+            truncate_store(path, epoch - 1)
     return times
 
 
-def measure_v2(folder: Path, n: int, classes: int, repeats: int) -> dict[int, list[float]]:
-    path = folder / f"v2-{n}-{classes}.h5"
-    build = build_v2(path, n, classes)
-    print(f"  v2 head: {n} images streamed in {build:.1f} s", flush=True)
+def measure(folder: Path, version: int, n: int, classes: int, repeats: int) -> dict:
+    """Commit times at each of EPOCHS; the earlier epochs hold zeros in v2 (never read by a
+    v2 commit), random logits in v1 (a v1 commit copies them)."""
+    first = folder / f"v{version}-{n}-{classes}-1.h5"
+    if version == 2:
+        build = build_v2(first, n, classes)
+        print(f"  v2 head: {n} images streamed in {build:.1f} s", flush=True)
+    else:
+        images = np.random.default_rng(0).integers(0, 256, (n, *SHAPE), dtype=np.uint8)
+        create_v1_store(first, images=images, **split(n, classes))
+        del images
     logits = np.random.default_rng(1).standard_normal((n, classes)).astype(np.float32)
-    zeros = np.zeros((n, classes), np.float32)
-    result = {}
-    for epoch in EPOCHS:
-        while len(epochs_of(path)) < epoch - 1:
-            append_epoch(path, zeros, row(len(epochs_of(path)) + 1))
-        result[epoch] = timed_commits(path, epoch, logits, repeats)
-    return result
-
-
-def measure_v1(folder: Path, n: int, classes: int, repeats: int) -> dict[int, list[float]]:
-    path = folder / f"v1-{n}-{classes}.h5"
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n, *SHAPE), dtype=np.uint8)
-    create_v1_store(path, images=images, **split(n, classes))
-    del images
-    logits = np.random.default_rng(1).standard_normal((n, classes)).astype(np.float32)
-    result = {}
-    for epoch in EPOCHS:
-        while len(epochs_of(path)) < epoch - 1:
-            append_epoch(path, logits, row(len(epochs_of(path)) + 1))
-        result[epoch] = timed_commits(path, epoch, logits, repeats)
-    return result
-
-
-def epochs_of(path: Path) -> list[int]:
-    with open_store(path) as store:
-        return store.epochs
+    earlier = logits if version == 1 else np.zeros_like(logits)
+    paths = {1: first}
+    for epoch in EPOCHS[1:]:  # copies of the same head, each with epoch - 1 epochs
+        paths[epoch] = first.with_name(f"v{version}-{n}-{classes}-{epoch}.h5")
+        shutil.copyfile(first, paths[epoch])
+        for done in range(1, epoch):
+            append_epoch(paths[epoch], earlier, row(done))
+    return interleaved_commits(paths, logits, repeats)
 
 
 def main() -> None:
@@ -133,9 +130,9 @@ def main() -> None:
             for n in args.images:
                 print(f"{n} images, {classes} classes", flush=True)
                 mb = n * classes * 4 / 2**20
-                v2 = measure_v2(folder, n, classes, args.repeats)
+                v2 = measure(folder, 2, n, classes, args.repeats)
                 size = (n * int(np.prod(SHAPE)) + 20 * n * classes * 4) / 2**20
-                v1 = measure_v1(folder, n, classes, args.repeats) if size <= args.v1_max_mb else {}
+                v1 = measure(folder, 1, n, classes, args.repeats) if size <= args.v1_max_mb else {}
                 for epoch in EPOCHS:
                     rows.append((classes, n, epoch, mb, v2[epoch], v1.get(epoch)))
                 for path in folder.iterdir():  # free the disk for the next case
