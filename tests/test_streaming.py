@@ -195,6 +195,26 @@ def test_a_plugin_dataset_may_return_lazy_images_of_another_size():
     assert np.array_equal(ds.images[[5, 2]], fit_images(Gradients(10)[[5, 2]], 16))
 
 
+def test_a_row_reader_streams_an_open_store_in_the_calling_process(tmp_path, both):
+    from explainkit.data.lazy import RowReader
+    from explainkit.store import create_store
+
+    eager, _ = both
+    model = {"arch": "resnet18-s8", "num_classes": 3}
+    path = create_store(
+        tmp_path / "predictions.h5", images=eager.images, targets=eager.targets,
+        index=eager.index, classes=eager.classes, dataset="folder", model=model,
+        mean=(0.5,) * 3, std=(0.25,) * 3,
+    )  # fmt: skip
+    with open_store(path) as store:
+        images = RowReader(store.images, (24, 24), store.num_images)
+        assert images.shape == eager.images.shape and not images.workers_allowed
+        assert np.array_equal(images[[5, 1, 30]], eager.images[[5, 1, 30]])
+        assert channel_stats(images) == channel_stats(eager.images)
+        batches = [b.numpy() for _, b in iter_batches(images, 10, workers=4)]
+    assert np.array_equal(np.concatenate(batches), eager.images)
+
+
 def test_channel_stats_of_lazy_images_equal_the_in_memory_ones(both):
     eager, lazy = both
     assert channel_stats(lazy.images) == channel_stats(eager.images)

@@ -76,7 +76,7 @@ def iter_chunks(
             yield batch.pin_memory() if pin else batch
         return
     workers = default_workers() if workers is None else max(0, int(workers))
-    workers = min(workers, len(chunks))
+    workers = min(workers, len(chunks)) if images.workers_allowed else 0
     loader = torch.utils.data.DataLoader(
         _Chunks(images, chunks),
         batch_size=None,

@@ -58,6 +58,7 @@ class LazyImages:
 
     dtype = np.dtype(np.uint8)
     ndim = 4
+    workers_allowed = True  # False: read in the calling process (an open file cannot be forked)
 
     def __init__(self, count: int, height: int, width: int) -> None:
         self.shape = (int(count), int(height), int(width), 3)
@@ -117,10 +118,26 @@ class LazyImages:
         return f"{type(self).__name__}(shape={self.shape})"
 
 
+class RowReader(LazyImages):
+    """Lazy images read by a function of row positions, e.g. an open prediction store's
+    ``store.images``: ``channel_stats(RowReader(store.images, store.images([0]).shape[1:3],
+    store.num_images))`` streams them. Read in the calling process, never by workers."""
+
+    workers_allowed = False
+
+    def __init__(self, read: Any, size: tuple[int, int], count: int) -> None:
+        super().__init__(count, *size)
+        self._read = read
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self._read(rows), dtype=np.uint8)
+
+
 class _Selected(LazyImages):
     def __init__(self, base: LazyImages, rows: np.ndarray) -> None:
         super().__init__(len(rows), *base.shape[1:3])
         self.base, self.rows = base, rows
+        self.workers_allowed = base.workers_allowed
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         return self.base.read(self.rows[rows])
@@ -130,6 +147,7 @@ class _Resized(LazyImages):
     def __init__(self, base: LazyImages, size: int) -> None:
         super().__init__(len(base), size, size)
         self.base, self.side = base, size
+        self.workers_allowed = base.workers_allowed
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         from explainkit.data import fit_images
