@@ -573,6 +573,7 @@ def _check_epoch_file(
 def _inspect_epochs(path: Path, layout: _Layout, epochs: list[int]) -> _Layout:
     """Open and check the epoch files ``epochs`` (consecutive) of a v2 store; they stay open
     in the layout (a reader's snapshot: an open file survives a later rename or unlink)."""
+    _allow_open_files(path, len(epochs))
     rows = []
     try:
         for epoch in epochs:
@@ -585,6 +586,25 @@ def _inspect_epochs(path: Path, layout: _Layout, epochs: list[int]) -> _Layout:
         raise
     layout.committed, layout.history = (epochs[-1] if epochs else 0), history
     return layout
+
+
+def _allow_open_files(path: Path, count: int) -> None:
+    """Make sure this process may hold ``count`` more files open (a reader holds every epoch
+    file open: its snapshot), raising the soft limit towards the hard one if needed."""
+    import resource
+
+    wanted = count + 256  # room for what else a process has open: libraries, other stores
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < count + 32:
+        raise StoreError(
+            f"{path} has {count} epoch files but this process may open only {target} files; "
+            f"raise the limit (ulimit -n {wanted}) and try again"
+        )
 
 
 def _close_all(files: list[h5py.File]) -> None:

@@ -526,3 +526,35 @@ def test_a_builder_on_a_full_disk_says_so_and_keeps_the_older_store(tmp_path):
     assert f"cannot write {path}: File too large; free some disk" in result.stderr
     assert store_bytes(path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.epochs", "predictions.h5"]
+
+
+OPEN_FILE_LIMIT = """
+import resource
+import sys
+from explainkit.errors import StoreError
+from explainkit.store import open_store
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+try:
+    with open_store(sys.argv[1]) as store:
+        print(store.epochs[-1])
+except StoreError as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("limit, works", [(300, True), (45, True), (30, False)])
+def test_a_reader_needs_an_open_file_per_epoch_and_says_so(tmp_path, limit, works):
+    path = tmp_path / "p.h5"
+    make_store(path, epochs=3)
+    result = subprocess.run(
+        [sys.executable, "-c", OPEN_FILE_LIMIT, str(path), str(limit)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    if works:
+        assert result.returncode == 0 and result.stdout.strip() == "3", result.stderr
+    else:
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "has 3 epoch files but this process may open only 30 files" in result.stderr
+        assert "ulimit -n 259" in result.stderr
