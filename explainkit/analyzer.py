@@ -139,6 +139,10 @@ class Analyzer:
         needs: What the run must have: ``"store"``, ``"checkpoint"``, ``"masks"``.
         requires: Extra importable packages, e.g. ``("captum",)``.
         order: Position in reports, lower first.
+        shardable: Whether ``torchrun`` may share the eval images among processes: the
+            analyzer then handles only its ``explainkit.sharding.shard_of(context)`` block
+            and merges the parts (docs/distributed.md, "Making an analyzer shardable");
+            otherwise it runs on rank 0 alone.
     """
 
     name: ClassVar[str] = ""
@@ -148,6 +152,7 @@ class Analyzer:
     needs: ClassVar[frozenset[str]] = frozenset({"store"})
     requires: ClassVar[tuple[str, ...]] = ()
     order: ClassVar[int] = 50
+    shardable: ClassVar[bool] = False
 
     def run(self, context: AnalysisContext, **options: Any) -> list[dict]:
         """Write files under ``context.output_dir``; return their ``context.artifact`` records."""
@@ -194,6 +199,8 @@ def check_analyzer_class(cls: Any, plugin: str) -> None:
         raise PluginError(f"{what}: requires must be a tuple of package names")
     if not isinstance(cls.order, int) or isinstance(cls.order, bool):
         raise PluginError(f"{what}: order must be an integer")
+    if not isinstance(cls.shardable, bool):
+        raise PluginError(f"{what}: shardable must be True or False")
     _check_run_signature(cls, names, what)
 
 

@@ -130,7 +130,7 @@ class GradCAMAnalyzer(Analyzer):
         target_arg = parse_target(target, context.classes, "--gradcam-target")
         model = context.model()
         layer = context.target_layer(layer, model)
-        reshape = _recorded_reshape(context, layer) if reshape == "auto" else reshape
+        reshape = context.layer_reshape(layer) if reshape == "auto" else reshape
         shard = shard_of(context)  # every image, unless torchrun shares them among processes
         attributes = {**_attributes(context, layer, method, target), "reshape": reshape}
         seconds, layout = _write_maps(
@@ -149,16 +149,6 @@ class GradCAMAnalyzer(Analyzer):
         _write_json(context, summary)
         figure_caption = _write_figure(context, path, chosen, items, cmap, alpha, summary)
         return _artifacts(context, summary, figure_caption)
-
-
-def _recorded_reshape(context: AnalysisContext, layer: str) -> str:
-    """How the run's model says its default layer becomes a map (a Swin stage's NHWC output
-    cannot be told from NCHW by its shape); "auto" for any other layer."""
-    spec = context.config.get("model", {}) if context.config else {}
-    recorded = spec.get("reshape")
-    if layer == spec.get("default_layer") and recorded in ("nchw", "vit", "swin"):
-        return recorded
-    return "auto"
 
 
 def _write_maps(
