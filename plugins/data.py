@@ -188,9 +188,12 @@ class _ChannelStats:
     @classmethod
     def of(cls, context: AnalysisContext) -> _ChannelStats:
         from explainkit.data import channel_stats
+        from explainkit.data.lazy import RowReader
 
         store = context.store
-        eval_mean, eval_std = channel_stats(store.images())
+        h, w = (int(v) for v in store.attrs["input_shape"][1:])
+        # Streamed from the store (a seeded sample of 4,096 images in a larger store).
+        eval_mean, eval_std = channel_stats(RowReader(store.images, (h, w), store.num_images))
         names = CHANNELS if len(store.mean) == len(CHANNELS) else None
         return cls(
             channels=list(names or (str(i) for i in range(len(store.mean)))),
