@@ -279,7 +279,8 @@ def evaluate_command(
     from explainkit.evaluation import evaluate_run
 
     run_dir = evaluate_run(TrainConfig(**values), out=out, overwrite=overwrite)
-    click.echo(f"run written to {run_dir}", err=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 wrote it
+        click.echo(f"run written to {run_dir}", err=True)
 
 
 @cli.command()

@@ -169,7 +169,10 @@ class RunWriter:
     train/eval mode is restored after) and commits the epoch atomically: a process killed at
     any moment leaves the epochs committed before it. The run directory is locked from the
     start until ``close`` (``with`` closes it), so a second writer or ``explainkit train``
-    cannot write into it. Arguments are those of :func:`evaluate`.
+    cannot write into it. Under ``torchrun`` every process evaluates its block of the eval
+    images (on ``cuda:LOCAL_RANK`` when CUDA is asked for) and rank 0 writes the run, so
+    ``torchrun --nproc-per-node 4 -m explainkit evaluate ...`` writes the files one process
+    writes. Arguments are those of :func:`evaluate`.
     """
 
     def __init__(
@@ -218,7 +221,10 @@ class RunWriter:
         config.validate(check_memory=False, check_names=False)
         self.model = model
         self.eval_data = ds
-        self.device = resolve_device(config.device)
+        requested = resolve_device(config.device)  # an unusable device is one sentence
+        self._dist = _join_torchrun(requested)
+        self.device = self._dist.device if requested.type == "cuda" else requested
+        self.is_main = self._dist.rank == 0  # under torchrun rank 0 writes, all evaluate
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)  # type: ignore[union-attr]
         self.batch_size = config.batch_size
@@ -229,6 +235,7 @@ class RunWriter:
         self._notes = list(_notes)
         self._run = RunDir(out) if out else RunDir.new_default()
         self._lock: Any = None
+        self._closed = False
         self._open(overwrite)
 
     @property
@@ -271,7 +278,13 @@ class RunWriter:
             device=self.device,
         )
         self._created = not self._run.path.exists()
-        self._lock = self._run.create(overwrite)
+        failure = None
+        if self.is_main:
+            try:
+                self._lock = self._run.create(overwrite)
+            except ExplainkitError as e:
+                failure = e
+        self._agree(failure)
 
     def _write_setup(self) -> None:
         """config.json and the store of the eval images, before the first epoch's commit."""
@@ -304,16 +317,21 @@ class RunWriter:
         import torch
         import torch.nn.functional as F
 
+        from explainkit.sharding import block
         from explainkit.store import append_epoch
 
-        if self._lock is None:
+        if self._closed:
             raise ExplainkitError(f"the writer of {self.path} is closed; open a new RunWriter")
         model = self.model if model is None else model
         started = time.perf_counter()
+        n = len(self.eval_data)
+        start, stop = block(self._dist.rank, self._dist.world_size, n)
+        images = _rows(self.eval_data.images, start, stop)  # this process's share
+        part = np.zeros((0, len(self.eval_data.classes)), np.float32)  # more ranks than images
+        if stop > start:
+            part = _logits(model, images, self.mean, self.std, self.device, self.batch_size)
         logits = _checked_logits(
-            _logits(model, self.eval_data, self.mean, self.std, self.device, self.batch_size),
-            len(self.eval_data),
-            len(self.eval_data.classes),
+            np.concatenate(self._dist.gather_objects(part)), n, len(self.eval_data.classes)
         )
         targets = np.asarray(self.eval_data.targets, dtype=np.int64)
         eval_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(targets)))
@@ -329,16 +347,31 @@ class RunWriter:
             "seconds": float(seconds if seconds is not None else time.perf_counter() - started),
             "images_per_s": float(images_per_s or 0.0),
         }
+        failure = None
+        if self.is_main:
+            try:
+                if self.epoch == 1:
+                    self._write_setup()
+                append_epoch(self._run.store_path, logits, row)
+                self._save_checkpoints(model, eval_acc)
+                self._log(f"epoch {self.epoch}: eval loss {eval_loss:.4f} acc {eval_acc:.2%}")
+            except ExplainkitError as e:
+                failure = e
         try:
-            if self.epoch == 1:
-                self._write_setup()
-            append_epoch(self._run.store_path, logits, row)
+            self._agree(failure)
         except BaseException:
             self.epoch -= 1
             raise
-        self._save_checkpoints(model, eval_acc)
-        self._log(f"epoch {self.epoch}: eval loss {eval_loss:.4f} acc {100 * eval_acc:5.2f}%")
         return row
+
+    def _agree(self, failure: ExplainkitError | None) -> None:
+        """Raise ``failure`` of rank 0 on every torchrun rank (its sentence), so that no
+        rank waits for one that stopped; in one process, just raise it."""
+        said = self._dist.broadcast_object(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if said is not None:
+            raise ExplainkitError(said)
 
     def _save_checkpoints(self, model: nn.Module, eval_acc: float) -> None:
         """epoch_NNN.pt, best.pt when this epoch is the best so far, then last.pt."""
@@ -376,7 +409,11 @@ class RunWriter:
         """Record how many epochs the run holds in config.json and release the run's lock."""
         from explainkit.train.run_files import write_config
 
-        if self._lock is None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._lock is None:  # another torchrun rank: rank 0 holds the run
+            _leave_torchrun(self._dist)
             return
         try:
             if self.epoch and self.epoch != self._config.epochs:
@@ -387,6 +424,7 @@ class RunWriter:
             self._lock = None
             if self._created and not self.epoch:
                 shutil.rmtree(self._run.path, ignore_errors=True)  # nothing of ours in it
+            _leave_torchrun(self._dist)
 
     def __enter__(self) -> RunWriter:
         return self
@@ -455,6 +493,33 @@ def _array_dataset(images: np.ndarray, targets: np.ndarray, classes: Sequence[st
     return Dataset(images, targets, names, np.arange(len(targets)), name=ARRAYS)
 
 
+def _rows(images: Any, start: int, stop: int) -> Any:
+    """Images ``start .. stop - 1``, still undecoded when they are lazy."""
+    from explainkit.data.lazy import is_lazy
+
+    return images.select(slice(start, stop)) if is_lazy(images) else images[start:stop]
+
+
+def _join_torchrun(device: Any) -> Any:
+    """The process group when torchrun started this process (each rank then evaluates its
+    block of the images on ``cuda:LOCAL_RANK`` or the CPU), else a one-process context."""
+    from datetime import timedelta
+
+    from explainkit.train.distributed import DistContext, init_from_env, launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return DistContext()
+    # gloo: only logits and sentences travel; rank 0 may decode the whole eval set meanwhile.
+    return init_from_env(device.type, "gloo", timedelta(hours=12))
+
+
+def _leave_torchrun(dist: Any) -> None:
+    from explainkit.train.distributed import shutdown
+
+    if dist.enabled:
+        shutdown()
+
+
 def _canonical(arch: str) -> str:
     """``import:package.module:factory`` for a bare import path; other names as they are."""
     prefix, colon, _ = arch.partition(":")
@@ -498,7 +563,7 @@ def _checked_logits(logits: np.ndarray, n: int, classes: int) -> np.ndarray:
 
 def _logits(
     model: nn.Module,
-    ds: Dataset,
+    images: Any,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     device: Any,
@@ -517,7 +582,7 @@ def _logits(
     chunks = []
     try:
         with torch.inference_mode():
-            for _, batch in iter_batches(ds, batch_size, pin_memory=device.type == "cuda"):
+            for _, batch in iter_batches(images, batch_size, pin_memory=device.type == "cuda"):
                 x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
                 chunks.append(model((x - m) / s).float().cpu())
     finally:

@@ -188,3 +188,37 @@ def test_python_evaluate_a_registered_model_rebuilds_it(tmp_path, folder):
     rebuilt = explainkit.load_model(run)
     for key, value in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value)
+
+
+def test_torchrun_evaluate_writes_what_one_process_writes(tmp_path, folder, weights):
+    """2 gloo processes each evaluate a block of the (odd) eval set; rank 0 writes the run:
+    the same logits, images and history as one process, and it says so once."""
+    import os
+    import subprocess
+    import sys
+
+    path, _ = weights
+    args = ["evaluate", "--model", "torchvision:resnet18", "--weights", str(path),
+            "--dataset", "folder", "--data-dir", str(folder), "--image-size", "64",
+            "--limit-eval", "5", "--device", "cpu"]  # fmt: skip
+    _invoke(*args, "--out", tmp_path / "one")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "EXPLAINKIT_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "explainkit", *args,
+         "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    assert two.stderr.count("run written to") == 1
+    with open_store(tmp_path / "one") as one, open_store(tmp_path / "two") as shared:
+        np.testing.assert_allclose(shared.logits(), one.logits(), rtol=1e-5, atol=1e-6)
+        assert np.array_equal(shared.images(), one.images())
+        assert shared.history["eval_acc"] == pytest.approx(one.history["eval_acc"])
+    refused = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "explainkit", *args,
+         "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "already exists" in refused.stderr
+    assert "explainkit/" not in refused.stderr  # our sentence; torchrun's own report follows
