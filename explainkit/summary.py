@@ -24,7 +24,7 @@ def summarize_run(run: str | Path | RunDir) -> dict[str, Any]:
         summary_store = {
             "path": str(store.path),
             "schema_version": store.attrs["schema_version"],
-            "size_bytes": store.path.stat().st_size,
+            "size_bytes": store.size_bytes,  # the head and the committed epoch files
             "eval_images": store.num_images,
             "has_masks": store.has_masks,
         }

@@ -165,8 +165,15 @@ def _random(p: Path) -> None:
     p.write_bytes(np.random.default_rng(0).bytes(p.stat().st_size))
 
 
+def epoch_files(store: Path) -> list[Path]:
+    """The epoch files of a v2 store (``predictions.epochs/epoch_NNNN.h5``)."""
+    from explainkit.store import epochs_folder
+
+    return sorted(epochs_folder(store).glob("epoch_*.h5"))
+
+
 def _flip_history(p: Path) -> None:
-    flip_chunk_bytes(p, "history")
+    flip_chunk_bytes(epoch_files(p)[0], "history")
 
 
 def _foreign(p: Path) -> None:
@@ -196,7 +203,8 @@ def test_damaged_stores_fail_cleanly_through_the_cli(tiny_run, damage, message):
 
 
 def test_flipped_logits_fail_the_analyzer_that_reads_them(tiny_run):
-    flip_chunk_bytes(tiny_run / "predictions.h5", "logits")
+    for path in epoch_files(tiny_run / "predictions.h5"):
+        flip_chunk_bytes(path, "logits")
     before = checksums(tiny_run)
     result = analyze(tiny_run, "--plugin", "gallery")
     assert_clean_failure(result, (1,), "the data is corrupt", "1 of 1 analyzers failed")
@@ -365,7 +373,7 @@ def test_non_image_files_in_an_image_folder(tmp_path):
 
 @pytest.mark.parametrize(
     "limit, what",
-    [(100_000, "predictions.h5"), (1_000_000, "epoch_001.pt")],
+    [(50_000, "predictions.h5"), (1_000_000, "epoch_001.pt")],
     ids=["store-write", "checkpoint-write"],
 )
 def test_train_on_a_full_disk_says_so(tmp_path, limit, what):
