@@ -222,3 +222,49 @@ def test_torchrun_evaluate_writes_what_one_process_writes(tmp_path, folder, weig
     )  # fmt: skip
     assert refused.returncode != 0 and "already exists" in refused.stderr
     assert "explainkit/" not in refused.stderr  # our sentence; torchrun's own report follows
+
+
+@pytest.mark.parametrize(
+    "arch, layer, layout",
+    [
+        ("swin_t", "features.7", "swin"),
+        ("vit_b_16", "encoder.layers.encoder_layer_11.ln_1", "vit"),
+    ],
+)
+def test_transformers_at_224_pixels_through_the_three_commands(tmp_path, arch, layer, layout):
+    """A saved torchvision Swin-T or ViT-B/16 state_dict on a folder of larger, non-square
+    photos: evaluate, analyze and report, with maps laid on the token grid."""
+    import warnings
+
+    import h5py
+    import torchvision
+
+    root = tmp_path / "photos"
+    for c, kind in enumerate(CLASSES):
+        (root / kind).mkdir(parents=True)
+        for i in range(6):
+            _image(kind, 7 * c + i).resize((300, 240)).save(root / kind / f"{i}.jpg")
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, num_classes=len(CLASSES))
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    del model
+    run = tmp_path / "run"
+    _invoke("evaluate", "--model", f"torchvision:{arch}", "--weights", tmp_path / "w.pt",
+            "--dataset", "folder", "--data-dir", root, "--image-size", "224", "--out", run,
+            "--device", "cpu")  # fmt: skip
+    spec = RunDir(run).read_config()["model"]
+    assert (spec["default_layer"], spec["reshape"]) == (layer, layout)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        _invoke(
+            "analyze", run, "--plugin", "gradcam", "--plugin", "gallery", "--plugin", "captum",
+            "--captum-methods", "gradcam,saliency", "--captum-count", "1", "--batch-size", "2",
+            "--device", "cpu",
+        )  # fmt: skip
+    if arch == "vit_b_16":  # torchvision starts a ViT's head at zero: no gradient reaches
+        assert any("get no gradient, so every map is zero" in str(w.message) for w in said)
+    with h5py.File(run / "analyses" / "gradcam" / "attributions.h5") as f:
+        assert f.attrs["layout"] == layout and f["maps"].shape[1:] == (224, 224)
+        assert f["raw"].shape[1:] == (7, 7) if arch == "swin_t" else (14, 14)
+    _invoke("report", run)
+    assert "Grad-CAM" in (run / "report.html").read_text()

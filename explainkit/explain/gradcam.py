@@ -361,11 +361,18 @@ class CAM:
     def _warn_unreached_patches(self, images: Tensor) -> None:
         """Once per engine: patch tokens the logits do not depend on give all-zero maps."""
         better = locate_layer(self.model, images, "vit")
-        instead = f"an earlier token layer such as {better!r}" if better else "an earlier layer"
+        if better in (None, self.layer):  # no token layer reaches the logits at all
+            warnings.warn(
+                f"the patch tokens of layer {self.layer!r} get no gradient, so every map is "
+                "zero; a classifier head of zeros (torchvision's ViT before training) sends "
+                "no gradient anywhere: load trained weights",
+                stacklevel=3,
+            )
+            return
         warnings.warn(
             f"the logits do not depend on the patch tokens of layer {self.layer!r} (a ViT reads "
             "only the class token after the last block's attention), so every map is zero; "
-            f"explain {instead}, e.g. the last block's first norm",
+            f"explain an earlier token layer such as {better!r} (the last block's first norm)",
             stacklevel=3,
         )
 
