@@ -102,9 +102,27 @@ def test_an_early_eval_spike_puts_the_loss_on_a_log_scale():
 def test_a_store_written_before_train_ce_still_opens_and_plots(tiny_run):
     """Old stores have no train_ce column: they open, history.csv lacks it, the figure says
     the plain train cross-entropy was not recorded."""
+    import shutil
+
     import h5py
 
+    from explainkit.store import append_epoch, create_v1_store, epochs_folder
+
     path = tiny_run / "predictions.h5"
+    with open_store(tiny_run) as store:  # rewritten as a store of 0.1 (schema v1) was
+        a = store.attrs
+        v1 = dict(
+            images=store.images(), targets=store.targets, index=store.index,
+            classes=store.classes, dataset=a["dataset"], model=a["model"], mean=store.mean,
+            std=store.std, masks=store.masks, eval_weights=a["eval_weights"],
+            eval_tta=bool(a["eval_tta"]),
+        )  # fmt: skip
+        epochs = [(store.logits(e), {k: float(v[e - 1]) for k, v in store.history.items()})
+                  for e in store.epochs]  # fmt: skip
+    shutil.rmtree(epochs_folder(path))
+    create_v1_store(path, **v1)
+    for logits, row in epochs:
+        append_epoch(path, logits, row)
     with h5py.File(path, "r+") as f:
         rows = f["history"][...]
         old = np.dtype([(n, rows.dtype[n]) for n in rows.dtype.names if n != "train_ce"])
@@ -123,8 +141,6 @@ def test_a_store_written_before_train_ce_still_opens_and_plots(tiny_run):
     assert "not recorded" in labels[1]
 
     # Resuming such a run appends rows in the store's own layout.
-    from explainkit.store import append_epoch
-
     with open_store(tiny_run) as store:
         row = {name: float(value[-1]) for name, value in store.history.items()}
         logits = store.logits(2)
