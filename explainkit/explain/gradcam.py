@@ -526,6 +526,22 @@ def iter_cam(
     reshape: str = "auto",
 ) -> Iterator[CAMResult]:
     """Yield one :class:`CAMResult` per batch of ``batch_size`` images (all when None)."""
+    batches = _batches(images, target, batch_size, true_targets)
+    with _method(method)(model, layer, reshape) as cam:
+        if not batches:
+            cam._precheck(images)  # raises the usual error
+        for x, batch_target, true in batches:
+            yield cam(x, target=batch_target, true_targets=true)
+
+
+def _batches(
+    images: Tensor,
+    target: str | int | Tensor | Sequence[int],
+    batch_size: int | None,
+    true_targets: Tensor | Sequence[int] | None,
+) -> list[tuple[Tensor, Any, Tensor | None]]:
+    """(images, target, true targets) of each batch of ``batch_size`` images (all when None);
+    per-image targets are cut with their images. Empty for no images."""
     n = images.shape[0] if isinstance(images, Tensor) else 0
     step = batch_size or max(n, 1)
     if step < 1:
@@ -533,16 +549,14 @@ def iter_cam(
     per_image = not isinstance(target, (str, int))
     target_t = torch.as_tensor(target) if per_image else None
     true_t = torch.as_tensor(true_targets) if true_targets is not None else None
-    with _method(method)(model, layer, reshape) as cam:
-        if n == 0:
-            cam._precheck(images)  # raises the usual error
-        for start in range(0, n, step):
-            sl = slice(start, start + step)
-            yield cam(
-                images[sl],
-                target=target_t[sl] if per_image else target,
-                true_targets=true_t[sl] if true_t is not None else None,
-            )
+    return [
+        (
+            images[start : start + step],
+            target_t[start : start + step] if per_image else target,  # type: ignore[index]
+            true_t[start : start + step] if true_t is not None else None,
+        )
+        for start in range(0, n, step)
+    ]
 
 
 def compute_cams(
@@ -564,29 +578,13 @@ def compute_cams(
     if not methods:
         raise AnalyzerError("no CAM methods to compute; name at least one")
     engines = [_method(name)(model, layer, reshape) for name in methods]
-    n = images.shape[0] if isinstance(images, Tensor) else 0
-    step = batch_size or max(n, 1)
-    if step < 1:
-        raise AnalyzerError(f"batch_size must be positive, got {batch_size}")
-    per_image = not isinstance(target, (str, int))
-    target_t = torch.as_tensor(target) if per_image else None
-    true_t = torch.as_tensor(true_targets) if true_targets is not None else None
+    batches = _batches(images, target, batch_size, true_targets)
     first = engines[0]
-    if n == 0:
+    if not batches:
         first._precheck(images)  # raises the usual error
-    batches = []
     with first:
-        for start in range(0, n, step):
-            sl = slice(start, start + step)
-            batches.append(
-                first._explain(
-                    images[sl],
-                    target_t[sl] if per_image else target,  # type: ignore[index]
-                    true_t[sl] if true_t is not None else None,
-                    engines,
-                )
-            )
-    return {name: CAMResult.cat([batch[i] for batch in batches]) for i, name in enumerate(methods)}
+        results = [first._explain(x, t, true, engines) for x, t, true in batches]
+    return {name: CAMResult.cat([batch[i] for batch in results]) for i, name in enumerate(methods)}
 
 
 def compute_cam(
