@@ -320,11 +320,13 @@ class AnalysisContext:
 
         self.say(f"{what}: about {duration(seconds)}{f' ({hint})' if hint else ''}")
 
-    def target_layer(self, requested: str | None = None, model: Any = None) -> str:
+    def target_layer(self, requested: Any = None, model: Any = None) -> str:
         """The layer a layer-based method explains, checked to be a module of the model.
 
-        In this order: the user's choice, then the ``resolve_target_layer`` hook, then the
-        run's metadata, then the model's default. A choice the user did not make is logged.
+        In this order: the user's choice (a name, or a module of the model), then the
+        ``resolve_target_layer`` hook, then the run's metadata, then
+        :func:`explainkit.explain.layers.target_layer` (the model's declared default, else a
+        located layer). A choice the user did not make is logged.
 
         Args:
             requested: The layer the user asked for (None or "" when they did not).
@@ -333,18 +335,22 @@ class AnalysisContext:
         Raises:
             AnalyzerError: The chosen name is not a module of the model.
         """
-        from explainkit.explain.gradcam import resolve_layer
+        import torch
+
+        from explainkit.explain.layers import target_layer
 
         model = self.model() if model is None else model
-        if requested:
-            resolve_layer(model, requested)  # an unknown name lists the valid ones
-            return requested
+        if requested is not None and requested != "":
+            return target_layer(model, requested).name  # an unknown name lists valid ones
         chosen, source = self._default_layer(model)
-        modules = dict(model.named_modules())
-        if chosen not in modules:
+        if chosen is None:
+            shape = (1, *(int(v) for v in self.store.attrs["input_shape"]))
+            example = torch.zeros(shape, device=self.device)
+            chosen, source = target_layer(model, None, example).name, "the model's default"
+        if chosen not in dict(model.named_modules()):
             raise AnalyzerError(
                 f"{source} names layer {chosen!r}, which is not a module of the model; "
-                f"pass --{self.analyzer_name}-layer (e.g. layer4) to choose one"
+                f"pass --{self.analyzer_name}-layer to choose one"
             )
         log.warning("%s: no layer given; using %r from %s", self.analyzer_name, chosen, source)
         return chosen
@@ -362,7 +368,7 @@ class AnalysisContext:
             return recorded
         return "auto"
 
-    def _default_layer(self, model: Any) -> tuple[str, str]:
+    def _default_layer(self, model: Any) -> tuple[str | None, str]:
         pm = self.plugin_manager
         if pm is not None:
             answer = pm.hook.resolve_target_layer(model=model, analyzer_name=self.analyzer_name)
@@ -371,9 +377,7 @@ class AnalysisContext:
         meta = self.store.attrs.get("default_layer")
         if meta:
             return str(meta), "the run's metadata"
-        from explainkit.models import default_target_layer
-
-        return default_target_layer(model), "the model's default"
+        return None, ""
 
     @property
     def generator(self) -> torch.Generator:

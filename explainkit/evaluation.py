@@ -246,11 +246,14 @@ class RunWriter:
     def _model_spec(
         self, arch: str, kwargs: dict[str, Any], layer: str | None, entry: Any, size: int
     ) -> dict[str, Any]:
+        import torch
+
+        from explainkit.explain.layers import run_default_layer
+
         reshape = None
-        if entry is not None and layer in (None, entry.default_layer):
-            layer, reshape = entry.default_layer, entry.reshape
-        if layer is None:
-            layer, reshape = _locate_layer(self.model.to(self.device), size, self.device)
+        if layer is None or (entry is not None and layer == entry.default_layer):
+            example = torch.zeros(1, 3, size, size, device=self.device)
+            layer, reshape = run_default_layer(self.model.to(self.device), entry, example)
         return {
             "arch": arch,
             **({"width": kwargs["width"]} if "width" in kwargs else {}),
@@ -588,16 +591,3 @@ def _logits(
     finally:
         model.train(was_training)
     return torch.cat(chunks).numpy()
-
-
-def _locate_layer(model: nn.Module, size: int, device: Any) -> tuple[str, str]:
-    """As the trainer does for a model whose entry names no layer."""
-    import torch
-
-    from explainkit.explain.layers import locate_layer
-
-    found = locate_layer(model, torch.zeros(1, 3, size, size, device=device))
-    if found:
-        return found, "nchw"
-    children = [name for name, _ in model.named_children()]
-    return (children[-1] if children else "layer4"), "auto"

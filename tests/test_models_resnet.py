@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from explainkit.errors import CheckpointError
-from explainkit.models import build_model, default_target_layer
+from explainkit.explain.layers import target_layer
+from explainkit.models import build_model
 
 
 def count(model):
@@ -36,7 +37,7 @@ def test_seed_variant_keeps_an_8x8_last_stage():
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert seen["shape"] == (1, 64, 8, 8)
-    assert default_target_layer(model) == "layer4"
+    assert target_layer(model).name == "layer4"
 
 
 def test_relus_are_modules_and_not_inplace():

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from explainkit.errors import AnalyzerError
-from explainkit.explain.gradcam import compute_cam, normalize_maps, resolve_layer
+from explainkit.explain.gradcam import compute_cam, normalize_maps
+from explainkit.explain.layers import target_layer
 from explainkit.explain.methods import METHODS
 
 __all__ = ["AttributionFn", "attribute", "attribution_fn", "reduce_channels"]
@@ -143,7 +144,7 @@ def _captum_fn(
                     internal_batch_size=internal_batch,
                 )  # fmt: skip
             if method == "guided_gradcam":
-                module = resolve_layer(model, layer)  # type: ignore[arg-type]
+                module = target_layer(model, layer).module
                 return ca.GuidedGradCam(model, module).attribute(x, target=targets)
             if method == "input_x_gradient":
                 return ca.InputXGradient(model).attribute(x, target=targets)

@@ -39,13 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from explainkit.errors import AnalyzerError, did_you_mean
+from explainkit.errors import AnalyzerError
 from explainkit.explain.layers import (
     RESHAPES,
     Layout,
     locate_layer,
     looks_channels_last,
     resolve_layout,
+    target_layer,
 )
 from explainkit.explain.methods import CAM_METHODS
 
@@ -149,25 +150,6 @@ def normalize_maps(maps: Tensor, rtol: float = 1e-5) -> Tensor:
     return out.masked_fill_(constant.view(-1, 1, 1), 0.0)
 
 
-def _layer_choices(model: nn.Module) -> list[str]:
-    """Top-level and block-level module names (``layer4``, ``layer4.1``): what users pick."""
-    return [name for name, _ in model.named_modules() if name and name.count(".") <= 1]
-
-
-def resolve_layer(model: nn.Module, layer: str) -> nn.Module:
-    """Return the submodule called ``layer``; unknown names raise with suggestions."""
-    modules = dict(model.named_modules())
-    if isinstance(layer, str) and layer and layer in modules:
-        return modules[layer]
-    choices = _layer_choices(model)
-    close = did_you_mean(str(layer), list(modules)[1:], n=3)
-    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-    raise AnalyzerError(
-        f"unknown target layer {layer!r}; {hint}"
-        f"valid layers include: {', '.join(choices)} (any name from model.named_modules())"
-    )
-
-
 class CAM:
     """Base class of gradient-weighted CAM methods; subclasses override ``_weights``.
 
@@ -178,7 +160,10 @@ class CAM:
 
     Args:
         model: a classifier returning (N, C) logits.
-        layer: dotted name from ``model.named_modules()``, e.g. ``"layer4"`` or ``"layer3.1"``.
+        layer: a dotted name from ``model.named_modules()`` (``"layer4"``, ``"layer3.1"``), one
+            of the model's modules (``model.layer4[-1]``), or None to let
+            :func:`explainkit.explain.layers.target_layer` choose (the model's declared default,
+            else the last spatial layer the output depends on); the name is :attr:`layer`.
         reshape: how the layer's output becomes (N, C, h, w) maps: ``"auto"`` (4-D: NCHW,
             3-D: ViT tokens), ``"nchw"``, ``"vit"`` ((N, tokens, C); the leading class and
             register tokens are dropped and the grid is found by
@@ -191,13 +176,17 @@ class CAM:
 
     name = "cam"
 
-    def __init__(self, model: nn.Module, layer: str, reshape: str = "auto") -> None:
+    def __init__(
+        self, model: nn.Module, layer: str | nn.Module | None = None, reshape: str = "auto"
+    ) -> None:
         if reshape not in RESHAPES:
             raise AnalyzerError(f"unknown reshape {reshape!r}; use one of {', '.join(RESHAPES)}")
         self.model = model
-        self.layer = layer
         self.reshape = reshape
-        self.module = resolve_layer(model, layer)
+        self.layer: str | None = None
+        self.module: nn.Module | None = None
+        if layer is not None or hasattr(model, "default_target_layer"):
+            self._choose(target_layer(model, layer))
         self.layout: Layout | None = None  # how the last call viewed the layer's output
         # Walking the module tree costs more than a small batch's forward pass on a GPU
         # (launch-bound), so the lists are taken once; the model's structure must not change.
@@ -210,6 +199,9 @@ class CAM:
         self._checked_tokens = False
         self._size: tuple[int, int] = (0, 0)
         self._acts: list[Tensor] = []
+
+    def _choose(self, chosen: Any) -> None:
+        self.layer, self.module = chosen.name, chosen.module
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> CAM:
@@ -280,6 +272,9 @@ class CAM:
         training = [m for m in self._all_modules if m.training]
         frozen = [p for p in self._params if p.requires_grad]
         self._acts.clear()
+        if self.module is None:  # no layer given: locate one on the first batch, and say so
+            self._choose(target_layer(model, None, images[:1]))
+            warnings.warn(f"no layer given; explaining {self.layer!r}", stacklevel=3)
         self._handles.append(self.module.register_forward_hook(self._hook))
         try:
             for p in frozen:
@@ -518,7 +513,7 @@ def _method(method: str) -> type[CAM]:
 def iter_cam(
     model: nn.Module,
     images: Tensor,
-    layer: str,
+    layer: str | nn.Module | None = None,
     method: str = "gradcam",
     target: str | int | Tensor | Sequence[int] = "predicted",
     batch_size: int | None = None,
@@ -562,8 +557,8 @@ def _batches(
 def compute_cams(
     model: nn.Module,
     images: Tensor,
-    layer: str,
-    methods: Sequence[str],
+    layer: str | nn.Module | None = None,
+    methods: Sequence[str] = ("gradcam",),
     target: str | int | Tensor | Sequence[int] = "predicted",
     batch_size: int | None = None,
     true_targets: Tensor | Sequence[int] | None = None,
@@ -590,7 +585,7 @@ def compute_cams(
 def compute_cam(
     model: nn.Module,
     images: Tensor,
-    layer: str,
+    layer: str | nn.Module | None = None,
     method: str = "gradcam",
     target: str | int | Tensor | Sequence[int] = "predicted",
     batch_size: int | None = None,
@@ -602,7 +597,8 @@ def compute_cam(
     Args:
         model: a classifier returning (N, C) logits.
         images: float (N, C, H, W), normalized as the model expects.
-        layer: dotted module name, e.g. ``"layer4"``.
+        layer: a dotted module name (``"layer4"``), a module of the model, or None to let
+            :func:`explainkit.explain.layers.target_layer` choose.
         method: a key of :data:`METHODS`.
         target: see :meth:`CAM.__call__`.
         batch_size: images per forward/backward pass; None does all at once.

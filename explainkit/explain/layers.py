@@ -1,5 +1,10 @@
 """Layers worth explaining, and how their outputs become (N, C, h, w) maps.
 
+:func:`target_layer` is the one place a layer to explain is chosen, whoever asks (the CAM
+engine, the analyzers, training and ``evaluate`` recording a run's default): a name, a module
+object (``model.layer4[-1]``, as pytorch-grad-cam users pass it), the model's declared default,
+or a located layer.
+
 A CAM of a layer whose output is 1x1 is one number stretched over the image: it cannot
 localize anything. :func:`locate_layer` runs one example through the model with a forward
 hook on every module and picks the last module, in execution order, whose output is a map
@@ -26,17 +31,20 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
-from explainkit.errors import AnalyzerError
+from explainkit.errors import AnalyzerError, did_you_mean
 
 __all__ = [
     "MAX_LEADING_TOKENS",
     "RESHAPES",
     "Layout",
+    "TargetLayer",
     "grid_fits",
     "locate_layer",
     "looks_channels_last",
     "resolve_layout",
+    "run_default_layer",
     "suggest_reshape",
+    "target_layer",
     "token_grid",
 ]
 
@@ -294,3 +302,93 @@ def locate_layer(model: nn.Module, example: Tensor, reshape: str = "nchw") -> st
         if g is not None and bool(layout.to_nchw(g).abs().amax() > 0)
     ]
     return used[-1] if used else None
+
+
+@dataclass(frozen=True)
+class TargetLayer:
+    """The layer a method explains.
+
+    Attributes:
+        name: Its dotted name in ``model.named_modules()``.
+        module: The module itself.
+        reshape: How its output becomes maps when that was decided here (a located layer:
+            ``"nchw"``), else ``"auto"`` (see :data:`RESHAPES`).
+    """
+
+    name: str
+    module: nn.Module
+    reshape: str = "auto"
+
+
+def target_layer(
+    model: nn.Module,
+    layer: str | nn.Module | None = None,
+    example: Tensor | None = None,
+) -> TargetLayer:
+    """The layer to explain, as torch-cam's ``locate_candidate_layer`` chooses one.
+
+    In this order: ``layer`` as given (a dotted name from ``model.named_modules()`` or one of
+    the model's modules); the model's declared default (its ``default_target_layer``
+    attribute, as explainkit's ResNets and rebuilt runs have); the last spatial layer the
+    output depends on for ``example`` (:func:`locate_layer`); the model's last child.
+
+    Raises:
+        AnalyzerError: ``layer`` is not a name or module of ``model`` (one sentence with the
+            closest names, never the module's repr), or nothing can be chosen.
+    """
+    modules = dict(model.named_modules())
+    if layer is None:
+        declared = getattr(model, "default_target_layer", None)
+        if isinstance(declared, str) and declared in modules and declared:
+            return TargetLayer(declared, modules[declared])
+        found = locate_layer(model, example) if example is not None else None
+        if found is not None:
+            return TargetLayer(found, modules[found], "nchw")
+        children = [name for name, _ in model.named_children()]
+        if not children:
+            raise AnalyzerError(
+                f"{type(model).__name__} has no submodules to explain; pass a model whose "
+                "layers are modules"
+            )
+        return TargetLayer(children[-1], modules[children[-1]])
+    if isinstance(layer, nn.Module):
+        for name, module in modules.items():
+            if module is layer and name:
+                return TargetLayer(name, module)
+        raise AnalyzerError(
+            f"the {type(layer).__name__} given as the layer is not one of the model's modules; "
+            "pass one of them (e.g. model.layer4[-1]) or a name such as "
+            f"{_layer_choices(model)[-1]!r}"
+        )
+    if isinstance(layer, str) and layer in modules and layer:
+        return TargetLayer(layer, modules[layer])
+    if not isinstance(layer, str):
+        raise AnalyzerError(
+            "the layer must be a name from model.named_modules() or one of the model's "
+            f"modules, got {type(layer).__name__}"
+        )
+    close = did_you_mean(layer, [name for name in modules if name], n=3)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    shown = repr(layer) if len(layer) <= 60 else repr(layer[:59]) + "…"
+    raise AnalyzerError(
+        f"unknown target layer {shown}; {hint}valid layers include: "
+        f"{', '.join(_layer_choices(model))} (any name from model.named_modules())"
+    )
+
+
+def run_default_layer(model: nn.Module, entry: object, example: Tensor) -> tuple[str, str]:
+    """``(default_layer, reshape)`` a new run records: its registered entry's
+    (``ModelEntry.default_layer`` and ``reshape``) when it names one, else
+    :func:`target_layer`'s choice for ``example``, one input of the run's size."""
+    declared = getattr(entry, "default_layer", None)
+    if declared is not None:
+        return declared, getattr(entry, "reshape", None) or "auto"
+    chosen = target_layer(model, None, example)
+    return chosen.name, chosen.reshape
+
+
+def _layer_choices(model: nn.Module, limit: int = 20) -> list[str]:
+    """Top-level and block-level module names (``layer4``, ``layer4.1``): what users pick,
+    the last ``limit`` of them (the layers worth explaining are late)."""
+    names = [name for name, _ in model.named_modules() if name and name.count(".") <= 1]
+    return names[-limit:]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from torch import nn
 
-__all__ = ["BUILTIN_MODELS", "MODELS", "build_model", "default_target_layer"]
+__all__ = ["BUILTIN_MODELS", "MODELS", "build_model"]
 
 # explainkit's own architectures (explainkit.models.resnet), in the order they are registered.
 BUILTIN_MODELS = ("resnet18-s8", "resnet18")
@@ -41,11 +41,6 @@ def build_model(arch: str, num_classes: int = 10, width: int = 64) -> nn.Module:
 
     build = resnet18_s8 if arch == "resnet18-s8" else resnet18
     return build(num_classes=num_classes, width=width)
-
-
-def default_target_layer(model: nn.Module) -> str:
-    """The layer Grad-CAM uses when none is given: the model's last stage."""
-    return getattr(model, "default_target_layer", "layer4")
 
 
 def __getattr__(name: str) -> Any:

@@ -433,7 +433,7 @@ def model_from_checkpoint(data: dict[str, Any], device: str | torch.device = "cp
         ) from e
     layer = spec.get("default_layer")
     if layer and not hasattr(model, "default_target_layer"):
-        # explainkit.models.default_target_layer(model) then answers for any architecture.
+        # explainkit.explain.layers.target_layer(model) then answers for any architecture.
         model.default_target_layer = layer
     return model.to(device).eval()
 

@@ -35,6 +35,7 @@ from torch import nn
 from explainkit.config import FIELDS, TrainConfig
 from explainkit.device import resolve_device
 from explainkit.errors import ExplainkitError, RunError
+from explainkit.explain.layers import run_default_layer
 from explainkit.faults import fault_point
 from explainkit.rundir import RunDir, RunLock
 from explainkit.store import append_epoch
@@ -157,9 +158,8 @@ class Trainer:
         if config.weights and load_weights:
             self._start_from(weights or read_weights(config.weights, entry), entry, num_classes)
         self.model = self.model.to(self.device)
-        layer, reshape = entry.default_layer, entry.reshape or "auto"
-        if layer is None:
-            layer, reshape = self._locate_layer()
+        example = torch.zeros(1, 3, config.image_size, config.image_size, device=self.device)
+        layer, reshape = run_default_layer(self.model, entry, example)
         self.model_spec = {
             "arch": config.model,
             **({"width": kwargs["width"]} if "width" in kwargs else {}),
@@ -191,19 +191,6 @@ class Trainer:
                 f"note: {entry.name} expects {entry.input_size}-pixel images and this run "
                 f"trains at --image-size {size}"
             )
-
-    def _locate_layer(self) -> tuple[str, str]:
-        """The default layer of a model whose entry names none: the last spatial layer the
-        logits depend on (explainkit.explain.layers.locate_layer), else its last child."""
-        from explainkit.explain.layers import locate_layer
-
-        size = self.config.image_size
-        example = torch.zeros(1, 3, size, size, device=self.device)
-        found = locate_layer(self.model, example)
-        if found:
-            return found, "nchw"
-        children = [name for name, _ in self.model.named_children()]
-        return (children[-1] if children else "layer4"), "auto"
 
     def _wrap_model(self) -> None:
         """What a training step calls: DDP under torchrun (which averages the gradients),
