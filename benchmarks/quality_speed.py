@@ -109,8 +109,8 @@ def make_run(folder: Path, images: int, width: int) -> Path:
 
 
 def load(run: Path, count: int):
+    from explainkit import load_model
     from explainkit.store import open_store
-    from explainkit.train.checkpoint import load_model
 
     model = load_model(run, device="cpu").eval()
     with open_store(run) as store:

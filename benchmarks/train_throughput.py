@@ -25,6 +25,7 @@ from explainkit.data import shapes
 from explainkit.models import build_model
 from explainkit.store import HISTORY_COLUMNS, append_epoch, create_store
 from explainkit.train.trainer import Trainer, _StopFlag
+from tests.helpers import registries
 
 
 def sync(device: torch.device) -> None:
@@ -94,7 +95,7 @@ def main() -> None:
             limit_eval=256,
             epochs=10,
         )
-        trainer = Trainer(config, Path(tmp), quiet=True)
+        trainer = Trainer(config, Path(tmp), registries(), quiet=True)
         device = trainer.device
         steps = trainer.steps_per_epoch
         with _StopFlag() as stop:

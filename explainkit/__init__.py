@@ -19,15 +19,38 @@ hookimpl = pluggy.HookimplMarker("explainkit")
 
 # Public name -> the module that defines it.
 _PUBLIC = {
+    # explaining a model in a notebook
+    "compute_cam": "explainkit.explain.gradcam",
+    "compute_cams": "explainkit.explain.gradcam",
+    # runs: evaluate a model, analyze and read a run
+    "analyze": "explainkit.runner",
+    "evaluate": "explainkit.api",
+    "RunWriter": "explainkit.api",
+    "load_model": "explainkit.api",
+    "load_registries": "explainkit.api",
+    "open_store": "explainkit.store",
+    "RunDir": "explainkit.rundir",
+    "TrainConfig": "explainkit.config",
+    "EvalConfig": "explainkit.config",
+    # what plugin authors subclass or register
     "Analyzer": "explainkit.analyzer",
     "AnalysisContext": "explainkit.analyzer",
     "Option": "explainkit.analyzer",
-    "analyze": "explainkit.runner",
-    "evaluate": "explainkit.evaluation",
-    "RunWriter": "explainkit.evaluation",
-    "load_model": "explainkit.train.checkpoint",
-    "open_store": "explainkit.store",
-    "RunDir": "explainkit.rundir",
+    "ModelEntry": "explainkit.hookspecs",
+    "ModelFamily": "explainkit.hookspecs",
+    "DatasetEntry": "explainkit.hookspecs",
+    "Dataset": "explainkit.data",
+    "Registries": "explainkit.registries",
+    # errors, each a one-sentence message
+    "ExplainkitError": "explainkit.errors",
+    "ConfigError": "explainkit.errors",
+    "DataError": "explainkit.errors",
+    "RunError": "explainkit.errors",
+    "StoreError": "explainkit.errors",
+    "CheckpointError": "explainkit.errors",
+    "PluginError": "explainkit.errors",
+    "AnalyzerError": "explainkit.errors",
+    "AnalysisFailed": "explainkit.errors",
 }
 
 __all__ = ["__version__", "hookimpl", *_PUBLIC]

@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
+    from explainkit.data import Dataset
+    from explainkit.registries import Registries
+    from explainkit.sharding import Shard
     from explainkit.store import StoreReader
 
 __all__ = [
@@ -140,7 +143,7 @@ class Analyzer:
         requires: Extra importable packages, e.g. ``("captum",)``.
         order: Position in reports, lower first.
         shardable: Whether ``torchrun`` may share the eval images among processes: the
-            analyzer then handles only its ``explainkit.sharding.shard_of(context)`` block
+            analyzer then handles only its ``context.shard`` block
             and merges the parts (docs/distributed.md, "Making an analyzer shardable");
             otherwise it runs on rank 0 alone.
     """
@@ -240,9 +243,10 @@ class RunResources(Protocol):
     config: dict
     store: StoreReader
     device: torch.device
-    plugin_manager: Any
+    registries: Registries
+    shard: Shard | None  # the running analyzer's share of the images under torchrun
 
-    def model(self, epoch: int) -> torch.nn.Module: ...
+    def model(self, epoch: int, keep: bool) -> torch.nn.Module: ...
 
     def say(self, line: str) -> None: ...
 
@@ -276,9 +280,20 @@ class AnalysisContext:
         return self.resources.config
 
     @property
-    def plugin_manager(self) -> Any:
-        """The plugin manager this analysis runs under (None outside the host)."""
-        return self.resources.plugin_manager
+    def registries(self) -> Registries:
+        """What the plugins registered (models, datasets, analyzers), as the host built it."""
+        return self.resources.registries
+
+    @property
+    def shard(self) -> Shard:
+        """This process's share of the images: all of them, unless the host shares a
+        shardable analyzer among torchrun processes (see :mod:`explainkit.sharding`)."""
+        from explainkit.sharding import Shard
+
+        shard = getattr(self.resources, "shard", None)
+        if shard is not None and shard.output_dir == self.output_dir:
+            return shard
+        return Shard(0, 1, self.store.num_images, self.output_dir)
 
     @property
     def store(self) -> StoreReader:
@@ -303,12 +318,37 @@ class AnalysisContext:
         return tuple(self.store.std)
 
     def model(self, epoch: int | None = None) -> torch.nn.Module:
-        """The model at ``epoch`` (default: ``self.epoch``): eval mode, on device, frozen, cached.
+        """The model at ``epoch`` (default: ``self.epoch``): eval mode, on device, frozen.
 
         Parameters have ``requires_grad=False``; gradient methods take gradients with respect
-        to inputs or activations, which is all they need.
+        to inputs or activations, which is all they need. The analyzed epoch's model is
+        loaded once for the whole ``analyze`` call; another epoch's is loaded on each call
+        and not kept, so an analyzer that walks the epochs holds one model at a time.
         """
-        return self.resources.model(self.epoch if epoch is None else epoch)
+        epoch = self.epoch if epoch is None else epoch
+        return self.resources.model(epoch, keep=epoch == self.epoch)
+
+    def checkpoint_epochs(self) -> list[int]:
+        """The epochs whose checkpoint (``checkpoints/epoch_NNN.pt``) the run kept, in order."""
+        from explainkit.train.checkpoint import list_checkpoints
+
+        return list(list_checkpoints(self.run_dir))
+
+    def dataset_split(self, split: str) -> Dataset:
+        """A split of the run's dataset loaded as the run was configured (never downloads):
+        what an analyzer needs beyond the stored eval images, such as the training split.
+
+        Raises:
+            ExplainkitError: The run's dataset cannot be loaded here (its files, its plugin).
+        """
+        from explainkit.data import load_dataset
+
+        cfg = self.config.get("config") or {}
+        return load_dataset(
+            cfg.get("dataset", ""), split, cfg.get("data_dir"),
+            image_size=int(cfg.get("image_size", 32)), seed=int(cfg.get("seed", 0)),
+            limit=cfg.get(f"limit_{split}"), download=False, registries=self.registries,
+        )  # fmt: skip
 
     def say(self, line: str) -> None:
         """Tell the user something now (stderr on the CLI), e.g. an estimate before long work."""
@@ -369,11 +409,9 @@ class AnalysisContext:
         return "auto"
 
     def _default_layer(self, model: Any) -> tuple[str | None, str]:
-        pm = self.plugin_manager
-        if pm is not None:
-            answer = pm.hook.resolve_target_layer(model=model, analyzer_name=self.analyzer_name)
-            if answer is not None:
-                return str(answer), "the resolve_target_layer hook"
+        answer = self.registries.resolve_target_layer(model, self.analyzer_name)
+        if answer is not None:
+            return str(answer), "the resolve_target_layer hook"
         meta = self.store.attrs.get("default_layer")
         if meta:
             return str(meta), "the run's metadata"

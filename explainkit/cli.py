@@ -6,8 +6,6 @@ h5py and matplotlib are imported inside the commands that need them, so ``--help
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 import sys
 from pathlib import Path
@@ -17,7 +15,8 @@ import click
 from click.core import ParameterSource
 
 from explainkit import __version__
-from explainkit.config import TrainConfig
+from explainkit.cli_params import PLUGINS_DIR_OPTION, AnalyzeCommand, check_device, config_options
+from explainkit.config import EvalConfig, TrainConfig
 from explainkit.errors import ExplainkitError, unknown_name_message
 from explainkit.rundir import RunDir
 
@@ -67,109 +66,6 @@ def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> str:
     return f"warning: {message}\n"
 
 
-class _IntOption(click.IntRange):
-    """An integer whose range shows in --help; the range itself is checked by
-    TrainConfig.validate, so the command line and config files get the same sentence."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        return _convert_number(self, int, value, param, ctx)
-
-
-class _FloatOption(click.FloatRange):
-    """A float whose range shows in --help (nan and inf are refused by validate)."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        return _convert_number(self, float, value, param, ctx)
-
-
-def _convert_number(
-    ptype: click.ParamType,
-    kind: type,
-    value: Any,
-    param: click.Parameter | None,
-    ctx: click.Context | None,
-) -> Any:
-    if isinstance(value, kind) and not isinstance(value, bool):
-        return value
-    try:
-        return kind(value)
-    except (ValueError, TypeError, OverflowError):
-        from explainkit.config import brief
-
-        what = "an integer" if kind is int else "a number"
-        if isinstance(value, str) and len(value) > 100:  # int() refuses over 4300 digits
-            ptype.fail(f"{brief(value)} is too long to be {what}", param, ctx)
-        ptype.fail(f"{brief(value)} is not {what}", param, ctx)
-
-
-class _Choice(click.Choice):
-    """click.Choice that shows at most ~60 characters of a refused value."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, str) and len(value) > 60:
-            from explainkit.config import brief
-
-            choices = ", ".join(map(str, self.choices))
-            self.fail(f"{brief(value)} is not one of {choices}", param, ctx)
-        return super().convert(value, param, ctx)
-
-
-def _train_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if len(value) > 60:
-        from explainkit.config import brief
-
-        raise click.BadParameter(
-            f"{brief(value)} is not a device; use auto, cpu, cuda, cuda:N or mps"
-        )
-    return _check_device(ctx, param, value)
-
-
-_PLUGINS_DIR_OPTION = click.option(
-    "--plugins-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    envvar="EXPLAINKIT_PLUGINS_DIR",
-    help="Also load plugin modules (*.py) from this folder [env: EXPLAINKIT_PLUGINS_DIR].",
-)
-
-
-def train_options(
-    func: Any, only: tuple[str, ...] | None = None, helps: dict[str, str] | None = None
-) -> Any:
-    """Add one click option per TrainConfig field (or per field in ``only``, with the help
-    texts in ``helps`` instead of the field's), so the dataclass stays the one source."""
-    for f in reversed(dataclasses.fields(TrainConfig)):
-        if only is not None and f.name not in only:
-            continue
-        flag = f.name.replace("_", "-")
-        help_text = (helps or {}).get(f.name, f.metadata["help"])
-        choices = f.metadata.get("choices")
-        if f.type in ("bool", bool):
-            decl = [f"--{flag}/--no-{flag}"]
-            kwargs: dict[str, Any] = {"default": f.default}
-        else:
-            decl = [f"--{flag}"]
-            # Annotations are strings here ("int | None"): the first word names the type.
-            kind = str(f.type).split()[0]
-            ptype: Any = str
-            if kind in ("int", "float"):
-                meta = f.metadata
-                number = _IntOption if kind == "int" else _FloatOption
-                ptype = number(
-                    meta.get("min"),
-                    meta.get("max"),
-                    min_open=meta.get("min_open", False),
-                    max_open=meta.get("max_open", False),
-                )
-            if choices:
-                ptype = _Choice(choices)
-            kwargs = {"default": f.default, "type": ptype}
-            if f.metadata.get("pattern"):
-                kwargs["callback"] = _train_device
-        kwargs["show_default"] = f.default is not None
-        func = click.option(*decl, f.name, help=help_text, **kwargs)(func)
-    return func
-
-
 @cli.command()
 @click.option(
     "--config",
@@ -187,8 +83,8 @@ def train_options(
     help="Continue the run in this directory from its last checkpoint (--epochs may grow).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars; only the per-epoch summary lines.")
-@_PLUGINS_DIR_OPTION
-@train_options
+@PLUGINS_DIR_OPTION
+@config_options(TrainConfig)
 @click.pass_context
 def train(
     ctx: click.Context,
@@ -206,9 +102,9 @@ def train(
     timm:NAME, or one a plugin registers (installed, or in --plugins-dir).
     """
     from explainkit.config import resolve_config
-    from explainkit.manager import load_plugins
+    from explainkit.manager import load_registries
 
-    load_plugins(plugins_dir)  # the registries --model and --dataset are looked up in
+    registries = load_registries(plugins_dir)  # where --model and --dataset are looked up
 
     explicit = {
         name
@@ -225,36 +121,17 @@ def train(
         from explainkit.train.trainer import resume_config
 
         given = {k: check_value(k, values[k]) for k in explicit}  # a bad value: exit 2 first
-        config = resume_config(Path(resume), given)
+        config = resume_config(Path(resume), given, registries)
         out = resume
     else:
-        config = resolve_config(values, explicit, config_file)
+        config = resolve_config(values, explicit, config_file, registries)
     from explainkit.train.trainer import train as run_training
 
-    run_dir = run_training(config, out=out, overwrite=overwrite, quiet=quiet, resume=bool(resume))
+    run_dir = run_training(
+        config, registries, out=out, overwrite=overwrite, quiet=quiet, resume=bool(resume)
+    )
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"run written to {run_dir}", err=True)
-
-
-EVALUATE_FIELDS = (
-    "model",
-    "weights",
-    "width",
-    "dataset",
-    "data_dir",
-    "image_size",
-    "device",
-    "batch_size",
-    "limit_eval",
-)
-EVALUATE_HELP = {
-    "dataset": "Dataset whose eval split the model is evaluated on: cifar10, shapes, folder, or "
-    "one a plugin registers.",
-    "weights": "The model's weights (required): a state_dict file, an explainkit checkpoint, or "
-    "torchvision's named weights (IMAGENET1K_V1, downloaded). The classifier head must be for "
-    "the dataset's classes.",
-    "batch_size": "Images evaluated at a time.",
-}
 
 
 @cli.command("evaluate")
@@ -262,8 +139,8 @@ EVALUATE_HELP = {
     "--out", type=click.Path(file_okay=False), help="Run directory (default runs/<time>)."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
-@_PLUGINS_DIR_OPTION
-@functools.partial(train_options, only=EVALUATE_FIELDS, helps=EVALUATE_HELP)
+@PLUGINS_DIR_OPTION
+@config_options(EvalConfig)
 def evaluate_command(
     out: str | None, overwrite: bool, plugins_dir: Path | None, **values: Any
 ) -> None:
@@ -273,12 +150,11 @@ def evaluate_command(
     explainkit checkpoint or a weights name) is evaluated once on the eval split of
     --dataset; every analyzer and `explainkit report` then read the run as a trained one.
     """
-    from explainkit.manager import load_plugins
-
-    load_plugins(plugins_dir)
     from explainkit.evaluation import evaluate_run
+    from explainkit.manager import load_registries
 
-    run_dir = evaluate_run(TrainConfig(**values), out=out, overwrite=overwrite)
+    registries = load_registries(plugins_dir)
+    run_dir = evaluate_run(EvalConfig(**values), registries, out=out, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 wrote it
         click.echo(f"run written to {run_dir}", err=True)
 
@@ -290,9 +166,10 @@ def inspect(run: str, as_json: bool) -> None:
     """Summarize a run: config, epochs, accuracy, checkpoints, store, analyses."""
     import json
 
-    from explainkit.summary import format_summary, summarize_run
+    from explainkit.manager import load_registries
+    from explainkit.run_summary import format_summary, summarize_run
 
-    summary = summarize_run(RunDir(run))
+    summary = summarize_run(RunDir(run), load_registries())
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -300,112 +177,6 @@ def inspect(run: str, as_json: bool) -> None:
 
 
 # -- analyze and plugins (analyzers come from the plugin registry, loaded only when needed) --
-
-
-def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """Validate --device without importing torch: auto, cpu, cuda, cuda:N or mps."""
-    import re
-
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
-        raise click.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
-    return value
-
-
-def _scan_plugins_dir(args: list[str]) -> str | None:
-    """Find --plugins-dir in raw arguments, so its analyzers' options exist before parsing."""
-    for i, arg in enumerate(args):
-        if arg == "--plugins-dir" and i + 1 < len(args):
-            value: str | None = args[i + 1]
-        elif arg.startswith("--plugins-dir="):
-            value = arg.split("=", 1)[1]
-        else:
-            continue
-        # A bad folder is left to the option's own validation (exit 2 with a clear message).
-        return value if value and Path(value).is_dir() else None
-    return None
-
-
-class AnalyzeCommand(click.Command):
-    """``analyze`` with one ``--<analyzer>-<option>`` flag per declared analyzer option.
-
-    The flags are built from the plugin registry when this command is resolved (parsing its
-    arguments or its help), never for ``explainkit --help``, so listing commands stays cheap.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._base_params = list(self.params)
-        self._analyzer_groups: list[tuple[str, str, list[click.Parameter]]] | None = None
-        self._built_for: Any = None
-
-    def _build(self, plugins_dir: str | None) -> None:
-        from explainkit.manager import get_analyzers, load_plugins
-
-        pm = load_plugins(plugins_dir)  # cached: cheap after the first call
-        if self._analyzer_groups is not None and self._built_for is pm:
-            return
-        entries = get_analyzers(pm)
-        params = list(self._base_params)
-        used = {p.name for p in params} | {o for p in params for o in getattr(p, "opts", [])}
-        groups = []
-        for name, entry in entries.items():
-            group: list[click.Parameter] = []
-            for opt in entry.cls.options:
-                flag, key = opt.flag(name), opt.key(name)
-                if flag in used or key in used:
-                    click.echo(
-                        f"warning: option {flag} of analyzer {name} clashes with another "
-                        "option and is not available on the command line",
-                        err=True,
-                    )
-                    continue
-                used |= {flag, key}
-                if opt.is_flag():
-                    decls = [f"{flag}/--no-{flag[2:]}", key]
-                    kwargs: dict[str, Any] = {"default": bool(opt.default)}
-                else:
-                    decls = [flag, key]
-                    kwargs = {"type": opt.click_type(), "default": opt.default}
-                group.append(
-                    click.Option(
-                        decls, help=opt.help, show_default=opt.default is not None, **kwargs
-                    )
-                )
-            params.extend(group)
-            groups.append((name, entry.cls.summary, group))
-        self.params = params
-        self._analyzer_groups = groups
-        self._built_for = pm
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        self._build(_scan_plugins_dir(args))
-        return super().parse_args(ctx, args)
-
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        if self._analyzer_groups is None:
-            self._build(None)
-        return super().get_params(ctx)
-
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        params = self.get_params(ctx)
-        grouped = {id(p) for _, _, group in self._analyzer_groups or [] for p in group}
-        records = [
-            r
-            for p in params
-            if id(p) not in grouped and not isinstance(p, click.Argument)
-            if (r := p.get_help_record(ctx))
-        ]
-        with formatter.section("Options"):
-            formatter.write_dl(records)
-        groups = self._analyzer_groups or []
-        if groups:
-            with formatter.section("Analyzers (--plugin NAME)"):
-                formatter.write_dl([(name, summary) for name, summary, _ in groups])
-        for name, _summary, group in groups:
-            rows = [r for p in group if (r := p.get_help_record(ctx))]
-            if rows:
-                with formatter.section(f"Options of {name}"):
-                    formatter.write_dl(rows)
 
 
 @cli.command("analyze", cls=AnalyzeCommand)
@@ -424,7 +195,7 @@ class AnalyzeCommand(click.Command):
     "--device",
     default="auto",
     show_default=True,
-    callback=_check_device,
+    callback=check_device,
     help="auto (CUDA when available), cpu, cuda or cuda:N.",
 )
 @click.option(
@@ -436,7 +207,7 @@ class AnalyzeCommand(click.Command):
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON on stdout.")
-@_PLUGINS_DIR_OPTION
+@PLUGINS_DIR_OPTION
 @click.pass_context
 def analyze_command(
     ctx: click.Context,
@@ -461,11 +232,11 @@ def analyze_command(
     """
     import json
 
-    from explainkit.manager import get_analyzers, load_plugins
+    from explainkit.manager import load_registries
     from explainkit.runner import analyze as run_analyzers
 
-    pm = load_plugins(plugins_dir)
-    entries = get_analyzers(pm)
+    registries = load_registries(plugins_dir)
+    entries = registries.analyzers
     for name in plugin_names:
         if name not in entries:
             raise click.BadParameter(
@@ -485,10 +256,10 @@ def analyze_command(
         device=device,
         batch_size=batch_size,
         seed=seed,
-        options=given,
-        pm=pm,
+        registries=registries,
         echo=lambda line: click.echo(line, err=True),
         collect_failures=True,
+        **given,
     )
     failed = [m for m in manifests if m["status"] != "ok"]
     if not manifests.is_main:  # another torchrun rank: rank 0 reports for the job
@@ -516,7 +287,7 @@ def analyze_command(
 @click.option("--all", "show_all", is_flag=True, help="Include explainkit's built-in plugins.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of text.")
 @click.option("--hook", metavar="NAME", help="Only plugins that implement this hook.")
-@_PLUGINS_DIR_OPTION
+@PLUGINS_DIR_OPTION
 def plugins_command(
     show_all: bool, as_json: bool, hook: str | None, plugins_dir: Path | None
 ) -> None:
@@ -590,13 +361,17 @@ def _plugin_command(group: click.Group, name: str) -> click.Command | None:
 )
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in a web browser.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file given with --out.")
-def report_command(run: Path, out: Path | None, open_browser: bool, overwrite: bool) -> None:
+@PLUGINS_DIR_OPTION
+def report_command(
+    run: Path, out: Path | None, open_browser: bool, overwrite: bool, plugins_dir: Path | None
+) -> None:
     """Build one self-contained HTML page of a run and all its analyses.
 
     Prints the path of the written file. The page embeds its images and needs no network.
     RUN/report.html is the run's own and is replaced; a file given with --out is replaced
     only with --overwrite.
     """
+    from explainkit.manager import load_registries
     from explainkit.report import build_report
 
     RunDir(run).check()
@@ -604,7 +379,7 @@ def report_command(run: Path, out: Path | None, open_browser: bool, overwrite: b
         raise click.ClickException(
             f"{out} already exists; pass --overwrite to replace it or choose another --out"
         )
-    path = build_report(run, out=out)
+    path = build_report(run, load_registries(plugins_dir), out=out)
     click.echo(str(path))
     if open_browser:
         import webbrowser
@@ -633,13 +408,13 @@ def report_command(run: Path, out: Path | None, open_browser: bool, overwrite: b
     "--device",
     default="auto",
     show_default=True,
-    callback=_check_device,
+    callback=check_device,
     help="auto (CUDA when available), cpu, cuda or cuda:N.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @click.option("--open", "open_browser", is_flag=True, help="Open the report when done.")
 @click.option("--limit", type=click.IntRange(min=16), hidden=True, help="Train on N images.")
-@_PLUGINS_DIR_OPTION
+@PLUGINS_DIR_OPTION
 def demo_command(
     out: Path,
     dataset: str,
@@ -657,6 +432,7 @@ def demo_command(
     are in explainkit/demo.py. Prints the report's path on stdout.
     """
     from explainkit.demo import run_demo
+    from explainkit.manager import load_registries
 
     if dataset == "cifar10" and data_dir is None:
         raise click.BadParameter("--dataset cifar10 needs --data-dir", param_hint="--data-dir")
@@ -668,7 +444,7 @@ def demo_command(
         device=device,
         overwrite=overwrite,
         limit=limit,
-        plugins_dir=plugins_dir,
+        registries=load_registries(plugins_dir),
         echo=lambda line: click.echo(line, err=True),
         quiet=not sys.stderr.isatty(),
     )

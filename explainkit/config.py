@@ -1,7 +1,8 @@
-"""TrainConfig: the one source of truth for training options.
+"""TrainConfig and EvalConfig: the one source of truth for the options of a run.
 
-The CLI options of ``explainkit train``, config files (JSON or YAML), ``RUN/config.json`` and
-the config stored in checkpoints are all derived from this dataclass's fields and metadata.
+The CLI options of ``explainkit train`` (TrainConfig) and ``explainkit evaluate`` (EvalConfig),
+config files (JSON or YAML), the ``config`` section of ``RUN/config.json`` and the config
+stored in checkpoints are all derived from these dataclasses' fields and metadata.
 
 Every value is checked the same way wherever it comes from (the command line, a config file,
 a run's config.json, Python): its type, then its stated range (``min``/``max`` in the field's
@@ -17,23 +18,27 @@ import json
 import math
 import os
 import re
-import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from explainkit.errors import ExplainkitError, RunError, did_you_mean
+from explainkit.errors import (
+    ConfigError,
+    brief,
+    cut_text,
+    describe,
+    size_text,
+    unknown_options_message,
+)
+from explainkit.files import read_regular_file
 
-# The built-in names. --dataset and --model take any registered name (plugins register more
-# through the register_datasets / register_models hooks): validate() asks the registries.
-DATASET_CHOICES = ("cifar10", "shapes", "folder")
-MODEL_CHOICES = ("resnet18-s8", "resnet18")
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from explainkit.registries import Registries
+
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d{1,4})?"  # what `explainkit analyze --device` accepts
 
-MAX_CONFIG_BYTES = 1 << 20  # a config file holds a few dozen values; more is not a config
 MAX_TEXT = 4096  # longest string option (a path)
-BRIEF = 60  # characters of a value shown in an error message
 
 
 # Named bundles of options, applied under the config file and the command line.
@@ -63,12 +68,6 @@ RESUMABLE = (
 )
 
 
-class ConfigError(ExplainkitError):
-    """A config file or option value is invalid (a usage error: the CLI exits 2)."""
-
-    exit_code = 2
-
-
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     """A field with its help and checks: ``choices``, ``min``/``max`` (inclusive unless
     ``min_open``/``max_open``)."""
@@ -81,9 +80,65 @@ IMAGE_SIZE_MAX = 8192
 SEED_MAX = 2**32 - 1  # numpy's legacy seeds; torch and the data generators accept them all
 
 
+class Options:
+    """What TrainConfig and EvalConfig share: each value checked the same way wherever it comes
+    from, unknown keys refused, and a plain dict for config.json."""
+
+    COMMAND: ClassVar[str] = ""  # the command whose long flags the fields are
+
+    @classmethod
+    def fields_by_name(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+
+    def check_values(self, labels: Mapping[str, str] | None = None) -> Callable[[str], str]:
+        """Check (and normalize: ints of float fields become floats) every field; returns
+        how fields are named in messages."""
+        label = _labeller(labels)
+        known = self.fields_by_name()
+        for name in known:
+            value = check_value(name, getattr(self, name), label(name), known)
+            setattr(self, name, value)
+        if getattr(self, "dataset", None) == "folder" and not getattr(self, "data_dir", None):
+            raise ConfigError(
+                f"{label('dataset')} folder needs {label('data_dir')} pointing at an "
+                "ImageFolder tree"
+            )
+        return label
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        source: str = "config",
+        labels: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Build a config from a mapping, refusing unknown keys (typos must not pass silently)
+        and values of the wrong type or out of range; missing keys take their defaults.
+
+        Messages name a field ``f"{source}: {name}"`` unless ``labels`` names it.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"{source} must be a mapping of option names to values, got {describe(data)}"
+            )
+        known = cls.fields_by_name()
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            message = unknown_options_message(unknown, set(known), cls.COMMAND)
+            raise ConfigError(f"{source}: {message}")
+        label = _labeller(labels, lambda name: f"{source}: {name}")
+        values = {name: check_value(name, data[name], label(name), known) for name in data}
+        return cls(**values)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     """Everything that defines a training run; written to ``RUN/config.json``."""
+
+    COMMAND: ClassVar[str] = "explainkit train"
 
     preset: str = _opt(
         "default",
@@ -189,7 +244,7 @@ class TrainConfig:
         self,
         labels: Mapping[str, str] | None = None,
         check_memory: bool = True,
-        check_names: bool = True,
+        registries: Registries | None = None,
     ) -> None:
         """Raise ConfigError for values that cannot work, naming the option.
 
@@ -197,76 +252,69 @@ class TrainConfig:
             labels: How to name a field in messages (``c.yaml: epochs``); default its flag.
             check_memory: Also refuse a model and data that cannot fit in this machine's
                 memory (see :func:`memory_needed`); off for configs of finished runs.
-            check_names: Also refuse a ``dataset`` or ``model`` that no plugin registered
-                (:func:`check_registered`); off for configs of finished runs, which stay
-                readable without the plugin that trained them.
+            registries: Also refuse a ``dataset`` or ``model`` that no plugin registered
+                (:meth:`Registries.check_names`) and count the model's parameters for the
+                memory check. None for configs of finished runs, which stay readable
+                without the plugin that trained them.
         """
-        label = _labeller(labels)
-        for f in fields(self):
-            setattr(self, f.name, check_value(f.name, getattr(self, f.name), label(f.name)))
-        if self.dataset == "folder" and not self.data_dir:
-            raise ConfigError(
-                f"{label('dataset')} folder needs {label('data_dir')} pointing at an "
-                "ImageFolder tree"
-            )
-        if check_names:
-            check_registered(self, label)
+        label = self.check_values(labels)
+        parameters = 0
+        if registries is not None:
+            registries.check_names(self.dataset, self.model, label)
+            if check_memory:
+                parameters = registries.count_parameters(self.model, self.width, self.image_size)
         if check_memory:
-            _check_memory(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(
-        cls,
-        data: Mapping[str, Any],
-        source: str = "config",
-        labels: Mapping[str, str] | None = None,
-    ) -> TrainConfig:
-        """Build a config from a mapping, refusing unknown keys (typos must not pass silently)
-        and values of the wrong type or out of range; missing keys take their defaults.
-
-        Messages name a field ``f"{source}: {name}"`` unless ``labels`` names it.
-        """
-        if not isinstance(data, Mapping):
-            raise ConfigError(
-                f"{source} must be a mapping of option names to values, got {describe(data)}"
-            )
-        names = {f.name for f in fields(cls)}
-        unknown = [k for k in data if k not in names]
-        if unknown:
-            raise ConfigError(f"{source}: {_unknown_options(unknown, names)}")
-        label = _labeller(labels, lambda name: f"{source}: {name}")
-        values = {name: check_value(name, data[name], label(name)) for name in data}
-        return cls(**values)
+            _check_memory(self, parameters)
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
-def check_registered(config: TrainConfig, label: Callable[[str], str] | None = None) -> None:
-    """ConfigError (with a did-you-mean) when no plugin registered ``config.dataset`` or
-    ``config.model``.
+def _like(name: str, **changes: Any) -> Any:
+    """A field as TrainConfig's ``name`` is (default, help, checks), with ``changes``."""
+    original = FIELDS[name]
+    default = changes.pop("default", original.default)
+    return field(default=default, metadata={**original.metadata, **changes})
 
-    Cheap: the plugins are loaded (no torch), their registries collected, and a family name
-    (``torchvision:NAME``) is checked for its prefix only; the name after the colon is
-    checked when the model is built (``explainkit.models.registry.model_entry``), before a
-    run writes anything. Only a mistyped name asks the families for their names (for the
-    suggestion), which may import their library.
-    """
-    from explainkit.manager import current_plugins, get_datasets, get_models, unknown_model_message
 
-    label = label or _flag
-    pm = current_plugins()
-    datasets = get_datasets(pm)
-    if config.dataset not in datasets:
-        raise ConfigError(_unknown_dataset(label("dataset"), config.dataset, list(datasets)))
-    models = get_models(pm)
-    name = config.model
-    prefix, colon, rest = name.partition(":")
-    if name.endswith(":") or not (name in models or (colon and rest and f"{prefix}:" in models)):
-        raise ConfigError(f"{label('model')}: {unknown_model_message(name, models)}")
+@dataclass
+class EvalConfig(Options):
+    """What ``explainkit evaluate`` uses to evaluate a model it did not train; written to
+    ``RUN/config.json`` of such a run (with ``"command": "evaluate"``). Nothing about
+    training: an evaluated run's report lists only these."""
+
+    COMMAND: ClassVar[str] = "explainkit evaluate"
+
+    model: str = _like("model")
+    weights: str | None = _like(
+        "weights",
+        help="The model's weights (required): a state_dict file, an explainkit checkpoint, or "
+        "torchvision's named weights (IMAGENET1K_V1, downloaded). The classifier head must be "
+        "for the dataset's classes.",
+    )
+    width: int = _like("width")
+    dataset: str = _like(
+        "dataset",
+        help="Dataset whose eval split the model is evaluated on: cifar10, shapes, folder, or "
+        "one a plugin registers.",
+    )
+    data_dir: str | None = _like("data_dir")
+    image_size: int = _like("image_size")
+    device: str = _like("device")
+    batch_size: int = _like("batch_size", default=256, help="Images evaluated at a time.")
+    limit_eval: int | None = _like("limit_eval")
+    seed: int = _like("seed", help="Random seed of datasets that draw or split at random.")
+
+    def validate(
+        self, labels: Mapping[str, str] | None = None, registries: Registries | None = None
+    ) -> None:
+        """Raise ConfigError for values that cannot work (as :meth:`TrainConfig.validate`)."""
+        label = self.check_values(labels)
+        if registries is not None:
+            registries.check_names(self.dataset, self.model, label)
+
+
+EVAL_FIELDS = {f.name: f for f in fields(EvalConfig)}
 
 
 def _flag(name: str) -> str:
@@ -279,23 +327,25 @@ def _labeller(
     return lambda name: (labels or {}).get(name) or default(name)
 
 
-def field_kind(name: str) -> str:
-    """``int``, ``float``, ``bool`` or ``str``: what a TrainConfig field holds (None aside)."""
-    return str(FIELDS[name].type).split()[0]
+def field_kind(name: str, known: Mapping[str, dataclasses.Field] = FIELDS) -> str:
+    """``int``, ``float``, ``bool`` or ``str``: what a config field holds (None aside)."""
+    return str(known[name].type).split()[0]
 
 
-def _optional(name: str) -> bool:
-    return "None" in str(FIELDS[name].type)
-
-
-def check_value(name: str, value: Any, label: str | None = None) -> Any:
-    """``value`` for TrainConfig field ``name`` if its type and range are right (ints become
-    floats for float fields); ConfigError naming ``label`` (default the flag) otherwise."""
+def check_value(
+    name: str,
+    value: Any,
+    label: str | None = None,
+    known: Mapping[str, dataclasses.Field] = FIELDS,
+) -> Any:
+    """``value`` for config field ``name`` (of ``known``: TrainConfig's by default) if its type
+    and range are right (ints become floats for float fields); ConfigError naming ``label``
+    (default the flag) otherwise."""
     label = label or _flag(name)
-    meta = FIELDS[name].metadata
-    kind = field_kind(name)
+    meta = known[name].metadata
+    kind = field_kind(name, known)
     if value is None:
-        if _optional(name):
+        if "None" in str(known[name].type):
             return None
         raise ConfigError(f"{label} must be {kind}, got None")
     if kind == "bool":
@@ -303,25 +353,7 @@ def check_value(name: str, value: Any, label: str | None = None) -> Any:
             raise ConfigError(f"{label} must be true or false, got {describe(value)}")
         return value
     if kind == "str":
-        if not isinstance(value, str):
-            raise ConfigError(f"{label} must be str, got {describe(value)}")
-        choices = meta.get("choices")
-        if choices and value not in choices:
-            raise ConfigError(f"{label} must be one of {', '.join(choices)}; got {brief(value)}")
-        registered = meta.get("registered")
-        if registered and not re.fullmatch(r"[^\s\x00]{1,200}", value):
-            # No registered name looks like this: say what the names are, without asking
-            # the registries (a run's config.json is checked here too, plugins or not).
-            raise ConfigError(_not_a_name(label, registered, value))
-        pattern = meta.get("pattern")
-        if pattern and not re.fullmatch(pattern, value):
-            raise ConfigError(f"{label} must be auto, cpu, cuda, cuda:N or mps; got {brief(value)}")
-        if "\x00" in value or len(value) > MAX_TEXT:
-            raise ConfigError(
-                f"{label} must be text without NUL characters, at most {MAX_TEXT} characters, "
-                f"got {brief(value)}"
-            )
-        return value
+        return _check_text(label, value, meta)
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{label} must be int, got {describe(value)}")
@@ -338,21 +370,29 @@ def check_value(name: str, value: Any, label: str | None = None) -> Any:
     return value
 
 
-def _not_a_name(label: str, kind: str, value: str) -> str:
-    if kind == "dataset":
-        return _unknown_dataset(label, value, list(DATASET_CHOICES))
-    return (
-        f"{label} {brief(value)} is not a model name: {', '.join(MODEL_CHOICES)}, "
-        "torchvision:NAME, timm:NAME or a plugin's (explainkit plugins --all lists them)"
-    )
-
-
-def _unknown_dataset(label: str, value: str, known: list[str]) -> str:
-    from explainkit.data import unknown_dataset_message
-
-    return (
-        f"{label} must be one of the registered datasets: {unknown_dataset_message(value, known)}"
-    )
+def _check_text(label: str, value: Any, meta: Mapping[str, Any]) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{label} must be str, got {describe(value)}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{label} must be one of {', '.join(choices)}; got {brief(value)}")
+    registered = meta.get("registered")
+    if registered and not re.fullmatch(r"[^\s\x00]{1,200}", value):
+        # No registered name looks like this: say so without asking the registries (a
+        # run's config.json is checked here too, plugins or not).
+        raise ConfigError(
+            f"{label} {brief(value)} is not a {registered} name (explainkit plugins --all "
+            "lists them)"
+        )
+    pattern = meta.get("pattern")
+    if pattern and not re.fullmatch(pattern, value):
+        raise ConfigError(f"{label} must be auto, cpu, cuda, cuda:N or mps; got {brief(value)}")
+    if "\x00" in value or len(value) > MAX_TEXT:
+        raise ConfigError(
+            f"{label} must be text without NUL characters, at most {MAX_TEXT} characters, "
+            f"got {brief(value)}"
+        )
+    return value
 
 
 def _check_range(label: str, value: float, meta: Mapping[str, Any]) -> None:
@@ -369,109 +409,21 @@ def _check_range(label: str, value: float, meta: Mapping[str, Any]) -> None:
             raise ConfigError(f"{label} must be at most {high}, got {brief(value)}")
 
 
-# -- showing values in messages ------------------------------------------------------------------
-
-
-def brief(value: Any, limit: int = BRIEF) -> str:
-    """``repr(value)`` cut to about ``limit`` characters, safe on any value: a huge integer
-    (whose repr would raise), a deep list (whose repr would recurse) or a megabyte string."""
-    text = _short_repr(value, 3, limit + 1)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def describe(value: Any, limit: int = BRIEF) -> str:
-    """The value's type and a short repr: ``str 'many'``, ``list [1, 2]``."""
-    if value is None:
-        return "None"
-    return f"{type(value).__name__} {brief(value, limit)}"
-
-
-def _short_repr(value: Any, depth: int, budget: int) -> str:
-    if isinstance(value, bool) or value is None or isinstance(value, float):
-        return repr(value)
-    if isinstance(value, int):
-        if value.bit_length() > 256:  # repr of a 5,000-digit int raises ValueError
-            digits = int(value.bit_length() * math.log10(2)) + 1
-            return f"<an integer of about {digits} digits>"
-        return repr(value)
-    if isinstance(value, str):
-        return repr(value[:budget])
-    if isinstance(value, (list, tuple, dict)):
-        if not value:
-            return repr(type(value)())
-        if depth == 0:
-            return "[…]" if not isinstance(value, dict) else "{…}"
-        items = value.items() if isinstance(value, dict) else value
-        parts: list[str] = []
-        used = 2
-        for item in items:
-            if used >= budget:
-                parts.append("…")
-                break
-            if isinstance(value, dict):
-                k, v = item
-                text = _short_repr(k, depth - 1, budget - used)
-                text += ": " + _short_repr(v, depth - 1, budget - used - len(text))
-            else:
-                text = _short_repr(item, depth - 1, budget - used)
-            parts.append(text)
-            used += len(text) + 2
-        inner = ", ".join(parts)
-        return "{" + inner + "}" if isinstance(value, dict) else "[" + inner + "]"
-    return f"<{type(value).__name__}>"
-
-
-def _cut(text: str, limit: int = 80) -> str:
-    """A foreign message (PyYAML's) on one line, cut at a word boundary."""
-    text = " ".join(str(text).split())
-    if len(text) > limit:
-        text = text[:limit].rsplit(" ", 1)[0].rstrip(",;:(") + " …"
-    return text
-
-
-def _unknown_options(unknown: list[Any], names: set[str]) -> str:
-    shown = ", ".join(brief(k, 30) for k in unknown[:3])
-    more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
-    text = f"unknown option{'s' if len(unknown) > 1 else ''} {shown}{more}"
-    first = unknown[0]
-    close = did_you_mean(first, sorted(names)) if isinstance(first, str) and len(first) < 50 else []
-    if close:
-        return f"{text}; did you mean {close[0]!r}?"
-    return f"{text}; the options are the long flags of `explainkit train --help`"
-
-
 # -- memory: refuse a model and data that cannot fit before allocating them ---------------------
 
 # Images per split when no --limit-* is given; a folder tree's size is unknown until it is read.
 _SPLIT_SIZES = {"cifar10": (50_000, 10_000), "shapes": (5_000, 1_000), "folder": (1, 1)}
 
 
-def resnet18_parameters(width: int, num_classes: int = 10, arch: str = "resnet18-s8") -> int:
-    """The exact parameter count of explainkit's ResNet18 at ``width`` (without torch)."""
-    count = 27 * width + 2 * width  # 3x3 stem and its BatchNorm
-    in_planes = width
-    last_stride = 1 if arch == "resnet18-s8" else 2
-    for planes, stride in zip(
-        (width, 2 * width, 4 * width, 8 * width), (1, 2, 2, last_stride), strict=True
-    ):
-        for s in (stride, 1):
-            count += 9 * in_planes * planes + 9 * planes * planes + 4 * planes
-            if s != 1 or in_planes != planes:
-                count += in_planes * planes + 2 * planes
-            in_planes = planes
-    pool = 2 if arch == "resnet18-s8" else 1
-    return count + (8 * width * pool * pool + 1) * num_classes
-
-
-def memory_needed(config: TrainConfig) -> dict[str, int]:
+def memory_needed(config: TrainConfig, parameters: int = 0) -> dict[str, int]:
     """A lower bound of the bytes training ``config`` allocates, by part.
 
     ``model``: the float32 weights, gradients, SGD momentum and moving average (each when
-    used) of explainkit's ResNet at ``--width`` (0 for other models: unknown until built);
-    ``data``: both splits as uint8 images (what sits on the device); ``batch``: the padded
-    input batch and the first stage's activations of one step. The true need is higher
-    (every layer's activations, host copies), so a config over the machine's memory can
-    never work.
+    used) of a model of ``parameters`` parameters (counted by the caller, on the meta device:
+    :meth:`explainkit.registries.Registries.count_parameters`); ``data``: both splits as
+    uint8 images (what sits on the device); ``batch``: the padded input batch and the first
+    stage's activations of one step. The true need is higher (every layer's activations,
+    host copies), so a config over the machine's memory can never work.
     """
     train_images, eval_images = _SPLIT_SIZES.get(config.dataset, (1, 1))
     if config.dataset != "folder":  # a folder's size is unknown: its limits are no lower bound
@@ -479,15 +431,10 @@ def memory_needed(config: TrainConfig) -> dict[str, int]:
         eval_images = min(eval_images, config.limit_eval or eval_images)
     side = config.image_size
     copies = 2 + (config.momentum > 0) + (config.ema > 0)
-    classes = 1 if config.dataset == "folder" else 10
-    # explainkit's ResNets are counted exactly; another model's size is unknown until built.
-    params = 0
-    if config.model in MODEL_CHOICES:
-        params = resnet18_parameters(config.width, classes, config.model)
     batch = min(config.batch_size, train_images)
     padded = side + 2 * config.crop_padding
     return {
-        "model": 4 * copies * params,
+        "model": 4 * copies * parameters,
         "data": 3 * side * side * (train_images + eval_images),
         "batch": 4 * batch * (3 * padded * padded + config.width * side * side),
     }
@@ -502,92 +449,23 @@ def physical_memory() -> int | None:
     return pages * page_size if pages > 0 and page_size > 0 else None
 
 
-def _size(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError  # pragma: no cover
-
-
-def _check_memory(config: TrainConfig) -> None:
+def _check_memory(config: TrainConfig, parameters: int) -> None:
     have = physical_memory()
     if have is None:
         return
-    parts = memory_needed(config)
+    parts = memory_needed(config, parameters)
     need = sum(parts.values())
     if need > have:
         raise ConfigError(
             f"--width {config.width}, --image-size {config.image_size} and --batch-size "
-            f"{config.batch_size} need at least {_size(need)} of memory (model "
-            f"{_size(parts['model'])}, data {_size(parts['data'])}, one batch "
-            f"{_size(parts['batch'])}) but this machine has {_size(have)}; lower --width, "
+            f"{config.batch_size} need at least {size_text(need)} of memory (model "
+            f"{size_text(parts['model'])}, data {size_text(parts['data'])}, one batch "
+            f"{size_text(parts['batch'])}) but this machine has {size_text(have)}; lower --width, "
             "--image-size, --batch-size or --limit-train"
         )
 
 
 # -- config files ------------------------------------------------------------------------------
-
-
-def _file_kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
-
-
-def read_regular_file(
-    path: str | os.PathLike[str],
-    what: str = "config file",
-    error: type[ExplainkitError] = ConfigError,
-    limit: int = MAX_CONFIG_BYTES,
-) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes; ``error`` with one sentence for
-    anything else. A FIFO, a device (/dev/zero) or a directory is refused before it is opened
-    (and again after, on the open file), so reading never blocks nor eats memory."""
-    path = Path(path)
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise error(f"{what} {path} does not exist; check the path") from None
-    except (OSError, ValueError) as e:
-        reason = getattr(e, "strerror", None) or "not a valid path"
-        raise error(f"cannot read {what} {path}: {reason}") from None
-    if not stat.S_ISREG(mode):
-        raise error(f"{what} {path} is {_file_kind(mode)}; give a regular JSON or YAML file")
-    flags = os.O_RDONLY
-    for name in ("O_NONBLOCK", "O_NOCTTY", "O_CLOEXEC"):
-        flags |= getattr(os, name, 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise error(f"cannot read {what} {path}: {e.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):  # swapped for something else since the check above
-            raise error(f"{what} {path} is {_file_kind(mode)}; give a regular JSON or YAML file")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as e:
-        raise error(f"cannot read {what} {path}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if size > limit:
-        raise error(
-            f"{what} {path} is larger than {_size(limit)}; a config file holds a few option values"
-        )
-    return b"".join(chunks)
 
 
 def _load_yaml(text: str, path: Path) -> Any:
@@ -615,12 +493,12 @@ def _load_yaml(text: str, path: Path) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or type(e).__name__
-        raise ConfigError(f"{path} is not valid YAML: {_cut(problem)}{where}") from e
+        raise ConfigError(f"{path} is not valid YAML: {cut_text(problem)}{where}") from e
     except RecursionError as e:
         raise ConfigError(f"{path} nests too deeply; a config file is a flat mapping") from e
     except (ValueError, TypeError, OverflowError) as e:  # a date like 2001-13-01, 5000 digits
         raise ConfigError(
-            f"{path} has a YAML value that cannot be read ({_cut(str(e))}); fix or quote it"
+            f"{path} has a YAML value that cannot be read ({cut_text(str(e))}); fix or quote it"
         ) from e
 
 
@@ -661,11 +539,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(
-    cli_values: dict[str, Any], explicit: set[str], config_file: str | Path | None = None
+    cli_values: dict[str, Any],
+    explicit: set[str],
+    config_file: str | Path | None = None,
+    registries: Registries | None = None,
 ) -> TrainConfig:
     """Defaults < preset < config file < options given on the command line.
 
-    Messages name a value by where it came from: ``c.yaml: epochs`` or ``--epochs``.
+    Messages name a value by where it came from: ``c.yaml: epochs`` or ``--epochs``; the
+    model and dataset names are checked against ``registries`` when given.
     """
     from_file: dict[str, Any] = read_config_file(config_file) if config_file is not None else {}
     source = str(config_file) if config_file is not None else "options"
@@ -680,7 +562,7 @@ def resolve_config(
     set_by_user = set(chosen) | set(PRESETS[preset])
     config = TrainConfig.from_dict(merged, source=source, labels=labels)
     scale_augmentation(config, set_by_user)
-    config.validate(labels)
+    config.validate(labels, registries=registries)
     return config
 
 
@@ -699,126 +581,3 @@ def scale_augmentation(config: TrainConfig, given: set[str] | frozenset[str] = f
 def refused_on_resume(saved: TrainConfig, values: dict[str, Any]) -> list[str]:
     """The options in ``values`` that differ from the ``saved`` run and are not in RESUMABLE."""
     return [k for k, v in values.items() if k not in RESUMABLE and getattr(saved, k) != v]
-
-
-# -- RUN/config.json ---------------------------------------------------------------------------
-
-
-def check_run_config(data: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Validate a whole ``RUN/config.json`` document; RunError with one sentence otherwise.
-
-    The ``config`` section goes through TrainConfig's rules (types, ranges, choices; keys it
-    lacks take their defaults, without the memory check: a run trained elsewhere is readable
-    here; names are not checked against the registries, so a run stays readable without the
-    plugin that trained it). ``model`` needs arch, num_classes, input_shape (3 positive ints)
-    and default_layer, and may hold width, kwargs (the model's build arguments) and reshape;
-    ``data`` needs classes (one name per class) and mean/std (finite, std > 0).
-    Returns the document with its ``config`` section complete (every TrainConfig field).
-    """
-    where = str(path)
-
-    def fail(problem: str) -> RunError:
-        return RunError(f"{where}: {problem}; the run directory is damaged")
-
-    if not isinstance(data, dict):
-        raise fail(f"the document must be a JSON object, got {type(data).__name__}")
-    sections = {}
-    for name in ("config", "model", "data"):
-        section = data.get(name)
-        if not isinstance(section, dict) or not section:
-            got = "nothing" if section is None else describe(section)
-            raise fail(f"the {name} section must be a non-empty object, got {got}")
-        sections[name] = section
-    version = data.get("format_version", 0)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise fail(f"format_version must be int, got {describe(version)}")
-
-    try:
-        labels = {name: f"config.{name}" for name in FIELDS}
-        config = TrainConfig.from_dict(sections["config"], source="config", labels=labels)
-        config.validate(labels, check_memory=False, check_names=False)
-    except ConfigError as e:
-        raise fail(str(e)) from None
-
-    model = sections["model"]
-    _run_text(fail, model, "model.arch")
-    if "width" in model:  # explainkit's ResNets; other models have none
-        _run_int(fail, model, "model.width", 1, WIDTH_MAX)
-    kwargs = model.get("kwargs", {})
-    if not isinstance(kwargs, dict) or not all(
-        isinstance(k, str) and (v is None or isinstance(v, (str, bool, int, float)))
-        for k, v in kwargs.items()
-    ):
-        raise fail(f"model.kwargs must map names to plain values, got {describe(kwargs)}")
-    if "reshape" in model:
-        _run_text(fail, model, "model.reshape")
-    num_classes = _run_int(fail, model, "model.num_classes", 1, 1_000_000)
-    shape = model.get("input_shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) != 3
-        or not all(_is_int(v) and 1 <= v <= IMAGE_SIZE_MAX for v in shape)
-    ):
-        raise fail(
-            f"model.input_shape must be a list of 3 ints from 1 to {IMAGE_SIZE_MAX}, "
-            f"got {describe(shape)}"
-        )
-    _run_text(fail, model, "model.default_layer")
-
-    info = sections["data"]
-    classes = info.get("classes")
-    if not isinstance(classes, list) or not classes:
-        raise fail(f"data.classes must be a non-empty list of names, got {describe(classes)}")
-    if not all(isinstance(c, str) for c in classes):
-        bad = next(c for c in classes if not isinstance(c, str))
-        raise fail(f"data.classes must hold names (str), got {describe(bad)}")
-    if len(classes) != num_classes:
-        raise fail(
-            f"data.classes names {len(classes)} classes but model.num_classes is {num_classes}"
-        )
-    for key in ("mean", "std"):
-        values = info.get(key)
-        if (
-            not isinstance(values, list)
-            or len(values) != shape[0]
-            or not all(_is_number(v) and math.isfinite(v) for v in values)
-        ):
-            raise fail(
-                f"data.{key} must be a list of {shape[0]} finite numbers, got {describe(values)}"
-            )
-    if not all(v > 0 for v in info["std"]):
-        raise fail(f"data.std must be positive, got {brief(info['std'])}")
-    if "dataset" in info:
-        _run_text(fail, info, "data.dataset")
-    for key in ("num_train", "num_eval"):
-        if key in info:
-            _run_int(fail, info, f"data.{key}", 0, 10**12)
-    if "environment" in data and not isinstance(data["environment"], dict):
-        raise fail(f"environment must be an object, got {describe(data['environment'])}")
-    if "world_size" in data:
-        _run_int(fail, data, "world_size", 1, 1_000_000)
-    return {**data, "config": config.to_dict()}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _run_int(
-    fail: Callable[[str], RunError], section: dict[str, Any], key: str, low: int, high: int
-) -> int:
-    value = section.get(key.rsplit(".", 1)[-1])
-    if not _is_int(value) or not low <= value <= high:
-        raise fail(f"{key} must be an int from {low} to {high}, got {describe(value)}")
-    return value
-
-
-def _run_text(fail: Callable[[str], RunError], section: dict[str, Any], key: str) -> str:
-    value = section.get(key.rsplit(".", 1)[-1])
-    if not isinstance(value, str) or not value or len(value) > 200:
-        raise fail(f"{key} must be a name (non-empty str), got {describe(value)}")
-    return value

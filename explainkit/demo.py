@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from explainkit.config import TrainConfig
+from explainkit.registries import Registries
 
 __all__ = ["DEMO", "CPU", "GPU", "DATASET_OVERRIDES", "DemoResult", "demo_config", "run_demo"]
 
@@ -122,17 +123,21 @@ def run_demo(
     device: str = "auto",
     overwrite: bool = False,
     limit: int | None = None,
-    plugins_dir: str | Path | None = None,
+    registries: Registries | None = None,
     echo: Callable[[str], None] = print,
     quiet: bool = False,
 ) -> DemoResult:
     """Train, analyze and report; the report is written even when an analyzer fails.
 
     ``out`` follows the trainer's rules: an existing run is refused unless ``overwrite``.
+    ``registries`` are the built-ins and installed plugins unless given.
     """
-    from explainkit.report import build_report, installed_analyzers
+    from explainkit.api import load_registries
+    from explainkit.report import build_report
     from explainkit.runner import analyze
     from explainkit.train.trainer import train
+
+    registries = registries or load_registries()
 
     config = demo_config(dataset, data_dir, epochs, device, limit)
     size = f"{config.limit_train or 'all'} training images"
@@ -140,12 +145,12 @@ def run_demo(
         f"demo: training {config.model} width {config.width} on {config.dataset} "
         f"({size}, {config.epochs} epochs, device {config.device}) into {out}"
     )
-    run_dir = train(config, out=out, overwrite=overwrite, quiet=quiet)
+    run_dir = train(config, registries, out=out, overwrite=overwrite, quiet=quiet)
     echo("demo: running every analyzer this run supports")
     manifests = analyze(
-        run_dir, device=device, plugins_dir=plugins_dir, echo=echo, collect_failures=True
+        run_dir, device=device, registries=registries, echo=echo, collect_failures=True
     )
     if not manifests:
         echo("demo: warning: no analyzer could run; the report shows the training only")
-    report = build_report(run_dir, available=installed_analyzers(plugins_dir))
+    report = build_report(run_dir, registries)
     return DemoResult(Path(run_dir), report, manifests)

@@ -9,13 +9,23 @@ for click's usage errors.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable
+from typing import Any
+
+BRIEF = 60  # characters of a value shown in an error message
 
 
 class ExplainkitError(Exception):
     """Base class: the message says what failed and what to do next."""
 
     exit_code = 1
+
+
+class ConfigError(ExplainkitError):
+    """A config file or option value is invalid (a usage error: the CLI exits 2)."""
+
+    exit_code = 2
 
 
 class DataError(ExplainkitError):
@@ -40,6 +50,28 @@ class PluginError(ExplainkitError):
 
 class AnalyzerError(ExplainkitError):
     """An analyzer could not run on this run directory."""
+
+
+class AnalysisFailed(AnalyzerError):
+    """An analyzer failed in ``analyze(collect_failures=False)``; ``results`` has every
+    manifest, the failed ones with their error and traceback."""
+
+    def __init__(self, results: list[dict[str, Any]]) -> None:
+        failed = [m for m in results if m["status"] != "ok"]
+        what = "; ".join(f"{m['analyzer']}: {m['error']}" for m in failed)
+        super().__init__(
+            f"{len(failed)} of {len(results)} analyzers failed ({what}); pass "
+            "collect_failures=True to get their manifests instead"
+        )
+        self.results = results
+
+
+class TrainingInterrupted(ExplainkitError):
+    """SIGINT/SIGTERM stopped training at a safe point; completed epochs are kept."""
+
+
+class TrainingDiverged(ExplainkitError):
+    """The loss or the logits became NaN or infinite; the epoch was not committed."""
 
 
 def first_line(exc: BaseException, limit: int | None = None) -> str:
@@ -79,3 +111,86 @@ def unknown_name_message(kind: str, name: str, known: Iterable[str]) -> str:
         msg += f"; did you mean {close[0]!r}?"
     msg += f" available: {', '.join(known) if known else 'none'}"
     return msg
+
+
+# -- showing values in messages ------------------------------------------------------------
+
+
+def brief(value: Any, limit: int = BRIEF) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, safe on any value: a huge integer
+    (whose repr would raise), a deep list (whose repr would recurse) or a megabyte string."""
+    text = _short_repr(value, 3, limit + 1)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def describe(value: Any, limit: int = BRIEF) -> str:
+    """The value's type and a short repr: ``str 'many'``, ``list [1, 2]``."""
+    if value is None:
+        return "None"
+    return f"{type(value).__name__} {brief(value, limit)}"
+
+
+def _short_repr(value: Any, depth: int, budget: int) -> str:
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        if value.bit_length() > 256:  # repr of a 5,000-digit int raises ValueError
+            digits = int(value.bit_length() * math.log10(2)) + 1
+            return f"<an integer of about {digits} digits>"
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value[:budget])
+    if isinstance(value, (list, tuple, dict)):
+        if not value:
+            return repr(type(value)())
+        if depth == 0:
+            return "[…]" if not isinstance(value, dict) else "{…}"
+        items = value.items() if isinstance(value, dict) else value
+        parts: list[str] = []
+        used = 2
+        for item in items:
+            if used >= budget:
+                parts.append("…")
+                break
+            if isinstance(value, dict):
+                k, v = item
+                text = _short_repr(k, depth - 1, budget - used)
+                text += ": " + _short_repr(v, depth - 1, budget - used - len(text))
+            else:
+                text = _short_repr(item, depth - 1, budget - used)
+            parts.append(text)
+            used += len(text) + 2
+        inner = ", ".join(parts)
+        return "{" + inner + "}" if isinstance(value, dict) else "[" + inner + "]"
+    return f"<{type(value).__name__}>"
+
+
+def cut_text(text: str, limit: int = 80) -> str:
+    """A foreign message (PyYAML's) on one line, cut at a word boundary."""
+    text = " ".join(str(text).split())
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(",;:(") + " …"
+    return text
+
+
+def unknown_options_message(
+    unknown: list[Any], names: set[str], command: str = "explainkit train"
+) -> str:
+    """``unknown option 'epoch'; did you mean 'epochs'?`` for keys of a config mapping."""
+    shown = ", ".join(brief(k, 30) for k in unknown[:3])
+    more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+    text = f"unknown option{'s' if len(unknown) > 1 else ''} {shown}{more}"
+    first = unknown[0]
+    close = did_you_mean(first, sorted(names)) if isinstance(first, str) and len(first) < 50 else []
+    if close:
+        return f"{text}; did you mean {close[0]!r}?"
+    return f"{text}; the options are the long flags of `{command} --help`"
+
+
+def size_text(n: float) -> str:
+    """``1.5 GiB``: a byte count for a message."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover

@@ -35,8 +35,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from explainkit.config import ConfigError, TrainConfig
-from explainkit.errors import ExplainkitError
+from explainkit.config import EvalConfig
+from explainkit.errors import ConfigError, ExplainkitError
+from explainkit.registries import Registries, accepted_kwargs
 from explainkit.rundir import RunDir
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -45,41 +46,39 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from explainkit.data import Dataset
 
-__all__ = ["ARRAYS", "RunWriter", "evaluate", "evaluate_run"]
+__all__ = ["ARRAYS", "RunWriter", "evaluate_run"]
 
 ARRAYS = "arrays"  # the dataset name a run records for images handed over as arrays
 
 
 def evaluate_run(
-    config: TrainConfig, out: str | Path | None = None, overwrite: bool = False
+    config: EvalConfig,
+    registries: Registries,
+    out: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Evaluate the registered ``config.model`` with ``config.weights`` on the eval split of
     ``config.dataset`` and write a run directory into ``out`` (default ``runs/<time>``).
-
-    Only the fields an evaluation uses matter: model, weights, width, dataset, data_dir,
-    image_size, device, batch_size, limit_eval, seed. The run's config records epochs 1 and
-    no test-time augmentation, so the stored logits are the model's own outputs.
 
     Raises:
         ConfigError: No ``weights``, or weights that do not fit the model (a classifier head
             for another number of classes is refused too: nothing would train it).
     """
     from explainkit.data import load_dataset
-    from explainkit.models.registry import accepted_kwargs, model_entry
     from explainkit.train.weights import apply_weights, read_weights
 
-    config.epochs, config.tta, config.ema = 1, False, 0.0
-    config.validate()
+    config.validate(registries=registries)
     if not config.weights:
         raise ConfigError(
             "--weights is needed: evaluate explains a model with its weights (a state_dict "
             "file, an explainkit checkpoint or a name such as IMAGENET1K_V1)"
         )
-    entry = model_entry(config.model)
-    weights = read_weights(config.weights, entry)  # before anything is written
+    entry = registries.model_entry(config.model)
+    weights = read_weights(config.weights, entry, registries)  # before anything is written
     ds = load_dataset(
-        config.dataset, "eval", config.data_dir, config.image_size, config.seed, config.limit_eval
-    )
+        config.dataset, "eval", config.data_dir, config.image_size, config.seed,
+        config.limit_eval, registries=registries,
+    )  # fmt: skip
     kwargs = accepted_kwargs(entry.build, {"width": config.width, "image_size": config.image_size})
     model = entry.build(len(ds.classes), **kwargs)
     notes = apply_weights(model, weights, len(ds.classes), entry.name)
@@ -91,60 +90,8 @@ def evaluate_run(
         )
     mean, std = (weights.mean, weights.std) if weights.mean is not None else (None, None)
     with RunWriter(
-        out, model, ds, mean=mean, std=std, arch=config.model, kwargs=kwargs,
-        overwrite=overwrite, _config=config, _notes=notes,
-    ) as writer:  # fmt: skip
-        writer.log_epoch()
-    return writer.path
-
-
-def evaluate(
-    model: nn.Module,
-    data: str | Dataset | tuple[np.ndarray, Sequence[int] | np.ndarray],
-    out: str | Path | None = None,
-    *,
-    classes: Sequence[str] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    arch: str | None = None,
-    kwargs: dict[str, Any] | None = None,
-    default_layer: str | None = None,
-    data_dir: str | Path | None = None,
-    image_size: int | None = None,
-    limit_eval: int | None = None,
-    device: str = "auto",
-    batch_size: int = 256,
-    overwrite: bool = False,
-) -> Path:
-    """Evaluate ``model`` once on ``data`` and write a run directory every analyzer reads.
-
-    Args:
-        model: Any classifier returning (N, classes) logits for normalized (N, 3, H, W) images.
-        data: A registered dataset name (its eval split: ``"folder"`` with ``data_dir``), an
-            ``explainkit.data.Dataset``, or ``(images, targets)``: uint8 images (N, H, W, 3)
-            and their class indices.
-        out: The run directory (default ``runs/<time>``).
-        classes: Class names (default: the dataset's; needed with arrays).
-        mean, std: The normalization the model expects, in [0, 1] units (default: the
-            evaluation images' own statistics).
-        arch: How to rebuild the model: a registered name (``torchvision:resnet18``), or an
-            import path ``import:package.module:factory`` called as ``factory(num_classes=N,
-            **kwargs)``. Default: the model's class as an import path.
-        kwargs: The build arguments ``arch`` takes besides ``num_classes``.
-        default_layer: The layer explained by default (default: the registered model's, or
-            the last spatial layer the logits depend on).
-        data_dir, image_size, limit_eval: For a dataset name, as ``explainkit train`` takes
-            them (image_size default: the model's, else 224).
-        device, batch_size: Where and how many images at a time the model runs.
-        overwrite: Replace an existing run.
-
-    Returns:
-        The run directory.
-    """
-    with RunWriter(
-        out, model, data, classes=classes, mean=mean, std=std, arch=arch, kwargs=kwargs,
-        default_layer=default_layer, data_dir=data_dir, image_size=image_size,
-        limit_eval=limit_eval, device=device, batch_size=batch_size, overwrite=overwrite,
+        out, model, ds, registries=registries, mean=mean, std=std, arch=config.model,
+        kwargs=kwargs, overwrite=overwrite, _config=config, _notes=notes,
     ) as writer:  # fmt: skip
         writer.log_epoch()
     return writer.path
@@ -181,6 +128,7 @@ class RunWriter:
         model: nn.Module,
         data: str | Dataset | tuple[np.ndarray, Sequence[int] | np.ndarray],
         *,
+        registries: Registries,
         classes: Sequence[str] | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -193,7 +141,7 @@ class RunWriter:
         device: str = "auto",
         batch_size: int = 256,
         overwrite: bool = False,
-        _config: TrainConfig | None = None,
+        _config: EvalConfig | None = None,
         _notes: Sequence[str] = (),
     ) -> None:
         from explainkit.data import channel_stats
@@ -201,24 +149,24 @@ class RunWriter:
 
         kwargs = dict(kwargs or {})
         arch = _import_path(model) if arch is None else _canonical(arch)
-        entry = _registered(arch)
-        ds, dataset, size = _eval_data(data, classes, data_dir, image_size, limit_eval, entry)
+        entry = _registered(arch, registries)
+        ds, dataset, size = _eval_data(
+            data, classes, data_dir, image_size, limit_eval, entry, registries
+        )
         if (mean is None) != (std is None):
             raise ConfigError("give both mean and std, or neither")
         if mean is None:
             mean, std = channel_stats(ds.images)
-        config = _config or TrainConfig(
+        config = _config or EvalConfig(
             model=arch,
             dataset=dataset,
             data_dir=None if data_dir is None else str(data_dir),
             image_size=size,
-            epochs=1,
-            tta=False,
             device=device,
             batch_size=batch_size,
             limit_eval=limit_eval,
         )
-        config.validate(check_memory=False, check_names=False)
+        config.validate()
         self.model = model
         self.eval_data = ds
         requested = resolve_device(config.device)  # an unusable device is one sentence
@@ -279,6 +227,8 @@ class RunWriter:
             mean=self.mean,
             std=self.std,
             device=self.device,
+            dataset=self._config.dataset,
+            command="evaluate",
         )
         self._created = not self._run.path.exists()
         failure = None
@@ -294,7 +244,7 @@ class RunWriter:
         from explainkit.train.run_files import create_empty_store, write_config
 
         write_config(self._facts, self._config, self._run)
-        create_empty_store(self._facts, self._config, self._run)  # "trained", no TTA
+        create_empty_store(self._facts, self._run)  # "trained", no TTA
 
     def log_epoch(
         self,
@@ -383,8 +333,6 @@ class RunWriter:
         is_best = eval_acc > self.best_acc
         if is_best:
             self.best_acc, self.best_epoch = eval_acc, self.epoch
-        config = self._config.to_dict()
-        config["epochs"] = self.epoch  # what the run holds so far
         payload = {
             "model": self._spec,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -392,7 +340,7 @@ class RunWriter:
             "eval_acc": eval_acc,
             "best_acc": self.best_acc,
             "best_epoch": self.best_epoch,
-            "config": config,
+            "config": self._config.to_dict(),
             "classes": list(self.eval_data.classes),
             "mean": list(self.mean),
             "std": list(self.std),
@@ -409,25 +357,18 @@ class RunWriter:
         append_log(self._run, line)
 
     def close(self) -> None:
-        """Record how many epochs the run holds in config.json and release the run's lock."""
-        from explainkit.train.run_files import write_config
-
+        """Release the run's lock (a run of no epoch that this writer made is removed)."""
         if self._closed:
             return
         self._closed = True
         if self._lock is None:  # another torchrun rank: rank 0 holds the run
             _leave_torchrun(self._dist)
             return
-        try:
-            if self.epoch and self.epoch != self._config.epochs:
-                self._config.epochs = self.epoch
-                write_config(self._facts, self._config, self._run)
-        finally:
-            self._lock.release()
-            self._lock = None
-            if self._created and not self.epoch:
-                shutil.rmtree(self._run.path, ignore_errors=True)  # nothing of ours in it
-            _leave_torchrun(self._dist)
+        self._lock.release()
+        self._lock = None
+        if self._created and not self.epoch:
+            shutil.rmtree(self._run.path, ignore_errors=True)  # nothing of ours in it
+        _leave_torchrun(self._dist)
 
     def __enter__(self) -> RunWriter:
         return self
@@ -443,6 +384,7 @@ def _eval_data(
     image_size: int | None,
     limit_eval: int | None,
     entry: Any,
+    registries: Registries,
 ) -> tuple[Dataset, str, int]:
     """(the eval split, the dataset name to record, the image side) of what ``data`` is."""
     import numpy as np
@@ -455,7 +397,7 @@ def _eval_data(
         name = ds.name or ARRAYS
     elif isinstance(data, str):
         size = image_size or (entry.input_size if entry and entry.input_size else 224)
-        ds = load_dataset(data, "eval", data_dir, size, 0, limit_eval)
+        ds = load_dataset(data, "eval", data_dir, size, 0, limit_eval, registries=registries)
         name = data
     elif isinstance(data, tuple) and len(data) == 2:
         if classes is None:
@@ -529,13 +471,11 @@ def _canonical(arch: str) -> str:
     return f"import:{arch}" if colon and "." in prefix else arch
 
 
-def _registered(arch: str) -> Any:
+def _registered(arch: str, registries: Registries) -> Any:
     """The ModelEntry of ``arch``, or None for an import path that cannot be built here (the
     run still records it; analyzers that rebuild the model then say why they cannot)."""
-    from explainkit.models.registry import model_entry
-
     try:
-        return model_entry(arch)
+        return registries.model_entry(arch)
     except ConfigError:
         if arch.startswith("import:"):
             return None

@@ -6,8 +6,8 @@ breaking existing plugins. docs/plugin-hooks.md documents each hook; a test keep
 
 What the registering hooks expect back is defined here too, so that the plugin manager and
 the modules that look names up share one definition without importing each other:
-:class:`ModelEntry` and :class:`ModelFamily` (public as ``explainkit.models.registry``'s) and
-:class:`DatasetEntry` (public as ``explainkit.data.DatasetEntry``). Nothing here imports torch
+:class:`ModelEntry`, :class:`ModelFamily` and :class:`DatasetEntry` (all public as
+``explainkit.ModelEntry`` and so on). Nothing here imports torch
 or numpy: an entry holds functions, and those import what they need when called.
 """
 
@@ -174,7 +174,7 @@ def check_model_item(item: Any, plugin: str) -> str:
         return item.name
     raise PluginError(
         f"plugin {plugin!r} registered {type(item).__name__} {item!r:.60}, not a ModelEntry or "
-        "ModelFamily (from explainkit.models.registry)"
+        "ModelFamily (from explainkit)"
     )
 
 
@@ -271,13 +271,13 @@ def register_models(register: Callable[[ModelEntry | ModelFamily], None]) -> Non
 
     Called when a command needs the model registry (``train``, loading a run's model,
     ``plugins``), never at import. explainkit's own models are registered through this hook
-    too (``explainkit.plugins.models``). ``register`` raises PluginError for something that is
+    too (``explainkit.plugins.default_models``). ``register`` raises PluginError for something that is
     not a ModelEntry or ModelFamily, an invalid name or field, or a name (or family prefix)
     another plugin registered; a plugin whose hook raises contributes no models. Keep torch
     and friends inside ``build`` / ``resolve``: listing plugins must stay cheap.
 
     Args:
-        register: Callback taking one ``explainkit.models.registry.ModelEntry`` (a model,
+        register: Callback taking one ``explainkit.ModelEntry`` (a model,
             ``--model NAME``) or ``ModelFamily`` (many models, ``--model PREFIX:NAME``).
     """
 
@@ -288,7 +288,7 @@ def register_datasets(register: Callable[[DatasetEntry], None]) -> None:
 
     Called when a command needs the dataset registry (``train``, the ``data`` analyzer,
     ``plugins``), never at import. explainkit's own datasets are registered through this hook
-    too (``explainkit.plugins.datasets``). ``register`` raises PluginError for something that
+    too (``explainkit.plugins.default_datasets``). ``register`` raises PluginError for something that
     is not a DatasetEntry, an invalid name, or a name another plugin registered; a plugin whose
     hook raises contributes no datasets. Import heavy modules inside ``load``.
 

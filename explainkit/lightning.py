@@ -7,7 +7,7 @@
     lightning.Trainer(max_epochs=10, callbacks=[callback]).fit(module, loaders)
 
 After each training epoch the callback evaluates the classifier on the eval data and commits
-the epoch through :class:`explainkit.evaluation.RunWriter` (logits, history, a checkpoint).
+the epoch through :class:`explainkit.RunWriter` (logits, history, a checkpoint).
 Only the global rank 0 writes. Needs Lightning: ``pip install explainkit[lightning]``
 (``lightning`` or the older ``pytorch_lightning`` package).
 """
@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
             "explainkit.lightning needs PyTorch Lightning: pip install explainkit[lightning]"
         ) from None
 
-from explainkit.evaluation import RunWriter
+from explainkit.api import RunWriter
 
 __all__ = ["ExplainkitCallback"]
 

@@ -29,25 +29,23 @@ from typing import Any
 import pluggy
 
 from explainkit import hookspecs
-from explainkit.errors import PluginError, did_you_mean, error_sentence, unknown_name_message
+from explainkit.errors import PluginError, error_sentence, unknown_name_message
+from explainkit.registries import AnalyzerEntry, Registered, Registries
 
 __all__ = [
     "DEFAULT_PLUGINS",
     "ENTRYPOINT_GROUP",
-    "AnalyzerEntry",
     "LoadError",
     "ExplainkitPluginManager",
-    "Registered",
-    "current_plugins",
+    "build_registries",
     "get_plugin_manager",
     "get_analyzers",
     "get_datasets",
     "get_models",
     "hook_names",
     "load_plugins",
-    "model_choices",
+    "load_registries",
     "reset_plugins",
-    "unknown_model_message",
     "register_plugin_commands",
     "plugin_info",
 ]
@@ -63,8 +61,8 @@ DEFAULT_PLUGINS = (
     "explainkit.plugins.quality",
     "explainkit.plugins.evolution",
     "explainkit.plugins.model",
-    "explainkit.plugins.models",
-    "explainkit.plugins.datasets",
+    "explainkit.plugins.default_models",
+    "explainkit.plugins.default_datasets",
 )
 
 # Where a plugin came from, as shown by ``explainkit plugins``.
@@ -94,27 +92,6 @@ class LoadError:
 # manager (a plugins folder given twice over, --help then the real parse), and the user
 # needs to read each failure once.
 _WARNED: set[LoadError] = set()
-
-
-@dataclass(frozen=True)
-class AnalyzerEntry:
-    """One registered analyzer and the plugin that provided it."""
-
-    cls: type
-    plugin_name: str
-    source: str
-
-
-@dataclass(frozen=True)
-class Registered:
-    """One registered model, model family or dataset and the plugin that provided it.
-
-    ``item`` is a ``ModelEntry``, ``ModelFamily`` or ``DatasetEntry`` (explainkit.hookspecs).
-    """
-
-    item: Any
-    plugin_name: str
-    source: str
 
 
 class ExplainkitPluginManager(pluggy.PluginManager):
@@ -307,7 +284,9 @@ def get_analyzers(pm: ExplainkitPluginManager) -> dict[str, AnalyzerEntry]:
     Each plugin's ``register_analyzers`` runs on its own, built-ins first: a plugin whose hook
     raises (or registers something invalid) is recorded in ``pm.load_errors`` and contributes
     nothing, and the others still load. A name clash keeps the first (built-ins win) and
-    records a PluginError naming both plugins.
+    records a PluginError naming both plugins; so does an option whose flag another
+    analyzer's option already has (analyzer ``a_b`` option ``c`` and analyzer ``a`` option
+    ``b_c`` are both ``--a-b-c``), which would otherwise overwrite it silently.
     """
     from explainkit.analyzer import check_analyzer_class
 
@@ -316,7 +295,22 @@ def get_analyzers(pm: ExplainkitPluginManager) -> dict[str, AnalyzerEntry]:
         return cls.name
 
     found = _collect(pm, "register_analyzers", "analyzer name", check)
-    entries = {k: AnalyzerEntry(r.item, r.plugin_name, r.source) for k, r in found.items()}
+    entries: dict[str, AnalyzerEntry] = {}
+    owners: dict[str, str] = {}  # option key -> the analyzer that has it
+    for name, r in found.items():
+        keys = [opt.key(name) for opt in r.item.options]
+        taken = next((k for k in keys if k in owners), None)
+        if taken is not None:
+            other = found[owners[taken]]
+            err = PluginError(
+                f"option --{taken.replace('_', '-')} of analyzer {name!r} (plugin "
+                f"{r.plugin_name!r}) is also an option of analyzer {owners[taken]!r} (plugin "
+                f"{other.plugin_name!r}); rename the analyzer or the option"
+            )
+            pm.record_error(r.plugin_name, r.source, err)
+            continue
+        owners.update(dict.fromkeys(keys, name))
+        entries[name] = AnalyzerEntry(r.item, r.plugin_name, r.source)
     return dict(sorted(entries.items()))
 
 
@@ -334,67 +328,6 @@ def get_models(pm: ExplainkitPluginManager) -> dict[str, Registered]:
 def get_datasets(pm: ExplainkitPluginManager) -> dict[str, Registered]:
     """Every plugin's datasets by name, collected like :func:`get_models`."""
     return _collect(pm, "register_datasets", "dataset name", hookspecs.check_dataset_entry)
-
-
-def model_choices(models: dict[str, Registered]) -> str:
-    """``resnet18-s8, resnet18, torchvision:NAME, timm:NAME``: the registered names, short."""
-    return ", ".join(key + "NAME" if key.endswith(":") else key for key in models)
-
-
-def unknown_model_message(name: str, models: dict[str, Registered]) -> str:
-    """``unknown model 'resnet50'; did you mean 'torchvision:resnet50'? available: ...``.
-
-    A name a family has (``resnet50`` without its prefix) is suggested with the prefix; else
-    the closest registered name, or the closest name of a family. Families are asked for
-    their names here only (it may import their library); one that cannot answer is left out.
-    """
-    suggestion = _suggest_model(name, models)
-    shown = repr(name) if len(name) <= 60 else repr(name[:59]) + "…"
-    text = f"unknown model {shown}"
-    text += f"; did you mean {suggestion!r}?" if suggestion else ";"
-    return (
-        f"{text} available: {model_choices(models)} "
-        "(plugins register more: explainkit plugins --all lists them)"
-    )
-
-
-def _family_names(family: Any) -> list[str]:
-    try:
-        return [str(n) for n in family.names()]
-    except Exception:  # a suggestion is optional (timm not installed, say)
-        return []
-
-
-def _suggest_model(name: str, models: dict[str, Registered]) -> str | None:
-    if len(name) > 200:
-        return None
-    plain = [key for key in models if not key.endswith(":")]
-    families = [r.item for key, r in models.items() if key.endswith(":")]
-    prefix, colon, rest = name.partition(":")
-    if colon:  # PREFIX:NAME: among that family's names, or the closest prefix
-        family = next((f for f in families if f.prefix == prefix), None)
-        if family is None:
-            close = _closest(prefix, [f.prefix for f in families])
-            return f"{close}:{rest}" if close else None
-        close = _closest(rest, _family_names(family))
-        return f"{prefix}:{close}" if close else None
-    qualified: dict[str, str] = {}
-    for family in families:
-        for member in _family_names(family):
-            qualified.setdefault(member, f"{family.prefix}:{member}")
-    if name in qualified:  # resnet50 -> torchvision:resnet50
-        return qualified[name]
-    close = _closest(name, plain)
-    if close:
-        return close
-    close = _closest(name, list(qualified))
-    return qualified[close] if close else None
-
-
-def _closest(name: str, known: list[str]) -> str | None:
-    """The known name closest to a mistyped one, or None."""
-    close = did_you_mean(name, known)
-    return close[0] if close else None
 
 
 def _collect(
@@ -534,13 +467,12 @@ def _model_info(item: Any) -> dict:
 # -- cached loading for the CLI ------------------------------------------------------------
 
 _loaded: dict[str | None, ExplainkitPluginManager] = {}
-_current: list[ExplainkitPluginManager] = []  # the one load_plugins returned last
 
 
 def load_plugins(
     plugins_dir: str | os.PathLike[str] | None = None,
 ) -> ExplainkitPluginManager:
-    """The process-wide plugin manager, built on first use (idempotent, cached).
+    """The plugin manager for ``plugins_dir``, built on first use (idempotent, cached).
 
     Environment variables are read when it is first built: ``EXPLAINKIT_LOAD_PLUGINS``,
     ``EXPLAINKIT_PLUGINS_DIR`` (used when ``plugins_dir`` is None),
@@ -553,25 +485,33 @@ def load_plugins(
     if pm is None:
         pm = get_plugin_manager(entrypoints=True, plugins_dir=plugins_dir)
         _loaded[key] = pm
-    _current[:] = [pm]
     return pm
 
 
-def current_plugins() -> ExplainkitPluginManager:
-    """The manager this process's command loaded (with its ``--plugins-dir``), else
-    :func:`load_plugins`'s default one.
+def build_registries(pm: ExplainkitPluginManager) -> Registries:
+    """What ``pm``'s plugins registered: the one object the host hands down to training,
+    evaluation, checkpoint loading and the analyzers' context."""
 
-    What name lookups use when given no manager (``explainkit.models.registry.model_entry``,
-    ``explainkit.data.load_dataset``, loading a run's model), so a model or dataset from a
-    plugins folder resolves wherever the command needs it.
-    """
-    return _current[0] if _current else load_plugins()
+    def resolve_target_layer(model: Any, analyzer_name: str) -> str | None:
+        return pm.hook.resolve_target_layer(model=model, analyzer_name=analyzer_name)
+
+    return Registries(
+        analyzers=get_analyzers(pm),
+        models=get_models(pm),
+        datasets=get_datasets(pm),
+        resolve_target_layer=resolve_target_layer,
+    )
+
+
+def load_registries(plugins_dir: str | os.PathLike[str] | None = None) -> Registries:
+    """The registries of :func:`load_plugins`'s manager for ``plugins_dir``: built-ins,
+    installed plugins and a plugins folder's (public as ``explainkit.load_registries``)."""
+    return build_registries(load_plugins(plugins_dir))
 
 
 def reset_plugins() -> None:
-    """Forget the cached manager (and the warnings printed), as a fresh process would."""
+    """Forget the cached managers (and the warnings printed), as a fresh process would."""
     _loaded.clear()
-    _current.clear()
     _WARNED.clear()
 
 

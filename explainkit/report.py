@@ -1,7 +1,7 @@
 """``explainkit report``: one self-contained HTML page from a run and its analyzer manifests.
 
 The page is built from ``config.json``, the prediction store's history (via
-``explainkit.summary.summarize_run``), the end of ``train.log`` and
+``explainkit.run_summary.summarize_run``), the end of ``train.log`` and
 ``analyses/*/manifest.json`` only, so an analyzer
 from a third-party plugin appears without any change here. Everything is embedded (images as
 base64 data URLs, CSS inline, charts as inline SVG) and nothing executable is written, so the
@@ -31,9 +31,10 @@ from typing import Any
 from explainkit import __version__
 from explainkit.atomic import write_atomic
 from explainkit.errors import ExplainkitError, RunError
+from explainkit.registries import Registries
 from explainkit.rundir import RunDir
 
-__all__ = ["build_report", "render_report", "load_manifests", "installed_analyzers", "REPORT_NAME"]
+__all__ = ["build_report", "render_report", "load_manifests", "analyzer_orders", "REPORT_NAME"]
 
 REPORT_NAME = "report.html"
 TEMPLATE = "report.html"
@@ -127,7 +128,9 @@ def _order(value: Any) -> float:
     return number if math.isfinite(number) else 50.0
 
 
-def _run_summary(run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any], str | None]:
+def _run_summary(
+    run_dir: Path, registries: Registries
+) -> tuple[dict[str, Any] | None, dict[str, Any], str | None]:
     """(summarize_run data or None, raw config.json, why the summary is missing)."""
     raw: dict[str, Any] = {}
     try:
@@ -137,22 +140,16 @@ def _run_summary(run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any], 
     except (OSError, ValueError):
         pass
     try:
-        from explainkit.summary import summarize_run
+        from explainkit.run_summary import summarize_run
 
-        return summarize_run(run_dir), raw, None
+        return summarize_run(run_dir, registries), raw, None
     except (ExplainkitError, OSError, KeyError, ValueError) as e:
         return None, raw, str(e)
 
 
-def installed_analyzers(plugins_dir: str | os.PathLike[str] | None = None) -> dict[str, float]:
-    """Installed analyzers and their report order ({} when the registry cannot be loaded)."""
-    try:
-        from explainkit.manager import get_analyzers, load_plugins
-
-        entries = get_analyzers(load_plugins(plugins_dir))
-        return {name: _order(getattr(e.cls, "order", 50)) for name, e in entries.items()}
-    except Exception:  # the report must not fail because a plugin is broken
-        return {}
+def analyzer_orders(registries: Registries) -> dict[str, float]:
+    """The registered analyzers and their report order."""
+    return {name: _order(getattr(e.cls, "order", 50)) for name, e in registries.analyzers.items()}
 
 
 # -- plain data for the template --------------------------------------------------------------
@@ -564,28 +561,24 @@ def _analysis(m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def render_report(
-    run: str | os.PathLike[str], available: Mapping[str, float] | Iterable[str] | None = None
-) -> str:
+def render_report(run: str | os.PathLike[str], registries: Registries) -> str:
     """The report of ``run`` as an HTML string.
 
     Args:
         run: The run directory.
-        available: Installed analyzers, name -> order (or just names), to order manifests
-            that carry no ``order`` and to list analyzers without results (default: the
-            plugin registry).
+        registries: What the plugins registered: the installed analyzers order manifests
+            that carry no ``order`` and are listed when they have no results, and the run's
+            last checkpoint is checked against its model.
     """
     run_dir = Path(run)
     if not run_dir.is_dir():
         raise RunError(f"run directory {str(run_dir)!r} does not exist; pass a trained run")
-    summary, raw, why = _run_summary(run_dir)
+    summary, raw, why = _run_summary(run_dir, registries)
     if summary is None and not raw:
         raise RunError(
             f"{run_dir} is not an explainkit run ({why}); create one with `explainkit train`"
         )
-    if available is None:
-        available = installed_analyzers()
-    orders = dict(available) if isinstance(available, Mapping) else {}
+    orders = analyzer_orders(registries)
     manifests = load_manifests(run_dir, orders)
     config = (summary or {}).get("config") or raw.get("config") or {}
     subtitle = config.get("dataset", "")
@@ -602,7 +595,7 @@ def render_report(
             run=_run_section(summary, raw, why),
             training_log=_training_log(run_dir),
             analyses=[_analysis(m) for m in manifests],
-            not_run=sorted(set(available) - {m["_name"] for m in manifests}),
+            not_run=sorted(set(orders) - {m["_name"] for m in manifests}),
             version=__version__,
             stamp=time.strftime("%Y-%m-%d %H:%M:%S"),
         )
@@ -611,8 +604,8 @@ def render_report(
 
 def build_report(
     run: str | os.PathLike[str],
+    registries: Registries,
     out: str | os.PathLike[str] | None = None,
-    available: Mapping[str, float] | Iterable[str] | None = None,
 ) -> Path:
     """Write the report of ``run`` to ``out`` (default ``RUN/report.html``) atomically.
 
@@ -624,7 +617,7 @@ def build_report(
         The path of the written file.
     """
     run_dir = Path(run)
-    text = render_report(run_dir, available=available)
+    text = render_report(run_dir, registries)
     target = Path(out) if out is not None else run_dir / REPORT_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, text.encode("utf-8", "replace"), RunError)

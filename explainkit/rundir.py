@@ -12,26 +12,41 @@ spelled once and every reader validates the same way::
       train.log         the per-epoch lines train printed
       .lock             flock'ed by the process writing the run (and its pid)
 
-Only the standard library is imported here: analysis commands validate a run without torch.
+Only the standard library and explainkit's config dataclasses are imported here: analysis
+commands validate a run without torch.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from explainkit.errors import RunError
+from explainkit.config import IMAGE_SIZE_MAX, WIDTH_MAX, EvalConfig, TrainConfig, read_regular_file
+from explainkit.errors import ConfigError, RunError, brief, describe
 
-__all__ = ["RunDir", "RunLock", "CONFIG_FORMAT", "CONFIG_VERSION", "pid_alive"]
+__all__ = [
+    "COMMANDS",
+    "CONFIG_FORMAT",
+    "CONFIG_VERSION",
+    "RunDir",
+    "RunLock",
+    "check_run_config",
+    "pid_alive",
+    "remove_stale_tmp",
+]
 
 CONFIG_FORMAT = "explainkit-run"
 CONFIG_VERSION = 1
+# What wrote a run (config.json's "command"), and the options its config section holds.
+COMMANDS = {"train": TrainConfig, "evaluate": EvalConfig}
 
 
 def pid_alive(pid: int) -> bool:
@@ -143,12 +158,6 @@ class RunDir:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def in_use_by(self) -> int | None:
-        """The pid of the process writing this run (0 when it cannot be read), or None."""
-        if not self.is_locked():
-            return None
-        return self.lock_owner() or 0
-
     def is_locked(self) -> bool:
         """Whether a live process holds the run's lock (the kernel knows; no pid guessing)."""
         try:
@@ -202,8 +211,6 @@ class RunDir:
             )
         if not path.is_file():
             raise RunError(f"{self.path} has no config.json; is it an explainkit run directory?")
-        from explainkit.config import check_run_config, read_regular_file
-
         raw = read_regular_file(path, "run config", RunError)  # bounded; no FIFO, no device
         try:
             data = json.loads(raw.decode("utf-8"))
@@ -282,6 +289,16 @@ class RunDir:
         return lock
 
 
+def remove_stale_tmp(analyses: Path, name: str) -> None:
+    """Remove the temporary folders of analyzer ``name`` that killed ``analyze`` processes left
+    in ``analyses/`` (``.<name>.tmp-<pid>``, ``.old-``, ``.parts-``; their pid is gone)."""
+    for prefix in (f".{name}.tmp-", f".{name}.old-", f".{name}.parts-"):
+        for path in analyses.glob(f"{prefix}*"):
+            pid_text = path.name[len(prefix) :].split("-")[0]
+            if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def _is_run_file(name: str) -> bool:
     """Whether a run writes a file of this name (its own files, lock and temporary files)."""
     if name in RunDir.OWNED or name == RunDir.LOCK:
@@ -349,3 +366,131 @@ def _same_file(fd: int, path: Path) -> bool:
         return os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
         return False
+
+
+def check_run_config(data: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Validate a whole ``RUN/config.json`` document; RunError with one sentence otherwise.
+
+    ``command`` says what wrote the run: ``"train"`` (the default; older runs lack the key) or
+    ``"evaluate"`` (``explainkit evaluate``, ``explainkit.evaluate``, ``RunWriter``). The
+    ``config`` section goes through that command's rules, TrainConfig's or EvalConfig's (types,
+    ranges, choices; keys it lacks take their defaults, without the memory check: a run
+    trained elsewhere is readable here; names are not checked against the registries, so a
+    run stays readable without the plugin that trained it). ``model`` needs arch, num_classes,
+    input_shape (3 positive ints) and default_layer, and may hold width, kwargs (the model's
+    build arguments) and reshape; ``data`` needs classes (one name per class) and mean/std
+    (finite, std > 0).
+    Returns the document with its ``command`` and its complete ``config`` section (every
+    field of the command's config).
+    """
+    where = str(path)
+
+    def fail(problem: str) -> RunError:
+        return RunError(f"{where}: {problem}; the run directory is damaged")
+
+    if not isinstance(data, dict):
+        raise fail(f"the document must be a JSON object, got {type(data).__name__}")
+    sections = {}
+    for name in ("config", "model", "data"):
+        section = data.get(name)
+        if not isinstance(section, dict) or not section:
+            got = "nothing" if section is None else describe(section)
+            raise fail(f"the {name} section must be a non-empty object, got {got}")
+        sections[name] = section
+    version = data.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise fail(f"format_version must be int, got {describe(version)}")
+
+    command = data.get("command", "train")
+    if command not in COMMANDS:
+        raise fail(f"command must be one of {', '.join(COMMANDS)}, got {describe(command)}")
+    options = COMMANDS[command]
+    try:
+        labels = {name: f"config.{name}" for name in options.fields_by_name()}
+        config = options.from_dict(sections["config"], source="config", labels=labels)
+        config.check_values(labels)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+
+    model = sections["model"]
+    _run_text(fail, model, "model.arch")
+    if "width" in model:  # explainkit's ResNets; other models have none
+        _run_int(fail, model, "model.width", 1, WIDTH_MAX)
+    kwargs = model.get("kwargs", {})
+    if not isinstance(kwargs, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, (str, bool, int, float)))
+        for k, v in kwargs.items()
+    ):
+        raise fail(f"model.kwargs must map names to plain values, got {describe(kwargs)}")
+    if "reshape" in model:
+        _run_text(fail, model, "model.reshape")
+    num_classes = _run_int(fail, model, "model.num_classes", 1, 1_000_000)
+    shape = model.get("input_shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 3
+        or not all(_is_int(v) and 1 <= v <= IMAGE_SIZE_MAX for v in shape)
+    ):
+        raise fail(
+            f"model.input_shape must be a list of 3 ints from 1 to {IMAGE_SIZE_MAX}, "
+            f"got {describe(shape)}"
+        )
+    _run_text(fail, model, "model.default_layer")
+
+    info = sections["data"]
+    classes = info.get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise fail(f"data.classes must be a non-empty list of names, got {describe(classes)}")
+    if not all(isinstance(c, str) for c in classes):
+        bad = next(c for c in classes if not isinstance(c, str))
+        raise fail(f"data.classes must hold names (str), got {describe(bad)}")
+    if len(classes) != num_classes:
+        raise fail(
+            f"data.classes names {len(classes)} classes but model.num_classes is {num_classes}"
+        )
+    for key in ("mean", "std"):
+        values = info.get(key)
+        if (
+            not isinstance(values, list)
+            or len(values) != shape[0]
+            or not all(_is_number(v) and math.isfinite(v) for v in values)
+        ):
+            raise fail(
+                f"data.{key} must be a list of {shape[0]} finite numbers, got {describe(values)}"
+            )
+    if not all(v > 0 for v in info["std"]):
+        raise fail(f"data.std must be positive, got {brief(info['std'])}")
+    if "dataset" in info:
+        _run_text(fail, info, "data.dataset")
+    for key in ("num_train", "num_eval"):
+        if key in info:
+            _run_int(fail, info, f"data.{key}", 0, 10**12)
+    if "environment" in data and not isinstance(data["environment"], dict):
+        raise fail(f"environment must be an object, got {describe(data['environment'])}")
+    if "world_size" in data:
+        _run_int(fail, data, "world_size", 1, 1_000_000)
+    return {**data, "command": command, "config": config.to_dict()}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _run_int(
+    fail: Callable[[str], RunError], section: dict[str, Any], key: str, low: int, high: int
+) -> int:
+    value = section.get(key.rsplit(".", 1)[-1])
+    if not _is_int(value) or not low <= value <= high:
+        raise fail(f"{key} must be an int from {low} to {high}, got {describe(value)}")
+    return value
+
+
+def _run_text(fail: Callable[[str], RunError], section: dict[str, Any], key: str) -> str:
+    value = section.get(key.rsplit(".", 1)[-1])
+    if not isinstance(value, str) or not value or len(value) > 200:
+        raise fail(f"{key} must be a name (non-empty str), got {describe(value)}")
+    return value

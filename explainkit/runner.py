@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from explainkit.analyzer import RESERVED_NAMES, AnalysisContext, Analyzer, Option
 from explainkit.atomic import write_atomic
 from explainkit.errors import (
+    AnalysisFailed,
     AnalyzerError,
     ExplainkitError,
     PluginError,
@@ -43,17 +43,25 @@ from explainkit.errors import (
     error_sentence,
     unknown_name_message,
 )
-from explainkit.rundir import RunDir, pid_alive
-from explainkit.sharding import Shard, is_shardable
+from explainkit.rundir import RunDir, remove_stale_tmp
+from explainkit.sharding import (
+    Shard,
+    ShardMaker,
+    check_same_plan,
+    is_shardable,
+    join_torchrun,
+    leave_torchrun,
+    run_on_ranks,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from explainkit.manager import AnalyzerEntry, ExplainkitPluginManager
+    from explainkit.registries import AnalyzerEntry, Registries
     from explainkit.store import StoreReader
     from explainkit.train.distributed import DistContext
 
-__all__ = ["AnalysisFailed", "Results", "analyze", "split_options", "unmet_needs"]
+__all__ = ["Results", "analyze", "split_options", "unmet_needs"]
 
 FAILED_MANIFEST = "failed.json"
 assert RunDir.MANIFEST in RESERVED_NAMES and FAILED_MANIFEST in RESERVED_NAMES
@@ -77,20 +85,6 @@ class Results(list):
         return render_analyses(self.run_dir, self)
 
 
-class AnalysisFailed(AnalyzerError):
-    """An analyzer failed in ``analyze(collect_failures=False)``; ``results`` has every
-    manifest, the failed ones with their error and traceback."""
-
-    def __init__(self, results: Results) -> None:
-        failed = [m for m in results if m["status"] != "ok"]
-        what = "; ".join(f"{m['analyzer']}: {m['error']}" for m in failed)
-        super().__init__(
-            f"{len(failed)} of {len(results)} analyzers failed ({what}); pass "
-            "collect_failures=True to get their manifests instead"
-        )
-        self.results = results
-
-
 class _SharedRun:
     """What all analyzers of one ``analyze`` call share: config, store, models (all lazy)."""
 
@@ -98,12 +92,12 @@ class _SharedRun:
         self,
         run: RunDir,
         device: Any,
-        plugin_manager: Any = None,
+        registries: Registries,
         say: Callable[[str], None] | None = None,
     ) -> None:
         self.run = run
         self.device_name = device
-        self.plugin_manager = plugin_manager
+        self.registries = registries
         self.say = say or (lambda line: None)
         self._device: Any = None
         self._config: dict | None = None
@@ -138,15 +132,19 @@ class _SharedRun:
             self._device = resolve_device(self.device_name)
         return self._device
 
-    def model(self, epoch: int | None) -> torch.nn.Module:
-        if epoch not in self._models:
+    def model(self, epoch: int, keep: bool) -> torch.nn.Module:
+        """The model at ``epoch``, frozen; kept for the later analyzers when ``keep``."""
+        model = self._models.get(epoch)
+        if model is None:
             from explainkit.train.checkpoint import load_model
 
-            model = load_model(self.run.path, epoch=epoch, device=self.device)
+            model = load_model(self.run.path, self.registries, epoch, self.device)
             for p in model.parameters():
                 p.requires_grad_(False)
-            self._models[epoch] = model.eval()
-        return self._models[epoch]
+            model.eval()
+            if keep:
+                self._models[epoch] = model
+        return model
 
     def close(self) -> None:
         if self._store is not None:
@@ -179,7 +177,7 @@ def unmet_needs(cls: type[Analyzer], run: RunDir, store: Any | None, epoch: int)
 def split_options(
     entries: Mapping[str, AnalyzerEntry], values: Mapping[str, Any]
 ) -> dict[str, dict[str, Any]]:
-    """Map ``{"gallery_count": 8}`` or ``{"gallery": {"count": 8}}`` to per-analyzer options.
+    """Map ``{"gallery_count": 8}`` (options named like their flags) to per-analyzer options.
 
     Raises:
         AnalyzerError: An unknown option or a value its declared type refuses.
@@ -190,15 +188,6 @@ def split_options(
             lookup[opt.key(name)] = (name, opt)
     out: dict[str, dict[str, Any]] = {}
     for key, value in values.items():
-        if isinstance(value, Mapping) and key in entries:
-            declared = {opt.name: opt for opt in entries[key].cls.options}
-            for sub, subvalue in value.items():
-                if sub not in declared:
-                    raise AnalyzerError(
-                        unknown_name_message("analyzer option", f"{key}_{sub}", sorted(lookup))
-                    )
-                out.setdefault(key, {})[sub] = declared[sub].convert(subvalue, key)
-            continue
         if key not in lookup:
             raise AnalyzerError(unknown_name_message("analyzer option", key, sorted(lookup)))
         analyzer, opt = lookup[key]
@@ -213,13 +202,12 @@ def analyze(
     device: str = "auto",
     batch_size: int = 64,
     seed: int = 0,
-    options: Mapping[str, Any] | None = None,
     *,
-    pm: ExplainkitPluginManager | None = None,
+    registries: Registries | None = None,
     plugins_dir: str | os.PathLike[str] | None = None,
     echo: Callable[[str], None] | None = None,
     collect_failures: bool = False,
-    **kw_options: Any,
+    **options: Any,
 ) -> Results:
     """Run analyzers on a run directory and return their manifests (sorted by ``order``).
 
@@ -230,13 +218,13 @@ def analyze(
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
         batch_size: Batch size for model passes.
         seed: Seed of each analyzer's generators.
-        options: Analyzer options, ``{"gallery_count": 8}`` or ``{"gallery": {"count": 8}}``.
-        pm: Plugin manager (default: the cached ``load_plugins(plugins_dir)``).
-        plugins_dir: Folder of plugin modules, when ``pm`` is not given.
+        registries: What the plugins registered (default: ``load_registries(plugins_dir)``).
+        plugins_dir: Folder of plugin modules, when ``registries`` is not given.
         echo: Receives one status line per analyzer and warnings (default: ``warnings``).
         collect_failures: Return a failed analyzer's manifest (``status == "failed"``) instead
             of raising; the other analyzers run either way.
-        **kw_options: More options, like ``gradcam_layer="layer3"``.
+        **options: Analyzer options as keywords named like their flags, e.g.
+            ``gradcam_layer="layer3"`` for ``--gradcam-layer layer3``.
 
     Returns:
         One manifest dict per analyzer run, as written to ``analyses/<name>/manifest.json``,
@@ -253,13 +241,13 @@ def analyze(
         AnalysisFailed: An analyzer failed (after all of them ran), unless
             ``collect_failures``.
     """
-    from explainkit.manager import get_analyzers, load_plugins
+    from explainkit.manager import load_registries
 
     rundir = RunDir(run).check()
-    if pm is None:
-        pm = load_plugins(plugins_dir)
-    entries = get_analyzers(pm)
-    per_analyzer = split_options(entries, {**(options or {}), **kw_options})
+    if registries is None:
+        registries = load_registries(plugins_dir)
+    entries = registries.analyzers
+    per_analyzer = split_options(entries, options)
     say = echo or (lambda line: None)
 
     def warn(line: str) -> None:
@@ -274,7 +262,7 @@ def analyze(
         if name not in entries:
             raise PluginError(unknown_name_message("analyzer", name, list(entries)))
 
-    shared = _SharedRun(rundir, device, pm, say)
+    shared = _SharedRun(rundir, device, registries, say)
     joined = _join_torchrun(shared)
     if not shared.is_main:  # rank 0 speaks for the job
         say = shared.say = warn = lambda line: None  # type: ignore[assignment]
@@ -297,7 +285,8 @@ def analyze(
         todo.sort(key=lambda t: (t[1].order, t[0]))
         if todo:
             shared.device  # noqa: B018 - fail early on an unusable device, before any run
-        _check_same_plan(shared, epoch, [name for name, _, _ in todo])
+        if shared.dist is not None:
+            check_same_plan(shared.dist, epoch, [name for name, _, _ in todo])
         manifests = Results(rundir.path, is_main=shared.is_main)
         for name, cls, reasons in todo:
             given = per_analyzer.get(name, {})
@@ -320,7 +309,7 @@ def analyze(
     finally:
         shared.close()
         if joined:
-            _leave_torchrun(failed)
+            leave_torchrun(failed)
 
 
 def _flags(cls: type[Analyzer], values: Mapping[str, Any]) -> list[str]:
@@ -351,80 +340,14 @@ def _resolve_epoch(store: Any, epoch: int | None, run: RunDir) -> int:
 
 # -- torchrun: one analyze call over several processes -------------------------------------
 
-# Ranks wait at a collective while rank 0 runs an analyzer that is not sharded: allow long ones.
-WAIT_FOR_RANK_0 = 12 * 3600
-
 
 def _join_torchrun(shared: _SharedRun) -> bool:
-    """Join torchrun's process group (gloo: only small Python objects travel) and give this
-    rank its own device, ``cuda:LOCAL_RANK`` when CUDA is asked for. True when it joined."""
-    from explainkit.train.distributed import launched_by_torchrun
-
-    if not launched_by_torchrun():
+    """Join torchrun's process group when launched by it; True when this call joined."""
+    joined = join_torchrun(shared.device_name)
+    if joined is None:
         return False
-    from datetime import timedelta
-
-    import torch.distributed
-
-    from explainkit.device import resolve_device
-    from explainkit.train.distributed import init_from_env
-
-    requested = resolve_device(shared.device_name)  # an unusable device is one sentence
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    gpus = torch.cuda.device_count() if requested.type == "cuda" else 0
-    if requested.type == "cuda" and local_rank >= gpus:
-        raise RunError(
-            f"torchrun started local process {local_rank} but this machine has {gpus} GPU(s), "
-            f"one per process; use --nproc-per-node {gpus} or fewer, or --device cpu"
-        )
-    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 speaks for the job; errors still show
-        logging.getLogger("explainkit").setLevel(logging.ERROR)
-    initialized = torch.distributed.is_initialized()  # by the caller: leave it to them
-    dist = init_from_env(requested.type, "gloo", timedelta(seconds=WAIT_FOR_RANK_0))
-    shared.dist = dist
-    shared._device = dist.device if requested.type == "cuda" else requested
-    return not initialized
-
-
-def _leave_torchrun(failed: bool) -> None:
-    """Leave the process group; after a failure a peer may be gone, so do not wait for it."""
-    import torch.distributed as dist
-
-    from explainkit.train.distributed import shutdown
-
-    if failed:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return
-    try:
-        shutdown()
-    except RuntimeError as e:
-        raise RunError(_gone(e)) from e
-
-
-def _gone(e: BaseException) -> str:
-    """What a rank says when a collective fails because another rank is gone (``e`` is
-    gloo's connection error, which names no rank: torchrun's own report does)."""
-    return (
-        "another process of this torchrun job stopped (torchrun names it below); analyses "
-        "published before it stopped are complete, the one running was not published"
-    )
-
-
-def _check_same_plan(shared: _SharedRun, epoch: int, names: list[str]) -> None:
-    """Every rank must run the same analyzers on the same epoch, or the collectives of one
-    analyzer would meet those of another."""
-    if shared.dist is None:
-        return
-    try:
-        plans = shared.dist.gather_objects((epoch, names))
-    except RuntimeError as e:
-        raise RunError(_gone(e)) from e
-    if any(plan != plans[0] for plan in plans):
-        raise RunError(
-            f"the ranks of this torchrun job disagree on what to run ({plans[0]} on rank 0); "
-            "do all nodes see the same run directory and plugins?"
-        )
+    shared.dist, shared._device, ours = joined
+    return ours
 
 
 def _run_on_ranks(
@@ -436,59 +359,29 @@ def _run_on_ranks(
     batch_size: int,
     seed: int,
 ) -> dict:
-    """One analyzer under torchrun: a shardable one on every rank, any other on rank 0 while
-    the others wait. Every rank returns rank 0's manifest."""
-    dist, name = shared.dist, cls.name
-    assert dist is not None
+    """One analyzer under torchrun (:func:`explainkit.sharding.run_on_ranks`)."""
+    assert shared.dist is not None
+    name = cls.name
+
+    def run_main(make_shard: ShardMaker | None) -> dict:
+        context = _new_context(shared, name, epoch, batch_size, seed)
+        shared.shard = make_shard(context.output_dir) if make_shard else None
+        return _run_one(cls, context, reasons, given)
+
+    def run_share(make_shard: ShardMaker) -> None:
+        with tempfile.TemporaryDirectory(prefix=f"explainkit-{name}-") as tmp:
+            context = _host_context(shared, name, epoch, batch_size, seed, Path(tmp))
+            shared.shard = make_shard(context.output_dir)
+            _run_share(cls, context, given)
+
     sharded = is_shardable(cls) and not reasons
-    parts = None
     try:
-        if sharded:
-            parts = _parts_folder(shared, name)
-        if dist.rank == 0:
-            context = _new_context(shared, name, epoch, batch_size, seed)
-            if sharded:
-                shared.shard = _shard(shared, context, parts)
-            manifest = _run_one(cls, context, reasons, given)
-        elif sharded:
-            with tempfile.TemporaryDirectory(prefix=f"explainkit-{name}-") as tmp:
-                context = _host_context(shared, name, epoch, batch_size, seed, Path(tmp))
-                shared.shard = _shard(shared, context, parts)
-                _run_share(cls, context, given)
-            manifest = None
-        else:
-            manifest = None
-        try:
-            return dist.broadcast_object(manifest)
-        except RuntimeError as e:
-            raise RunError(_gone(e)) from e
+        return run_on_ranks(
+            shared.dist, shared.run.analyses, name, shared.store.num_images, sharded,
+            run_main, run_share,
+        )  # fmt: skip
     finally:
         shared.shard = None
-        if parts is not None and dist.rank == 0:
-            shutil.rmtree(parts, ignore_errors=True)
-
-
-def _parts_folder(shared: _SharedRun, name: str) -> Path:
-    """``analyses/.<name>.parts-<pid of rank 0>``, made by rank 0 and named to all ranks."""
-    assert shared.dist is not None
-    folder = None
-    if shared.dist.rank == 0:
-        shared.run.analyses.mkdir(exist_ok=True)
-        _remove_stale_tmp(shared.run.analyses, name)
-        folder = shared.run.analyses / f".{name}.parts-{os.getpid()}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
-    try:
-        return Path(shared.dist.broadcast_object(str(folder)))
-    except RuntimeError as e:
-        raise RunError(_gone(e)) from e
-
-
-def _shard(shared: _SharedRun, context: AnalysisContext, parts: Path | None) -> Shard:
-    assert shared.dist is not None
-    n = shared.store.num_images
-    rank, world = shared.dist.rank, shared.dist.world_size
-    return Shard(rank, world, n, context.output_dir, parts, context.analyzer_name, shared.dist)
 
 
 def _run_share(cls: type[Analyzer], context: AnalysisContext, given: dict[str, Any]) -> None:
@@ -543,7 +436,7 @@ def _new_context(
     """A fresh context writing to a private temporary folder of this process."""
     analyses = shared.run.analyses
     analyses.mkdir(exist_ok=True)
-    _remove_stale_tmp(analyses, name)
+    remove_stale_tmp(analyses, name)
     tmp = analyses / f".{name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -641,15 +534,6 @@ def _has_ok_result(folder: Path) -> bool:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n", RunError)
-
-
-def _remove_stale_tmp(analyses: Path, name: str) -> None:
-    """Remove temp folders left by killed ``analyze`` processes (their pid is gone)."""
-    for prefix in (f".{name}.tmp-", f".{name}.old-", f".{name}.parts-"):
-        for path in analyses.glob(f"{prefix}*"):
-            pid_text = path.name[len(prefix) :].split("-")[0]
-            if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
-                shutil.rmtree(path, ignore_errors=True)
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:

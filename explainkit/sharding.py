@@ -2,10 +2,10 @@
 
 An analyzer opts in with the class attribute ``shardable = True`` (read with ``getattr``, so
 analyzers written before it stay unsharded). Under ``torchrun`` the host then runs it on
-every rank, and the analyzer asks :func:`shard_of` which images are its own and where to write
+every rank, and the analyzer asks ``context.shard`` which images are its own and where to write
 them::
 
-    shard = shard_of(context)
+    shard = context.shard
     with open_h5_for_writing(shard.part_path("scores.h5"), AnalyzerError) as f:
         ...  # rows shard.start .. shard.stop of every per-image dataset
     reports = shard.merge("scores.h5", seconds=took)
@@ -16,6 +16,10 @@ them::
 In one process the same code runs unchanged: the block is every image, ``part_path`` is the
 output file itself and ``merge`` only returns ``[facts]``.
 
+The host's side of it is here too: joining torchrun's process group (:func:`join_torchrun`),
+checking that every rank runs the same plan (:func:`check_same_plan`), and running one analyzer
+over the ranks (:func:`run_on_ranks`).
+
 Blocks are contiguous (rank 0 first), so joining them is a copy in order. Parts are written
 to ``analyses/.<name>.parts-<pid>`` (on the run directory, which every node sees) and copied
 into the main rank's output chunk by chunk: memory stays bounded by one chunk, however many
@@ -24,14 +28,31 @@ images there are. Nothing is published unless every rank finished its part.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from explainkit.errors import AnalyzerError
+from explainkit.errors import AnalyzerError, RunError
 
-__all__ = ["Shard", "block", "is_shardable", "merge_h5_parts", "shard_of"]
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+    from explainkit.train.distributed import DistContext
+
+__all__ = [
+    "Shard",
+    "block",
+    "check_same_plan",
+    "is_shardable",
+    "join_torchrun",
+    "leave_torchrun",
+    "merge_h5_parts",
+    "run_on_ranks",
+]
 
 COPY_BYTES = 64 << 20  # at most this much of one dataset is in memory while merging
 
@@ -142,17 +163,6 @@ class Shard:
         return None
 
 
-def shard_of(context: Any) -> Shard:
-    """This process's share of the images for ``context``'s analyzer.
-
-    Outside torchrun, or for an analyzer the host does not shard, it is every image.
-    """
-    shard = getattr(context.resources, "shard", None)
-    if shard is not None and shard.output_dir == context.output_dir:
-        return shard
-    return Shard(0, 1, context.store.num_images, context.output_dir)
-
-
 def merge_h5_parts(
     parts: Iterable[tuple[Path, int, int]], out: Path, n: int, label: str = ""
 ) -> None:
@@ -235,3 +245,141 @@ def _copy_block(part: Any, target: Any, name: str, path: Path, start: int, stop:
     for i in range(0, stop - start, step):
         j = min(i + step, stop - start)
         target[start + i : start + j] = source[i:j]
+
+
+# -- the host's side: one analyze call over torchrun's processes ------------------------------
+
+# Ranks wait at a collective while rank 0 runs an analyzer that is not sharded: allow long ones.
+WAIT_FOR_RANK_0 = 12 * 3600
+
+GONE = (
+    "another process of this torchrun job stopped (torchrun names it below); analyses "
+    "published before it stopped are complete, the one running was not published"
+)  # gloo's connection error names no rank: torchrun's own report does
+
+
+def join_torchrun(device_name: str) -> tuple[DistContext, torch.device, bool] | None:
+    """Under torchrun, join its process group (gloo: only small Python objects travel) and
+    give this rank its own device, ``cuda:LOCAL_RANK`` when CUDA is asked for.
+
+    Returns:
+        None outside torchrun; else the group, this rank's device, and whether this call
+        joined (a caller that initialized the group itself keeps it).
+    """
+    from explainkit.train.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return None
+    from datetime import timedelta
+
+    import torch.distributed
+
+    from explainkit.device import resolve_device
+    from explainkit.train.distributed import init_from_env
+
+    requested = resolve_device(device_name)  # an unusable device is one sentence
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    gpus = torch.cuda.device_count() if requested.type == "cuda" else 0
+    if requested.type == "cuda" and local_rank >= gpus:
+        raise RunError(
+            f"torchrun started local process {local_rank} but this machine has {gpus} GPU(s), "
+            f"one per process; use --nproc-per-node {gpus} or fewer, or --device cpu"
+        )
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 speaks for the job; errors still show
+        logging.getLogger("explainkit").setLevel(logging.ERROR)
+    initialized = torch.distributed.is_initialized()  # by the caller: leave it to them
+    dist = init_from_env(requested.type, "gloo", timedelta(seconds=WAIT_FOR_RANK_0))
+    device = dist.device if requested.type == "cuda" else requested
+    return dist, device, not initialized
+
+
+def leave_torchrun(failed: bool) -> None:
+    """Leave the process group; after a failure a peer may be gone, so do not wait for it."""
+    import torch.distributed as dist
+
+    from explainkit.train.distributed import shutdown
+
+    if failed:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
+    try:
+        shutdown()
+    except RuntimeError as e:
+        raise RunError(GONE) from e
+
+
+def check_same_plan(dist: DistContext, epoch: int, names: list[str]) -> None:
+    """Every rank must run the same analyzers on the same epoch, or the collectives of one
+    analyzer would meet those of another."""
+    try:
+        plans = dist.gather_objects((epoch, names))
+    except RuntimeError as e:
+        raise RunError(GONE) from e
+    if any(plan != plans[0] for plan in plans):
+        raise RunError(
+            f"the ranks of this torchrun job disagree on what to run ({plans[0]} on rank 0); "
+            "do all nodes see the same run directory and plugins?"
+        )
+
+
+ShardMaker = Callable[[Path], Shard]
+
+
+def run_on_ranks(
+    dist: DistContext,
+    analyses: Path,
+    name: str,
+    num_images: int,
+    sharded: bool,
+    run_main: Callable[[ShardMaker | None], dict],
+    run_share: Callable[[ShardMaker], None],
+) -> dict:
+    """One analyzer under torchrun: a shardable one on every rank, any other on rank 0 while
+    the others wait. Every rank returns rank 0's manifest.
+
+    Args:
+        dist: The process group.
+        analyses: The run's ``analyses/`` folder (every node sees it).
+        name: The analyzer.
+        num_images: The run's eval images.
+        sharded: Whether every rank runs it on its own block.
+        run_main: Runs it on rank 0 and returns the manifest; given a maker of its
+            :class:`Shard` for an output folder when sharded, else None.
+        run_share: Runs a rank's share on the other ranks, given the same maker.
+    """
+    parts = _parts_folder(dist, analyses, name) if sharded else None
+
+    def make_shard(output_dir: Path) -> Shard:
+        return Shard(dist.rank, dist.world_size, num_images, output_dir, parts, name, dist)
+
+    try:
+        manifest = None
+        if dist.rank == 0:
+            manifest = run_main(make_shard if sharded else None)
+        elif sharded:
+            run_share(make_shard)
+        try:
+            return dist.broadcast_object(manifest)
+        except RuntimeError as e:
+            raise RunError(GONE) from e
+    finally:
+        if parts is not None and dist.rank == 0:
+            shutil.rmtree(parts, ignore_errors=True)
+
+
+def _parts_folder(dist: DistContext, analyses: Path, name: str) -> Path:
+    """``analyses/.<name>.parts-<pid of rank 0>``, made by rank 0 and named to all ranks."""
+    from explainkit.rundir import remove_stale_tmp
+
+    folder = None
+    if dist.rank == 0:
+        analyses.mkdir(exist_ok=True)
+        remove_stale_tmp(analyses, name)
+        folder = analyses / f".{name}.parts-{os.getpid()}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+    try:
+        return Path(dist.broadcast_object(str(folder)))
+    except RuntimeError as e:
+        raise RunError(GONE) from e

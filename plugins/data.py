@@ -11,7 +11,7 @@ from explainkit import hookimpl
 from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.errors import ExplainkitError
 
-__all__ = ["DataAnalyzer", "load_train_split"]
+__all__ = ["DataAnalyzer"]
 
 CHANNELS = ("red", "green", "blue")  # names of the rows of channel_stats.csv for RGB images
 
@@ -79,7 +79,7 @@ class _Splits:
         run_config = context.config
         data_info = run_config.get("data", {}) if isinstance(run_config, dict) else {}
         dataset = store.attrs.get("dataset") or data_info.get("dataset", "")
-        train, reason = load_train_split(run_config, classes)
+        train, reason = _train_split(context, classes)
         return cls(
             classes=classes,
             dataset=dataset,
@@ -382,30 +382,20 @@ def _write_summary(
     ]
 
 
-def load_train_split(run_config: dict, classes: list[str]) -> tuple[Any, str | None]:
-    """Re-load the run's train split as configured, or None and the reason it is unavailable.
+def _train_split(context: AnalysisContext, classes: list[str]) -> tuple[Any, str | None]:
+    """The run's train split as configured, or None and the reason it is unavailable.
 
     Never downloads; any failure to read the data (missing folder, unreadable files) is a
     reason to skip the train figures, not an analyzer failure.
     """
-    from explainkit.data import load_dataset
-
-    cfg = run_config.get("config") if isinstance(run_config, dict) else None
-    if not cfg:
-        return None, "the run has no config.json with the training config"
+    if context.config.get("command", "train") != "train":
+        return None, "the run was not trained by explainkit, so it has no training split"
     try:
-        ds = load_dataset(
-            cfg.get("dataset", ""),
-            "train",
-            cfg.get("data_dir"),
-            image_size=int(cfg.get("image_size", 32)),
-            seed=int(cfg.get("seed", 0)),
-            limit=cfg.get("limit_train"),
-            download=False,
-        )
+        ds = context.dataset_split("train")
     except (ExplainkitError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return None, f"the {cfg.get('dataset')} training data is not available here ({first})"
+        dataset = context.config.get("config", {}).get("dataset")
+        return None, f"the {dataset} training data is not available here ({first})"
     if list(ds.classes) != list(classes):
         return None, "the training data found here has other classes than the run"
     return ds, None

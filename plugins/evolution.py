@@ -62,15 +62,15 @@ class EvolutionAnalyzer(Analyzer):
         metric_count: int,
         steps: int,
     ) -> list[dict]:
-        checkpoints = _checkpoints(context)
+        epochs = _checkpoint_epochs(context)
         layer = context.target_layer(layer, context.model())
         inputs = _Inputs.sample(context, count, metric_count)
-        grid, per_epoch = _explain_epochs(context, checkpoints, inputs, layer, method, steps)
+        grid, per_epoch = _explain_epochs(context, epochs, inputs, layer, method, steps)
         result = _Evolution(
             method=method,
             layer=layer,
             steps=steps,
-            epochs=list(checkpoints),
+            epochs=epochs,
             eval_acc=_eval_accuracy(context.store.history),
             inputs=inputs,
             grid=grid,
@@ -86,17 +86,15 @@ class EvolutionAnalyzer(Analyzer):
 # -- step 1: the checkpoints and the images -----------------------------------------------
 
 
-def _checkpoints(context: AnalysisContext) -> dict[int, Any]:
-    """Epoch -> checkpoint path, in epoch order; an error when the run kept none."""
-    from explainkit.train.checkpoint import list_checkpoints
-
-    checkpoints = list_checkpoints(context.run_dir)
-    if not checkpoints:
+def _checkpoint_epochs(context: AnalysisContext) -> list[int]:
+    """The epochs with a checkpoint, in order; an error when the run kept none."""
+    epochs = context.checkpoint_epochs()
+    if not epochs:
         raise AnalyzerError(
             f"{context.run_dir} has no per-epoch checkpoints (checkpoints/epoch_NNN.pt); "
             "train with checkpoints kept to see the evolution"
         )
-    return checkpoints
+    return epochs
 
 
 @dataclass
@@ -151,17 +149,16 @@ class _Grid:
 
 def _explain_epochs(
     context: AnalysisContext,
-    checkpoints: dict[int, Any],
+    epochs: list[int],
     inputs: _Inputs,
     layer: str,
     method: str,
     steps: int,
 ) -> tuple[_Grid, dict[int, dict[str, Any]]]:
-    """Load each epoch's model in turn (one in memory at a time) and explain the inputs."""
+    """Explain the inputs with each epoch's model in turn (one in memory at a time)."""
     import torch
 
     from explainkit.explain.gradcam import compute_cam
-    from explainkit.train.checkpoint import load_model
 
     bs = context.batch_size
     reshape = context.layer_reshape(layer)
@@ -169,17 +166,15 @@ def _explain_epochs(
     grid_maps, grid_probs = [], []
     per_epoch: dict[int, dict[str, Any]] = {}
     started = time.perf_counter()
-    for i, epoch in enumerate(context.progress(list(checkpoints), desc="epochs")):
-        if i == 1 and len(checkpoints) > 2:  # timed on the first epoch, said before the rest
+    for i, epoch in enumerate(context.progress(epochs, desc="epochs")):
+        if i == 1 and len(epochs) > 2:  # timed on the first epoch, said before the rest
             n = len(inputs.metric_t)
             context.estimate(
-                f"{len(checkpoints)} saved epochs, {n} images each",
-                (time.perf_counter() - started) * (len(checkpoints) - 1),
+                f"{len(epochs)} saved epochs, {n} images each",
+                (time.perf_counter() - started) * (len(epochs) - 1),
                 "--evolution-metric-count sets how many images",
             )
-        model = load_model(checkpoints[epoch], device=context.device)
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model = context.model(epoch)  # one at a time: only the analyzed epoch's is kept
         res = compute_cam(
             model, inputs.grid_x, layer, method, target=inputs.grid_t, batch_size=bs,
             reshape=reshape,

@@ -124,14 +124,13 @@ class GradCAMAnalyzer(Analyzer):
     ) -> list[dict]:
         from explainkit.figures import get_colormap
         from explainkit.selection import parse_target
-        from explainkit.sharding import shard_of
 
         cmap = get_colormap(colormap, "--gradcam-colormap")
         target_arg = parse_target(target, context.classes, "--gradcam-target")
         model = context.model()
         layer = context.target_layer(layer, model)
         reshape = context.layer_reshape(layer) if reshape == "auto" else reshape
-        shard = shard_of(context)  # every image, unless torchrun shares them among processes
+        shard = context.shard  # every image, unless torchrun shares them among processes
         attributes = {**_attributes(context, layer, method, target), "reshape": reshape}
         seconds, layout = _write_maps(
             context, model, layer, method, reshape, target_arg, dtype, shard, attributes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from explainkit import manager
 from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.cli import cli
 from explainkit.errors import AnalyzerError, PluginError, RunError
+from explainkit.manager import build_registries
 from explainkit.runner import analyze
 from tests.test_plugins import AnalyzersPlugin
 
@@ -93,6 +95,7 @@ class UsesModel(Analyzer):
 @pytest.fixture
 def pm():
     pm = manager.get_plugin_manager(entrypoints=False, defaults=False, quiet=True)
+    pm.register(importlib.import_module("explainkit.plugins.default_models"))  # the run's model
     pm.register(AnalyzersPlugin(Writes, Fails, NeedsPackage, UsesModel), name="undo-test")
     return pm
 
@@ -105,7 +108,7 @@ def read_manifest(run: Path, name: str) -> dict:
 
 
 def test_analyze_writes_manifest_and_files(tiny_run, pm):
-    (m,) = analyze(tiny_run, ["ek_writes"], pm=pm, ek_writes_value="3")
+    (m,) = analyze(tiny_run, ["ek_writes"], registries=build_registries(pm), ek_writes_value="3")
     assert m == read_manifest(tiny_run, "ek_writes")
     assert m["status"] == "ok" and m["error"] is None
     assert m["options"] == {"value": 3, "mode": "a"}
@@ -119,7 +122,10 @@ def test_analyze_writes_manifest_and_files(tiny_run, pm):
 
 def test_public_analyze_delegates(tiny_run, pm):
     (m,) = explainkit.analyze(
-        tiny_run, plugins=["ek_writes"], pm=pm, options={"ek_writes": {"mode": "b"}}
+        tiny_run,
+        plugins=["ek_writes"],
+        registries=build_registries(pm),
+        ek_writes_mode="b",
     )
     assert m["options"]["mode"] == "b"
 
@@ -130,17 +136,19 @@ def test_analyze_default_epoch_is_best_and_epoch_is_checked(tiny_run, pm):
         best_epoch, epochs = best.best_epoch, best.epochs
     finally:
         best.close()
-    (m,) = analyze(tiny_run, ["ek_writes"], pm=pm)
+    (m,) = analyze(tiny_run, ["ek_writes"], registries=build_registries(pm))
     assert m["epoch"] == best_epoch
-    (m,) = analyze(tiny_run, ["ek_writes"], pm=pm, epoch=1)
+    (m,) = analyze(tiny_run, ["ek_writes"], registries=build_registries(pm), epoch=1)
     assert m["epoch"] == 1
     with pytest.raises(RunError, match=r"epoch 7 is not in .*available epochs: 1, 2"):
-        analyze(tiny_run, ["ek_writes"], pm=pm, epoch=7)
+        analyze(tiny_run, ["ek_writes"], registries=build_registries(pm), epoch=7)
     assert epochs == [1, 2]
 
 
 def test_analyze_failure_does_not_stop_others(tiny_run, pm):
-    manifests = analyze(tiny_run, ["ek_writes", "ek_fails"], pm=pm, collect_failures=True)
+    manifests = analyze(
+        tiny_run, ["ek_writes", "ek_fails"], registries=build_registries(pm), collect_failures=True
+    )
     assert [m["analyzer"] for m in manifests] == ["ek_fails", "ek_writes"]  # by order
     failed, ok = manifests
     assert failed["status"] == "failed"
@@ -153,7 +161,7 @@ def test_analyze_failure_does_not_stop_others(tiny_run, pm):
 
 
 def test_failed_rerun_keeps_previous_good_result(tiny_run, pm):
-    analyze(tiny_run, ["ek_writes"], pm=pm)
+    analyze(tiny_run, ["ek_writes"], registries=build_registries(pm))
 
     class Broken(Writes):
         def run(self, context, value, mode):
@@ -161,13 +169,15 @@ def test_failed_rerun_keeps_previous_good_result(tiny_run, pm):
 
     pm2 = manager.get_plugin_manager(entrypoints=False, defaults=False, quiet=True)
     pm2.register(AnalyzersPlugin(Broken), name="undo-broken")
-    (m,) = analyze(tiny_run, ["ek_writes"], pm=pm2, collect_failures=True)
+    (m,) = analyze(tiny_run, ["ek_writes"], registries=build_registries(pm2), collect_failures=True)
     assert m["status"] == "failed" and m["error"] == "cannot do it; try again"
     folder = tiny_run / "analyses" / "ek_writes"
     assert read_manifest(tiny_run, "ek_writes")["status"] == "ok"
     assert (folder / "out.json").is_file()
     assert json.loads((folder / "failed.json").read_text())["error"] == "cannot do it; try again"
-    analyze(tiny_run, ["ek_writes"], pm=pm)  # a good rerun replaces everything
+    analyze(
+        tiny_run, ["ek_writes"], registries=build_registries(pm)
+    )  # a good rerun replaces everything
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "out.json"]
 
 
@@ -179,14 +189,16 @@ def test_analyze_replaces_result_and_removes_stale_temp_folders(tiny_run, pm):
     stale.mkdir(parents=True)
     (analyses / "ek_writes").mkdir()
     (analyses / "ek_writes" / "old.txt").write_text("old")
-    analyze(tiny_run, ["ek_writes"], pm=pm, ek_writes_value=5)
+    analyze(tiny_run, ["ek_writes"], registries=build_registries(pm), ek_writes_value=5)
     assert sorted(p.name for p in analyses.iterdir()) == ["ek_writes"]
     assert not (analyses / "ek_writes" / "old.txt").exists()
 
 
 def test_analyze_auto_selection_skips_unmet_needs(tiny_run, pm):
     lines = []
-    manifests = analyze(tiny_run, pm=pm, echo=lines.append, collect_failures=True)
+    manifests = analyze(
+        tiny_run, registries=build_registries(pm), echo=lines.append, collect_failures=True
+    )
     names = [m["analyzer"] for m in manifests]
     assert names == ["ek_fails", "ek_writes", "ek_model"]
     assert any(
@@ -194,25 +206,29 @@ def test_analyze_auto_selection_skips_unmet_needs(tiny_run, pm):
         for line in lines
     )
     (m,) = analyze(
-        tiny_run, ["ek_needs_pkg"], pm=pm, collect_failures=True
+        tiny_run, ["ek_needs_pkg"], registries=build_registries(pm), collect_failures=True
     )  # asked for by name: a clear failure
     assert m["status"] == "failed" and "ek_no_such_package_xyz" in m["error"]
 
 
 def test_analyze_context_model_and_generators(tiny_run, pm):
-    (m,) = analyze(tiny_run, ["ek_model"], pm=pm, device="cpu", seed=3)
+    (m,) = analyze(tiny_run, ["ek_model"], registries=build_registries(pm), device="cpu", seed=3)
     assert m["status"] == "ok", m.get("traceback")
     data = json.loads((tiny_run / "analyses" / "ek_model" / "model.json").read_text())
     assert data["shape"][:2] == [4, 3] and data["logits"][0] == 4
     assert data["device"] == "cpu" and "config" in data["config"]
-    (again,) = analyze(tiny_run, ["ek_model"], pm=pm, device="cpu", seed=3)
+    (again,) = analyze(
+        tiny_run, ["ek_model"], registries=build_registries(pm), device="cpu", seed=3
+    )
     data2 = json.loads((tiny_run / "analyses" / "ek_model" / "model.json").read_text())
     assert (data["first"], data["rng"]) == (data2["first"], data2["rng"])
 
 
 def test_analyze_checkpoint_need_checks_the_epoch(tiny_run, pm):
     (tiny_run / "checkpoints" / "epoch_001.pt").unlink()
-    (m,) = analyze(tiny_run, ["ek_model"], pm=pm, epoch=1, collect_failures=True)
+    (m,) = analyze(
+        tiny_run, ["ek_model"], registries=build_registries(pm), epoch=1, collect_failures=True
+    )
     assert m["status"] == "failed"
     assert "checkpoint of epoch 1 (saved epochs: 2)" in m["error"]
 
@@ -223,26 +239,33 @@ def test_analyze_checkpoint_need_checks_the_epoch(tiny_run, pm):
         ({"ek_writes_value": 11}, r"ek_writes option 'value' \(--ek-writes-value\)"),
         ({"ek_writes_mode": "c"}, "'c' is not one of 'a', 'b'"),
         ({"ek_writes_valeu": 1}, "did you mean 'ek_writes_value'"),
-        ({"ek_writes": {"nope": 1}}, "unknown analyzer option 'ek_writes_nope'"),
+        ({"ek_writes_nope": 1}, "unknown analyzer option 'ek_writes_nope'"),
+        ({"ek_writes": {"mode": "b"}}, "unknown analyzer option 'ek_writes'"),  # one spelling
     ],
 )
 def test_analyze_rejects_bad_options(tiny_run, pm, options, message):
     with pytest.raises(AnalyzerError, match=message):
-        analyze(tiny_run, ["ek_writes"], pm=pm, options=options)
+        analyze(tiny_run, ["ek_writes"], registries=build_registries(pm), **options)
 
 
 def test_analyze_warns_about_options_of_unselected_analyzers(tiny_run, pm):
     with pytest.warns(UserWarning, match="--ek-writes-value ignored: analyzer ek_writes"):
-        analyze(tiny_run, ["ek_fails"], pm=pm, ek_writes_value=2, collect_failures=True)
+        analyze(
+            tiny_run,
+            ["ek_fails"],
+            registries=build_registries(pm),
+            ek_writes_value=2,
+            collect_failures=True,
+        )
 
 
 def test_analyze_unknown_analyzer_and_bad_run(tiny_run, pm, tmp_path):
     with pytest.raises(PluginError, match="unknown analyzer 'ek_write'; did you mean 'ek_writes'"):
-        analyze(tiny_run, ["ek_write"], pm=pm)
+        analyze(tiny_run, ["ek_write"], registries=build_registries(pm))
     with pytest.raises(RunError, match="does not exist"):
-        analyze(tmp_path / "nope", pm=pm)
+        analyze(tmp_path / "nope", registries=build_registries(pm))
     with pytest.raises(RunError, match="not an explainkit run"):
-        analyze(tmp_path, pm=pm)
+        analyze(tmp_path, registries=build_registries(pm))
 
 
 def test_artifact_rejects_bad_kind_and_paths(tmp_path):
@@ -264,7 +287,7 @@ def test_analyze_missing_artifact_file_fails(tiny_run, pm):
             return [context.artifact("never.png", "Never", "image")]
 
     pm.register(AnalyzersPlugin(Lies), name="undo-lies")
-    (m,) = analyze(tiny_run, ["ek_lies"], pm=pm, collect_failures=True)
+    (m,) = analyze(tiny_run, ["ek_lies"], registries=build_registries(pm), collect_failures=True)
     assert m["status"] == "failed" and "did not write it" in m["error"]
 
 
@@ -412,9 +435,9 @@ def test_cam_results_show_a_grid_of_image_heatmap_overlay(tiny_run):
     import numpy as np
     import torch
 
+    from explainkit import load_model
     from explainkit.explain.gradcam import compute_cam
     from explainkit.store import open_store
-    from explainkit.train.checkpoint import load_model
 
     model = load_model(tiny_run)
     with open_store(tiny_run) as store:
@@ -442,7 +465,7 @@ def test_analyze_from_python_raises_when_an_analyzer_failed(tiny_run, pm):
     from explainkit.runner import AnalysisFailed
 
     with pytest.raises(AnalysisFailed, match="ek_fails: ValueError: boom on purpose") as info:
-        analyze(tiny_run, ["ek_writes", "ek_fails"], pm=pm)
+        analyze(tiny_run, ["ek_writes", "ek_fails"], registries=build_registries(pm))
     statuses = {m["analyzer"]: m["status"] for m in info.value.results}
     assert statuses == {"ek_writes": "ok", "ek_fails": "failed"}  # the others still ran
 

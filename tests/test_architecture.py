@@ -41,14 +41,15 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
-def _imports(module: str) -> list[tuple[str, list[str]]]:
-    """(imported module, names) for every import in ``module``, wherever it stands."""
+def _imports(module: str, typing: bool = False) -> list[tuple[str, list[str]]]:
+    """(imported module, names) for every import in ``module``, wherever it stands; those of
+    ``if TYPE_CHECKING:`` blocks too when ``typing``."""
     tree = ast.parse(MODULES[module].read_text())
     package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
     found = []
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
+        if isinstance(node, ast.If) and _is_type_checking(node) and not typing:
             for child in node.orelse:
                 visit(child)
             return
@@ -71,11 +72,11 @@ def _imports(module: str) -> list[tuple[str, list[str]]]:
     return found
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph(typing: bool = False) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for module in MODULES:
         targets = set()
-        for imported, _ in _imports(module):
+        for imported, _ in _imports(module, typing):
             # Importing a.b.c runs a and a.b first; point at the deepest module we know.
             while imported and imported not in MODULES:
                 imported = imported.rpartition(".")[0]
@@ -90,9 +91,11 @@ def _ancestors(module: str) -> set[str]:
     return {".".join(parts[:i]) for i in range(1, len(parts))}
 
 
-def test_no_import_cycle_anywhere_in_the_package():
-    """A cycle through imports inside functions is still a cycle: it only hides better."""
-    graph = _graph()
+@pytest.mark.parametrize("typing", [False, True], ids=["run time", "with TYPE_CHECKING"])
+def test_no_import_cycle_anywhere_in_the_package(typing):
+    """A cycle through imports inside functions is still a cycle: it only hides better; one
+    through ``if TYPE_CHECKING:`` imports is a knot in the design all the same."""
+    graph = _graph(typing)
     # A package's __init__ running before its submodules is not a cycle worth reporting.
     graph = {m: {t for t in ts if t not in _ancestors(m)} for m, ts in graph.items()}
     state: dict[str, int] = {}
@@ -135,10 +138,38 @@ def test_builtin_plugins_import_only_public_explainkit_names():
             assert not imported.startswith("explainkit.plugins"), (module, imported)
 
 
+# The host: it builds the plugin manager and the registries and hands them down.
+HOST = {
+    "explainkit.manager",
+    "explainkit.runner",
+    "explainkit.api",
+    "explainkit.cli",
+    "explainkit.cli_params",
+}
+MAX_MODULE_LINES = 600
+
+
 def test_the_analyzer_contract_imports_no_host_module():
-    host = {"explainkit.runner", "explainkit.manager", "explainkit.cli"}
-    imported = {m for m, _ in _imports("explainkit.analyzer")}
-    assert not imported & host
+    imported = {m for m, _ in _imports("explainkit.analyzer", typing=True)}
+    assert not imported & HOST
+
+
+def test_only_the_host_imports_the_plugin_manager():
+    """Registries are built by the host and handed down, never looked up in a global."""
+    offenders = [
+        module
+        for module in MODULES
+        if module not in HOST
+        for imported, _ in _imports(module, typing=True)
+        if imported == "explainkit.manager"
+    ]
+    assert not offenders
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_module_is_longer_than_a_few_screens(module):
+    lines = len(MODULES[module].read_text().splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{MODULES[module]} has {lines} lines"
 
 
 BUILTINS = get_analyzers(get_plugin_manager(entrypoints=False, quiet=True))

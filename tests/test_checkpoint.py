@@ -5,9 +5,8 @@ import torch
 
 from explainkit import load_model
 from explainkit.errors import CheckpointError
-from explainkit.models import build_model
 from explainkit.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from tests.conftest import minimal_payload, run_cli
+from tests.helpers import build_model, minimal_payload, registries, run_cli
 
 
 class Sentinel:
@@ -25,7 +24,7 @@ def test_code_running_pickle_never_runs(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": "explainkit-checkpoint", "payload": Sentinel(sentinel)}, path)
     with pytest.raises(CheckpointError, match="refused"):
-        load_checkpoint(path)
+        load_checkpoint(path, registries())
     assert not sentinel.exists()
 
 
@@ -43,23 +42,23 @@ def test_plain_state_dicts_are_not_explainkit_checkpoints(tmp_path):
     path = tmp_path / "plain.pt"
     torch.save(build_model("resnet18", width=8).state_dict(), path)
     with pytest.raises(CheckpointError, match="not an explainkit checkpoint"):
-        load_checkpoint(path)
+        load_checkpoint(path, registries())
     torch.save({"state_dict": {}, "epoch": 3, "arch": "resnet18"}, path)  # timm-like dict
     with pytest.raises(CheckpointError, match="not an explainkit checkpoint"):
-        load_checkpoint(path)
+        load_checkpoint(path, registries())
 
 
 def test_truncated_checkpoints_are_refused(tiny_run):
     path = tiny_run / "checkpoints" / "last.pt"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated"):
-        load_checkpoint(path)
+        load_checkpoint(path, registries())
 
 
 def test_atomic_save_leaves_no_temporary_files(tmp_path):
     save_checkpoint(tmp_path / "a.pt", minimal_payload())
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
-    assert load_checkpoint(tmp_path / "a.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "a.pt", registries())["epoch"] == 1
 
 
 def test_load_model_from_a_run_dir_and_an_epoch(tiny_run):
@@ -67,11 +66,11 @@ def test_load_model_from_a_run_dir_and_an_epoch(tiny_run):
     assert not model.training
     assert sum(p.numel() for p in model.parameters()) > 0
     with pytest.raises(CheckpointError, match="saved epochs: 1, 2"):
-        resolve_checkpoint(tiny_run, epoch=7)
+        resolve_checkpoint(tiny_run, registries(), epoch=7)
 
 
 def test_checkpoints_hold_only_tensors_and_plain_values(tiny_run):
-    data = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
+    data = load_checkpoint(tiny_run / "checkpoints" / "last.pt", registries())
     assert {"optimizer", "scheduler", "scaler", "rng", "config", "epoch"} <= set(data)
     assert not any(k.startswith("module.") for k in data["state_dict"])
 
@@ -81,7 +80,7 @@ def test_checkpoint_keys_say_what_they_hold(tiny_run):
     the model that is loaded is the average, which is what was evaluated and stored."""
     from explainkit.train.checkpoint import FORMAT_VERSION, eval_state_dict
 
-    data = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
+    data = load_checkpoint(tiny_run / "checkpoints" / "last.pt", registries())
     assert data["format_version"] == FORMAT_VERSION == 2 and "train_state_dict" not in data
     raw, ema = data["state_dict"], data["state_dict_ema"]
     assert raw.keys() == ema.keys() and data["ema_updates"] > 0
@@ -108,10 +107,10 @@ def _v1_layout(v2: dict, ema: bool) -> dict:
 
 @pytest.mark.parametrize("ema", [True, False], ids=["ema", "no-ema"])
 def test_v1_checkpoints_load_to_the_same_weights(tiny_run, tmp_path, ema):
-    v2 = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
+    v2 = load_checkpoint(tiny_run / "checkpoints" / "last.pt", registries())
     path = tmp_path / "v1.pt"
     torch.save(_v1_layout(v2, ema), path)
-    data = load_checkpoint(path)
+    data = load_checkpoint(path, registries())
     assert data["format_version"] == 2 and "train_state_dict" not in data
     expected = dict(v2) if ema else {k: v for k, v in v2.items() if "ema" not in k}
     assert data.keys() == expected.keys()
@@ -204,7 +203,7 @@ def test_crafted_checkpoints_are_refused_at_load(tiny_run_master, tmp_path, name
     path = tmp_path / "crafted.pt"
     torch.save(data, path)
     with pytest.raises(CheckpointError) as caught:
-        load_checkpoint(path)
+        load_checkpoint(path, registries())
     text = str(caught.value)
     assert message in text and f"{path} is damaged: " in text, text
     assert "newer" not in text and "\n" not in text and not text.endswith(".")
@@ -228,7 +227,7 @@ def test_a_model_that_cannot_be_built_here_is_not_called_damage(
     data["model"]["arch"] = arch
     torch.save(data, tmp_path / "other.pt")
     with pytest.raises(CheckpointError) as caught:
-        load_checkpoint(tmp_path / "other.pt")
+        load_checkpoint(tmp_path / "other.pt", registries())
     text = str(caught.value)
     assert text.startswith(f"{tmp_path / 'other.pt'} cannot be rebuilt here: "), text
     assert message in text and "damaged" not in text and "\n" not in text, text
@@ -239,16 +238,16 @@ def test_a_newer_format_still_says_upgrade(tiny_run_master, tmp_path):
     data["format_version"] = 3
     torch.save(data, tmp_path / "new.pt")
     with pytest.raises(CheckpointError, match="format v3, newer than this explainkit"):
-        load_checkpoint(tmp_path / "new.pt")
+        load_checkpoint(tmp_path / "new.pt", registries())
 
 
 def test_model_from_checkpoint_checks_a_dict_it_did_not_load(tiny_run_master):
     from explainkit.train.checkpoint import model_from_checkpoint
 
-    data = load_checkpoint(tiny_run_master / "checkpoints" / "last.pt")
-    assert not model_from_checkpoint(data).training
+    data = load_checkpoint(tiny_run_master / "checkpoints" / "last.pt", registries())
+    assert not model_from_checkpoint(data, registries()).training
     bad = {**data, "state_dict_ema": {**data["state_dict_ema"], "linear.weight": torch.zeros(2)}}
     with pytest.raises(CheckpointError, match="the checkpoint is damaged: its state_dict_ema"):
-        model_from_checkpoint(bad)
+        model_from_checkpoint(bad, registries())
     with pytest.raises(CheckpointError, match="not what load_checkpoint returns .missing or"):
-        model_from_checkpoint({"epoch": 1})
+        model_from_checkpoint({"epoch": 1}, registries())

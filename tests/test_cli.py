@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from explainkit import __version__
 from explainkit.cli import cli
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "h5py", "matplotlib", "numpy", "captum", "torchvision")

@@ -20,7 +20,7 @@ from explainkit.data import (
     load_dataset,
 )
 from explainkit.errors import DataError
-from tests.conftest import CIFAR_MINI, run_cli
+from tests.helpers import CIFAR_MINI, registries, run_cli
 
 SAMPLE = CIFAR_MINI / "cifar-10-batches-py"
 
@@ -41,8 +41,8 @@ def _batch(folder: Path, name: str, obj: object) -> Path:
 
 
 def test_cifar10_reads_shared_sample():
-    train = load_dataset("cifar10", "train", SAMPLE.parent, download=False)
-    test = load_dataset("cifar10", "eval", SAMPLE, download=False)
+    train = load_dataset("cifar10", "train", SAMPLE.parent, download=False, registries=registries())
+    test = load_dataset("cifar10", "eval", SAMPLE, download=False, registries=registries())
     assert train.images.shape == (4068, 32, 32, 3) and train.images.dtype == np.uint8
     assert test.images.shape == (1017, 32, 32, 3)
     assert train.targets.dtype == np.int64 and train.targets.shape == (4068,)
@@ -57,7 +57,12 @@ def test_cifar10_reads_shared_sample():
     assert np.array_equal(train.images[0, :, :, 1].ravel(), row[1024:2048])
     assert np.array_equal(train.images[0, :, :, 2].ravel(), row[2048:])
     assert train.targets[0] == raw["labels"][0]
-    assert load_dataset("cifar10", "eval", SAMPLE, download=False, limit=7).images.shape[0] == 7
+    assert (
+        load_dataset(
+            "cifar10", "eval", SAMPLE, download=False, limit=7, registries=registries()
+        ).images.shape[0]
+        == 7
+    )
 
 
 class _RunsCommand:
@@ -83,7 +88,7 @@ def test_cifar10_refuses_code_running_pickle(tmp_path, payload):
     sentinel = tmp_path / "pwned"
     _batch(folder, "data_batch_1", {"data": payload(sentinel), "labels": [0]})
     with pytest.raises(DataError, match="data_batch_1"):
-        load_dataset("cifar10", "train", tmp_path, download=False)
+        load_dataset("cifar10", "train", tmp_path, download=False, registries=registries())
     assert not sentinel.exists()
 
 
@@ -93,7 +98,7 @@ def test_cifar10_refuses_truncated_file(tmp_path):
     data = (SAMPLE / "data_batch_1").read_bytes()
     (folder / "data_batch_1").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="data_batch_1"):
-        load_dataset("cifar10", "train", folder, download=False)
+        load_dataset("cifar10", "train", folder, download=False, registries=registries())
 
 
 @pytest.mark.parametrize(
@@ -112,7 +117,7 @@ def test_cifar10_refuses_non_cifar_pickle(tmp_path, obj):
     _meta(folder)
     _batch(folder, "test_batch", obj)
     with pytest.raises(DataError, match="test_batch"):
-        load_dataset("cifar10", "eval", tmp_path, download=False)
+        load_dataset("cifar10", "eval", tmp_path, download=False, registries=registries())
 
 
 def test_cifar10_accepts_valid_pickle_and_fine_labels(tmp_path):
@@ -121,7 +126,7 @@ def test_cifar10_accepts_valid_pickle_and_fine_labels(tmp_path):
     data = np.arange(2 * 3072).astype(np.uint8).reshape(2, 3072)
     _batch(folder, "data_batch_1", {"data": data, "labels": [3, 4]})
     _batch(folder, "data_batch_2", {"data": data[:1], "fine_labels": np.array([9])})
-    ds = load_dataset("cifar10", "train", tmp_path, download=False)
+    ds = load_dataset("cifar10", "train", tmp_path, download=False, registries=registries())
     assert ds.images.shape == (3, 32, 32, 3) and list(ds.targets) == [3, 4, 9]
     assert ds.classes == [f"c{i}" for i in range(10)]
     assert ds.images[0, 0, 1, 2] == data[0, 2048 + 1]
@@ -129,7 +134,7 @@ def test_cifar10_accepts_valid_pickle_and_fine_labels(tmp_path):
 
 def test_cifar10_missing_without_download(tmp_path):
     with pytest.raises(DataError, match="--data-dir"):
-        load_dataset("cifar10", "train", tmp_path, download=False)
+        load_dataset("cifar10", "train", tmp_path, download=False, registries=registries())
 
 
 def test_cifar10_download_failure_is_a_data_error(tmp_path, monkeypatch, capsys):
@@ -140,7 +145,7 @@ def test_cifar10_download_failure_is_a_data_error(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
     with pytest.raises(DataError, match="--data-dir") as info:
-        load_dataset("cifar10", "train", tmp_path)
+        load_dataset("cifar10", "train", tmp_path, registries=registries())
     assert "cifar-10-batches-py" in str(info.value)
     assert "Downloading CIFAR-10" in capsys.readouterr().err
 
@@ -153,7 +158,7 @@ def test_cifar10_download_failure_is_a_data_error(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", partial)
     (tmp_path / "mine.txt").write_text("not ours")
     with pytest.raises(DataError, match="connection reset"):
-        load_dataset("cifar10", "train", tmp_path / "new" / "data")
+        load_dataset("cifar10", "train", tmp_path / "new" / "data", registries=registries())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]  # nothing left behind
 
 
@@ -172,7 +177,7 @@ def test_cifar10_download_happy_path(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake)
     monkeypatch.setenv("EXPLAINKIT_DATA_DIR", str(tmp_path / "cache"))
-    ds = load_dataset("cifar10", "eval")
+    ds = load_dataset("cifar10", "eval", registries=registries())
     assert ds.images.shape == (1017, 32, 32, 3)
     assert calls == [
         (
@@ -181,7 +186,7 @@ def test_cifar10_download_happy_path(tmp_path, monkeypatch, capsys):
         )
     ]
     assert "Downloading" in capsys.readouterr().err
-    load_dataset("cifar10", "train")  # already there: no second download
+    load_dataset("cifar10", "train", registries=registries())  # already there: no second download
     assert len(calls) == 1
 
 
@@ -189,20 +194,26 @@ def test_cifar10_download_happy_path(tmp_path, monkeypatch, capsys):
 
 
 def test_shapes_deterministic_and_split_seeds():
-    a = load_dataset("shapes", "train", limit=200, seed=3)
-    b = load_dataset("shapes", "train", limit=200, seed=3)
+    a = load_dataset("shapes", "train", limit=200, seed=3, registries=registries())
+    b = load_dataset("shapes", "train", limit=200, seed=3, registries=registries())
     assert np.array_equal(a.images, b.images) and np.array_equal(a.masks, b.masks)
-    assert not np.array_equal(a.images, load_dataset("shapes", "train", limit=200).images)
-    assert not np.array_equal(a.images, load_dataset("shapes", "eval", limit=200, seed=3).images)
-    full = load_dataset("shapes", "eval")
+    assert not np.array_equal(
+        a.images, load_dataset("shapes", "train", limit=200, registries=registries()).images
+    )
+    assert not np.array_equal(
+        a.images, load_dataset("shapes", "eval", limit=200, seed=3, registries=registries()).images
+    )
+    full = load_dataset("shapes", "eval", registries=registries())
     assert full.images.shape == (1000, 32, 32, 3) and full.masks.shape == (1000, 32, 32)
-    assert np.array_equal(load_dataset("shapes", "eval", limit=50).images, full.images[:50])
+    assert np.array_equal(
+        load_dataset("shapes", "eval", limit=50, registries=registries()).images, full.images[:50]
+    )
     assert np.bincount(full.targets).tolist() == [100] * 10
     assert len(full.classes) == 10 and full.name == "shapes"
 
 
 def test_shapes_masks_mark_the_object():
-    ds = load_dataset("shapes", "train", limit=300, image_size=40)
+    ds = load_dataset("shapes", "train", limit=300, image_size=40, registries=registries())
     assert ds.images.shape == (300, 40, 40, 3) and ds.masks.dtype == np.uint8
     assert set(np.unique(ds.masks)) == {0, 1}
     area = ds.masks.reshape(300, -1).mean(1)
@@ -228,9 +239,9 @@ def test_folder_tree_with_holdout_and_bad_files(tmp_path):
         _png(tmp_path / "dog" / f"{i}.png", (8, 8), (0, 0, 200))
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     with pytest.warns(UserWarning, match="notes.txt"):
-        train = load_dataset("folder", "train", tmp_path, image_size=16)
+        train = load_dataset("folder", "train", tmp_path, image_size=16, registries=registries())
     with pytest.warns(UserWarning):
-        test = load_dataset("folder", "eval", tmp_path, image_size=16)
+        test = load_dataset("folder", "eval", tmp_path, image_size=16, registries=registries())
     assert train.classes == ["cat", "dog"] and train.images.shape[1:] == (16, 16, 3)
     assert len(train) + len(test) == 12 and len(test) == 1
     assert not set(train.index) & set(test.index)
@@ -241,7 +252,7 @@ def test_folder_tree_with_holdout_and_bad_files(tmp_path):
 
     (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.warns(UserWarning), pytest.raises(DataError, match="broken.png"):
-        load_dataset("folder", "train", tmp_path, image_size=16)
+        load_dataset("folder", "train", tmp_path, image_size=16, registries=registries())
 
 
 def test_folder_train_val_layout(tmp_path):
@@ -249,12 +260,12 @@ def test_folder_train_val_layout(tmp_path):
         for cls in ("a", "b"):
             for i in range(n):
                 _png(tmp_path / split / cls / f"{i}.png", (12, 12), (i * 10, 0, 0))
-    train = load_dataset("folder", "train", tmp_path, image_size=8)
-    val = load_dataset("folder", "eval", tmp_path, image_size=8, limit=3)
+    train = load_dataset("folder", "train", tmp_path, image_size=8, registries=registries())
+    val = load_dataset("folder", "eval", tmp_path, image_size=8, limit=3, registries=registries())
     assert len(train) == 6 and list(val.targets) == [0, 0, 1] and val.classes == ["a", "b"]
     shutil.rmtree(tmp_path / "train" / "b")
     with pytest.raises(DataError, match="class folders"):
-        load_dataset("folder", "eval", tmp_path)
+        load_dataset("folder", "eval", tmp_path, registries=registries())
 
 
 def _files_of(root: Path, paths: list[str]) -> list[tuple[int, int]]:
@@ -276,8 +287,8 @@ def test_folder_paths_and_sizes_name_each_file(tmp_path):
             for i in range(n):
                 size = (int(rng.integers(9, 40)), int(rng.integers(9, 40)))  # PIL: (W, H)
                 _png(tmp_path / split / cls / f"{cls} {i}.png", size, (i, 0, 0))
-    train = load_dataset("folder", "train", tmp_path, image_size=8)
-    val = load_dataset("folder", "eval", tmp_path, image_size=8, limit=4)
+    train = load_dataset("folder", "train", tmp_path, image_size=8, registries=registries())
+    val = load_dataset("folder", "eval", tmp_path, image_size=8, limit=4, registries=registries())
     assert train.paths[:2] == ["train/cat/cat 0.png", "train/cat/cat 1.png"]
     assert val.paths == ["val/cat/cat 0.png", "val/cat/cat 1.png", "val/cat/cat 2.png",
                          "val/dog/dog 0.png"]  # fmt: skip
@@ -294,8 +305,8 @@ def test_folder_holdout_paths_are_disjoint_and_match_the_index(tmp_path):
     for i in range(15):
         _png(tmp_path / "a" / f"{i:02d}.png", (10 + i, 20), (0, 0, 0))
         _png(tmp_path / "b" / "deeper" / f"{i:02d}.jpg", (20, 10 + i), (0, 0, 0))
-    train = load_dataset("folder", "train", tmp_path, seed=3)
-    held = load_dataset("folder", "eval", tmp_path, seed=3)
+    train = load_dataset("folder", "train", tmp_path, seed=3, registries=registries())
+    held = load_dataset("folder", "eval", tmp_path, seed=3, registries=registries())
     files = [f"a/{i:02d}.png" for i in range(15)] + [f"b/deeper/{i:02d}.jpg" for i in range(15)]
     assert train.paths == [files[i] for i in train.index]
     assert held.paths == [files[i] for i in held.index]
@@ -312,8 +323,8 @@ def test_folder_paths_in_another_encoding_are_readable_text(tmp_path):
         for i in range(6):
             name = os.path.join(root, folder, b"\xfc%d.png" % i)  # Latin-1 'ü'
             _png(Path(os.fsdecode(name)), (9, 7), (i, 0, 0))
-    held = load_dataset("folder", "eval", tmp_path / "data", image_size=8)
-    ds = load_dataset("folder", "train", tmp_path / "data", image_size=8)
+    held = load_dataset("folder", "eval", tmp_path / "data", image_size=8, registries=registries())
+    ds = load_dataset("folder", "train", tmp_path / "data", image_size=8, registries=registries())
     expected = {f"{c}/ü{i}.png" for c in ("cafe", "café") for i in range(6)}
     assert set(ds.paths) | set(held.paths) == expected and len(ds) == 11
     create_store(
@@ -328,21 +339,23 @@ def test_folder_paths_in_another_encoding_are_readable_text(tmp_path):
 
 def test_fixed_size_datasets_record_their_one_original_size():
     """CIFAR-10 images are 32x32 whatever --image-size resizes them to; shapes are drawn at it."""
-    cifar = load_dataset("cifar10", "eval", SAMPLE, image_size=16, download=False, limit=5)
+    cifar = load_dataset(
+        "cifar10", "eval", SAMPLE, image_size=16, download=False, limit=5, registries=registries()
+    )
     assert cifar.images.shape[1:3] == (16, 16) and cifar.sizes.tolist() == [[32, 32]] * 5
     assert cifar.paths is None
-    shapes = load_dataset("shapes", "train", image_size=24, limit=4)
+    shapes = load_dataset("shapes", "train", image_size=24, limit=4, registries=registries())
     assert shapes.sizes.tolist() == [[24, 24]] * 4 and shapes.paths is None
 
 
 def test_load_dataset_rejects_unknown_names(tmp_path):
     assert DATASETS == ("cifar10", "shapes", "folder")
     with pytest.raises(DataError, match="cifar10"):
-        load_dataset("mnist", "train")
+        load_dataset("mnist", "train", registries=registries())
     with pytest.raises(DataError, match="split"):
-        load_dataset("shapes", "test")
+        load_dataset("shapes", "test", registries=registries())
     with pytest.raises(DataError, match="does not exist"):
-        load_dataset("folder", "train", tmp_path / "nope")
+        load_dataset("folder", "train", tmp_path / "nope", registries=registries())
 
 
 # --- stats -----------------------------------------------------------------------------------

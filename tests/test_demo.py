@@ -9,7 +9,7 @@ import shutil
 from explainkit.config import TrainConfig
 from explainkit.demo import CPU, DEMO, GPU, demo_config
 from explainkit.manager import get_analyzers, get_plugin_manager
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 
 EXAMPLE = REPO / "examples" / "explainkit-example-analyzer" / "explainkit_example_analyzer"
 

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from explainkit.errors import AnalyzerError
+from explainkit.manager import build_registries
 from explainkit.runner import analyze
 from explainkit.sharding import block, merge_h5_parts
-from tests.conftest import train_run
+from tests.helpers import train_run
 
 NUM_IMAGES = 37  # odd: the two ranks get 19 and 18 images, in batches of 8 that straddle them
 TIMING = {"seconds", "images_per_s", "processes"}
@@ -110,7 +111,7 @@ def one_process(odd_run, plugins_dir, tmp_path_factory) -> Path:
         plugins=["gradcam", "brightness", "losses"],
         device="cpu",
         batch_size=8,
-        pm=load_plugins(plugins_dir),
+        registries=build_registries(load_plugins(plugins_dir)),
     )
     assert [m["status"] for m in manifests] == ["ok"] * 3
     return run
@@ -214,7 +215,13 @@ def test_rank_0_killed_while_joining_publishes_nothing_and_the_next_run_cleans_u
     left = sorted(p.name.split("-")[0] for p in (run / "analyses").iterdir())
     assert left == [".gradcam.parts", ".gradcam.tmp", "brightness", "gradcam", "losses"]
     # The next analysis (one process) removes what the killed one left and publishes anew.
-    (manifest,) = analyze(run, plugins=["gradcam"], device="cpu", batch_size=8, pm=load_plugins())
+    (manifest,) = analyze(
+        run,
+        plugins=["gradcam"],
+        device="cpu",
+        batch_size=8,
+        registries=build_registries(load_plugins()),
+    )
     assert manifest["status"] == "ok"
     assert sorted(p.name for p in (run / "analyses").iterdir()) == [
         "brightness", "gradcam", "losses",

@@ -69,7 +69,10 @@ def test_cli_evaluate_then_analyze_and_report(tmp_path, folder, weights):
     config = rundir.read_config()
     assert config["model"]["arch"] == "torchvision:resnet18"
     assert config["data"]["classes"] == list(CLASSES)
-    assert config["config"]["epochs"] == 1 and config["config"]["tta"] is False
+    # Recorded as an evaluation, with the options evaluate has and none of training's.
+    assert config["command"] == "evaluate"
+    assert "epochs" not in config["config"] and "lr" not in config["config"]
+    assert config["config"]["model"] == "torchvision:resnet18"
     for name in (1, "best", "last"):
         assert rundir.checkpoint(name).is_file()
 

@@ -22,16 +22,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from explainkit.config import (
-    FIELDS,
-    ConfigError,
-    TrainConfig,
-    check_run_config,
-    field_kind,
-    resolve_config,
-)
-from explainkit.errors import ExplainkitError, RunError
-from explainkit.rundir import RunDir
+from explainkit.config import FIELDS, TrainConfig, field_kind, resolve_config
+from explainkit.errors import ConfigError, ExplainkitError, RunError
+from explainkit.rundir import RunDir, check_run_config
 from explainkit.store import (
     HISTORY_COLUMNS,
     append_epoch,
@@ -40,7 +33,7 @@ from explainkit.store import (
     epochs_folder,
     open_store,
 )
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 from tests.test_hostile_config import valid_run_document
 
 FUZZ = settings(

@@ -23,7 +23,7 @@ from explainkit.explain.gradcam import (
     iter_cam,
     normalize_maps,
 )
-from explainkit.models import build_model
+from tests.helpers import build_model
 
 N = 16
 

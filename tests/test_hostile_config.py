@@ -19,18 +19,16 @@ import pytest
 
 from explainkit.config import (
     FIELDS,
-    MAX_CONFIG_BYTES,
-    ConfigError,
     TrainConfig,
-    brief,
-    check_run_config,
     check_value,
     field_kind,
     read_config_file,
     resolve_config,
 )
-from explainkit.errors import RunError
-from tests.conftest import run_cli
+from explainkit.errors import ConfigError, RunError, brief
+from explainkit.files import MAX_CONFIG_BYTES
+from explainkit.rundir import check_run_config
+from tests.helpers import run_cli
 
 # A shapes run that would train in seconds if a bad value slipped through (it must not).
 SMALL = ("--dataset", "shapes", "--width", "8", "--epochs", "1", "--limit-train", "64")

@@ -42,7 +42,7 @@ from explainkit.store import (
     open_store,
 )
 from explainkit.train.checkpoint import load_checkpoint, model_from_checkpoint
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, registries, run_cli
 from tests.test_reliability import assert_clean_failure, assert_unchanged, checksums, limited
 
 
@@ -376,8 +376,8 @@ def real_checkpoint(tiny_run_master) -> dict:
 
 def read_checkpoint_checked(path: Path, input_shape: list[int]) -> str | None:
     try:
-        data = load_checkpoint(path)
-        model = model_from_checkpoint(data)
+        data = load_checkpoint(path, registries())
+        model = model_from_checkpoint(data, registries())
     except CheckpointError as e:
         return assert_one_sentence(e)
     assert isinstance(data["epoch"], int) and data["epoch"] >= 1

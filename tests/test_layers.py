@@ -9,7 +9,7 @@ from torch import nn
 from explainkit.errors import AnalyzerError
 from explainkit.explain.gradcam import compute_cam
 from explainkit.explain.layers import run_default_layer, target_layer
-from explainkit.models import build_model
+from tests.helpers import build_model
 
 
 @pytest.fixture

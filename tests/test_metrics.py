@@ -30,8 +30,8 @@ def all_methods(layer: str = "layer4", **kwargs):
 @pytest.fixture(scope="module")
 def trained(trained_shapes_run):
     """(model, images, labels, predicted, masks) of the trained run's eval split."""
+    from explainkit import load_model
     from explainkit.store import open_store
-    from explainkit.train.checkpoint import load_model
 
     run = trained_shapes_run
     model = load_model(run, device="cpu")
@@ -194,7 +194,7 @@ def _reference_curves(model, images, maps, targets, steps, baseline, generator):
 
 def _small_resnet():
     """A random explainkit ResNet whose batch norms have non-trivial statistics to fold."""
-    from explainkit.models import build_model
+    from tests.helpers import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet18-s8", num_classes=5, width=4)
@@ -395,7 +395,7 @@ def test_the_randomization_cascade_follows_any_models_own_module_tree():
     import torchvision
 
     from explainkit.explain.metrics import DEFAULT_CASCADE, SANITY_DEPTH, model_cascade
-    from explainkit.models import build_model
+    from tests.helpers import build_model
 
     ours = build_model("resnet18-s8", num_classes=3, width=8)
     assert model_cascade(ours, "layer3") == ([tuple(g) for g in DEFAULT_CASCADE], SANITY_DEPTH)

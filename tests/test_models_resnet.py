@@ -3,7 +3,7 @@ import torch
 
 from explainkit.errors import CheckpointError
 from explainkit.explain.layers import target_layer
-from explainkit.models import build_model
+from tests.helpers import build_model
 
 
 def count(model):

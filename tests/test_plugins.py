@@ -23,6 +23,7 @@ from explainkit.analyzer import Analyzer, Option
 from explainkit.cli import cli
 from explainkit.data import Dataset
 from explainkit.errors import PluginError
+from explainkit.manager import build_registries
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "explainkit-example-analyzer"
@@ -348,7 +349,7 @@ def tiny_net(num_classes, width=4):
 
 
 def test_hook_register_models(pm):
-    from explainkit.models.registry import ModelEntry, ModelFamily, build_model, model_entry
+    from explainkit import ModelEntry, ModelFamily
 
     nets = {"small": 4, "large": 16}
 
@@ -365,12 +366,13 @@ def test_hook_register_models(pm):
     models = manager.get_models(pm)
     assert list(models)[:2] == ["resnet18-s8", "resnet18"]  # built-ins first
     assert models["ek_tiny"].plugin_name == "undo-models" and models["nets:"].source == "registered"
-    model = build_model("ek_tiny", 3, pm=pm, width=2)
+    registries = build_registries(pm)
+    model = registries.build_model("ek_tiny", 3, width=2)
     assert model[0].out_channels == 2 and model[-1].out_features == 3
-    assert build_model("nets:large", 5, pm=pm)[0].out_channels == 16
-    assert model_entry("nets:small", pm).name == "nets:small"
+    assert registries.build_model("nets:large", 5)[0].out_channels == 16
+    assert registries.model_entry("nets:small").name == "nets:small"
     with pytest.raises(Exception, match="did you mean 'nets:small'"):
-        model_entry("nets:smal", pm)
+        registries.model_entry("nets:smal")
     assert not pm.load_errors
 
 
@@ -386,7 +388,7 @@ def test_hook_register_models(pm):
     ],
 )
 def test_hook_register_models_rejects_invalid(pm, bad, message):
-    from explainkit.models.registry import ModelEntry
+    from explainkit import ModelEntry
 
     item = ModelEntry(*bad) if isinstance(bad, tuple) else bad
     pm.register(ItemsPlugin(item), name="undo-bad")
@@ -398,21 +400,24 @@ def test_hook_register_models_rejects_invalid(pm, bad, message):
 
 
 def test_hook_register_models_duplicate_names_both_plugins(pm):
-    from explainkit.models.registry import ModelEntry, ModelFamily
+    from explainkit import ModelEntry, ModelFamily
 
     pm.register(ItemsPlugin(ModelEntry("resnet18", tiny_net)), name="undo-shadow")
     pm.register(ItemsPlugin(ModelFamily("torchvision", dict, list)), name="undo-family")
     models = manager.get_models(pm)
-    assert models["resnet18"].plugin_name == "explainkit.plugins.models"  # built-ins win
-    assert models["torchvision:"].plugin_name == "explainkit.plugins.models"
+    assert models["resnet18"].plugin_name == "explainkit.plugins.default_models"  # built-ins win
+    assert models["torchvision:"].plugin_name == "explainkit.plugins.default_models"
     errors = {e.plugin: e.error for e in pm.load_errors}
-    assert "model name 'resnet18' is registered by both plugin 'explainkit.plugins.models' " \
-        "and plugin 'undo-shadow'" in errors["undo-shadow"]  # fmt: skip
+    expected = (
+        "model name 'resnet18' is registered by both plugin 'explainkit.plugins.default_models' "
+        "and plugin 'undo-shadow'"
+    )
+    assert expected in errors["undo-shadow"]
     assert "'torchvision:' is registered by both" in errors["undo-family"]
 
 
 def test_hook_register_models_exception_is_isolated(pm):
-    from explainkit.models.registry import ModelEntry
+    from explainkit import ModelEntry
 
     class Raises:
         @hookimpl
@@ -440,14 +445,15 @@ def stripes(split, image_size, limit, seed):
 
 
 def test_hook_register_datasets(pm):
-    from explainkit.data import DatasetEntry, dataset_names, load_dataset
+    from explainkit.data import DatasetEntry, load_dataset
 
     pm.register(
         ItemsPlugin(DatasetEntry("ek_stripes", stripes, "Stripes."), hook="register_datasets"),
         name="undo-data",
     )
-    assert dataset_names(pm) == ["cifar10", "shapes", "folder", "ek_stripes"]
-    ds = load_dataset("ek_stripes", "train", image_size=16, seed=2, limit=6, pm=pm)
+    registries = build_registries(pm)
+    assert list(registries.datasets) == ["cifar10", "shapes", "folder", "ek_stripes"]
+    ds = load_dataset("ek_stripes", "train", image_size=16, seed=2, limit=6, registries=registries)
     # Kept the first 6, made 16-pixel squares (centre crop of the 20x30 images).
     assert ds.images.shape == (6, 16, 16, 3) and ds.sizes.tolist() == [[20, 30]] * 6
     assert ds.targets.dtype.name == "int64" and ds.name == "stripes-train"
@@ -469,7 +475,7 @@ def test_hook_register_datasets_refuses_what_a_load_returns_wrong(pm, load, mess
 
     pm.register(ItemsPlugin(DatasetEntry("ek_bad", load), hook="register_datasets"), name="bad")
     with pytest.raises(DataError) as e:
-        load_dataset("ek_bad", "train", pm=pm)
+        load_dataset("ek_bad", "train", registries=build_registries(pm))
     assert str(e.value).startswith("dataset 'ek_bad' of plugin 'bad' returned ")
     assert message in str(e.value)
 
@@ -490,7 +496,7 @@ def test_hook_register_datasets_rejects_invalid_and_duplicates(pm):
     pm.register(ItemsPlugin(DatasetEntry("shapes", stripes), hook="register_datasets"), name="dup")
     pm.register(ItemsPlugin("shapes", hook="register_datasets"), name="wrong")
     datasets = manager.get_datasets(pm)
-    assert datasets["shapes"].plugin_name == "explainkit.plugins.datasets"
+    assert datasets["shapes"].plugin_name == "explainkit.plugins.default_datasets"
     errors = {e.plugin: e.error for e in pm.load_errors}
     assert "dataset name 'shapes' is registered by both plugin" in errors["dup"]
     assert "registered str 'shapes', not a DatasetEntry" in errors["wrong"]
@@ -652,7 +658,7 @@ def test_plugins_command_lists_each_plugins_models_and_datasets(tmp_path):
             """
             from explainkit import hookimpl
             from explainkit.data import DatasetEntry
-            from explainkit.models.registry import ModelEntry
+            from explainkit import ModelEntry
 
             @hookimpl
             def register_models(register):
@@ -675,12 +681,12 @@ def test_plugins_command_lists_each_plugins_models_and_datasets(tmp_path):
     ]
     rows = json.loads(runner.invoke(cli, ["plugins", "--all", "--json"]).stdout)
     by_name = {r["name"]: r for r in rows}
-    models = by_name["explainkit.plugins.models"]["models"]
+    models = by_name["explainkit.plugins.default_models"]["models"]
     assert [m["name"] for m in models] == [
         "resnet18-s8", "resnet18", "torchvision:NAME", "timm:NAME", "import:NAME",
     ]  # fmt: skip
     assert models[0]["default_layer"] == "layer4" and models[2]["family"] is True
-    datasets = by_name["explainkit.plugins.datasets"]["datasets"]
+    datasets = by_name["explainkit.plugins.default_datasets"]["datasets"]
     assert [d["name"] for d in datasets] == ["cifar10", "shapes", "folder"]
     listed = runner.invoke(cli, ["plugins", "--all"]).stdout
     assert "  model torchvision:NAME: Every torchvision classification model" in listed

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import CIFAR_MINI, run_cli
+from tests.helpers import CIFAR_MINI, run_cli
 
 SENTINEL_NAME = "PWNED"
 

@@ -16,11 +16,28 @@ from pathlib import Path
 
 import pytest
 
+from explainkit.manager import build_registries
 from explainkit.report import build_report, load_manifests, render_report
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 
 EVIL = "<script>alert(1)</script>"
 EXAMPLE_PLUGIN = REPO / "examples" / "explainkit-example-analyzer"
+
+
+def with_analyzers(available):
+    """The built-in models (to check a run's last checkpoint) and analyzers of these names
+    (a list) or report orders (a dict), as the report is handed them."""
+    from dataclasses import replace
+
+    from explainkit.registries import AnalyzerEntry
+    from tests.helpers import registries
+
+    orders = available if isinstance(available, dict) else dict.fromkeys(available, 50)
+    analyzers = {
+        name: AnalyzerEntry(type("A", (), {"order": order}), "test", "registered")
+        for name, order in orders.items()
+    }
+    return replace(registries(), analyzers=analyzers)
 
 
 def png_bytes(width: int = 40, height: int = 24) -> bytes:
@@ -73,7 +90,9 @@ def run_example_plugin(run: Path) -> dict:
         sys.path.remove(str(EXAMPLE_PLUGIN))
     pm = get_plugin_manager(entrypoints=False, defaults=False, quiet=True)
     pm.register(explainkit_example_analyzer, name="confidence")
-    (manifest,) = explainkit.analyze(run, plugins=["confidence"], pm=pm, confidence_bins=5)
+    (manifest,) = explainkit.analyze(
+        run, plugins=["confidence"], registries=build_registries(pm), confidence_bins=5
+    )
     assert manifest["status"] == "ok", manifest["error"]
     return manifest
 
@@ -130,7 +149,7 @@ def report_run(tiny_run: Path) -> Path:
 
 
 def test_report_lists_run_and_every_analysis_in_order(report_run):
-    path = build_report(report_run, available=["confidence", "handmade", "gradcam"])
+    path = build_report(report_run, with_analyzers(["confidence", "handmade", "gradcam"]))
     assert path == report_run / "report.html"
     text = path.read_text()
     assert text.startswith("<!DOCTYPE html>")
@@ -153,7 +172,7 @@ def test_report_lists_run_and_every_analysis_in_order(report_run):
 
 
 def test_report_renders_each_artifact_kind(report_run):
-    text = render_report(report_run, available=[])
+    text = render_report(report_run, with_analyzers([]))
     images = re.findall(r'<img src="([^"]*)"', text)
     assert len(images) == 2  # the hand-made PNG and the confidence plot
     assert all(src.startswith("data:image/png;base64,") for src in images)
@@ -167,7 +186,7 @@ def test_report_renders_each_artifact_kind(report_run):
 
 
 def test_report_escapes_every_string_from_the_run_and_plugins(report_run):
-    text = render_report(report_run, available=[])
+    text = render_report(report_run, with_analyzers([]))
     assert EVIL not in text
     assert "<script" not in text.lower()
     escaped = html.escape(EVIL)
@@ -176,7 +195,7 @@ def test_report_escapes_every_string_from_the_run_and_plugins(report_run):
 
 
 def test_report_is_self_contained(report_run):
-    text = render_report(report_run, available=[])
+    text = render_report(report_run, with_analyzers([]))
     assert not re.search(r"<(link|script|iframe|object|embed)\b", text, re.I)
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", text, re.I)
     assert "@import" not in text and "url(" not in text
@@ -184,15 +203,15 @@ def test_report_is_self_contained(report_run):
 
 def test_report_is_written_atomically_and_out_is_honoured(report_run, tmp_path):
     (report_run / "report.html").write_text("old")
-    path = build_report(report_run)
+    path = build_report(report_run, with_analyzers([]))
     assert path.read_text().startswith("<!DOCTYPE html>")
     assert not list(report_run.glob(".report.html.tmp-*"))
-    other = build_report(report_run, out=tmp_path / "sub" / "r.html")
+    other = build_report(report_run, with_analyzers([]), out=tmp_path / "sub" / "r.html")
     assert other == tmp_path / "sub" / "r.html" and other.is_file()
 
 
 def test_report_without_analyses_says_how_to_add_them(tiny_run):
-    text = render_report(tiny_run, available=[])
+    text = render_report(tiny_run, with_analyzers([]))
     assert "No analyses yet" in text
 
 
@@ -269,7 +288,7 @@ def test_report_in_headless_chromium(report_run, tmp_path):
             "Chromium is not installed (apt-get install -y chromium); the browser check of "
             "the report is skipped"
         )
-    report = build_report(report_run, available=[])
+    report = build_report(report_run, with_analyzers([]))
     text = report.read_text()
     probe = tmp_path / "probe.html"
     probe.write_text(
@@ -312,7 +331,7 @@ def test_report_in_headless_chromium(report_run, tmp_path):
 
 def test_report_of_a_run_without_store_still_shows_config_and_analyses(report_run):
     (report_run / "predictions.h5").unlink()
-    text = render_report(report_run, available=[])
+    text = render_report(report_run, with_analyzers([]))
     assert "The run could not be read completely" in text
     assert "Confidence per class" in text
 
@@ -321,7 +340,7 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     from explainkit.errors import RunError
 
     with pytest.raises(RunError, match="not an explainkit run"):
-        render_report(tmp_path, available=[])
+        render_report(tmp_path, with_analyzers([]))
 
 
 def test_manifests_without_order_take_the_installed_analyzers_order(report_run):
@@ -329,7 +348,7 @@ def test_manifests_without_order_take_the_installed_analyzers_order(report_run):
     # installed analyzer's order (broken 5), else 50.
     names = [m["_name"] for m in load_manifests(report_run, {"confidence": 5, "broken": 5})]
     assert names == ["broken", "handmade", "garbled", "confidence"]
-    text = render_report(report_run, available={"confidence": 5, "broken": 5, "gradcam": 40})
+    text = render_report(report_run, with_analyzers({"confidence": 5, "broken": 5, "gradcam": 40}))
     assert text.index('id="a-broken"') < text.index('id="a-handmade"')
     assert "without results in this run: gradcam." in text
 
@@ -360,7 +379,7 @@ def test_report_template_is_a_package_file_rendered_with_autoescape(bare_run):
     manifest = json.loads((bare_run / "analyses" / "evil" / "manifest.json").read_text())
     manifest["artifacts"] = [{"title": EVIL, "kind": "json", "path": "x.json", "caption": EVIL}]
     (bare_run / "analyses" / "evil" / "manifest.json").write_text(json.dumps(manifest))
-    text = render_report(bare_run, available=[EVIL])
+    text = render_report(bare_run, with_analyzers([EVIL]))
     assert "<script" not in text.lower()
     escaped = html.escape(EVIL)
     # class name, nav, heading, summary, option key and value, artifact title, caption, not run
@@ -385,7 +404,7 @@ def test_report_survives_text_that_is_not_utf8(bare_run):
     latin = bare_run / "analyses" / "latin"
     latin.mkdir()
     (latin / "manifest.json").write_bytes(b'{"title": "caf\xe9", "status": "ok"}')
-    path = build_report(bare_run, available=[])
+    path = build_report(bare_run, with_analyzers([]))
     text = path.read_text(encoding="utf-8")  # written as valid UTF-8
     assert "lone ? surrogate" in text
     assert "caf\ufffd &lt;b&gt;" in text  # the undecodable byte shows, the tag is text
@@ -418,7 +437,7 @@ def test_report_says_what_is_wrong_with_each_damaged_artifact(bare_run, monkeypa
     (folder / "wide.csv").write_text("\n".join(wide) + "\n")
     (folder / "w.bin").write_bytes(bytes(10))
     monkeypatch.setattr(report, "MAX_IMAGE_BYTES", len(png_bytes()) + 1000)
-    text = render_report(bare_run, available=[])
+    text = render_report(bare_run, with_analyzers([]))
     assert "An artifact entry is not an object: just a string" in text
     assert "is not a PNG, JPEG, GIF, WebP or SVG image" in text
     assert "is too large to embed; open the file" in text
@@ -437,7 +456,7 @@ def test_report_shows_the_end_of_the_training_log_as_text(tiny_run):
     log = tiny_run / "train.log"
     lines = log.read_text().splitlines()
     assert [line[:12] for line in lines] == ["epoch   1/2 ", "epoch   2/2 "]
-    text = render_report(tiny_run, available=[])
+    text = render_report(tiny_run, with_analyzers([]))
     assert "<h3>Training log</h3>" in text and f"{html.escape(lines[-1])}</pre>" in text
     assert "train.log</span>: 2 lines" in text
     assert text.index("Training log") < text.index("No analyses yet")  # under the run
@@ -445,7 +464,7 @@ def test_report_shows_the_end_of_the_training_log_as_text(tiny_run):
     with open(log, "a") as f:
         f.write(f"{EVIL}\x1b[31m\n")
         f.writelines(f"epoch {i}\n" for i in range(300))
-    text = render_report(tiny_run, available=[])
+    text = render_report(tiny_run, with_analyzers([]))
     assert "<script" not in text.lower() and "\x1b" not in text
     pre = text.split('<pre class="log">', 1)[1].split("</pre>", 1)[0].splitlines()
     assert len(pre) == 200 and pre[0] == "epoch 100" and pre[-1] == "epoch 299"
@@ -457,14 +476,14 @@ def test_report_reads_only_the_end_of_a_long_log(tiny_run, monkeypatch):
 
     (tiny_run / "train.log").write_bytes(b"x" * 5000 + b"\ncaf\xe9 <b>\nlast line\n")
     monkeypatch.setattr(report, "MAX_LOG_BYTES", 100)
-    text = render_report(tiny_run, available=[])
+    text = render_report(tiny_run, with_analyzers([]))
     pre = text.split('<pre class="log">', 1)[1].split("</pre>", 1)[0]
     assert pre == "caf\ufffd &lt;b&gt;\nlast line"  # the cut first line is dropped
     assert "the last 2 lines of 5.0 KB" in text
 
 
 def test_report_of_a_run_without_a_training_log_says_so(bare_run):
-    text = render_report(bare_run, available=[])
+    text = render_report(bare_run, with_analyzers([]))
     assert 'This run has no <span class="file">train.log</span>' in text
     (bare_run / "train.log").mkdir()
-    assert "train.log is not a regular file" in render_report(bare_run, available=[])
+    assert "train.log is not a regular file" in render_report(bare_run, with_analyzers([]))

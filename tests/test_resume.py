@@ -10,12 +10,12 @@ import torch
 
 from explainkit.config import RESUMABLE, TrainConfig
 from explainkit.errors import RunError
+from explainkit.run_summary import summarize_run
 from explainkit.rundir import RunDir
 from explainkit.store import open_store
-from explainkit.summary import summarize_run
 from explainkit.train.checkpoint import load_checkpoint
 from explainkit.train.trainer import Trainer, resume_config, train
-from tests.conftest import run_cli, train_run
+from tests.helpers import registries, run_cli, train_run
 
 ARGS = (
     "--dataset shapes --width 8 --epochs 4 --batch-size 32 "
@@ -24,7 +24,7 @@ ARGS = (
 
 
 def fingerprint(run):
-    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    state = load_checkpoint(run / "checkpoints" / "last.pt", registries())
     with open_store(run) as store:
         logits = np.stack([store.logits(e) for e in store.epochs])
         history = store.history
@@ -63,7 +63,7 @@ def test_killed_run_resumes_to_identical_bits(reference, tmp_path, fault):
     killed = run_cli("train", *ARGS, "--out", str(run), env={"EXPLAINKIT_FAULT": fault})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     # Whatever was killed, the run dir reads back and inspect says it can resume.
-    assert "resumable" in summarize_run(run)["state"]
+    assert "resumable" in summarize_run(run, registries())["state"]
     assert (run / ".lock").exists()  # stale: its owner is dead, and resume takes it over
     resumed = run_cli("train", "--resume", str(run), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
@@ -122,7 +122,9 @@ def test_resume_refuses_to_switch_ema_and_leaves_the_run_alone(has_ema, request)
     """Switching --ema would load the average as training weights, or find none to load."""
     run = request.getfixturevalue("tiny_run" if has_ema else "plain_run")
     saved = RunDir(run).read_config()["config"]
-    assert ("state_dict_ema" in load_checkpoint(RunDir(run).checkpoint("last"))) == has_ema
+    assert (
+        "state_dict_ema" in load_checkpoint(RunDir(run).checkpoint("last"), registries())
+    ) == has_ema
     before = saved_files(run)
     other = "0" if has_ema else "0.999"
     result = run_cli("train", "--resume", str(run), "--ema", other, "--epochs", "3", "--quiet")
@@ -133,7 +135,7 @@ def test_resume_refuses_to_switch_ema_and_leaves_the_run_alone(has_ema, request)
     # The library refuses the same, before it writes anything.
     config = TrainConfig.from_dict({**saved, "ema": float(other), "epochs": 3})
     with pytest.raises(RunError, match="--ema would change the meaning"):
-        train(config, out=run, resume=True, quiet=True)
+        train(config, registries(), out=run, resume=True, quiet=True)
     assert saved_files(run) == before
 
 
@@ -150,20 +152,20 @@ def test_only_the_allow_list_may_change_on_resume(tiny_run):
     allowed = {"epochs": 5, "device": "cpu", "compile": True, "amp": False}
     allowed.update(channels_last=False, keep_checkpoints=2)
     assert set(allowed) == set(RESUMABLE)
-    config = resume_config(tiny_run, allowed)
+    config = resume_config(tiny_run, allowed, registries())
     assert all(getattr(config, k) == v for k, v in allowed.items())
     for name, value in saved.to_dict().items():
         if name not in RESUMABLE:
             flag = "--" + name.replace("_", "-")
             with pytest.raises(RunError, match=f"^{flag} would change the meaning"):
-                resume_config(tiny_run, {name: _different(value)})
+                resume_config(tiny_run, {name: _different(value)}, registries())
     with pytest.raises(RunError, match="^--preset, --tta would change the meaning") as e:
-        resume_config(tiny_run, {"preset": "seed", "tta": False, "epochs": 9})
+        resume_config(tiny_run, {"preset": "seed", "tta": False, "epochs": 9}, registries())
     assert "only --epochs, --device" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_checkpoint_never_loads_into_a_trainer_with_another_ema(tiny_run, tmp_path):
     config = TrainConfig.from_dict({**RunDir(tiny_run).read_config()["config"], "ema": 0.0})
-    trainer = Trainer(config, tmp_path / "elsewhere", quiet=True)
+    trainer = Trainer(config, tmp_path / "elsewhere", registries(), quiet=True)
     with pytest.raises(RunError, match="trained with --ema"):
-        trainer.load_state(load_checkpoint(RunDir(tiny_run).checkpoint("last")))
+        trainer.load_state(load_checkpoint(RunDir(tiny_run).checkpoint("last"), registries()))

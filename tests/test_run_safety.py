@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 
+from explainkit.run_summary import summarize_run
 from explainkit.rundir import RunDir, RunLock
 from explainkit.store import open_store
-from explainkit.summary import summarize_run
 from explainkit.train.checkpoint import load_checkpoint
-from tests.conftest import run_cli
+from tests.helpers import registries, run_cli
 
 ARGS = (
     "--dataset shapes --width 8 --epochs 3 --batch-size 32 --limit-train 96 --limit-eval 32 "
@@ -35,7 +35,7 @@ ARGS = (
 
 
 def fingerprint(run: Path):
-    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    state = load_checkpoint(run / "checkpoints" / "last.pt", registries())
     with open_store(run) as store:
         logits = np.stack([store.logits(e) for e in store.epochs])
         history = store.history
@@ -215,10 +215,10 @@ def test_a_failed_checkpoint_in_the_last_epoch_is_not_called_complete(reference,
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     with open_store(run) as store:
         assert store.epochs == [1, 2, 3]
-    state = summarize_run(run)["state"]
+    state = summarize_run(run, registries())["state"]
     assert "complete" not in state and "after epoch 2" in state and "resumable" in state
     assert run_cli("train", "--resume", str(run), "--quiet").returncode == 0
-    assert summarize_run(run)["state"] == "complete"
+    assert summarize_run(run, registries())["state"] == "complete"
     assert_identical(run, reference[0])
 
 
@@ -312,7 +312,7 @@ def test_a_weights_only_last_checkpoint_is_refused_by_resume(tiny_run):
     from explainkit.train.checkpoint import save_checkpoint
 
     last = tiny_run / "checkpoints" / "last.pt"
-    data = load_checkpoint(last)
+    data = load_checkpoint(last, registries())
     save_checkpoint(last, {k: v for k, v in data.items() if k not in ("optimizer", "rng")})
     before = digest(tiny_run)
     result = run_cli("train", "--resume", str(tiny_run), "--epochs", "4", "--quiet")

@@ -19,7 +19,7 @@ from explainkit.store import (
     epoch_file,
     open_store,
 )
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "store-format.md").read_text()
 

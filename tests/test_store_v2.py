@@ -30,7 +30,7 @@ from explainkit.store import (
     open_store,
     truncate_store,
 )
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 from tests.test_store import history_row, make_store, store_bytes
 
 N, K = 20, 3

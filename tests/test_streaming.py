@@ -21,9 +21,10 @@ from explainkit.data.batches import WORKERS_ENV
 from explainkit.data.folder import FolderImages
 from explainkit.data.lazy import MEMORY_ENV, LazyImages, is_lazy, memory_budget
 from explainkit.errors import DataError
+from explainkit.manager import build_registries
 from explainkit.store import open_store
 from explainkit.train.checkpoint import load_checkpoint
-from tests.conftest import run_cli
+from tests.helpers import registries, run_cli
 
 
 def make_folder(
@@ -60,7 +61,9 @@ def load(folder: Path, split: str, budget: str | None, **kwargs) -> Dataset:
     try:
         if budget is not None:
             os.environ[MEMORY_ENV] = budget
-        return load_dataset("folder", split, folder, **{"image_size": 24, **kwargs})
+        return load_dataset(
+            "folder", split, folder, **{"image_size": 24, **kwargs}, registries=registries()
+        )
     finally:
         os.environ.pop(MEMORY_ENV, None)
         if old is not None:
@@ -100,7 +103,7 @@ def test_the_budget_reads_sizes_with_units(monkeypatch, text, expected):
 def test_a_budget_that_is_not_a_size_is_one_sentence(monkeypatch, folder):
     monkeypatch.setenv(MEMORY_ENV, "lots")
     with pytest.raises(DataError, match="is not a size; give bytes"):
-        load_dataset("folder", "eval", folder, image_size=24)
+        load_dataset("folder", "eval", folder, image_size=24, registries=registries())
 
 
 # --- lazy images read as the eager array -------------------------------------------------------
@@ -187,7 +190,7 @@ def test_a_plugin_dataset_may_return_lazy_images_of_another_size():
 
     pm = manager.get_plugin_manager(entrypoints=False, quiet=True)
     pm.register(GradientsPlugin(), name="gradients-plugin")
-    ds = load_dataset("gradients", "train", image_size=16, limit=6, pm=pm)
+    ds = load_dataset("gradients", "train", image_size=16, limit=6, registries=build_registries(pm))
     assert is_lazy(ds.images) and ds.images.shape == (6, 16, 16, 3)
     assert ds.sizes.tolist() == [[20, 30]] * 6
     from explainkit.data import fit_images
@@ -281,9 +284,9 @@ def test_the_trainer_streams_a_lazy_split_and_puts_an_in_memory_one_on_the_devic
     data = make_folder(tmp_path / "data", 40, 30)
     config = TrainConfig(dataset="folder", data_dir=str(data), image_size=24, device="cpu")
     cpu = torch.device("cpu")
-    memory = DeviceData(config, cpu, channels_last=False)
+    memory = DeviceData(config, registries(), cpu, channels_last=False)
     monkeypatch.setenv(MEMORY_ENV, "0")
-    lazy = DeviceData(config, cpu, channels_last=False)
+    lazy = DeviceData(config, registries(), cpu, channels_last=False)
     assert isinstance(memory.train, Split) and isinstance(memory.eval, Split)
     assert isinstance(lazy.train, StreamedSplit) and isinstance(lazy.eval, StreamedSplit)
     assert (lazy.mean, lazy.std) == (memory.mean, memory.std)
@@ -305,7 +308,7 @@ TRAIN = (
 
 
 def fingerprint(run: Path) -> tuple[dict, np.ndarray, np.ndarray]:
-    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    state = load_checkpoint(run / "checkpoints" / "last.pt", registries())
     with open_store(run) as store:
         logits = np.stack([store.logits(e) for e in store.epochs])
         images = store.images()

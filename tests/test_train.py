@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from explainkit.config import ConfigError, TrainConfig, resolve_config
-from explainkit.errors import RunError
+from explainkit.config import TrainConfig, resolve_config
+from explainkit.errors import ConfigError, RunError
 from explainkit.store import open_store
 from explainkit.train.checkpoint import load_checkpoint
-from tests.conftest import CIFAR_MINI, minimal_payload, run_cli, train_run
+from tests.helpers import CIFAR_MINI, minimal_payload, registries, run_cli, train_run
 
 
 def test_train_writes_a_complete_run_dir(tiny_run):
@@ -26,7 +26,7 @@ def test_train_writes_a_complete_run_dir(tiny_run):
         assert store.has_masks
         acc = (store.predictions(2) == store.targets).mean()
         assert store.history["eval_acc"][1] == pytest.approx(acc)
-    last = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
+    last = load_checkpoint(tiny_run / "checkpoints" / "last.pt", registries())
     assert last["epoch"] == 2 and last["model"]["arch"] == "resnet18-s8"
 
 
@@ -49,8 +49,8 @@ def test_stored_logits_are_the_checkpoints_logits(tiny_run):
 def test_same_seed_gives_bit_identical_runs(tmp_path):
     a = train_run(tmp_path / "a", epochs=2, limit_train=128, limit_eval=32, cutout=8)
     b = train_run(tmp_path / "b", epochs=2, limit_train=128, limit_eval=32, cutout=8)
-    ca = load_checkpoint(a / "checkpoints" / "last.pt")
-    cb = load_checkpoint(b / "checkpoints" / "last.pt")
+    ca = load_checkpoint(a / "checkpoints" / "last.pt", registries())
+    cb = load_checkpoint(b / "checkpoints" / "last.pt", registries())
     for key in ("state_dict", "state_dict_ema"):  # the raw weights and their moving average
         sa, sb = ca[key], cb[key]
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), key
@@ -96,7 +96,7 @@ def test_overwrite_replaces_a_previous_run(tmp_path):
         limit_train=64,
         limit_eval=16,
     )
-    train(config, out=run, overwrite=True, quiet=True)
+    train(config, registries(), out=run, overwrite=True, quiet=True)
     with open_store(run) as store:
         assert store.epochs == [1, 2]
 
@@ -114,7 +114,7 @@ def test_a_run_dir_in_use_is_refused(tmp_path):
 def test_keep_checkpoints_keeps_first_best_and_last_k(tmp_path):
     run = train_run(tmp_path / "k", epochs=4, limit_train=64, limit_eval=16, keep_checkpoints=1)
     names = {p.name for p in (run / "checkpoints").glob("epoch_*.pt")}
-    best = load_checkpoint(run / "checkpoints" / "best.pt")["epoch"]
+    best = load_checkpoint(run / "checkpoints" / "best.pt", registries())["epoch"]
     assert names == {"epoch_001.pt", "epoch_004.pt", f"epoch_{best:03d}.pt"}
 
 
@@ -187,14 +187,15 @@ def test_a_bad_value_from_a_config_file_is_a_usage_error_too(tmp_path):
 
 
 def test_the_parameter_count_used_by_the_memory_check_is_exact():
-    from explainkit.config import resnet18_parameters
-    from explainkit.models import build_model
+    """Counted on the meta device for any model (10 classes), exactly what the model holds."""
+    from tests.helpers import build_model
 
-    for arch in ("resnet18-s8", "resnet18"):
-        for width, classes in ((8, 10), (16, 37), (64, 10)):
-            model = build_model(arch, classes, width)
+    for arch in ("resnet18-s8", "resnet18", "torchvision:resnet18"):
+        for width in (8, 64):
+            model = build_model(arch, 10, **({"width": width} if ":" not in arch else {}))
             expected = sum(p.numel() for p in model.parameters())
-            assert resnet18_parameters(width, classes, arch) == expected, (arch, width)
+            assert registries().count_parameters(arch, width, 32) == expected, (arch, width)
+    assert registries().count_parameters("no-such-model", 8, 32) == 0  # refused elsewhere
 
 
 def test_every_config_the_project_uses_fits_a_small_machine(monkeypatch):
@@ -202,7 +203,7 @@ def test_every_config_the_project_uses_fits_a_small_machine(monkeypatch):
     configs all pass on a 2 GiB machine."""
     from explainkit import config as config_module
     from explainkit.demo import demo_config
-    from tests.conftest import TINY, TRAINED
+    from tests.helpers import TINY, TRAINED
 
     monkeypatch.setattr(config_module, "physical_memory", lambda: 2 * 2**30)
     configs = [TrainConfig(), TrainConfig(preset="seed"), TrainConfig(dataset="shapes", **TINY)]
@@ -212,10 +213,10 @@ def test_every_config_the_project_uses_fits_a_small_machine(monkeypatch):
         for dataset in ("shapes", "cifar10"):
             configs.append(demo_config(dataset, data_dir="cifar", device="cpu", gpu=gpu))
     for config in configs:
-        config.validate()
+        config.validate(registries=registries())
     big = TrainConfig(width=512)  # 700 M parameters: 11 GiB for weights, gradients, momentum, EMA
     with pytest.raises(ConfigError, match=r"need at least 1\d\.\d GiB of memory .* has 2\.0 GiB"):
-        big.validate()
+        big.validate(registries=registries())
     big.validate(check_memory=False)  # a finished run's config is readable anywhere
 
 
@@ -279,7 +280,7 @@ def test_every_random_state_round_trips_through_a_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "r.pt", {**minimal_payload(), "rng": rng_state(data, aug)})
     expected = (np.random.rand(), random.random(), torch.rand(1), torch.rand(1, generator=aug))
     np.random.rand(9), random.random(), torch.rand(4), torch.rand(4, generator=aug)
-    restore_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"], data, aug)
+    restore_rng_state(load_checkpoint(tmp_path / "r.pt", registries())["rng"], data, aug)
     again = (np.random.rand(), random.random(), torch.rand(1), torch.rand(1, generator=aug))
     assert expected[:2] == again[:2]
     assert torch.equal(expected[2], again[2]) and torch.equal(expected[3], again[3])
@@ -292,7 +293,7 @@ def test_a_step_returns_the_objective_and_the_plain_cross_entropy_of_the_same_lo
     from explainkit.train.trainer import Trainer
 
     config = TrainConfig(dataset="shapes", device="cpu", width=8, limit_train=64, limit_eval=16)
-    trainer = Trainer(config, tmp_path / "run", quiet=True)
+    trainer = Trainer(config, tmp_path / "run", registries(), quiet=True)
     x = trainer.data.augment(trainer.data.train.images[:32])
     y = trainer.data.train.targets[:32]
     out, loss, ce = trainer._step(x, y)
@@ -327,7 +328,7 @@ def test_without_label_smoothing_the_objective_is_the_cross_entropy(tmp_path, mo
 
     # No .item() (a device sync) in the epoch: the sums stay on the device until it ends.
     config = TrainConfig(dataset="shapes", device="cpu", width=8, limit_train=128, limit_eval=16)
-    trainer = Trainer(config, tmp_path / "s", quiet=True)
+    trainer = Trainer(config, tmp_path / "s", registries(), quiet=True)
     calls = []
     original = torch.Tensor.item
     monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append(1) or original(t))
@@ -382,7 +383,7 @@ def test_docs_training_table_says_what_each_preset_contains():
     """docs/training.md's preset table matches config.PRESETS: a column per preset, a row for
     every option a preset sets, and each cell the value ``--preset NAME`` resolves to."""
     from explainkit.config import FIELDS, PRESETS
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     text = (REPO / "docs" / "training.md").read_text()
     table = [
@@ -412,7 +413,7 @@ def test_docs_training_table_says_what_each_preset_contains():
 PLUGIN = """
 from explainkit import hookimpl
 from explainkit.data import Dataset, DatasetEntry
-from explainkit.models.registry import ModelEntry
+from explainkit import ModelEntry
 
 
 def tiny(num_classes, width=4):
@@ -479,11 +480,11 @@ def test_a_plugins_model_and_dataset_train_through_the_cli(plugin_dir, tmp_path,
     }
     assert doc["data"]["dataset"] == "ek_stripes" and doc["data"]["num_train"] == 48
     assert (doc["config"]["crop_padding"], doc["config"]["cutout"]) == (2, 8)  # 16 px / 8, / 2
-    from explainkit.manager import load_plugins, reset_plugins
+    from explainkit.manager import load_registries, reset_plugins
 
-    load_plugins(plugin_dir)  # in this process too, so that the registry knows ek_tiny
     try:
-        last = load_checkpoint(out / "checkpoints" / "last.pt")
+        with_plugin = load_registries(plugin_dir)  # so that the registry knows ek_tiny
+        last = load_checkpoint(out / "checkpoints" / "last.pt", with_plugin)
     finally:
         reset_plugins()
     assert last["model"]["kwargs"] == {"width": 3}
@@ -575,7 +576,7 @@ def test_weights_from_a_local_torchvision_state_dict(tmp_path, classes_there):
     doc = json.loads((out / "config.json").read_text())
     assert doc["config"]["weights"] == str(path)
     assert doc["data"]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # what they expect
-    trained = load_checkpoint(out / "checkpoints" / "last.pt")["state_dict"]
+    trained = load_checkpoint(out / "checkpoints" / "last.pt", registries())["state_dict"]
     start = source.state_dict()
     for key in ("conv1.weight", "layer4.1.conv2.weight"):  # lr 1e-9: as loaded
         assert torch.allclose(trained[key], start[key], atol=1e-6), key
@@ -651,7 +652,7 @@ def test_a_run_from_before_the_registry_still_loads_and_resumes(tiny_run):
     assert run_cli("inspect", str(tiny_run)).returncode == 0
     resumed = run_cli("train", "--resume", str(tiny_run), "--epochs", "3", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
-    assert load_checkpoint(tiny_run / "checkpoints" / "last.pt")["epoch"] == 3
+    assert load_checkpoint(tiny_run / "checkpoints" / "last.pt", registries())["epoch"] == 3
 
 
 def test_augmentation_scales_with_the_image_size_unless_set():

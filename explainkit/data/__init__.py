@@ -2,8 +2,8 @@
 
 Datasets are registered by plugins through the ``register_datasets`` hook as
 :class:`DatasetEntry` objects; explainkit's own (cifar10, shapes, folder) come from the
-built-in plugin ``explainkit.plugins.datasets``, registered exactly as a third party's would be.
-:func:`load_dataset` looks a name up (loading the plugins on first use), checks what the
+built-in plugin ``explainkit.plugins.default_datasets``, registered exactly as a third party's would be.
+:func:`load_dataset` looks a name up in the registries the host built, checks what the
 dataset returned, keeps the first ``limit`` images and resizes them to ``image_size``.
 
 A split too large for memory (an ImageFolder of 224-px images) keeps its images as a lazy
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from explainkit.errors import DataError, did_you_mean
+from explainkit.errors import DataError
 from explainkit.hookspecs import DatasetEntry
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
     from explainkit.data.lazy import LazyImages
-    from explainkit.manager import ExplainkitPluginManager, Registered
+    from explainkit.registries import Registries
 
 # explainkit's own datasets, in the order the built-in plugin registers them.
 DATASETS = ("cifar10", "shapes", "folder")
@@ -82,37 +82,6 @@ class Dataset:
         )
 
 
-def dataset_names(pm: ExplainkitPluginManager | None = None) -> list[str]:
-    """The registered dataset names, built-ins first, in registration order."""
-    return list(_registry(pm))
-
-
-def _registry(pm: ExplainkitPluginManager | None) -> dict[str, Registered]:
-    from explainkit.manager import current_plugins, get_datasets
-
-    return get_datasets(pm if pm is not None else current_plugins())
-
-
-def unknown_dataset_message(name: str, known: list[str]) -> str:
-    """``'mnist' is not one of cifar10, shapes, folder; did you mean ...?``, the value cut."""
-    shown = repr(name) if len(name) <= 60 else repr(name[:59]) + "…"
-    close = did_you_mean(name, known) if len(name) <= 200 else []
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return (
-        f"{shown} is not one of {', '.join(known) or 'none'}{hint} (plugins register more: "
-        "explainkit plugins --all lists them)"
-    )
-
-
-def dataset_entry(name: str, pm: ExplainkitPluginManager | None = None) -> DatasetEntry:
-    """The registered dataset ``name``; DataError with a did-you-mean when there is none."""
-    datasets = _registry(pm)
-    found = datasets.get(name)
-    if found is None:
-        raise DataError(f"unknown dataset: {unknown_dataset_message(str(name), list(datasets))}")
-    return found.item
-
-
 def load_dataset(
     name: str,
     split: str,
@@ -121,7 +90,8 @@ def load_dataset(
     seed: int = 0,
     limit: int | None = None,
     download: bool = True,
-    pm: ExplainkitPluginManager | None = None,
+    *,
+    registries: Registries,
 ) -> Dataset:
     """Load one split of a registered dataset as ``image_size`` squares.
 
@@ -135,7 +105,7 @@ def load_dataset(
         seed: For datasets that draw or split at random.
         limit: Keep the first ``limit`` images.
         download: Whether fetching missing files is allowed.
-        pm: The plugin manager (default: the running command's).
+        registries: Where ``name`` is looked up (``explainkit.load_registries()``).
 
     Raises:
         DataError: An unknown name or split, a bad value, or what the dataset returned is not
@@ -147,11 +117,7 @@ def load_dataset(
         raise DataError(f"image_size must be at least 8 pixels, got {image_size}")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of images, got {limit}")
-    datasets = _registry(pm)
-    if name not in datasets:
-        raise DataError(f"unknown dataset: {unknown_dataset_message(str(name), list(datasets))}")
-    found = datasets[name]
-    entry: DatasetEntry = found.item
+    entry, plugin = registries.dataset_entry(name)
     offered = {
         "split": split,
         "data_dir": None if data_dir is None else str(data_dir),
@@ -161,7 +127,7 @@ def load_dataset(
         "download": download,
     }
     ds = entry.load(**_accepted(entry.load, offered))
-    ds = _checked(ds, name, found.plugin_name).take(limit)
+    ds = _checked(ds, name, plugin).take(limit)
     return _fit(_with_sizes(ds), image_size)
 
 
@@ -333,11 +299,8 @@ __all__ = [
     "Dataset",
     "DatasetEntry",
     "channel_stats",
-    "dataset_entry",
-    "dataset_names",
     "fit_images",
     "iter_batches",
     "load_dataset",
     "resize_images",
-    "unknown_dataset_message",
 ]

@@ -35,7 +35,8 @@ from torch import nn
 
 from explainkit import __version__
 from explainkit.atomic import write_atomic
-from explainkit.errors import CheckpointError, RunError, first_line
+from explainkit.errors import CheckpointError, ConfigError, RunError, first_line
+from explainkit.registries import Registries, spec_kwargs
 from explainkit.rundir import RunDir
 
 FORMAT_NAME = "explainkit-checkpoint"
@@ -60,14 +61,14 @@ def save_checkpoint(paths: str | Path | Sequence[str | Path], payload: dict[str,
         write_atomic(path, buffer.getbuffer(), CheckpointError, fault=fault)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, registries: Registries) -> dict[str, Any]:
     """Load and validate an explainkit checkpoint on the CPU, refusing anything else.
 
     Validated here, so that a bad file is one CheckpointError now and not a traceback later:
     the format and its version, the epoch, the model spec (arch, num_classes, width, ...),
     that ``state_dict`` (and ``state_dict_ema``) are finite tensors of exactly the shapes
     the described model has (built on the meta device: no memory, a few milliseconds), and
-    the types of the other fields a resume reads.
+    the types of the other fields a resume reads. The model is looked up in ``registries``.
     """
     path = Path(path)
     if not path.is_file():
@@ -104,7 +105,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if version < 2:
         _upgrade_v1(data)
     try:
-        _validate(data)
+        _validate(data, registries)
     except _Unavailable as e:
         raise CheckpointError(f"{path} cannot be rebuilt here: {e}") from None
     except _Damage as e:
@@ -158,15 +159,15 @@ def _is_real(value: Any) -> bool:
         return False
 
 
-def _validate(data: dict[str, Any]) -> None:
+def _validate(data: dict[str, Any], registries: Registries) -> None:
     """Check every field a reader or a resume uses (raises ``_Damage``)."""
     epoch = data["epoch"]
     if not _is_int(epoch) or epoch < 1:
         raise _Damage(f"its epoch is {_describe(epoch)}, not a whole number of 1 or more")
-    spec = _model_spec(data["model"])
+    spec = _model_spec(data["model"], registries)
     if not isinstance(data["state_dict"], dict):
         raise _Damage(f"its state_dict is {_describe(data['state_dict'])}, not a dict of tensors")
-    expected = _expected_weights(spec)
+    expected = _expected_weights(spec, registries)
     _check_weights(data["state_dict"], "state_dict", expected, spec)
     ema = data.get("state_dict_ema")
     if ema is not None:
@@ -206,19 +207,16 @@ def _validate(data: dict[str, Any]) -> None:
             raise _Damage(f"its {key} is {_describe(values)}, not a list of finite numbers")
 
 
-def _model_spec(spec: Any) -> dict[str, Any]:
+def _model_spec(spec: Any, registries: Registries) -> dict[str, Any]:
     """The model spec, checked: arch a registered name, num_classes (and width, where there is
     one) positive integers, kwargs a mapping of names to plain values."""
-    from explainkit.config import ConfigError
-    from explainkit.models.registry import model_entry, spec_kwargs
-
     if not isinstance(spec, dict):
         raise _Damage(f"its model spec is {_describe(spec)}, not a dict")
     arch = spec.get("arch")
     if not isinstance(arch, str):
         raise _Damage(f"its model arch is {_describe(arch)}, not a model name")
     try:
-        model_entry(arch)
+        registries.model_entry(arch)
     except ConfigError as e:
         # Not damage: the plugin or module that provides the model may just be missing here.
         prefix = f"unknown model {arch!r}"
@@ -255,31 +253,25 @@ def _model_spec(spec: Any) -> dict[str, Any]:
 
 def describe_model(spec: dict[str, Any]) -> str:
     """``resnet18-s8 (width 8, 3 classes)``: a model spec in a few words, for messages."""
-    from explainkit.models.registry import spec_kwargs
-
     parts = [f"{k} {v}" for k, v in spec_kwargs(spec).items()]
     parts.append(f"{spec['num_classes']} classes")
     return f"{spec['arch']} ({', '.join(parts)})"
 
 
-def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+def build_from_spec(spec: dict[str, Any], registries: Registries) -> nn.Module:
     """An untrained model as a spec describes it, built through the model registry."""
-    from explainkit.models.registry import build_model, spec_kwargs
-
-    return build_model(spec["arch"], spec["num_classes"], **spec_kwargs(spec))
+    return registries.build_model(spec["arch"], spec["num_classes"], **spec_kwargs(spec))
 
 
-def _expected_weights(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _expected_weights(spec: dict[str, Any], registries: Registries) -> dict[str, torch.Tensor]:
     """The state_dict the described model has, built on the meta device (no memory), or on
     the CPU for the few architectures that compute their shapes from data."""
-    from explainkit.config import ConfigError
-
     try:
         try:
             with torch.device("meta"):
-                model = build_from_spec(spec)
+                model = build_from_spec(spec, registries)
         except NotImplementedError:  # "Cannot copy out of meta tensor" (torchvision RegNet)
-            model = build_from_spec(spec)
+            model = build_from_spec(spec, registries)
     except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError, ConfigError) as e:
         raise _Damage(f"its model spec does not build ({first_line(e, limit=120)})") from e
     return model.state_dict()
@@ -376,7 +368,9 @@ def prune_checkpoints(run_dir: str | Path, keep: int | None, best_epoch: int) ->
             path.unlink(missing_ok=True)
 
 
-def resolve_checkpoint(path_or_run: str | Path, epoch: int | None = None) -> Path:
+def resolve_checkpoint(
+    path_or_run: str | Path, registries: Registries, epoch: int | None = None
+) -> Path:
     """A checkpoint file, or a run dir plus epoch (None: best.pt, else last.pt)."""
     path = Path(path_or_run)
     if path.is_file():
@@ -397,22 +391,24 @@ def resolve_checkpoint(path_or_run: str | Path, epoch: int | None = None) -> Pat
     if epoch in available:
         return available[epoch]
     for candidate in named:
-        if candidate.is_file() and load_checkpoint(candidate)["epoch"] == epoch:
+        if candidate.is_file() and load_checkpoint(candidate, registries)["epoch"] == epoch:
             return candidate
     listed = ", ".join(str(e) for e in available) or "none"
     raise CheckpointError(f"no checkpoint for epoch {epoch} in {folder}; saved epochs: {listed}")
 
 
-def model_from_checkpoint(data: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+def model_from_checkpoint(
+    data: dict[str, Any], registries: Registries, device: str | torch.device = "cpu"
+) -> nn.Module:
     """Build the model a checkpoint describes with the weights it evaluated, in eval mode.
 
     ``data`` comes from :func:`load_checkpoint`, which has checked that the weights fit; a
     dict from anywhere else is checked here, and refused with a CheckpointError. The model is
-    built through the registry (``explainkit.models.registry``) from the spec's ``arch`` and
+    built through ``registries`` from the spec's ``arch`` and
     ``kwargs``, so a plugin's model needs its plugin loaded.
     """
     try:
-        _validate(data)
+        _validate(data, registries)
     except _Unavailable as e:
         raise CheckpointError(f"the checkpoint's model cannot be rebuilt here: {e}") from None
     except _Damage as e:
@@ -423,7 +419,7 @@ def model_from_checkpoint(data: dict[str, Any], device: str | torch.device = "cp
             f"{first_line(e, limit=80) or type(e).__name__}); load it with load_checkpoint"
         ) from e
     spec = data["model"]
-    model = build_from_spec(spec)
+    model = build_from_spec(spec, registries)
     try:
         model.load_state_dict(eval_state_dict(data))
     except RuntimeError as e:
@@ -439,7 +435,11 @@ def model_from_checkpoint(data: dict[str, Any], device: str | torch.device = "cp
 
 
 def load_model(
-    path_or_run: str | Path, epoch: int | None = None, device: str | torch.device = "cpu"
+    path_or_run: str | Path,
+    registries: Registries,
+    epoch: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
     """Load a model from a checkpoint file or a run directory (default: best epoch)."""
-    return model_from_checkpoint(load_checkpoint(resolve_checkpoint(path_or_run, epoch)), device)
+    path = resolve_checkpoint(path_or_run, registries, epoch)
+    return model_from_checkpoint(load_checkpoint(path, registries), registries, device)

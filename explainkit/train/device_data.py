@@ -20,6 +20,7 @@ from explainkit.data import channel_stats, load_dataset
 from explainkit.data.augment import cutout, random_crop, random_flip
 from explainkit.data.lazy import LazyImages, is_lazy
 from explainkit.errors import ExplainkitError
+from explainkit.registries import Registries
 from explainkit.train.streamed_data import StreamedSplit
 
 
@@ -63,10 +64,20 @@ class DeviceData:
     are lazy; both hand out the same uint8 batches for the same order.
     """
 
-    def __init__(self, config: TrainConfig, device: torch.device, channels_last: bool) -> None:
-        c = config
-        train = load_dataset(c.dataset, "train", c.data_dir, c.image_size, c.seed, c.limit_train)
-        evals = load_dataset(c.dataset, "eval", c.data_dir, c.image_size, c.seed, c.limit_eval)
+    def __init__(
+        self,
+        config: TrainConfig,
+        registries: Registries,
+        device: torch.device,
+        channels_last: bool,
+    ) -> None:
+        c, r = config, registries
+        train = load_dataset(
+            c.dataset, "train", c.data_dir, c.image_size, c.seed, c.limit_train, registries=r
+        )
+        evals = load_dataset(
+            c.dataset, "eval", c.data_dir, c.image_size, c.seed, c.limit_eval, registries=r
+        )
         if len(train) < 2:
             raise ExplainkitError("the training split has fewer than 2 images")
         self.config = config

@@ -10,10 +10,6 @@ from typing import Any
 import torch
 
 
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 @dataclass
 class DistContext:
     enabled: bool = False

@@ -15,11 +15,18 @@ from explainkit.train.checkpoint import list_checkpoints, load_checkpoint
 RESUME_STATE = ("optimizer", "scheduler", "scaler", "rng")
 
 if TYPE_CHECKING:
+    from explainkit.registries import Registries
     from explainkit.train.trainer import Trainer
 
 
 def _saved_config(run: RunDir) -> TrainConfig:
-    return TrainConfig.from_dict(run.read_config()["config"], source=str(run.path))
+    document = run.read_config()
+    if document["command"] != "train":
+        raise RunError(
+            f"{run.path} was written by explainkit {document['command']}, not trained; there "
+            "is no training to resume"
+        )
+    return TrainConfig.from_dict(document["config"], source=str(run.path))
 
 
 def _refuse(run: RunDir, options: list[str]) -> None:
@@ -32,14 +39,16 @@ def _refuse(run: RunDir, options: list[str]) -> None:
         )
 
 
-def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
+def resume_config(
+    run_dir: Path, overrides: dict[str, Any], registries: Registries
+) -> TrainConfig:
     """The run's own config, with only the options that may change (epochs, device...) changed."""
     run = RunDir(run_dir)
     saved = _saved_config(run)
     _refuse(run, refused_on_resume(saved, overrides))
     for key, value in overrides.items():
         setattr(saved, key, value)
-    saved.validate()
+    saved.validate(registries=registries)
     return saved
 
 
@@ -59,7 +68,7 @@ def load_resume_point(trainer: Trainer, run: RunDir) -> bool:
     last = run.checkpoint("last")
     if not last.is_file():
         return False
-    data = load_checkpoint(last)
+    data = load_checkpoint(last, trainer.registries)
     missing = [key for key in RESUME_STATE if not isinstance(data.get(key), dict)]
     if missing:
         raise CheckpointError(

@@ -11,7 +11,7 @@ import torch
 
 from explainkit import __version__
 from explainkit.atomic import write_atomic
-from explainkit.config import TrainConfig
+from explainkit.config import Options
 from explainkit.errors import RunError
 from explainkit.rundir import CONFIG_FORMAT, CONFIG_VERSION, RunDir
 from explainkit.store import StoreBuilder
@@ -23,7 +23,12 @@ if TYPE_CHECKING:
 @dataclass
 class RunFacts:
     """What a new run's config.json and empty store record: the trainer and
-    ``explainkit evaluate`` each fill one in, and both write their run the same way."""
+    ``explainkit evaluate`` each fill one in, and both write their run the same way.
+
+    ``command`` is what wrote the run (``"train"`` or ``"evaluate"``, config.json's
+    ``command``); ``eval_weights`` and ``eval_tta`` say what the stored logits are (the
+    moving average or the trained weights, with or without flip TTA).
+    """
 
     model_spec: dict[str, Any]
     classes: list[str]
@@ -32,7 +37,11 @@ class RunFacts:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     device: torch.device
+    dataset: str
+    command: str = "train"
     world_size: int = 1
+    eval_weights: str = "trained"
+    eval_tta: bool = False
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -52,16 +61,18 @@ def _environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def write_config(facts: RunFacts, config: TrainConfig, run: RunDir) -> None:
-    """config.json (the resolved config, model spec, data facts, environment); checkpoints/."""
+def write_config(facts: RunFacts, config: Options, run: RunDir) -> None:
+    """config.json (what wrote it, the resolved config, model spec, data facts, environment);
+    checkpoints/."""
     run.checkpoints.mkdir(exist_ok=True)
     config_json = {
         "format": CONFIG_FORMAT,
         "format_version": CONFIG_VERSION,
+        "command": facts.command,
         "config": config.to_dict(),
         "model": facts.model_spec,
         "data": {
-            "dataset": config.dataset,
+            "dataset": facts.dataset,
             "classes": facts.classes,
             "num_train": facts.num_train,
             "num_eval": len(facts.eval_data),
@@ -77,7 +88,7 @@ def write_config(facts: RunFacts, config: TrainConfig, run: RunDir) -> None:
 STORE_BATCH = 256  # images decoded and written at a time: 38 MB at 224 px
 
 
-def create_empty_store(facts: RunFacts, config: TrainConfig, run: RunDir) -> None:
+def create_empty_store(facts: RunFacts, run: RunDir) -> None:
     """A new run's empty prediction store: the eval images, and what their logits will be.
 
     The images are streamed in batches (decoded by workers when the split is lazy), so the
@@ -93,7 +104,7 @@ def create_empty_store(facts: RunFacts, config: TrainConfig, run: RunDir) -> Non
         targets=ev.targets,
         index=ev.index,
         classes=facts.classes,
-        dataset=config.dataset,
+        dataset=facts.dataset,
         model=facts.model_spec,
         mean=facts.mean,
         std=facts.std,
@@ -101,8 +112,8 @@ def create_empty_store(facts: RunFacts, config: TrainConfig, run: RunDir) -> Non
         has_masks=ev.masks is not None,
         paths=ev.paths,
         sizes=ev.sizes,
-        eval_weights="ema" if config.ema > 0 else "trained",
-        eval_tta=config.tta,
+        eval_weights=facts.eval_weights,
+        eval_tta=facts.eval_tta,
     ) as builder:
         for start, images in iter_batches(ev, STORE_BATCH):
             masks = None if ev.masks is None else ev.masks[start : start + len(images)]

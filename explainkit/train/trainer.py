@@ -34,9 +34,10 @@ from torch import nn
 
 from explainkit.config import FIELDS, TrainConfig
 from explainkit.device import resolve_device
-from explainkit.errors import ExplainkitError, RunError
+from explainkit.errors import ExplainkitError, RunError, TrainingDiverged, TrainingInterrupted
 from explainkit.explain.layers import run_default_layer
 from explainkit.faults import fault_point
+from explainkit.registries import Registries, accepted_kwargs
 from explainkit.rundir import RunDir, RunLock
 from explainkit.store import append_epoch
 from explainkit.train import distributed as dist_utils
@@ -55,14 +56,6 @@ from explainkit.train.state import restore_rng_state, rng_state, seed_everything
 from explainkit.train.weights import InitialWeights, apply_weights, read_weights
 
 __all__ = ["Trainer", "TrainingInterrupted", "one_cycle_factor", "resume_config", "train"]
-
-
-class TrainingInterrupted(ExplainkitError):
-    """SIGINT/SIGTERM stopped training at a safe point; completed epochs are kept."""
-
-
-class TrainingDiverged(ExplainkitError):
-    """The loss or the logits became NaN or infinite; the epoch was not committed."""
 
 
 class _StopFlag:
@@ -97,6 +90,7 @@ class Trainer:
         self,
         config: TrainConfig,
         run_dir: Path,
+        registries: Registries,
         quiet: bool = False,
         dist: dist_utils.DistContext | None = None,
         weights: InitialWeights | None = None,
@@ -107,6 +101,7 @@ class Trainer:
         Args:
             config: The run's config.
             run_dir: Its directory (already claimed: see :func:`train`).
+            registries: Where its model and dataset are looked up.
             quiet: No progress bars.
             dist: The torchrun context (default: read from the environment).
             weights: ``config.weights`` already read (:func:`train` reads them before it
@@ -114,12 +109,13 @@ class Trainer:
             load_weights: False when a checkpoint will replace them anyway (a resume).
         """
         self.config = config
+        self.registries = registries
         self.run_dir = run_dir
         self.rundir = RunDir(run_dir)
         self.quiet = quiet
         self._choose_device(dist)
         seed_everything(config.seed)  # before the first random draw (the data, the init)
-        self.data = DeviceData(config, self.device, self.channels_last)
+        self.data = DeviceData(config, registries, self.device, self.channels_last)
         self._build_model(weights, load_weights)
         self.ema = EMA(self.model, config.ema) if config.ema > 0 else None
         self._wrap_model()
@@ -145,18 +141,17 @@ class Trainer:
         ``build`` takes (``width``, ``image_size``), started from ``config.weights`` when set,
         and described by :attr:`model_spec`: what a checkpoint needs to build it again.
         """
-        from explainkit.models.registry import accepted_kwargs, model_entry
-
         config, cuda = self.config, self.device.type == "cuda"
         num_classes = len(self.data.classes)
-        entry = model_entry(config.model)
+        entry = self.registries.model_entry(config.model)
         offered = {"width": config.width, "image_size": config.image_size}
         kwargs = accepted_kwargs(entry.build, offered)
         self.model = entry.build(num_classes, **kwargs)
         if "width" not in kwargs and config.width != FIELDS["width"].default:
             self.log(f"note: {config.model} takes no --width; --width {config.width} is ignored")
         if config.weights and load_weights:
-            self._start_from(weights or read_weights(config.weights, entry), entry, num_classes)
+            weights = weights or read_weights(config.weights, entry, self.registries)
+            self._start_from(weights, entry, num_classes)
         self.model = self.model.to(self.device)
         example = torch.zeros(1, 3, config.image_size, config.image_size, device=self.device)
         layer, reshape = run_default_layer(self.model, entry, example)
@@ -222,7 +217,10 @@ class Trainer:
             mean=self.mean,
             std=self.std,
             device=self.device,
+            dataset=self.config.dataset,
             world_size=self.dist.world_size,
+            eval_weights="ema" if self.config.ema > 0 else "trained",
+            eval_tta=self.config.tta,
         )
 
     @property
@@ -583,7 +581,7 @@ def _start(trainer: Trainer, config: TrainConfig, run: RunDir, resume: bool) -> 
         if resumed:
             trim_to_checkpoint(trainer, run)
         else:
-            create_empty_store(facts, config, run)
+            create_empty_store(facts, run)
     trainer.dist.barrier()
     if resumed:
         trainer.log(f"resuming {run.path} after epoch {trainer.epoch}")
@@ -591,6 +589,7 @@ def _start(trainer: Trainer, config: TrainConfig, run: RunDir, resume: bool) -> 
 
 def train(
     config: TrainConfig,
+    registries: Registries,
     out: str | Path | None = None,
     overwrite: bool = False,
     quiet: bool = False,
@@ -598,26 +597,33 @@ def train(
 ) -> Path:
     """Train a new run into ``out`` (default ``runs/<time>``), or continue it with ``resume``.
 
-    Returns the run directory. Under torchrun every rank calls this; only rank 0 writes.
+    ``registries`` (``explainkit.load_registries()``) is where the model and dataset are
+    looked up. Returns the run directory. Under torchrun every rank calls this; only rank 0
+    writes.
     """
-    from explainkit.models.registry import model_entry
-
-    config.validate()
+    config.validate(registries=registries)
     if resume and out is None:
         raise RunError("resume needs the run directory")
     # Everything the user named must exist before anything is written: the model (a family's
     # name after the colon is checked here) and the weights (read, or downloaded, now).
-    entry = model_entry(config.model)
+    entry = registries.model_entry(config.model)
     run = RunDir(out) if out else RunDir.new_default()
     continuing = resume and run.checkpoint("last").is_file()  # its weights replace these
-    weights = read_weights(config.weights, entry) if config.weights and not continuing else None
+    reading = config.weights and not continuing
+    weights = read_weights(config.weights, entry, registries) if reading else None
     dist = dist_utils.init_from_env(config.device)
     lock = None
     try:
         lock = _claim_run(run, config, dist, overwrite, resume)
         fault_point("setup:locked")
         trainer = Trainer(
-            config, run.path, quiet=quiet, dist=dist, weights=weights, load_weights=not continuing
+            config,
+            run.path,
+            registries,
+            quiet=quiet,
+            dist=dist,
+            weights=weights,
+            load_weights=not continuing,
         )
         _start(trainer, config, run, resume)
         trainer.run()

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from explainkit.config import ConfigError, brief
-from explainkit.errors import CheckpointError, ExplainkitError, first_line
-from explainkit.models.registry import ModelEntry
+from explainkit.errors import CheckpointError, ConfigError, ExplainkitError, brief, first_line
+from explainkit.hookspecs import ModelEntry
+from explainkit.registries import Registries
 
 __all__ = ["WEIGHTS_NAME", "InitialWeights", "apply_weights", "read_weights"]
 
@@ -56,8 +56,9 @@ class InitialWeights:
     std: tuple[float, ...] | None = None
 
 
-def read_weights(value: str, entry: ModelEntry) -> InitialWeights:
-    """The weights ``--weights value`` names for the model ``entry``.
+def read_weights(value: str, entry: ModelEntry, registries: Registries) -> InitialWeights:
+    """The weights ``--weights value`` names for the model ``entry`` (an explainkit checkpoint
+    is checked against the model it records, looked up in ``registries``).
 
     Raises:
         ConfigError: No such file and no such weights name for this model.
@@ -67,7 +68,7 @@ def read_weights(value: str, entry: ModelEntry) -> InitialWeights:
     """
     path = Path(value).expanduser()
     if path.is_file():
-        return _read_file(path, entry)
+        return _read_file(path, entry, registries)
     if path.exists():
         raise ConfigError(f"--weights {path} is not a regular file; give a state_dict file")
     if not WEIGHTS_NAME.match(value):
@@ -100,7 +101,7 @@ def _stats(values: Any) -> tuple[float, ...] | None:
     return tuple(float(v) for v in values) if values is not None else None
 
 
-def _read_file(path: Path, entry: ModelEntry) -> InitialWeights:
+def _read_file(path: Path, entry: ModelEntry, registries: Registries) -> InitialWeights:
     from explainkit.train.checkpoint import FORMAT_NAME, eval_state_dict, load_checkpoint
 
     try:
@@ -118,7 +119,7 @@ def _read_file(path: Path, entry: ModelEntry) -> InitialWeights:
             "give a file saved with torch.save(model.state_dict(), path)"
         ) from e
     if isinstance(data, dict) and data.get("format") == FORMAT_NAME:
-        checkpoint = load_checkpoint(path)  # validated, and translated from older versions
+        checkpoint = load_checkpoint(path, registries)  # validated
         return InitialWeights(
             dict(eval_state_dict(checkpoint)),
             f"checkpoint {path}",

@@ -12,7 +12,7 @@ import torch
 
 from explainkit.explain.stats import average_ranks, mean_spearman_matrix
 from explainkit.runner import analyze
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 pytest.importorskip("captum")
 

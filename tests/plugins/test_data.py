@@ -14,6 +14,7 @@ import pytest
 from explainkit.data import load_dataset
 from explainkit.selection import per_class_sample
 from explainkit.store import open_store
+from tests.helpers import registries
 
 from .test_gallery import check_png, load, make_run, run_one, train_folder_run
 
@@ -52,7 +53,9 @@ def test_analyzer_data_stats_and_counts_match_numpy(tiny_run):
     config = json.loads((tiny_run / "config.json").read_text())
     assert summary["train"]["mean"] == config["data"]["mean"]
     assert summary["train"]["std"] == config["data"]["std"]
-    train = load_dataset("shapes", "train", limit=config["config"]["limit_train"])
+    train = load_dataset(
+        "shapes", "train", limit=config["config"]["limit_train"], registries=registries()
+    )
     assert summary["train"]["available"] is True
     assert summary["train"]["class_counts"] == np.bincount(train.targets, minlength=10).tolist()
     with open(load(tiny_run, "data", "class_distribution.csv")) as f:
@@ -75,7 +78,12 @@ def test_analyzer_data_channel_stats_table_for_both_splits(tiny_run):
     with open_store(tiny_run) as store:
         images = store.images().astype(np.float64) / 255
         train_mean, train_std = store.mean, store.std
-    train = load_dataset("shapes", "train", limit=256).images.astype(np.float64) / 255
+    train = (
+        load_dataset("shapes", "train", limit=256, registries=registries()).images.astype(
+            np.float64
+        )
+        / 255
+    )
     expected = {
         "train": (train.mean(axis=(0, 1, 2)), train.std(axis=(0, 1, 2))),
         "eval": (images.mean(axis=(0, 1, 2)), images.std(axis=(0, 1, 2))),
@@ -145,7 +153,7 @@ def test_analyzer_data_folder_sizes_of_both_splits(tmp_path):
     manifest = run_one(run, "data")
     assert manifest["status"] == "ok", manifest["error"]
     rows = read_csv(load(run, "data", "image_sizes.csv"))
-    train = load_dataset("folder", "train", data, image_size=16)
+    train = load_dataset("folder", "train", data, image_size=16, registries=registries())
     with open_store(run) as store:
         eval_paths = store.sources()
     assert size_counts(rows, "train") == Counter(pil_sizes(data, train.paths))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import train_run
+from tests.helpers import train_run
 
 from .test_gallery import check_png, run_one
 

@@ -16,7 +16,7 @@ import pytest
 
 from explainkit.runner import analyze
 from explainkit.store import append_epoch, create_store, open_store
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -100,7 +100,7 @@ def make_image_folder(root: Path, classes=("cat", "café"), train=12, val=4, see
 
 def train_folder_run(tmp_path: Path) -> tuple[Path, Path]:
     """A real run (1 epoch, width 8, 16x16 inputs) on a fresh image folder: (run, data)."""
-    from tests.conftest import train_run
+    from tests.helpers import train_run
 
     data = make_image_folder(tmp_path / "data")
     run = train_run(tmp_path / "run", dataset="folder", data_dir=str(data), image_size=16, epochs=1)

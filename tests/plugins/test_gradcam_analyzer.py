@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from explainkit import hookimpl
+from explainkit import hookimpl, load_model
 from explainkit.explain.gradcam import normalize_maps
-from explainkit.manager import load_plugins
+from explainkit.manager import build_registries, load_plugins
 from explainkit.runner import analyze
 from explainkit.store import open_store
-from explainkit.train.checkpoint import load_model
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def run_gradcam(run: Path, **options) -> dict:
@@ -204,7 +203,13 @@ def test_analyzer_gradcam_asks_the_plugin_manager_it_runs_under(tiny_run):
 
     pm = get_plugin_manager(entrypoints=False)
     pm.register(Plugin(), name="undo-own-manager")
-    (manifest,) = analyze(tiny_run, plugins=["gradcam"], pm=pm, device="cpu", gradcam_count=1)
+    (manifest,) = analyze(
+        tiny_run,
+        plugins=["gradcam"],
+        registries=build_registries(pm),
+        device="cpu",
+        gradcam_count=1,
+    )
     assert manifest["status"] == "ok", manifest["error"]
     assert read_h5(tiny_run)[1]["layer"] == "layer2.1"
 
@@ -246,7 +251,7 @@ def test_gradcam_and_gallery_tables_name_the_users_own_files(tmp_path):
 
     from PIL import Image
 
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     rng = np.random.default_rng(0)
     for cls in ("cats", "dogs"):

@@ -78,7 +78,7 @@ def test_losses_figure_says_what_each_line_measures(tiny_run):
 
 
 def test_losses_without_smoothing_or_ema_have_no_objective_line(tmp_path):
-    from tests.conftest import train_run
+    from tests.helpers import train_run
 
     run = train_run(tmp_path / "seed", epochs=1, limit_train=64, limit_eval=16, preset="seed",
                     flip=False, label_smoothing=0.0, ema=0.0, tta=False)  # fmt: skip

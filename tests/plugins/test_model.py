@@ -13,11 +13,10 @@ import torch
 from torch import nn
 
 from explainkit.manager import get_analyzers, get_plugin_manager
-from explainkit.models import build_model
 from explainkit.models.summary import ModelSummary, format_table, summarize_model
 from explainkit.runner import analyze
 from explainkit.store import open_store
-from tests.conftest import run_cli
+from tests.helpers import build_model, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 MB = 1024**2

@@ -122,7 +122,7 @@ def test_quality_needs_a_checkpoint(tmp_path, tiny_run_master):
 
 
 def test_quality_says_its_sample_and_an_estimate_before_the_long_part(tiny_run):
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     result = run_cli(
         "analyze", str(tiny_run), "--plugin", "quality", "--quality-count", "40",

@@ -8,7 +8,7 @@ import json
 import pytest
 
 import explainkit
-from explainkit.manager import get_analyzers, get_plugin_manager
+from explainkit.manager import build_registries, get_analyzers, get_plugin_manager
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,11 @@ def test_analyzer_confidence_registers(pm):
 @pytest.mark.parametrize("by", ["target", "predicted"])
 def test_analyzer_confidence_writes_png_and_csv(pm, run_dir, by):
     (manifest,) = explainkit.analyze(
-        run_dir, plugins=["confidence"], pm=pm, confidence_bins=4, confidence_by=by
+        run_dir,
+        plugins=["confidence"],
+        registries=build_registries(pm),
+        confidence_bins=4,
+        confidence_by=by,
     )
     assert manifest["status"] == "ok", manifest["error"]
     out = run_dir / "analyses" / "confidence"

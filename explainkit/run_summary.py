@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from explainkit.registries import Registries
 from explainkit.rundir import RunDir
 
 
-def summarize_run(run: str | Path | RunDir) -> dict[str, Any]:
-    """Everything ``inspect`` prints, as plain data (also used by the report)."""
+def summarize_run(run: str | Path | RunDir, registries: Registries) -> dict[str, Any]:
+    """Everything ``inspect`` prints, as plain data (also used by the report); last.pt is
+    checked against the model ``registries`` build."""
     from explainkit.store import open_store
 
     run = run if isinstance(run, RunDir) else RunDir(run)
@@ -29,8 +31,10 @@ def summarize_run(run: str | Path | RunDir) -> dict[str, Any]:
             "has_masks": store.has_masks,
         }
     named = sorted(p.name for p in run.checkpoints.glob("*.pt"))
-    resume_point = _resume_point(run)
-    state = _state(run, resume_point, len(epochs), config["epochs"])
+    trained = data["command"] == "train"
+    planned = config["epochs"] if trained else len(epochs)  # evaluated: what it holds
+    resume_point = _resume_point(run, registries) if trained else len(epochs)
+    state = _state(run, resume_point, len(epochs), planned)
     analyses = []
     if run.analyses.is_dir():
         for manifest in run.manifests():
@@ -44,6 +48,7 @@ def summarize_run(run: str | Path | RunDir) -> dict[str, Any]:
         best_acc = float(history["eval_acc"][best - 1])
     return {
         "run": str(run.path),
+        "command": data["command"],
         "state": state,
         "dataset": config["dataset"],
         "model": data["model"],
@@ -51,7 +56,7 @@ def summarize_run(run: str | Path | RunDir) -> dict[str, Any]:
         "device": data.get("environment", {}).get("device"),
         "epochs_done": len(epochs),
         "resume_point": resume_point,
-        "epochs_planned": config["epochs"],
+        "epochs_planned": planned,
         "best_epoch": best,
         "best_eval_acc": best_acc,
         "seconds": float(history["seconds"].sum()) if epochs else 0.0,
@@ -62,7 +67,7 @@ def summarize_run(run: str | Path | RunDir) -> dict[str, Any]:
     }
 
 
-def _resume_point(run: RunDir) -> int:
+def _resume_point(run: RunDir, registries: Registries) -> int:
     """The epoch last.pt holds: where ``train --resume`` continues (0: from the start)."""
     from explainkit.errors import CheckpointError
     from explainkit.train.checkpoint import load_checkpoint
@@ -71,7 +76,7 @@ def _resume_point(run: RunDir) -> int:
     if not last.is_file():
         return 0
     try:
-        return int(load_checkpoint(last)["epoch"])
+        return int(load_checkpoint(last, registries)["epoch"])
     except CheckpointError:
         return 0  # a damaged last.pt is reported by resume itself, in its own words
 

@@ -14,23 +14,27 @@ import sys
 import pytest
 import torch
 
-from explainkit import manager
-from explainkit.config import ConfigError, TrainConfig
-from explainkit.errors import CheckpointError, ExplainkitError
-from explainkit.models.registry import (
-    ModelEntry,
-    accepted_kwargs,
-    build_model,
-    model_entry,
-    model_names,
-    spec_kwargs,
-)
-from explainkit.train.weights import InitialWeights, apply_weights, read_weights
+from explainkit import ModelEntry, manager
+from explainkit.config import TrainConfig
+from explainkit.errors import CheckpointError, ConfigError, ExplainkitError
+from explainkit.registries import accepted_kwargs, spec_kwargs
+from explainkit.train.weights import InitialWeights, apply_weights
+from tests.helpers import build_model, registries
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 
 
 pytestmark = pytest.mark.usefixtures("fresh_plugins")
+
+
+def model_entry(name: str) -> ModelEntry:
+    return registries().model_entry(name)
+
+
+def read_weights(value: str, entry: ModelEntry):
+    from explainkit.train.weights import read_weights
+
+    return read_weights(value, entry, registries())
 
 
 def params(model: torch.nn.Module) -> int:
@@ -55,9 +59,9 @@ def test_builtin_names_come_from_the_builtin_plugin():
     pm = manager.get_plugin_manager(entrypoints=False, quiet=True)
     models = manager.get_models(pm)
     assert list(models) == ["resnet18-s8", "resnet18", "torchvision:", "timm:", "import:"]
-    assert {r.plugin_name for r in models.values()} == {"explainkit.plugins.models"}
+    assert {r.plugin_name for r in models.values()} == {"explainkit.plugins.default_models"}
     assert {r.source for r in models.values()} == {"builtin"}
-    assert model_names(pm) == [
+    assert manager.build_registries(pm).model_names() == [
         "resnet18-s8", "resnet18", "torchvision:NAME", "timm:NAME", "import:NAME"
     ]  # fmt: skip
 
@@ -77,24 +81,17 @@ def test_a_model_by_import_path_builds_with_its_class_count_and_arguments():
 
 
 @pytest.mark.parametrize("arch, expected", [("resnet18-s8", 11_189_322), ("resnet18", 11_173_962)])
-def test_explainkit_resnets_build_through_the_registry_and_the_old_function(arch, expected):
-    from explainkit.models import BUILTIN_MODELS, MODELS
-    from explainkit.models import build_model as old_build_model
+def test_explainkit_resnets_build_through_the_registry(arch, expected):
+    from explainkit.models import resnet
 
-    assert arch in BUILTIN_MODELS and arch in MODELS
     entry = model_entry(arch)
     assert (entry.default_layer, entry.reshape) == ("layer4", "nchw")
     assert accepted_kwargs(entry.build, {"width": 8, "image_size": 32}) == {"width": 8}
     assert params(build_model(arch, 10)) == expected
+    assert registries().count_parameters(arch, 64, 32) == expected
+    factory = resnet.resnet18_s8 if arch == "resnet18-s8" else resnet.resnet18
     small = build_model(arch, 37, width=8)
-    assert params(small) == params(old_build_model(arch, num_classes=37, width=8))
-
-
-def test_the_old_build_model_points_at_the_registry_for_other_names():
-    from explainkit.models import build_model as old_build_model
-
-    with pytest.raises(CheckpointError, match="unknown model 'vgg'.*registry.build_model"):
-        old_build_model("vgg")
+    assert params(small) == params(factory(num_classes=37, width=8))
 
 
 # -- torchvision -------------------------------------------------------------------------------
@@ -156,7 +153,7 @@ def test_timm_models_without_timm_say_how_to_get_it(monkeypatch):
     with pytest.raises(ConfigError) as e:
         model_entry("timm:resnet18")
     assert str(e.value) == "timm models need timm: pip install explainkit[timm]"
-    TrainConfig(model="timm:resnet18").validate()  # the prefix is registered all the same
+    TrainConfig(model="timm:resnet18").validate(registries=registries())  # the prefix is known
 
 
 @pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed (pip install explainkit[timm])")
@@ -203,11 +200,13 @@ def test_unknown_models_get_one_sentence_with_a_did_you_mean(name, suggestion):
 def test_config_checks_names_without_importing_torch():
     code = (
         "import sys\n"
-        "from explainkit.config import TrainConfig, ConfigError\n"
-        "TrainConfig(model='torchvision:resnet50', dataset='shapes').validate()\n"
+        "from explainkit.config import TrainConfig\nfrom explainkit.errors import ConfigError\n"
+        "from explainkit.manager import load_registries\nregistries = load_registries()\n"
+        "TrainConfig(model='torchvision:resnet50', dataset='shapes').validate(\n"
+        "    check_memory=False, registries=registries)\n"
         "print(sorted({'torch', 'torchvision', 'numpy'} & set(sys.modules)))\n"
         "try:\n"  # a mistyped name asks the families for a suggestion (imports torchvision)
-        "    TrainConfig(model='resnet19').validate()\n"
+        "    TrainConfig(model='resnet19').validate(registries=registries)\n"
         "except ConfigError as e:\n"
         "    print(e)\n"
     )

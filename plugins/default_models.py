@@ -24,8 +24,8 @@ from functools import partial
 from typing import Any
 
 from explainkit import hookimpl
-from explainkit.config import ConfigError
-from explainkit.models.registry import ModelEntry, ModelFamily
+from explainkit.errors import ConfigError
+from explainkit.hookspecs import ModelEntry, ModelFamily
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -100,15 +100,15 @@ def register_models(register: Any) -> None:
 
 
 def _resnet18_s8(num_classes: int, width: int = 64) -> Any:
-    from explainkit.models import build_model
+    from explainkit.models.resnet import resnet18_s8
 
-    return build_model("resnet18-s8", num_classes=num_classes, width=width)
+    return resnet18_s8(num_classes=num_classes, width=width)
 
 
 def _resnet18(num_classes: int, width: int = 64) -> Any:
-    from explainkit.models import build_model
+    from explainkit.models.resnet import resnet18
 
-    return build_model("resnet18", num_classes=num_classes, width=width)
+    return resnet18(num_classes=num_classes, width=width)
 
 
 # -- torchvision ---------------------------------------------------------------------------
