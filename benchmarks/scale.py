@@ -1,7 +1,7 @@
 """Store commit cost: the time of one epoch's commit at 10,000 and 50,000 eval images, at epoch 1
-and epoch 20, with 10 and 1000 classes, for store v2 and (where it fits) the v1 copy-on-write.
+and epoch 20, with 10 and 1000 classes.
 
-A v2 commit writes one epoch file (that epoch's logits and history row), so it should not
+A commit writes one epoch file (that epoch's logits and history row), so it should not
 grow with the images stored or with the epochs before it; only with the logits themselves
 (N x classes floats). Printed side by side: milliseconds per commit, milliseconds per MB of
 logits, each case's ratio to the same classes' 10,000-image epoch-1 commit (per MB), and the
@@ -14,10 +14,10 @@ shows whether the earlier epochs cost anything.
 
 Images are 32 x 32 x 3 random pixels (stored once, streamed by StoreBuilder); logits random
 normal float32 (incompressible, like real logits). The 19 epochs before epoch 20 hold zeros
-in v2 (cheap to write: a v2 commit never reads them, only their names and the latest file's
-attributes); in v1 they hold random logits, since a v1 commit copies them. Each epoch case
-has its own copy of the store; the cases take turns (interleaved) and the disk is synced
-before each timed commit, so noise from other work hits them alike.
+(cheap to write: a commit never reads them, only their names and the latest file's
+attributes). Each epoch case has its own copy of the store; the cases take turns
+(interleaved) and the disk is synced before each timed commit, so noise from other work hits
+them alike.
 """
 
 from __future__ import annotations
@@ -32,13 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from explainkit.store import (
-    HISTORY_COLUMNS,
-    StoreBuilder,
-    append_epoch,
-    create_v1_store,
-    truncate_store,
-)
+from explainkit.store import HISTORY_COLUMNS, StoreBuilder, append_epoch, truncate_store
 
 SHAPE = (32, 32, 3)
 # Epoch 1 has no earlier epoch file to check; epoch 2 is the first commit that checks one.
@@ -61,8 +55,8 @@ def split(n: int, classes: int) -> dict:
     )
 
 
-def build_v2(path: Path, n: int, classes: int) -> float:
-    """Stream n random images into a new v2 store; seconds taken."""
+def build(path: Path, n: int, classes: int) -> float:
+    """Stream n random images into a new store; seconds taken."""
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     with StoreBuilder(path, **split(n, classes), image_shape=SHAPE) as builder:
@@ -90,22 +84,17 @@ def interleaved_commits(
     return times
 
 
-def measure(folder: Path, version: int, n: int, classes: int, repeats: int) -> dict:
-    """Commit times at each of EPOCHS; the earlier epochs hold zeros in v2 (never read by a
-    v2 commit), random logits in v1 (a v1 commit copies them)."""
-    first = folder / f"v{version}-{n}-{classes}-1.h5"
-    if version == 2:
-        build = build_v2(first, n, classes)
-        print(f"  v2 head: {n} images streamed in {build:.1f} s", flush=True)
-    else:
-        images = np.random.default_rng(0).integers(0, 256, (n, *SHAPE), dtype=np.uint8)
-        create_v1_store(first, images=images, **split(n, classes))
-        del images
+def measure(folder: Path, n: int, classes: int, repeats: int) -> dict:
+    """Commit times at each of EPOCHS; the earlier epochs hold zeros (never read by a
+    commit)."""
+    first = folder / f"{n}-{classes}-1.h5"
+    took = build(first, n, classes)
+    print(f"  head: {n} images streamed in {took:.1f} s", flush=True)
     logits = np.random.default_rng(1).standard_normal((n, classes)).astype(np.float32)
-    earlier = logits if version == 1 else np.zeros_like(logits)
+    earlier = np.zeros_like(logits)
     paths = {1: first}
     for epoch in EPOCHS[1:]:  # copies of the same head, each with epoch - 1 epochs
-        paths[epoch] = first.with_name(f"v{version}-{n}-{classes}-{epoch}.h5")
+        paths[epoch] = first.with_name(f"{n}-{classes}-{epoch}.h5")
         shutil.copyfile(first, paths[epoch])
         for done in range(1, epoch):
             append_epoch(paths[epoch], earlier, row(done))
@@ -118,10 +107,6 @@ def main() -> None:
     parser.add_argument("--classes", type=int, nargs="+", default=[10, 1000])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: temp)")
-    parser.add_argument(
-        "--v1-max-mb", type=float, default=1000.0,
-        help="run the v1 comparison only where a store of 20 epochs stays under this size",
-    )  # fmt: skip
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -130,11 +115,9 @@ def main() -> None:
             for n in args.images:
                 print(f"{n} images, {classes} classes", flush=True)
                 mb = n * classes * 4 / 2**20
-                v2 = measure(folder, 2, n, classes, args.repeats)
-                size = (n * int(np.prod(SHAPE)) + 20 * n * classes * 4) / 2**20
-                v1 = measure(folder, 1, n, classes, args.repeats) if size <= args.v1_max_mb else {}
+                times = measure(folder, n, classes, args.repeats)
                 for epoch in EPOCHS:
-                    rows.append((classes, n, epoch, mb, v2[epoch], v1.get(epoch)))
+                    rows.append((classes, n, epoch, mb, times[epoch]))
                 for path in folder.iterdir():  # free the disk for the next case
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
     print_table(rows)
@@ -144,27 +127,22 @@ def print_table(rows: list[tuple]) -> None:
     """Markdown, for docs/performance.md. Times: the minimum of the repeats (the least
     disturbed try, used for the ratios) and the median in brackets."""
     per_mb = {}  # classes -> ms per MB of the first (fewest images) epoch-1 commit
-    for classes, _, epoch, mb, t2, _ in rows:
+    for classes, _, epoch, mb, times in rows:
         if epoch == 1 and classes not in per_mb:
-            per_mb[classes] = min(t2) / mb
+            per_mb[classes] = min(times) / mb
     print()
     print(
-        "| classes | images | epoch | logits MB | v2 commit ms | v2 ms per MB | per MB vs "
-        "fewest images | vs epoch 1 | v1 commit ms |"
+        "| classes | images | epoch | logits MB | commit ms | ms per MB | per MB vs "
+        "fewest images | vs epoch 1 |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for classes, n, epoch, mb, t2, t1 in rows:
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for classes, n, epoch, mb, times in rows:
         first = min(next(r for r in rows if r[:3] == (classes, n, 1))[4])
-        best = min(t2)
-        v1 = (
-            "not run"
-            if t1 is None
-            else f"{min(t1) * 1000:.0f} ({statistics.median(t1) * 1000:.0f})"
-        )
+        best = min(times)
         print(
             f"| {classes} | {n:,} | {epoch} | {mb:.1f} | {best * 1000:.0f} "
-            f"({statistics.median(t2) * 1000:.0f}) | {best * 1000 / mb:.1f} "
-            f"| {best / mb / per_mb[classes]:.2f} | {best / first:.2f} | {v1} |"
+            f"({statistics.median(times) * 1000:.0f}) | {best * 1000 / mb:.1f} "
+            f"| {best / mb / per_mb[classes]:.2f} | {best / first:.2f} |"
         )
 
 

@@ -271,10 +271,11 @@ def register_models(register: Callable[[ModelEntry | ModelFamily], None]) -> Non
 
     Called when a command needs the model registry (``train``, loading a run's model,
     ``plugins``), never at import. explainkit's own models are registered through this hook
-    too (``explainkit.plugins.default_models``). ``register`` raises PluginError for something that is
-    not a ModelEntry or ModelFamily, an invalid name or field, or a name (or family prefix)
-    another plugin registered; a plugin whose hook raises contributes no models. Keep torch
-    and friends inside ``build`` / ``resolve``: listing plugins must stay cheap.
+    too (``explainkit.plugins.default_models``). ``register`` raises PluginError for
+    something that is not a ModelEntry or ModelFamily, an invalid name or field, or a name
+    (or family prefix) another plugin registered; a plugin whose hook raises contributes no
+    models. Keep torch and friends inside ``build`` / ``resolve``: listing plugins must stay
+    cheap.
 
     Args:
         register: Callback taking one ``explainkit.ModelEntry`` (a model,
@@ -288,9 +289,10 @@ def register_datasets(register: Callable[[DatasetEntry], None]) -> None:
 
     Called when a command needs the dataset registry (``train``, the ``data`` analyzer,
     ``plugins``), never at import. explainkit's own datasets are registered through this hook
-    too (``explainkit.plugins.default_datasets``). ``register`` raises PluginError for something that
-    is not a DatasetEntry, an invalid name, or a name another plugin registered; a plugin whose
-    hook raises contributes no datasets. Import heavy modules inside ``load``.
+    too (``explainkit.plugins.default_datasets``). ``register`` raises PluginError for
+    something that is not a DatasetEntry, an invalid name, or a name another plugin
+    registered; a plugin whose hook raises contributes no datasets. Import heavy modules
+    inside ``load``.
 
     Args:
         register: Callback taking one ``explainkit.data.DatasetEntry`` (``--dataset NAME``).

@@ -179,8 +179,8 @@ def merge_h5_parts(
     import h5py
 
     from explainkit.faults import fault_point
+    from explainkit.h5files import open_h5_for_writing
     from explainkit.progress import progress
-    from explainkit.store import open_h5_for_writing
 
     parts = [(Path(p), a, b) for p, a, b in parts if b > a]
     if not parts:

@@ -165,7 +165,7 @@ def _write_maps(
     straight into its attributions.h5 (its part of it under torchrun).
 
     Returns the seconds spent explaining and the layout in words (None without images).
-    The file is written through Python I/O (:func:`explainkit.store.open_h5_for_writing`),
+    The file is written through Python I/O (:func:`explainkit.h5files.open_h5_for_writing`),
     streamed with bounded memory: a full disk stops the pass with one AnalyzerError sentence
     instead of crashing libhdf5, and the file appears only when it is complete.
     """
@@ -174,7 +174,7 @@ def _write_maps(
 
     from explainkit.errors import AnalyzerError
     from explainkit.explain.gradcam import METHODS as CAM_CLASSES
-    from explainkit.store import open_h5_for_writing
+    from explainkit.h5files import open_h5_for_writing
 
     store = context.store
     first, n, bs = shard.start, shard.size, max(1, int(context.batch_size))

@@ -90,38 +90,19 @@ def test_checkpoint_keys_say_what_they_hold(tiny_run):
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)
 
 
-def _v1_layout(v2: dict, ema: bool) -> dict:
-    """The same checkpoint as explainkit wrote it before format v2 (state_dict = evaluated)."""
-    old = {k: v for k, v in v2.items() if k not in ("state_dict", "state_dict_ema", "ema_updates")}
-    old["format_version"] = 1
-    if ema:
-        old.update(
-            state_dict=v2["state_dict_ema"],
-            train_state_dict=v2["state_dict"],
-            ema_updates=v2["ema_updates"],
-        )
-    else:
-        old.update(state_dict=v2["state_dict"], train_state_dict=None, ema_updates=0)
-    return old
-
-
-@pytest.mark.parametrize("ema", [True, False], ids=["ema", "no-ema"])
-def test_v1_checkpoints_load_to_the_same_weights(tiny_run, tmp_path, ema):
-    v2 = load_checkpoint(tiny_run / "checkpoints" / "last.pt", registries())
+def test_a_pre_release_checkpoint_is_refused_with_one_sentence(tiny_run, tmp_path):
+    """Format v1 (``train_state_dict`` beside ``state_dict``) was written only by a
+    pre-release; no run of it exists to load."""
+    data = load_checkpoint(tiny_run / "checkpoints" / "last.pt", registries())
+    data.update(format_version=1, train_state_dict=data.pop("state_dict_ema"))
     path = tmp_path / "v1.pt"
-    torch.save(_v1_layout(v2, ema), path)
-    data = load_checkpoint(path, registries())
-    assert data["format_version"] == 2 and "train_state_dict" not in data
-    expected = dict(v2) if ema else {k: v for k, v in v2.items() if "ema" not in k}
-    assert data.keys() == expected.keys()
-    for key in ("state_dict", "state_dict_ema"):
-        if key in expected:
-            assert all(torch.equal(data[key][k], expected[key][k]) for k in expected[key]), key
-    if ema:
-        assert data["ema_updates"] == v2["ema_updates"]
-    weights = v2["state_dict_ema"] if ema else v2["state_dict"]  # what v1 evaluated
-    loaded = load_model(path).state_dict()
-    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+    torch.save(data, path)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path, registries())
+    assert str(caught.value) == (
+        f"{path} was written by a pre-release of explainkit (checkpoint format v1); "
+        "train the run again with this version"
+    )
 
 
 def _set(key, value):

@@ -33,7 +33,7 @@ from explainkit import hookimpl
 from explainkit.analyzer import Analyzer
 from explainkit.errors import AnalyzerError
 from explainkit.sharding import shard_of
-from explainkit.store import open_h5_for_writing
+from explainkit.h5files import open_h5_for_writing
 
 
 class Brightness(Analyzer):

@@ -29,7 +29,6 @@ from explainkit.store import (
     HISTORY_COLUMNS,
     append_epoch,
     create_store,
-    create_v1_store,
     epochs_folder,
     open_store,
 )
@@ -43,25 +42,21 @@ FUZZ = settings(
     derandomize=True,  # the same examples every run: a failure here is reproducible
 )
 OPTION_NAMES = [f.name for f in TrainConfig.__dataclass_fields__.values()]
-_STORES: dict[int, dict[str, bytes]] = {}
+_STORE: dict[str, bytes] = {}
 HEAD = "predictions.h5"
 EPOCH = "predictions.epochs/epoch_0002.h5"
-# Which file of which store the byte-level fuzzing damages: the v2 head, a v2 epoch file, or
-# the one file of a v1 store (explainkit before store v2).
-TARGETS = pytest.mark.parametrize(
-    "version, target", [(2, HEAD), (2, EPOCH), (1, HEAD)], ids=["v2-head", "v2-epoch", "v1"]
-)
+# Which file of the store the byte-level fuzzing damages: the head or an epoch file.
+TARGETS = pytest.mark.parametrize("target", [HEAD, EPOCH], ids=["head", "epoch"])
 
 
-def real_store_files(version: int = 2) -> dict[str, bytes]:
+def real_store_files() -> dict[str, bytes]:
     """A small but complete store (masks, 2 committed epochs), built once: its files' bytes."""
-    if version not in _STORES:
+    if not _STORE:
         rng = np.random.default_rng(0)
-        make = create_store if version == 2 else create_v1_store
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / HEAD
             n, classes = 12, 3
-            make(
+            create_store(
                 path,
                 images=rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8),
                 targets=np.arange(n) % classes,
@@ -77,18 +72,18 @@ def real_store_files(version: int = 2) -> dict[str, bytes]:
                 logits = rng.standard_normal((n, classes)).astype(np.float32)
                 append_epoch(path, logits, {name: float(epoch) for name, _ in HISTORY_COLUMNS})
             files = [path, *sorted(epochs_folder(path).glob("*.h5"))]
-            _STORES[version] = {str(p.relative_to(folder)): p.read_bytes() for p in files}
-    return _STORES[version]
+            _STORE.update({str(p.relative_to(folder)): p.read_bytes() for p in files})
+    return _STORE
 
 
-def real_store_bytes(version: int = 2, target: str = HEAD) -> bytes:
-    return real_store_files(version)[target]
+def real_store_bytes(target: str = HEAD) -> bytes:
+    return real_store_files()[target]
 
 
-def read_everything(data: bytes, version: int = 2, target: str = HEAD) -> None:
+def read_everything(data: bytes, target: str = HEAD) -> None:
     """Put ``data`` in place of file ``target`` of a real store; open it and touch every
     reader entry point."""
-    files = {**real_store_files(version), target: data}
+    files = {**real_store_files(), target: data}
     with tempfile.TemporaryDirectory() as folder:
         for name, content in files.items():
             (Path(folder) / name).parent.mkdir(exist_ok=True)
@@ -111,55 +106,55 @@ def read_everything(data: bytes, version: int = 2, target: str = HEAD) -> None:
 
 
 @TARGETS
-def test_the_real_store_reads_back(version, target):
-    read_everything(real_store_bytes(version, target), version, target)
+def test_the_real_store_reads_back(target):
+    read_everything(real_store_bytes(target), target)
 
 
 @FUZZ
 @given(st.binary(min_size=0, max_size=4096))
 @TARGETS
-def test_random_bytes_are_refused_as_a_store(version, target, data):
-    read_everything(data, version, target)
+def test_random_bytes_are_refused_as_a_store(target, data):
+    read_everything(data, target)
 
 
 @FUZZ
 @given(st.binary(min_size=0, max_size=1024))
 @TARGETS
-def test_random_bytes_behind_an_hdf5_signature(version, target, tail):
-    read_everything(b"\x89HDF\r\n\x1a\n" + tail, version, target)
+def test_random_bytes_behind_an_hdf5_signature(target, tail):
+    read_everything(b"\x89HDF\r\n\x1a\n" + tail, target)
 
 
 @FUZZ
 @given(st.data())
 @TARGETS
-def test_mutated_stores_raise_only_store_errors(version, target, draw):
-    data = bytearray(real_store_bytes(version, target))
+def test_mutated_stores_raise_only_store_errors(target, draw):
+    data = bytearray(real_store_bytes(target))
     offsets = st.integers(0, len(data) - 1)
     edits = draw.draw(st.lists(st.tuples(offsets, st.integers(0, 255)), min_size=1, max_size=8))
     for where, value in edits:
         data[where] = value
-    read_everything(bytes(data), version, target)
+    read_everything(bytes(data), target)
 
 
 @pytest.mark.parametrize("seed", range(3))
 @TARGETS
-def test_many_random_byte_edits(version, target, seed):
+def test_many_random_byte_edits(target, seed):
     """Plain random edits too: hypothesis favours small offsets, damage can be anywhere."""
     rng = np.random.default_rng(seed)
-    original = real_store_bytes(version, target)
+    original = real_store_bytes(target)
     for _ in range(100):
         data = bytearray(original)
         for _ in range(int(rng.integers(1, 8))):
             data[int(rng.integers(0, len(data)))] = int(rng.integers(0, 256))
-        read_everything(bytes(data), version, target)
+        read_everything(bytes(data), target)
 
 
 @FUZZ
 @given(st.floats(0, 1, exclude_max=True))
 @TARGETS
-def test_truncated_stores_raise_only_store_errors(version, target, fraction):
-    data = real_store_bytes(version, target)
-    read_everything(data[: int(fraction * len(data))], version, target)
+def test_truncated_stores_raise_only_store_errors(target, fraction):
+    data = real_store_bytes(target)
+    read_everything(data[: int(fraction * len(data))], target)
 
 
 # -- config files ------------------------------------------------------------------------------

@@ -2,15 +2,15 @@
 HDF5 writes that fail.
 
 The generated tests take a real store (written with ``create_store``/``append_epoch``; its
-head, one of its epoch files, or a v1 store) or a real checkpoint (from a trained run), change
-one value with h5py or in the checkpoint dict,
-and read everything back. Only StoreError/CheckpointError may come out, as one sentence; and
-what a reader accepts must make sense (logits of the right shape and finite, the history's
-epochs 1..k, std positive, ...), so a wrong value can never pass as confident nonsense. Kept
-small (derandomized, 50-120 examples each) so that each test runs in seconds.
+head or one of its epoch files) or a real checkpoint (from a trained run), change one value
+with h5py or in the checkpoint dict, and read everything back. Only StoreError/CheckpointError
+may come out, as one sentence; and what a reader accepts must make sense (logits of the right
+shape and finite, the history's epochs 1..k, std positive, ...), so a wrong value can never
+pass as confident nonsense. Kept small (derandomized, 50-120 examples each) so that each test
+runs in seconds.
 
-The full-disk tests use a file-size limit (``RLIMIT_FSIZE`` with ``SIGXFSZ`` ignored, as in
-tests/test_reliability.py): writes fail with EFBIG, as on a full disk.
+The full-disk tests use a file-size limit (``RLIMIT_FSIZE`` with ``SIGXFSZ`` ignored): writes
+fail with EFBIG, as on a full disk (the HDF5 writer alone: tests/test_h5files.py).
 """
 
 from __future__ import annotations
@@ -36,14 +36,18 @@ from explainkit.store import (
     ROOT_ATTRIBUTES,
     append_epoch,
     create_store,
-    create_v1_store,
     epochs_folder,
-    open_h5_for_writing,
     open_store,
 )
 from explainkit.train.checkpoint import load_checkpoint, model_from_checkpoint
-from tests.helpers import REPO, registries, run_cli
-from tests.test_reliability import assert_clean_failure, assert_unchanged, checksums, limited
+from tests.helpers import (
+    assert_clean_failure,
+    assert_unchanged,
+    checksums,
+    limited,
+    registries,
+    run_cli,
+)
 
 
 def hostile(max_examples: int):
@@ -65,22 +69,21 @@ def assert_one_sentence(e: BaseException) -> str:
 # -- stores ------------------------------------------------------------------------------------
 
 N, CLASSES, SIZE = 12, 3, 8
-_STORES: dict[int, dict[str, bytes]] = {}
+_STORE: dict[str, bytes] = {}
 HEAD = "predictions.h5"
 EPOCH = "predictions.epochs/epoch_0002.h5"
 
 
-def real_store(version: int = 2) -> dict[str, bytes]:
+def real_store() -> dict[str, bytes]:
     """A small complete store (masks, 2 committed epochs, a plausible history), built once:
-    its files' bytes by path (``version=1``: the one-file schema before store v2)."""
-    if version not in _STORES:
+    its files' bytes by path."""
+    if not _STORE:
         import tempfile
 
         rng = np.random.default_rng(0)
-        make = create_store if version == 2 else create_v1_store
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / HEAD
-            make(
+            create_store(
                 path,
                 images=rng.integers(0, 255, (N, SIZE, SIZE, 3), dtype=np.uint8),
                 targets=np.arange(N) % CLASSES,
@@ -98,8 +101,8 @@ def real_store(version: int = 2) -> dict[str, bytes]:
                 logits = rng.standard_normal((N, CLASSES)).astype(np.float32)
                 append_epoch(path, logits, row)
             files = [path, *sorted(epochs_folder(path).glob("*.h5"))]
-            _STORES[version] = {str(p.relative_to(folder)): p.read_bytes() for p in files}
-    return _STORES[version]
+            _STORE.update({str(p.relative_to(folder)): p.read_bytes() for p in files})
+    return _STORE
 
 
 def read_store_checked(path: Path) -> str | None:
@@ -141,9 +144,9 @@ def read_store_checked(path: Path) -> str | None:
     return None
 
 
-def mutated_store(tmp: Path, mutate, version: int = 2, target: str = HEAD) -> Path:
+def mutated_store(tmp: Path, mutate, target: str = HEAD) -> Path:
     """A real store in ``tmp`` whose file ``target`` was changed by ``mutate(h5py_file)``."""
-    for name, data in real_store(version).items():
+    for name, data in real_store().items():
         (tmp / name).parent.mkdir(exist_ok=True)
         (tmp / name).write_bytes(data)
     path = tmp / HEAD
@@ -272,21 +275,6 @@ head_mutations = st.one_of(
         lambda name: lambda f: f.__delitem__(name)
     ),
 )
-v1_epoch_mutations = st.one_of(
-    st.tuples(st.just("committed_epochs"), numbers | arrays).map(lambda t: _replace(*t)),
-    st.tuples(
-        st.sampled_from([name for name, _ in HISTORY_COLUMNS]), st.integers(0, 1), numbers
-    ).map(lambda t: _history_cell(*t)),
-    st.tuples(st.just("logits"), shapes, dtypes).map(
-        lambda t: _replace(t[0], np.zeros(t[1], t[2]))
-    ),
-    st.tuples(st.integers(0, 1), st.integers(0, N - 1), numbers).map(
-        lambda t: _set_cell("logits", (t[0], t[1], 0), t[2])
-    ),
-    st.sampled_from(["logits", "history", "committed_epochs"]).map(
-        lambda name: lambda f: f.__delitem__(name)
-    ),
-)
 epoch_file_mutations = st.one_of(  # epoch 2 of a v2 store: logits (N, classes), one history row
     st.tuples(st.sampled_from([name for name, _ in HISTORY_COLUMNS]), st.just(0), numbers).map(
         lambda t: _history_cell(*t)
@@ -305,9 +293,9 @@ epoch_file_mutations = st.one_of(  # epoch 2 of a v2 store: logits (N, classes),
 
 
 @hostile(100)
-@given(head_mutations, st.sampled_from([1, 2]))
-def test_any_head_dataset_change_is_read_or_refused(tmp_path_factory, mutate, version):
-    path = mutated_store(tmp_path_factory.mktemp("s"), mutate, version)
+@given(head_mutations)
+def test_any_head_dataset_change_is_read_or_refused(tmp_path_factory, mutate):
+    path = mutated_store(tmp_path_factory.mktemp("s"), mutate)
     message = read_store_checked(path)
     if message is not None:
         assert "not an explainkit prediction store" not in message, message
@@ -316,15 +304,7 @@ def test_any_head_dataset_change_is_read_or_refused(tmp_path_factory, mutate, ve
 @hostile(100)
 @given(epoch_file_mutations)
 def test_any_epoch_file_change_is_read_or_refused(tmp_path_factory, mutate):
-    message = read_store_checked(mutated_store(tmp_path_factory.mktemp("s"), mutate, 2, EPOCH))
-    if message is not None:
-        assert "not an explainkit prediction store" not in message, message
-
-
-@hostile(100)
-@given(v1_epoch_mutations)
-def test_any_v1_epoch_change_is_read_or_refused(tmp_path_factory, mutate):
-    message = read_store_checked(mutated_store(tmp_path_factory.mktemp("s"), mutate, 1))
+    message = read_store_checked(mutated_store(tmp_path_factory.mktemp("s"), mutate, target=EPOCH))
     if message is not None:
         assert "not an explainkit prediction store" not in message, message
 
@@ -445,91 +425,7 @@ def test_a_crafted_checkpoint_is_one_sentence_through_the_cli(tiny_run):
     assert_unchanged(before, tiny_run)
 
 
-# -- HDF5 files written through Python I/O -----------------------------------------------------
-
-
-def write_streamed(path: Path, chunks: int, error=StoreError, hold=None) -> None:
-    """Write ``chunks`` incompressible 256 KiB chunks, batch by batch, like an analyzer."""
-    rng = np.random.default_rng(0)
-    writer = open_h5_for_writing(path, error)
-    with writer as f:
-        f.attrs["what"] = "test"
-        ds = f.create_dataset("x", shape=(chunks, 256, 256), dtype="f4", chunks=(1, 256, 256))
-        for i in range(chunks):
-            ds[i] = rng.random((256, 256), dtype=np.float32)
-            writer.check()
-            if hold is not None:
-                hold(i)
-
-
-def test_streamed_writes_reach_the_disk_before_the_end(tmp_path):
-    """Memory stays bounded: the data is on disk while the file is still being written."""
-    path = tmp_path / "out.h5"
-    sizes = []
-
-    def hold(i):
-        (tmp,) = tmp_path.glob(".out.h5.tmp-*")  # the file appears only when complete
-        sizes.append(tmp.stat().st_size)
-        assert not path.exists()
-
-    write_streamed(path, 80, hold=hold)
-    # 20 MiB written; HDF5 keeps at most its chunk cache (8 MiB in HDF5 2, 1 MiB before).
-    assert sizes[-1] > 8 * 2**20
-    assert [p.name for p in tmp_path.iterdir()] == ["out.h5"]
-    with h5py.File(path, "r") as f:
-        assert f["x"].shape == (80, 256, 256) and f.attrs["what"] == "test"
-        assert f["x"][79].std() > 0.2
-
-
-def test_a_failed_writer_leaves_the_earlier_file(tmp_path):
-    path = tmp_path / "out.h5"
-    write_streamed(path, 2)
-    before = path.read_bytes()
-
-    def explode(i):
-        if i == 1:
-            raise ZeroDivisionError("boom")
-
-    with pytest.raises(ZeroDivisionError):
-        write_streamed(path, 4, hold=explode)
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["out.h5"]
-
-
-FULL_DISK_SCRIPT = """
-import sys
-import numpy as np
-from explainkit.errors import AnalyzerError
-from explainkit.store import open_h5_for_writing
-writer = open_h5_for_writing(sys.argv[1], AnalyzerError)
-try:
-    with writer as f:
-        ds = f.create_dataset("x", shape=(16, 256, 256), dtype="f4", chunks=(1, 256, 256))
-        for i in range(16):
-            ds[i] = np.random.default_rng(i).random((256, 256), dtype=np.float32)
-            writer.check()
-except AnalyzerError as e:
-    print(f"Error: {e}", file=sys.stderr)
-    sys.exit(1)
-"""
-
-
-@pytest.mark.parametrize("limit", [2_000, 1_000_000], ids=["at-once", "mid-stream"])
-def test_streamed_writer_on_a_full_disk_says_so(tmp_path, limit):
-    path = tmp_path / "out.h5"
-    path.write_bytes(b"an earlier result")
-    result = subprocess.run(
-        [sys.executable, "-c", FULL_DISK_SCRIPT, str(path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        preexec_fn=limited(limit),
-        timeout=120,
-    )
-    assert result.returncode == 1, (result.returncode, result.stderr)  # not a signal
-    assert_clean_failure(result, (1,), f"cannot write {path}: File too large; free some disk")
-    assert path.read_bytes() == b"an earlier result"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.h5"]
+# -- a full disk under an analyzer ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("limit", [2_000, 60_000], ids=["at-once", "mid-stream"])

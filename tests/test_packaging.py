@@ -37,6 +37,9 @@ def test_built_wheel_has_no_top_level_plugins_package(tmp_path):
     (wheel,) = tmp_path.glob("explainkit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "explainkit/plugins/__init__.py" in names
+    # Every subpackage of the source tree ships (pyproject lists them one by one).
+    packages = [p.relative_to(REPO) for p in (REPO / "explainkit").rglob("__init__.py")]
+    assert {str(p) for p in packages} <= set(names)
     # The report's template ships as package data (explainkit/report.py loads it at runtime).
     assert {"explainkit/templates/report.html", "explainkit/templates/report.css"} <= set(names)
     assert not [n for n in names if n.startswith("plugins/")]

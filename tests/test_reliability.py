@@ -3,19 +3,16 @@
 Every failure must be one ``Error:`` sentence on stderr, exit 1 (failure) or 2 (usage), no
 traceback, and every file that was in the run directory before is byte-for-byte unchanged.
 The promises are listed in docs/reliability.md with the test that checks each one. Unit-level
-cases already covered elsewhere (tests/test_store.py, tests/test_checkpoint.py,
+cases already covered elsewhere (tests/store/, tests/test_checkpoint.py,
 tests/test_data.py, tests/test_train.py) are not repeated here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,38 +23,19 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import CIFAR_MINI, run_cli
+from tests.helpers import (
+    CIFAR_MINI,
+    assert_clean_failure,
+    assert_unchanged,
+    checksums,
+    limited,
+    run_cli,
+)
 
 SENTINEL_NAME = "PWNED"
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def checksums(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (relative path -> hex digest)."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def assert_unchanged(before: dict[str, str], folder: Path) -> None:
-    """Every file present before is still there with the same bytes (new files are allowed)."""
-    after = checksums(folder)
-    changed = [name for name, digest in before.items() if after.get(name) != digest]
-    assert not changed, f"changed or removed: {changed}"
-
-
-def assert_clean_failure(result: subprocess.CompletedProcess, codes=(1,), *fragments: str) -> None:
-    """One ``Error:`` line, the expected exit code, no traceback, the expected words."""
-    assert result.returncode in codes, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, (fragment, result.stderr)
 
 
 def analyze(run: Path, *args: str) -> subprocess.CompletedProcess:
@@ -84,16 +62,6 @@ def flip_chunk_bytes(path: Path, dataset: str) -> None:
         for i in range(offset + 8, offset + 24):
             data[i] ^= 0xFF
     path.write_bytes(bytes(data))
-
-
-def limited(max_bytes: int):
-    """preexec_fn: a file-size limit (ulimit -f) whose writes fail with EFBIG, not SIGXFSZ."""
-
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-
-    return apply
 
 
 def run_cli_limited(max_bytes: int, *args: str) -> subprocess.CompletedProcess:

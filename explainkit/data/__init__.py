@@ -2,7 +2,8 @@
 
 Datasets are registered by plugins through the ``register_datasets`` hook as
 :class:`DatasetEntry` objects; explainkit's own (cifar10, shapes, folder) come from the
-built-in plugin ``explainkit.plugins.default_datasets``, registered exactly as a third party's would be.
+built-in plugin ``explainkit.plugins.default_datasets``, registered exactly as a third party's
+would be.
 :func:`load_dataset` looks a name up in the registries the host built, checks what the
 dataset returned, keeps the first ``limit`` images and resizes them to ``image_size``.
 

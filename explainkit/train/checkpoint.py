@@ -16,8 +16,7 @@ Layout (``format_version`` 2); each key says what it holds, as in timm:
     rng             every random state (explainkit.train.state)
     config, classes, mean, std
 
-Version 1 kept the evaluated weights under ``state_dict`` (the average, with EMA) and the raw
-ones under ``train_state_dict``; :func:`load_checkpoint` translates it to version 2.
+Version 1 was a pre-release's layout; :func:`load_checkpoint` refuses it.
 """
 
 from __future__ import annotations
@@ -99,11 +98,14 @@ def load_checkpoint(path: str | Path, registries: Registries) -> dict[str, Any]:
             f"{path} has checkpoint format v{version}, newer than this explainkit "
             f"(v{FORMAT_VERSION}); upgrade explainkit"
         )
+    if version < FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a pre-release of explainkit (checkpoint format v{version}); "
+            "train the run again with this version"
+        )
     missing = [key for key in ("model", "state_dict", "epoch") if key not in data]
     if missing:
         raise _damaged(path, f"it lacks {', '.join(map(repr, missing))}")
-    if version < 2:
-        _upgrade_v1(data)
     try:
         _validate(data, registries)
     except _Unavailable as e:
@@ -325,18 +327,6 @@ def _all_finite(t: torch.Tensor) -> bool:
     if t.numel() == 0 or bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
-
-
-def _upgrade_v1(data: dict[str, Any]) -> None:
-    """Rename v1 keys in place: with EMA, v1 kept the average under ``state_dict`` and the raw
-    weights under ``train_state_dict``; without EMA, ``state_dict`` was already the raw weights."""
-    raw = data.pop("train_state_dict", None)
-    if raw is not None:
-        data["state_dict_ema"] = data["state_dict"]
-        data["state_dict"] = raw
-    else:
-        data.pop("ema_updates", None)  # always 0 without EMA
-    data["format_version"] = FORMAT_VERSION  # the dict now has the current layout
 
 
 def eval_state_dict(data: dict[str, Any]) -> dict[str, Any]:

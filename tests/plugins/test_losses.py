@@ -99,38 +99,34 @@ def test_an_early_eval_spike_puts_the_loss_on_a_log_scale():
     assert not _log_scale(np.array([0.7]))
 
 
-def test_a_store_written_before_train_ce_still_opens_and_plots(tiny_run):
-    """Old stores have no train_ce column: they open, history.csv lacks it, the figure says
-    the plain train cross-entropy was not recorded."""
-    import shutil
-
-    import h5py
-
-    from explainkit.store import append_epoch, create_v1_store, epochs_folder
+def test_a_store_without_train_ce_still_opens_and_plots(tiny_run):
+    """A run whose writer did not record train_ce: it opens, history.csv lacks it, the figure
+    says the plain train cross-entropy was not recorded."""
+    from explainkit.store import append_epoch, create_store
 
     path = tiny_run / "predictions.h5"
-    with open_store(tiny_run) as store:  # rewritten as a store of 0.1 (schema v1) was
+    with open_store(tiny_run) as store:  # written again, its rows without train_ce
         a = store.attrs
-        v1 = dict(
-            images=store.images(), targets=store.targets, index=store.index,
-            classes=store.classes, dataset=a["dataset"], model=a["model"], mean=store.mean,
-            std=store.std, masks=store.masks, eval_weights=a["eval_weights"],
+        split = dict(
+            images=store.images(),
+            targets=store.targets,
+            index=store.index,
+            classes=store.classes,
+            dataset=a["dataset"],
+            model=a["model"],
+            mean=store.mean,
+            std=store.std,
+            masks=store.masks,
+            eval_weights=a["eval_weights"],
             eval_tta=bool(a["eval_tta"]),
-        )  # fmt: skip
-        epochs = [(store.logits(e), {k: float(v[e - 1]) for k, v in store.history.items()})
-                  for e in store.epochs]  # fmt: skip
-    shutil.rmtree(epochs_folder(path))
-    create_v1_store(path, **v1)
+        )
+        epochs = [
+            (store.logits(e), {k: float(v[e - 1]) for k, v in store.history.items()})
+            for e in store.epochs
+        ]
+    create_store(path, **split)
     for logits, row in epochs:
-        append_epoch(path, logits, row)
-    with h5py.File(path, "r+") as f:
-        rows = f["history"][...]
-        old = np.dtype([(n, rows.dtype[n]) for n in rows.dtype.names if n != "train_ce"])
-        kept = np.zeros(rows.shape, old)
-        for name in old.names:
-            kept[name] = rows[name]
-        del f["history"]
-        f.create_dataset("history", data=kept, maxshape=(None,), chunks=(64,))
+        append_epoch(path, logits, {k: v for k, v in row.items() if k != "train_ce"})
     with open_store(tiny_run) as store:
         assert "train_ce" not in store.history and store.epochs == [1, 2]
     manifest = run_one(tiny_run, "losses")
@@ -140,7 +136,7 @@ def test_a_store_written_before_train_ce_still_opens_and_plots(tiny_run):
     assert labels[0] == "eval: cross-entropy (EMA weights, flip TTA)"
     assert "not recorded" in labels[1]
 
-    # Resuming such a run appends rows in the store's own layout.
+    # Resuming such a run keeps train_ce not recorded.
     with open_store(tiny_run) as store:
         row = {name: float(value[-1]) for name, value in store.history.items()}
         logits = store.logits(2)
