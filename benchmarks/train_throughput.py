@@ -99,12 +99,12 @@ def main() -> None:
         device = trainer.device
         steps = trainer.steps_per_epoch
         with _StopFlag() as stop:
-            trainer.train_epoch(stop)  # warm-up (cudnn autotuning, allocator)
+            trainer.train_epoch_stats(stop)  # warm-up (cudnn autotuning, allocator)
             ours, bare, epoch_s = [], [], []
             for _ in range(args.repeats):
                 bare.append(bare_loop(trainer, steps))
                 start = time.perf_counter()
-                _, _, ips = trainer.train_epoch(stop)
+                ips = trainer.train_epoch_stats(stop)["images_per_s"]
                 epoch_s.append(time.perf_counter() - start)
                 ours.append(ips)
 

@@ -349,7 +349,7 @@ class RunWriter:
         save_checkpoint([self._run.checkpoint(name) for name in names], payload)
 
     def _log(self, line: str) -> None:
-        from explainkit.train.trainer import append_log
+        from explainkit.train.run_files import append_log
 
         for note in self._notes:
             append_log(self._run, note)

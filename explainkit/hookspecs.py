@@ -27,8 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only, keeps this module free of h
     import click
     from torch import nn
 
-    from explainkit.analyzer import Analyzer
-    from explainkit.data import Dataset
+# The contract names the types it hands over (explainkit.Analyzer, explainkit.Dataset) in
+# words, not imports: the modules that define them register through it.
 
 __all__ = [
     "RESHAPES",
@@ -124,7 +124,7 @@ class DatasetEntry:
     """
 
     name: str
-    load: Callable[..., Dataset]
+    load: Callable[..., Any]  # returns an explainkit.Dataset
     summary: str = ""
 
 
@@ -222,7 +222,7 @@ hookspec = pluggy.HookspecMarker("explainkit")
 
 
 @hookspec
-def register_analyzers(register: Callable[[type[Analyzer]], None]) -> None:
+def register_analyzers(register: Callable[[type], None]) -> None:
     """Call ``register(cls)`` once per Analyzer subclass this plugin provides.
 
     Called once per process when a command needs the analyzer registry (``analyze``,

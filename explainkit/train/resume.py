@@ -16,7 +16,6 @@ RESUME_STATE = ("optimizer", "scheduler", "scaler", "rng")
 
 if TYPE_CHECKING:
     from explainkit.registries import Registries
-    from explainkit.train.trainer import Trainer
 
 
 def _saved_config(run: RunDir) -> TrainConfig:
@@ -39,9 +38,7 @@ def _refuse(run: RunDir, options: list[str]) -> None:
         )
 
 
-def resume_config(
-    run_dir: Path, overrides: dict[str, Any], registries: Registries
-) -> TrainConfig:
+def resume_config(run_dir: Path, overrides: dict[str, Any], registries: Registries) -> TrainConfig:
     """The run's own config, with only the options that may change (epochs, device...) changed."""
     run = RunDir(run_dir)
     saved = _saved_config(run)
@@ -58,8 +55,9 @@ def check_resume_config(run_dir: Path, config: TrainConfig) -> None:
     _refuse(run, refused_on_resume(_saved_config(run), config.to_dict()))
 
 
-def load_resume_point(trainer: Trainer, run: RunDir) -> bool:
-    """Load last.pt into ``trainer``, writing nothing; False when the run has none yet.
+def read_resume_point(run: RunDir, registries: Registries) -> dict[str, Any] | None:
+    """last.pt, checked to hold what a resume needs, writing nothing; None when the run has
+    no checkpoint yet.
 
     A run stopped before its first epoch ended has no checkpoint: it starts again from the
     beginning, which (same config, same seed) gives the same bits as an unbroken run. A
@@ -67,24 +65,23 @@ def load_resume_point(trainer: Trainer, run: RunDir) -> bool:
     """
     last = run.checkpoint("last")
     if not last.is_file():
-        return False
-    data = load_checkpoint(last, trainer.registries)
+        return None
+    data = load_checkpoint(last, registries)
     missing = [key for key in RESUME_STATE if not isinstance(data.get(key), dict)]
     if missing:
         raise CheckpointError(
             f"{last} holds weights but not the {', '.join(missing)} state a resume continues "
             "from; analyze it, or start the run again with --overwrite"
         )
-    trainer.load_state(data)
-    return True
+    return data
 
 
-def trim_to_checkpoint(trainer: Trainer, run: RunDir) -> None:
-    """Drop what came after the loaded checkpoint: later store epochs and checkpoints, and
-    temporary files of writes that were killed (rank 0 only)."""
-    truncate_store(run.store_path, trainer.epoch)
+def trim_to_checkpoint(run: RunDir, last_epoch: int) -> None:
+    """Drop what came after the loaded checkpoint (of ``last_epoch``): later store epochs and
+    checkpoints, and temporary files of writes that were killed (rank 0 only)."""
+    truncate_store(run.store_path, last_epoch)
     for epoch in list_checkpoints(run.path):
-        if epoch > trainer.epoch:
+        if epoch > last_epoch:
             run.checkpoint(epoch).unlink(missing_ok=True)
     for tmp in run.checkpoints.glob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""What a run writes before its first epoch: config.json, and (new runs) the empty store."""
+"""What a run writes besides its epochs: the claim on its folder, config.json, the empty store
+(new runs) and train.log."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import torch
 
 from explainkit import __version__
 from explainkit.atomic import write_atomic
-from explainkit.config import Options
-from explainkit.errors import RunError
-from explainkit.rundir import CONFIG_FORMAT, CONFIG_VERSION, RunDir
+from explainkit.config import Options, TrainConfig
+from explainkit.errors import ExplainkitError, RunError
+from explainkit.rundir import CONFIG_FORMAT, CONFIG_VERSION, RunDir, RunLock
 from explainkit.store import StoreBuilder
+from explainkit.train.distributed import DistContext
+from explainkit.train.resume import check_resume_config
 
 if TYPE_CHECKING:
     from explainkit.data import Dataset
@@ -118,3 +121,42 @@ def create_empty_store(facts: RunFacts, run: RunDir) -> None:
         for start, images in iter_batches(ev, STORE_BATCH):
             masks = None if ev.masks is None else ev.masks[start : start + len(images)]
             builder.add_images(images.numpy(), masks=masks)
+
+
+def append_log(run: RunDir, line: str) -> None:
+    """Append one line to ``RUN/train.log`` and flush it: the file grows by whole lines, a
+    resumed run continues it, and ``--overwrite`` removes it with the run's other files."""
+    try:
+        with open(run.log_path, "a", encoding="utf-8", errors="replace") as f:
+            f.write(line + "\n")
+            f.flush()
+    except OSError as e:
+        raise RunError(
+            f"cannot write {run.log_path}: {e.strerror or e}; free some disk space and resume "
+            f"with: explainkit train --resume {run.path}"
+        ) from e
+
+
+def claim_run(
+    run: RunDir, config: TrainConfig, dist: DistContext, overwrite: bool, resume: bool
+) -> RunLock | None:
+    """Rank 0 locks the run, then checks it (resume) or clears it (new); every rank learns
+    whether that worked, so none trains on a run that was refused. Nothing is written
+    before the lock is held."""
+    error, lock = None, None
+    if dist.rank == 0:
+        try:
+            lock = run.open_existing() if resume else run.create(overwrite)
+            if resume:
+                check_resume_config(run.path, config)
+        except ExplainkitError as e:
+            error = e
+            if lock is not None:
+                lock.release()
+                lock = None
+    failed = dist.broadcast_flag(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RunError(f"rank 0 could not prepare {run.path}; see its message")
+    return lock

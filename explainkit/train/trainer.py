@@ -34,11 +34,11 @@ from torch import nn
 
 from explainkit.config import FIELDS, TrainConfig
 from explainkit.device import resolve_device
-from explainkit.errors import ExplainkitError, RunError, TrainingDiverged, TrainingInterrupted
+from explainkit.errors import RunError, TrainingDiverged, TrainingInterrupted
 from explainkit.explain.layers import run_default_layer
 from explainkit.faults import fault_point
 from explainkit.registries import Registries, accepted_kwargs
-from explainkit.rundir import RunDir, RunLock
+from explainkit.rundir import RunDir
 from explainkit.store import append_epoch
 from explainkit.train import distributed as dist_utils
 from explainkit.train.checkpoint import prune_checkpoints, save_checkpoint
@@ -46,12 +46,17 @@ from explainkit.train.device_data import DeviceData
 from explainkit.train.ema import EMA
 from explainkit.train.optim import make_optimizer, make_scheduler, one_cycle_factor, steps_per_epoch
 from explainkit.train.resume import (
-    check_resume_config,
-    load_resume_point,
+    read_resume_point,
     resume_config,
     trim_to_checkpoint,
 )
-from explainkit.train.run_files import RunFacts, create_empty_store, write_config
+from explainkit.train.run_files import (
+    RunFacts,
+    append_log,
+    claim_run,
+    create_empty_store,
+    write_config,
+)
 from explainkit.train.state import restore_rng_state, rng_state, seed_everything
 from explainkit.train.weights import InitialWeights, apply_weights, read_weights
 
@@ -346,12 +351,6 @@ class Trainer:
             self.ema.update()
         return out, loss, ce
 
-    def train_epoch(self, stop: _StopFlag) -> tuple[float, float, float]:
-        """One pass over this rank's share of the data: mean loss, accuracy and images/s
-        (:meth:`train_epoch_stats` has the plain cross-entropy too)."""
-        stats = self.train_epoch_stats(stop)
-        return stats["train_loss"], stats["train_acc"], stats["images_per_s"]
-
     def train_epoch_stats(self, stop: _StopFlag) -> dict[str, float]:
         """One pass over this rank's share of the data, as history columns (all ranks):
         ``train_loss`` (the mean objective, label smoothing included), ``train_ce`` (the
@@ -528,58 +527,22 @@ class Trainer:
                     )
 
 
-def append_log(run: RunDir, line: str) -> None:
-    """Append one line to ``RUN/train.log`` and flush it: the file grows by whole lines, a
-    resumed run continues it, and ``--overwrite`` removes it with the run's other files."""
-    try:
-        with open(run.log_path, "a", encoding="utf-8", errors="replace") as f:
-            f.write(line + "\n")
-            f.flush()
-    except OSError as e:
-        raise RunError(
-            f"cannot write {run.log_path}: {e.strerror or e}; free some disk space and resume "
-            f"with: explainkit train --resume {run.path}"
-        ) from e
-
-
-def _claim_run(
-    run: RunDir, config: TrainConfig, dist: dist_utils.DistContext, overwrite: bool, resume: bool
-) -> RunLock | None:
-    """Rank 0 locks the run, then checks it (resume) or clears it (new); every rank learns
-    whether that worked, so none trains on a run that was refused. Nothing is written
-    before the lock is held."""
-    error, lock = None, None
-    if dist.rank == 0:
-        try:
-            lock = run.open_existing() if resume else run.create(overwrite)
-            if resume:
-                check_resume_config(run.path, config)
-        except ExplainkitError as e:
-            error = e
-            if lock is not None:
-                lock.release()
-                lock = None
-    failed = dist.broadcast_flag(error is not None)
-    if error is not None:
-        raise error
-    if failed:
-        raise RunError(f"rank 0 could not prepare {run.path}; see its message")
-    return lock
-
-
 def _start(trainer: Trainer, config: TrainConfig, run: RunDir, resume: bool) -> None:
     """Load the resume point (if any), then write what the run needs before its first step.
 
     Everything that can refuse (a damaged or mismatched last.pt) runs before the first
     write, so a refused resume leaves every file of the run as it was.
     """
-    resumed = resume and load_resume_point(trainer, run)
+    point = read_resume_point(run, trainer.registries) if resume else None
+    if point is not None:
+        trainer.load_state(point)
+    resumed = point is not None
     if trainer.is_main:
         facts = trainer.run_facts
         write_config(facts, config, run)
         fault_point("setup:config")
         if resumed:
-            trim_to_checkpoint(trainer, run)
+            trim_to_checkpoint(run, trainer.epoch)
         else:
             create_empty_store(facts, run)
     trainer.dist.barrier()
@@ -614,7 +577,7 @@ def train(
     dist = dist_utils.init_from_env(config.device)
     lock = None
     try:
-        lock = _claim_run(run, config, dist, overwrite, resume)
+        lock = claim_run(run, config, dist, overwrite, resume)
         fault_point("setup:locked")
         trainer = Trainer(
             config,
