@@ -32,7 +32,6 @@ import numpy as np
 from explainkit import hookimpl
 from explainkit.analyzer import Analyzer
 from explainkit.errors import AnalyzerError
-from explainkit.sharding import shard_of
 from explainkit.h5files import open_h5_for_writing
 
 
@@ -44,7 +43,7 @@ class Brightness(Analyzer):
     shardable = True
 
     def run(self, context):
-        shard = shard_of(context)
+        shard = context.shard
         if shard.rank == 1 and os.environ.get("BRIGHTNESS_FAIL_RANK_1"):
             raise ValueError("rank one broke on purpose")
         images = context.store.images(np.arange(shard.start, shard.stop))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from explainkit.errors import CheckpointError
+from explainkit.errors import ConfigError
 from explainkit.explain.layers import target_layer
 from tests.helpers import build_model
 
@@ -52,5 +52,5 @@ def test_width_scales_every_stage():
 
 
 def test_unknown_model_is_refused():
-    with pytest.raises(CheckpointError, match="unknown model"):
+    with pytest.raises(ConfigError, match="unknown model 'vgg'; did you mean 'torchvision:vgg19'"):
         build_model("vgg")

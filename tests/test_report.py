@@ -413,7 +413,7 @@ def test_report_survives_text_that_is_not_utf8(bare_run):
 
 
 def test_report_says_what_is_wrong_with_each_damaged_artifact(bare_run, monkeypatch):
-    from explainkit import report
+    from explainkit import artifacts
 
     folder = write_manifest(
         bare_run,
@@ -436,7 +436,7 @@ def test_report_says_what_is_wrong_with_each_damaged_artifact(bare_run, monkeypa
     wide = [",".join(f"c{i}" for i in range(45)), ",".join("1" * 45)]
     (folder / "wide.csv").write_text("\n".join(wide) + "\n")
     (folder / "w.bin").write_bytes(bytes(10))
-    monkeypatch.setattr(report, "MAX_IMAGE_BYTES", len(png_bytes()) + 1000)
+    monkeypatch.setattr(artifacts, "MAX_IMAGE_BYTES", len(png_bytes()) + 1000)
     text = render_report(bare_run, with_analyzers([]))
     assert "An artifact entry is not an object: just a string" in text
     assert "is not a PNG, JPEG, GIF, WebP or SVG image" in text

@@ -43,7 +43,7 @@ def check_totals(summary: ModelSummary, model: nn.Module) -> None:
 
 
 def test_summary_of_the_seed_resnet18_s8_has_11189322_parameters():
-    model = build_model("resnet18-s8", 10, 64)
+    model = build_model("resnet18-s8", 10, width=64)
     summary = summarize_model(model, (3, 32, 32))
     t = summary.totals
     assert t["total_params"] == 11_189_322
@@ -77,7 +77,7 @@ def test_summary_of_the_seed_resnet18_s8_has_11189322_parameters():
 
 
 def test_summary_leaves_the_model_as_it_was():
-    model = build_model("resnet18-s8", 10, 8).train()
+    model = build_model("resnet18-s8", 10, width=8).train()
     summarize_model(model, (3, 32, 32))
     assert all(m.training for m in model.modules())
     assert not any(m._forward_hooks for m in model.modules())
@@ -169,7 +169,7 @@ def read_csv(path: Path) -> list[dict]:
 def expected_params(run: Path) -> tuple[int, dict]:
     with open_store(run) as store:
         spec, shape = store.attrs["model"], [int(v) for v in store.attrs["input_shape"]]
-    model = build_model(spec["arch"], spec["num_classes"], spec["width"])
+    model = build_model(spec["arch"], spec["num_classes"], width=spec["width"])
     return sum(p.numel() for p in model.parameters()), {"shape": shape, "spec": spec}
 
 

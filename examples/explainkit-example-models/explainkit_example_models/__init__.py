@@ -1,7 +1,7 @@
 """Example explainkit plugin: the model ``stripes-cnn`` and the dataset ``stripes``.
 
 A third party adds models and datasets the way explainkit adds its own: hook implementations
-that hand :class:`explainkit.hookspecs.ModelEntry` and :class:`DatasetEntry` objects to
+that hand :class:`explainkit.ModelEntry` and :class:`explainkit.DatasetEntry` objects to
 ``register``. Heavy imports (torch) wait until a model is built.
 """
 
@@ -11,9 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from explainkit import hookimpl
-from explainkit.data import Dataset, DatasetEntry
-from explainkit.hookspecs import ModelEntry
+from explainkit import Dataset, DatasetEntry, ModelEntry, hookimpl
 
 CLASSES = ["horizontal", "vertical", "diagonal"]
 SPLIT_SIZES = {"train": 600, "eval": 120}

@@ -1,0 +1,98 @@
+"""What a CAM method returns for a batch, and the per-image scaling every method shares."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from explainkit.errors import AnalyzerError
+
+__all__ = ["CAMResult", "normalize_maps"]
+
+_EPS = 1e-12
+
+
+@dataclass
+class CAMResult:
+    """The maps of one batch, all on the model's device.
+
+    Attributes:
+        maps: (N, H, W) float32, upsampled (bilinear, as Captum's ``interpolate``) to the
+            input size and scaled per image to [0, 1]; an all-zero map stays zero.
+        raw: (N, h, w) float32 at the layer's resolution (a token layer's patch grid), after
+            ReLU, not normalized.
+        targets: (N,) int64, the class each map explains.
+        predicted: (N,) int64, the model's predicted class.
+        logits: (N, C) the model's output (detached).
+    """
+
+    maps: Tensor
+    raw: Tensor
+    targets: Tensor
+    predicted: Tensor
+    logits: Tensor
+
+    def __len__(self) -> int:
+        return self.maps.shape[0]
+
+    def to(self, device: torch.device | str) -> CAMResult:
+        """Move every tensor, e.g. to the CPU before saving."""
+        return CAMResult(*(getattr(self, f).to(device) for f in _FIELDS))
+
+    def show(
+        self,
+        images: Any,
+        captions: Sequence[str] | None = None,
+        colormap: str = "turbo",
+        alpha: float = 0.5,
+    ) -> Any:
+        """A figure of each image | heatmap | overlay; a notebook displays it inline.
+
+        Args:
+            images: The explained images as uint8 (N, H, W, 3), a numpy array or a tensor
+                (un-normalized: what a person sees).
+            captions: One line per image (default: the predicted and explained class ids).
+            colormap: A matplotlib colormap name.
+            alpha: Heatmap opacity in the overlay.
+        """
+        import numpy as np
+
+        from explainkit.figures import cam_grid, get_colormap
+
+        pixels = images.cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+        if captions is None:
+            pairs = zip(self.predicted.tolist(), self.targets.tolist(), strict=True)
+            captions = [f"predicted {p}, map of {t}" for p, t in pairs]
+        maps = self.maps.detach().float().cpu().numpy()
+        return cam_grid(pixels, maps, captions, get_colormap(colormap), alpha)
+
+    @staticmethod
+    def cat(results: Sequence[CAMResult]) -> CAMResult:
+        """Join batch results along the image dimension."""
+        if not results:
+            raise AnalyzerError("no CAM results to join; pass at least one image")
+        return CAMResult(*(torch.cat([getattr(r, f) for r in results]) for f in _FIELDS))
+
+
+_FIELDS = ("maps", "raw", "targets", "predicted", "logits")
+
+
+def normalize_maps(maps: Tensor, rtol: float = 1e-5) -> Tensor:
+    """Scale each map of (N, H, W) to [0, 1]; a constant map becomes zero.
+
+    "Constant" allows float noise: a map whose range is within ``rtol`` of its magnitude
+    (a 1x1 layer upsampled leaves ripples of ~1e-8) is constant, and stretching that noise
+    to [0, 1] would paint a confident picture of nothing.
+    """
+    maps = maps if maps.is_floating_point() else maps.float()
+    low, high = torch.aminmax(maps.flatten(1), dim=1)  # one pass over the maps, not two
+    span = high - low
+    scale = torch.maximum(high.abs(), low.abs())
+    constant = span <= rtol * scale
+    span = torch.where(constant, 1.0, span).clamp_min(_EPS).view(-1, 1, 1)
+    out = (maps - low.view(-1, 1, 1)).div_(span)  # one new tensor, changed in place
+    return out.masked_fill_(constant.view(-1, 1, 1), 0.0)
