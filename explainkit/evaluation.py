@@ -517,6 +517,7 @@ def _logits(
     import torch
 
     from explainkit.data import iter_batches
+    from explainkit.explain.outputs import scores_of
 
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -527,7 +528,7 @@ def _logits(
         with torch.inference_mode():
             for _, batch in iter_batches(images, batch_size, pin_memory=device.type == "cuda"):
                 x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-                chunks.append(model((x - m) / s).float().cpu())
+                chunks.append(scores_of(model((x - m) / s)).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(chunks).numpy()

@@ -20,6 +20,7 @@ from explainkit.errors import AnalyzerError
 from explainkit.explain.gradcam import compute_cam, normalize_maps
 from explainkit.explain.layers import target_layer
 from explainkit.explain.methods import METHODS
+from explainkit.explain.outputs import as_scores_model
 
 __all__ = ["AttributionFn", "attribute", "attribution_fn", "reduce_channels"]
 
@@ -131,6 +132,8 @@ def _captum_fn(
     def fn(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
         import captum.attr as ca
 
+        module = target_layer(model, layer).module if method == "guided_gradcam" else None
+        model = as_scores_model(model)  # layers are found on the user's model, not the wrapper
         x = images.detach().clone().requires_grad_(True)
         with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
             # Captum warns that it sets requires_grad on inputs and hooks ReLUs: expected.
@@ -144,7 +147,6 @@ def _captum_fn(
                     internal_batch_size=internal_batch,
                 )  # fmt: skip
             if method == "guided_gradcam":
-                module = target_layer(model, layer).module
                 return ca.GuidedGradCam(model, module).attribute(x, target=targets)
             if method == "input_x_gradient":
                 return ca.InputXGradient(model).attribute(x, target=targets)

@@ -49,6 +49,7 @@ from explainkit.explain.layers import (
     target_layer,
 )
 from explainkit.explain.methods import CAM_METHODS
+from explainkit.explain.outputs import scores_of
 
 __all__ = [
     "CAM",
@@ -289,13 +290,13 @@ class CAM:
 
     def _forward(self, images: Tensor) -> Tensor:
         try:
-            return self.model(images)
+            return scores_of(self.model(images))
         except RuntimeError as e:
             if self._copy_output or "leaf Variable that requires grad" not in str(e):
                 raise
         self._copy_output = True  # an in-place op follows the layer: hand on a copy
         self._acts.clear()
-        return self.model(images)
+        return scores_of(self.model(images))
 
     def _precheck(self, images: Tensor) -> Tensor:
         if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():

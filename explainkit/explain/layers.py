@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from explainkit.errors import AnalyzerError, did_you_mean
+from explainkit.explain.outputs import scores_of
 
 __all__ = [
     "MAX_LEADING_TOKENS",
@@ -287,7 +288,7 @@ def locate_layer(model: nn.Module, example: Tensor, reshape: str = "nchw") -> st
         model.eval()
         x = example[:1].detach().clone().requires_grad_(True)
         with torch.inference_mode(False), torch.enable_grad():
-            logits = model(x)
+            logits = scores_of(model(x))
             candidates = [c for c in outputs if c[1].requires_grad]
             if not candidates:
                 return None

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from explainkit.errors import AnalyzerError
 from explainkit.explain.attribution import AttributionFn, attribute
 from explainkit.explain.gradcam import normalize_maps
+from explainkit.explain.outputs import scores_of
 from explainkit.explain.stats import spearman
 
 __all__ = [
@@ -236,7 +237,7 @@ def perturbation_curves(
         inserted = torch.where(top, x[:, None], b[:, None])
         batch = torch.cat([x[:, None], b[:, None], deleted, inserted], 1)
         batch = batch.reshape(m * versions, c, h, w).contiguous(memory_format=fmt)
-        p = model(batch).float().softmax(1)
+        p = scores_of(model(batch)).float().softmax(1)
         t = targets[s : s + m].repeat_interleave(versions)
         probs.append(p.gather(1, t[:, None]).view(m, versions))
     p = torch.cat(probs)
