@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from explainkit import hookimpl
 from explainkit.store import HISTORY_COLUMNS, append_epoch, create_store, epochs_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +90,98 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+def run_installed_cli(args, *pythonpath: Path, plugins: str | None = None):
+    """The CLI as a user with ``pythonpath`` installed runs it: entry points are loaded
+    (unless ``plugins`` limits them, as ``EXPLAINKIT_LOAD_PLUGINS`` does)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, pythonpath))}
+    env.pop("EXPLAINKIT_LOAD_PLUGINS", None)
+    env.pop("EXPLAINKIT_PLUGINS_DIR", None)
+    if plugins is not None:
+        env["EXPLAINKIT_LOAD_PLUGINS"] = plugins
+    return subprocess.run(
+        [sys.executable, "-m", "explainkit", *args], capture_output=True, text=True, env=env
+    )
+
+
+def pip_install(source: Path, target: Path) -> None:
+    """``pip install --target`` the distribution at ``source`` (offline, no dependencies)."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--no-index", "--target", str(target), str(source)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=source.parent,
+    )  # fmt: skip
+
+
+def install_example(example: Path, tmp_path_factory) -> Path:
+    """pip-install the distribution at ``example`` into a fresh folder; returns the folder.
+
+    Built from a copy: setuptools leaves build/ and *.egg-info next to the sources.
+    """
+    import shutil
+
+    src = tmp_path_factory.mktemp("example-src") / example.name
+    shutil.copytree(example, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "tests"))
+    target = tmp_path_factory.mktemp("example-site")
+    pip_install(src, target)
+    return target
+
+
+def valid_run_document() -> dict:
+    """What write_config writes for a small shapes run."""
+    from explainkit.config import TrainConfig
+
+    return {
+        "format": "explainkit-run",
+        "format_version": 1,
+        "config": {
+            **TrainConfig(dataset="shapes", device="cpu", width=8, epochs=2).to_dict(),
+            "limit_train": 256,
+        },
+        "model": {
+            "arch": "resnet18-s8",
+            "width": 8,
+            "num_classes": 3,
+            "input_shape": [3, 32, 32],
+            "default_layer": "layer4",
+        },
+        "data": {
+            "dataset": "shapes",
+            "classes": ["circle", "square", "triangle"],
+            "num_train": 256,
+            "num_eval": 64,
+            "mean": [0.47, 0.5, 0.51],
+            "std": [0.28, 0.28, 0.29],
+        },
+        "environment": {"explainkit": "0.1.0", "device": "cpu"},
+        "world_size": 1,
+    }
+
+
+# -- in-test plugins -----------------------------------------------------------------------------
+
+
+def make_analyzer(name: str, **attrs):
+    """A minimal Analyzer subclass called ``name``."""
+    from explainkit.analyzer import Analyzer
+
+    return type(f"A_{name}", (Analyzer,), {"name": name, "summary": f"{name} test.", **attrs})
+
+
+class AnalyzersPlugin:
+    """An in-test plugin registering the given analyzer classes."""
+
+    def __init__(self, *classes):
+        self.classes = classes
+
+    @hookimpl
+    def register_analyzers(self, register):
+        for cls in self.classes:
+            register(cls)
 
 
 # -- run directories and the CLI ---------------------------------------------------------------

@@ -209,3 +209,19 @@ def test_error_messages_are_one_lowercase_sentence_without_a_final_period():
                 if text and ((text[0].isupper() and not acronym) or text.rstrip().endswith(".")):
                     bad.append(f"{module}:{node.lineno}: {text[:60]!r}")
     assert not bad, "\n".join(bad)
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in tests/helpers.py or conftest.py, not in a test module."""
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            if any(name.rpartition(".")[2].startswith("test_") for name in names):
+                offenders.append(f"{path.relative_to(ROOT)} imports {names[0]}")
+    assert not offenders

@@ -4,14 +4,13 @@ pip, found through its entry point, trained, evaluated and explained through the
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from test_plugins import pip_install, run_cli
 
 from explainkit.store import open_store
+from tests.helpers import install_example, run_installed_cli
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "explainkit-example-models"
 FAST = ["--width", "4", "--epochs", "2", "--batch-size", "32", "--image-size", "24",
@@ -20,15 +19,11 @@ FAST = ["--width", "4", "--epochs", "2", "--batch-size", "32", "--image-size", "
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("models-src") / EXAMPLE.name
-    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "tests"))
-    target = tmp_path_factory.mktemp("models-site")
-    pip_install(src, target)
-    return target
+    return install_example(EXAMPLE, tmp_path_factory)
 
 
 def test_the_installed_plugin_lists_its_model_and_dataset(installed):
-    listed = run_cli(["plugins", "--json"], installed)
+    listed = run_installed_cli(["plugins", "--json"], installed)
     assert listed.returncode == 0, listed.stderr
     (row,) = [r for r in json.loads(listed.stdout) if r["name"] == "stripes"]
     assert row["package"] == "explainkit-example-models" and row["source"] == "entry point"
@@ -38,12 +33,12 @@ def test_the_installed_plugin_lists_its_model_and_dataset(installed):
 
 def test_its_model_trains_on_its_dataset_and_is_explained(installed, tmp_path):
     run = tmp_path / "stripes"
-    trained = run_cli(
+    trained = run_installed_cli(
         ["train", "--model", "stripes-cnn", "--dataset", "stripes", *FAST, "--out", str(run)],
         installed,
     )
     assert trained.returncode == 0, trained.stderr
-    analyzed = run_cli(
+    analyzed = run_installed_cli(
         ["analyze", str(run), "--plugin", "gradcam", "--plugin", "quality", "--device", "cpu"],
         installed,
     )
@@ -56,7 +51,7 @@ def test_its_model_trains_on_its_dataset_and_is_explained(installed, tmp_path):
     weights = tmp_path / "cnn.pt"
     state = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
     torch.save(state, weights)
-    evaluated = run_cli(
+    evaluated = run_installed_cli(
         ["evaluate", "--model", "stripes-cnn", "--width", "4", "--weights", str(weights),
          "--dataset", "stripes", "--image-size", "24", "--limit-eval", "24", "--device", "cpu",
          "--out", str(tmp_path / "again")],
@@ -66,7 +61,7 @@ def test_its_model_trains_on_its_dataset_and_is_explained(installed, tmp_path):
     with open_store(tmp_path / "again") as store:
         assert store.epochs == [1] and store.num_images == 24
 
-    without = run_cli(["analyze", str(run), "--plugin", "gradcam", "--device", "cpu"])
+    without = run_installed_cli(["analyze", str(run), "--plugin", "gradcam", "--device", "cpu"])
     assert without.returncode == 1
     assert "its model arch 'stripes-cnn' is unknown" in without.stderr
     assert "Traceback" not in without.stderr

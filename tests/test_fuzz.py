@@ -32,8 +32,7 @@ from explainkit.store import (
     epochs_folder,
     open_store,
 )
-from tests.helpers import run_cli
-from tests.test_hostile_config import valid_run_document
+from tests.helpers import run_cli, valid_run_document
 
 FUZZ = settings(
     max_examples=60,

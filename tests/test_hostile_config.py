@@ -19,7 +19,6 @@ import pytest
 
 from explainkit.config import (
     FIELDS,
-    TrainConfig,
     check_value,
     field_kind,
     read_config_file,
@@ -28,7 +27,7 @@ from explainkit.config import (
 from explainkit.errors import ConfigError, RunError, brief
 from explainkit.files import MAX_CONFIG_BYTES
 from explainkit.rundir import check_run_config
-from tests.helpers import run_cli
+from tests.helpers import run_cli, valid_run_document
 
 # A shapes run that would train in seconds if a bad value slipped through (it must not).
 SMALL = ("--dataset", "shapes", "--width", "8", "--epochs", "1", "--limit-train", "64")
@@ -261,35 +260,6 @@ def test_check_value_names_the_label():
 
 
 # -- RUN/config.json ---------------------------------------------------------------------------
-
-
-def valid_run_document() -> dict:
-    """What write_config writes for a small shapes run."""
-    return {
-        "format": "explainkit-run",
-        "format_version": 1,
-        "config": {
-            **TrainConfig(dataset="shapes", device="cpu", width=8, epochs=2).to_dict(),
-            "limit_train": 256,
-        },
-        "model": {
-            "arch": "resnet18-s8",
-            "width": 8,
-            "num_classes": 3,
-            "input_shape": [3, 32, 32],
-            "default_layer": "layer4",
-        },
-        "data": {
-            "dataset": "shapes",
-            "classes": ["circle", "square", "triangle"],
-            "num_train": 256,
-            "num_eval": 64,
-            "mean": [0.47, 0.5, 0.51],
-            "std": [0.28, 0.28, 0.29],
-        },
-        "environment": {"explainkit": "0.1.0", "device": "cpu"},
-        "world_size": 1,
-    }
 
 
 def test_a_valid_run_document_passes_and_comes_back_complete():

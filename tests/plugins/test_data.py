@@ -15,8 +15,7 @@ from explainkit.data import load_dataset
 from explainkit.selection import per_class_sample
 from explainkit.store import open_store
 from tests.helpers import registries
-
-from .test_gallery import check_png, load, make_run, run_one, train_folder_run
+from tests.plugins.helpers import check_png, load, make_run, run_one, train_folder_run
 
 
 def read_csv(path: Path) -> list[dict]:

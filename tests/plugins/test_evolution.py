@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import train_run
-
-from .test_gallery import check_png, run_one
+from tests.plugins.helpers import check_png, run_one
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from explainkit.store import open_store, truncate_store
-
-from .test_gallery import check_png, load, make_run, run_one
+from tests.plugins.helpers import check_png, load, make_run, run_one
 
 
 def read_csv(path) -> np.ndarray:

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from explainkit.runner import analyze
-
-from .test_gallery import check_png, make_run
+from tests.plugins.helpers import check_png, make_run
 
 
 def run_one(run: Path, name: str, **options) -> dict:

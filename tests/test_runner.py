@@ -21,7 +21,7 @@ from explainkit.cli import cli
 from explainkit.errors import AnalyzerError, PluginError, RunError
 from explainkit.manager import build_registries
 from explainkit.runner import analyze
-from tests.test_plugins import AnalyzersPlugin
+from tests.helpers import AnalyzersPlugin
 
 pytestmark = pytest.mark.usefixtures("fresh_plugins")
 
