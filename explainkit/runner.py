@@ -44,6 +44,7 @@ from explainkit.errors import (
     unknown_name_message,
 )
 from explainkit.rundir import RunDir, remove_stale_tmp
+from explainkit.said import Said
 from explainkit.sharding import (
     Shard,
     ShardMaker,
@@ -463,11 +464,13 @@ def _run_one(
         "artifacts": [],
     }
     start = time.perf_counter()
+    said = Said(tmp)  # its warnings go into the manifest, beside the figures they concern
     try:
         try:
             if reasons:
                 raise AnalyzerError(f"{name} needs {'; '.join(reasons)}")
-            artifacts = cls().run(context, **options)
+            with said:
+                artifacts = cls().run(context, **options)
             elsewhere = _other_ranks_failed(context, None)
             if elsewhere:
                 raise AnalyzerError(elsewhere)
@@ -480,6 +483,9 @@ def _run_one(
                 manifest["traceback"] = traceback.format_exc()
             manifest["artifacts"] = []
         manifest["seconds"] = round(time.perf_counter() - start, 3)
+        manifest["warnings"] = said.records(manifest["artifacts"])
+        if said.omitted:
+            manifest["warnings_omitted"] = said.omitted
         _publish(context.resources.run, name, tmp, manifest)
     finally:
         if tmp.exists():
