@@ -484,6 +484,7 @@ def _ranked_distribution_figure(
     """Many classes: images per class of each split, classes ranked by count, and the
     rarest eval classes by name (every class is in class_distribution.csv)."""
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     from explainkit import figures
 
@@ -499,6 +500,7 @@ def _ranked_distribution_figure(
     ranked.set_xlabel(f"class rank (of {k}, by images)")
     ranked.set_ylabel("images")
     ranked.set_ylim(bottom=0)
+    ranked.yaxis.set_major_locator(MaxNLocator(integer=True))
     ranked.grid(alpha=0.3)
     ranked.legend(fontsize=9)
     title = "Images per class, ranked"
@@ -512,6 +514,7 @@ def _ranked_distribution_figure(
     rare.set_ylim(len(rarest) - 0.5, -0.5)
     rare.set_xlim(0, max(int(eval_counts[rarest].max()), 1) * 1.2)
     rare.set_xlabel("eval images")
+    rare.xaxis.set_major_locator(MaxNLocator(integer=True))
     rare.grid(axis="x", alpha=0.3)
     rare.set_title(f"The {len(rarest)} rarest eval classes", fontsize=11)
     fig.suptitle(f"Class distribution of {k} classes", fontsize=12)
