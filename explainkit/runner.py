@@ -300,7 +300,9 @@ def analyze(
             if manifest["status"] == "ok":
                 n = len(manifest["artifacts"])
                 where = rundir.analysis(name)
-                say(f"ok      {name}: {n} file(s) in {where} ({manifest['seconds']:.1f} s)")
+                warned = sum(w["category"] != "log" for w in manifest.get("warnings", []))
+                note = f", {warned} warning(s) recorded for the report" if warned else ""
+                say(f"ok      {name}: {n} file(s) in {where} ({manifest['seconds']:.1f} s{note})")
             else:
                 say(f"failed  {name}: {manifest['error']}")
         failed = False

@@ -135,3 +135,45 @@ def test_21000_classes_gallery_bounded_in_memory(tmp_path):
     assert got == expected_pairs(run)
     rows = read_csv(run / "analyses" / "gallery" / "per_class_accuracy.csv")
     assert len(rows) == 21_000 and rows[-1]["accuracy"] == ""  # empty classes last
+
+
+def test_imagenet_ids_become_names_offline():
+    from explainkit.classnames import imagenet_classes, readable_classes
+
+    names = imagenet_classes()
+    assert len(names) == 1000 and names[0] == "tench" and names[713] == "photocopier"
+    assert readable_classes([f"{i:03d}" for i in range(1000)]) == names
+    assert readable_classes([str(i) for i in range(1000)])[713] == "photocopier"
+    wnids = ["n01440764", *(f"n0{i:07d}" for i in range(2_000_000, 2_000_998)), "n15075141"]
+    assert readable_classes(wnids)[0] == "tench"
+    for own in (
+        [f"class {i}" for i in range(1000)],  # names of their own
+        [str(i) for i in range(999)],  # not ImageNet-1k's 1,000
+        sorted(str(i) for i in range(1000)),  # "0", "1", "10": not the output order
+    ):
+        assert readable_classes(own) == own
+
+
+def test_evaluate_records_imagenet_names_for_id_folders(tmp_path):
+    """A dataset whose classes are ImageNet-1k ids (as an ImageFolder of 000/ ... 999/ reads)
+    is recorded with the category names, so the gallery says "photocopier", not "713"."""
+    from explainkit import Dataset
+
+    rng = np.random.default_rng(0)
+    n = 8
+    ds = Dataset(
+        images=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+        targets=np.array([713] * n),
+        classes=[f"{i:03d}" for i in range(1000)],
+        index=np.arange(n),
+    )
+    model = build_model("resnet18-s8", num_classes=1000, width=8)
+    run = explainkit.evaluate(model, ds, out=tmp_path / "run", arch="resnet18-s8",
+                              kwargs={"width": 8}, device="cpu")  # fmt: skip
+    assert ds.classes[713] == "713"  # the caller's dataset is left as it was
+    recorded = json.loads((run / "config.json").read_text())["data"]["classes"]
+    assert recorded[713] == "photocopier" and recorded[0] == "tench"
+    (manifest,) = explainkit.analyze(run, plugins=["gallery"], device="cpu")
+    assert manifest["status"] == "ok", manifest["error"]
+    items = json.loads((run / "analyses" / "gallery" / "gallery.json").read_text())["items"]
+    assert items and all(item["true"] == "photocopier" for item in items)
