@@ -177,3 +177,27 @@ def test_evaluate_records_imagenet_names_for_id_folders(tmp_path):
     assert manifest["status"] == "ok", manifest["error"]
     items = json.loads((run / "analyses" / "gallery" / "gallery.json").read_text())["items"]
     assert items and all(item["true"] == "photocopier" for item in items)
+
+
+def test_unknown_class_name_among_1000_is_one_short_sentence(runs):
+    (manifest,) = explainkit.analyze(
+        runs[1000], plugins=["gallery"], device="cpu", collect_failures=True,
+        gallery_class_name="clas 713",
+    )  # fmt: skip
+    assert manifest["status"] == "failed"
+    assert "did you mean 'class 713'" in manifest["error"]
+    assert len(manifest["error"]) < 600 and "per_class_accuracy.csv" in manifest["error"]
+
+
+def test_figures_are_capped_whatever_is_drawn(tmp_path):
+    from explainkit import figures
+
+    wide = figures.new_figure(200, 3)  # 20,000 px wide, as a figure of every class would be
+    wide.add_subplot().set_title("a title", fontsize=10)
+    facts = figure_facts(figures.save_figure(wide, tmp_path / "wide.png"))
+    assert facts["width"] <= MAX_SIDE_PX and facts["height"] <= MAX_SIDE_PX
+    assert facts["min_font_pt"] < MIN_FONT_PT  # shrunk to fit, and the file says so
+    tiles = np.zeros((400, 224, 224, 3), np.uint8)  # the gallery's most: 400 images, 10 a row
+    grid = figures.grid_figure(tiles, cols=10, captions=["a → b\n(99.0%)"] * 400)
+    facts = figure_facts(figures.save_figure(grid, tmp_path / "grid.png"))
+    assert facts["height"] <= MAX_SIDE_PX and facts["min_font_pt"] >= MIN_FONT_PT
