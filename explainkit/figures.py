@@ -215,7 +215,11 @@ def grid_figure(
     for i in np.flatnonzero(~present):  # unused cells stay background, not black
         y, x = corners[i]
         canvas[y : y + h, x : x + w] = BG
-    height_px, width_px = canvas.shape[0] + title_px, canvas.shape[1] + left_px
+    width_px = canvas.shape[1] + left_px
+    if title:  # wrapped to the figure's width, so a narrow grid does not cut it off
+        title = _wrap_to(title, width_px, 11)
+        title_px = 16 + 18 * (title.count("\n") + 1)
+    height_px = canvas.shape[0] + title_px
     fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_axes(
@@ -249,6 +253,14 @@ def fit_tiles(tiles: np.ndarray, room: tuple[float, float], least: int = 16) -> 
     ys = (np.arange(nh) * h / nh).astype(np.intp)
     xs = (np.arange(nw) * w / nw).astype(np.intp)
     return tiles[:, ys][:, :, xs]
+
+
+def _wrap_to(text: str, width_px: float, size: float) -> str:
+    """``text`` wrapped into lines about ``width_px`` wide at ``size`` points."""
+    import textwrap
+
+    chars = max(16, int((width_px - 16) / (size * 0.6 * DPI / 72)))
+    return "\n".join(textwrap.wrap(text, chars)) or text
 
 
 def draw_mosaic(ax: Any, canvas: np.ndarray) -> None:
