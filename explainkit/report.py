@@ -271,6 +271,7 @@ def _run_section(summary: dict | None, raw: dict, why: str | None) -> dict[str, 
     if evaluated and config.get("dataset") == "arrays":
         keys = tuple(k for k in keys if k not in ("seed", "data_dir", "image_size"))
     shown = [[k, config[k]] for k in keys if k in config and config[k] is not None]
+    every = [[k, v] for k, v in config.items() if v is not None]
     history = (summary or {}).get("history") or {}
     if evaluated:
         history = {k: v for k, v in history.items() if k not in _TRAINING_COLUMNS or any(v or [])}
@@ -280,11 +281,7 @@ def _run_section(summary: dict | None, raw: dict, why: str | None) -> dict[str, 
         "facts": [(k, v) for k, v in pairs if v not in (None, "")],
         "config": config,
         "config_table": table(["option", "value"], shown),
-        "all_options": None
-        if evaluated
-        else table(
-            ["option", "value"], [[k, v] for k, v in config.items() if v is not None]
-        ),  # fmt: skip
+        "all_options": None if evaluated else table(["option", "value"], every),
         "history": _history(history) if len(history.get("epoch") or []) > evaluated else None,
     }
 

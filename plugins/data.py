@@ -390,7 +390,9 @@ def _write_summary(
             "mean": list(st.train_mean),
             "std": list(st.train_std),
             "stats_source": "prediction store mean/std (computed at training time)",
-        },
+        }
+        if not s.evaluated
+        else {"available": False, "reason": s.reason},
         "normalization": {"mean": list(st.train_mean), "std": list(st.train_std)},
         "image_sizes": {
             "stored": sizes.stored,
