@@ -17,12 +17,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_JSON_CHARS", "show_artifact", "size_label", "table"]
+__all__ = ["MAX_JSON_CHARS", "page_warnings", "show_artifact", "size_label", "table"]
 
 MAX_TABLE_ROWS = 50
 MAX_TABLE_COLUMNS = 40
 MAX_JSON_CHARS = 4000
-MAX_IMAGE_BYTES = 20_000_000
+MAX_IMAGE_BYTES = 5_000_000  # a figure within figures.MAX_SIDE_PX is far smaller
 MIN_IMAGE_WIDTH = 240
 
 _IMAGE_MAGIC = (
@@ -184,3 +184,35 @@ def _compact_json(value: Any, indent: str = "") -> str:
         items = [inner + _compact_json(v, inner) for v in value]
         return "[\n" + ",\n".join(items) + "\n" + indent + "]"
     return json.dumps(value, ensure_ascii=False)
+
+
+def page_warnings(
+    m: dict[str, Any], artifacts: list, shown: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The analyzer's recorded warnings (runner: ``explainkit.said``), each attached to the
+    shown artifact it concerns (``where``), else left for the section; and the notes (its
+    log lines, which inform rather than warn). A malformed entry is shown as text."""
+    recorded = m.get("warnings") if isinstance(m.get("warnings"), list) else []
+    paths = [a.get("path") if isinstance(a, dict) else None for a in artifacts]
+    warned, notes = [], []
+    for w in recorded:
+        if not isinstance(w, dict):
+            w = {"message": str(w)}
+        text = str(w.get("message", ""))
+        count = w.get("count")
+        if isinstance(count, int) and count > 1:
+            text += f" (raised {count} times)"
+        if w.get("category") == "log":
+            notes.append(text)
+            continue
+        where = paths.index(w["artifact"]) if w.get("artifact") in paths else None
+        item = {"text": text, "category": str(w.get("category") or "warning"), "where": where}
+        warned.append(item)
+        if where is not None:
+            shown[where].setdefault("warnings", []).append(item)
+    omitted = m.get("warnings_omitted")
+    if isinstance(omitted, int) and omitted > 0:
+        warned.append(
+            {"text": f"{omitted} more warning(s) not kept", "category": "", "where": None}
+        )
+    return warned, notes

@@ -153,6 +153,14 @@ class RunWriter:
         ds, dataset, size = _eval_data(
             data, classes, data_dir, image_size, limit_eval, entry, registries
         )
+        # -- issue 26.3: ImageNet-1k ids (folders n01440764/, 0/..999/) become names --------
+        if classes is None:
+            from dataclasses import replace
+
+            from explainkit.classnames import readable_classes
+
+            ds = replace(ds, classes=readable_classes(ds.classes))
+        # ------------------------------------------------------------------------------------
         if (mean is None) != (std is None):
             raise ConfigError("give both mean and std, or neither")
         if mean is None:

@@ -21,6 +21,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 DPI = 100
+MAX_SIDE_PX = 4000  # no figure is wider or taller: 16 MP at most, whatever the run holds
+MIN_FONT_PT = 7  # the smallest text a figure draws (at DPI); fewer labels, not smaller ones
+MAX_LABELED = 50  # the most classes a figure names one by one; the rest go to tables
 TILE_PX = 128  # displayed side of one gallery image (32 px images are upscaled 4x)
 BG = 1.0  # white mosaic background
 GAP_PX = 2  # white gap between image, heatmap and overlay in a CAM tile (before upscaling)
@@ -30,10 +33,12 @@ __all__ = [
     "Figure",
     "new_figure",
     "save_figure",
+    "figure_facts",
     "message_figure",
     "upscale",
     "scale_for",
     "mosaic",
+    "fit_tiles",
     "draw_mosaic",
     "grid_figure",
     "short",
@@ -53,10 +58,48 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    """Save as PNG (white background) and drop the figure's memory."""
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    """Save as PNG (white background) no larger than MAX_SIDE_PX a side; drop its memory.
+
+    A figure drawn larger than the cap is saved at a lower resolution (the last guard: the
+    analyzers size their figures to fit), and the PNG records its smallest text size in
+    points at DPI (``explainkit:min-font-pt``), so a test or a reader can check legibility.
+    """
+    width, height = fig.get_size_inches() * DPI
+    dpi = DPI * min(1.0, MAX_SIDE_PX / max(width, 1), MAX_SIDE_PX / max(height, 1))
+    dpi = math.floor(dpi * 100) / 100  # never rounds up past the cap
+    smallest = _smallest_font(fig) * dpi / DPI
+    fig.savefig(
+        path, dpi=dpi, facecolor="white", metadata={"explainkit:min-font-pt": f"{smallest:.2f}"}
+    )
     fig.clear()
     return path
+
+
+def _smallest_font(fig: Figure) -> float:
+    """The smallest size (points) of any visible, non-empty text of the figure."""
+    from matplotlib.text import Text
+
+    sizes = [
+        t.get_fontsize()
+        for t in fig.findobj(Text)
+        if t.get_visible() and t.get_text().strip() and t.get_figure() is not None
+    ]
+    return float(min(sizes, default=MIN_FONT_PT))
+
+
+def figure_facts(path: Path) -> dict[str, float]:
+    """Width and height (px) of a PNG written by :func:`save_figure`, and its smallest text
+    size in points (``min_font_pt``; NaN when the file does not record it)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        width, height = im.size
+        text = getattr(im, "text", {}) or {}
+    return {
+        "width": width,
+        "height": height,
+        "min_font_pt": float(text.get("explainkit:min-font-pt", "nan")),
+    }
 
 
 def message_figure(text: str, title: str = "") -> Figure:
@@ -150,10 +193,19 @@ def grid_figure(
     cells = (max(positions) + 1) if positions else 1
     rows = rows if rows is not None else max(1, math.ceil(cells / cols))
     scale = scale_for(images.shape[1], tile_px) if n else 1
-    tiles = upscale(images, scale)
-    h, w = (tiles.shape[1], tiles.shape[2]) if n else (tile_px, tile_px)
     line_px = font_size * DPI / 72 * 1.25
     label_px = int(math.ceil(caption_lines * line_px + 4)) if captions is not None else 0
+    left_px = 0
+    if row_labels is not None:
+        longest = max((len(label) for label in row_labels), default=0)
+        left_px = int(longest * (font_size + 1) * 0.62 * DPI / 72) + 12
+    title_px = 34 if title else 0
+    room = (
+        (MAX_SIDE_PX - title_px - (rows + 1) * pad) / rows - label_px,
+        (MAX_SIDE_PX - left_px - (cols + 1) * pad) / cols,
+    )
+    tiles = fit_tiles(upscale(images, scale), room)
+    h, w = (tiles.shape[1], tiles.shape[2]) if n else (tile_px, tile_px)
     placed = np.zeros((rows * cols, h, w, 3), np.uint8)
     present = np.zeros(rows * cols, bool)
     if n:
@@ -163,12 +215,11 @@ def grid_figure(
     for i in np.flatnonzero(~present):  # unused cells stay background, not black
         y, x = corners[i]
         canvas[y : y + h, x : x + w] = BG
-    left_px = 0
-    if row_labels is not None:
-        longest = max((len(label) for label in row_labels), default=0)
-        left_px = int(longest * font_size * 0.62 * DPI / 72) + 12
-    title_px = 34 if title else 0
-    height_px, width_px = canvas.shape[0] + title_px, canvas.shape[1] + left_px
+    width_px = canvas.shape[1] + left_px
+    if title:  # wrapped to the figure's width, so a narrow grid does not cut it off
+        title = _wrap_to(title, width_px, 11)
+        title_px = 16 + 18 * (title.count("\n") + 1)
+    height_px = canvas.shape[0] + title_px
     fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_axes(
@@ -190,6 +241,28 @@ def grid_figure(
     return fig
 
 
+def fit_tiles(tiles: np.ndarray, room: tuple[float, float], least: int = 16) -> np.ndarray:
+    """(N,H,W,C) tiles shrunk (nearest neighbour, aspect kept) to fit ``room`` = (height,
+    width) pixels, so a grid of many large images stays within MAX_SIDE_PX; never below
+    ``least`` pixels a side."""
+    h, w = tiles.shape[1:3]
+    factor = min(1.0, room[0] / max(h, 1), room[1] / max(w, 1))
+    if factor >= 1.0:
+        return tiles
+    nh, nw = max(least, int(h * factor)), max(least, int(w * factor))
+    ys = (np.arange(nh) * h / nh).astype(np.intp)
+    xs = (np.arange(nw) * w / nw).astype(np.intp)
+    return tiles[:, ys][:, :, xs]
+
+
+def _wrap_to(text: str, width_px: float, size: float) -> str:
+    """``text`` wrapped into lines about ``width_px`` wide at ``size`` points."""
+    import textwrap
+
+    chars = max(16, int((width_px - 16) / (size * 0.6 * DPI / 72)))
+    return "\n".join(textwrap.wrap(text, chars)) or text
+
+
 def draw_mosaic(ax: Any, canvas: np.ndarray) -> None:
     """Show a mosaic pixel-exact (nearest interpolation) on an axes without frame or ticks."""
     ax.imshow(canvas, interpolation="nearest")
@@ -202,14 +275,13 @@ def short(name: str, limit: int = 18) -> str:
 
 
 def class_font_size(num_classes: int) -> float:
-    """Tick label size that stays legible from 2 to ~100 classes."""
+    """Tick label size for up to MAX_LABELED classes (never below MIN_FONT_PT: a figure of
+    more classes names fewer of them instead)."""
     if num_classes <= 12:
         return 10
     if num_classes <= 25:
         return 8
-    if num_classes <= 50:
-        return 7
-    return 5
+    return MIN_FONT_PT
 
 
 def get_colormap(name: str, flag: str = "colormap") -> Any:

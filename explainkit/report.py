@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from explainkit import __version__
-from explainkit.artifacts import MAX_JSON_CHARS, show_artifact, size_label, table
+from explainkit.artifacts import MAX_JSON_CHARS, page_warnings, show_artifact, size_label, table
 from explainkit.atomic import write_atomic
 from explainkit.errors import ExplainkitError, RunError
 from explainkit.registries import Registries
@@ -40,6 +40,7 @@ MAX_HISTORY_ROWS = 60
 MAX_LOG_LINES = 200  # the end of train.log shown under the run
 MAX_LOG_BYTES = 200_000  # read from the end of the file: 200 lines are about 25 KB
 MAX_LOG_LINE = 500  # characters of one line
+MAX_EMBEDDED = 10_000_000  # characters of embedded images per page; later images are linked
 
 
 @functools.cache
@@ -230,11 +231,69 @@ _CONFIG_KEYS = (
 )
 
 
+_EVAL_CONFIG_KEYS = (
+    "model", "weights", "dataset", "data_dir", "image_size", "limit_eval", "batch_size", "seed",
+)  # fmt: skip
+# History columns evaluate fills with 0 (nothing trained): shown only when a value is not 0
+# (RunWriter's own training loop may record them).
+_TRAINING_COLUMNS = ("train_loss", "train_acc", "lr", "images_per_s")
+MAX_CLASS_NAMES = 50  # class names listed in the run's facts; config.json holds them all
+
+
 def _run_section(summary: dict | None, raw: dict, why: str | None) -> dict[str, Any]:
-    """The facts, configuration and history of the run, whatever parts of it could be read."""
+    """The facts, configuration and history of the run, whatever parts of it could be read.
+
+    Only facts that apply: a run ``explainkit evaluate`` (or ``RunWriter``) wrote shows no
+    training options, training set or training columns it never had.
+    """
     config = (summary or {}).get("config") or raw.get("config") or {}
-    model = (summary or {}).get("model") or raw.get("model") or {}
     data = raw.get("data") or {}
+    evaluated = (summary or raw).get("command", "train") == "evaluate"
+    pairs = [("model", _model_text((summary or {}).get("model") or raw.get("model") or {}))]
+    if summary:
+        pairs += _evaluated_facts(summary) if evaluated else _trained_facts(summary, data)
+    elif config:
+        pairs.append(("dataset", config.get("dataset")))
+    pairs += [("device", _device(summary, raw))]
+    classes = data.get("classes")
+    if classes and isinstance(classes, list):
+        listed = ", ".join(map(str, classes[:MAX_CLASS_NAMES]))
+        if len(classes) > MAX_CLASS_NAMES:
+            listed += f", … ({len(classes)} classes; config.json lists them all)"
+        pairs.append(("classes", listed))
+    env = raw.get("environment") or {}
+    if env:
+        versions = ", ".join(
+            f"{k} {env[k]}" for k in ("explainkit", "torch", "python") if env.get(k)
+        )
+        pairs.append(("software", versions))
+    keys = _EVAL_CONFIG_KEYS if evaluated else _CONFIG_KEYS
+    if evaluated and config.get("dataset") == "arrays":
+        keys = tuple(k for k in keys if k not in ("seed", "data_dir", "image_size"))
+    shown = [[k, config[k]] for k in keys if k in config and config[k] is not None]
+    every = [[k, v] for k, v in config.items() if v is not None]
+    history = (summary or {}).get("history") or {}
+    if evaluated:
+        history = {k: v for k, v in history.items() if k not in _TRAINING_COLUMNS or any(v or [])}
+    return {
+        "why": why,
+        "evaluated": evaluated,
+        "facts": [(k, v) for k, v in pairs if v not in (None, "")],
+        "config": config,
+        "config_table": table(["option", "value"], shown),
+        "all_options": None if evaluated else table(["option", "value"], every),
+        "history": _history(history) if len(history.get("epoch") or []) > evaluated else None,
+    }
+
+
+def _model_text(model: dict) -> str:
+    if not model:
+        return ""
+    width = f", width {model['width']}" if model.get("width") else ""
+    return f"{model.get('arch', '?')}{width}, {model.get('num_classes', '?')} classes"
+
+
+def _device(summary: dict | None, raw: dict) -> Any:
     env = raw.get("environment") or {}
     device = (summary or {}).get("device") or env.get("device")
     if env.get("device_name"):
@@ -244,53 +303,54 @@ def _run_section(summary: dict | None, raw: dict, why: str | None) -> dict[str, 
     world = raw.get("world_size")
     if world and world > 1:
         device = f"{device} x {world} processes"
-    model_text = ""
-    if model:
-        model_text = (
-            f"{model.get('arch', '?')}"
-            f"{', width ' + str(model['width']) if model.get('width') else ''}, "
-            f"{model.get('num_classes', '?')} classes"
-        )
-    pairs: list[tuple[str, Any]] = [("model", model_text)]
-    if summary:
-        st = summary["store"]
-        masks = ", with object masks" if st["has_masks"] else ""
-        pairs += [
-            (
-                "dataset",
-                f"{summary['dataset']}: {data.get('num_train', '?')} training images, "
-                f"{st['eval_images']} evaluation images{masks}",
-            ),
-            ("state", summary["state"]),
-            ("epochs", f"{summary['epochs_done']} of {summary['epochs_planned']}"),
-            (
-                "best",
-                f"epoch {summary['best_epoch']}: {_pct(summary['best_eval_acc'])} eval accuracy"
-                if summary["best_epoch"] is not None
-                else None,
-            ),
-            ("training time", _duration(summary["seconds"])),
-        ]
-    elif config:
-        pairs.append(("dataset", config.get("dataset")))
-    pairs += [("device", device)]
-    if data.get("classes"):
-        pairs.append(("classes", ", ".join(map(str, data["classes"]))))
-    if env:
-        versions = ", ".join(
-            f"{k} {env[k]}" for k in ("explainkit", "torch", "python") if env.get(k)
-        )
-        pairs.append(("software", versions))
-    shown = [[k, config[k]] for k in _CONFIG_KEYS if k in config and config[k] is not None]
-    history = (summary or {}).get("history") or {}
-    return {
-        "why": why,
-        "facts": [(k, v) for k, v in pairs if v not in (None, "")],
-        "config": config,
-        "config_table": table(["option", "value"], shown),
-        "config_json": json.dumps(config, indent=1),
-        "history": _history(history) if history.get("epoch") else None,
-    }
+    return device
+
+
+def _trained_facts(summary: dict, data: dict) -> list[tuple[str, Any]]:
+    st = summary["store"]
+    masks = ", with object masks" if st["has_masks"] else ""
+    return [
+        (
+            "dataset",
+            f"{summary['dataset']}: {data.get('num_train', '?')} training images, "
+            f"{st['eval_images']} evaluation images{masks}",
+        ),
+        ("state", summary["state"]),
+        ("epochs", f"{summary['epochs_done']} of {summary['epochs_planned']}"),
+        (
+            "best",
+            f"epoch {summary['best_epoch']}: {_pct(summary['best_eval_acc'])} eval accuracy"
+            if summary["best_epoch"] is not None
+            else None,
+        ),
+        ("training time", _duration(summary["seconds"])),
+    ]
+
+
+def _evaluated_facts(summary: dict) -> list[tuple[str, Any]]:
+    """A run explainkit did not train: what was evaluated on what, and how it scored."""
+    st = summary["store"]
+    masks = ", with object masks" if st["has_masks"] else ""
+    done = summary["epochs_done"]
+    history = summary.get("history") or {}
+    trained = any(any(history.get(k) or []) for k in _TRAINING_COLUMNS)
+    pairs: list[tuple[str, Any]] = [
+        (
+            "written by",
+            "RunWriter: a training loop of your own, evaluated by explainkit after each epoch"
+            if trained
+            else "explainkit evaluate: the model was evaluated, not trained",
+        ),
+        ("dataset", f"{summary['dataset']}: {st['eval_images']} evaluation images{masks}"),
+    ]
+    if summary["best_epoch"] is not None:
+        score = _pct(summary["best_eval_acc"])
+        pairs.append(
+            ("eval accuracy", score if done == 1 else f"{score} (best of {done} epochs, "
+             f"epoch {summary['best_epoch']})")
+        )  # fmt: skip
+    pairs.append(("evaluation time", _duration(summary["seconds"])))
+    return pairs
 
 
 def _history(history: dict[str, list[float]]) -> dict[str, Any]:
@@ -378,11 +438,19 @@ def _analysis(m: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(artifacts, list):
         artifacts = [artifacts]
     rerun = m.get("rerun_failed")
+    shown = [show_artifact(m["_dir"], a) for a in artifacts]
+    warned, notes = page_warnings(m, artifacts, shown)
+    badge = status
+    if status == "ok" and warned:
+        badge = f"ok, {len(warned)} warning{'s' if len(warned) > 1 else ''}"
     return {
         "anchor": _anchor(name),
         "title": m.get("title") or name,
-        "status": status,
+        "status": badge,
         "ok": status == "ok",
+        "warned": bool(warned),
+        "warnings": [w for w in warned if w["where"] is None],
+        "notes": notes,
         "meta": meta,
         "summary": m.get("summary"),
         "what": "cannot be shown" if status == "unreadable" else "failed",
@@ -390,8 +458,22 @@ def _analysis(m: dict[str, Any]) -> dict[str, Any]:
         "traceback": str(m["traceback"])[-MAX_JSON_CHARS:] if m.get("traceback") else "",
         "rerun_failed": isinstance(rerun, dict),
         "rerun_error": rerun.get("error") if isinstance(rerun, dict) else None,
-        "artifacts": [show_artifact(m["_dir"], a) for a in artifacts],
+        "artifacts": shown,
     }
+
+
+def _within_budget(sections: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Embed images in page order until MAX_EMBEDDED characters; link the rest, so the page
+    stays small enough to mail and open however many analyses the run has."""
+    used = 0
+    for section in sections:
+        for a in section["artifacts"]:
+            if a.get("show") == "image":
+                used += len(a["src"])
+                if used > MAX_EMBEDDED:
+                    a.update(show="over_budget", budget=size_label(MAX_EMBEDDED))
+                    del a["src"]
+    return sections
 
 
 def render_report(run: str | os.PathLike[str], registries: Registries) -> str:
@@ -416,7 +498,8 @@ def render_report(run: str | os.PathLike[str], registries: Registries) -> str:
     config = (summary or {}).get("config") or raw.get("config") or {}
     subtitle = config.get("dataset", "")
     if summary and summary["best_eval_acc"] is not None:
-        subtitle += f" · best eval accuracy {_pct(summary['best_eval_acc'])}"
+        best = "" if summary["command"] == "evaluate" and summary["epochs_done"] == 1 else "best "
+        subtitle += f" · {best}eval accuracy {_pct(summary['best_eval_acc'])}"
     return (
         environment()
         .get_template(TEMPLATE)
@@ -427,7 +510,7 @@ def render_report(run: str | os.PathLike[str], registries: Registries) -> str:
             run_arg=run_dir,
             run=_run_section(summary, raw, why),
             training_log=_training_log(run_dir),
-            analyses=[_analysis(m) for m in manifests],
+            analyses=_within_budget([_analysis(m) for m in manifests]),
             not_run=sorted(set(orders) - {m["_name"] for m in manifests}),
             version=__version__,
             stamp=time.strftime("%Y-%m-%d %H:%M:%S"),

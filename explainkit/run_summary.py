@@ -107,6 +107,9 @@ def format_summary(s: dict[str, Any]) -> str:
         f"device       {s['device']}",
         f"epochs       {s['epochs_done']}/{s['epochs_planned']} ({s['seconds']:.1f}s)",
     ]
+    if s["command"] == "evaluate":  # no training to speak of: say what wrote it instead
+        lines[-1] = f"epochs       {s['epochs_done']} evaluated ({s['seconds']:.1f}s)"
+        lines.insert(2, "written by   explainkit evaluate or RunWriter (not trained by explainkit)")
     if s["best_epoch"] is not None:
         lines.append(
             f"best         epoch {s['best_epoch']}: {100 * s['best_eval_acc']:.2f}% eval acc"

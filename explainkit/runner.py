@@ -44,6 +44,7 @@ from explainkit.errors import (
     unknown_name_message,
 )
 from explainkit.rundir import RunDir, remove_stale_tmp
+from explainkit.said import Said
 from explainkit.sharding import (
     Shard,
     ShardMaker,
@@ -299,7 +300,9 @@ def analyze(
             if manifest["status"] == "ok":
                 n = len(manifest["artifacts"])
                 where = rundir.analysis(name)
-                say(f"ok      {name}: {n} file(s) in {where} ({manifest['seconds']:.1f} s)")
+                warned = sum(w["category"] != "log" for w in manifest.get("warnings", []))
+                note = f", {warned} warning(s) recorded for the report" if warned else ""
+                say(f"ok      {name}: {n} file(s) in {where} ({manifest['seconds']:.1f} s{note})")
             else:
                 say(f"failed  {name}: {manifest['error']}")
         failed = False
@@ -463,11 +466,13 @@ def _run_one(
         "artifacts": [],
     }
     start = time.perf_counter()
+    said = Said(tmp)  # its warnings go into the manifest, beside the figures they concern
     try:
         try:
             if reasons:
                 raise AnalyzerError(f"{name} needs {'; '.join(reasons)}")
-            artifacts = cls().run(context, **options)
+            with said:
+                artifacts = cls().run(context, **options)
             elsewhere = _other_ranks_failed(context, None)
             if elsewhere:
                 raise AnalyzerError(elsewhere)
@@ -480,6 +485,9 @@ def _run_one(
                 manifest["traceback"] = traceback.format_exc()
             manifest["artifacts"] = []
         manifest["seconds"] = round(time.perf_counter() - start, 3)
+        manifest["warnings"] = said.records(manifest["artifacts"])
+        if said.omitted:
+            manifest["warnings_omitted"] = said.omitted
         _publish(context.resources.run, name, tmp, manifest)
     finally:
         if tmp.exists():

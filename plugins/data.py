@@ -13,6 +13,8 @@ from explainkit.errors import ExplainkitError
 
 __all__ = ["DataAnalyzer"]
 
+MAX_SAMPLE_CLASSES = 24  # rows of the sample grid; more classes: a seeded choice of them
+RAREST = 20  # the rarest classes named in the distribution figure of many classes
 CHANNELS = ("red", "green", "blue")  # names of the rows of channel_stats.csv for RGB images
 
 
@@ -69,6 +71,7 @@ class _Splits:
     train: Any  # the train Dataset, or None
     train_counts: Any  # per class, or None
     reason: str | None  # why the train split is unavailable
+    evaluated: bool  # written by evaluate: there never was a train split
 
     @classmethod
     def of(cls, context: AnalysisContext) -> _Splits:
@@ -89,6 +92,7 @@ class _Splits:
             train=train,
             train_counts=np.bincount(train.targets, minlength=k)[:k] if train is not None else None,
             reason=reason,
+            evaluated=context.config.get("command", "train") != "train",
         )
 
     @property
@@ -107,6 +111,7 @@ def _write_distribution(context: AnalysisContext, s: _Splits) -> list[dict]:
     from explainkit import figures, tables
 
     out = context.output_dir
+    header = ["class", "eval_count", "eval_fraction", "train_count", "train_fraction"]
     rows = []
     for i, name in enumerate(s.classes):
         row = [name, int(s.eval_counts[i]), float(s.eval_counts[i] / max(s.num_eval, 1))]
@@ -114,20 +119,18 @@ def _write_distribution(context: AnalysisContext, s: _Splits) -> list[dict]:
             row += [int(s.train_counts[i]), float(s.train_counts[i] / max(len(s.train), 1))]
         else:
             row += ["", ""]
-        rows.append(row)
-    tables.write_csv(
-        out / "class_distribution.csv",
-        ["class", "eval_count", "eval_fraction", "train_count", "train_fraction"],
-        rows,
-    )
-    fig = _distribution_figure(s.classes, s.eval_counts, s.train_counts, s.reason)
+        rows.append(row[:3] if s.evaluated else row)
+    tables.write_csv(out / "class_distribution.csv", header[: 3 if s.evaluated else 5], rows)
+    reason = None if s.evaluated else s.reason  # None: no train panel at all
+    fig = _distribution_figure(s.classes, s.eval_counts, s.train_counts, reason)
     figures.save_figure(fig, out / "class_distribution.png")
     caption = f"Eval split from the store ({s.num_eval} images)"
-    caption += (
-        f"; train split re-loaded from {s.dataset} ({len(s.train)} images)."
-        if s.train is not None
-        else f"; train split skipped: {s.reason}."
-    )
+    if s.evaluated:
+        caption += "; the run was evaluated, not trained, so it has no train split."
+    elif s.train is not None:
+        caption += f"; train split re-loaded from {s.dataset} ({len(s.train)} images)."
+    else:
+        caption += f"; train split skipped: {s.reason}."
     return [
         context.artifact("class_distribution.png", "Class distribution", "image", caption),
         context.artifact("class_distribution.csv", "Class distribution", "table", caption),
@@ -138,31 +141,40 @@ def _write_distribution(context: AnalysisContext, s: _Splits) -> list[dict]:
 
 
 def _write_samples(context: AnalysisContext, s: _Splits, per_class: int) -> list[dict]:
+    import numpy as np
+
     from explainkit import figures
     from explainkit.selection import per_class_sample
 
     k = len(s.classes)
-    chosen, positions = per_class_sample(context.store.targets, k, per_class, context.rng)
-    row_labels = [
-        f"{figures.short(c, 24)} ({int(n)})" for c, n in zip(s.classes, s.eval_counts, strict=True)
-    ]
+    shown = np.arange(k)
+    if k > MAX_SAMPLE_CLASSES:  # a seeded choice of classes, in class order
+        shown = np.sort(context.rng.choice(k, MAX_SAMPLE_CLASSES, replace=False))
+    row_of = np.full(k, -1)
+    row_of[shown] = np.arange(len(shown))
+    rows = row_of[context.store.targets]
+    among = np.flatnonzero(rows >= 0)  # only the shown classes' images are read
+    picked, positions = per_class_sample(rows[among], len(shown), per_class, context.rng)
+    row_labels = [f"{figures.short(s.classes[c], 24)} ({int(s.eval_counts[c])})" for c in shown]
     fig = figures.grid_figure(
-        context.store.images(chosen),
+        context.store.images(among[picked]),
         cols=per_class,
-        rows=k,
+        rows=len(shown),
         positions=positions,
         row_labels=row_labels,
         title=f"Eval images per class (up to {per_class}; eval count in brackets)",
-        tile_px=96 if k <= 15 else 64,
+        tile_px=96 if len(shown) <= 15 else 64,
         pad=4,
     )
     figures.save_figure(fig, context.output_dir / "samples.png")
+    which = "" if len(shown) == k else f" of {len(shown)} of the {k} classes (a seeded sample)"
     return [
         context.artifact(
             "samples.png",
             "Sample images per class",
             "image",
-            f"Up to {per_class} eval images per class, un-normalized, nearest-neighbour upscaled.",
+            f"Up to {per_class} eval images per class{which}, un-normalized, "
+            "nearest-neighbour scaled.",
         )
     ]
 
@@ -184,6 +196,7 @@ class _ChannelStats:
     train_mean: tuple[float, ...]
     train_std: tuple[float, ...]
     num_eval: int
+    evaluated: bool = False  # the store's mean/std are the model's, not a train split's
 
     @classmethod
     def of(cls, context: AnalysisContext) -> _ChannelStats:
@@ -202,13 +215,18 @@ class _ChannelStats:
             train_mean=tuple(store.mean),
             train_std=tuple(store.std),
             num_eval=store.num_images,
+            evaluated=context.config.get("command", "train") != "train",
         )
 
     def rows(self) -> list[list]:
         return [
             [split, name, float(m), float(sd)]
             for split, means, stds in (
-                ("train", self.train_mean, self.train_std),
+                (
+                    "normalization" if self.evaluated else "train",
+                    self.train_mean,
+                    self.train_std,
+                ),
                 ("eval", self.eval_mean, self.eval_std),
             )
             for name, m, sd in zip(self.channels, means, stds, strict=True)
@@ -221,10 +239,16 @@ def _write_channel_stats(context: AnalysisContext, st: _ChannelStats) -> list[di
     tables.write_csv(
         context.output_dir / "channel_stats.csv", ["split", "channel", "mean", "std"], st.rows()
     )
+    first = (
+        "normalization: the model's input normalization the run records (given to evaluate, "
+        "or computed from the eval images)"
+        if st.evaluated
+        else "train: computed from the train split at training time (the model's input "
+        "normalization, stored in predictions.h5)"
+    )
     caption = (
-        "Per-channel mean and std of the pixel values in [0, 1] units. train: computed from the "
-        "train split at training time (the model's input normalization, stored in "
-        f"predictions.h5); eval: computed from the {st.num_eval} stored eval images."
+        f"Per-channel mean and std of the pixel values in [0, 1] units. {first}; eval: "
+        f"computed from the {st.num_eval} stored eval images."
     )
     return [context.artifact("channel_stats.csv", "Channel mean and std", "table", caption)]
 
@@ -284,13 +308,18 @@ class _SplitSizes:
 class _Sizes:
     stored: str  # "HxW" the images were resized to
     splits: list[_SplitSizes]  # train, eval
+    evaluated: bool = False  # no train split to speak of
+
+    @property
+    def shown(self) -> list[_SplitSizes]:
+        return self.splits[1:] if self.evaluated else self.splits
 
     @property
     def varying(self) -> bool:
-        return any(len(s.table()) > 1 for s in self.splits)
+        return any(len(s.table()) > 1 for s in self.shown)
 
     def caption(self) -> str:
-        notes = "; ".join(s.note() for s in self.splits)
+        notes = "; ".join(s.note() for s in self.shown)
         return f"Original sizes (height x width) before resizing: {notes}; stored at {self.stored}."
 
 
@@ -310,7 +339,7 @@ def _sizes_of(context: AnalysisContext, s: _Splits) -> _Sizes:
         store.num_images,
         "this store does not record them: it was written before explainkit did",
     )
-    return _Sizes(stored=f"{h}x{w}", splits=[train, evals])
+    return _Sizes(stored=f"{h}x{w}", splits=[train, evals], evaluated=s.evaluated)
 
 
 def _write_sizes(context: AnalysisContext, sizes: _Sizes) -> list[dict]:
@@ -319,7 +348,7 @@ def _write_sizes(context: AnalysisContext, sizes: _Sizes) -> list[dict]:
 
     out = context.output_dir
     rows: list[list] = []
-    for split in sizes.splits:
+    for split in sizes.shown:
         table = split.table()
         rows += [[split.split, *row] for row in table] or [
             [split.split, "", "", "" if split.total is None else split.total]
@@ -361,7 +390,9 @@ def _write_summary(
             "mean": list(st.train_mean),
             "std": list(st.train_std),
             "stats_source": "prediction store mean/std (computed at training time)",
-        },
+        }
+        if not s.evaluated
+        else {"available": False, "reason": s.reason},
         "normalization": {"mean": list(st.train_mean), "std": list(st.train_std)},
         "image_sizes": {
             "stored": sizes.stored,
@@ -410,17 +441,19 @@ def _distribution_figure(
     from explainkit import figures
 
     k = len(classes)
+    if k > figures.MAX_LABELED:
+        return _ranked_distribution_figure(classes, eval_counts, train_counts, train_reason)
     height = max(3.0, 0.24 * k + 1.6)
-    fig = figures.new_figure(12, height)
     font = figures.class_font_size(k)
     y = np.arange(k)
     labels = [figures.short(c, 24) for c in classes]
-    panels = (
-        ("eval split (prediction store)", eval_counts, "C1"),
-        ("train split", train_counts, "C0"),
-    )
-    axes = [fig.add_subplot(1, 2, 1)]
-    axes.append(fig.add_subplot(1, 2, 2, sharey=axes[0]))
+    panels = [("eval split (prediction store)", eval_counts, "C1")]
+    if train_counts is not None or train_reason is not None:  # None and None: never trained
+        panels.append(("train split", train_counts, "C0"))
+    fig = figures.new_figure(6 * len(panels), height)
+    axes = [fig.add_subplot(1, len(panels), 1)]
+    if len(panels) > 1:
+        axes.append(fig.add_subplot(1, 2, 2, sharey=axes[0]))
     for ax, (name, counts, color) in zip(axes, panels, strict=True):
         ax.set_title(name, fontsize=11)
         ax.set_yticks(y, labels, fontsize=font)
@@ -440,10 +473,53 @@ def _distribution_figure(
         ax.grid(axis="x", alpha=0.3)
         ax.set_xlim(0, max(int(counts.max()), 1) * 1.18)
         total = max(int(counts.sum()), 1)
-        if k <= 60:
+        if k <= figures.MAX_LABELED:
             for yi, c in zip(y, counts, strict=True):
                 ax.text(c, yi, f" {int(c)} ({100 * c / total:.0f}%)", va="center", fontsize=font)
     fig.suptitle("Class distribution", fontsize=12)
+    return fig
+
+
+def _ranked_distribution_figure(
+    classes: list[str], eval_counts: Any, train_counts: Any, train_reason: str | None
+) -> Any:
+    """Many classes: images per class of each split, classes ranked by count, and the
+    rarest eval classes by name (every class is in class_distribution.csv)."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    from explainkit import figures
+
+    k = len(classes)
+    fig = figures.new_figure(13, max(4.2, 0.3 * RAREST + 1.6))
+    ranked, rare = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for name, counts, color in (("eval", eval_counts, "C1"), ("train", train_counts, "C0")):
+        if counts is None:
+            continue
+        order = np.sort(counts)[::-1]
+        label = f"{name}: min {order[-1]}, median {np.median(order):g}, max {order[0]}"
+        ranked.step(np.arange(1, k + 1), order, where="mid", color=color, label=label)
+    ranked.set_xlabel(f"class rank (of {k}, by images)")
+    ranked.set_ylabel("images")
+    ranked.set_ylim(bottom=0)
+    ranked.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ranked.grid(alpha=0.3)
+    ranked.legend(fontsize=9)
+    title = "Images per class, ranked"
+    if train_counts is None and train_reason:
+        title += f"\n(train split not available: {figures.short(train_reason or '', 60)})"
+    ranked.set_title(title, fontsize=11)
+    rarest = np.lexsort((np.arange(k), eval_counts))[:RAREST]
+    y = np.arange(len(rarest))
+    rare.barh(y, eval_counts[rarest], color="C1", height=0.7)
+    rare.set_yticks(y, [figures.short(classes[c], 28) for c in rarest], fontsize=9)
+    rare.set_ylim(len(rarest) - 0.5, -0.5)
+    rare.set_xlim(0, max(int(eval_counts[rarest].max()), 1) * 1.2)
+    rare.set_xlabel("eval images")
+    rare.xaxis.set_major_locator(MaxNLocator(integer=True))
+    rare.grid(axis="x", alpha=0.3)
+    rare.set_title(f"The {len(rarest)} rarest eval classes", fontsize=11)
+    fig.suptitle(f"Class distribution of {k} classes", fontsize=12)
     return fig
 
 
@@ -461,7 +537,7 @@ def _sizes_figure(sizes: _Sizes) -> Any:
 
     fig = figures.new_figure(11, 4.2)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    known = [(split, np.asarray(split.table(), np.int64)) for split in sizes.splits]
+    known = [(split, np.asarray(split.table(), np.int64)) for split in sizes.shown]
     known = [(split, table) for split, table in known if len(table)]
     peak = max(int(table[:, 2].max()) for _, table in known)
     sides = np.concatenate([np.sqrt(table[:, 0] * table[:, 1]) for _, table in known])
@@ -488,7 +564,7 @@ def _sizes_figure(sizes: _Sizes) -> Any:
     ax2.set_title("Image size distribution", fontsize=11)
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=9)
-    missing = [split.split for split in sizes.splits if not split.table()]
+    missing = [split.split for split in sizes.shown if not split.table()]
     title = f"Image sizes before resizing to {sizes.stored}"
     if missing:
         title += f" ({' and '.join(missing)} unknown)"

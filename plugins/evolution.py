@@ -22,6 +22,7 @@ from explainkit.explain.methods import CAM_METHODS
 __all__ = ["EvolutionAnalyzer"]
 
 HEADER = ("epoch", "metric", "mean", "ci_low", "ci_high", "n")
+MAX_GRID_EPOCHS = 12  # columns of maps in the grid; the metrics cover every saved epoch
 
 
 class EvolutionAnalyzer(Analyzer):
@@ -251,19 +252,27 @@ def _eval_accuracy(history: dict) -> dict[int, float]:
 
 
 def _write_grid(context: AnalysisContext, r: _Evolution) -> list[dict]:
+    import numpy as np
+
     from explainkit.figures import save_figure
 
     store, idx = context.store, r.inputs.grid_idx
-    fig = _grid_figure(store.images(idx), r.grid.maps, r.grid.probs, r.epochs, idx,
-                       store.targets[idx], context.classes, r.method, r.layer)  # fmt: skip
+    cols = np.unique(np.linspace(0, len(r.epochs) - 1, min(MAX_GRID_EPOCHS, len(r.epochs))).round())
+    cols = cols.astype(int)  # evenly spaced saved epochs, the first and the last included
+    epochs = [r.epochs[i] for i in cols]
+    fig = _grid_figure(store.images(idx), r.grid.maps[:, cols], r.grid.probs[:, cols], epochs,
+                       idx, store.targets[idx], context.classes, r.method, r.layer)  # fmt: skip
     save_figure(fig, context.output_dir / "evolution.png")
+    which = f"each of {len(epochs)}" if len(epochs) == len(r.epochs) else (
+        f"{len(epochs)} evenly spaced of the {len(r.epochs)}"
+    )  # fmt: skip
     return [
         context.artifact(
             "evolution.png",
             f"{r.method} across training",
             "image",
             f"Rows: {len(idx)} eval images; columns: the image, then the {r.method} map "
-            f"of its true class at each of {len(r.epochs)} saved epoch(s) (layer {r.layer}); "
+            f"of its true class at {which} saved epoch(s) (layer {r.layer}); "
             "captions: probability of the true class.",
         )
     ]

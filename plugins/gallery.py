@@ -16,6 +16,8 @@ __all__ = ["GalleryAnalyzer"]
 
 MAX_COLS = 5
 ANNOTATE_MAX_CLASSES = 15  # above this, confusion cells are too small for numbers
+DENSE_CSV_MAX_CLASSES = 200  # above this, confusion_pairs.csv alone (a K x K CSV is K² cells)
+MAX_LISTED = 20  # class names an error message lists
 
 
 class GalleryAnalyzer(Analyzer):
@@ -60,8 +62,8 @@ class GalleryAnalyzer(Analyzer):
         counts = _confusion_counts(context, mistakes)
         return [
             *_write_gallery(context, mistakes, count, select, class_name),
-            *_write_confusion(context, counts),
-            *_write_per_class_accuracy(context, counts),
+            *_write_confusion(context, counts, mistakes.epoch),
+            *_write_per_class_accuracy(context, counts, mistakes.epoch),
         ]
 
 
@@ -73,9 +75,14 @@ def _class_id(class_name: str | None, classes: list[str]) -> int | None:
     if class_name is None:
         return None
     if class_name not in classes:
+        from explainkit.errors import did_you_mean
+
+        close = did_you_mean(class_name, classes)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        listed = ", ".join(classes[:MAX_LISTED]) + (", …" if len(classes) > MAX_LISTED else "")
         raise AnalyzerError(
-            f"--gallery-class-name {class_name!r} is not a class of this run; "
-            f"classes: {', '.join(classes)}"
+            f"--gallery-class-name {class_name!r} is not a class of this run; {hint}"
+            f"the {len(classes)} classes: {listed} (all in per_class_accuracy.csv)"
         )
     return classes.index(class_name)
 
@@ -110,12 +117,12 @@ def _find_mistakes(
 ) -> _Mistakes:
     import numpy as np
 
+    from explainkit.confusions import predictions_and_confidence
     from explainkit.selection import select_mistakes
 
     store, epoch = context.store, context.epoch
     targets = store.targets
-    preds = store.predictions(epoch)
-    confidence = store.probabilities(epoch)[np.arange(len(preds)), preds]
+    preds, confidence = predictions_and_confidence(store.logits(epoch))
     wrong = preds != targets
     candidates = wrong if class_id is None else wrong & (targets == class_id)
     chosen = select_mistakes(
@@ -215,91 +222,100 @@ def _caption(item: dict) -> str:
 def _gallery_figure(images: Any, items: list[dict], title: str) -> Any:
     from explainkit.figures import grid_figure
 
+    cols = MAX_COLS if len(items) <= 8 * MAX_COLS else 2 * MAX_COLS  # many: wider, not taller
     return grid_figure(
         images,
-        cols=min(MAX_COLS, len(items)),
+        cols=min(cols, len(items)),
         captions=[_caption(item) for item in items],
         title=title,
     )
 
 
-# -- step 3: confusion matrix over the whole eval set -------------------------------------
+# -- step 3: confusions over the whole eval set -------------------------------------------
 
 
-@dataclass
-class _ConfusionCounts:
-    """Confusion matrix (rows: true class) of one epoch, and what follows from it."""
+def _confusion_counts(context: AnalysisContext, m: _Mistakes) -> Any:
+    """Counts of ``(true, predicted)`` pairs over the whole eval set, kept sparse."""
+    from explainkit.confusions import Confusions
 
-    epoch: int
-    classes: list[str]
-    matrix: Any  # (K, K) counts
-    normalized: Any  # each row divided by its support; 0 for an empty class
-    support: Any
-    correct: Any
-    accuracy: Any  # per class; NaN for an empty class
-
-    @property
-    def num_images(self) -> int:
-        return int(self.matrix.sum())
-
-    @property
-    def overall(self) -> float:
-        return float(self.correct.sum() / max(self.num_images, 1))
+    return Confusions.of(m.targets, m.preds, len(context.classes))
 
 
-def _confusion_counts(context: AnalysisContext, m: _Mistakes) -> _ConfusionCounts:
-    """Counts of ``(true, predicted)`` pairs over the whole eval set, vectorized."""
+def _write_confusion(context: AnalysisContext, c: Any, epoch: int) -> list[dict]:
+    """Every error pair as CSV; a matrix figure for up to MAX_LABELED classes, else the
+    largest confusions (and the dense CSV up to DENSE_CSV_MAX_CLASSES)."""
+    from explainkit import confusions, figures, tables
+
+    out, classes, k = context.output_dir, context.classes, c.num_classes
+    found = len(c.off_diagonal())
+    artifacts = []
+    if k <= figures.MAX_LABELED:
+        figures.save_figure(_confusion_figure(c, classes, epoch), out / "confusion_matrix.png")
+        artifacts.append(
+            context.artifact(
+                "confusion_matrix.png",
+                "Confusion matrix",
+                "image",
+                f"Rows: true class, columns: predicted; {c.num_images} eval images, "
+                f"accuracy {100 * c.overall:.2f}% at epoch {epoch}.",
+            )  # fmt: skip
+        )
+    else:
+        fig = confusions.top_confusions_figure(c, classes, epoch)
+        figures.save_figure(fig, out / "top_confusions.png")
+        artifacts.append(
+            context.artifact(
+                "top_confusions.png",
+                "Largest confusions",
+                "image",
+                f"The {min(confusions.TOP, found)} largest of {found} nonzero off-diagonal cells "
+                f"of the {k} x {k} confusion matrix ({c.num_images} eval images, accuracy "
+                f"{100 * c.overall:.2f}% at epoch {epoch}); all of them in confusion_pairs.csv.",
+            )  # fmt: skip
+        )
+    tables.write_csv(out / "confusion_pairs.csv", confusions.PAIR_HEADER, c.pair_rows(classes))
+    artifacts.append(
+        context.artifact(
+            "confusion_pairs.csv",
+            "Confusions (true → predicted)",
+            "table",
+            f"All {found} nonzero off-diagonal cells, the largest first; fraction_of_true: "
+            "their share of the true class's eval images.",
+        )  # fmt: skip
+    )
+    if k <= DENSE_CSV_MAX_CLASSES:
+        tables.write_csv(
+            out / "confusion_matrix.csv",
+            ["true \\ predicted", *classes],
+            [[name, *row] for name, row in zip(classes, c.dense().tolist(), strict=True)],
+        )
+        artifacts.append(
+            context.artifact(
+                "confusion_matrix.csv", "Confusion matrix (counts)", "table", "Rows: true class."
+            )
+        )
+    return artifacts
+
+
+def _confusion_figure(c: Any, classes: list[str], epoch: int) -> Any:
+    """Counts and row-normalized matrices side by side, every class named (few classes)."""
     import numpy as np
 
-    k = len(context.classes)
-    matrix = np.bincount(m.targets * k + m.preds, minlength=k * k).reshape(k, k)
-    support = matrix.sum(axis=1)
-    correct = np.diag(matrix)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        normalized = matrix / support[:, None]
-        accuracy = correct / support
-    return _ConfusionCounts(
-        m.epoch, context.classes, matrix, np.nan_to_num(normalized), support, correct, accuracy
-    )
-
-
-def _write_confusion(context: AnalysisContext, c: _ConfusionCounts) -> list[dict]:
-    from explainkit import figures, tables
-
-    out = context.output_dir
-    tables.write_csv(
-        out / "confusion_matrix.csv",
-        ["true \\ predicted", *c.classes],
-        [[name, *row] for name, row in zip(c.classes, c.matrix.tolist(), strict=True)],
-    )
-    figures.save_figure(_confusion_figure(c), out / "confusion_matrix.png")
-    return [
-        context.artifact(
-            "confusion_matrix.png",
-            "Confusion matrix",
-            "image",
-            f"Rows: true class, columns: predicted; {c.num_images} eval images, "
-            f"accuracy {100 * c.overall:.2f}% at epoch {c.epoch}.",
-        ),
-        context.artifact(
-            "confusion_matrix.csv", "Confusion matrix (counts)", "table", "Rows: true class."
-        ),
-    ]
-
-
-def _confusion_figure(c: _ConfusionCounts) -> Any:
     from explainkit import figures
 
-    k = len(c.classes)
+    k = len(classes)
+    matrix = c.dense()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalized = np.nan_to_num(matrix / c.support[:, None])
     side = max(4.5, 0.26 * k + 2.5)
     fig = figures.new_figure(2 * side + 1.2, 0.9 * side + 0.6)
     panels = (
-        (c.matrix, "Counts", None),
-        (c.normalized, "Row-normalized (recall per true class)", (0.0, 1.0)),
+        (matrix, "Counts", None),
+        (normalized, "Row-normalized (recall per true class)", (0.0, 1.0)),
     )
     for i, (data, name, limits) in enumerate(panels):
-        _confusion_panel(fig, fig.add_subplot(1, 2, i + 1), data, name, limits, c.classes)
-    fig.suptitle(f"Confusion matrix, epoch {c.epoch} ({c.num_images} eval images)")
+        _confusion_panel(fig, fig.add_subplot(1, 2, i + 1), data, name, limits, classes)
+    fig.suptitle(f"Confusion matrix, epoch {epoch} ({c.num_images} eval images)")
     return fig
 
 
@@ -309,7 +325,7 @@ def _confusion_panel(
     """One heatmap of the matrix: counts (``limits`` None) or fractions in ``limits``."""
     import numpy as np
 
-    from explainkit.figures import class_font_size, short
+    from explainkit.figures import MIN_FONT_PT, class_font_size, short
 
     k = len(classes)
     font = class_font_size(k)
@@ -331,44 +347,65 @@ def _confusion_panel(
         color = "white" if value > threshold else "black"
         if value == 0:
             text, color = "0", "0.7"  # zeros recede, so the errors stand out
-        ax.text(col, r, text, ha="center", va="center", fontsize=8 if k <= 10 else 6, color=color)
+        size = 8 if k <= 10 else MIN_FONT_PT
+        ax.text(col, r, text, ha="center", va="center", fontsize=size, color=color)
 
 
 # -- step 4: per-class accuracy -----------------------------------------------------------
 
 
-def _write_per_class_accuracy(context: AnalysisContext, c: _ConfusionCounts) -> list[dict]:
-    from explainkit import tables
+def _write_per_class_accuracy(context: AnalysisContext, c: Any, epoch: int) -> list[dict]:
+    from explainkit import confusions, figures, tables
 
-    out = context.output_dir
+    out, classes = context.output_dir, context.classes
+    accuracy = c.accuracy
     per_class = [
         {
             "class": name,
             "class_id": k,
             "support": int(c.support[k]),
             "correct": int(c.correct[k]),
-            "accuracy": None if c.support[k] == 0 else float(c.accuracy[k]),
+            "accuracy": None if c.support[k] == 0 else float(accuracy[k]),
         }
-        for k, name in enumerate(c.classes)
+        for k, name in enumerate(classes)
     ]
     header = ["class", "class_id", "support", "correct", "accuracy"]
-    tables.write_csv(
-        out / "per_class_accuracy.csv", header, [[r[h] for h in header] for r in per_class]
-    )
+    worst = [per_class[k] for k in c.worst(len(classes))]  # the worst first, empty ones last
+    worst += [r for r in per_class if r["support"] == 0]
+    rows = [[r[h] for h in header] for r in worst]
+    tables.write_csv(out / "per_class_accuracy.csv", header, rows)
     tables.write_json(
         out / "per_class_accuracy.json",
-        {
-            "epoch": c.epoch,
-            "accuracy": c.overall,
-            "num_images": c.num_images,
-            "classes": per_class,
-        },
+        {"epoch": epoch, "accuracy": c.overall, "num_images": c.num_images, "classes": per_class},
     )
+    artifacts = []
+    if len(classes) > figures.MAX_LABELED:
+        figures.save_figure(confusions.worst_figure(c, classes, epoch), out / "worst_classes.png")
+        artifacts.append(
+            context.artifact(
+                "worst_classes.png",
+                "Worst classes",
+                "image",
+                f"The {min(confusions.TOP, int((c.support > 0).sum()))} classes of lowest "
+                f"accuracy among {len(classes)}, and the spread of all; every class in "
+                "per_class_accuracy.csv.",
+            )  # fmt: skip
+        )
     return [
+        *artifacts,
         context.artifact(
-            "per_class_accuracy.csv", "Per-class accuracy", "table", "Empty support → blank."
-        ),
-        context.artifact("per_class_accuracy.json", "Per-class accuracy (JSON)", "json"),
+            "per_class_accuracy.csv",
+            "Per-class accuracy",
+            "table",
+            "The lowest accuracy first (ties: more eval images first); classes without eval "
+            "images last, with a blank accuracy.",
+        ),  # fmt: skip
+        context.artifact(
+            "per_class_accuracy.json",
+            "Per-class accuracy (JSON)",
+            "json",
+            "The table above in class order, for programs.",
+        ),  # fmt: skip
     ]
 
 

@@ -35,7 +35,7 @@ class LossesAnalyzer(Analyzer):
         from explainkit import figures, tables
 
         store = context.store
-        history = store.history
+        history = _recorded(store.history, context.config)
         columns = list(history)
         out = context.output_dir
         tables.write_csv(
@@ -54,6 +54,17 @@ class LossesAnalyzer(Analyzer):
                 "history.csv", "Training history", "table", "One row per committed epoch."
             ),
         ]
+
+
+TRAINING_COLUMNS = ("train_loss", "train_acc", "lr", "images_per_s", "train_ce")
+
+
+def _recorded(history: dict, run_config: dict) -> dict:
+    """The history without the training columns a run that was not trained holds as 0
+    (``explainkit evaluate``); a RunWriter loop that logged them keeps them."""
+    if not isinstance(run_config, dict) or run_config.get("command", "train") == "train":
+        return history
+    return {k: v for k, v in history.items() if k not in TRAINING_COLUMNS or bool(abs(v).sum() > 0)}
 
 
 def _row_of(epochs: Any, epoch: int | None) -> int | None:
@@ -81,6 +92,8 @@ def _caption(history: dict, best: int | None, best_row: int | None) -> str:
         )
         if "train_ce" in history:
             caption += f", train cross-entropy {history['train_ce'][best_row]:.4f}"
+    if "train_loss" not in history:
+        return caption + ". The run was evaluated, not trained: eval loss and accuracy only."
     return caption + ". Solid loss lines: plain cross-entropy on both sides."
 
 
@@ -107,10 +120,11 @@ def _loss_lines(history: dict, run_config: dict, attrs: dict) -> list[dict[str, 
 
     lines = []
     train_ce = "train_ce" if "train_ce" in history else "train_loss" if smoothing == 0 else None
+    train_ce = train_ce if train_ce in history else None  # evaluated: no training side
     if train_ce is not None:
         lines.append(line(train_ce, f"train: cross-entropy ({train_side})", "C0"))
     lines.append(line("eval_loss", f"eval: cross-entropy ({eval_side})", "C1"))
-    if smoothing > 0:
+    if smoothing > 0 and "train_loss" in history:
         label = f"train: objective, cross-entropy with label smoothing {smoothing:g}"
         if train_ce is None:
             label += " (the plain cross-entropy was not recorded)"
@@ -132,16 +146,19 @@ def _curves_figure(
     from explainkit.figures import new_figure
 
     epochs = history["epoch"]
-    fig = new_figure(13, 5.2)
-    grid = fig.add_gridspec(1, 3, width_ratios=[1, 1, 0.6])
-    ax_loss, ax_acc, ax_lr = (fig.add_subplot(grid[0, i]) for i in range(3))
+    has_lr = "lr" in history
+    fig = new_figure(13 if has_lr else 10, 5.2)
+    grid = fig.add_gridspec(1, 3 if has_lr else 2, width_ratios=[1, 1, 0.6][: 2 + has_lr])
+    axes = [fig.add_subplot(grid[0, i]) for i in range(2 + has_lr)]
+    ax_loss, ax_acc = axes[:2]
     style = {"marker": "o" if len(epochs) <= 40 else None, "markersize": 4, "linewidth": 1.6}
     _plot_loss(ax_loss, history, lines, style)
     _plot_accuracy(ax_acc, history, style)
-    ax_lr.plot(epochs, history["lr"], color="C2", **style)
-    ax_lr.set_title("Learning rate (end of epoch)")
-    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    for ax in (ax_loss, ax_acc, ax_lr):
+    if has_lr:  # a run that was not trained has no learning rate
+        axes[2].plot(epochs, history["lr"], color="C2", **style)
+        axes[2].set_title("Learning rate (end of epoch)")
+        axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in axes:
         _epoch_axis(ax, epochs, best)
     if best_row is not None:
         _mark_best(ax_loss, ax_acc, history, best, best_row)
@@ -203,7 +220,8 @@ def _plot_accuracy(ax: Any, history: dict, style: dict) -> None:
     from matplotlib.ticker import PercentFormatter
 
     epochs = history["epoch"]
-    ax.plot(epochs, 100 * history["train_acc"], label="train", color="C0", **style)
+    if "train_acc" in history:
+        ax.plot(epochs, 100 * history["train_acc"], label="train", color="C0", **style)
     ax.plot(epochs, 100 * history["eval_acc"], label="eval", color="C1", **style)
     ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
     ax.set_title("Accuracy")

@@ -264,3 +264,28 @@ def store_bytes(path: Path) -> dict[str, bytes]:
     """The bytes of a store's head and of every file in its epochs folder."""
     files = [path, *sorted(epochs_folder(path).glob("*"))]
     return {p.name: p.read_bytes() for p in files if p.is_file()}
+
+
+def run_cli_peak(*args: str, timeout: int = 600) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the real CLI as :func:`run_cli` does; also return the peak resident memory of that
+    process alone, in bytes (``wait4``'s rusage: no other child and not the test counts)."""
+    import tempfile
+    import threading
+
+    env = {**os.environ, "EXPLAINKIT_LOAD_PLUGINS": ""}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "explainkit", *args],
+            stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, text=True,
+        )  # fmt: skip
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # reaps it: Popen must not wait again
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+    return result, usage.ru_maxrss * 1024  # kilobytes on Linux
