@@ -171,3 +171,58 @@ def store_bytes(path: Path) -> dict[str, bytes]:
     """The bytes of a store's head and of every file in its epochs folder."""
     files = [path, *sorted(epochs_folder(path).glob("*"))]
     return {p.name: p.read_bytes() for p in files if p.is_file()}
+
+
+# -- the explorer (explainkit serve) --------------------------------------------------------
+
+
+def synthetic_explorer_run(
+    path: Path, n: int, side: int = 32, classes: int = 10, maps: bool = True, seed: int = 0
+) -> Path:
+    """A run directory of ``n`` synthetic ``side``-px images, streamed to disk in batches (so
+    50,000 224-px images never sit in memory): a store with one epoch of logits and, with
+    ``maps``, an ``analyses/gradcam/attributions.h5`` laid out as the gradcam analyzer writes
+    it. For the explorer's memory test and benchmarks/serve_load.py; no model, no config."""
+    import h5py
+
+    from explainkit.store import StoreBuilder
+
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    targets = rng.integers(0, classes, n)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / max(1, side - 1)
+    batch = 256
+    with StoreBuilder(
+        path / "predictions.h5",
+        targets=targets,
+        index=np.arange(n),
+        classes=[f"class{k}" for k in range(classes)],
+        dataset="synthetic",
+        model={"arch": "resnet18-s8", "width": 8, "num_classes": classes},
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        image_shape=(side, side, 3),
+    ) as builder:
+        for start in range(0, n, batch):
+            b = min(batch, n - start)
+            colors = rng.integers(0, 255, (b, 1, 1, 3)).astype(np.float32)
+            ramp = (xx[None, :, :, None] * colors + yy[None, :, :, None] * (255 - colors)) / 2
+            builder.add_images(ramp.astype(np.uint8))
+    logits = rng.standard_normal((n, classes)).astype(np.float32)
+    logits[np.arange(n), targets] += 1.5  # mostly right, some confusions
+    append_epoch(path / "predictions.h5", logits, history_row(1))
+    if maps:
+        out = path / "analyses" / "gradcam"
+        out.mkdir(parents=True, exist_ok=True)
+        with h5py.File(out / "attributions.h5", "w") as f:
+            f.attrs.update({"method": "gradcam", "layer": "layer4", "epoch": 1})
+            ds = f.create_dataset(
+                "maps", (n, side, side), "float16", chunks=(min(64, n), side, side),
+                compression="gzip", compression_opts=1, shuffle=True,
+            )  # fmt: skip
+            for start in range(0, n, batch):
+                b = min(batch, n - start)
+                centre = rng.random((b, 2, 1, 1)).astype(np.float32)
+                d = (xx[None] - centre[:, 0]) ** 2 + (yy[None] - centre[:, 1]) ** 2
+                ds[start : start + b] = np.exp(-d * 8)
+    return path

@@ -30,7 +30,7 @@ from starlette.staticfiles import StaticFiles
 
 from explainkit.errors import ExplainkitError
 from explainkit.serve.maps import Engine, MapError, colorize, image_png, png, stored_map
-from explainkit.serve.runs import OUTCOMES, Filters, ServedRun, inside
+from explainkit.serve.runs import OUTCOMES, Filters, ServedRun, inside, number
 
 HERE = Path(__file__).parent
 PER_PAGE = (24, 48, 96, 192)
@@ -66,11 +66,12 @@ class Explorer:
 
     def run(self, request: Request, name: str = "run") -> ServedRun:
         text = str(request.path_params.get(name, ""))
-        if not text.isdigit() or int(text[:6]) >= len(self.runs):
+        position = number(text)
+        if position is None or position >= len(self.runs):
             raise LookupError(
                 f"no run {text[:40]!r}; this server shows runs 0..{len(self.runs) - 1}"
             )
-        return self.runs[int(text)]
+        return self.runs[position]
 
     def filters(self, run: ServedRun, q: Any) -> Filters:
         """The grid's query string as :class:`Filters`; BadRequest names a bad value."""
@@ -94,9 +95,10 @@ class Explorer:
                 raise BadRequest(str(e)) from None
         other = q.get("vs") or ""
         if other:
-            if not other.isdigit() or int(other[:6]) >= len(self.runs):
+            position = number(other)
+            if position is None or position >= len(self.runs):
                 raise BadRequest(f"vs must be a run number in 0..{len(self.runs) - 1}")
-            f.other = self.runs[int(other)]
+            f.other = self.runs[position]
             if f.other.eval_set != run.eval_set:
                 raise BadRequest(
                     f"runs {run.name} and {f.other.name} were not evaluated on the same "
@@ -307,9 +309,10 @@ class Explorer:
         run = self.run(request)
         i = run.image_index(request.path_params["image"])
         text = str(request.path_params["epoch"]).removesuffix(".png")
-        if not text.isdigit() or int(text[:9]) not in run.checkpoints:
+        epoch = number(text)
+        if epoch is None or epoch not in run.checkpoints:
             raise LookupError(f"run {run.name} kept no checkpoint of epoch {text[:12]!r}")
-        m = self.engine.compute(run, i, "gradcam", int(text), "true")
+        m = self.engine.compute(run, i, "gradcam", epoch, "true")
         return Response(png(colorize(m)), media_type="image/png", headers=PNG_HEADERS)
 
 
@@ -321,9 +324,10 @@ def _integer(value: Any, default: int, name: str) -> int:
     if value in (None, ""):
         return default
     text = str(value)
-    if not text.isdigit() or len(text) > 9:
+    result = number(text)
+    if result is None or result > 10**9:
         raise BadRequest(f"{name} must be a whole number, got {text[:40]!r}")
-    return int(text)
+    return result
 
 
 def _fraction(value: Any, default: float, name: str) -> float:
@@ -341,9 +345,9 @@ def _fraction(value: Any, default: float, name: str) -> float:
 def _class(run: ServedRun, value: Any, name: str) -> int | None:
     if value in (None, ""):
         return None
-    text = str(value)
-    if text.isdigit() and int(text[:9]) < len(run.classes):
-        return int(text)
+    k = number(value)
+    if k is not None and k < len(run.classes):
+        return k
     raise BadRequest(f"{name} must be a class number in 0..{len(run.classes) - 1}")
 
 

@@ -59,6 +59,15 @@ class Filters:
 OUTCOMES = ("only_this", "only_other", "both_right", "both_wrong")
 
 
+def number(text: Any) -> int | None:
+    """A request's whole number written plainly (ASCII digits, no leading zero, at most 12
+    of them), else None: one URL per image, and nothing a parser could read otherwise."""
+    text = str(text)
+    if text.isascii() and text.isdigit() and len(text) <= 12 and (text == "0" or text[0] != "0"):
+        return int(text)
+    return None
+
+
 @dataclass
 class ServedRun:
     """A run directory opened read-only for the explorer."""
@@ -91,11 +100,11 @@ class ServedRun:
     def image_index(self, value: Any) -> int:
         """A request's image index, checked: an int in 0..N-1, else an error for that view."""
         text = str(value)
-        if not text.isdigit() or len(text) > 12:
+        i = number(text)
+        if i is None:
             raise LookupError(
                 f"image index {text[:40]!r} is not a number in 0..{self.num_images - 1}"
             )
-        i = int(text)
         if i >= self.num_images:
             raise LookupError(
                 f"image {i} is not in this run; it has images 0..{self.num_images - 1}"

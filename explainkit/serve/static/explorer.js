@@ -64,7 +64,8 @@ function gridPage() {
     status.className = "muted";
     status.textContent = `${data.total} images`;
     form.elements.page.value = data.page;
-    const back = encodeURIComponent(q.toString());
+    const method = start.get("method");
+    const back = encodeURIComponent(q.toString()) + (method ? "&method=" + encodeURIComponent(method) : "");
     grid.replaceChildren(...data.items.map((item) => {
       const caption = `${item.true} → ${item.predicted} ${(100 * item.confidence).toFixed(1)}%`;
       const extra = item.score === undefined ? [] :
