@@ -97,4 +97,12 @@ def serve(
         )
     say(f"explorer of {len(paths)} run(s) at {url} (Ctrl-C to stop)")
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn stops on Ctrl-C, then raises it again: done
+        pass
+    finally:
+        sock.close()
+        for run in app.state.runs:
+            run.close()
+    say("explorer stopped")

@@ -395,4 +395,6 @@ def create_app(runs: list[ServedRun], engine: Engine) -> Starlette:
         ValueError: _errors,
         RuntimeError: _errors,
     }
-    return Starlette(routes=routes, exception_handlers=handlers)
+    app = Starlette(routes=routes, exception_handlers=handlers)
+    app.state.runs = runs
+    return app
