@@ -317,7 +317,7 @@ class Explorer:
 
 
 # The pages load only their own script and style; images are served by this server.
-CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"
+CSP = "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'"
 
 
 def _integer(value: Any, default: int, name: str) -> int:
