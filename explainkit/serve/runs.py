@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 from explainkit.errors import ExplainkitError, RunError
 from explainkit.rundir import RunDir
 
+CHECKPOINT = re.compile(r"epoch_(\d{3,})\.pt")  # as explainkit.train.checkpoint names them
 TOP_K = 5
 LOGIT_ROWS = 4096  # logits rows turned into columns at a time (bounded for 1,000 classes)
 SCORE_METRICS = ("deletion_auc", "insertion_auc", "pointing_game", "energy_in_mask")
@@ -177,7 +179,6 @@ def open_run(position: int, path: str | Path) -> ServedRun:
     """Open ``path`` for serving: the store, its per-image columns, the map files and the
     quality analyzer's per-image scores. A run without a store is a RunError."""
     from explainkit.store import open_store
-    from explainkit.train.checkpoint import list_checkpoints
 
     run = RunDir(path)
     if not run.path.is_dir():
@@ -197,10 +198,19 @@ def open_run(position: int, path: str | Path) -> ServedRun:
     served = ServedRun(position, run, store, run.path.name, epoch, *columns, config=config)
     served.sources = _map_sources(run, store)
     served.scores = _quality_scores(run, store.num_images)
-    served.checkpoints = list(list_checkpoints(run.path))
+    served.checkpoints = _checkpoint_epochs(run)
     digest = hashlib.sha256(store.index.tobytes() + store.targets.tobytes())
     served.eval_set = f"{store.num_images}:{digest.hexdigest()[:16]}"
     return served
+
+
+def _checkpoint_epochs(run: RunDir) -> list[int]:
+    """The epochs of ``checkpoints/epoch_NNN.pt`` (found without importing torch, so that
+    the server starts in a second)."""
+    if not run.checkpoints.is_dir():
+        return []
+    found = (CHECKPOINT.fullmatch(p.name) for p in run.checkpoints.iterdir())
+    return sorted(int(m.group(1)) for m in found if m)
 
 
 def _columns(store: Any, epoch: int) -> tuple[np.ndarray, ...]:
