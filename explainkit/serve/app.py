@@ -29,13 +29,13 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from explainkit.errors import ExplainkitError
-from explainkit.serve.maps import Engine, MapError, colorize, image_png, png, stored_map
+from explainkit.serve.maps import Engine, MapError, Thumbnails, colorize, image_png, png, stored_map
 from explainkit.serve.runs import OUTCOMES, Filters, ServedRun, inside, number
 
 HERE = Path(__file__).parent
 PER_PAGE = (24, 48, 96, 192)
 MAX_IDS = 10_000
-THUMB = 96
+THUMB = 112  # the grid's thumbnail size (explorer.js asks for it)
 MATRIX_CLASSES = 40  # a confusion matrix up to this many classes; above, the top pairs
 PNG_HEADERS = {"Cache-Control": "private, max-age=3600"}
 
@@ -60,6 +60,7 @@ class Explorer:
     def __init__(self, runs: list[ServedRun], engine: Engine) -> None:
         self.runs = runs
         self.engine = engine
+        self.thumbs = Thumbnails()
         self.env = _templates()
 
     # -- lookups: every request value is checked here ------------------------------------
@@ -197,6 +198,8 @@ class Explorer:
         page = min(_integer(q.get("page"), 0, "page"), pages - 1)
         shown = chosen[page * per_page : (page + 1) * per_page]
         sources = run.store.sources(shown) if len(shown) else []
+        if len(shown):
+            self.thumbs.prefetch(run, shown, THUMB)
         items = [run.row(int(i), s) for i, s in zip(shown, sources, strict=True)]
         if f.sort not in ("index", "confidence", "loss"):
             for item in items:
@@ -397,4 +400,5 @@ def create_app(runs: list[ServedRun], engine: Engine) -> Starlette:
     }
     app = Starlette(routes=routes, exception_handlers=handlers)
     app.state.runs = runs
+    app.state.thumbs = x.thumbs
     return app

@@ -20,6 +20,7 @@ from explainkit.serve.runs import MapSource, ServedRun
 
 COLORMAP = "turbo"
 CACHE_MAPS = 512  # computed maps kept (each H x W float32: 200 KiB at 224 px; ~100 MiB)
+CACHE_THUMB_BYTES = 32 << 20  # thumbnails kept (about 2,000 at 112 px of a 224-px image)
 CACHE_MODELS = 2  # models kept per server (a checkpoint per saved epoch can be many)
 _lut: np.ndarray | None = None
 _lut_lock = threading.Lock()
@@ -62,6 +63,56 @@ def png(pixels: np.ndarray, size: int | None = None) -> bytes:
 def image_png(run: ServedRun, i: int, size: int | None = None) -> bytes:
     image = run.store.images([i])[0]
     return png(image[..., 0] if image.shape[-1] == 1 else image, size)
+
+
+class Thumbnails:
+    """A grid page's thumbnails, made together when its JSON is asked for and kept in a cache
+    bounded in bytes: one read of the store for the page's images (they share compressed
+    chunks) instead of one per thumbnail, which the browser then fetches at once."""
+
+    def __init__(self, max_bytes: int = CACHE_THUMB_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._bytes = 0
+        self._cache: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def prefetch(self, run: ServedRun, indices: Any, size: int) -> None:
+        with self._lock:
+            todo = [int(i) for i in indices if (run.position, int(i), size) not in self._cache]
+        if not todo:
+            return
+        images = run.store.images(np.asarray(todo))
+        made = [
+            (i, png(im[..., 0] if im.shape[-1] == 1 else im, size))
+            for i, im in zip(todo, images, strict=True)
+        ]
+        with self._lock:
+            for i, data in made:
+                self._put((run.position, i, size), data)
+
+    def get(self, run: ServedRun, i: int, size: int) -> bytes:
+        key = (run.position, i, size)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        data = image_png(run, i, size)
+        with self._lock:
+            self._put(key, data)
+        return data
+
+    def _put(self, key: tuple[int, int, int], data: bytes) -> None:
+        if key in self._cache:
+            return
+        self._cache[key] = data
+        self._bytes += len(data)
+        while self._bytes > self.max_bytes and self._cache:
+            _, old = self._cache.popitem(last=False)
+            self._bytes -= len(old)
 
 
 def stored_map(source: MapSource, i: int, n: int) -> np.ndarray:
