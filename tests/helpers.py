@@ -190,8 +190,13 @@ def synthetic_explorer_run(
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True, exist_ok=True)
     targets = rng.integers(0, classes, n)
-    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / max(1, side - 1)
+    grid = 4 if side % 4 == 0 else 1  # blocky images and maps: they compress as real ones do
     batch = 256
+
+    def blocks(values: np.ndarray) -> np.ndarray:
+        up = np.repeat(np.repeat(values, side // grid, axis=1), side // grid, axis=2)
+        return up if grid * (side // grid) == side else np.resize(up, (len(values), side, side))
+
     with StoreBuilder(
         path / "predictions.h5",
         targets=targets,
@@ -205,9 +210,7 @@ def synthetic_explorer_run(
     ) as builder:
         for start in range(0, n, batch):
             b = min(batch, n - start)
-            colors = rng.integers(0, 255, (b, 1, 1, 3)).astype(np.float32)
-            ramp = (xx[None, :, :, None] * colors + yy[None, :, :, None] * (255 - colors)) / 2
-            builder.add_images(ramp.astype(np.uint8))
+            builder.add_images(blocks(rng.integers(0, 255, (b, grid, grid, 3), dtype=np.uint8)))
     logits = rng.standard_normal((n, classes)).astype(np.float32)
     logits[np.arange(n), targets] += 1.5  # mostly right, some confusions
     append_epoch(path / "predictions.h5", logits, history_row(1))
@@ -222,7 +225,5 @@ def synthetic_explorer_run(
             )  # fmt: skip
             for start in range(0, n, batch):
                 b = min(batch, n - start)
-                centre = rng.random((b, 2, 1, 1)).astype(np.float32)
-                d = (xx[None] - centre[:, 0]) ** 2 + (yy[None] - centre[:, 1]) ** 2
-                ds[start : start + b] = np.exp(-d * 8)
+                ds[start : start + b] = blocks(rng.random((b, grid, grid)).astype(np.float16))
     return path
