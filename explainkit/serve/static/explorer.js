@@ -203,7 +203,12 @@ function detailPage() {
   async function setMethod() {
     overlay.dataset.ready = "";
     const option = select.selectedOptions[0];
-    if (option) await showPNG(overlay, option.dataset.url, errorBox);
+    if (option && await showPNG(overlay, option.dataset.url, errorBox)) {
+      // a map computed for the overlay also fills its place in the side by side
+      const button = document.querySelector(`figure.method[data-key="${select.value}"] button.compute`);
+      if (button) button.replaceWith(el("img", {className: "px", src: overlay.src,
+        width: button.dataset.width, height: button.dataset.height, alt: option.textContent}));
+    }
     overlay.dataset.ready = select.value;
   }
   opacity.addEventListener("input", setOpacity);
