@@ -387,6 +387,45 @@ def report_command(
         webbrowser.open(path.resolve().as_uri())
 
 
+@cli.command("serve")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to listen on (0: any free port, printed).",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; any other than 127.0.0.1 lets that network read the runs.",
+)
+@click.option(
+    "--device",
+    default=None,
+    callback=lambda c, p, v: v and check_device(c, p, v),
+    help="Where maps no analysis stored are computed (default: the run's device).",
+)
+@PLUGINS_DIR_OPTION
+def serve_command(
+    runs: tuple[Path, ...], port: int, host: str, device: str | None, plugins_dir: Path | None
+) -> None:
+    """Explore every eval image of one or more runs in a web browser (read-only).
+
+    A thumbnail grid with filters, sorts and the confusion matrix; each image's maps side by
+    side, computed on demand when no analysis stored them; two runs on the same eval set
+    compared. Needs the [explorer] extra (Starlette, uvicorn). docs/explorer.md.
+    """
+    from explainkit.manager import load_registries
+    from explainkit.serve import serve
+
+    for run in runs:
+        RunDir(run).check()
+    serve(list(runs), host, port, load_registries(plugins_dir), device, say=click.echo)
+
+
 @cli.command("demo")
 @click.option(
     "--out",

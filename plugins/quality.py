@@ -121,6 +121,7 @@ class QualityAnalyzer(Analyzer):
         if cascade is not None:
             verdicts = _sanity(context, model, sample, fns, maps, scores, cascade)
         rows, class_rows = _tables(context, scores, names, sample)
+        _write_per_image(context, sample.indices, scores)
         report = {
             "epoch": context.epoch,
             "layer": layer,
@@ -321,6 +322,20 @@ def _tables(
                         row = {"method": name, "metric": metric, **summarize(sel, seed)}
                         class_rows.append({"class": cls, **row})
     return rows, class_rows
+
+
+PER_IMAGE = ("deletion_auc", "insertion_auc", "pointing_game", "energy_in_mask")
+
+
+def _write_per_image(context: AnalysisContext, indices: Any, scores: dict) -> None:
+    """per_image.csv: each sampled image's scores, one "method:metric" column each, for
+    tools that sort images by them (``explainkit serve``)."""
+    from explainkit.tables import write_csv
+
+    keys = [k for k in scores if k[1] in PER_IMAGE]
+    values = [scores[k].detach().double().cpu().numpy() for k in keys]
+    rows = [[int(i), *(float(v[j]) for v in values)] for j, i in enumerate(indices)]
+    write_csv(context.output_dir / "per_image.csv", ["index", *(f"{m}:{n}" for m, n in keys)], rows)
 
 
 def _localization_note(masks: Any) -> dict[str, Any]:

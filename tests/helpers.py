@@ -289,3 +289,59 @@ def run_cli_peak(*args: str, timeout: int = 600) -> tuple[subprocess.CompletedPr
         err.seek(0)
         result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
     return result, usage.ru_maxrss * 1024  # kilobytes on Linux
+
+
+# -- the explorer (explainkit serve) --------------------------------------------------------
+
+
+def synthetic_explorer_run(
+    path: Path, n: int, side: int = 32, classes: int = 10, maps: bool = True, seed: int = 0
+) -> Path:
+    """A run directory of ``n`` synthetic ``side``-px images, streamed to disk in batches (so
+    50,000 224-px images never sit in memory): a store with one epoch of logits and, with
+    ``maps``, an ``analyses/gradcam/attributions.h5`` laid out as the gradcam analyzer writes
+    it. For the explorer's memory test and benchmarks/serve_load.py; no model, no config."""
+    import h5py
+
+    from explainkit.store import StoreBuilder
+
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    targets = rng.integers(0, classes, n)
+    grid = 4 if side % 4 == 0 else 1  # blocky images and maps: they compress as real ones do
+    batch = 256
+
+    def blocks(values: np.ndarray) -> np.ndarray:
+        up = np.repeat(np.repeat(values, side // grid, axis=1), side // grid, axis=2)
+        return up if grid * (side // grid) == side else np.resize(up, (len(values), side, side))
+
+    with StoreBuilder(
+        path / "predictions.h5",
+        targets=targets,
+        index=np.arange(n),
+        classes=[f"class{k}" for k in range(classes)],
+        dataset="synthetic",
+        model={"arch": "resnet18-s8", "width": 8, "num_classes": classes},
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        image_shape=(side, side, 3),
+    ) as builder:
+        for start in range(0, n, batch):
+            b = min(batch, n - start)
+            builder.add_images(blocks(rng.integers(0, 255, (b, grid, grid, 3), dtype=np.uint8)))
+    logits = rng.standard_normal((n, classes)).astype(np.float32)
+    logits[np.arange(n), targets] += 1.5  # mostly right, some confusions
+    append_epoch(path / "predictions.h5", logits, history_row(1))
+    if maps:
+        out = path / "analyses" / "gradcam"
+        out.mkdir(parents=True, exist_ok=True)
+        with h5py.File(out / "attributions.h5", "w") as f:
+            f.attrs.update({"method": "gradcam", "layer": "layer4", "epoch": 1})
+            ds = f.create_dataset(
+                "maps", (n, side, side), "float16", chunks=(min(64, n), side, side),
+                compression="gzip", compression_opts=1, shuffle=True,
+            )  # fmt: skip
+            for start in range(0, n, batch):
+                b = min(batch, n - start)
+                ds[start : start + b] = blocks(rng.random((b, grid, grid)).astype(np.float16))
+    return path

@@ -1,0 +1,323 @@
+"""One served run: its per-image columns in memory, everything else read from disk on demand.
+
+A run of 50,000 images must start in seconds and stay small, so what is held is one short row
+per image (true class, prediction, confidence, loss, top-5, quality scores: about 80 bytes);
+images come from the store and maps from ``attributions.h5`` one request at a time. Every file
+the server may read is found here, when the run opens, inside the run directory (a symlink
+leading out of it is left out): a request names a run by its position, an image by its index
+and a map by a key of :attr:`ServedRun.sources`, never a path.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from explainkit.errors import ExplainkitError, RunError
+from explainkit.rundir import RunDir
+
+CHECKPOINT = re.compile(r"epoch_(\d{3,})\.pt")  # as explainkit.train.checkpoint names them
+TOP_K = 5
+LOGIT_ROWS = 4096  # logits rows turned into columns at a time (bounded for 1,000 classes)
+SCORE_METRICS = ("deletion_auc", "insertion_auc", "pointing_game", "energy_in_mask")
+
+
+@dataclass(frozen=True)
+class MapSource:
+    """Where one method's maps come from: an attributions file, or computed on demand."""
+
+    key: str  # what URLs name: the analysis folder's name, or "live-METHOD"
+    method: str  # a CAM method name (explainkit.explain.methods)
+    label: str
+    path: Path | None = None  # attributions.h5; None: computed on demand
+    layer: str | None = None
+    epoch: int | None = None
+    target: str = "predicted"
+
+
+@dataclass
+class Filters:
+    """What a grid request asks for; every value checked by :func:`parse_filters`."""
+
+    true: int | None = None
+    pred: int | None = None
+    correct: bool | None = None
+    conf_min: float = 0.0
+    conf_max: float = 1.0
+    ids: list[int] | None = None
+    other: ServedRun | None = None  # compare: the other run and which outcome
+    outcome: str | None = None
+    sort: str = "index"
+    desc: bool = False
+
+
+OUTCOMES = ("only_this", "only_other", "both_right", "both_wrong")
+
+
+def number(text: Any) -> int | None:
+    """A request's whole number written plainly (ASCII digits, no leading zero, at most 12
+    of them), else None: one URL per image, and nothing a parser could read otherwise."""
+    text = str(text)
+    if text.isascii() and text.isdigit() and len(text) <= 12 and (text == "0" or text[0] != "0"):
+        return int(text)
+    return None
+
+
+@dataclass
+class ServedRun:
+    """A run directory opened read-only for the explorer."""
+
+    position: int
+    run: RunDir
+    store: Any  # explainkit.store.StoreReader, open for the server's life
+    name: str
+    epoch: int  # whose recorded predictions the grid shows (the best, as `analyze` uses)
+    targets: np.ndarray
+    predicted: np.ndarray
+    confidence: np.ndarray  # float32 probability of the predicted class
+    loss: np.ndarray  # float32 cross-entropy of the true class
+    top_idx: np.ndarray  # (N, TOP_K) classes, most probable first
+    top_prob: np.ndarray
+    sources: dict[str, MapSource] = field(default_factory=dict)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # "method:metric" -> (N,)
+    checkpoints: list[int] = field(default_factory=list)
+    eval_set: str = ""  # a digest of the eval split: two runs compare when theirs match
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.store.classes)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.store.num_images)
+
+    def image_index(self, value: Any) -> int:
+        """A request's image index, checked: an int in 0..N-1, else an error for that view."""
+        text = str(value)
+        i = number(text)
+        if i is None:
+            raise LookupError(
+                f"image index {text[:40]!r} is not a number in 0..{self.num_images - 1}"
+            )
+        if i >= self.num_images:
+            raise LookupError(
+                f"image {i} is not in this run; it has images 0..{self.num_images - 1}"
+            )
+        return i
+
+    def select(self, f: Filters) -> np.ndarray:
+        """Store positions of the images that pass ``f``, in its sort order."""
+        keep = (self.confidence >= f.conf_min) & (self.confidence <= f.conf_max)
+        if f.true is not None:
+            keep &= self.targets == f.true
+        if f.pred is not None:
+            keep &= self.predicted == f.pred
+        right = self.predicted == self.targets
+        if f.correct is not None:
+            keep &= right == f.correct
+        if f.ids is not None:
+            chosen = np.zeros(self.num_images, bool)
+            chosen[np.asarray(f.ids, dtype=np.int64)] = True
+            keep &= chosen
+        if f.other is not None and f.outcome:
+            theirs = f.other.predicted == f.other.targets
+            keep &= {
+                "only_this": right & ~theirs,
+                "only_other": ~right & theirs,
+                "both_right": right & theirs,
+                "both_wrong": ~right & ~theirs,
+            }[f.outcome]
+        idx = np.flatnonzero(keep)
+        if f.sort == "index":
+            return idx[::-1] if f.desc else idx
+        values = self.sort_column(f.sort)[idx].astype(np.float64)
+        values = -values if f.desc else values
+        values[np.isnan(values)] = np.inf  # images without a score come last either way
+        return idx[np.argsort(values, kind="stable")]
+
+    def sort_column(self, name: str) -> np.ndarray:
+        if name == "confidence":
+            return self.confidence
+        if name == "loss":
+            return self.loss
+        return self.scores[name]
+
+    @property
+    def sorts(self) -> list[str]:
+        return ["index", "confidence", "loss", *self.scores]
+
+    def row(self, i: int, source: str) -> dict[str, Any]:
+        """One image as the grid and the CSV show it."""
+        classes = self.classes
+        return {
+            "index": i,
+            "source": source,
+            "true": classes[self.targets[i]],
+            "predicted": classes[self.predicted[i]],
+            "correct": bool(self.targets[i] == self.predicted[i]),
+            "confidence": round(float(self.confidence[i]), 6),
+            "loss": round(float(self.loss[i]), 6),
+        }
+
+    def confusion(self) -> np.ndarray:
+        k = len(self.classes)
+        return np.bincount(self.targets * k + self.predicted, minlength=k * k).reshape(k, k)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def open_run(position: int, path: str | Path) -> ServedRun:
+    """Open ``path`` for serving: the store, its per-image columns, the map files and the
+    quality analyzer's per-image scores. A run without a store is a RunError."""
+    from explainkit.store import open_store
+
+    run = RunDir(path)
+    if not run.path.is_dir():
+        raise RunError(f"{run.path} is not a directory; give a run directory")
+    if not run.has_store:
+        raise RunError(f"{run.path} has no predictions.h5; train or evaluate into it first")
+    store = open_store(run.path)
+    try:
+        epoch = store.best_epoch
+        if epoch is None:
+            raise RunError(f"{run.path} has no committed epoch yet; wait for one to finish")
+        columns = _columns(store, epoch)
+        config = run.read_config() if run.has_config else {}
+    except BaseException:
+        store.close()
+        raise
+    served = ServedRun(position, run, store, run.path.name, epoch, *columns, config=config)
+    served.sources = _map_sources(run, store)
+    served.scores = _quality_scores(run, store.num_images)
+    served.checkpoints = _checkpoint_epochs(run)
+    digest = hashlib.sha256(store.index.tobytes() + store.targets.tobytes())
+    served.eval_set = f"{store.num_images}:{digest.hexdigest()[:16]}"
+    return served
+
+
+def _checkpoint_epochs(run: RunDir) -> list[int]:
+    """The epochs of ``checkpoints/epoch_NNN.pt`` (found without importing torch, so that
+    the server starts in a second)."""
+    if not run.checkpoints.is_dir():
+        return []
+    found = (CHECKPOINT.fullmatch(p.name) for p in run.checkpoints.iterdir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def _columns(store: Any, epoch: int) -> tuple[np.ndarray, ...]:
+    """targets, predictions, confidence, loss and top-k of ``epoch``'s recorded logits, a
+    block of rows at a time so that the float64 softmax stays small."""
+    logits = store.logits(epoch)
+    n, k = logits.shape
+    top = min(TOP_K, k)
+    predicted = np.empty(n, np.int64)
+    confidence = np.empty(n, np.float32)
+    loss = np.empty(n, np.float32)
+    top_idx = np.empty((n, top), np.int32)
+    top_prob = np.empty((n, top), np.float32)
+    targets = store.targets
+    for start in range(0, n, LOGIT_ROWS):
+        z = logits[start : start + LOGIT_ROWS].astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        rows = np.arange(len(z))
+        order = np.argsort(-log_p, axis=1, kind="stable")[:, :top]
+        predicted[start : start + len(z)] = order[:, 0]
+        confidence[start : start + len(z)] = np.exp(log_p[rows, order[:, 0]])
+        loss[start : start + len(z)] = -log_p[rows, targets[start : start + len(z)]]
+        top_idx[start : start + len(z)] = order
+        top_prob[start : start + len(z)] = np.exp(np.take_along_axis(log_p, order, axis=1))
+    return targets, predicted, confidence, loss, top_idx, top_prob
+
+
+def inside(run: RunDir, path: Path) -> bool:
+    """Whether ``path``, symlinks resolved, is a file inside the run directory."""
+    try:
+        real = path.resolve(strict=True)
+        return real.is_file() and real.is_relative_to(run.path.resolve(strict=True))
+    except (OSError, RuntimeError):
+        return False
+
+
+def _map_sources(run: RunDir, store: Any) -> dict[str, MapSource]:
+    """Every ``analyses/*/attributions.h5`` of this store (the gradcam analyzer's layout:
+    ``maps`` (N, H, W) and its attributes), then each CAM method not among them, computed on
+    demand. A file that cannot be read is still listed: its view says what is wrong."""
+    import h5py
+
+    from explainkit.explain.methods import CAM_METHODS, METHODS
+
+    found: dict[str, MapSource] = {}
+    for path in sorted(run.analyses.glob("*/attributions.h5")):
+        if not inside(run, path):
+            continue  # a symlink out of the run: never served
+        attrs: dict[str, Any] = {}
+        try:
+            with h5py.File(path, "r") as f:
+                attrs = dict(f.attrs)
+        except (OSError, KeyError, ValueError):
+            pass
+        method = str(attrs.get("method", "gradcam"))
+        if method not in METHODS:
+            method = "gradcam"
+        epoch = attrs.get("epoch")
+        key = path.parent.name
+        label = f"{METHODS[method].label} ({key}"
+        label += f", {attrs['layer']}" if "layer" in attrs else ""
+        label += f", epoch {int(epoch)})" if epoch is not None else ")"
+        found[key] = MapSource(
+            key,
+            method,
+            label,
+            path,
+            str(attrs["layer"]) if "layer" in attrs else None,
+            int(epoch) if epoch is not None else None,
+            str(attrs.get("target", "predicted")),
+        )
+    stored = {s.method for s in found.values()}
+    layer = store.attrs.get("default_layer") or None
+    for method in CAM_METHODS:
+        if method not in stored:
+            label = f"{METHODS[method].label} (computed here)"
+            found[f"live-{method}"] = MapSource(f"live-{method}", method, label, None, layer)
+    return found
+
+
+def _quality_scores(run: RunDir, n: int) -> dict[str, np.ndarray]:
+    """``analyses/quality/per_image.csv`` as float32 columns (NaN for images the analyzer's
+    sample left out); an unreadable file gives no scores rather than no server."""
+    path = run.analysis("quality") / "per_image.csv"
+    if not inside(run, path):
+        return {}
+    scores: dict[str, np.ndarray] = {}
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            names = [c for c in reader.fieldnames or [] if c.split(":")[-1] in SCORE_METRICS]
+            scores = {c: np.full(n, np.nan, np.float32) for c in names}
+            for row in reader:
+                i = int(row["index"])
+                if 0 <= i < n:
+                    for c in names:
+                        value = float(row[c]) if row[c] not in ("", None) else math.nan
+                        scores[c][i] = value
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, csv.Error):
+        return {}
+    return scores
+
+
+def check_comparable(a: ServedRun, b: ServedRun) -> None:
+    if a.eval_set != b.eval_set:
+        raise ExplainkitError(
+            f"runs {a.name} and {b.name} were not evaluated on the same images; "
+            "only runs with the same eval set compare"
+        )

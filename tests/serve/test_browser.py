@@ -1,0 +1,188 @@
+"""The explorer in a real browser: Debian's Chromium, driven headless by Playwright (no
+browser download). It filters the grid to a confusion, opens an image, switches methods and
+checks what is drawn, pixel by pixel, against the maps the server serves."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import registries
+
+DRAWN = 256  # the detail view draws 32-px shapes at 8x: 256 px
+
+
+def find_chromium() -> str | None:
+    for name in ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def decode(content: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(content)).convert("RGB")).astype(np.int16)
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=120) as r:
+        return r.read()
+
+
+def scaled(pixels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour upscaling to ``shape``: what ``image-rendering: pixelated`` draws."""
+    h, w = shape[:2]
+    rows = np.arange(h) * pixels.shape[0] // h
+    cols = np.arange(w) * pixels.shape[1] // w
+    return pixels[rows][:, cols]
+
+
+def differs(drawn: np.ndarray, served: np.ndarray, size: int = DRAWN) -> float:
+    """Mean absolute difference between a screenshot and ``served`` pixels drawn at ``size``
+    px: the best of the screenshot's alignments (an element at a fractional position adds a
+    row or column to its screenshot)."""
+    want = scaled(served, (size, size))
+    best = np.inf
+    for dy in range(drawn.shape[0] - size + 1):
+        for dx in range(drawn.shape[1] - size + 1):
+            best = min(best, float(np.abs(drawn[dy : dy + size, dx : dx + size] - want).mean()))
+    return best
+
+
+@pytest.fixture(scope="module")
+def server(explorer_run, other_run):
+    """The explorer on a free local port, served by uvicorn in a thread."""
+    import uvicorn
+
+    from explainkit.serve import bind, build_app
+
+    app = build_app([explorer_run, other_run], registries(), "cpu")
+    sock = bind("127.0.0.1", 0)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    srv.should_exit = True
+    thread.join(timeout=30)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip(
+            "Chromium is not installed (apt-get install -y chromium); the explorer's browser "
+            "test is skipped"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=binary, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def set_opacity(page, value: float) -> None:
+    page.eval_on_selector(
+        "#opacity",
+        "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
+        str(value),
+    )
+
+
+def test_filter_to_a_confusion_open_an_image_and_switch_methods(server, browser, tmp_path):
+    shots = Path(os.environ.get("EXPLAINKIT_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server + "runs/0/")
+    page.wait_for_selector("#confusion td.cell")
+    page.wait_for_selector("#grid a.thumb")
+
+    # the most frequent confusion, from the matrix the page drew
+    cells = page.eval_on_selector_all(
+        "#confusion td.off",
+        "cells => cells.map(c => [Number(c.textContent), c.dataset.true, c.dataset.pred])",
+    )
+    count, true, pred = max(cells, key=lambda c: c[0])
+    classes = json.loads(fetch(server + "api/runs"))[0]["classes"]
+    page.click(f'#confusion td.cell[data-true="{true}"][data-pred="{pred}"]')
+    page.wait_for_function(
+        "n => document.querySelector('#status').textContent === n + ' images'", arg=count
+    )
+    captions = page.eval_on_selector_all("#grid a.thumb .caption", "s => s.map(x => x.textContent)")
+    assert len(captions) == min(count, 48)
+    assert all(c.startswith(f"{classes[int(true)]} → {classes[int(pred)]} ") for c in captions)
+    assert f"true={true}" in page.url and f"pred={pred}" in page.url
+    page.screenshot(path=str(shots / "explorer-grid.png"), full_page=False)
+
+    # open the first image of that confusion
+    href = page.get_attribute("#grid a.thumb", "href")
+    index = int(href.split("/images/")[1].split("?")[0])
+    page.click("#grid a.thumb")
+    page.wait_for_function("() => document.querySelector('#overlay').dataset.ready === 'gradcam'")
+    image = decode(fetch(server + f"img/0/{index}.png"))
+    gradcam = decode(fetch(server + f"map/0/{index}/gradcam.png"))
+
+    set_opacity(page, 1)
+    drawn = decode(page.locator(".stack").screenshot())
+    assert differs(drawn, gradcam) < 2
+    assert differs(drawn, image) > 10
+    set_opacity(page, 0)
+    drawn = decode(page.locator(".stack").screenshot())
+    assert differs(drawn, image) < 2
+    set_opacity(page, 0.5)
+    drawn = decode(page.locator(".stack").screenshot())
+    assert differs(drawn, (image + gradcam) / 2) < 3
+
+    # the side-by-side panel of the stored method shows the same map
+    side = decode(page.locator('figure.method[data-key="gradcam"] img').screenshot())
+    assert differs(side, gradcam) < 2
+
+    # switch the overlay to Grad-CAM++, computed on demand by the server
+    page.select_option("#method", "live-gradcampp")
+    page.wait_for_function(
+        "() => document.querySelector('#overlay').dataset.ready === 'live-gradcampp'",
+        timeout=120_000,
+    )
+    set_opacity(page, 1)
+    gradcampp = decode(fetch(server + f"map/0/{index}/live-gradcampp.png"))
+    drawn = decode(page.locator(".stack").screenshot())
+    assert differs(drawn, gradcampp) < 2
+    if (
+        float(np.abs(gradcampp - gradcam).mean()) > 4
+    ):  # the two methods disagree here: the page shows which
+        assert differs(drawn, gradcam) > 2
+
+    # compute a missing method in the side by side, and the maps at each saved epoch
+    page.click('figure.method[data-key="live-layercam"] button.compute')
+    page.wait_for_selector('figure.method[data-key="live-layercam"] img', timeout=120_000)
+    layercam = decode(fetch(server + f"map/0/{index}/live-layercam.png"))
+    side = decode(page.locator('figure.method[data-key="live-layercam"] img').screenshot())
+    assert differs(side, layercam) < 2
+    page.click("#epochs-go")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#epochs img')].every(i => i.complete && i.src)",
+        timeout=120_000,
+    )
+    first = decode(page.locator("#epochs figure img").first.screenshot())
+    epoch1 = decode(fetch(server + f"map/0/{index}/epoch/1.png"))
+    assert differs(first, epoch1) < 2
+    set_opacity(page, 0.5)
+    page.screenshot(path=str(shots / "explorer.png"), full_page=True)
+    assert not errors, errors
