@@ -42,6 +42,14 @@ def test_built_wheel_has_no_top_level_plugins_package(tmp_path):
     assert {str(p) for p in packages} <= set(names)
     # The report's template ships as package data (explainkit/report.py loads it at runtime).
     assert {"explainkit/templates/report.html", "explainkit/templates/report.css"} <= set(names)
+    # So do the explorer's templates, script and stylesheet: every non-Python file under them.
+    assets = [
+        str(p.relative_to(REPO))
+        for folder in ("templates", "static")
+        for p in (REPO / "explainkit" / "serve" / folder).rglob("*")
+        if p.is_file()
+    ]
+    assert assets and set(assets) <= set(names)
     assert not [n for n in names if n.startswith("plugins/")]
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"explainkit"}
