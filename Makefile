@@ -35,8 +35,10 @@ chromium:
 	  || echo "chromium not installed: the report's browser test will be skipped"; }
 
 # pytest exits 5 when it collects nothing; that is a failure here (the suite always has tests).
+# Two workers: most tests wait on a CLI subprocess starting, so two cores run two at once;
+# a test module stays on one worker, so its module fixtures are built once.
 test: $(STAMP) lint chromium
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info
