@@ -14,7 +14,13 @@ from explainkit import hookimpl
 from explainkit.data import Dataset, DatasetEntry
 from explainkit.errors import DataError
 
-__all__ = ["load_cifar10_split", "load_folder_split", "load_shapes_split", "register_datasets"]
+__all__ = [
+    "load_cifar10_split",
+    "load_folder_split",
+    "load_scenes_split",
+    "load_shapes_split",
+    "register_datasets",
+]
 
 
 @hookimpl
@@ -31,6 +37,13 @@ def register_datasets(register: Any) -> None:
             "shapes",
             load_shapes_split,
             summary="Synthetic shapes with object masks, drawn from --seed (no files needed).",
+        )
+    )
+    register(
+        DatasetEntry(
+            "scenes",
+            load_scenes_split,
+            summary="Synthetic scenes of several shapes with boxes, masks and labels (no files).",
         )
     )
     register(
@@ -54,6 +67,13 @@ def load_shapes_split(split: str, image_size: int, seed: int, limit: int | None)
     from explainkit.data.shapes import make_shapes
 
     return make_shapes(split, image_size=image_size, seed=seed, limit=limit)
+
+
+def load_scenes_split(split: str, image_size: int, seed: int, limit: int | None) -> Dataset:
+    """The scenes, drawn at ``image_size`` with their boxes, masks and labels."""
+    from explainkit.data.scenes import make_scenes
+
+    return make_scenes(split, image_size=image_size, seed=seed, limit=limit)
 
 
 def load_folder_split(

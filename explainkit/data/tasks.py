@@ -1,0 +1,196 @@
+"""One representation of a split's task annotations, shared by every task dataset.
+
+A :class:`~explainkit.data.Dataset` holds what classification needs (``targets``, one class
+per image, and an optional binary object mask). Datasets that know more (the synthetic scenes,
+COCO and VOC folders, a multi-label CSV) also fill ``Dataset.annotations`` with
+:class:`Annotations`, in the dataset's own class indices ``0..K-1``:
+
+- detection: per image a :class:`Detection` of boxes ``(n, 4)`` float32 pixels
+  ``x0, y0, x1, y1`` (x1, y1 exclusive) and their classes ``(n,)`` int64;
+- instance masks: per image ``(n, H, W)`` uint8 of 0 and 1, one per box (optional);
+- segmentation: ``(N, H, W)`` uint8, 0 for background, ``c + 1`` for class ``c`` and
+  :data:`IGNORE` (255) for pixels not to be scored (VOC's "void" outlines);
+- multi-label: ``(N, K)`` uint8 multi-hot, given or derived from the boxes' classes.
+
+A segmentation task's classes are therefore ``["background", *classes]`` (:func:`task_classes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from explainkit.errors import DataError
+
+TASKS = ("classification", "multilabel", "segmentation", "detection")
+IGNORE = 255  # a segmentation pixel that is not scored
+BACKGROUND = "background"
+MAX_SEGMENTATION_CLASSES = 254  # ids 0..254 fit uint8 beside IGNORE
+
+
+@dataclass
+class Detection:
+    """One image's objects: boxes (n, 4) float32 x0, y0, x1, y1 in pixels, classes (n,)."""
+
+    boxes: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
+        self.labels = np.asarray(self.labels, np.int64).reshape(-1)
+        if len(self.boxes) != len(self.labels):
+            raise DataError(f"{len(self.boxes)} boxes but {len(self.labels)} box labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Annotations:
+    """A split's task annotations (any of them may be absent; see the module docstring)."""
+
+    detections: list[Detection] | None = None
+    instances: list[np.ndarray] | None = None
+    segmentation: np.ndarray | None = None
+    multi_hot: np.ndarray | None = None
+    num_classes: int = 0
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.multi_hot is None and self.detections is not None and self.num_classes:
+            self.multi_hot = multi_hot_of(self.detections, self.num_classes)
+
+    def supports(self, task: str) -> bool:
+        """Whether these annotations hold the ground truth ``task`` is trained on."""
+        return {
+            "classification": True,
+            "multilabel": self.multi_hot is not None,
+            "segmentation": self.segmentation is not None,
+            "detection": self.detections is not None,
+        }.get(task, False)
+
+    def take(self, limit: int) -> Annotations:
+        """The first ``limit`` images' annotations."""
+        return Annotations(
+            detections=None if self.detections is None else self.detections[:limit],
+            instances=None if self.instances is None else self.instances[:limit],
+            segmentation=None if self.segmentation is None else self.segmentation[:limit],
+            multi_hot=None if self.multi_hot is None else self.multi_hot[:limit],
+            num_classes=self.num_classes,
+            notes=dict(self.notes),
+        )
+
+    def check(self, n: int, shape: tuple[int, int], num_classes: int) -> None:
+        """Raise DataError unless every annotation has one entry per image of ``shape``."""
+        h, w = shape
+        if self.detections is not None:
+            if len(self.detections) != n:
+                raise DataError(f"{len(self.detections)} box lists for {n} images")
+            for det in self.detections:
+                if len(det) and (det.labels.min() < 0 or det.labels.max() >= num_classes):
+                    raise DataError(f"a box label outside 0..{num_classes - 1}")
+                if len(det) and not np.isfinite(det.boxes).all():
+                    raise DataError("a box with NaN or infinite coordinates")
+        if self.segmentation is not None:
+            seg = self.segmentation
+            if seg.shape != (n, h, w) or seg.dtype != np.uint8:
+                raise DataError(
+                    f"segmentation masks {seg.dtype} {seg.shape}, not uint8 {(n, h, w)}"
+                )
+            valid = seg[seg != IGNORE]
+            if valid.size and valid.max() > num_classes:
+                raise DataError(f"a segmentation class id above {num_classes} (its classes + 1)")
+        if self.multi_hot is not None and np.shape(self.multi_hot) != (n, num_classes):
+            raise DataError(
+                f"multi-hot labels of shape {np.shape(self.multi_hot)}, not {n, num_classes}"
+            )
+
+
+def multi_hot_of(detections: list[Detection], num_classes: int) -> np.ndarray:
+    """(N, K) uint8: 1 where an image holds at least one object of the class (labels
+    outside 0..K-1 are left for :meth:`Annotations.check` to refuse)."""
+    out = np.zeros((len(detections), num_classes), np.uint8)
+    for i, det in enumerate(detections):
+        out[i, det.labels[(det.labels >= 0) & (det.labels < num_classes)]] = 1
+    return out
+
+
+def semantic_of(instances: np.ndarray, labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """An image's segmentation (H, W) uint8 from its instance masks: later ones on top."""
+    seg = np.zeros(shape, np.uint8)
+    for mask, label in zip(instances, labels, strict=True):
+        seg[mask.astype(bool)] = label + 1
+    return seg
+
+
+def boxes_of(instances: np.ndarray) -> np.ndarray:
+    """(n, 4) float32 tight boxes around instance masks (x1, y1 exclusive)."""
+    out = np.zeros((len(instances), 4), np.float32)
+    for i, mask in enumerate(instances):
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            out[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return out
+
+
+def task_classes(task: str, classes: list[str]) -> list[str]:
+    """The classes a ``task`` model scores: a segmenter's have the background first."""
+    if task == "segmentation":
+        return [BACKGROUND, *classes]
+    return list(classes)
+
+
+def fit_box(boxes: np.ndarray, size: tuple[int, int], side: int) -> np.ndarray:
+    """Boxes of an image of ``size`` (H, W) moved as :func:`explainkit.data.fit_images` moves
+    its pixels (shorter side scaled to ``side``, centre cropped), clipped to the square."""
+    h, w = size
+    scale = side / min(h, w)
+    rw, rh = max(side, round(w * scale)), max(side, round(h * scale))
+    left, top = (rw - side) // 2, (rh - side) // 2
+    out = np.asarray(boxes, np.float32).reshape(-1, 4) * np.float32(scale)
+    out -= np.array([left, top, left, top], np.float32)
+    return np.clip(out, 0, side)
+
+
+def keep_visible(det: Detection, min_side: float = 1.0) -> Detection:
+    """The boxes still at least ``min_side`` pixels wide and high (after a crop)."""
+    b = det.boxes
+    keep = ((b[:, 2] - b[:, 0]) >= min_side) & ((b[:, 3] - b[:, 1]) >= min_side)
+    return Detection(b[keep], det.labels[keep])
+
+
+def fit_annotations(ann: Annotations, sizes: np.ndarray, side: int) -> Annotations:
+    """``ann`` for images resized to ``side`` squares as :func:`explainkit.data.fit_images`
+    resizes them (``sizes``: each image's (H, W) before)."""
+    from explainkit.data import fit_images
+
+    detections = None
+    if ann.detections is not None:
+        detections = [
+            keep_visible(Detection(fit_box(d.boxes, tuple(s), side), d.labels))
+            for d, s in zip(ann.detections, sizes, strict=True)
+        ]
+    segmentation = None
+    if ann.segmentation is not None:
+        segmentation = fit_images(ann.segmentation, side, nearest=True)
+    return Annotations(
+        detections=detections,
+        instances=None,  # instance masks are not kept through a resize
+        segmentation=segmentation,
+        multi_hot=ann.multi_hot,
+        num_classes=ann.num_classes,
+        notes=dict(ann.notes),
+    )
+
+
+def require_task(ann: Annotations | None, task: str, dataset: str) -> Annotations:
+    """``ann`` when it holds ``task``'s ground truth; DataError naming what would."""
+    if task == "classification":
+        return ann or Annotations()
+    if ann is None or not ann.supports(task):
+        raise DataError(
+            f"dataset {dataset!r} has no {task} annotations; use --dataset scenes, coco, voc "
+            "or multilabel-csv, or a dataset a plugin registers with them"
+        )
+    return ann
