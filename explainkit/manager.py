@@ -63,6 +63,7 @@ DEFAULT_PLUGINS = (
     "explainkit.plugins.model",
     "explainkit.plugins.default_models",
     "explainkit.plugins.default_datasets",
+    "explainkit.plugins.tasks_models",
 )
 
 # Where a plugin came from, as shown by ``explainkit plugins``.

@@ -18,6 +18,7 @@ A segmentation task's classes are therefore ``["background", *classes]`` (:func:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -194,3 +195,26 @@ def require_task(ann: Annotations | None, task: str, dataset: str) -> Annotation
             "or multilabel-csv, or a dataset a plugin registers with them"
         )
     return ann
+
+
+def store_truth(task: str, dataset: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """What a ``task`` store records of an evaluation split: its targets in the task's classes
+    (a segmenter's are shifted past the background) and its ground truth by dataset name
+    (explainkit.store.schema.TASKS)."""
+    targets = np.asarray(dataset.targets, np.int64)
+    if task == "classification":
+        return targets, {}
+    ann = require_task(dataset.annotations, task, dataset.name)
+    if task == "multilabel":
+        return targets, {"eval/labels": np.asarray(ann.multi_hot, np.uint8)}
+    if task == "segmentation":
+        return targets + 1, {"eval/segmentation": ann.segmentation}
+    dets = ann.detections or []
+    boxes = [d.boxes for d in dets]
+    return targets, {
+        "eval/box_counts": np.array([len(d) for d in dets], np.int64),
+        "eval/boxes": np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
+        "eval/box_labels": np.concatenate([d.labels for d in dets]).astype(np.int64)
+        if dets
+        else np.zeros(0, np.int64),
+    }
