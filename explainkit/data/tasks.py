@@ -218,3 +218,97 @@ def store_truth(task: str, dataset: Any) -> tuple[np.ndarray, dict[str, np.ndarr
         if dets
         else np.zeros(0, np.int64),
     }
+
+
+HOLDOUT = 0.2  # the share of a folder without its own evaluation split held out for it
+
+
+def holdout(names: list[str], split: str, seed: int) -> list[str]:
+    """The ``split`` part of ``names`` when a dataset has no split of its own: a seeded
+    :data:`HOLDOUT` (at least one) for evaluation, the rest for training; never overlapping."""
+    order = np.random.default_rng(seed).permutation(len(names))
+    held = np.zeros(len(names), bool)
+    held[order[: max(1, round(HOLDOUT * len(names)))]] = True
+    return [n for n, h in zip(names, held, strict=True) if h == (split == "eval")]
+
+
+@dataclass
+class Record:
+    """One image as a task dataset reads it, before resizing: pixels, objects, class mask."""
+
+    image: np.ndarray  # uint8 (H, W, 3)
+    path: str  # relative to the data folder
+    detection: Detection | None = None
+    segmentation: np.ndarray | None = None  # uint8 (H, W): 0 background, c + 1, 255 ignored
+    multi_hot: np.ndarray | None = None  # uint8 (K,)
+
+
+def assemble(records: list[Record], classes: list[str], size: int, name: str) -> Any:
+    """A :class:`~explainkit.data.Dataset` of ``records`` resized to ``size`` squares (the
+    shorter side scaled, the centre cropped), their boxes and masks moved with the pixels.
+
+    ``targets`` is each image's largest object's class (0 when it has none) and ``masks``
+    where any object is. Boxes, class masks or labels are kept when every record has them.
+    """
+    from explainkit.data import Dataset, fit_images
+
+    if not records:
+        raise DataError(f"the {name} dataset has no images in this split")
+    n = len(records)
+    images = np.empty((n, size, size, 3), np.uint8)
+    sizes = np.zeros((n, 2), np.int64)
+    segs = (
+        np.zeros((n, size, size), np.uint8)
+        if all(r.segmentation is not None for r in records)
+        else None
+    )
+    detections: list[Detection] | None = (
+        [] if all(r.detection is not None for r in records) else None
+    )
+    targets = np.zeros(n, np.int64)
+    for i, r in enumerate(records):
+        sizes[i] = r.image.shape[:2]
+        images[i] = fit_images(r.image[None], size)[0]
+        if segs is not None:
+            segs[i] = fit_images(r.segmentation[None], size, nearest=True)[0]
+        if detections is not None:
+            det = keep_visible(
+                Detection(fit_box(r.detection.boxes, tuple(sizes[i]), size), r.detection.labels)
+            )
+            detections.append(det)
+            if len(det):
+                areas = (det.boxes[:, 2] - det.boxes[:, 0]) * (det.boxes[:, 3] - det.boxes[:, 1])
+                targets[i] = det.labels[int(np.argmax(areas))]
+        elif segs is not None and (segs[i][segs[i] != IGNORE] > 0).any():
+            ids = segs[i][(segs[i] > 0) & (segs[i] != IGNORE)]
+            targets[i] = np.bincount(ids).argmax() - 1
+        elif r.multi_hot is not None and r.multi_hot.any():
+            targets[i] = int(np.argmax(r.multi_hot))
+    multi = None
+    if all(r.multi_hot is not None for r in records):
+        multi = np.stack([r.multi_hot for r in records]).astype(np.uint8)
+    masks = None if segs is None else ((segs > 0) & (segs != IGNORE)).astype(np.uint8)
+    return Dataset(
+        images=images,
+        targets=targets,
+        classes=list(classes),
+        index=np.arange(n, dtype=np.int64),
+        masks=masks,
+        sizes=sizes,
+        name=name,
+        paths=[r.path for r in records],
+        annotations=Annotations(
+            detections=detections, segmentation=segs, multi_hot=multi, num_classes=len(classes)
+        ),
+    )
+
+
+def read_rgb(path: Any) -> np.ndarray:
+    """An image file as uint8 (H, W, 3); DataError naming it when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DataError(f"cannot read the image {path}: {e}") from None
