@@ -64,8 +64,8 @@ DEFAULT_PLUGINS = (
     "explainkit.plugins.default_models",
     "explainkit.plugins.default_datasets",
     "explainkit.plugins.tasks_models",
-    "explainkit.plugins.tasks",
-    "explainkit.plugins.tasks_gallery",
+    "explainkit.plugins.task_metrics",
+    "explainkit.plugins.task_mistakes",
 )
 
 # Where a plugin came from, as shown by ``explainkit plugins``.
