@@ -265,7 +265,8 @@ def _run_section(summary: dict | None, raw: dict, why: str | None) -> dict[str, 
             ("epochs", f"{summary['epochs_done']} of {summary['epochs_planned']}"),
             (
                 "best",
-                f"epoch {summary['best_epoch']}: {_pct(summary['best_eval_acc'])} eval accuracy"
+                f"epoch {summary['best_epoch']}: {_pct(summary['best_eval_acc'])} "
+                f"{summary.get('eval_metric', 'eval accuracy')}"
                 if summary["best_epoch"] is not None
                 else None,
             ),
@@ -416,7 +417,8 @@ def render_report(run: str | os.PathLike[str], registries: Registries) -> str:
     config = (summary or {}).get("config") or raw.get("config") or {}
     subtitle = config.get("dataset", "")
     if summary and summary["best_eval_acc"] is not None:
-        subtitle += f" · best eval accuracy {_pct(summary['best_eval_acc'])}"
+        metric = summary.get("eval_metric", "eval accuracy")
+        subtitle += f" · best {metric} {_pct(summary['best_eval_acc'])}"
     return (
         environment()
         .get_template(TEMPLATE)
