@@ -110,3 +110,19 @@ def test_a_dataset_without_the_task_annotations_is_one_sentence(tmp_path):
         "--out", str(tmp_path / "run"),
     )  # fmt: skip
     assert_clean_failure(result, (1, 2), "has no detection annotations")
+
+
+def test_a_task_run_resumes_where_it_stopped(tmp_path):
+    """A killed or finished task run continues with --resume: its store keeps its epochs."""
+    from explainkit.train.tasks import train
+
+    out = tmp_path / "seg"
+    small = {**TASK_RUN, "limit_train": 16, "limit_eval": 4}
+    train(TrainConfig(task="segmentation", **small), registries(), out=out, quiet=True)
+    result = run_cli("train", "--resume", str(out), "--epochs", "2", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stderr and "mIoU" in result.stderr
+    with open_store(out) as store:
+        assert store.task == "segmentation" and store.committed == 2
+        assert store.history["epoch"].tolist() == [1, 2]
+        assert store.epoch_data("masks", 2).shape == (4, 32, 32)
