@@ -112,7 +112,12 @@ def load_coco(
                 if mask is not None:
                     seg[mask] = IGNORE
                 continue
-            x, y, bw, bh = (float(v) for v in ann["bbox"])
+            try:
+                x, y, bw, bh = (float(v) for v in ann["bbox"])
+            except (KeyError, TypeError, ValueError):
+                raise DataError(
+                    f"{path}: an annotation of image {name} has no numeric bbox"
+                ) from None
             boxes.append([x, y, x + bw, y + bh])
             labels.append(label)
             if mask is not None:

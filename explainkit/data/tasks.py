@@ -27,7 +27,6 @@ from explainkit.errors import DataError
 TASKS = ("classification", "multilabel", "segmentation", "detection")
 IGNORE = 255  # a segmentation pixel that is not scored
 BACKGROUND = "background"
-MAX_SEGMENTATION_CLASSES = 254  # ids 0..254 fit uint8 beside IGNORE
 
 
 @dataclass

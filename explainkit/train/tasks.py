@@ -32,13 +32,14 @@ import torch.nn.functional as F
 
 from explainkit.config import FIELDS, TrainConfig
 from explainkit.data.tasks import IGNORE, require_task, task_classes
-from explainkit.errors import ConfigError, TrainingDiverged, TrainingInterrupted
+from explainkit.errors import ConfigError, DataError, TrainingDiverged, TrainingInterrupted
 from explainkit.models.tasks import (
     detection_outputs,
     detection_targets,
     frozen_norm_losses,
 )
 from explainkit.registries import Registries
+from explainkit.store.schema import MAX_SEGMENTATION_CLASSES
 from explainkit.task_metrics import confusion, detection_map, mean_iou
 from explainkit.train import distributed as dist_utils
 from explainkit.train import trainer as classifier
@@ -88,6 +89,11 @@ class TaskTrainer(classifier.Trainer):
         evals = require_task(data.eval_data.annotations, task, self.config.dataset)
         self.truth = [_device_truth(task, a, device) for a in (train, evals)]
         data.classes = task_classes(task, data.classes)
+        if len(data.classes) > MAX_SEGMENTATION_CLASSES and task == "segmentation":
+            raise DataError(
+                f"a segmenter of {len(data.classes)} classes (the background included) is more "
+                f"than its store holds ({MAX_SEGMENTATION_CLASSES} class ids fit in uint8)"
+            )
         super()._build_model(weights, load_weights)
 
     @property
