@@ -165,3 +165,38 @@ def test_every_task_is_in_the_schema_docs():
         assert f"`{task}`" in text
         for field in (*spec.truth, *spec.epoch):
             assert f"`{field.name}`" in text, field.name
+
+
+def test_an_epoch_whose_counts_disagree_with_its_boxes_is_damage(tmp_path):
+    path = tmp_path / "p.h5"
+    _detection_store(path)
+    with h5py.File(epoch_file(path, 1), "r+") as f:
+        counts = f["box_counts"][()]
+        counts[0] += 1  # one box more than the table holds
+        del f["box_counts"]
+        f["box_counts"] = counts
+    with pytest.raises(
+        StoreError, match="damaged: the boxes of p.epochs/epoch_0001.h5 are .* detections"
+    ):
+        open_store(path)
+
+
+def test_a_segmentation_store_of_too_many_classes_is_refused(tmp_path):
+    seg = np.zeros((N, S, S), np.uint8)
+    with pytest.raises(ValueError, match="at most 255 classes"):
+        _create(tmp_path / "p.h5", "segmentation", {"eval/segmentation": seg}, classes=300)
+
+
+def test_a_thousand_label_store_stays_a_thousand_columns(tmp_path):
+    """Multi-label at scale: 1,000 labels are (N, 1000) tables, read and scored at once."""
+    from explainkit.task_metrics import label_scores
+
+    path = tmp_path / "p.h5"
+    k = 1000
+    rng = np.random.default_rng(0)
+    labels = (rng.random((N, k)) < 0.01).astype(np.uint8)
+    _create(path, "multilabel", {"eval/labels": labels}, classes=k)
+    append_epoch(path, rng.standard_normal((N, k)).astype(np.float32), history_row(1))
+    with open_store(path) as store:
+        scores = label_scores(store.logits(), store.truth("eval/labels"))
+        assert scores["f1"].shape == (k,) and 0 <= scores["macro_f1"] <= 1
