@@ -25,6 +25,9 @@ from explainkit.data import Dataset
 from explainkit.errors import PluginError
 from explainkit.manager import build_registries
 
+# The built-in datasets, in the order default_datasets registers them.
+BUILTIN_DATASETS = ("cifar10", "shapes", "scenes", "folder", "coco", "voc", "multilabel-csv")
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "explainkit-example-analyzer"
 HOOKS_MD = REPO / "docs" / "plugin-hooks.md"
@@ -452,7 +455,7 @@ def test_hook_register_datasets(pm):
         name="undo-data",
     )
     registries = build_registries(pm)
-    assert list(registries.datasets) == ["cifar10", "shapes", "folder", "ek_stripes"]
+    assert list(registries.datasets) == [*BUILTIN_DATASETS, "ek_stripes"]
     ds = load_dataset("ek_stripes", "train", image_size=16, seed=2, limit=6, registries=registries)
     # Kept the first 6, made 16-pixel squares (centre crop of the 20x30 images).
     assert ds.images.shape == (6, 16, 16, 3) and ds.sizes.tolist() == [[20, 30]] * 6
@@ -687,7 +690,7 @@ def test_plugins_command_lists_each_plugins_models_and_datasets(tmp_path):
     ]  # fmt: skip
     assert models[0]["default_layer"] == "layer4" and models[2]["family"] is True
     datasets = by_name["explainkit.plugins.default_datasets"]["datasets"]
-    assert [d["name"] for d in datasets] == ["cifar10", "shapes", "folder"]
+    assert [d["name"] for d in datasets] == list(BUILTIN_DATASETS)
     listed = runner.invoke(cli, ["plugins", "--all"]).stdout
     assert "  model torchvision:NAME: Every torchvision classification model" in listed
     assert "  dataset shapes: Synthetic shapes" in listed
