@@ -247,7 +247,8 @@ def assemble(records: list[Record], classes: list[str], size: int, name: str) ->
     shorter side scaled, the centre cropped), their boxes and masks moved with the pixels.
 
     ``targets`` is each image's largest object's class (0 when it has none) and ``masks``
-    where any object is. Boxes, class masks or labels are kept when every record has them.
+    where any object is. Boxes, class masks or labels are kept when every record has them;
+    without boxes or labels, a class mask's classes are the image's labels.
     """
     from explainkit.data import Dataset, fit_images
 
@@ -286,6 +287,11 @@ def assemble(records: list[Record], classes: list[str], size: int, name: str) ->
     multi = None
     if all(r.multi_hot is not None for r in records):
         multi = np.stack([r.multi_hot for r in records]).astype(np.uint8)
+    elif detections is None and segs is not None:  # the classes a class mask shows
+        multi = np.zeros((n, len(classes)), np.uint8)
+        for i, seg in enumerate(segs):
+            ids = np.unique(seg[(seg > 0) & (seg != IGNORE)]).astype(np.int64) - 1
+            multi[i, ids] = 1
     masks = None if segs is None else ((segs > 0) & (segs != IGNORE)).astype(np.uint8)
     return Dataset(
         images=images,
