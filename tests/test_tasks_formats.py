@@ -103,3 +103,14 @@ def test_a_detector_trains_on_a_coco_folder_by_the_cli(tmp_path, scenes):
         assert sum(len(b) for b, _ in store.boxes()) > 0
         assert store.has_paths and store.sources([0])[0].startswith("images/scene_")
     assert json.loads((out / "config.json").read_text())["data"]["dataset"] == "coco"
+
+
+def test_a_voc_folder_without_boxes_still_has_labels(tmp_path, scenes):
+    import shutil
+
+    write_voc(tmp_path, scenes)
+    shutil.rmtree(tmp_path / "Annotations")
+    ds = load_dataset("voc", "eval", tmp_path, image_size=32, registries=registries())
+    assert ds.annotations.detections is None and ds.annotations.supports("segmentation")
+    rows = [int(p.split("/")[-1].split(".")[0]) for p in ds.paths]
+    assert np.array_equal(ds.annotations.multi_hot, scenes.annotations.multi_hot[rows])
