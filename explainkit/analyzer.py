@@ -141,6 +141,9 @@ class Analyzer:
         options: Declared options, passed to ``run`` as keywords.
         needs: What the run must have: ``"store"``, ``"checkpoint"``, ``"masks"``.
         requires: Extra importable packages, e.g. ``("captum",)``.
+        tasks: The tasks of the runs it reads (the store's ``task``: ``classification``,
+            ``multilabel``, ``segmentation``, ``detection``); ``("*",)`` for any. A run of
+            another task skips it, saying why.
         order: Position in reports, lower first.
         shardable: Whether ``torchrun`` may share the eval images among processes: the
             analyzer then handles only its ``context.shard`` block
@@ -154,6 +157,7 @@ class Analyzer:
     options: ClassVar[tuple[Option, ...]] = ()
     needs: ClassVar[frozenset[str]] = frozenset({"store"})
     requires: ClassVar[tuple[str, ...]] = ()
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
     order: ClassVar[int] = 50
     shardable: ClassVar[bool] = False
 
@@ -197,6 +201,9 @@ def check_analyzer_class(cls: Any, plugin: str) -> None:
     needs = cls.needs
     if not isinstance(needs, frozenset | set | tuple) or not set(needs) <= set(NEEDS):
         raise PluginError(f"{what}: needs must be a set drawn from {', '.join(NEEDS)}")
+    tasks = cls.tasks
+    if not isinstance(tasks, tuple) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise PluginError(f"{what}: tasks must be a non-empty tuple of task names")
     requires = cls.requires
     if not isinstance(requires, tuple) or not all(isinstance(r, str) for r in requires):
         raise PluginError(f"{what}: requires must be a tuple of package names")

@@ -125,7 +125,7 @@ def train(
         out = resume
     else:
         config = resolve_config(values, explicit, config_file, registries)
-    from explainkit.train.trainer import train as run_training
+    from explainkit.train.tasks import train as run_training
 
     run_dir = run_training(
         config, registries, out=out, overwrite=overwrite, quiet=quiet, resume=bool(resume)

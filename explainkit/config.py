@@ -145,6 +145,12 @@ class TrainConfig(Options):
         "Recipe preset: default (best measured) or seed (the seed's plain recipe).",
         choices=tuple(PRESETS),
     )
+    task: str = _opt(
+        "classification",
+        "What the model learns: classification, multilabel, segmentation or detection (the "
+        "last three need a dataset with their annotations: scenes, coco, voc; docs/tasks.md).",
+        choices=("classification", "multilabel", "segmentation", "detection"),
+    )
     dataset: str = _opt(
         "cifar10",
         "Dataset to train on: cifar10, shapes, folder, or one a plugin registers "

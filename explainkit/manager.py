@@ -63,6 +63,9 @@ DEFAULT_PLUGINS = (
     "explainkit.plugins.model",
     "explainkit.plugins.default_models",
     "explainkit.plugins.default_datasets",
+    "explainkit.plugins.tasks_models",
+    "explainkit.plugins.task_metrics",
+    "explainkit.plugins.task_mistakes",
 )
 
 # Where a plugin came from, as shown by ``explainkit plugins``.

@@ -319,7 +319,8 @@ def _trained_facts(summary: dict, data: dict) -> list[tuple[str, Any]]:
         ("epochs", f"{summary['epochs_done']} of {summary['epochs_planned']}"),
         (
             "best",
-            f"epoch {summary['best_epoch']}: {_pct(summary['best_eval_acc'])} eval accuracy"
+            f"epoch {summary['best_epoch']}: {_pct(summary['best_eval_acc'])} "
+            f"{summary.get('eval_metric', 'eval accuracy')}"
             if summary["best_epoch"] is not None
             else None,
         ),
@@ -499,7 +500,8 @@ def render_report(run: str | os.PathLike[str], registries: Registries) -> str:
     subtitle = config.get("dataset", "")
     if summary and summary["best_eval_acc"] is not None:
         best = "" if summary["command"] == "evaluate" and summary["epochs_done"] == 1 else "best "
-        subtitle += f" · {best}eval accuracy {_pct(summary['best_eval_acc'])}"
+        metric = summary.get("eval_metric", "eval accuracy")
+        subtitle += f" · {best}{metric} {_pct(summary['best_eval_acc'])}"
     return (
         environment()
         .get_template(TEMPLATE)

@@ -9,6 +9,14 @@ from typing import Any
 from explainkit.registries import Registries
 from explainkit.rundir import RunDir
 
+# What the history's eval_acc is, by the run's task (docs/tasks.md).
+EVAL_METRICS = {
+    "classification": "eval accuracy",
+    "multilabel": "eval label accuracy",
+    "segmentation": "eval mean IoU",
+    "detection": "eval mAP@0.5",
+}
+
 
 def summarize_run(run: str | Path | RunDir, registries: Registries) -> dict[str, Any]:
     """Everything ``inspect`` prints, as plain data (also used by the report); last.pt is
@@ -59,6 +67,7 @@ def summarize_run(run: str | Path | RunDir, registries: Registries) -> dict[str,
         "epochs_planned": planned,
         "best_epoch": best,
         "best_eval_acc": best_acc,
+        "eval_metric": EVAL_METRICS.get(config.get("task", ""), "eval accuracy"),
         "seconds": float(history["seconds"].sum()) if epochs else 0.0,
         "checkpoints": named,
         "store": summary_store,
@@ -112,7 +121,8 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.insert(2, "written by   explainkit evaluate or RunWriter (not trained by explainkit)")
     if s["best_epoch"] is not None:
         lines.append(
-            f"best         epoch {s['best_epoch']}: {100 * s['best_eval_acc']:.2f}% eval acc"
+            f"best         epoch {s['best_epoch']}: {100 * s['best_eval_acc']:.2f}% "
+            f"{s.get('eval_metric', 'eval accuracy').replace('eval accuracy', 'eval acc')}"
         )
     lines.append(f"checkpoints  {', '.join(s['checkpoints']) or 'none'}")
     st = s["store"]

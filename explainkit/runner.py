@@ -160,6 +160,9 @@ def unmet_needs(cls: type[Analyzer], run: RunDir, store: Any | None, epoch: int)
     if "store" in cls.needs or "masks" in cls.needs:
         if store is None:
             reasons.append("a prediction store (predictions.h5), which this run lacks")
+    task = getattr(store, "task", "classification")
+    if store is not None and task not in cls.tasks and "*" not in cls.tasks:
+        reasons.append(f"a {' or '.join(cls.tasks)} run, and this run's task is {task}")
     if "masks" in cls.needs and store is not None and not store.has_masks:
         reasons.append("ground-truth masks, which this run's dataset has none of (use shapes)")
     if "checkpoint" in cls.needs:

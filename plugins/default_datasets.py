@@ -14,7 +14,16 @@ from explainkit import hookimpl
 from explainkit.data import Dataset, DatasetEntry
 from explainkit.errors import DataError
 
-__all__ = ["load_cifar10_split", "load_folder_split", "load_shapes_split", "register_datasets"]
+__all__ = [
+    "load_cifar10_split",
+    "load_coco_split",
+    "load_folder_split",
+    "load_multilabel_csv_split",
+    "load_voc_split",
+    "load_scenes_split",
+    "load_shapes_split",
+    "register_datasets",
+]
 
 
 @hookimpl
@@ -35,9 +44,37 @@ def register_datasets(register: Any) -> None:
     )
     register(
         DatasetEntry(
+            "scenes",
+            load_scenes_split,
+            summary="Synthetic scenes of several shapes with boxes, masks and labels (no files).",
+        )
+    )
+    register(
+        DatasetEntry(
             "folder",
             load_folder_split,
             summary="Any ImageFolder tree in --data-dir (one subfolder per class).",
+        )
+    )
+    register(
+        DatasetEntry(
+            "coco",
+            load_coco_split,
+            summary="A COCO folder in --data-dir: images/ and an instances JSON (boxes, masks).",
+        )
+    )
+    register(
+        DatasetEntry(
+            "voc",
+            load_voc_split,
+            summary="A VOC folder in --data-dir: JPEGImages/, SegmentationClass/, Annotations/.",
+        )
+    )
+    register(
+        DatasetEntry(
+            "multilabel-csv",
+            load_multilabel_csv_split,
+            summary="Images with several labels each, listed in --data-dir/labels.csv.",
         )
     )
 
@@ -56,6 +93,13 @@ def load_shapes_split(split: str, image_size: int, seed: int, limit: int | None)
     return make_shapes(split, image_size=image_size, seed=seed, limit=limit)
 
 
+def load_scenes_split(split: str, image_size: int, seed: int, limit: int | None) -> Dataset:
+    """The scenes, drawn at ``image_size`` with their boxes, masks and labels."""
+    from explainkit.data.scenes import make_scenes
+
+    return make_scenes(split, image_size=image_size, seed=seed, limit=limit)
+
+
 def load_folder_split(
     split: str, data_dir: str | None, image_size: int, seed: int, limit: int | None
 ) -> Dataset:
@@ -65,3 +109,38 @@ def load_folder_split(
     if data_dir is None:
         raise DataError("the folder dataset needs --data-dir pointing at an ImageFolder tree")
     return load_folder(split, data_dir, image_size=image_size, seed=seed, limit=limit)
+
+
+def _task_folder(name: str, data_dir: str | None) -> str:
+    if data_dir is None:
+        raise DataError(f"the {name} dataset needs --data-dir pointing at its folder")
+    return data_dir
+
+
+def load_coco_split(
+    split: str, data_dir: str | None, image_size: int, seed: int, limit: int | None
+) -> Dataset:
+    """A COCO folder's split with boxes and class masks (pycocotools reads the JSON)."""
+    from explainkit.data.coco import load_coco
+
+    return load_coco(split, _task_folder("coco", data_dir), image_size, seed, limit)
+
+
+def load_voc_split(
+    split: str, data_dir: str | None, image_size: int, seed: int, limit: int | None
+) -> Dataset:
+    """A VOC folder's split with class masks and boxes where present."""
+    from explainkit.data.voc import load_voc
+
+    return load_voc(split, _task_folder("voc", data_dir), image_size, seed, limit)
+
+
+def load_multilabel_csv_split(
+    split: str, data_dir: str | None, image_size: int, seed: int, limit: int | None
+) -> Dataset:
+    """The images of a labels.csv with their multi-hot labels."""
+    from explainkit.data.multilabel_csv import load_multilabel_csv
+
+    return load_multilabel_csv(
+        split, _task_folder("multilabel-csv", data_dir), image_size, seed, limit
+    )

@@ -345,3 +345,68 @@ def synthetic_explorer_run(
                 b = min(batch, n - start)
                 ds[start : start + b] = blocks(rng.random((b, grid, grid)).astype(np.float16))
     return path
+
+
+# -- task datasets on disk (issue 27): COCO, VOC and multi-label CSV folders made from scenes ---
+
+
+def write_coco(folder: Path, ds, fmt: str = "png") -> Path:
+    """``ds`` (a scenes split) as a COCO folder: images/ and instances.json with boxes and RLE
+    instance masks, written with pycocotools' own encoder."""
+    import json
+
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i, image in enumerate(ds.images):
+        name = f"scene_{i:03d}.{fmt}"
+        Image.fromarray(image).save(folder / "images" / name)
+        h, w = image.shape[:2]
+        images.append({"id": 100 + i, "file_name": name, "height": h, "width": w})
+        det = ds.annotations.detections[i]
+        for box, label, inst in zip(
+            det.boxes, det.labels, ds.annotations.instances[i], strict=True
+        ):
+            rle = mask_utils.encode(np.asfortranarray(inst.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            x0, y0, x1, y1 = (float(v) for v in box)
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": 100 + i, "category_id": 10 + int(label),
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(inst.sum()),
+                "iscrowd": 0, "segmentation": rle,
+            })  # fmt: skip
+    categories = [{"id": 10 + c, "name": name} for c, name in enumerate(ds.classes)]
+    doc = {"images": images, "annotations": annotations, "categories": categories}
+    (folder / "instances.json").write_text(json.dumps(doc))
+    return folder
+
+
+def write_voc(folder: Path, ds, names: list[str] | None = None) -> Path:
+    """``ds`` (a scenes split) as a VOC folder: JPEGImages/, SegmentationClass/ index PNGs,
+    Annotations/ XML with 1-based inclusive corners, and classes.txt."""
+    from PIL import Image
+
+    for sub in ("JPEGImages", "SegmentationClass", "Annotations"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "classes.txt").write_text("\n".join(ds.classes) + "\n")
+    palette = [0] * 768
+    for c in range(1, 256):
+        palette[3 * c : 3 * c + 3] = [(37 * c) % 256, (91 * c) % 256, (53 * c) % 256]
+    names = names or [f"{i:06d}" for i in range(len(ds))]
+    for i, name in enumerate(names):
+        Image.fromarray(ds.images[i]).save(folder / "JPEGImages" / f"{name}.jpg", quality=95)
+        seg = Image.fromarray(ds.annotations.segmentation[i], mode="P")
+        seg.putpalette(palette)
+        seg.save(folder / "SegmentationClass" / f"{name}.png")
+        det = ds.annotations.detections[i]
+        objects = "".join(
+            f"<object><name>{ds.classes[label]}</name><bndbox><xmin>{int(b[0]) + 1}</xmin>"
+            f"<ymin>{int(b[1]) + 1}</ymin><xmax>{int(b[2])}</xmax><ymax>{int(b[3])}</ymax>"
+            "</bndbox></object>"
+            for b, label in zip(det.boxes, det.labels, strict=True)
+        )
+        xml = f"<annotation><filename>{name}.jpg</filename>{objects}</annotation>"
+        (folder / "Annotations" / f"{name}.xml").write_text(xml)
+    return folder

@@ -349,7 +349,7 @@ def test_fixed_size_datasets_record_their_one_original_size():
 
 
 def test_load_dataset_rejects_unknown_names(tmp_path):
-    assert DATASETS == ("cifar10", "shapes", "folder")
+    assert DATASETS == ("cifar10", "shapes", "scenes", "folder")
     with pytest.raises(DataError, match="cifar10"):
         load_dataset("mnist", "train", registries=registries())
     with pytest.raises(DataError, match="split"):

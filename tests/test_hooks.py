@@ -17,6 +17,9 @@ from explainkit.errors import PluginError
 from explainkit.manager import build_registries
 from tests.helpers import AnalyzersPlugin, make_analyzer
 
+# The built-in datasets, in the order default_datasets registers them.
+BUILTIN_DATASETS = ("cifar10", "shapes", "scenes", "folder", "coco", "voc", "multilabel-csv")
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "explainkit-example-analyzer"
 HOOKS_MD = REPO / "docs" / "plugin-hooks.md"
@@ -219,7 +222,7 @@ def test_hook_register_datasets(pm):
         name="undo-data",
     )
     registries = build_registries(pm)
-    assert list(registries.datasets) == ["cifar10", "shapes", "folder", "ek_stripes"]
+    assert list(registries.datasets) == [*BUILTIN_DATASETS, "ek_stripes"]
     ds = load_dataset("ek_stripes", "train", image_size=16, seed=2, limit=6, registries=registries)
     # Kept the first 6, made 16-pixel squares (centre crop of the 20x30 images).
     assert ds.images.shape == (6, 16, 16, 3) and ds.sizes.tolist() == [[20, 30]] * 6

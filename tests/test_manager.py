@@ -21,6 +21,9 @@ from explainkit.cli import cli
 from explainkit.errors import PluginError
 from tests.helpers import AnalyzersPlugin, make_analyzer, run_installed_cli
 
+# The built-in datasets, in the order default_datasets registers them.
+BUILTIN_DATASETS = ("cifar10", "shapes", "scenes", "folder", "coco", "voc", "multilabel-csv")
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "explainkit-example-analyzer"
 HOOKS_MD = REPO / "docs" / "plugin-hooks.md"
@@ -341,7 +344,7 @@ def test_plugins_command_lists_each_plugins_models_and_datasets(tmp_path):
     ]  # fmt: skip
     assert models[0]["default_layer"] == "layer4" and models[2]["family"] is True
     datasets = by_name["explainkit.plugins.default_datasets"]["datasets"]
-    assert [d["name"] for d in datasets] == ["cifar10", "shapes", "folder"]
+    assert [d["name"] for d in datasets] == list(BUILTIN_DATASETS)
     listed = runner.invoke(cli, ["plugins", "--all"]).stdout
     assert "  model torchvision:NAME: Every torchvision classification model" in listed
     assert "  dataset shapes: Synthetic shapes" in listed

@@ -32,10 +32,11 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
     from explainkit.data.lazy import LazyImages
+    from explainkit.data.tasks import Annotations
     from explainkit.registries import Registries
 
 # explainkit's own datasets, in the order the built-in plugin registers them.
-DATASETS = ("cifar10", "shapes", "folder")
+DATASETS = ("cifar10", "shapes", "scenes", "folder")
 SPLITS = ("train", "eval")
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -54,6 +55,7 @@ class Dataset:
     sizes: np.ndarray | None = None  # int64 (N,2) original (H,W) of each image, before resizing
     name: str = ""
     paths: list[str] | None = None  # source file of each image, relative to the data folder
+    annotations: Annotations | None = None  # boxes, class masks, labels (data/tasks.py)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -80,6 +82,7 @@ class Dataset:
             sizes=None if self.sizes is None else self.sizes[:limit],
             name=self.name,
             paths=None if self.paths is None else self.paths[:limit],
+            annotations=None if self.annotations is None else self.annotations.take(limit),
         )
 
 
@@ -175,6 +178,11 @@ def _checked(ds: Any, name: str, plugin: str) -> Dataset:
         raise bad(f"targets outside 0..{len(ds.classes) - 1} (its {len(ds.classes)} classes)")
     if ds.masks is not None and np.shape(ds.masks) != images.shape[:3]:
         raise bad(f"masks of shape {np.shape(ds.masks)}, not {images.shape[:3]}")
+    if ds.annotations is not None:
+        try:
+            ds.annotations.check(n, images.shape[1:3], len(ds.classes))
+        except DataError as e:
+            raise bad(f"annotations that do not fit its images: {e}") from None
     if not ds.name:
         ds.name = name
     return ds
@@ -200,6 +208,10 @@ def _fit(ds: Dataset, size: int) -> Dataset:
     ds.images = images.resized(size) if is_lazy(images) else fit_images(images, size)
     if ds.masks is not None:
         ds.masks = fit_images(ds.masks, size, nearest=True)
+    if ds.annotations is not None:
+        from explainkit.data.tasks import fit_annotations
+
+        ds.annotations = fit_annotations(ds.annotations, ds.sizes, size)
     return ds
 
 

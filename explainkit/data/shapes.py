@@ -27,7 +27,7 @@ SIZES = {"train": 5000, "eval": 1000}
 _SPLIT_KEY = {"train": 0, "eval": 1}
 
 
-def _outline(label: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def outline(label: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Boolean mask of class `label` in object coordinates (u, v), roughly within [-1, 1]."""
     au, av = np.abs(u), np.abs(v)
     rho = np.hypot(u, v)
@@ -98,7 +98,7 @@ def make_shapes(
     for label in range(len(CLASSES)):
         sel = np.flatnonzero(labels == label)
         if len(sel):
-            masks[sel] = _outline(label, u[sel], v[sel])
+            masks[sel] = outline(label, u[sel], v[sel])
 
     # Background: base colour plus a random low-frequency wave (texture), then pixel noise.
     fx, fy, phase, amp = (wave[:, i, None, None].astype(np.float32) for i in range(4))

@@ -9,7 +9,9 @@ import numpy as np
 
 from explainkit.errors import StoreError
 from explainkit.rundir import RunDir
-from explainkit.store.schema import CHUNK_BYTES, HISTORY_COLUMNS
+from explainkit.store.history import recorded
+from explainkit.store.schema import CHUNK_BYTES, HISTORY_COLUMNS, TASKS, optional_history
+from explainkit.store.tasks import split_ragged, value_problem
 from explainkit.store.validate import (
     DAMAGE_ERRORS,
     Layout,
@@ -18,7 +20,6 @@ from explainkit.store.validate import (
     damaged,
     open_validated,
     read_dataset,
-    recorded,
 )
 
 
@@ -79,8 +80,12 @@ class StoreReader:
         An optional column (``OPTIONAL_HISTORY_COLUMNS``) is left out when its writer did not
         record it.
         """
-        rows = self._layout.history
-        return {name: np.array(rows[name]) for name, _ in HISTORY_COLUMNS if recorded(rows, name)}
+        rows, optional = self._layout.history, optional_history(self.task)
+        return {
+            name: np.array(rows[name])
+            for name, _ in HISTORY_COLUMNS
+            if recorded(rows, name, optional)
+        }
 
     @property
     def best_epoch(self) -> int | None:
@@ -215,16 +220,65 @@ class StoreReader:
         Checked to be finite here, not when the store opens: the check costs what the read
         costs, and a damaged epoch fails only the analyzers that read it.
         """
+        if not any(spec.name == "logits" for spec in TASKS[self.task].epoch):
+            raise StoreError(
+                f"{self.path} is a {self.task} store: it records no logits; read its "
+                f"{', '.join(spec.name for spec in TASKS[self.task].epoch)} with epoch_data"
+            )
+        return self.epoch_data("logits", epoch).astype(np.float32, copy=False)
+
+    def epoch_data(self, name: str, epoch: int | None = None, selection: Any = ()) -> np.ndarray:
+        """Dataset ``name`` of an epoch (default: the last committed one), its values checked
+        (schema.TASKS: class ids in range, scores in [0, 1], finite boxes...)."""
         row = self._epoch_row(epoch)
+        spec = next((s for s in TASKS[self.task].epoch if s.name == name), None)
+        if spec is None:
+            raise StoreError(f"a {self.task} store's epochs hold no {name!r}")
         f = self._epochs[row]
         try:
-            ds = f["logits"]
+            ds = f[name]
         except DAMAGE_ERRORS as e:
-            raise corrupt(Path(f.filename), "logits", e) from e
-        data = read_dataset(ds, Path(f.filename)).astype(np.float32, copy=False)
-        if not np.isfinite(data).all():
-            raise damaged(self.path, f"the logits of epoch {row + 1} hold NaN or infinity")
+            raise corrupt(Path(f.filename), name, e) from e
+        data = read_dataset(ds, Path(f.filename), selection)
+        problem = value_problem(spec, data, len(self.classes))
+        if problem and spec.check == "finite":
+            problem = f"the {name} of epoch {row + 1} hold NaN or infinity"
+        elif problem:
+            problem = f"in epoch {row + 1}, {problem}"
+        if problem:
+            raise damaged(self.path, problem)
         return data
+
+    def truth(self, name: str, selection: Any = ()) -> np.ndarray:
+        """Ground-truth dataset ``name`` of a task store (``eval/labels``, ``eval/boxes``...),
+        its values checked."""
+        spec = next((s for s in TASKS[self.task].truth if s.name == name), None)
+        if spec is None:
+            raise StoreError(f"a {self.task} store holds no ground truth {name!r}")
+        data = self._read(name, selection)
+        problem = value_problem(spec, data, len(self.classes))
+        if problem:
+            raise damaged(self.path, problem)
+        return data
+
+    def scores(self, epoch: int | None = None) -> np.ndarray:
+        """float32 (N, classes) per-class scores of an epoch: a classifier's or multi-label
+        model's logits, a segmenter's share of each class; a detection store has none."""
+        name = TASKS[self.task].scores
+        if not name:
+            raise StoreError(f"{self.path} is a {self.task} store: it records no per-image scores")
+        return self.epoch_data(name, epoch).astype(np.float32, copy=False)
+
+    def boxes(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A detection store's ground truth: per image its (boxes (n, 4), labels (n,))."""
+        counts = self.truth("eval/box_counts")
+        return split_ragged(counts, self.truth("eval/boxes"), self.truth("eval/box_labels"))
+
+    def detections(self, epoch: int | None = None) -> list[tuple[np.ndarray, ...]]:
+        """A detection store's epoch: per image its (boxes (n, 4), scores (n,), labels (n,))."""
+        counts = self.epoch_data("box_counts", epoch)
+        tables = [self.epoch_data(n, epoch) for n in ("boxes", "box_scores", "box_labels")]
+        return split_ragged(counts, *tables)
 
     def predictions(self, epoch: int | None = None) -> np.ndarray:
         """The run's recorded prediction of each eval image: what every analyzer calls
@@ -252,8 +306,11 @@ class StoreReader:
         if self.has_paths:
             self._paths = None
             self._source_paths()
+        for name in (spec.name for spec in TASKS[self.task].truth[1:]):
+            self.truth(name)
         for epoch in self.epochs:
-            self.logits(epoch)
+            for spec in TASKS[self.task].epoch:
+                self.epoch_data(spec.name, epoch)
 
     def close(self) -> None:
         close_all(self._epochs)

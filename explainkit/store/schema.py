@@ -55,19 +55,24 @@ EVAL_WEIGHTS = ("trained", "ema")
 
 # -- datasets ----------------------------------------------------------------------------------
 
-# The dimensions a message spells out ("for 20 images and 3 classes").
-COUNTED = {"N": "images", "K": "classes"}
+# The dimensions a message spells out ("for 20 images and 3 classes"). G and D are ragged:
+# the sum of a counts dataset (Task.counts), the boxes of the ground truth and of an epoch.
+COUNTED = {"N": "images", "K": "classes", "G": "ground-truth boxes", "D": "detections"}
+MAX_SEGMENTATION_CLASSES = 255  # a class id is uint8; the truth's 255 means "not scored"
+IGNORE = 255
 
 
 @dataclass(frozen=True)
 class Field:
     """One dataset: what the writer stores and what a reader accepts.
 
-    ``shape`` is written in N images of H x W x C pixels and K classes (a number is a fixed
-    size); ``kinds`` are the numpy dtype kinds a reader accepts (default: that of ``dtype``);
-    ``what`` names the values in messages; ``check`` names a check of the values (validate.py:
-    ``class`` 0..K-1, ``position`` >= 0, ``size`` >= 1 at open; ``binary`` 0 or 1,
-    ``finite``, ``text`` UTF-8 when read).
+    ``shape`` is written in N images of H x W x C pixels, K classes and the ragged G and D
+    (a number is a fixed size); ``kinds`` are the numpy dtype kinds a reader accepts
+    (default: that of ``dtype``); ``what`` names the values in messages; ``check`` names a
+    check of the values: ``class`` 0..K-1, ``position`` >= 0, ``size`` >= 1, ``count`` >= 0
+    at open; ``binary`` 0 or 1, ``finite``, ``text`` UTF-8, ``pixel`` a class id 0..K-1,
+    ``truthpixel`` one or 255, ``unit`` a finite value in [0, 1], ``box`` finite corners
+    x0 <= x1, y0 <= y1 when read (validate.py, store/tasks.py).
     """
 
     name: str
@@ -85,10 +90,17 @@ class Field:
 
 @dataclass(frozen=True)
 class Task:
-    """What a task adds to the store: its ground truth in the head, its per-epoch results."""
+    """What a task adds to the store: its ground truth in the head, its per-epoch results.
+
+    ``counts`` names, for a ragged dimension (G, D), the (N,) dataset of per-image counts
+    whose sum it is; ``history`` the history columns this task may leave unrecorded.
+    """
 
     truth: tuple[Field, ...]  # eval/*: written once, with the images
     epoch: tuple[Field, ...]  # one set per epoch file, besides its history row
+    counts: tuple[tuple[str, str], ...] = ()
+    optional_history: tuple[str, ...] = ()
+    scores: str = "logits"  # the epoch dataset of per-class scores (N, K), if any
 
 
 IMAGES = Field("eval/images", "u1", ("N", "H", "W", "C"), "uint8 images")
@@ -108,10 +120,48 @@ SPLIT = (
     Field("eval/paths", "S", ("N",), "UTF-8 strings", check="text", optional=True),
     Field("eval/sizes", "i4", ("N", 2), "integers", kinds="iu", check="size", optional=True),
 )
+TARGETS = Field("eval/targets", "i8", ("N",), "integers", kinds="iu", check="class")
+LOGITS = Field("logits", "f4", ("N", "K"), "floats", check="finite")
 TASKS = {
-    "classification": Task(
-        truth=(Field("eval/targets", "i8", ("N",), "integers", kinds="iu", check="class"),),
-        epoch=(Field("logits", "f4", ("N", "K"), "floats", check="finite"),),
+    "classification": Task(truth=(TARGETS,), epoch=(LOGITS,)),
+    # Multi-label: each class scored on its own (a sigmoid), against multi-hot labels.
+    "multilabel": Task(
+        truth=(TARGETS, Field("eval/labels", "u1", ("N", "K"), "uint8 0/1", check="binary")),
+        epoch=(LOGITS,),
+    ),
+    # Segmentation: a class id per pixel (class 0 is the background), and per image the
+    # share of its pixels' probability each class holds.
+    "segmentation": Task(
+        truth=(
+            TARGETS,
+            Field(
+                "eval/segmentation", "u1", ("N", "H", "W"), "uint8 class ids", check="truthpixel"
+            ),
+        ),
+        epoch=(
+            Field("masks", "u1", ("N", "H", "W"), "uint8 class ids", check="pixel"),
+            Field("scores", "f4", ("N", "K"), "floats", check="unit"),
+        ),
+        scores="scores",
+    ),
+    # Detection: ragged boxes, all images' in one (G, 4) or (D, 4) table in image order; the
+    # counts say how many are each image's. A detector has no training accuracy.
+    "detection": Task(
+        truth=(
+            TARGETS,
+            Field("eval/box_counts", "i8", ("N",), "integers", kinds="iu", check="count"),
+            Field("eval/boxes", "f4", ("G", 4), "floats", kinds="f", check="box"),
+            Field("eval/box_labels", "i8", ("G",), "integers", kinds="iu", check="class"),
+        ),
+        epoch=(
+            Field("box_counts", "i8", ("N",), "integers", kinds="iu", check="count"),
+            Field("boxes", "f4", ("D", 4), "floats", kinds="f", check="box"),
+            Field("box_scores", "f4", ("D",), "floats", kinds="f", check="unit"),
+            Field("box_labels", "i8", ("D",), "integers", kinds="iu", check="class"),
+        ),
+        counts=(("G", "eval/box_counts"), ("D", "box_counts")),
+        optional_history=("train_acc",),
+        scores="",
     ),
 }
 
@@ -123,6 +173,11 @@ def head_fields(task: str = DEFAULT_TASK) -> tuple[Field, ...]:
 
 def epoch_fields(task: str = DEFAULT_TASK) -> tuple[Field, ...]:
     return TASKS[task].epoch
+
+
+def optional_history(task: str = DEFAULT_TASK) -> tuple[str, ...]:
+    """The history columns a ``task`` store may leave unrecorded (NaN)."""
+    return (*OPTIONAL_HISTORY_COLUMNS, *TASKS[task].optional_history)
 
 
 def shape_text(shape: tuple[str | int, ...]) -> str:

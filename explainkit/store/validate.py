@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from explainkit.errors import StoreError, first_line
+from explainkit.store.history import Damage, check_history, check_history_table
 from explainkit.store.schema import (
     COUNTED,
     DEFAULT_TASK,
@@ -29,7 +30,7 @@ from explainkit.store.schema import (
     HISTORY_COLUMNS,
     HISTORY_DTYPE,
     IMAGES,
-    OPTIONAL_HISTORY_COLUMNS,
+    MAX_SEGMENTATION_CLASSES,
     REQUIRED_ATTRIBUTES,
     SCHEMA_VERSION,
     TASKS,
@@ -40,6 +41,7 @@ from explainkit.store.schema import (
     epoch_name,
     epochs_folder,
     head_fields,
+    optional_history,
 )
 
 REMEDY = "restore it from a backup or train the run again"
@@ -56,11 +58,7 @@ DAMAGE_ERRORS = (
     MemoryError,
 )
 # Value checks (schema.Field.check) done when the store opens: a few bytes per image.
-OPEN_CHECKS = ("class", "position", "size")
-
-
-class Damage(Exception):
-    """What is wrong with a store that is ours, as a phrase; becomes one StoreError sentence."""
+OPEN_CHECKS = ("class", "position", "size", "count")
 
 
 def damaged(path: Path, detail: str) -> StoreError:
@@ -266,6 +264,31 @@ def _check_values(spec: Field, values: np.ndarray, dims: dict[str, int]) -> None
         raise Damage(f"{spec.name} holds a negative position")
     if spec.check == "size" and values.min() < 1:
         raise Damage(f"{spec.name} holds a size below 1 pixel")
+    if spec.check == "count" and values.min() < 0:
+        raise Damage(f"{spec.name} holds a negative count")
+
+
+def check_fields(
+    group: Any, specs: tuple[Field, ...], dims: dict[str, int], task: str, label: str, path: Path
+) -> dict[str, np.ndarray]:
+    """Check ``specs`` in ``group`` (type, shape, the open checks); returns what was read.
+
+    A ragged dimension (G, D) is set in ``dims`` from its counts dataset, which comes before
+    the datasets shaped by it. ``label`` formats the complaint's start from a dataset's name.
+    """
+    counted = {name: dim for dim, name in TASKS[task].counts}
+    arrays = {}
+    for spec in specs:
+        if spec.name not in group:
+            continue
+        check_field(group[spec.name], spec, dims, label.format(spec.name))
+        if spec.check in OPEN_CHECKS:
+            arrays[spec.name] = read_dataset(group[spec.name], path).astype(np.int64)
+            if arrays[spec.name].size:
+                _check_values(spec, arrays[spec.name], dims)
+        if spec.name in counted:
+            dims[counted[spec.name]] = int(arrays[spec.name].sum())
+    return arrays
 
 
 def _image_dims(images: h5py.Dataset) -> dict[str, int]:
@@ -338,14 +361,9 @@ def inspect_head(f: h5py.File, path: Path) -> Layout:
             raise Damage(f"{name} is not a dataset")
     dims = _image_dims(found[IMAGES.name])
     attrs, mean, std = _check_attributes(raw, dims)
-    for spec in specs[1:]:
-        if spec.name in found:
-            check_field(found[spec.name], spec, dims, f"{spec.name} is")
-    arrays = {}
-    for spec in specs:
-        if spec.check in OPEN_CHECKS and spec.name in found:
-            arrays[spec.name] = read_dataset(found[spec.name], path).astype(np.int64)
-            _check_values(spec, arrays[spec.name], dims)
+    if task == "segmentation" and dims["K"] > MAX_SEGMENTATION_CLASSES:
+        raise Damage(f"a segmentation store has at most {MAX_SEGMENTATION_CLASSES} classes")
+    arrays = check_fields(f, specs[1:], dims, task, "{} is", path)
     return Layout(
         attrs=attrs,
         version=version,
@@ -357,58 +375,6 @@ def inspect_head(f: h5py.File, path: Path) -> Layout:
         datasets=set(found),
         arrays=arrays,
     )
-
-
-# -- the history -------------------------------------------------------------------------------
-
-
-def recorded(rows: np.ndarray, name: str) -> bool:
-    """Whether the history ``rows`` hold column ``name`` (an optional one may be absent or
-    all NaN, which means not recorded)."""
-    if name not in (rows.dtype.names or ()):
-        return False
-    if name in OPTIONAL_HISTORY_COLUMNS and len(rows):
-        return not np.isnan(rows[name].astype(np.float64)).all()
-    return True
-
-
-def _check_history(rows: np.ndarray, first: int, where: str = "the history") -> None:
-    """The ``rows`` of epochs ``first``, ``first + 1``, ...: numbered so, finite, >= 0.
-
-    An optional column (``OPTIONAL_HISTORY_COLUMNS``) may be absent, or NaN in every row (not
-    recorded); NaN in some rows only is damage.
-    """
-    names = rows.dtype.names or ()
-    expected = np.arange(first, first + len(rows))
-    if not np.array_equal(rows["epoch"], expected):
-        shown = ", ".join(f"{v:g}" for v in rows["epoch"][:5].astype(np.float64))
-        span = f"{first}..{first + len(rows) - 1}" if len(rows) != 1 else str(first)
-        raise Damage(f"{where}'s epoch column is [{shown}], not {span}")
-    for name, _ in HISTORY_COLUMNS[1:]:
-        if name not in names:
-            continue  # an optional column this table does not have
-        column = rows[name].astype(np.float64)
-        if name in OPTIONAL_HISTORY_COLUMNS and column.size and np.isnan(column).all():
-            continue  # not recorded by the writer
-        if not np.isfinite(column).all():
-            raise Damage(f"{where}'s {name} column holds NaN or infinity")
-        if (column < 0).any():
-            raise Damage(f"{where}'s {name} column holds a negative value")
-
-
-def _check_history_table(history: h5py.Dataset, length: int, what: str) -> None:
-    """``history`` must be a 1-D table of ``length`` rows with the numeric columns."""
-    names = history.dtype.names or ()
-    if (
-        history.ndim != 1
-        or history.shape != (length,)
-        or any(
-            (name not in names and name not in OPTIONAL_HISTORY_COLUMNS)
-            or (name in names and history.dtype[name].kind not in "iuf")
-            for name, _ in HISTORY_COLUMNS
-        )
-    ):
-        raise Damage(f"{what} lacks its numeric columns")
 
 
 # -- epoch files -------------------------------------------------------------------------------
@@ -494,15 +460,16 @@ def _check_epoch_file(
     for dataset in (*(spec.name for spec in specs), "history"):
         if not isinstance(f[dataset], h5py.Dataset):
             raise Damage(f"the {dataset} of {name} is not a dataset")
-    for spec in specs:
-        check_field(f[spec.name], spec, layout.dims, f"the {spec.name} of {name} are")
-    _check_history_table(f["history"], 1, f"the history of {name}")
+    optional = optional_history(layout.task)
+    dims = dict(layout.dims)
+    check_fields(f, specs, dims, layout.task, f"the {{}} of {name} are", where)
+    check_history_table(f["history"], 1, f"the history of {name}", optional)
     stored = read_dataset(f["history"], where)
     row = blank_row()
     for column, _ in HISTORY_COLUMNS:
         if column in (stored.dtype.names or ()):
             row[column] = stored[column]
-    _check_history(row, epoch, f"the history of {name}")
+    check_history(row, epoch, f"the history of {name}", optional)
     return row
 
 
@@ -516,7 +483,7 @@ def inspect_epochs(path: Path, layout: Layout, epochs: list[int]) -> Layout:
             layout.epochs.append(_open_epoch(path, epoch))
             rows.append(_inspect_epoch(layout.epochs[-1], path, layout, epoch))
         history = np.concatenate(rows) if rows else np.zeros(0, HISTORY_DTYPE)
-        _check_history(history, epochs[0] if epochs else 1)
+        check_history(history, epochs[0] if epochs else 1, optional=optional_history(layout.task))
     except BaseException:
         close_all(layout.epochs)
         raise

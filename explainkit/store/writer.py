@@ -28,6 +28,7 @@ from explainkit import __version__
 from explainkit.atomic import fsync_dir, write_atomic
 from explainkit.errors import StoreError
 from explainkit.h5files import H5Writer
+from explainkit.store.history import recorded
 from explainkit.store.schema import (
     CHUNK_BYTES,
     COMPRESSION,
@@ -39,13 +40,16 @@ from explainkit.store.schema import (
     FILE_OPTIONS,
     FORMAT_NAME,
     HISTORY_COLUMNS,
-    OPTIONAL_HISTORY_COLUMNS,
+    MAX_SEGMENTATION_CLASSES,
     SCHEMA_VERSION,
+    TASKS,
     blank_row,
     epoch_file,
     epochs_folder,
+    optional_history,
     rows_per_chunk,
 )
+from explainkit.store.tasks import check_arrays, check_batch, per_pixel, truth_names
 from explainkit.store.validate import (
     Layout,
     close_all,
@@ -54,7 +58,6 @@ from explainkit.store.validate import (
     inspect_head,
     open_head,
     open_validated,
-    recorded,
     validated,
 )
 
@@ -124,6 +127,7 @@ def _write_root_attributes(
     image_shape: tuple[int, int, int],
     eval_weights: str,
     eval_tta: bool,
+    task: str = DEFAULT_TASK,
 ) -> None:
     # Fixed-length (not variable-length) strings keep text inside the checksummed object
     # headers: damaged metadata is then refused instead of crashing or hanging libhdf5 (the
@@ -132,7 +136,7 @@ def _write_root_attributes(
     f.attrs["format"] = _text(FORMAT_NAME)
     f.attrs["schema_version"] = SCHEMA_VERSION
     f.attrs["explainkit_version"] = _text(__version__)
-    f.attrs["task"] = _text(DEFAULT_TASK)
+    f.attrs["task"] = _text(task)
     f.attrs["dataset"] = _text(dataset)
     f.attrs["classes"] = _text(json.dumps(list(classes)))
     f.attrs["model"] = _text(json.dumps(model))
@@ -179,6 +183,8 @@ class StoreBuilder:
         sizes: np.ndarray | None = None,
         eval_weights: str = "trained",
         eval_tta: bool = False,
+        task: str = DEFAULT_TASK,
+        truth: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.path = Path(path)
         shape = tuple(int(v) for v in image_shape)
@@ -198,7 +204,9 @@ class StoreBuilder:
         if self._index.min() < 0:
             raise ValueError("index must hold positions of 0 or more")
         self.has_masks = bool(has_masks)
+        self._task_truth(task, truth or {}, len(classes))
         self._attributes = dict(
+            task=task,
             dataset=dataset,
             classes=list(classes),
             model=model,
@@ -212,6 +220,25 @@ class StoreBuilder:
         self.store_id = uuid.uuid4().hex  # what this store's epoch files will carry
         self._writer: H5Writer | None = None
         self._file: h5py.File | None = None
+
+    def _task_truth(self, task: str, truth: dict[str, Any], k: int) -> None:
+        """Check the task and its ground truth: the per-pixel kind comes with the images."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        if task == "segmentation" and k > MAX_SEGMENTATION_CLASSES:
+            raise ValueError(
+                f"a segmentation store holds at most {MAX_SEGMENTATION_CLASSES} classes"
+            )
+        self.task, self.per_pixel = task, per_pixel(task)
+        fixed = {name: truth[name] for name in truth_names(task) if name not in self.per_pixel}
+        extra = sorted(set(truth) - set(truth_names(task)))
+        if extra:
+            raise ValueError(f"a {task} store holds no {', '.join(extra)}")
+        for name in self.per_pixel:  # given whole to create_store: checked batch by batch
+            fixed.pop(name, None)
+        dims = {"N": self.num_images, "K": k, "H": self.image_shape[0], "W": self.image_shape[1]}
+        names = [n for n in truth_names(task) if n not in self.per_pixel]
+        self._truth = check_arrays(task, fixed, dims, epoch=False, names=names)
 
     def __enter__(self) -> StoreBuilder:
         self._writer = H5Writer(
@@ -248,10 +275,21 @@ class StoreBuilder:
             f.create_dataset("eval/paths", data=self._paths, **COMPRESSION)
         if self._sizes is not None:
             f.create_dataset("eval/sizes", data=self._sizes, **COMPRESSION)
+        for name, values in self._truth.items():
+            f.create_dataset(name, data=values, **COMPRESSION)
+        for name in self.per_pixel:
+            rows = rows_per_chunk(n, shape[0] * shape[1])
+            f.create_dataset(name, (n, *shape[:2]), "u1", chunks=(rows, *shape[:2]), **COMPRESSION)
 
-    def add_images(self, images: np.ndarray, masks: np.ndarray | None = None) -> None:
+    def add_images(
+        self,
+        images: np.ndarray,
+        masks: np.ndarray | None = None,
+        truth: dict[str, np.ndarray] | None = None,
+    ) -> None:
         """Append a batch: uint8 (B, H, W, C) images, and (B, H, W) masks of 0 and 1 when the
-        store has masks. Written to disk now; ValueError if it does not fit the store."""
+        store has masks, and the batch's per-pixel ``truth`` (a segmentation store's
+        ``eval/segmentation``). Written to disk now; ValueError if it does not fit the store."""
         if self._file is None:
             raise RuntimeError("add_images needs an open StoreBuilder (use it in a with block)")
         images = np.asarray(images)
@@ -274,6 +312,14 @@ class StoreBuilder:
             self._file["eval/masks"][self.added : self.added + b] = masks.astype(np.uint8)
         elif masks is not None:
             raise ValueError("masks given to a store made with has_masks=False")
+        truth = truth or {}
+        if set(truth) != set(self.per_pixel):
+            wanted = ", ".join(self.per_pixel) or "no per-pixel truth"
+            raise ValueError(f"a {self.task} store takes {wanted} with each batch of images")
+        k = len(self._attributes["classes"])
+        for name in self.per_pixel:
+            values = check_batch(self.task, name, truth[name], images.shape[:3], k)
+            self._file[name][self.added : self.added + b] = values
         self._file["eval/images"][self.added : self.added + b] = images
         self.added += b
         assert self._writer is not None
@@ -308,13 +354,16 @@ def create_store(
     eval_tta: bool = False,
     paths: list[str] | None = None,
     sizes: np.ndarray | None = None,
+    task: str = DEFAULT_TASK,
+    truth: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a new store with the evaluation split and no epochs yet (atomically).
 
     The arrays at once, through :class:`StoreBuilder`. ``paths`` (each image's source file,
     relative to the data folder) and ``sizes`` (its original height and width before
-    resizing) are optional. Raises ValueError for arguments that would make a store its
-    readers refuse.
+    resizing) are optional. A ``task`` store (schema.TASKS) takes its ground ``truth``
+    (docs/store-format.md names it). Raises ValueError for arguments that would make a
+    store its readers refuse.
     """
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError("images must be uint8 (N,H,W,C)")
@@ -335,20 +384,29 @@ def create_store(
         sizes=sizes,
         eval_weights=eval_weights,
         eval_tta=eval_tta,
+        task=task,
+        truth=truth,
     )
+    truth = truth or {}
     step = rows_per_chunk(len(images), int(np.prod(images.shape[1:]))) * 8
     with builder:
         for start in range(0, len(images), step):
             part = slice(start, start + step)
-            builder.add_images(images[part], None if masks is None else masks[part])
+            pixels = {name: truth[name][part] for name in builder.per_pixel if name in truth}
+            builder.add_images(images[part], None if masks is None else masks[part], pixels)
     return Path(path)
 
 
 # -- epochs ------------------------------------------------------------------------------------
 
 
-def append_epoch(path: str | Path, logits: np.ndarray, history_row: dict[str, float]) -> int:
+def append_epoch(
+    path: str | Path, logits: np.ndarray | dict[str, np.ndarray], history_row: dict[str, float]
+) -> int:
     """Commit one epoch's logits and history row; returns the number of committed epochs.
+
+    A store of another task takes its epoch's results as a dict instead of the logits
+    (schema.TASKS names them: a detector's counts, boxes, scores and labels).
 
     The store is validated first (the head, and the latest epoch whose history the new row
     continues), and the new epoch must fit it (logits of shape (N, classes), finite; the row's
@@ -363,11 +421,30 @@ def append_epoch(path: str | Path, logits: np.ndarray, history_row: dict[str, fl
     if epochs:
         validated(lambda: inspect_epochs(path, layout, epochs[-1:]), path)
         close_all(layout.epochs)
-    row = _check_new_epoch(path, layout, logits, history_row)
+    results = _check_results(path, layout, logits)
+    row = _check_new_epoch(path, layout, results.get("logits"), history_row)
     epoch = layout.committed + 1
     _remove_epochs_after(path, layout.committed)  # a killed writer's temporary files
-    _write_epoch(path, layout.store_id, epoch, logits, row)
+    _write_epoch(path, layout.store_id, epoch, results, row)
     return epoch
+
+
+def _check_results(path: Path, layout: Layout, results: Any) -> dict[str, np.ndarray]:
+    """The epoch's datasets: the logits of a classification store, a task's own dict."""
+    if not isinstance(results, dict):
+        if layout.task != DEFAULT_TASK and layout.task != "multilabel":
+            raise StoreError(
+                f"cannot add an epoch to {path}: it is a {layout.task} store, which takes "
+                f"its results as a dict of {', '.join(f.name for f in TASKS[layout.task].epoch)}"
+            )
+        return {"logits": results}
+    if layout.task in (DEFAULT_TASK, "multilabel") and set(results) == {"logits"}:
+        return dict(results)
+    dims = {**layout.dims}
+    try:
+        return check_arrays(layout.task, results, dims, epoch=True)
+    except ValueError as e:
+        raise StoreError(f"cannot add an epoch to {path}: {e}; nothing was written") from None
 
 
 def _check_new_epoch(
@@ -380,21 +457,20 @@ def _check_new_epoch(
     """
     expected = (layout.num_images, len(layout.classes))
     shape = np.shape(logits)
-    if shape != expected:
+    if logits is not None and shape != expected:
         raise StoreError(
             f"cannot add an epoch to {path}: its logits have shape {shape} but the store holds "
             f"{expected[0]} images of {expected[1]} classes; train this run with its own data"
         )
-    values = np.asarray(logits)
+    values = np.zeros(0) if logits is None else np.asarray(logits)
     if values.dtype.kind not in "fiu" or not np.isfinite(values).all():
         raise StoreError(
             f"cannot add an epoch to {path}: its logits hold NaN or infinity; "
             "lower the learning rate and train again"
         )
+    optional = optional_history(layout.task)
     missing = [
-        name
-        for name, _ in HISTORY_COLUMNS
-        if name not in history_row and name not in OPTIONAL_HISTORY_COLUMNS
+        name for name, _ in HISTORY_COLUMNS if name not in history_row and name not in optional
     ]
     if missing:
         raise StoreError(f"cannot add an epoch to {path}: its history row lacks {missing}")
@@ -420,10 +496,10 @@ def _check_new_epoch(
                 "not a finite number of 0 or more"
             )
         row[name] = value
-    for name in OPTIONAL_HISTORY_COLUMNS:
+    for name in optional:
         if not layout.committed:
             continue
-        if not recorded(layout.history, name):
+        if not recorded(layout.history, name, optional):
             row[name] = np.nan  # the run's earlier epochs did not record it: neither does this
         elif name not in history_row:
             raise StoreError(
@@ -433,21 +509,24 @@ def _check_new_epoch(
     return row
 
 
-def _write_epoch(path: Path, store_id: str, epoch: int, logits: np.ndarray, row: np.ndarray):
+def _write_epoch(
+    path: Path, store_id: str, epoch: int, results: dict[str, np.ndarray], row: np.ndarray
+):
     """Write epoch file ``epoch``: built in memory, then temp file, fsync, rename, fsync."""
     buffer = io.BytesIO()
-    n, k = np.shape(logits)
     with h5py.File(buffer, "w", **FILE_OPTIONS) as f:
         f.attrs["format"] = _text(EPOCH_FORMAT_NAME)
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["store_id"] = _text(store_id)
         f.attrs["epoch"] = epoch
-        f.create_dataset(  # not gzipped: float logits shrink ~10% for 6x the commit time
-            "logits",
-            data=np.asarray(logits, dtype="f4"),
-            chunks=(rows_per_chunk(n, 4 * k), k),
-            fletcher32=True,
-        )
+        for name, values in results.items():
+            # Floats are not gzipped (they shrink ~10% for 6x the commit time); class-id
+            # masks are, as they shrink many times over.
+            values = np.asarray(values, dtype="f4" if name == "logits" else values.dtype)
+            row_bytes = max(1, values[:1].nbytes)
+            pack = COMPRESSION if values.ndim == 3 else {"fletcher32": True}
+            chunks = (rows_per_chunk(max(1, len(values)), row_bytes), *values.shape[1:])
+            f.create_dataset(name, data=values, chunks=chunks if len(values) else None, **pack)
         f.create_dataset("history", data=row, chunks=(1,), fletcher32=True)
     folder = epochs_folder(path)
     if not folder.is_dir():

@@ -86,6 +86,7 @@ class DeviceData:
         self.classes = list(train.classes)
         self.mean, self.std = channel_stats(train.images, c.seed)
         self.eval_data = evals  # the split as loaded (in memory or lazy), for the store
+        self.train_annotations = train.annotations  # boxes, class masks (data/tasks.py)
         self.train = place_split(train.images, train.targets, device)
         self.eval = place_split(evals.images, evals.targets, device)
         self.num_train = len(train)

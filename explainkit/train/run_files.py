@@ -8,6 +8,7 @@ import platform
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from explainkit import __version__
@@ -45,6 +46,7 @@ class RunFacts:
     world_size: int = 1
     eval_weights: str = "trained"
     eval_tta: bool = False
+    task: str = "classification"
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -100,11 +102,14 @@ def create_empty_store(facts: RunFacts, run: RunDir) -> None:
     data folder.
     """
     from explainkit.data import iter_batches
+    from explainkit.data.tasks import store_truth
 
     ev = facts.eval_data
+    targets, truth = store_truth(facts.task, ev)  # a task's ground truth (data/tasks.py)
+    pixels = [name for name, values in truth.items() if np.ndim(values) == 3]
     with StoreBuilder(
         run.store_path,
-        targets=ev.targets,
+        targets=targets,
         index=ev.index,
         classes=facts.classes,
         dataset=facts.dataset,
@@ -117,10 +122,13 @@ def create_empty_store(facts: RunFacts, run: RunDir) -> None:
         sizes=ev.sizes,
         eval_weights=facts.eval_weights,
         eval_tta=facts.eval_tta,
+        task=facts.task,
+        truth={name: values for name, values in truth.items() if name not in pixels},
     ) as builder:
         for start, images in iter_batches(ev, STORE_BATCH):
-            masks = None if ev.masks is None else ev.masks[start : start + len(images)]
-            builder.add_images(images.numpy(), masks=masks)
+            part = slice(start, start + len(images))
+            masks = None if ev.masks is None else ev.masks[part]
+            builder.add_images(images.numpy(), masks, {name: truth[name][part] for name in pixels})
 
 
 def append_log(run: RunDir, line: str) -> None:

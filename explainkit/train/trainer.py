@@ -557,12 +557,13 @@ def train(
     overwrite: bool = False,
     quiet: bool = False,
     resume: bool = False,
+    trainer_class: type[Trainer] = Trainer,
 ) -> Path:
     """Train a new run into ``out`` (default ``runs/<time>``), or continue it with ``resume``.
 
     ``registries`` (``explainkit.load_registries()``) is where the model and dataset are
     looked up. Returns the run directory. Under torchrun every rank calls this; only rank 0
-    writes.
+    writes. ``trainer_class``: another task's trainer (explainkit.train.tasks.train).
     """
     config.validate(registries=registries)
     if resume and out is None:
@@ -579,7 +580,7 @@ def train(
     try:
         lock = claim_run(run, config, dist, overwrite, resume)
         fault_point("setup:locked")
-        trainer = Trainer(
+        trainer = trainer_class(
             config,
             run.path,
             registries,

@@ -42,7 +42,8 @@ def test_documented_names_are_the_ones_written(tmp_path):
     head, epoch = names_in(path), names_in(epoch_file(path, 1))
     assert head == set(ROOT_ATTRIBUTES) | set(DATASETS)
     assert epoch == set(EPOCH_ATTRIBUTES) | set(EPOCH_DATASETS)
-    assert head | epoch == set(DOCUMENTED)
+    tasks = {f.name for task in TASKS for f in (*head_fields(task), *epoch_fields(task))}
+    assert head | epoch | tasks == set(DOCUMENTED)
     for name, _ in HISTORY_COLUMNS:
         assert f"`{name}`" in DOC
 
@@ -62,7 +63,7 @@ def test_documented_types_and_shapes_are_the_schema_ones(tmp_path):
     path = tmp_path / "p.h5"
     make_store(path, epochs=1)
     with h5py.File(path) as head, h5py.File(epoch_file(path, 1)) as epoch:
-        for field in fields:
+        for field in (*head_fields(), *epoch_fields()):
             stored = (epoch if field in epoch_fields() else head)[field.name].dtype
             assert stored.kind == np.dtype(field.dtype).kind, field.name
             if field.dtype != "S":

@@ -120,11 +120,11 @@ def test_a_task_this_version_cannot_read_says_upgrade(tmp_path):
     path = tmp_path / "p.h5"
     make_store(path)
     with h5py.File(path, "r+") as f:
-        f.attrs["task"] = np.bytes_(b"detection")
+        f.attrs["task"] = np.bytes_(b"keypoints")
     with pytest.raises(StoreError) as caught:
         open_store(path)
     text = str(caught.value)
-    assert "holds results of the task 'detection'" in text and "upgrade explainkit" in text
+    assert "holds results of the task 'keypoints'" in text and "upgrade explainkit" in text
     assert "damaged" not in text
 
 
