@@ -44,6 +44,11 @@ class CheckpointError(RunError):
     """A checkpoint is missing, damaged, unsafe or not an explainkit checkpoint."""
 
 
+class UntrustedImport(RunError):
+    """A run names a model whose module would be imported without the user's consent
+    (explainkit.trust)."""
+
+
 class PluginError(ExplainkitError):
     """A plugin failed to load or registered something invalid."""
 

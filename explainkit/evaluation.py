@@ -364,6 +364,8 @@ class RunWriter:
         if self._lock is None:  # another torchrun rank: rank 0 holds the run
             _leave_torchrun(self._dist)
             return
+        if not self.epoch:
+            self._run.end_setup()  # a folder it was given is left as it was, empty
         self._lock.release()
         self._lock = None
         if self._created and not self.epoch:

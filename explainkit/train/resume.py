@@ -10,6 +10,7 @@ from explainkit.errors import CheckpointError, RunError
 from explainkit.rundir import RunDir
 from explainkit.store import truncate_store
 from explainkit.train.checkpoint import list_checkpoints, load_checkpoint
+from explainkit.trust import check_trusted
 
 # What a checkpoint needs beyond its weights for training to continue exactly.
 RESUME_STATE = ("optimizer", "scheduler", "scaler", "rng")
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 def _saved_config(run: RunDir) -> TrainConfig:
     document = run.read_config()
+    check_trusted(document["model"]["arch"], str(run.config_path))  # before any lookup
     if document["command"] != "train":
         raise RunError(
             f"{run.path} was written by explainkit {document['command']}, not trained; there "

@@ -66,7 +66,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
 
 def write_config(facts: RunFacts, config: Options, run: RunDir) -> None:
     """config.json (what wrote it, the resolved config, model spec, data facts, environment);
-    checkpoints/."""
+    checkpoints/. The half-made marker goes once config.json is there."""
     run.checkpoints.mkdir(exist_ok=True)
     config_json = {
         "format": CONFIG_FORMAT,
@@ -86,6 +86,7 @@ def write_config(facts: RunFacts, config: Options, run: RunDir) -> None:
         "world_size": facts.world_size,
     }
     write_atomic(run.config_path, json.dumps(config_json, indent=2) + "\n", RunError)
+    run.end_setup()  # the config says what the folder is now: no longer half-made
 
 
 STORE_BATCH = 256  # images decoded and written at a time: 38 MB at 224 px
