@@ -294,22 +294,20 @@ class RunDir:
                 )
         elif not self.is_half_made():
             shown = ", ".join(brief(n, 40) for n in sorted(entries)[:3])
-            if self.foreign_entries() or not overwrite:
+            more = ", ..." if len(entries) > 3 else ""
+            foreign = self.foreign_entries()
+            if foreign or not overwrite:
+                hint = "" if foreign else ", or pass --overwrite to delete and replace them"
                 raise ConfigError(
-                    f"--out {self.path} is not empty ({shown}{', ...' if len(entries) > 3 else ''})"
-                    " and is not an explainkit run; nothing was deleted: choose an empty or new "
-                    "--out"
-                    + (
-                        ""
-                        if self.foreign_entries()
-                        else ", or pass --overwrite to delete and replace them"
-                    )
+                    f"--out {self.path} is not empty ({shown}{more}) and is not an explainkit "
+                    f"run; nothing was deleted: choose an empty or new --out{hint}"
                 )
         for entry in self.path.iterdir():  # a run's own files only; a half-made run's too
             if _is_run_file(entry.name) and entry.name != self.LOCK:
-                shutil.rmtree(
-                    entry
-                ) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
     def open_existing(self) -> RunLock:
         """Lock an existing run to continue it; RunError when there is none to continue."""

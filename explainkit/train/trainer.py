@@ -46,8 +46,8 @@ from explainkit.train.device_data import DeviceData
 from explainkit.train.ema import EMA
 from explainkit.train.optim import make_optimizer, make_scheduler, one_cycle_factor, steps_per_epoch
 from explainkit.train.resume import (
-    read_resume_point,
     resume_config,
+    resume_point,
     trim_to_checkpoint,
 )
 from explainkit.train.run_files import (
@@ -527,13 +527,11 @@ class Trainer:
                     )
 
 
-def _start(trainer: Trainer, config: TrainConfig, run: RunDir, resume: bool) -> None:
-    """Load the resume point (if any), then write what the run needs before its first step.
-
-    Everything that can refuse (a damaged or mismatched last.pt) runs before the first
-    write, so a refused resume leaves every file of the run as it was.
-    """
-    point = read_resume_point(run, trainer.registries) if resume else None
+def _start(
+    trainer: Trainer, config: TrainConfig, run: RunDir, point: dict[str, Any] | None
+) -> None:
+    """Continue from the resume point (if any), then write what the run needs before its
+    first step; everything that can refuse was checked before (``resume_point``)."""
     if point is not None:
         trainer.load_state(point)
     resumed = point is not None
@@ -579,6 +577,7 @@ def train(
     try:
         lock = claim_run(run, config, dist, overwrite, resume)
         fault_point("setup:locked")
+        point = resume_point(run, registries) if resume else None
         trainer = Trainer(
             config,
             run.path,
@@ -588,7 +587,7 @@ def train(
             weights=weights,
             load_weights=not continuing,
         )
-        _start(trainer, config, run, resume)
+        _start(trainer, config, run, point)
         trainer.run()
     finally:
         if lock is not None:
