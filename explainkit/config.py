@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -487,6 +487,10 @@ def _load_yaml(text: str, path: Path) -> Any:
                 )
             return super().compose_node(parent, index)
 
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            _no_repeats((self.construct_object(k, deep=True) for k, _ in node.value), path)
+            return super().construct_mapping(node, deep)
+
     try:
         return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
@@ -502,6 +506,16 @@ def _load_yaml(text: str, path: Path) -> Any:
         ) from e
 
 
+def _no_repeats(keys: Iterable[Any], path: Path) -> None:
+    """Refuse a key given twice in a config file: its last value would silently win."""
+    seen: set[Any] = set()
+    for key in keys:
+        if isinstance(key, Hashable):  # PyYAML refuses the others in its own words
+            if key in seen:
+                raise ConfigError(f"{path} gives {brief(key, 30)} twice; keep one")
+            seen.add(key)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON or YAML config file into a dict; YAML needs PyYAML."""
     path = Path(path)
@@ -514,7 +528,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = _load_yaml(text, path)
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(
+                text, object_pairs_hook=lambda kv: _no_repeats((k for k, _ in kv), path) or dict(kv)
+            )
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from e
         except RecursionError as e:

@@ -33,7 +33,7 @@ from typing import Any
 
 from explainkit.atomic import write_atomic
 from explainkit.config import IMAGE_SIZE_MAX, WIDTH_MAX, EvalConfig, TrainConfig, read_regular_file
-from explainkit.errors import ConfigError, RunError, brief, describe
+from explainkit.errors import ConfigError, RunError, brief, describe, write_failed
 
 __all__ = [
     "COMMANDS",
@@ -383,8 +383,12 @@ class RunLock:
                 break
             os.close(fd)  # the holder removed this file as we locked it: take the new one
         owner = json.dumps({"pid": os.getpid(), "host": os.uname().nodename})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, owner.encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, owner.encode(), 0)
+        except OSError as e:  # a full disk: say which file, and hold nothing
+            os.close(fd)
+            raise RunError(write_failed(self.path, e)) from e
         self._fd = fd
 
     def release(self) -> None:

@@ -13,7 +13,7 @@ import torch
 from explainkit import __version__
 from explainkit.atomic import write_atomic
 from explainkit.config import Options, TrainConfig
-from explainkit.errors import ExplainkitError, RunError
+from explainkit.errors import ExplainkitError, RunError, write_failed
 from explainkit.rundir import CONFIG_FORMAT, CONFIG_VERSION, RunDir, RunLock
 from explainkit.store import StoreBuilder
 from explainkit.train.distributed import DistContext
@@ -133,8 +133,8 @@ def append_log(run: RunDir, line: str) -> None:
             f.flush()
     except OSError as e:
         raise RunError(
-            f"cannot write {run.log_path}: {e.strerror or e}; free some disk space and resume "
-            f"with: explainkit train --resume {run.path}"
+            f"{write_failed(run.log_path, e)}, then resume with: explainkit train --resume "
+            f"{run.path}"
         ) from e
 
 
