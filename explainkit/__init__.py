@@ -46,6 +46,7 @@ _PUBLIC = {
     "ConfigError": "explainkit.errors",
     "DataError": "explainkit.errors",
     "RunError": "explainkit.errors",
+    "UntrustedImport": "explainkit.errors",
     "StoreError": "explainkit.errors",
     "CheckpointError": "explainkit.errors",
     "PluginError": "explainkit.errors",

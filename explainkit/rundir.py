@@ -31,7 +31,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from explainkit.atomic import write_atomic
 from explainkit.config import IMAGE_SIZE_MAX, WIDTH_MAX, EvalConfig, TrainConfig, read_regular_file
 from explainkit.errors import ConfigError, RunError, brief, describe, write_failed
 
@@ -193,7 +192,11 @@ class RunDir:
 
     def mark_setup(self) -> None:
         """Write the half-made marker (a new run, before its first file)."""
-        write_atomic(self.setup_path, json.dumps({"pid": os.getpid()}) + "\n", RunError)
+        # Not atomic on purpose: the name is the marker, so a write cut short still marks.
+        try:
+            self.setup_path.write_text(json.dumps({"pid": os.getpid()}) + "\n")
+        except OSError as e:
+            raise RunError(write_failed(self.setup_path, e)) from e
 
     def end_setup(self) -> None:
         """Remove the half-made marker: config.json now says what the folder is."""
