@@ -13,13 +13,16 @@ with the user's consent, given in one of three ways (like transformers' ``trust_
 
 A module already imported in this process (the user's own session: the class of the model
 handed to ``explainkit.evaluate``) runs no code when named again, so it needs no consent.
-A model the user names himself (``--model import:...``) is consent by itself.
+A module that is not found here (no such top-level package on ``sys.path``) runs nothing
+either: the registry then says it is not importable. A model the user names himself
+(``--model import:...``) is consent by itself.
 
 Only the standard library is imported here: analysis commands check a run without torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -66,6 +69,14 @@ def _consented(module: str) -> bool:
     return any(module == name or module.startswith(name + ".") for name in granted)
 
 
+def _findable(top: str) -> bool:
+    """Whether a top-level module exists here (looked up on sys.path, nothing imported)."""
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def check_trusted(arch: object, where: str) -> None:
     """Refuse to build ``arch`` (recorded in ``where``) when that would import a module the
     user did not consent to; nothing is imported here.
@@ -77,6 +88,8 @@ def check_trusted(arch: object, where: str) -> None:
     if module is None or module in sys.modules or _consented(module):
         return
     top = module.partition(".")[0]
+    if not _findable(top):  # nothing to import, so nothing runs: "not importable" follows
+        return
     raise UntrustedImport(
         f"{where} names the model {brief(arch, 80)}, and building it would import module "
         f"{brief(module, 60)} and run its code; a run directory from someone else is "
