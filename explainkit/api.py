@@ -87,8 +87,11 @@ def load_model(
          "trust_imports": trust_imports},
         {"registries": _REGISTRIES},
     )  # fmt: skip
+    from explainkit.device import resolve_device
+
+    target = resolve_device(str(device))  # an unusable device is one sentence, before loading
     with trusted_imports(trust_imports):
-        return load(run, registries or load_registries(), epoch, device)
+        return load(run, registries or load_registries(), epoch, target)
 
 
 class RunWriter(_RunWriter):
@@ -116,6 +119,12 @@ class RunWriter(_RunWriter):
             {"out": out, "model": model, "data": data, "registries": registries, **options},
             {"model": _model_check(), "data": _data_check(), "registries": _REGISTRIES},
         )
+        layer = options.get("default_layer")
+        if layer is not None and layer not in dict(model.named_modules()):
+            raise ConfigError(
+                f"RunWriter: default_layer {layer!r} is not a layer of the model; give the name "
+                "of one of model.named_modules()"
+            )
         try:
             super().__init__(
                 out, model, data, registries=registries or load_registries(), **options

@@ -10,6 +10,7 @@ the CLI's exit code), nothing changed and nothing deleted. Runs are real, small 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -320,9 +321,10 @@ def _evaluate_call(out: Path, name: str, value) -> None:
 @hostile(80)
 @given(name=st.sampled_from(EVALUATE_ARGS), value=HOSTILE_VALUES)
 def test_evaluate_with_any_wrong_argument(tmp_path_factory, name, value):
-    out = tmp_path_factory.mktemp("api") / "run"
+    here = tmp_path_factory.mktemp("api")
     try:
-        _evaluate_call(out, name, value)
+        with contextlib.chdir(here):  # a relative or default out lands here
+            _evaluate_call(here / "run", name, value)
     except ExplainkitError as e:
         one_sentence(e)
     # Anything else (TypeError, ValueError, RuntimeError, AttributeError...) fails the test.
