@@ -59,6 +59,7 @@ from explainkit.train.run_files import (
 )
 from explainkit.train.state import restore_rng_state, rng_state, seed_everything
 from explainkit.train.weights import InitialWeights, apply_weights, read_weights
+from explainkit.trust import imported_module, trusted_imports
 
 __all__ = ["Trainer", "TrainingInterrupted", "one_cycle_factor", "resume_config", "train"]
 
@@ -571,7 +572,8 @@ def train(
     run = RunDir(out) if out else RunDir.new_default()
     continuing = resume and run.checkpoint("last").is_file()  # its weights replace these
     reading = config.weights and not continuing
-    weights = read_weights(config.weights, entry, registries) if reading else None
+    with trusted_imports(None if resume else imported_module(config.model)):  # named by the user
+        weights = read_weights(config.weights, entry, registries) if reading else None
     dist = dist_utils.init_from_env(config.device)
     lock = None
     try:
