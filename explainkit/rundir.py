@@ -285,11 +285,24 @@ class RunDir:
             raise
         return lock
 
+    def _looks_ours(self) -> bool:
+        """Whether config.json or predictions.h5 are explainkit's, not a user's files that
+        carry those names: our config names its format in its first line, our store is HDF5
+        (a damaged run of ours still passes; read_config says what is wrong with it)."""
+        try:
+            if self.has_config:
+                with open(self.config_path, "rb") as f:
+                    return f'"{CONFIG_FORMAT}"'.encode() in f.read(4096)
+            with open(self.store_path, "rb") as f:
+                return f.read(8) == b"\x89HDF\r\n\x1a\n"
+        except OSError:
+            return False
+
     def _clear_for_new_run(self, overwrite: bool) -> None:
         entries = [p.name for p in self.path.iterdir() if p.name != self.LOCK]
         if not entries:
             return
-        if self.is_run():
+        if self.is_run() and self._looks_ours():
             if not overwrite:
                 raise RunError(
                     f"{self.path} already exists; pass --overwrite to replace it, --resume "
