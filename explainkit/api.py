@@ -111,7 +111,7 @@ class RunWriter(_RunWriter):
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(
-                f"RunWriter got an unknown argument {unknown[0]!r}; it takes out, model, data, "
+                f"unknown argument {unknown[0]!r} of RunWriter; it takes out, model, data, "
                 f"registries and {', '.join(sorted(known))}"
             )
         arguments.check(
@@ -122,7 +122,7 @@ class RunWriter(_RunWriter):
         layer = options.get("default_layer")
         if layer is not None and layer not in dict(model.named_modules()):
             raise ConfigError(
-                f"RunWriter: default_layer {layer!r} is not a layer of the model; give the name "
+                f"default_layer {layer!r} of RunWriter is not a layer of the model; give the name "
                 "of one of model.named_modules()"
             )
         try:
@@ -146,7 +146,7 @@ class RunWriter(_RunWriter):
     ) -> dict[str, float]:
         if model is not None and not _model_check()[0](model):
             raise ConfigError(
-                f"RunWriter.log_epoch: model must be a torch.nn.Module or None, got "
+                f"the model of RunWriter.log_epoch must be a torch.nn.Module or None, got "
                 f"{describe(model)}"
             )
         numbers = {
