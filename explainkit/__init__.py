@@ -23,7 +23,7 @@ _PUBLIC = {
     "compute_cam": "explainkit.explain.gradcam",
     "compute_cams": "explainkit.explain.gradcam",
     # runs: evaluate a model, analyze and read a run
-    "analyze": "explainkit.runner",
+    "analyze": "explainkit.api",
     "evaluate": "explainkit.api",
     "RunWriter": "explainkit.api",
     "load_model": "explainkit.api",
@@ -46,6 +46,7 @@ _PUBLIC = {
     "ConfigError": "explainkit.errors",
     "DataError": "explainkit.errors",
     "RunError": "explainkit.errors",
+    "UntrustedImport": "explainkit.errors",
     "StoreError": "explainkit.errors",
     "CheckpointError": "explainkit.errors",
     "PluginError": "explainkit.errors",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from explainkit.errors import ExplainkitError
+from explainkit.errors import ExplainkitError, write_failed
 from explainkit.faults import fault_point
 
 
@@ -48,9 +48,7 @@ def write_atomic(
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            raise error(
-                f"cannot write {path}: {e.strerror or e}; free some disk space and try again"
-            ) from e
+            raise error(write_failed(path, e)) from e
         if fault:
             fault_point(fault)
         os.replace(tmp, path)

@@ -15,7 +15,13 @@ import click
 from click.core import ParameterSource
 
 from explainkit import __version__
-from explainkit.cli_params import PLUGINS_DIR_OPTION, AnalyzeCommand, check_device, config_options
+from explainkit.cli_params import (
+    PLUGINS_DIR_OPTION,
+    TRUST_IMPORTS_OPTION,
+    AnalyzeCommand,
+    check_device,
+    config_options,
+)
 from explainkit.config import EvalConfig, TrainConfig
 from explainkit.errors import ExplainkitError, unknown_name_message
 from explainkit.rundir import RunDir
@@ -83,6 +89,7 @@ def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> str:
     help="Continue the run in this directory from its last checkpoint (--epochs may grow).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars; only the per-epoch summary lines.")
+@TRUST_IMPORTS_OPTION
 @PLUGINS_DIR_OPTION
 @config_options(TrainConfig)
 @click.pass_context
@@ -139,6 +146,7 @@ def train(
     "--out", type=click.Path(file_okay=False), help="Run directory (default runs/<time>)."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@TRUST_IMPORTS_OPTION
 @PLUGINS_DIR_OPTION
 @config_options(EvalConfig)
 def evaluate_command(
@@ -162,6 +170,7 @@ def evaluate_command(
 @cli.command()
 @click.argument("run", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@TRUST_IMPORTS_OPTION
 def inspect(run: str, as_json: bool) -> None:
     """Summarize a run: config, epochs, accuracy, checkpoints, store, analyses."""
     import json
@@ -207,6 +216,7 @@ def inspect(run: str, as_json: bool) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON on stdout.")
+@TRUST_IMPORTS_OPTION
 @PLUGINS_DIR_OPTION
 @click.pass_context
 def analyze_command(
@@ -361,6 +371,7 @@ def _plugin_command(group: click.Group, name: str) -> click.Command | None:
 )
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in a web browser.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file given with --out.")
+@TRUST_IMPORTS_OPTION
 @PLUGINS_DIR_OPTION
 def report_command(
     run: Path, out: Path | None, open_browser: bool, overwrite: bool, plugins_dir: Path | None

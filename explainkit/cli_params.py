@@ -92,6 +92,25 @@ PLUGINS_DIR_OPTION = click.option(
 )
 
 
+def _trust_imports(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """Consent, for this command only, to import the modules its run directory names."""
+    if value:
+        from explainkit import trust
+
+        trust.grant(True)
+        ctx.call_on_close(trust.revoke)
+
+
+TRUST_IMPORTS_OPTION = click.option(
+    "--trust-imports",
+    is_flag=True,
+    expose_value=False,
+    callback=_trust_imports,
+    help="Import the module a run names for its model (import:pkg.mod:Class): that runs its "
+    "code, so only for runs you trust [allow-list: env EXPLAINKIT_TRUST_IMPORTS=pkg,...].",
+)
+
+
 def config_options(options: type[Options]) -> Callable[[Any], Any]:
     """A decorator adding one click option per field of ``options`` (TrainConfig for
     ``train``, EvalConfig for ``evaluate``), so the dataclass stays the one source."""

@@ -14,7 +14,6 @@ Values shown in messages go through :func:`brief`, so a hostile value cannot flo
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -23,15 +22,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from explainkit.config_files import read_config_file
 from explainkit.errors import (
     ConfigError,
     brief,
-    cut_text,
     describe,
     size_text,
     unknown_options_message,
 )
-from explainkit.files import read_regular_file
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from explainkit.registries import Registries
@@ -469,79 +467,6 @@ def _check_memory(config: TrainConfig, parameters: int) -> None:
             f"{size_text(parts['batch'])}) but this machine has {size_text(have)}; lower --width, "
             "--image-size, --batch-size or --limit-train"
         )
-
-
-# -- config files ------------------------------------------------------------------------------
-
-
-def _load_yaml(text: str, path: Path) -> Any:
-    try:
-        import yaml
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ConfigError("YAML config files need PyYAML: pip install pyyaml") from e
-
-    class NoAliasLoader(yaml.SafeLoader):
-        """Refuses anchors and aliases: ten nested aliases make a billion values."""
-
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            event = self.peek_event()
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                line = event.start_mark.line + 1 if event.start_mark else "?"
-                raise ConfigError(
-                    f"{path} uses a YAML anchor or alias (& or *) at line {line}; "
-                    "write each value out"
-                )
-            return super().compose_node(parent, index)
-
-    try:
-        return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise ConfigError(f"{path} is not valid YAML: {cut_text(problem)}{where}") from e
-    except RecursionError as e:
-        raise ConfigError(f"{path} nests too deeply; a config file is a flat mapping") from e
-    except (ValueError, TypeError, OverflowError) as e:  # a date like 2001-13-01, 5000 digits
-        raise ConfigError(
-            f"{path} has a YAML value that cannot be read ({cut_text(str(e))}); fix or quote it"
-        ) from e
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON or YAML config file into a dict; YAML needs PyYAML."""
-    path = Path(path)
-    raw = read_regular_file(path)
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not UTF-8 text; write the config as JSON or YAML") from e
-    if path.suffix.lower() in (".yaml", ".yml"):
-        data = _load_yaml(text, path)
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from e
-        except RecursionError as e:
-            raise ConfigError(f"{path} nests too deeply; a config file is a flat mapping") from e
-        except ValueError as e:  # an integer of more than 4300 digits
-            raise ConfigError(f"{path} has a number too long to read; fix the value") from e
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path} must hold a mapping of option names to values, got {type(data).__name__}"
-        )
-    # Accept the option spelling of the CLI too (batch-size as well as batch_size).
-    options: dict[str, Any] = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_") if isinstance(key, str) else key
-        if name in options:
-            raise ConfigError(f"{path} gives {brief(name, 30)} twice; keep one")
-        options[name] = value
-    options.pop("config", None)
-    return options
 
 
 def resolve_config(

@@ -44,6 +44,11 @@ class CheckpointError(RunError):
     """A checkpoint is missing, damaged, unsafe or not an explainkit checkpoint."""
 
 
+class UntrustedImport(RunError):
+    """A run names a model whose module would be imported without the user's consent
+    (explainkit.trust)."""
+
+
 class PluginError(ExplainkitError):
     """A plugin failed to load or registered something invalid."""
 
@@ -95,6 +100,26 @@ def error_sentence(exc: BaseException, plain: tuple[type[BaseException], ...] = 
         return first_line(exc) or type(exc).__name__
     text = first_line(exc, limit=300)  # a foreign message can be a whole dump
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def write_failed(path: object, e: BaseException) -> str:
+    """``cannot write PATH: REASON; WHAT TO DO``: the advice fits the reason (a full disk is
+    not a missing folder or a read-only file system)."""
+    import errno
+
+    reason = getattr(e, "strerror", None) or first_line(e, limit=200) or type(e).__name__
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        advice = "free some disk space and try again"
+    elif code in (errno.EACCES, errno.EPERM):
+        advice = "check the permissions of its folder or choose another path"
+    elif code == errno.EROFS:
+        advice = "the file system is read-only; choose another path"
+    elif code in (errno.ENOENT, errno.ENOTDIR):
+        advice = "its folder does not exist or cannot hold files; choose another path"
+    else:
+        advice = "choose another path"
+    return f"cannot write {path}: {reason}; {advice}"
 
 
 def did_you_mean(name: str, known: Iterable[str], n: int = 1) -> list[str]:

@@ -66,6 +66,7 @@ def evaluate_run(
     """
     from explainkit.data import load_dataset
     from explainkit.train.weights import apply_weights, read_weights
+    from explainkit.trust import imported_module, trusted_imports
 
     config.validate(registries=registries)
     if not config.weights:
@@ -74,7 +75,8 @@ def evaluate_run(
             "file, an explainkit checkpoint or a name such as IMAGENET1K_V1)"
         )
     entry = registries.model_entry(config.model)
-    weights = read_weights(config.weights, entry, registries)  # before anything is written
+    with trusted_imports(imported_module(config.model)):  # the user named that module
+        weights = read_weights(config.weights, entry, registries)  # before anything is written
     ds = load_dataset(
         config.dataset, "eval", config.data_dir, config.image_size, config.seed,
         config.limit_eval, registries=registries,
@@ -372,6 +374,8 @@ class RunWriter:
         if self._lock is None:  # another torchrun rank: rank 0 holds the run
             _leave_torchrun(self._dist)
             return
+        if not self.epoch:
+            self._run.end_setup()  # a folder it was given is left as it was, empty
         self._lock.release()
         self._lock = None
         if self._created and not self.epoch:

@@ -19,7 +19,7 @@ from typing import Any
 import h5py
 
 from explainkit.atomic import fsync_dir
-from explainkit.errors import ExplainkitError, first_line
+from explainkit.errors import ExplainkitError, write_failed
 
 # HDF5 >= 1.10 object headers carry checksums: damaged metadata is refused, not a crash.
 _FILE_OPTIONS = {"libver": ("v110", "latest")}
@@ -141,10 +141,7 @@ class H5Writer:
         self._file: h5py.File | None = None
 
     def _sentence(self, e: BaseException) -> ExplainkitError:
-        reason = getattr(e, "strerror", None) or first_line(e, limit=200) or type(e).__name__
-        return self._error(
-            f"cannot write {self.path}: {reason}; free some disk space and try again"
-        )
+        return self._error(write_failed(self.path, e))
 
     def check(self) -> None:
         """Raise now if a write has failed (call it once per batch to stop early)."""

@@ -78,14 +78,17 @@ def summarize_run(run: str | Path | RunDir, registries: Registries) -> dict[str,
 
 def _resume_point(run: RunDir, registries: Registries) -> int:
     """The epoch last.pt holds: where ``train --resume`` continues (0: from the start)."""
-    from explainkit.errors import CheckpointError
-    from explainkit.train.checkpoint import load_checkpoint
+    from explainkit.errors import CheckpointError, UntrustedImport
+    from explainkit.train.checkpoint import load_checkpoint, read_epoch
 
     last = run.checkpoint("last")
     if not last.is_file():
         return 0
     try:
-        return int(load_checkpoint(last, registries)["epoch"])
+        try:
+            return int(load_checkpoint(last, registries)["epoch"])
+        except UntrustedImport:  # its model is not built without consent; the epoch is read
+            return read_epoch(last)
     except CheckpointError:
         return 0  # a damaged last.pt is reported by resume itself, in its own words
 

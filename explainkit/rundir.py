@@ -11,6 +11,8 @@ spelled once and every reader validates the same way::
       report.html       explainkit report RUN
       train.log         the per-epoch lines train printed
       .lock             flock'ed by the process writing the run (and its pid)
+      .setup            written when explainkit starts making the run, removed once
+                        config.json is written: what alone makes a folder a half-made run
 
 Only the standard library and explainkit's config dataclasses are imported here: analysis
 commands validate a run without torch.
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from explainkit.config import IMAGE_SIZE_MAX, WIDTH_MAX, EvalConfig, TrainConfig, read_regular_file
-from explainkit.errors import ConfigError, RunError, brief, describe
+from explainkit.errors import ConfigError, RunError, brief, describe, write_failed
 
 __all__ = [
     "COMMANDS",
@@ -53,7 +55,7 @@ def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists (on this host)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):  # gone, or no pid at all
         return False
     except PermissionError:
         return True
@@ -75,9 +77,10 @@ class RunDir:
     REPORT = "report.html"
     LOG = "train.log"
     LOCK = ".lock"
+    SETUP = ".setup"  # explainkit is making this run: see is_half_made
     MANIFEST = "manifest.json"  # inside each analyses/NAME/ folder
     # What ``--overwrite`` may delete: the files a run writes, and nothing else.
-    OWNED = (CONFIG, STORE, STORE_EPOCHS, CHECKPOINTS, ANALYSES, REPORT, LOG, STORE + ".tmp")
+    OWNED = (CONFIG, STORE, STORE_EPOCHS, CHECKPOINTS, ANALYSES, REPORT, LOG, STORE + ".tmp", SETUP)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -122,6 +125,11 @@ class RunDir:
     @property
     def lock_path(self) -> Path:
         return self.path / self.LOCK
+
+    @property
+    def setup_path(self) -> Path:
+        """The half-made marker: explainkit began this run and has not written its config."""
+        return self.path / self.SETUP
 
     def analysis(self, name: str) -> Path:
         """The output folder of analyzer ``name``."""
@@ -177,8 +185,22 @@ class RunDir:
         return sorted(p.name for p in self.path.iterdir() if not _is_run_file(p.name))
 
     def is_half_made(self) -> bool:
-        """A folder a run began to set up and was stopped in: only run files, no config."""
-        return self.path.is_dir() and not self.has_config and not self.foreign_entries()
+        """A folder explainkit began to make a run in and was stopped: its own marker says
+        so (``.setup``), and there is no config yet. Nothing else makes a folder half-made:
+        a user's ``checkpoints/`` or ``train.log`` is the user's."""
+        return self.setup_path.is_file() and not self.has_config and not self.has_store
+
+    def mark_setup(self) -> None:
+        """Write the half-made marker (a new run, before its first file)."""
+        # Not atomic on purpose: the name is the marker, so a write cut short still marks.
+        try:
+            self.setup_path.write_text(json.dumps({"pid": os.getpid()}) + "\n")
+        except OSError as e:
+            raise RunError(write_failed(self.setup_path, e)) from e
+
+    def end_setup(self) -> None:
+        """Remove the half-made marker: config.json now says what the folder is."""
+        self.setup_path.unlink(missing_ok=True)
 
     # -- checks ----------------------------------------------------------------------------
     def check(self) -> RunDir:
@@ -204,7 +226,7 @@ class RunDir:
         if not self.path.is_dir():
             raise RunError(f"{self.path} is not a directory; give the run directory of a run")
         path = self.config_path
-        if not path.is_file() and self.is_half_made() and any(self.path.iterdir()):
+        if not path.is_file() and self.is_half_made():
             raise RunError(
                 f"{self.path} was stopped during setup, before its config was written; "
                 "start it again with the same options and --overwrite"
@@ -241,9 +263,11 @@ class RunDir:
         """Make the run directory (or with ``overwrite`` empty a previous run) and lock it.
 
         The lock is taken before anything is checked or deleted, so two processes started
-        together can never both pass the checks. A run's own files are deleted only with
-        ``overwrite``; a folder holding anything else is refused even then. A folder left by
-        a run stopped during setup (run files, no config) is taken over like an empty one.
+        together can never both pass the checks. The folder must be empty, a run (replaced
+        only with ``overwrite``), or half-made by explainkit's own marker (taken over like an
+        empty one). Any other folder that is not empty is refused, deleting nothing: without
+        ``overwrite`` always; with it, when it holds a name no run writes. Then the marker
+        is written; config.json replaces it (:meth:`end_setup`).
 
         Returns:
             The held lock; release it when the run is done.
@@ -255,25 +279,51 @@ class RunDir:
         lock.acquire()
         try:
             self._clear_for_new_run(overwrite)
+            self.mark_setup()
         except BaseException:
             lock.release()
             raise
         return lock
 
+    def _looks_ours(self) -> bool:
+        """Whether config.json or predictions.h5 are explainkit's, not a user's files that
+        carry those names: our config names its format in its first line, our store is HDF5
+        (a damaged run of ours still passes; read_config says what is wrong with it)."""
+        try:
+            if self.has_config:
+                with open(self.config_path, "rb") as f:
+                    return f'"{CONFIG_FORMAT}"'.encode() in f.read(4096)
+            with open(self.store_path, "rb") as f:
+                return f.read(8) == b"\x89HDF\r\n\x1a\n"
+        except OSError:
+            return False
+
     def _clear_for_new_run(self, overwrite: bool) -> None:
-        if self.foreign_entries() and not self.is_run():
-            raise RunError(
-                f"{self.path} is not empty and is not an explainkit run; refusing to delete "
-                "it even with --overwrite; choose another --out"
-            )
-        if self.is_run() and not overwrite:
-            raise RunError(
-                f"{self.path} already exists; pass --overwrite to replace it, --resume to "
-                "continue it, or choose another --out"
-            )
-        for entry in self.path.iterdir():  # a half-made run's files go without asking
+        entries = [p.name for p in self.path.iterdir() if p.name != self.LOCK]
+        if not entries:
+            return
+        if self.is_run() and self._looks_ours():
+            if not overwrite:
+                raise RunError(
+                    f"{self.path} already exists; pass --overwrite to replace it, --resume "
+                    "to continue it, or choose another --out"
+                )
+        elif not self.is_half_made():
+            shown = ", ".join(brief(n, 40) for n in sorted(entries)[:3])
+            more = ", ..." if len(entries) > 3 else ""
+            foreign = self.foreign_entries()
+            if foreign or not overwrite:
+                hint = "" if foreign else ", or pass --overwrite to delete and replace them"
+                raise ConfigError(
+                    f"--out {self.path} is not empty ({shown}{more}) and is not an explainkit "
+                    f"run; nothing was deleted: choose an empty or new --out{hint}"
+                )
+        for entry in self.path.iterdir():  # a run's own files only; a half-made run's too
             if _is_run_file(entry.name) and entry.name != self.LOCK:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
     def open_existing(self) -> RunLock:
         """Lock an existing run to continue it; RunError when there is none to continue."""
@@ -289,14 +339,22 @@ class RunDir:
         return lock
 
 
-def remove_stale_tmp(analyses: Path, name: str) -> None:
-    """Remove the temporary folders of analyzer ``name`` that killed ``analyze`` processes left
-    in ``analyses/`` (``.<name>.tmp-<pid>``, ``.old-``, ``.parts-``; their pid is gone)."""
-    for prefix in (f".{name}.tmp-", f".{name}.old-", f".{name}.parts-"):
-        for path in analyses.glob(f"{prefix}*"):
-            pid_text = path.name[len(prefix) :].split("-")[0]
-            if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
-                shutil.rmtree(path, ignore_errors=True)
+_STALE = re.compile(r"\.(.+)\.(tmp|old|parts)-(\d+)(-.*)?")
+
+
+def remove_stale_tmp(analyses: Path, name: str | None = None) -> None:
+    """Remove the temporary folders that killed ``analyze`` processes (or torchrun ranks)
+    left in ``analyses/`` (``.<analyzer>.tmp-<pid>``, ``.old-``, ``.parts-``; their pid is
+    gone), of every analyzer, not only ``name``'s: the next analyze clears them all."""
+    if not analyses.is_dir():
+        return
+    for path in analyses.iterdir():
+        m = _STALE.fullmatch(path.name)
+        if m is None or not path.is_dir():
+            continue
+        pid = int(m.group(3))
+        if pid != os.getpid() and not pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _is_run_file(name: str) -> bool:
@@ -341,8 +399,12 @@ class RunLock:
                 break
             os.close(fd)  # the holder removed this file as we locked it: take the new one
         owner = json.dumps({"pid": os.getpid(), "host": os.uname().nodename})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, owner.encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, owner.encode(), 0)
+        except OSError as e:  # a full disk: say which file, and hold nothing
+            os.close(fd)
+            raise RunError(write_failed(self.path, e)) from e
         self._fd = fd
 
     def release(self) -> None:

@@ -21,9 +21,9 @@ from explainkit.config import (
     FIELDS,
     check_value,
     field_kind,
-    read_config_file,
     resolve_config,
 )
+from explainkit.config_files import read_config_file
 from explainkit.errors import ConfigError, RunError, brief
 from explainkit.files import MAX_CONFIG_BYTES
 from explainkit.rundir import check_run_config

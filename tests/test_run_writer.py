@@ -35,8 +35,10 @@ def _data(n: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cli(*args: str):
-    """The real CLI in a subprocess that can import tests/evaluate_models.py."""
-    return run_cli(*args, env={"PYTHONPATH": str(TESTS)})
+    """The real CLI in a subprocess that can import tests/evaluate_models.py, and may (the
+    runs name it: explainkit.trust)."""
+    env = {"PYTHONPATH": str(TESTS), "EXPLAINKIT_TRUST_IMPORTS": "evaluate_models"}
+    return run_cli(*args, env=env)
 
 
 def _train_epoch(model, optimizer, images, targets) -> tuple[float, float]:

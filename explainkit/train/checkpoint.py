@@ -37,6 +37,7 @@ from explainkit.atomic import write_atomic
 from explainkit.errors import CheckpointError, ConfigError, RunError, first_line
 from explainkit.registries import Registries, spec_kwargs
 from explainkit.rundir import RunDir
+from explainkit.trust import check_trusted
 
 FORMAT_NAME = "explainkit-checkpoint"
 FORMAT_VERSION = 2
@@ -107,7 +108,7 @@ def load_checkpoint(path: str | Path, registries: Registries) -> dict[str, Any]:
     if missing:
         raise _damaged(path, f"it lacks {', '.join(map(repr, missing))}")
     try:
-        _validate(data, registries)
+        _validate(data, registries, str(path))
     except _Unavailable as e:
         raise CheckpointError(f"{path} cannot be rebuilt here: {e}") from None
     except _Damage as e:
@@ -115,6 +116,19 @@ def load_checkpoint(path: str | Path, registries: Registries) -> dict[str, Any]:
     except _CHECK_ERRORS as e:  # a value too odd for the checks themselves is damage too
         raise _damaged(path, first_line(e, limit=120) or type(e).__name__) from e
     return data
+
+
+def read_epoch(path: str | Path) -> int:
+    """The epoch a checkpoint file records, read without building its model (``inspect`` of
+    a run whose model needs consent to import); CheckpointError when there is none."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # damaged, unreadable, not ours
+        raise _unreadable(Path(path), e) from e
+    epoch = data.get("epoch") if isinstance(data, dict) else None
+    if not _is_int(epoch) or epoch < 1:
+        raise _damaged(Path(path), f"its epoch is {_describe(epoch)}")
+    return epoch
 
 
 _REMEDY = "use another epoch's checkpoint or train the run again"
@@ -161,12 +175,13 @@ def _is_real(value: Any) -> bool:
         return False
 
 
-def _validate(data: dict[str, Any], registries: Registries) -> None:
-    """Check every field a reader or a resume uses (raises ``_Damage``)."""
+def _validate(data: dict[str, Any], registries: Registries, where: str = "the checkpoint") -> None:
+    """Check every field a reader or a resume uses (raises ``_Damage``; UntrustedImport for
+    a model whose module the user did not consent to import)."""
     epoch = data["epoch"]
     if not _is_int(epoch) or epoch < 1:
         raise _Damage(f"its epoch is {_describe(epoch)}, not a whole number of 1 or more")
-    spec = _model_spec(data["model"], registries)
+    spec = _model_spec(data["model"], registries, where)
     if not isinstance(data["state_dict"], dict):
         raise _Damage(f"its state_dict is {_describe(data['state_dict'])}, not a dict of tensors")
     expected = _expected_weights(spec, registries)
@@ -209,14 +224,16 @@ def _validate(data: dict[str, Any], registries: Registries) -> None:
             raise _Damage(f"its {key} is {_describe(values)}, not a list of finite numbers")
 
 
-def _model_spec(spec: Any, registries: Registries) -> dict[str, Any]:
-    """The model spec, checked: arch a registered name, num_classes (and width, where there is
-    one) positive integers, kwargs a mapping of names to plain values."""
+def _model_spec(spec: Any, registries: Registries, where: str) -> dict[str, Any]:
+    """The model spec, checked: arch a registered name (an import path only with consent),
+    num_classes (and width, where there is one) positive integers, kwargs a mapping of names
+    to plain values."""
     if not isinstance(spec, dict):
         raise _Damage(f"its model spec is {_describe(spec)}, not a dict")
     arch = spec.get("arch")
     if not isinstance(arch, str):
         raise _Damage(f"its model arch is {_describe(arch)}, not a model name")
+    check_trusted(arch, where)  # before the lookup: that would import the module
     try:
         registries.model_entry(arch)
     except ConfigError as e:

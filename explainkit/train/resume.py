@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 from explainkit.config import RESUMABLE, TrainConfig, refused_on_resume
 from explainkit.errors import CheckpointError, RunError
 from explainkit.rundir import RunDir
-from explainkit.store import truncate_store
+from explainkit.store import open_store, truncate_store
 from explainkit.train.checkpoint import list_checkpoints, load_checkpoint
+from explainkit.trust import check_trusted
 
 # What a checkpoint needs beyond its weights for training to continue exactly.
 RESUME_STATE = ("optimizer", "scheduler", "scaler", "rng")
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 def _saved_config(run: RunDir) -> TrainConfig:
     document = run.read_config()
+    check_trusted(document["model"]["arch"], str(run.config_path))  # before any lookup
     if document["command"] != "train":
         raise RunError(
             f"{run.path} was written by explainkit {document['command']}, not trained; there "
@@ -74,6 +76,32 @@ def read_resume_point(run: RunDir, registries: Registries) -> dict[str, Any] | N
             "from; analyze it, or start the run again with --overwrite"
         )
     return data
+
+
+def check_resume_store(run: RunDir, last_epoch: int) -> None:
+    """Refuse, writing nothing, a store that cannot be continued from the checkpoint of
+    ``last_epoch``: damaged or missing, an epoch file deleted (fewer epochs than the
+    checkpoint vouches for), or an epoch up to ``last_epoch`` whose logits fail their
+    checksum. Resume then only appends to epochs that read back."""
+    remedy = "it cannot be continued; analyze it as it is, or train it again with --overwrite"
+    with open_store(run.store_path) as store:  # StoreError: damaged, says which file
+        stored = len(store.epochs)
+        if stored < last_epoch:
+            raise RunError(
+                f"{run.store_path} holds {stored} epochs but {run.checkpoint('last').name} is "
+                f"epoch {last_epoch} (an epoch file is missing); {remedy}"
+            )
+        for epoch in range(1, last_epoch + 1):
+            store.logits(epoch)  # reads every byte: a checksum error surfaces now
+
+
+def resume_point(run: RunDir, registries: Registries) -> dict[str, Any] | None:
+    """The checkpoint a resume continues from, with the store checked against it: every
+    check a resume makes, before any file of the run (config.json, train.log) changes."""
+    point = read_resume_point(run, registries)
+    if point is not None:
+        check_resume_store(run, int(point["epoch"]))
+    return point
 
 
 def trim_to_checkpoint(run: RunDir, last_epoch: int) -> None:

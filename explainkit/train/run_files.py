@@ -14,7 +14,7 @@ import torch
 from explainkit import __version__
 from explainkit.atomic import write_atomic
 from explainkit.config import Options, TrainConfig
-from explainkit.errors import ExplainkitError, RunError
+from explainkit.errors import ExplainkitError, RunError, write_failed
 from explainkit.rundir import CONFIG_FORMAT, CONFIG_VERSION, RunDir, RunLock
 from explainkit.store import StoreBuilder
 from explainkit.train.distributed import DistContext
@@ -68,7 +68,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
 
 def write_config(facts: RunFacts, config: Options, run: RunDir) -> None:
     """config.json (what wrote it, the resolved config, model spec, data facts, environment);
-    checkpoints/."""
+    checkpoints/. The half-made marker goes once config.json is there."""
     run.checkpoints.mkdir(exist_ok=True)
     config_json = {
         "format": CONFIG_FORMAT,
@@ -88,6 +88,7 @@ def write_config(facts: RunFacts, config: Options, run: RunDir) -> None:
         "world_size": facts.world_size,
     }
     write_atomic(run.config_path, json.dumps(config_json, indent=2) + "\n", RunError)
+    run.end_setup()  # the config says what the folder is now: no longer half-made
 
 
 STORE_BATCH = 256  # images decoded and written at a time: 38 MB at 224 px
@@ -140,8 +141,8 @@ def append_log(run: RunDir, line: str) -> None:
             f.flush()
     except OSError as e:
         raise RunError(
-            f"cannot write {run.log_path}: {e.strerror or e}; free some disk space and resume "
-            f"with: explainkit train --resume {run.path}"
+            f"{write_failed(run.log_path, e)}, then resume with: explainkit train --resume "
+            f"{run.path}"
         ) from e
 
 

@@ -45,11 +45,7 @@ from explainkit.train.checkpoint import prune_checkpoints, save_checkpoint
 from explainkit.train.device_data import DeviceData
 from explainkit.train.ema import EMA
 from explainkit.train.optim import make_optimizer, make_scheduler, one_cycle_factor, steps_per_epoch
-from explainkit.train.resume import (
-    read_resume_point,
-    resume_config,
-    trim_to_checkpoint,
-)
+from explainkit.train.resume import resume_config, resume_point, trim_to_checkpoint
 from explainkit.train.run_files import (
     RunFacts,
     append_log,
@@ -59,6 +55,7 @@ from explainkit.train.run_files import (
 )
 from explainkit.train.state import restore_rng_state, rng_state, seed_everything
 from explainkit.train.weights import InitialWeights, apply_weights, read_weights
+from explainkit.trust import imported_module, trusted_imports
 
 __all__ = ["Trainer", "TrainingInterrupted", "one_cycle_factor", "resume_config", "train"]
 
@@ -527,13 +524,11 @@ class Trainer:
                     )
 
 
-def _start(trainer: Trainer, config: TrainConfig, run: RunDir, resume: bool) -> None:
-    """Load the resume point (if any), then write what the run needs before its first step.
-
-    Everything that can refuse (a damaged or mismatched last.pt) runs before the first
-    write, so a refused resume leaves every file of the run as it was.
-    """
-    point = read_resume_point(run, trainer.registries) if resume else None
+def _start(
+    trainer: Trainer, config: TrainConfig, run: RunDir, point: dict[str, Any] | None
+) -> None:
+    """Continue from the resume point (if any), then write what the run needs before its
+    first step; everything that can refuse was checked before (``resume_point``)."""
     if point is not None:
         trainer.load_state(point)
     resumed = point is not None
@@ -574,12 +569,14 @@ def train(
     run = RunDir(out) if out else RunDir.new_default()
     continuing = resume and run.checkpoint("last").is_file()  # its weights replace these
     reading = config.weights and not continuing
-    weights = read_weights(config.weights, entry, registries) if reading else None
+    with trusted_imports(None if resume else imported_module(config.model)):  # named by the user
+        weights = read_weights(config.weights, entry, registries) if reading else None
     dist = dist_utils.init_from_env(config.device)
     lock = None
     try:
         lock = claim_run(run, config, dist, overwrite, resume)
         fault_point("setup:locked")
+        point = resume_point(run, registries) if resume else None
         trainer = trainer_class(
             config,
             run.path,
@@ -589,7 +586,7 @@ def train(
             weights=weights,
             load_weights=not continuing,
         )
-        _start(trainer, config, run, resume)
+        _start(trainer, config, run, point)
         trainer.run()
     finally:
         if lock is not None:

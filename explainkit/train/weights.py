@@ -153,10 +153,39 @@ def _tensors(data: Any, source: str) -> dict[str, torch.Tensor]:
             f"--weights {source} is not a state_dict (a dict of names to tensors); save "
             "model.state_dict()"
         )
+    for key, t in data.items():
+        kind = _odd_kind(t)
+        if kind:
+            raise CheckpointError(
+                f"--weights {source} holds {brief(key, 40)} as {kind}, not a plain tensor of "
+                "numbers; save model.state_dict() of a model on the CPU or a GPU"
+            )
     for prefix in PREFIXES:
         if all(k.startswith(prefix) for k in data):
             data = {k[len(prefix) :]: v for k, v in data.items()}
     return data
+
+
+def _odd_kind(t: torch.Tensor) -> str | None:
+    """What keeps ``t`` from being copied into a model's weights, in words (None: nothing):
+    a sparse or other non-strided layout, a meta tensor (no values), a quantized one."""
+    if t.layout != torch.strided:
+        return f"a {str(t.layout).removeprefix('torch.')} tensor"
+    if t.is_meta:
+        return "a meta tensor (shapes without values)"
+    if t.is_quantized:
+        return "a quantized tensor"
+    if t.is_nested:
+        return "a nested tensor"
+    return None
+
+
+def _kind_mismatch(theirs: torch.Tensor, mine: torch.Tensor) -> bool:
+    """Whether a weight's dtype cannot stand for the model's: numbers of another kind (an
+    integer or bool tensor for a float weight, a float for a count), or complex."""
+    if theirs.is_complex() or theirs.is_floating_point() != mine.is_floating_point():
+        return True
+    return theirs.dtype == torch.bool and mine.dtype != torch.bool
 
 
 def apply_weights(
@@ -184,6 +213,12 @@ def apply_weights(
     head = []
     for key, mine in own.items():
         theirs = given[key]
+        if _kind_mismatch(theirs, mine):
+            raise ConfigError(
+                f"--weights {weights.source} do not fit model {name}: {key!r} is "
+                f"{str(theirs.dtype).removeprefix('torch.')} there but "
+                f"{str(mine.dtype).removeprefix('torch.')} here; give the model's own weights"
+            )
         if theirs.shape == mine.shape:
             continue
         if (
@@ -205,7 +240,15 @@ def apply_weights(
             f"--weights {weights.source} do not fit model {name}: {', '.join(head)} differ in "
             "shape from the model's in more than the class count"
         )
-    result = model.load_state_dict({k: v for k, v in given.items() if k not in head}, strict=False)
+    try:
+        result = model.load_state_dict(
+            {k: v for k, v in given.items() if k not in head}, strict=False
+        )
+    except (RuntimeError, ValueError, TypeError) as e:  # whatever the checks above missed
+        raise ConfigError(
+            f"--weights {weights.source} cannot be copied into model {name} "
+            f"({first_line(e, limit=120) or type(e).__name__}); give the model's own weights"
+        ) from e
     assert not result.unexpected_keys and sorted(result.missing_keys) == sorted(head)
     notes = [f"weights: {weights.source} ({len(given) - len(head)} tensors)"]
     if head:
