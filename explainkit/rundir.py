@@ -31,8 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from explainkit.config import IMAGE_SIZE_MAX, WIDTH_MAX, EvalConfig, TrainConfig, read_regular_file
+from explainkit.config import IMAGE_SIZE_MAX, WIDTH_MAX, EvalConfig, TrainConfig
 from explainkit.errors import ConfigError, RunError, brief, describe, write_failed
+from explainkit.files import read_regular_file
 
 __all__ = [
     "COMMANDS",
