@@ -75,27 +75,35 @@ def evaluate(
     device: str = "auto",
     batch_size: int = 256,
     overwrite: bool = False,
+    fit: str = "crop",
+    seed: int = 0,
     registries: Registries | None = None,
 ) -> Path:
     """Evaluate ``model`` once on ``data`` and write a run directory every analyzer reads.
 
     Args:
-        model: Any classifier returning (N, classes) logits for normalized (N, 3, H, W) images.
-        data: A registered dataset name (its eval split: ``"folder"`` with ``data_dir``), an
-            ``explainkit.Dataset``, or ``(images, targets)``: uint8 images (N, H, W, 3) and
-            their class indices.
+        model: Any classifier returning (N, classes) scores (a tensor, a HuggingFace output's
+            ``logits``, a dict or a tuple) for normalized (N, 3, H, W) images; a model whose
+            first convolution takes one channel gets the images' gray channel.
+        data: A registered dataset name (its eval split: ``"folder"`` with ``data_dir``, every
+            image of a folder without train/ and val/), an ``explainkit.Dataset``, or
+            ``(images, targets)``: uint8 images (N, H, W, 3), grayscale (N, H, W, 1) or
+            (N, H, W), and their class indices.
         out: The run directory (default ``runs/<time>``).
         classes: Class names (default: the dataset's; needed with arrays).
-        mean, std: The normalization the model expects, in [0, 1] units (default: the
-            evaluation images' own statistics).
+        mean, std: The normalization the model expects, in [0, 1] units, 3 values (or 1 for
+            a grayscale model) (default: the evaluation images' own statistics).
         arch: How to rebuild the model: a registered name (``torchvision:resnet18``), or an
             import path ``import:package.module:factory`` called as ``factory(num_classes=N,
             **kwargs)``. Default: the model's class as an import path.
         kwargs: The build arguments ``arch`` takes besides ``num_classes``.
         default_layer: The layer explained by default (default: the registered model's, or
             the last spatial layer the logits depend on).
-        data_dir, image_size, limit_eval: For a dataset name, as ``explainkit evaluate``
-            takes them (image_size default: the model's, else 224).
+        data_dir, image_size, limit_eval: As ``explainkit evaluate`` takes them (image_size
+            default: the model's, else 224; arrays keep their size). ``limit_eval`` keeps a
+            class-balanced subset drawn with ``seed``.
+        fit: How non-square images become squares: ``crop`` (the centre), ``pad`` (the
+            whole image) or ``stretch``.
         device, batch_size: Where and how many images at a time the model runs.
         overwrite: Replace an existing run.
         registries: Where names are looked up (default: built-ins and installed plugins).
@@ -107,7 +115,7 @@ def evaluate(
         out, model, data, classes=classes, mean=mean, std=std, arch=arch, kwargs=kwargs,
         default_layer=default_layer, data_dir=data_dir, image_size=image_size,
         limit_eval=limit_eval, device=device, batch_size=batch_size, overwrite=overwrite,
-        registries=registries,
+        fit=fit, seed=seed, registries=registries,
     ) as writer:  # fmt: skip
         writer.log_epoch()
     return writer.path

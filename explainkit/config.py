@@ -218,10 +218,16 @@ class TrainConfig(Options):
     channels_last: bool = _opt(True, "channels_last memory format on CUDA.")
     compile: bool = _opt(False, "torch.compile the model.")
     limit_train: int | None = _opt(
-        None, "Use only the first N training images.", min=1, max=1_000_000_000
+        None,
+        "Use a seeded class-balanced subset of N training images (the same for the same --seed).",
+        min=1,
+        max=1_000_000_000,
     )
     limit_eval: int | None = _opt(
-        None, "Use only the first N evaluation images.", min=1, max=1_000_000_000
+        None,
+        "Use a seeded class-balanced subset of N evaluation images (the same for the same --seed).",
+        min=1,
+        max=1_000_000_000,
     )
     ema: float = _opt(
         0.999,
@@ -299,11 +305,34 @@ class EvalConfig(Options):
         "one a plugin registers.",
     )
     data_dir: str | None = _like("data_dir")
-    image_size: int = _like("image_size")
+    image_size: int | None = _like(
+        "image_size",
+        default=None,
+        help="Image side in pixels; default: the model's expected input (its registry entry or "
+        "pretrained weights' metadata, 224 for torchvision's ImageNet models).",
+    )
+    resize_size: int | None = _opt(
+        None,
+        "With --fit crop: the shorter side before the centre --image-size crop; default: the "
+        "model's policy (torchvision's 256 or 232 for 224), else --image-size.",
+        min=8,
+        max=IMAGE_SIZE_MAX,
+    )
+    fit: str = _opt(
+        "crop",
+        "How a non-square image becomes the model's square: crop (the centre), pad (the "
+        "whole image, padded) or stretch (the whole image, distorted).",
+        choices=("crop", "pad", "stretch"),
+    )
     device: str = _like("device")
     batch_size: int = _like("batch_size", default=256, help="Images evaluated at a time.")
-    limit_eval: int | None = _like("limit_eval")
-    seed: int = _like("seed", help="Random seed of datasets that draw or split at random.")
+    limit_eval: int | None = _like(
+        "limit_eval",
+        help="Evaluate a seeded class-balanced subset of N images (the same for the same --seed).",
+    )
+    seed: int = _like(
+        "seed", help="Random seed of datasets that draw at random and of --limit-eval's subset."
+    )
 
     def validate(
         self, labels: Mapping[str, str] | None = None, registries: Registries | None = None

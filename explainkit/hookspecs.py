@@ -74,6 +74,12 @@ class ModelEntry:
         weights: ``weights(name) -> state_dict`` for named pretrained weights (``--weights
             IMAGENET1K_V1``), or None when the model has none. May download; raise OSError
             when it cannot, and KeyError for a name it does not know.
+        resize_size: The shorter side images are resized to before the centre
+            ``input_size`` square is cropped (torchvision's 256 for 224), or None: resized to
+            ``input_size`` itself. What ``explainkit evaluate`` uses by default.
+        own_weights: The ``weights`` name meaning "the weights that come with the model"
+            (a local ``save_pretrained`` folder's), used by ``evaluate`` when ``--weights``
+            is not given; None: ``--weights`` is required.
     """
 
     name: str
@@ -85,6 +91,8 @@ class ModelEntry:
     std: Sequence[float] | None = None
     summary: str = ""
     weights: Callable[[str], Mapping[str, Any]] | None = None
+    resize_size: int | None = None
+    own_weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +203,9 @@ def check_model_entry(entry: ModelEntry, plugin: str) -> None:
     size = entry.input_size
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise PluginError(f"{what} of plugin {plugin!r}: input_size must be a positive int")
+    size = entry.resize_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise PluginError(f"{what} of plugin {plugin!r}: resize_size must be a positive int")
     _check_stats(entry.mean, f"{what}: mean", plugin, positive=False)
     _check_stats(entry.std, f"{what}: std", plugin, positive=True)
     if entry.weights is not None:

@@ -52,6 +52,7 @@ def register_models(register: Any) -> None:
             _resnet18_s8,
             default_layer="layer4",
             reshape="nchw",
+            input_size=32,
             summary="The seed's ResNet18 for small images: 8x8 last stage, 2x2-pooled head "
             "(takes --width).",
         )
@@ -62,6 +63,7 @@ def register_models(register: Any) -> None:
             _resnet18,
             default_layer="layer4",
             reshape="nchw",
+            input_size=32,
             summary="The common CIFAR ResNet18: last stage at stride 2, global pooling "
             "(takes --width).",
         )
@@ -130,12 +132,14 @@ def torchvision_entry(name: str) -> ModelEntry:
         build: Any = partial(_build_torchvision_vit, name)
     else:
         build = partial(_build_torchvision, name)
+    crop, resize = _torchvision_input_size(name)
     return ModelEntry(
         f"torchvision:{name}",
         build,
         default_layer=layer,
         reshape=reshape,
-        input_size=_torchvision_input_size(name),
+        input_size=crop,
+        resize_size=resize,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         summary=f"torchvision's {name}",
@@ -186,15 +190,18 @@ def _meta_model(name: str) -> Any:
         return _build_torchvision(name, 10)
 
 
-def _torchvision_input_size(name: str) -> int | None:
-    """The crop size of the model's default pretrained weights (224; 299 for Inception)."""
+def _torchvision_input_size(name: str) -> tuple[int | None, int | None]:
+    """(crop size, shorter side before the crop) of the model's default pretrained weights'
+    transforms (224 and 232 for resnet50's V2 weights; 299 and 342 for Inception), read from
+    torchvision's metadata (no download)."""
     from torchvision.models import get_model_weights
 
     try:
-        crop = get_model_weights(name).DEFAULT.transforms().crop_size
+        transforms = get_model_weights(name).DEFAULT.transforms()
+        crop, resize = transforms.crop_size, transforms.resize_size
     except (ValueError, KeyError, AttributeError, TypeError):
-        return None
-    return int(crop[0]) if crop else None
+        return None, None
+    return (int(crop[0]) if crop else None), (int(resize[0]) if resize else None)
 
 
 def _torchvision_weights(model: str, weights: str) -> Any:
@@ -241,12 +248,15 @@ def timm_entry(name: str) -> ModelEntry:
     layer, reshape, cfg, sized = _timm_layout(name)
     build: Any = partial(_build_timm_sized if sized else _build_timm, name)
     size = cfg.get("input_size")
+    crop_pct = cfg.get("crop_pct")
+    resize = int(size[-1] / crop_pct) if size and isinstance(crop_pct, float) and crop_pct else None
     return ModelEntry(
         f"timm:{name}",
         build,
         default_layer=layer,
         reshape=reshape,
         input_size=int(size[-1]) if size else None,
+        resize_size=resize,
         mean=_three(cfg.get("mean")),
         std=_three(cfg.get("std")),
         summary=f"timm's {name}",

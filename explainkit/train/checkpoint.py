@@ -421,7 +421,9 @@ def model_from_checkpoint(
     if layer and not hasattr(model, "default_target_layer"):
         # explainkit.explain.layers.target_layer(model) then answers for any architecture.
         model.default_target_layer = layer
-    return model.to(device).eval()
+    from explainkit.explain.inputs import accept_rgb
+
+    return accept_rgb(model).to(device).eval()  # a grayscale model takes the RGB images
 
 
 def load_model(
