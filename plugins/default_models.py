@@ -42,6 +42,10 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_MISSING = "timm models need timm: pip install explainkit[timm]"
+# What to do with a run written from a module that cannot be rebuilt (a notebook's model).
+LIVE_MODULE_HINT = (
+    "or analyze the run from Python with the module: explainkit.analyze(run, model=module)"
+)
 
 
 @hookimpl
@@ -328,7 +332,7 @@ def import_entry(path: str) -> ModelEntry:
     except ImportError as e:
         raise ConfigError(
             f"model import:{path} cannot be built here: module {module_name!r} is not "
-            f"importable ({e}); install the package that defines it"
+            f"importable ({e}); install the package that defines it, {LIVE_MODULE_HINT}"
         ) from None
     factory: Any = module
     for part in attribute.split("."):
@@ -336,8 +340,7 @@ def import_entry(path: str) -> ModelEntry:
     if not callable(factory) or "num_classes" not in _parameters(factory):
         raise ConfigError(
             f"model import:{path} cannot be built: {attribute} of {module_name} is not a class "
-            "or function taking num_classes; give explainkit a factory(num_classes, **kwargs) "
-            "or register the model in a plugin"
+            f"or function taking num_classes; {LIVE_MODULE_HINT}"
         )
     return ModelEntry(
         f"import:{path}", partial(_build_imported, factory), summary=f"{attribute} of {module_name}"
