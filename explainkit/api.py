@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from explainkit.data import Dataset
 
-__all__ = ["RunWriter", "evaluate", "load_model", "load_registries"]
+__all__ = ["RunWriter", "evaluate", "load_model", "load_registries", "report"]
 
 
 def load_model(
@@ -119,3 +119,31 @@ def evaluate(
     ) as writer:  # fmt: skip
         writer.log_epoch()
     return writer.path
+
+
+def report(
+    run: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    plugins: Sequence[str] | None = None,
+    model: nn.Module | None = None,
+    device: str = "auto",
+    registries: Registries | None = None,
+) -> Path:
+    """Write the HTML report of ``run`` (default ``RUN/report.html``) and return its path.
+
+    With ``plugins`` (analyzer names), those analyzers run first; ``model`` is the live module
+    a run written by ``explainkit.evaluate(model, ...)`` needs when its class cannot be
+    rebuilt (see :func:`explainkit.analyze`). A failed analyzer is shown on the page with
+    its reason, as ``explainkit report`` shows it.
+    """
+    from explainkit.report import build_report
+    from explainkit.runner import analyze
+
+    registries = registries or load_registries()
+    if plugins:
+        analyze(
+            run, plugins=list(plugins), device=device, model=model, registries=registries,
+            collect_failures=True,
+        )  # fmt: skip
+    return build_report(run, registries, out=out)
