@@ -80,6 +80,7 @@ def evaluate_run(
             "file, an explainkit checkpoint or a name such as IMAGENET1K_V1)"
         )
     weights_name = config.weights or str(entry.own_weights)
+    config.model = entry.name  # canonical: an hf: folder as an absolute path
     weights = read_weights(weights_name, entry, registries)  # before anything is written
     size, resize, where = model_input(entry, config.image_size, config.resize_size)
     ds = load_dataset(

@@ -11,6 +11,10 @@ torch, torchvision and timm load when a model is built or a family name is resol
   downloads torchvision's pretrained weights. ViTs take ``image_size`` (``--image-size``).
 * ``timm:NAME``: any of ``timm.list_models()`` when timm is installed (``pip install
   explainkit[timm]``).
+* ``hf:FOLDER``: a HuggingFace transformers image classifier saved with ``save_pretrained``
+  in a local folder (``pip install explainkit[transformers]``); nothing is downloaded and no
+  code from the folder runs (``trust_remote_code`` stays off). Its outputs
+  (``ImageClassifierOutput.logits``) are read by :func:`explainkit.explain.outputs.scores_of`.
 * ``import:package.module:factory``: a model by import path, built as
   ``factory(num_classes=N, **kwargs)``: what ``explainkit.evaluate`` and ``RunWriter`` record
   for a module that no plugin registered, so that its run can rebuild it.
@@ -30,6 +34,7 @@ from explainkit.hookspecs import ModelEntry, ModelFamily
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "hf_entry",
     "import_entry",
     "register_models",
     "timm_entry",
@@ -88,6 +93,15 @@ def register_models(register: Any) -> None:
             timm_names,
             summary="Every timm model (timm:convnext_tiny, ...), when timm is installed "
             "(pip install explainkit[timm]).",
+        )
+    )
+    register(
+        ModelFamily(
+            "hf",
+            hf_entry,
+            list,  # any save_pretrained folder: there is no list to suggest from
+            summary="A HuggingFace transformers image classifier saved with save_pretrained in a "
+            "local folder (hf:path/to/folder; pip install explainkit[transformers]).",
         )
     )
     register(
@@ -309,6 +323,119 @@ def _three(values: Any) -> tuple[float, ...] | None:
     if isinstance(values, (list, tuple)) and len(values) == 3:
         return tuple(float(v) for v in values)
     return None
+
+
+# -- HuggingFace transformers (local save_pretrained folders) -------------------------------
+
+TRANSFORMERS_MISSING = (
+    "hf: models need transformers: pip install explainkit[transformers] (or transformers)"
+)
+HF_OWN_WEIGHTS = "SAVED"  # what evaluate loads when --weights is not given: the folder's own
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(TRANSFORMERS_MISSING) from None
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    return transformers
+
+
+def hf_entry(path: str) -> ModelEntry:
+    """The ModelEntry of ``hf:FOLDER``, a ``save_pretrained`` folder of an image classifier.
+
+    Read offline (``local_files_only``): a folder without ``config.json`` is one sentence,
+    never a download. ``--weights`` defaults to the folder's own (``SAVED``).
+    """
+    import json
+    from pathlib import Path
+
+    folder = Path(path).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"model hf:{path}: {folder} is not a folder written by save_pretrained (it has no "
+            "config.json); hf: takes a local folder, nothing is downloaded"
+        )
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"model hf:{path}: its config.json cannot be read ({e})") from None
+    layer, reshape = _hf_layout(config)
+    size = getattr(config, "image_size", None)
+    mean = std = None
+    processor = folder / "preprocessor_config.json"
+    if processor.is_file():
+        try:
+            settings = json.loads(processor.read_text())
+        except (OSError, ValueError):
+            settings = {}
+        mean, std = _three(settings.get("image_mean")), _three(settings.get("image_std"))
+    return ModelEntry(
+        f"hf:{folder}",
+        partial(_build_hf, str(folder)),
+        default_layer=layer,
+        reshape=reshape,
+        input_size=size if isinstance(size, int) and not isinstance(size, bool) else None,
+        mean=mean,
+        std=std,
+        summary=f"transformers {type(config).__name__} in {folder}",
+        weights=partial(_hf_weights, str(folder)),
+        own_weights=HF_OWN_WEIGHTS,
+    )
+
+
+def _hf_layout(config: Any) -> tuple[str | None, str | None]:
+    """(default_layer, reshape) of a transformers classifier: a ViT's last block's first
+    LayerNorm (tokens), a staged CNN's last stage; (None, None) lets explainkit locate one."""
+    import re
+
+    import torch
+
+    transformers = _transformers()
+    try:
+        with torch.device("meta"):
+            model = transformers.AutoModelForImageClassification.from_config(config)
+    except Exception:  # an architecture that cannot be built on the meta device
+        return None, None
+    names = [name for name, _ in model.named_modules()]
+    blocks = [n for n in names if re.fullmatch(r".*\.layers?\.\d+", n)]  # a ViT's blocks
+    embeddings = getattr(getattr(model, model.base_model_prefix, None), "embeddings", None)
+    if blocks and hasattr(embeddings, "cls_token"):
+        last = max(blocks, key=lambda n: int(n.rsplit(".", 1)[1]))
+        norms = [
+            f"{last}.{child}"
+            for child, module in model.get_submodule(last).named_children()
+            if isinstance(module, torch.nn.LayerNorm)
+        ]
+        if norms:
+            return norms[0], "vit"
+    stages = [n for n in names if re.search(r"\.stages\.\d+$", n)]
+    if stages:
+        return max(stages, key=lambda n: int(n.rsplit(".", 1)[1])), "nchw"
+    return None, None
+
+
+def _build_hf(folder: str, num_classes: int) -> Any:
+    """The folder's architecture with random weights and a ``num_classes`` head."""
+    transformers = _transformers()
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    if config.num_labels != num_classes:
+        config.num_labels = num_classes
+    return transformers.AutoModelForImageClassification.from_config(config)
+
+
+def _hf_weights(folder: str, name: str) -> Any:
+    """The folder's own weights (``SAVED``); KeyError for any other name."""
+    if name != HF_OWN_WEIGHTS:
+        raise KeyError(name)
+    transformers = _transformers()
+    model = transformers.AutoModelForImageClassification.from_pretrained(
+        folder, local_files_only=True
+    )
+    return model.state_dict()
 
 
 # -- import paths --------------------------------------------------------------------------

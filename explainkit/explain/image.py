@@ -120,7 +120,7 @@ def explain_image(
     names = list(classes) if classes is not None else preset.get("classes")
     from PIL import Image
 
-    pixels = np.asarray(fit_image(Image.fromarray(load_image(image)), size, fit, resize))
+    pixels = np.array(fit_image(Image.fromarray(load_image(image)), size, fit, resize))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(255).to(device)
     m = torch.tensor(_rgb(mean, "mean"), device=device).view(1, 3, 1, 1)
