@@ -106,7 +106,8 @@ def evaluate_run(
     )
     lines = [
         read_line(ds, config.dataset, config.limit_eval),
-        f"input: {describe_fit(size, config.fit, resize)} ({where}); normalized with {norm}",
+        f"input: {size} x {size} px ({where}): {describe_fit(size, config.fit, resize)}; "
+        f"normalized with {norm}",
     ]
     for line in lines:
         (say or (lambda text: None))(line)

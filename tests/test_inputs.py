@@ -54,20 +54,25 @@ def test_a_tree_with_only_val_is_that_split_not_a_class_named_val(tmp_path):
 # -- issue 25 class 5: folder names that collide under decoding -----------------------------
 
 
+def _at(root: bytes, *parts: bytes) -> Path:
+    return Path(os.fsdecode(os.path.join(root, *parts)))
+
+
 def test_class_folders_that_read_alike_in_utf8_and_latin1_stay_two_classes(tmp_path):
     root = os.fsencode(tmp_path / "data")
     for folder in ("café".encode(), b"caf\xe9"):  # UTF-8 'café' and Latin-1 'café'
         for i in range(9):
-            _photo(Path(os.fsdecode(os.path.join(root, folder, b"%d.png" % i))), 8, 8, i)
-    ds = load_dataset("folder", "eval", tmp_path / "data", 8, holdout=False, registries=registries())
+            _photo(_at(root, folder, b"%d.png" % i), 8, 8, i)
+    ds = load_dataset(
+        "folder", "eval", tmp_path / "data", 8, holdout=False, registries=registries()
+    )
     assert ds.classes == ["café", "café (Latin-1)"] and len(ds) == 18
     assert np.bincount(ds.targets).tolist() == [9, 9]
     # The name does not depend on what else a folder holds: val/ with only the Latin-1 one.
     for i in range(2):
-        path = os.path.join(root, b"tree", b"train", b"caf\xe9", b"%d.png" % i)
-        _photo(Path(os.fsdecode(path)), 8, 8, i)
-        _photo(Path(os.fsdecode(os.path.join(root, b"tree", b"train", "café".encode(), b"%d.png" % i))), 8, 8, i)
-    _photo(Path(os.fsdecode(os.path.join(root, b"tree", b"val", b"caf\xe9", b"0.png"))), 8, 8)
+        _photo(_at(root, b"tree", b"train", b"caf\xe9", b"%d.png" % i), 8, 8, i)
+        _photo(_at(root, b"tree", b"train", "café".encode(), b"%d.png" % i), 8, 8, i)
+    _photo(_at(root, b"tree", b"val", b"caf\xe9", b"0.png"), 8, 8)
     val = load_dataset("folder", "eval", tmp_path / "data" / "tree", 8, registries=registries())
     assert val.classes == ["café", "café (Latin-1)"] and val.targets.tolist() == [1]
 
@@ -78,7 +83,7 @@ def test_two_folders_with_one_readable_name_are_refused_not_merged(tmp_path):
     root = tmp_path / "data"
     for name in ("café (Latin-1)",):
         _photo(root / name / "0.png", 8, 8)
-    _photo(Path(os.fsdecode(os.path.join(os.fsencode(root), b"caf\xe9", b"0.png"))), 8, 8)
+    _photo(_at(os.fsencode(root), b"caf\xe9", b"0.png"), 8, 8)
     with pytest.raises(DataError, match="rename one"):
         scan(root)
 
@@ -146,7 +151,7 @@ def test_train_and_evaluate_record_which_subset_a_limit_kept(class_ordered, tmp_
     assert evaluated.returncode == 0, evaluated.stderr
     assert "read 10 images of 10 classes" in evaluated.stderr
     assert "class-balanced subset: 10 of 60" in evaluated.stderr
-    assert "32 x 32 px: the whole image" in evaluated.stderr  # resnet18-s8 expects 32 px
+    assert "input: 32 x 32 px (what resnet18-s8 expects): the whole image" in evaluated.stderr
     config = json.loads((tmp_path / "e" / "config.json").read_text())["config"]
     assert config["fit"] == "pad" and config["image_size"] == 32
 
@@ -168,7 +173,10 @@ def test_evaluate_uses_the_models_expected_input_and_says_so(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "read 3 images of 3 classes: every image of" in result.stderr
-    assert "224 x 224 px: shorter side resized to 256, centre cropped" in result.stderr
+    assert (
+        "input: 224 x 224 px (what torchvision:resnet18 expects): shorter side resized to 256 "
+        "px, centre 224 px cropped" in result.stderr
+    )
     assert "mean (0.485, 0.456, 0.406)" in result.stderr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["config"]["image_size"] == 224 and config["config"]["resize_size"] == 256

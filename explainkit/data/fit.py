@@ -89,15 +89,15 @@ def fit_images(
 
 
 def describe_fit(size: int, fit: str, resize: int | None = None) -> str:
-    """``224 x 224 px: shorter side resized to 256, centre cropped``: what ``fit`` does, in
-    words, for the line ``evaluate`` prints and the run records."""
+    """``shorter side resized to 256, centre 224 px cropped``: what ``fit`` does, in words,
+    for the line ``evaluate`` prints and the run records."""
     if fit == "pad":
-        return f"{size} x {size} px: the whole image, its longer side resized to {size} and padded"
+        return f"the whole image, its longer side resized to {size} px and padded to a square"
     if fit == "stretch":
-        return f"{size} x {size} px: the whole image stretched (aspect ratio not kept)"
+        return f"the whole image stretched to {size} x {size} px (aspect ratio not kept)"
     side = max(size, resize or size)
     return (
-        f"{size} x {size} px: shorter side resized to {side}, centre cropped "
+        f"shorter side resized to {side} px, centre {size} px cropped "
         "(--fit pad keeps the whole image)"
     )
 
