@@ -163,7 +163,8 @@ class TrainConfig(Options):
     model: str = _opt(
         "resnet18-s8",
         "Model: resnet18-s8, resnet18, torchvision:NAME (any torchvision classifier), "
-        "timm:NAME, or one a plugin registers (explainkit plugins --all lists them).",
+        "timm:NAME, hf:FOLDER (a transformers save_pretrained folder), or one a plugin "
+        "registers (explainkit plugins --all lists them).",
         registered="model",
     )
     width: int = _opt(
@@ -294,9 +295,9 @@ class EvalConfig(Options):
     model: str = _like("model")
     weights: str | None = _like(
         "weights",
-        help="The model's weights (required): a state_dict file, an explainkit checkpoint, or "
-        "torchvision's named weights (IMAGENET1K_V1, downloaded). The classifier head must be "
-        "for the dataset's classes.",
+        help="The model's weights: a state_dict file, an explainkit checkpoint, or "
+        "torchvision's named weights (IMAGENET1K_V1, downloaded); required except for an "
+        "hf:FOLDER model (its own). The classifier head must be for the dataset's classes.",
     )
     width: int = _like("width")
     dataset: str = _like(
