@@ -82,7 +82,10 @@ def evaluate_run(
     weights_name = config.weights or str(entry.own_weights)
     config.model = entry.name  # canonical: an hf: folder as an absolute path
     weights = read_weights(weights_name, entry, registries)  # before anything is written
-    size, resize, where = model_input(entry, config.image_size, config.resize_size)
+    if not config.image_size and weights.image_size:  # an explainkit run's own size
+        size, resize, where = weights.image_size, None, f"what {weights.source} was run at"
+    else:
+        size, resize, where = model_input(entry, config.image_size, config.resize_size)
     ds = load_dataset(
         config.dataset, "eval", config.data_dir, size, config.seed, config.limit_eval,
         registries=registries, holdout=False, fit=config.fit, resize=resize,
