@@ -151,9 +151,11 @@ def test_train_and_evaluate_record_which_subset_a_limit_kept(class_ordered, tmp_
     assert evaluated.returncode == 0, evaluated.stderr
     assert "read 10 images of 10 classes" in evaluated.stderr
     assert "class-balanced subset: 10 of 60" in evaluated.stderr
-    assert "input: 32 x 32 px (what resnet18-s8 expects): the whole image" in evaluated.stderr
+    # The size the checkpoint's run used (16), not resnet18-s8's usual 32; the whole image.
+    assert "input: 16 x 16 px (what checkpoint " in evaluated.stderr
+    assert "was run at): the whole image" in evaluated.stderr
     config = json.loads((tmp_path / "e" / "config.json").read_text())["config"]
-    assert config["fit"] == "pad" and config["image_size"] == 32
+    assert config["fit"] == "pad" and config["image_size"] == 16
 
 
 # -- item 2: the model's expected input ------------------------------------------------------
