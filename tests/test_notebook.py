@@ -55,7 +55,9 @@ def test_explain_image_preprocesses_as_torchvision_and_agrees_with_pytorch_grad_
     assert result.classes[tabby] == "tabby" and result.images.shape == (1, 224, 224, 3)
     # The preprocessing is torchvision's: Resize(256) + CenterCrop(224) + the ImageNet norm.
     x = weights.transforms()(Image.open(photo).convert("RGB"))[None]
-    ours = (torch.from_numpy(result.images).permute(0, 3, 1, 2).float() / 255 - 0.449) / 0.226
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    ours = (torch.from_numpy(result.images).permute(0, 3, 1, 2).float() / 255 - mean) / std
     assert float((ours - x).abs().mean()) < 0.05
     with GradCAM(resnet, [resnet.layer4[-1]]) as cam:
         peer = cam(x, [ClassifierOutputTarget(tabby)])
@@ -84,7 +86,7 @@ def test_a_result_draws_itself_as_png_and_html(resnet, photo):
     png = result._repr_png_()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
     assert "data:image/png;base64," in result._repr_html_()
-    bare = explainkit.compute_cam(resnet, torch.rand(2, 3, 32, 32), "layer4")
+    bare = explainkit.compute_cam(resnet, torch.rand(2, 3, 64, 64), "layer3")
     assert bare._repr_png_().startswith(b"\x89PNG")  # the maps alone, without images
 
 
