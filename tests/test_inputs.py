@@ -247,3 +247,39 @@ def test_grayscale_files_are_read(tmp_path):
     ds = load_dataset("folder", "eval", tmp_path / "g", 8, holdout=False, registries=registries())
     assert ds.images.shape == (2, 8, 8, 3)
     assert np.array_equal(ds.images[..., 0], ds.images[..., 2])
+
+
+def test_class_folders_named_in_every_encoding_never_merge(tmp_path):
+    """Words written in several encodings (the suite makes its own names): every distinct
+    folder is its own class with its own images, or the folder is refused; never merged."""
+    words = ["café", "naïve", "Ærø", "über", "日本", "plain"]
+    encodings = ["utf-8", "latin-1", "cp1252", "shift_jis", "cp437", "koi8-r"]
+    names = set()
+    for word in words:
+        for encoding in encodings:
+            try:
+                names.add(word.encode(encoding))
+            except UnicodeEncodeError:
+                continue
+    names.add("café (Latin-1)".encode())  # what the Latin-1 'café' reads as: refused below
+    root = os.fsencode(tmp_path / "data")
+    ordered = sorted(names)
+    for n, name in enumerate(ordered):
+        for i in range(n % 3 + 1):
+            _photo(_at(root, name, b"%d.png" % i), 4, 4, i)
+    with pytest.raises(DataError, match="rename one"):
+        load_dataset("folder", "eval", tmp_path / "data", 8, holdout=False, registries=registries())
+    os.makedirs(_at(root, b"x"))
+    os.rename(_at(root, "café (Latin-1)".encode()), _at(root, b"x", b"y"))
+    ordered.remove("café (Latin-1)".encode())
+    ds = load_dataset(
+        "folder", "eval", tmp_path / "data", 8, holdout=False, registries=registries()
+    )
+    assert len(ds.classes) == len(ordered) + 1 == len(set(ds.classes))  # + the folder x
+    counts = np.bincount(ds.targets, minlength=len(ds.classes))
+    by_name = dict(zip(ds.classes, counts.tolist(), strict=True))
+    from explainkit.data.folder import class_name
+
+    for n, name in enumerate(sorted(names)):
+        if name in ordered:
+            assert by_name[class_name(os.fsdecode(name))] == n % 3 + 1
