@@ -388,11 +388,12 @@ def hf_entry(path: str) -> ModelEntry:
 
 
 def _hf_layout(config: Any) -> tuple[str | None, str | None]:
-    """(default_layer, reshape) of a transformers classifier: a ViT's last block's first
-    LayerNorm (tokens), a staged CNN's last stage; (None, None) lets explainkit locate one."""
-    import re
-
+    """(default_layer, reshape) of a transformers classifier built on the meta device
+    (:func:`explainkit.explain.image.transformer_layer`); (None, None) lets explainkit locate
+    one."""
     import torch
+
+    from explainkit.explain.image import transformer_layer
 
     transformers = _transformers()
     try:
@@ -400,22 +401,7 @@ def _hf_layout(config: Any) -> tuple[str | None, str | None]:
             model = transformers.AutoModelForImageClassification.from_config(config)
     except Exception:  # an architecture that cannot be built on the meta device
         return None, None
-    names = [name for name, _ in model.named_modules()]
-    blocks = [n for n in names if re.fullmatch(r".*\.layers?\.\d+", n)]  # a ViT's blocks
-    embeddings = getattr(getattr(model, model.base_model_prefix, None), "embeddings", None)
-    if blocks and hasattr(embeddings, "cls_token"):
-        last = max(blocks, key=lambda n: int(n.rsplit(".", 1)[1]))
-        norms = [
-            f"{last}.{child}"
-            for child, module in model.get_submodule(last).named_children()
-            if isinstance(module, torch.nn.LayerNorm)
-        ]
-        if norms:
-            return norms[0], "vit"
-    stages = [n for n in names if re.search(r"\.stages\.\d+$", n)]
-    if stages:
-        return max(stages, key=lambda n: int(n.rsplit(".", 1)[1])), "nchw"
-    return None, None
+    return transformer_layer(model)
 
 
 def _build_hf(folder: str, num_classes: int) -> Any:

@@ -26,7 +26,7 @@ from torch import nn
 from explainkit.errors import AnalyzerError, did_you_mean
 from explainkit.explain.cam_result import CAMResult
 
-__all__ = ["explain_image", "load_image"]
+__all__ = ["explain_image", "load_image", "transformer_layer"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -125,10 +125,17 @@ def explain_image(
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(255).to(device)
     m = torch.tensor(_rgb(mean, "mean"), device=device).view(1, 3, 1, 1)
     s = torch.tensor(_rgb(std, "std"), device=device).view(1, 3, 1, 1)
+    reshape = "auto"
+    if layer is None and not hasattr(model, "default_target_layer"):
+        found, layout = transformer_layer(model)  # a token layer locate_layer would miss
+        if found is not None:
+            layer, reshape = found, layout or "auto"
     was_training = model.training
     accept_rgb(model).eval()
     try:
-        result = compute_cam(model, (x - m) / s, layer, method, _target(target, names))
+        result = compute_cam(
+            model, (x - m) / s, layer, method, _target(target, names), reshape=reshape
+        )
     finally:
         model.train(was_training)
     result.images = pixels[None]
@@ -194,3 +201,24 @@ def _preset(weights: Any, model: nn.Module) -> dict[str, Any]:
     if isinstance(image_size, int):
         found["size"] = image_size
     return found
+
+
+def transformer_layer(model: nn.Module) -> tuple[str | None, str | None]:
+    """(layer, reshape) of a HuggingFace transformers classifier: a ViT's last block's first
+    LayerNorm (``"vit"`` tokens: after that block only the class token reaches the logits), a
+    staged CNN's last stage (``"nchw"``); (None, None) for anything else."""
+    import re
+
+    names = [name for name, _ in model.named_modules()]
+    base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    embeddings = getattr(base, "embeddings", None)
+    blocks = [n for n in names if re.fullmatch(r".*\.layers?\.\d+", n)]
+    if blocks and hasattr(embeddings, "cls_token"):
+        last = max(blocks, key=lambda n: int(n.rsplit(".", 1)[1]))
+        for child, module in model.get_submodule(last).named_children():
+            if isinstance(module, nn.LayerNorm):
+                return f"{last}.{child}", "vit"
+    stages = [n for n in names if re.fullmatch(r".*\.stages\.\d+", n)]
+    if stages and getattr(model, "config", None) is not None:
+        return max(stages, key=lambda n: int(n.rsplit(".", 1)[1])), "nchw"
+    return None, None
