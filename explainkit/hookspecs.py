@@ -123,11 +123,14 @@ class DatasetEntry:
         name: Letters, digits and ``_.+-``.
         load: ``load(split, data_dir, image_size, seed, limit, download) -> Dataset`` with
             ``split`` "train" or "eval", ``data_dir`` ``--data-dir`` (a str or None),
-            ``image_size`` the side in pixels, ``limit`` None or how many images to keep (the
-            first ones), ``download`` whether fetching files is allowed. Only the arguments
+            ``image_size`` the side in pixels, ``limit`` None or how many images to keep,
+            ``download`` whether fetching files is allowed; also ``holdout`` (False: the eval
+            split of data without one is every image, as ``evaluate`` asks), ``fit`` and
+            ``resize`` (how to make squares, :mod:`explainkit.data.fit`). Only the arguments
             ``load`` names are passed (all of them with ``**kwargs``). Returns an
-            ``explainkit.data.Dataset``; explainkit checks it, keeps the first ``limit``
-            images and resizes images of another size to ``image_size`` squares.
+            ``explainkit.data.Dataset``; explainkit checks it, keeps a seeded class-balanced
+            ``limit`` of its images and fits images of another size to ``image_size``
+            squares.
         summary: One line for ``explainkit plugins``.
     """
 

@@ -5,7 +5,8 @@ Datasets are registered by plugins through the ``register_datasets`` hook as
 built-in plugin ``explainkit.plugins.default_datasets``, registered exactly as a third party's
 would be.
 :func:`load_dataset` looks a name up in the registries the host built, checks what the
-dataset returned, keeps the first ``limit`` images and resizes them to ``image_size``.
+dataset returned, keeps a seeded class-balanced ``limit`` of its images and fits them to
+``image_size`` squares (:mod:`explainkit.data.fit`: crop, pad or stretch).
 
 A split too large for memory (an ImageFolder of 224-px images) keeps its images as a lazy
 array-like (:mod:`explainkit.data.lazy`): decoded only when indexed. :func:`iter_batches` reads
