@@ -132,7 +132,10 @@ def _array_dataset(images: np.ndarray, targets: np.ndarray, classes: Sequence[st
         raise ConfigError(f"targets must be class indices from 0 to {len(classes) - 1}")
     names = [str(c) for c in classes]
     sizes = np.tile(np.asarray(images.shape[1:3], np.int64), (len(images), 1))
-    return Dataset(images, targets, names, np.arange(len(targets)), sizes=sizes, name=ARRAYS)
+    return Dataset(
+        images, targets, names, np.arange(len(targets)), sizes=sizes, name=ARRAYS,
+        note="the (images, targets) arrays given",
+    )  # fmt: skip
 
 
 def three_values(what: str, values: Any) -> tuple[float, ...]:

@@ -214,6 +214,13 @@ class RunWriter:
         self._config = config
         self._spec = self._model_spec(arch, kwargs, default_layer, entry, size)
         self._notes = list(_notes)
+        if _config is None:  # from Python: train.log says what was read, as the CLI prints
+            from explainkit.data.fit import describe_fit
+
+            self._notes.append(read_line(ds, dataset, limit_eval))
+            if isinstance(data, str):
+                policy = describe_fit(size, fit, resize)
+                self._notes.append(f"input: {size} x {size} px: {policy}")
         self._run = RunDir(out) if out else RunDir.new_default()
         self._lock: Any = None
         self._closed = False

@@ -232,6 +232,10 @@ def test_grayscale_arrays_and_a_one_channel_model_end_to_end(tmp_path):
     )  # fmt: skip
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["mean"] == [0.5] * 3 and config["model"]["input_channels"] == 1
+    assert (
+        "read 6 images of 2 classes: the (images, targets) arrays given"
+        in (run / "train.log").read_text()
+    )
     with explainkit.open_store(run / "predictions.h5") as store:
         logits = store.logits(1)
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
