@@ -74,6 +74,16 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+LIMIT_HELP = "Use a seeded class-balanced subset of N %s images (the same for the same --seed)."
+RESIZE_HELP = (
+    "With --fit crop: the shorter side before the centre --image-size crop; default: the "
+    "model's policy (torchvision's 256 or 232 for 224), else --image-size."
+)
+FIT_HELP = (
+    "How a non-square image becomes the model's square: crop (the centre), pad (the whole "
+    "image, padded) or stretch (the whole image, distorted)."
+)
+
 # Ranges shared with the run-config checks below.
 WIDTH_MAX = 4096
 IMAGE_SIZE_MAX = 8192
@@ -218,18 +228,8 @@ class TrainConfig(Options):
     amp: bool = _opt(True, "Mixed precision on CUDA (bf16 where supported).")
     channels_last: bool = _opt(True, "channels_last memory format on CUDA.")
     compile: bool = _opt(False, "torch.compile the model.")
-    limit_train: int | None = _opt(
-        None,
-        "Use a seeded class-balanced subset of N training images (the same for the same --seed).",
-        min=1,
-        max=1_000_000_000,
-    )
-    limit_eval: int | None = _opt(
-        None,
-        "Use a seeded class-balanced subset of N evaluation images (the same for the same --seed).",
-        min=1,
-        max=1_000_000_000,
-    )
+    limit_train: int | None = _opt(None, LIMIT_HELP % "training", min=1, max=1_000_000_000)
+    limit_eval: int | None = _opt(None, LIMIT_HELP % "evaluation", min=1, max=1_000_000_000)
     ema: float = _opt(
         0.999,
         "Decay of an exponential moving average of the weights, which is then what is "
@@ -312,28 +312,12 @@ class EvalConfig(Options):
         help="Image side in pixels; default: the model's expected input (its registry entry or "
         "pretrained weights' metadata, 224 for torchvision's ImageNet models).",
     )
-    resize_size: int | None = _opt(
-        None,
-        "With --fit crop: the shorter side before the centre --image-size crop; default: the "
-        "model's policy (torchvision's 256 or 232 for 224), else --image-size.",
-        min=8,
-        max=IMAGE_SIZE_MAX,
-    )
-    fit: str = _opt(
-        "crop",
-        "How a non-square image becomes the model's square: crop (the centre), pad (the "
-        "whole image, padded) or stretch (the whole image, distorted).",
-        choices=("crop", "pad", "stretch"),
-    )
+    resize_size: int | None = _opt(None, RESIZE_HELP, min=8, max=IMAGE_SIZE_MAX)
+    fit: str = _opt("crop", FIT_HELP, choices=("crop", "pad", "stretch"))
     device: str = _like("device")
     batch_size: int = _like("batch_size", default=256, help="Images evaluated at a time.")
-    limit_eval: int | None = _like(
-        "limit_eval",
-        help="Evaluate a seeded class-balanced subset of N images (the same for the same --seed).",
-    )
-    seed: int = _like(
-        "seed", help="Random seed of datasets that draw at random and of --limit-eval's subset."
-    )
+    limit_eval: int | None = _like("limit_eval", help=LIMIT_HELP % "evaluation")
+    seed: int = _like("seed", help="Random seed of datasets that draw and of --limit-eval.")
 
     def validate(
         self, labels: Mapping[str, str] | None = None, registries: Registries | None = None
