@@ -115,8 +115,13 @@ def balanced_subset(targets: np.ndarray, limit: int, seed: int = 0) -> np.ndarra
     if limit >= len(targets):
         return np.arange(len(targets))
     rng = np.random.default_rng(seed)
-    classes = np.unique(targets)
-    members = {c: rng.permutation(np.flatnonzero(targets == c)) for c in classes}
+    order = np.argsort(targets, kind="stable")  # one sort, not a pass per class
+    classes, starts, counts = np.unique(targets[order], return_index=True, return_counts=True)
+    members = {
+        c: rng.permutation(order[start : start + count])
+        for c, start, count in zip(classes.tolist(), starts, counts, strict=True)
+    }
+    classes = np.asarray(classes)
     quota = dict.fromkeys(classes, 0)
     left = limit
     open_classes = list(rng.permutation(classes))
