@@ -203,3 +203,30 @@ def test_a_run_of_a_plain_sequential_is_analyzed_and_reported_with_the_live_modu
         run, plugins=["gradcam"], device="cpu", model=other, collect_failures=True
     )
     assert failed[0]["status"] == "failed" and "does not fit the weights" in failed[0]["error"]
+
+
+def test_a_one_channel_hf_model_explains_grayscale_files_through_the_cli(tmp_path):
+    """Grayscale end to end: gray PNGs, a 1-channel ConvNeXt saved with save_pretrained,
+    `explainkit evaluate` on the CLI, then Grad-CAM from the rebuilt model."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ConvNextConfig(
+        num_channels=1, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32,
+        num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.ConvNextForImageClassification(config).save_pretrained(tmp_path / "gray-cnn")
+    for cls in ("0", "1"):
+        for i in range(2):
+            path = tmp_path / "digits" / cls / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((28, 28), 100 * i + 30, np.uint8), "L").save(path)
+    out = tmp_path / "run"
+    result = run_cli(
+        "evaluate", "--model", f"hf:{tmp_path / 'gray-cnn'}", "--dataset", "folder",
+        "--data-dir", str(tmp_path / "digits"), "--device", "cpu", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    spec = json.loads((out / "config.json").read_text())["model"]
+    assert spec["input_channels"] == 1 and spec["default_layer"].endswith("stages.1")
+    manifests = explainkit.analyze(out, plugins=["gradcam"], device="cpu")
+    assert manifests[0]["status"] == "ok"
