@@ -22,9 +22,13 @@ _PUBLIC = {
     # explaining a model in a notebook
     "compute_cam": "explainkit.explain.gradcam",
     "compute_cams": "explainkit.explain.gradcam",
+    "explain_image": "explainkit.explain.image",
+    "load_image": "explainkit.explain.image",
+    "CAMResult": "explainkit.explain.cam_result",
     # runs: evaluate a model, analyze and read a run
     "analyze": "explainkit.api",
     "evaluate": "explainkit.api",
+    "report": "explainkit.api",
     "RunWriter": "explainkit.api",
     "load_model": "explainkit.api",
     "load_registries": "explainkit.api",

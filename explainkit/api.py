@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from explainkit.data import Dataset
     from explainkit.runner import Results
 
-__all__ = ["RunWriter", "analyze", "evaluate", "load_model", "load_registries"]
+__all__ = ["RunWriter", "analyze", "evaluate", "load_model", "load_registries", "report"]
 
 _REGISTRIES: arguments.Check = (
     lambda v: v is None or isinstance(v, Registries),
@@ -183,27 +183,35 @@ def evaluate(
     device: str = "auto",
     batch_size: int = 256,
     overwrite: bool = False,
+    fit: str = "crop",
+    seed: int = 0,
     registries: Registries | None = None,
 ) -> Path:
     """Evaluate ``model`` once on ``data`` and write a run directory every analyzer reads.
 
     Args:
-        model: Any classifier returning (N, classes) logits for normalized (N, 3, H, W) images.
-        data: A registered dataset name (its eval split: ``"folder"`` with ``data_dir``), an
-            ``explainkit.Dataset``, or ``(images, targets)``: uint8 images (N, H, W, 3) and
-            their class indices.
+        model: Any classifier returning (N, classes) scores (a tensor, a HuggingFace output's
+            ``logits``, a dict or a tuple) for normalized (N, 3, H, W) images; a model whose
+            first convolution takes one channel gets the images' gray channel.
+        data: A registered dataset name (its eval split: ``"folder"`` with ``data_dir``, every
+            image of a folder without train/ and val/), an ``explainkit.Dataset``, or
+            ``(images, targets)``: uint8 images (N, H, W, 3), grayscale (N, H, W, 1) or
+            (N, H, W), and their class indices.
         out: The run directory (default ``runs/<time>``).
         classes: Class names (default: the dataset's; needed with arrays).
-        mean, std: The normalization the model expects, in [0, 1] units (default: the
-            evaluation images' own statistics).
+        mean, std: The normalization the model expects, in [0, 1] units, 3 values (or 1 for
+            a grayscale model) (default: the evaluation images' own statistics).
         arch: How to rebuild the model: a registered name (``torchvision:resnet18``), or an
             import path ``import:package.module:factory`` called as ``factory(num_classes=N,
             **kwargs)``. Default: the model's class as an import path.
         kwargs: The build arguments ``arch`` takes besides ``num_classes``.
         default_layer: The layer explained by default (default: the registered model's, or
             the last spatial layer the logits depend on).
-        data_dir, image_size, limit_eval: For a dataset name, as ``explainkit evaluate``
-            takes them (image_size default: the model's, else 224).
+        data_dir, image_size, limit_eval: As ``explainkit evaluate`` takes them (image_size
+            default: the model's, else 224; arrays keep their size). ``limit_eval`` keeps a
+            class-balanced subset drawn with ``seed``.
+        fit: How non-square images become squares: ``crop`` (the centre), ``pad`` (the
+            whole image) or ``stretch``.
         device, batch_size: Where and how many images at a time the model runs.
         overwrite: Replace an existing run.
         registries: Where names are looked up (default: built-ins and installed plugins).
@@ -223,7 +231,7 @@ def evaluate(
         out, model, data, classes=classes, mean=mean, std=std, arch=arch, kwargs=kwargs,
         default_layer=default_layer, data_dir=data_dir, image_size=image_size,
         limit_eval=limit_eval, device=device, batch_size=batch_size, overwrite=overwrite,
-        registries=registries,
+        fit=fit, seed=seed, registries=registries,
     ) as writer:  # fmt: skip
         writer.log_epoch()
     return writer.path
@@ -242,6 +250,7 @@ def analyze(
     echo: Callable[[str], None] | None = None,
     collect_failures: bool = False,
     trust_imports: bool | str | Sequence[str] = False,
+    model: nn.Module | None = None,
     **options: Any,
 ) -> Results:
     from explainkit.runner import analyze as run_analyzers
@@ -257,7 +266,8 @@ def analyze(
     with trusted_imports(trust_imports):
         return run_analyzers(
             run, plugins, epoch, device, batch_size, seed, registries=registries,
-            plugins_dir=plugins_dir, echo=echo, collect_failures=collect_failures, **options,
+            plugins_dir=plugins_dir, echo=echo, collect_failures=collect_failures, model=model,
+            **options,
         )  # fmt: skip
 
 
@@ -275,3 +285,30 @@ def _analyze_doc() -> str:
 
 
 analyze.__doc__ = _analyze_doc()
+
+
+def report(
+    run: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    plugins: Sequence[str] | None = None,
+    model: nn.Module | None = None,
+    device: str = "auto",
+    registries: Registries | None = None,
+) -> Path:
+    """Write the HTML report of ``run`` (default ``RUN/report.html``) and return its path.
+
+    With ``plugins`` (analyzer names), those analyzers run first; ``model`` is the live module
+    a run written by ``explainkit.evaluate(model, ...)`` needs when its class cannot be
+    rebuilt (see :func:`explainkit.analyze`). A failed analyzer is shown on the page with
+    its reason, as ``explainkit report`` shows it.
+    """
+    from explainkit.report import build_report
+
+    registries = registries or load_registries()
+    if plugins:
+        analyze(
+            run, plugins=list(plugins), device=device, model=model, registries=registries,
+            collect_failures=True,
+        )  # fmt: skip
+    return build_report(run, registries, out=out)

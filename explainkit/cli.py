@@ -156,14 +156,21 @@ def evaluate_command(
 
     The model (--model, any registered name) with --weights (a state_dict file, an
     explainkit checkpoint or a weights name) is evaluated once on the eval split of
-    --dataset; every analyzer and `explainkit report` then read the run as a trained one.
+    --dataset (every image of a folder without train/ and val/); every analyzer and
+    `explainkit report` then read the run as a trained one. Images are fitted to the model's
+    expected input (--image-size, --fit); the two lines printed first say what was read and
+    used.
     """
     from explainkit.evaluation import evaluate_run
     from explainkit.manager import load_registries
 
     registries = load_registries(plugins_dir)
-    run_dir = evaluate_run(EvalConfig(**values), registries, out=out, overwrite=overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 wrote it
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks and writes
+    run_dir = evaluate_run(
+        EvalConfig(**values), registries, out=out, overwrite=overwrite,
+        say=(lambda line: click.echo(line, err=True)) if main else None,
+    )  # fmt: skip
+    if main:
         click.echo(f"run written to {run_dir}", err=True)
 
 

@@ -72,6 +72,16 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+LIMIT_HELP = "Use a seeded class-balanced subset of N %s images (the same for the same --seed)."
+RESIZE_HELP = (
+    "With --fit crop: the shorter side before the centre --image-size crop; default: the "
+    "model's policy (torchvision's 256 or 232 for 224), else --image-size."
+)
+FIT_HELP = (
+    "How a non-square image becomes the model's square: crop (the centre), pad (the whole "
+    "image, padded) or stretch (the whole image, distorted)."
+)
+
 # Ranges shared with the run-config checks below.
 WIDTH_MAX = 4096
 IMAGE_SIZE_MAX = 8192
@@ -167,7 +177,8 @@ class TrainConfig(Options):
     model: str = _opt(
         "resnet18-s8",
         "Model: resnet18-s8, resnet18, torchvision:NAME (any torchvision classifier), "
-        "timm:NAME, or one a plugin registers (explainkit plugins --all lists them).",
+        "timm:NAME, hf:FOLDER (a transformers save_pretrained folder), or one a plugin "
+        "registers (explainkit plugins --all lists them).",
         registered="model",
     )
     width: int = _opt(
@@ -221,12 +232,8 @@ class TrainConfig(Options):
     amp: bool = _opt(True, "Mixed precision on CUDA (bf16 where supported).")
     channels_last: bool = _opt(True, "channels_last memory format on CUDA.")
     compile: bool = _opt(False, "torch.compile the model.")
-    limit_train: int | None = _opt(
-        None, "Use only the first N training images.", min=1, max=1_000_000_000
-    )
-    limit_eval: int | None = _opt(
-        None, "Use only the first N evaluation images.", min=1, max=1_000_000_000
-    )
+    limit_train: int | None = _opt(None, LIMIT_HELP % "training", min=1, max=1_000_000_000)
+    limit_eval: int | None = _opt(None, LIMIT_HELP % "evaluation", min=1, max=1_000_000_000)
     ema: float = _opt(
         0.999,
         "Decay of an exponential moving average of the weights, which is then what is "
@@ -292,9 +299,9 @@ class EvalConfig(Options):
     model: str = _like("model")
     weights: str | None = _like(
         "weights",
-        help="The model's weights (required): a state_dict file, an explainkit checkpoint, or "
-        "torchvision's named weights (IMAGENET1K_V1, downloaded). The classifier head must be "
-        "for the dataset's classes.",
+        help="The model's weights: a state_dict file, an explainkit checkpoint, or "
+        "torchvision's named weights (IMAGENET1K_V1, downloaded); required except for an "
+        "hf:FOLDER model (its own). The classifier head must be for the dataset's classes.",
     )
     width: int = _like("width")
     dataset: str = _like(
@@ -303,11 +310,18 @@ class EvalConfig(Options):
         "one a plugin registers.",
     )
     data_dir: str | None = _like("data_dir")
-    image_size: int = _like("image_size")
+    image_size: int | None = _like(
+        "image_size",
+        default=None,
+        help="Image side in pixels; default: the model's expected input (its registry entry or "
+        "pretrained weights' metadata, 224 for torchvision's ImageNet models).",
+    )
+    resize_size: int | None = _opt(None, RESIZE_HELP, min=8, max=IMAGE_SIZE_MAX)
+    fit: str = _opt("crop", FIT_HELP, choices=("crop", "pad", "stretch"))
     device: str = _like("device")
     batch_size: int = _like("batch_size", default=256, help="Images evaluated at a time.")
-    limit_eval: int | None = _like("limit_eval")
-    seed: int = _like("seed", help="Random seed of datasets that draw or split at random.")
+    limit_eval: int | None = _like("limit_eval", help=LIMIT_HELP % "evaluation")
+    seed: int = _like("seed", help="Random seed of datasets that draw and of --limit-eval.")
 
     def validate(
         self, labels: Mapping[str, str] | None = None, registries: Registries | None = None

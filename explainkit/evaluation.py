@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from explainkit.config import EvalConfig
 from explainkit.errors import ConfigError, ExplainkitError
+from explainkit.eval_data import ARRAYS, eval_data, model_input, read_line, rounded, three_values
 from explainkit.registries import Registries, accepted_kwargs
 from explainkit.rundir import RunDir
 
@@ -48,40 +49,52 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 __all__ = ["ARRAYS", "RunWriter", "evaluate_run"]
 
-ARRAYS = "arrays"  # the dataset name a run records for images handed over as arrays
-
 
 def evaluate_run(
     config: EvalConfig,
     registries: Registries,
     out: str | Path | None = None,
     overwrite: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> Path:
     """Evaluate the registered ``config.model`` with ``config.weights`` on the eval split of
     ``config.dataset`` and write a run directory into ``out`` (default ``runs/<time>``).
+
+    Images are fitted to the model's expected input (:func:`model_input`) and every image of
+    a folder without a train/val split is read (nothing is held out); ``say`` receives what
+    was read and what input was used, in two lines (train.log records them too).
 
     Raises:
         ConfigError: No ``weights``, or weights that do not fit the model (a classifier head
             for another number of classes is refused too: nothing would train it).
     """
     from explainkit.data import load_dataset
+    from explainkit.data.fit import describe_fit
     from explainkit.train.weights import apply_weights, read_weights
     from explainkit.trust import imported_module, trusted_imports
 
     config.validate(registries=registries)
-    if not config.weights:
+    entry = registries.model_entry(config.model)
+    if not config.weights and entry.own_weights is None:
         raise ConfigError(
             "--weights is needed: evaluate explains a model with its weights (a state_dict "
             "file, an explainkit checkpoint or a name such as IMAGENET1K_V1)"
         )
-    entry = registries.model_entry(config.model)
+    weights_name = config.weights or str(entry.own_weights)
+    config.model = entry.name  # canonical: an hf: folder as an absolute path
     with trusted_imports(imported_module(config.model)):  # the user named that module
-        weights = read_weights(config.weights, entry, registries)  # before anything is written
+        weights = read_weights(weights_name, entry, registries)  # before anything is written
+    if not config.image_size and weights.image_size:  # an explainkit run's own size
+        size, resize, where = weights.image_size, None, f"what {weights.source} was run at"
+    else:
+        size, resize, where = model_input(entry, config.image_size, config.resize_size)
     ds = load_dataset(
-        config.dataset, "eval", config.data_dir, config.image_size, config.seed,
-        config.limit_eval, registries=registries,
+        config.dataset, "eval", config.data_dir, size, config.seed, config.limit_eval,
+        registries=registries, holdout=False, fit=config.fit, resize=resize,
     )  # fmt: skip
-    kwargs = accepted_kwargs(entry.build, {"width": config.width, "image_size": config.image_size})
+    config.image_size = size  # the run records what was used
+    config.resize_size = resize if config.fit == "crop" else None
+    kwargs = accepted_kwargs(entry.build, {"width": config.width, "image_size": size})
     model = entry.build(len(ds.classes), **kwargs)
     notes = apply_weights(model, weights, len(ds.classes), entry.name)
     if len(notes) > 1:  # the head was skipped: it would stay random
@@ -91,9 +104,21 @@ def evaluate_run(
             "was trained for these classes"
         )
     mean, std = (weights.mean, weights.std) if weights.mean is not None else (None, None)
+    norm = (
+        f"mean {rounded(mean)} and std {rounded(std)} (what the weights expect)"
+        if mean is not None
+        else "the evaluated images' own mean and std (the weights declare none)"
+    )
+    lines = [
+        read_line(ds, config.dataset, config.limit_eval),
+        f"input: {size} x {size} px ({where}): {describe_fit(size, config.fit, resize)}; "
+        f"normalized with {norm}",
+    ]
+    for line in lines:
+        (say or (lambda text: None))(line)
     with RunWriter(
         out, model, ds, registries=registries, mean=mean, std=std, arch=config.model,
-        kwargs=kwargs, overwrite=overwrite, _config=config, _notes=notes,
+        kwargs=kwargs, overwrite=overwrite, _config=config, _notes=[*notes, *lines],
     ) as writer:  # fmt: skip
         writer.log_epoch()
     return writer.path
@@ -143,17 +168,20 @@ class RunWriter:
         device: str = "auto",
         batch_size: int = 256,
         overwrite: bool = False,
+        fit: str = "crop",
+        seed: int = 0,
         _config: EvalConfig | None = None,
         _notes: Sequence[str] = (),
     ) -> None:
         from explainkit.data import channel_stats
         from explainkit.device import resolve_device
+        from explainkit.explain.inputs import accept_rgb, input_channels
 
         kwargs = dict(kwargs or {})
         arch = _import_path(model) if arch is None else _canonical(arch)
         entry = _registered(arch, registries)
-        ds, dataset, size = _eval_data(
-            data, classes, data_dir, image_size, limit_eval, entry, registries
+        ds, dataset, size, resize = eval_data(
+            data, classes, data_dir, image_size, limit_eval, entry, registries, fit, seed
         )
         # -- issue 26.3: ImageNet-1k ids (folders n01440764/, 0/..999/) become names --------
         if classes is None:
@@ -167,17 +195,22 @@ class RunWriter:
             raise ConfigError("give both mean and std, or neither")
         if mean is None:
             mean, std = channel_stats(ds.images)
+        mean, std = three_values("mean", mean), three_values("std", std)
         config = _config or EvalConfig(
             model=arch,
             dataset=dataset,
             data_dir=None if data_dir is None else str(data_dir),
             image_size=size,
+            resize_size=resize if fit == "crop" else None,
+            fit=fit,
             device=device,
             batch_size=batch_size,
             limit_eval=limit_eval,
+            seed=seed,
         )
         config.validate()
-        self.model = model
+        self.gray = input_channels(model) == 1  # fed the RGB images' one gray channel
+        self.model = accept_rgb(model)
         self.eval_data = ds
         requested = resolve_device(config.device)  # an unusable device is one sentence
         self._dist = _join_torchrun(requested)
@@ -191,6 +224,13 @@ class RunWriter:
         self._config = config
         self._spec = self._model_spec(arch, kwargs, default_layer, entry, size)
         self._notes = list(_notes)
+        if _config is None:  # from Python: train.log says what was read, as the CLI prints
+            from explainkit.data.fit import describe_fit
+
+            self._notes.append(read_line(ds, dataset, limit_eval))
+            if isinstance(data, str):
+                policy = describe_fit(size, fit, resize)
+                self._notes.append(f"input: {size} x {size} px: {policy}")
         self._run = RunDir(out) if out else RunDir.new_default()
         self._lock: Any = None
         self._closed = False
@@ -217,7 +257,8 @@ class RunWriter:
             **({"width": kwargs["width"]} if "width" in kwargs else {}),
             "kwargs": kwargs,
             "num_classes": len(self.eval_data.classes),
-            "input_shape": [3, size, size],
+            "input_shape": [3, size, size],  # RGB batches; a gray model averages them
+            **({"input_channels": 1} if self.gray else {}),
             "default_layer": layer,
             "reshape": reshape or "auto",
         }
@@ -387,67 +428,6 @@ class RunWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _eval_data(
-    data: Any,
-    classes: Sequence[str] | None,
-    data_dir: str | Path | None,
-    image_size: int | None,
-    limit_eval: int | None,
-    entry: Any,
-    registries: Registries,
-) -> tuple[Dataset, str, int]:
-    """(the eval split, the dataset name to record, the image side) of what ``data`` is."""
-    import numpy as np
-
-    from explainkit.data import Dataset, load_dataset
-
-    if isinstance(data, Dataset):
-        ds = data.take(limit_eval)
-        size = int(ds.images.shape[1])
-        name = ds.name or ARRAYS
-    elif isinstance(data, str):
-        size = image_size or (entry.input_size if entry and entry.input_size else 224)
-        ds = load_dataset(data, "eval", data_dir, size, 0, limit_eval, registries=registries)
-        name = data
-    elif isinstance(data, tuple) and len(data) == 2:
-        if classes is None:
-            raise ConfigError("classes= is needed with (images, targets): one name per class")
-        ds = _array_dataset(np.asarray(data[0]), np.asarray(data[1]), classes).take(limit_eval)
-        return ds, ARRAYS, int(ds.images.shape[1])
-    else:
-        raise ConfigError(
-            "data must be a registered dataset name, an explainkit.data.Dataset or a tuple "
-            "(images, targets)"
-        )
-    if classes is not None:
-        if len(classes) != len(ds.classes):
-            raise ConfigError(
-                f"classes names {len(classes)} classes but {name} has {len(ds.classes)}"
-            )
-        ds.classes = [str(c) for c in classes]
-    if ds.images.shape[1] != ds.images.shape[2]:
-        raise ConfigError(f"images must be square, got {ds.images.shape[1]}x{ds.images.shape[2]}")
-    return ds, name, size
-
-
-def _array_dataset(images: np.ndarray, targets: np.ndarray, classes: Sequence[str]) -> Dataset:
-    import numpy as np
-
-    from explainkit.data import Dataset
-
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ConfigError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-    if images.shape[1] != images.shape[2]:
-        raise ConfigError(f"images must be square, got {images.shape[1]}x{images.shape[2]}")
-    if not np.issubdtype(targets.dtype, np.integer) or targets.shape != (len(images),):
-        raise ConfigError(f"targets must hold one class index per image ({len(images)})")
-    targets = targets.astype(np.int64)
-    if len(targets) and (targets.min() < 0 or targets.max() >= len(classes)):
-        raise ConfigError(f"targets must be class indices from 0 to {len(classes) - 1}")
-    names = [str(c) for c in classes]
-    return Dataset(images, targets, names, np.arange(len(targets)), name=ARRAYS)
 
 
 def _rows(images: Any, start: int, stop: int) -> Any:

@@ -74,6 +74,12 @@ class ModelEntry:
         weights: ``weights(name) -> state_dict`` for named pretrained weights (``--weights
             IMAGENET1K_V1``), or None when the model has none. May download; raise OSError
             when it cannot, and KeyError for a name it does not know.
+        resize_size: The shorter side images are resized to before the centre
+            ``input_size`` square is cropped (torchvision's 256 for 224), or None: resized to
+            ``input_size`` itself. What ``explainkit evaluate`` uses by default.
+        own_weights: The ``weights`` name meaning "the weights that come with the model"
+            (a local ``save_pretrained`` folder's), used by ``evaluate`` when ``--weights``
+            is not given; None: ``--weights`` is required.
     """
 
     name: str
@@ -85,6 +91,8 @@ class ModelEntry:
     std: Sequence[float] | None = None
     summary: str = ""
     weights: Callable[[str], Mapping[str, Any]] | None = None
+    resize_size: int | None = None
+    own_weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,11 +123,14 @@ class DatasetEntry:
         name: Letters, digits and ``_.+-``.
         load: ``load(split, data_dir, image_size, seed, limit, download) -> Dataset`` with
             ``split`` "train" or "eval", ``data_dir`` ``--data-dir`` (a str or None),
-            ``image_size`` the side in pixels, ``limit`` None or how many images to keep (the
-            first ones), ``download`` whether fetching files is allowed. Only the arguments
+            ``image_size`` the side in pixels, ``limit`` None or how many images to keep,
+            ``download`` whether fetching files is allowed; also ``holdout`` (False: the eval
+            split of data without one is every image, as ``evaluate`` asks), ``fit`` and
+            ``resize`` (how to make squares, :mod:`explainkit.data.fit`). Only the arguments
             ``load`` names are passed (all of them with ``**kwargs``). Returns an
-            ``explainkit.data.Dataset``; explainkit checks it, keeps the first ``limit``
-            images and resizes images of another size to ``image_size`` squares.
+            ``explainkit.data.Dataset``; explainkit checks it, keeps a seeded class-balanced
+            ``limit`` of its images and fits images of another size to ``image_size``
+            squares.
         summary: One line for ``explainkit plugins``.
     """
 
@@ -195,6 +206,9 @@ def check_model_entry(entry: ModelEntry, plugin: str) -> None:
     size = entry.input_size
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise PluginError(f"{what} of plugin {plugin!r}: input_size must be a positive int")
+    size = entry.resize_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise PluginError(f"{what} of plugin {plugin!r}: resize_size must be a positive int")
     _check_stats(entry.mean, f"{what}: mean", plugin, positive=False)
     _check_stats(entry.std, f"{what}: std", plugin, positive=True)
     if entry.weights is not None:

@@ -95,7 +95,9 @@ class _SharedRun:
         device: Any,
         registries: Registries,
         say: Callable[[str], None] | None = None,
+        live: torch.nn.Module | None = None,
     ) -> None:
+        self.live = live  # the caller's module, when the run's model cannot be rebuilt
         self.run = run
         self.device_name = device
         self.registries = registries
@@ -137,9 +139,13 @@ class _SharedRun:
         """The model at ``epoch``, frozen; kept for the later analyzers when ``keep``."""
         model = self._models.get(epoch)
         if model is None:
-            from explainkit.train.checkpoint import load_model
+            from explainkit.train.checkpoint import live_model_at, load_model
 
-            model = load_model(self.run.path, self.registries, epoch, self.device)
+            if self.live is not None:
+                model = live_model_at(self.live, self.run.path, self.registries, epoch)
+                model = model.to(self.device)
+            else:
+                model = load_model(self.run.path, self.registries, epoch, self.device)
             for p in model.parameters():
                 p.requires_grad_(False)
             model.eval()
@@ -211,6 +217,7 @@ def analyze(
     plugins_dir: str | os.PathLike[str] | None = None,
     echo: Callable[[str], None] | None = None,
     collect_failures: bool = False,
+    model: torch.nn.Module | None = None,
     **options: Any,
 ) -> Results:
     """Run analyzers on a run directory and return their manifests (sorted by ``order``).
@@ -227,6 +234,11 @@ def analyze(
         echo: Receives one status line per analyzer and warnings (default: ``warnings``).
         collect_failures: Return a failed analyzer's manifest (``status == "failed"``) instead
             of raising; the other analyzers run either way.
+        model: The live module the run was written from (``explainkit.evaluate(model, ...)``
+            in a notebook): used instead of rebuilding the run's model from its recorded
+            architecture, which a plain ``nn.Sequential`` or a class without ``num_classes``
+            cannot be. A copy is given each epoch's weights from the run's checkpoints; the
+            module itself is not changed.
         **options: Analyzer options as keywords named like their flags, e.g.
             ``gradcam_layer="layer3"`` for ``--gradcam-layer layer3``.
 
@@ -266,7 +278,7 @@ def analyze(
         if name not in entries:
             raise PluginError(unknown_name_message("analyzer", name, list(entries)))
 
-    shared = _SharedRun(rundir, device, registries, say)
+    shared = _SharedRun(rundir, device, registries, say, live=model)
     joined = _join_torchrun(shared)
     if not shared.is_main:  # rank 0 speaks for the job
         say = shared.say = warn = lambda line: None  # type: ignore[assignment]

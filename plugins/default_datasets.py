@@ -2,7 +2,7 @@
 
 Registered through the ``register_datasets`` hook exactly as a third-party plugin would, with
 public names only; each loader imports its reader (and numpy) when it runs. explainkit's
-``load_dataset`` then keeps the first ``limit`` images and resizes them to ``--image-size``
+``load_dataset`` then keeps a seeded class-balanced ``limit`` and fits them to ``--image-size``
 (docs/datasets.md describes each dataset).
 """
 
@@ -101,14 +101,25 @@ def load_scenes_split(split: str, image_size: int, seed: int, limit: int | None)
 
 
 def load_folder_split(
-    split: str, data_dir: str | None, image_size: int, seed: int, limit: int | None
+    split: str,
+    data_dir: str | None,
+    image_size: int,
+    seed: int,
+    limit: int | None,
+    holdout: bool = True,
+    fit: str = "crop",
+    resize: int | None = None,
 ) -> Dataset:
-    """An ImageFolder tree, each image decoded and resized to ``image_size``."""
+    """An ImageFolder tree, each image decoded and fitted to ``image_size`` (``fit``); a
+    limit picks its class-balanced subset before anything is decoded."""
     from explainkit.data.folder import load_folder
 
     if data_dir is None:
         raise DataError("the folder dataset needs --data-dir pointing at an ImageFolder tree")
-    return load_folder(split, data_dir, image_size=image_size, seed=seed, limit=limit)
+    return load_folder(
+        split, data_dir, image_size=image_size, seed=seed, limit=limit, holdout=holdout,
+        fit=fit, resize=resize,
+    )  # fmt: skip
 
 
 def _task_folder(name: str, data_dir: str | None) -> str:

@@ -11,6 +11,10 @@ torch, torchvision and timm load when a model is built or a family name is resol
   downloads torchvision's pretrained weights. ViTs take ``image_size`` (``--image-size``).
 * ``timm:NAME``: any of ``timm.list_models()`` when timm is installed (``pip install
   explainkit[timm]``).
+* ``hf:FOLDER``: a HuggingFace transformers image classifier saved with ``save_pretrained``
+  in a local folder (``pip install explainkit[transformers]``); nothing is downloaded and no
+  code from the folder runs (``trust_remote_code`` stays off). Its outputs
+  (``ImageClassifierOutput.logits``) are read by :func:`explainkit.explain.outputs.scores_of`.
 * ``import:package.module:factory``: a model by import path, built as
   ``factory(num_classes=N, **kwargs)``: what ``explainkit.evaluate`` and ``RunWriter`` record
   for a module that no plugin registered, so that its run can rebuild it.
@@ -30,6 +34,7 @@ from explainkit.hookspecs import ModelEntry, ModelFamily
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "hf_entry",
     "import_entry",
     "register_models",
     "timm_entry",
@@ -42,6 +47,10 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_MISSING = "timm models need timm: pip install explainkit[timm]"
+# What to do with a run written from a module that cannot be rebuilt (a notebook's model).
+LIVE_MODULE_HINT = (
+    "or analyze the run from Python with the module: explainkit.analyze(run, model=module)"
+)
 
 
 @hookimpl
@@ -52,6 +61,7 @@ def register_models(register: Any) -> None:
             _resnet18_s8,
             default_layer="layer4",
             reshape="nchw",
+            input_size=32,
             summary="The seed's ResNet18 for small images: 8x8 last stage, 2x2-pooled head "
             "(takes --width).",
         )
@@ -62,6 +72,7 @@ def register_models(register: Any) -> None:
             _resnet18,
             default_layer="layer4",
             reshape="nchw",
+            input_size=32,
             summary="The common CIFAR ResNet18: last stage at stride 2, global pooling "
             "(takes --width).",
         )
@@ -82,6 +93,15 @@ def register_models(register: Any) -> None:
             timm_names,
             summary="Every timm model (timm:convnext_tiny, ...), when timm is installed "
             "(pip install explainkit[timm]).",
+        )
+    )
+    register(
+        ModelFamily(
+            "hf",
+            hf_entry,
+            list,  # any save_pretrained folder: there is no list to suggest from
+            summary="A HuggingFace transformers image classifier saved with save_pretrained in a "
+            "local folder (hf:path/to/folder; pip install explainkit[transformers]).",
         )
     )
     register(
@@ -130,12 +150,14 @@ def torchvision_entry(name: str) -> ModelEntry:
         build: Any = partial(_build_torchvision_vit, name)
     else:
         build = partial(_build_torchvision, name)
+    crop, resize = _torchvision_input_size(name)
     return ModelEntry(
         f"torchvision:{name}",
         build,
         default_layer=layer,
         reshape=reshape,
-        input_size=_torchvision_input_size(name),
+        input_size=crop,
+        resize_size=resize,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         summary=f"torchvision's {name}",
@@ -186,15 +208,18 @@ def _meta_model(name: str) -> Any:
         return _build_torchvision(name, 10)
 
 
-def _torchvision_input_size(name: str) -> int | None:
-    """The crop size of the model's default pretrained weights (224; 299 for Inception)."""
+def _torchvision_input_size(name: str) -> tuple[int | None, int | None]:
+    """(crop size, shorter side before the crop) of the model's default pretrained weights'
+    transforms (224 and 232 for resnet50's V2 weights; 299 and 342 for Inception), read from
+    torchvision's metadata (no download)."""
     from torchvision.models import get_model_weights
 
     try:
-        crop = get_model_weights(name).DEFAULT.transforms().crop_size
+        transforms = get_model_weights(name).DEFAULT.transforms()
+        crop, resize = transforms.crop_size, transforms.resize_size
     except (ValueError, KeyError, AttributeError, TypeError):
-        return None
-    return int(crop[0]) if crop else None
+        return None, None
+    return (int(crop[0]) if crop else None), (int(resize[0]) if resize else None)
 
 
 def _torchvision_weights(model: str, weights: str) -> Any:
@@ -241,12 +266,15 @@ def timm_entry(name: str) -> ModelEntry:
     layer, reshape, cfg, sized = _timm_layout(name)
     build: Any = partial(_build_timm_sized if sized else _build_timm, name)
     size = cfg.get("input_size")
+    crop_pct = cfg.get("crop_pct")
+    resize = int(size[-1] / crop_pct) if size and isinstance(crop_pct, float) and crop_pct else None
     return ModelEntry(
         f"timm:{name}",
         build,
         default_layer=layer,
         reshape=reshape,
         input_size=int(size[-1]) if size else None,
+        resize_size=resize,
         mean=_three(cfg.get("mean")),
         std=_three(cfg.get("std")),
         summary=f"timm's {name}",
@@ -297,6 +325,105 @@ def _three(values: Any) -> tuple[float, ...] | None:
     return None
 
 
+# -- HuggingFace transformers (local save_pretrained folders) -------------------------------
+
+TRANSFORMERS_MISSING = (
+    "hf: models need transformers: pip install explainkit[transformers] (or transformers)"
+)
+HF_OWN_WEIGHTS = "SAVED"  # what evaluate loads when --weights is not given: the folder's own
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(TRANSFORMERS_MISSING) from None
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    return transformers
+
+
+def hf_entry(path: str) -> ModelEntry:
+    """The ModelEntry of ``hf:FOLDER``, a ``save_pretrained`` folder of an image classifier.
+
+    Read offline (``local_files_only``): a folder without ``config.json`` is one sentence,
+    never a download. ``--weights`` defaults to the folder's own (``SAVED``).
+    """
+    import json
+    from pathlib import Path
+
+    folder = Path(path).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"model hf:{path}: {folder} is not a folder written by save_pretrained (it has no "
+            "config.json); hf: takes a local folder, nothing is downloaded"
+        )
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"model hf:{path}: its config.json cannot be read ({e})") from None
+    layer, reshape = _hf_layout(config)
+    size = getattr(config, "image_size", None)
+    mean = std = None
+    processor = folder / "preprocessor_config.json"
+    if processor.is_file():
+        try:
+            settings = json.loads(processor.read_text())
+        except (OSError, ValueError):
+            settings = {}
+        mean, std = _three(settings.get("image_mean")), _three(settings.get("image_std"))
+    return ModelEntry(
+        f"hf:{folder}",
+        partial(_build_hf, str(folder)),
+        default_layer=layer,
+        reshape=reshape,
+        input_size=size if isinstance(size, int) and not isinstance(size, bool) else None,
+        mean=mean,
+        std=std,
+        summary=f"transformers {type(config).__name__} in {folder}",
+        weights=partial(_hf_weights, str(folder)),
+        own_weights=HF_OWN_WEIGHTS,
+    )
+
+
+def _hf_layout(config: Any) -> tuple[str | None, str | None]:
+    """(default_layer, reshape) of a transformers classifier built on the meta device
+    (:func:`explainkit.explain.image.transformer_layer`); (None, None) lets explainkit locate
+    one."""
+    import torch
+
+    from explainkit.explain.image import transformer_layer
+
+    transformers = _transformers()
+    try:
+        with torch.device("meta"):
+            model = transformers.AutoModelForImageClassification.from_config(config)
+    except Exception:  # an architecture that cannot be built on the meta device
+        return None, None
+    return transformer_layer(model)
+
+
+def _build_hf(folder: str, num_classes: int) -> Any:
+    """The folder's architecture with random weights and a ``num_classes`` head."""
+    transformers = _transformers()
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    if config.num_labels != num_classes:
+        config.num_labels = num_classes
+    return transformers.AutoModelForImageClassification.from_config(config)
+
+
+def _hf_weights(folder: str, name: str) -> Any:
+    """The folder's own weights (``SAVED``); KeyError for any other name."""
+    if name != HF_OWN_WEIGHTS:
+        raise KeyError(name)
+    transformers = _transformers()
+    model = transformers.AutoModelForImageClassification.from_pretrained(
+        folder, local_files_only=True
+    )
+    return model.state_dict()
+
+
 # -- import paths --------------------------------------------------------------------------
 
 
@@ -318,7 +445,7 @@ def import_entry(path: str) -> ModelEntry:
     except ImportError as e:
         raise ConfigError(
             f"model import:{path} cannot be built here: module {module_name!r} is not "
-            f"importable ({e}); install the package that defines it"
+            f"importable ({e}); install the package that defines it, {LIVE_MODULE_HINT}"
         ) from None
     factory: Any = module
     for part in attribute.split("."):
@@ -326,8 +453,7 @@ def import_entry(path: str) -> ModelEntry:
     if not callable(factory) or "num_classes" not in _parameters(factory):
         raise ConfigError(
             f"model import:{path} cannot be built: {attribute} of {module_name} is not a class "
-            "or function taking num_classes; give explainkit a factory(num_classes, **kwargs) "
-            "or register the model in a plugin"
+            f"or function taking num_classes; {LIVE_MODULE_HINT}"
         )
     return ModelEntry(
         f"import:{path}", partial(_build_imported, factory), summary=f"{attribute} of {module_name}"

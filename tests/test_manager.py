@@ -340,7 +340,7 @@ def test_plugins_command_lists_each_plugins_models_and_datasets(tmp_path):
     by_name = {r["name"]: r for r in rows}
     models = by_name["explainkit.plugins.default_models"]["models"]
     assert [m["name"] for m in models] == [
-        "resnet18-s8", "resnet18", "torchvision:NAME", "timm:NAME", "import:NAME",
+        "resnet18-s8", "resnet18", "torchvision:NAME", "timm:NAME", "hf:NAME", "import:NAME",
     ]  # fmt: skip
     assert models[0]["default_layer"] == "layer4" and models[2]["family"] is True
     datasets = by_name["explainkit.plugins.default_datasets"]["datasets"]

@@ -5,7 +5,8 @@ Datasets are registered by plugins through the ``register_datasets`` hook as
 built-in plugin ``explainkit.plugins.default_datasets``, registered exactly as a third party's
 would be.
 :func:`load_dataset` looks a name up in the registries the host built, checks what the
-dataset returned, keeps the first ``limit`` images and resizes them to ``image_size``.
+dataset returned, keeps a seeded class-balanced ``limit`` of its images and fits them to
+``image_size`` squares (:mod:`explainkit.data.fit`: crop, pad or stretch).
 
 A split too large for memory (an ImageFolder of 224-px images) keeps its images as a lazy
 array-like (:mod:`explainkit.data.lazy`): decoded only when indexed. :func:`iter_batches` reads
@@ -64,25 +65,33 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def take(self, limit: int | None) -> Dataset:
-        """Keep the first `limit` images so that small runs see a fixed, reproducible subset."""
+    note: str = ""  # what was read, in words (``photos/val``), for the line evaluate prints
+    subset: str = ""  # which images a limit kept, in words ('' when all were kept)
+
+    def take(self, limit: int | None, seed: int = 0) -> Dataset:
+        """Keep ``limit`` images: a seeded, class-balanced subset in dataset order (the same
+        images for the same seed), so a limit on a class-ordered folder keeps every class."""
         if limit is None or limit >= len(self):
             return self
         if limit < 1:
             raise DataError(f"limit must be a positive number of images, got {limit}")
+        from explainkit.data.fit import balanced_subset, subset_note
         from explainkit.data.lazy import is_lazy
 
+        rows = balanced_subset(self.targets, limit, seed)
         images = self.images
         return Dataset(
-            images=images.select(slice(limit)) if is_lazy(images) else images[:limit],
-            targets=self.targets[:limit],
+            images=images.select(rows) if is_lazy(images) else images[rows],
+            targets=self.targets[rows],
             classes=self.classes,
-            index=self.index[:limit],
-            masks=None if self.masks is None else self.masks[:limit],
-            sizes=None if self.sizes is None else self.sizes[:limit],
+            index=self.index[rows],
+            masks=None if self.masks is None else self.masks[rows],
+            sizes=None if self.sizes is None else self.sizes[rows],
             name=self.name,
-            paths=None if self.paths is None else self.paths[:limit],
-            annotations=None if self.annotations is None else self.annotations.take(limit),
+            paths=None if self.paths is None else [self.paths[i] for i in rows],
+            annotations=None if self.annotations is None else self.annotations.take(rows),
+            note=self.note,
+            subset=subset_note(limit, len(self), seed, len(set(self.targets.tolist()))),
         )
 
 
@@ -96,6 +105,9 @@ def load_dataset(
     download: bool = True,
     *,
     registries: Registries,
+    holdout: bool = True,
+    fit: str = "crop",
+    resize: int | None = None,
 ) -> Dataset:
     """Load one split of a registered dataset as ``image_size`` squares.
 
@@ -107,9 +119,15 @@ def load_dataset(
             side to ``image_size``, then the centre cropped), their original sizes kept in
             ``sizes``.
         seed: For datasets that draw or split at random.
-        limit: Keep the first ``limit`` images.
+        limit: Keep ``limit`` images: a class-balanced subset drawn with ``seed``.
         download: Whether fetching missing files is allowed.
         registries: Where ``name`` is looked up (``explainkit.load_registries()``).
+        holdout: For a dataset without an evaluation split (a flat folder), hold a seeded
+            part out as ``"eval"`` (training); False makes ``"eval"`` every image (what
+            ``evaluate`` reads).
+        fit: How images of another shape become squares: ``crop``, ``pad`` or ``stretch``
+            (:mod:`explainkit.data.fit`).
+        resize: The shorter side before a centre ``crop`` (default ``image_size``).
 
     Raises:
         DataError: An unknown name or split, a bad value, or what the dataset returned is not
@@ -129,10 +147,17 @@ def load_dataset(
         "seed": seed,
         "limit": limit,
         "download": download,
+        "holdout": holdout,
+        "fit": fit,
+        "resize": resize,
     }
+    from explainkit.data.fit import FITS
+
+    if fit not in FITS:
+        raise DataError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
     ds = entry.load(**_accepted(entry.load, offered))
-    ds = _checked(ds, name, plugin).take(limit)
-    return _fit(_with_sizes(ds), image_size)
+    ds = _checked(ds, name, plugin).take(limit, seed)
+    return _fit(_with_sizes(ds), image_size, fit, resize)
 
 
 def _accepted(func: Any, offered: dict[str, Any]) -> dict[str, Any]:
@@ -197,7 +222,7 @@ def _with_sizes(ds: Dataset) -> Dataset:
     return ds
 
 
-def _fit(ds: Dataset, size: int) -> Dataset:
+def _fit(ds: Dataset, size: int, fit: str = "crop", resize: int | None = None) -> Dataset:
     """``ds`` with its images (and masks) made ``size`` squares, when they are not (lazy
     images become a lazy view that resizes as it decodes)."""
     from explainkit.data.lazy import is_lazy
@@ -205,35 +230,40 @@ def _fit(ds: Dataset, size: int) -> Dataset:
     if ds.images.shape[1:3] == (size, size):
         return ds
     images = ds.images
-    ds.images = images.resized(size) if is_lazy(images) else fit_images(images, size)
+    if is_lazy(images):
+        ds.images = images.resized(size, fit, resize)
+    else:
+        ds.images = fit_images(images, size, False, fit, resize)
     if ds.masks is not None:
-        ds.masks = fit_images(ds.masks, size, nearest=True)
+        ds.masks = fit_images(ds.masks, size, True, fit, resize)
     if ds.annotations is not None:
         from explainkit.data.tasks import fit_annotations
 
+        if fit != "crop" or resize not in (None, size):
+            raise DataError(
+                f"{ds.name or 'this dataset'} has boxes or masks, which are fitted by the "
+                "default centre crop only; leave --fit and the resize size at their defaults"
+            )
         ds.annotations = fit_annotations(ds.annotations, ds.sizes, size)
     return ds
 
 
-def fit_images(images: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
-    """Resize uint8 images (N, H, W, 3), or masks (N, H, W), to size x size squares.
+def fit_images(
+    images: np.ndarray,
+    size: int,
+    nearest: bool = False,
+    fit: str = "crop",
+    resize: int | None = None,
+) -> np.ndarray:
+    """Resize uint8 images (N, H, W, C), or masks (N, H, W), to size x size squares.
 
-    The shorter side becomes ``size`` and the centre is cropped, so nothing is stretched
-    (a square image is simply resized). Bilinear for images, nearest for masks (PIL).
+    By default the shorter side becomes ``size`` and the centre is cropped, so nothing is
+    stretched (a square image is simply resized); ``fit`` ``pad`` or ``stretch`` keep the
+    whole image (:mod:`explainkit.data.fit`). Bilinear for images, nearest for masks (PIL).
     """
-    import numpy as np
-    from PIL import Image
+    from explainkit.data.fit import fit_images as fitted
 
-    resample = Image.NEAREST if nearest else Image.BILINEAR
-    out = np.empty((len(images), size, size, *images.shape[3:]), dtype=images.dtype)
-    for i, img in enumerate(images):
-        h, w = img.shape[:2]
-        scale = size / min(h, w)
-        rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
-        resized = Image.fromarray(img).resize((rw, rh), resample)
-        left, top = (rw - size) // 2, (rh - size) // 2
-        out[i] = np.asarray(resized.crop((left, top, left + size, top + size)))
-    return out
+    return fitted(images, size, nearest, fit, resize)
 
 
 STATS_SAMPLE = 4096  # images of a lazy split that its channel statistics are computed from

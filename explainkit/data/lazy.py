@@ -108,11 +108,12 @@ class LazyImages:
         """A lazy view of some of these images (``rows``: any first-axis index), in order."""
         return _Selected(self, np.atleast_1d(np.asarray(self._rows(rows), dtype=np.int64)))
 
-    def resized(self, size: int) -> LazyImages:
-        """A lazy view of these images as ``size`` squares (shorter side, then centre crop)."""
+    def resized(self, size: int, fit: str = "crop", resize: int | None = None) -> LazyImages:
+        """A lazy view of these images as ``size`` squares (by default the shorter side, then
+        a centre crop; see :mod:`explainkit.data.fit`)."""
         if self.shape[1:3] == (size, size):
             return self
-        return _Resized(self, size)
+        return _Resized(self, size, fit, resize)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape})"
@@ -144,15 +145,15 @@ class _Selected(LazyImages):
 
 
 class _Resized(LazyImages):
-    def __init__(self, base: LazyImages, size: int) -> None:
+    def __init__(self, base: LazyImages, size: int, fit: str, resize: int | None) -> None:
         super().__init__(len(base), size, size)
-        self.base, self.side = base, size
+        self.base, self.side, self.fit, self.resize = base, size, fit, resize
         self.workers_allowed = base.workers_allowed
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         from explainkit.data import fit_images
 
-        return fit_images(self.base.read(rows), self.side)
+        return fit_images(self.base.read(rows), self.side, False, self.fit, self.resize)
 
 
 def is_lazy(images: Any) -> bool:

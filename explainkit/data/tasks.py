@@ -70,13 +70,19 @@ class Annotations:
             "detection": self.detections is not None,
         }.get(task, False)
 
-    def take(self, limit: int) -> Annotations:
-        """The first ``limit`` images' annotations."""
+    def take(self, rows: Any) -> Annotations:
+        """The annotations of the images at ``rows`` (indices, in the order given)."""
+
+        def pick(values: Any) -> Any:
+            if values is None:
+                return None
+            return values[rows] if hasattr(values, "shape") else [values[i] for i in rows]
+
         return Annotations(
-            detections=None if self.detections is None else self.detections[:limit],
-            instances=None if self.instances is None else self.instances[:limit],
-            segmentation=None if self.segmentation is None else self.segmentation[:limit],
-            multi_hot=None if self.multi_hot is None else self.multi_hot[:limit],
+            detections=pick(self.detections),
+            instances=pick(self.instances),
+            segmentation=pick(self.segmentation),
+            multi_hot=pick(self.multi_hot),
             num_classes=self.num_classes,
             notes=dict(self.notes),
         )

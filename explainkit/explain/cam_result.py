@@ -11,7 +11,7 @@ from torch import Tensor
 
 from explainkit.errors import AnalyzerError
 
-__all__ = ["CAMResult", "normalize_maps"]
+__all__ = ["SHOWN", "CAMResult", "normalize_maps"]
 
 _EPS = 1e-12
 
@@ -28,6 +28,13 @@ class CAMResult:
         targets: (N,) int64, the class each map explains.
         predicted: (N,) int64, the model's predicted class.
         logits: (N, C) the model's output (detached).
+        images: The explained images as a person sees them, uint8 (N, H, W, 3), or None;
+            :func:`explainkit.explain_image` fills it, so the result draws itself.
+        classes: Class names for captions, or None (captions then show class ids).
+
+    As the last expression of a notebook cell the result draws itself (``_repr_png_``,
+    ``_repr_html_``: image | heatmap | overlay of up to :data:`SHOWN` images), whether or not
+    ``%matplotlib inline`` is on.
     """
 
     maps: Tensor
@@ -35,13 +42,68 @@ class CAMResult:
     targets: Tensor
     predicted: Tensor
     logits: Tensor
+    images: Any = None
+    classes: Sequence[str] | None = None
 
     def __len__(self) -> int:
         return self.maps.shape[0]
 
     def to(self, device: torch.device | str) -> CAMResult:
         """Move every tensor, e.g. to the CPU before saving."""
-        return CAMResult(*(getattr(self, f).to(device) for f in _FIELDS))
+        moved = CAMResult(*(getattr(self, f).to(device) for f in _FIELDS))
+        moved.images, moved.classes = self.images, self.classes
+        return moved
+
+    def captions(self) -> list[str]:
+        """``predicted tabby (0.91), map of tabby`` per image: names when ``classes`` are
+        known, ids otherwise; the probability is the softmax of the logits."""
+        probs = self.logits.detach().float().softmax(-1).cpu()
+        name = (lambda i: str(self.classes[i])) if self.classes else (lambda i: str(i))  # type: ignore[index]
+        out = []
+        for row, (p, t) in enumerate(
+            zip(self.predicted.tolist(), self.targets.tolist(), strict=True)
+        ):
+            out.append(f"predicted {name(p)} ({float(probs[row, p]):.2f}), map of {name(t)}")
+        return out
+
+    def figure(self, limit: int | None = None) -> Any:
+        """The matplotlib figure of :meth:`show` for the first ``limit`` images (default
+        all), using the explained images when known (else the maps themselves, in gray)."""
+        import numpy as np
+
+        n = len(self) if limit is None else min(limit, len(self))
+        if self.images is not None:
+            images = self.images[:n]
+        else:
+            gray = (self.maps[:n].detach().float().cpu().numpy() * 255).astype(np.uint8)
+            images = np.repeat(gray[..., None], 3, axis=-1)
+        sub = CAMResult(*(getattr(self, f)[:n] for f in _FIELDS), classes=self.classes)
+        return sub.show(images, captions=sub.captions())
+
+    def _repr_png_(self) -> bytes:
+        """PNG bytes of :meth:`figure` (the first :data:`SHOWN` images), for notebooks."""
+        import io
+
+        import matplotlib.pyplot as plt
+
+        fig = self.figure(SHOWN)
+        buffer = io.BytesIO()
+        try:
+            fig.savefig(buffer, format="png", dpi=80)
+        finally:
+            plt.close(fig)
+        return buffer.getvalue()
+
+    def _repr_html_(self) -> str:
+        """The figure as an inline <img>, and how many images the result holds."""
+        import base64
+
+        png = base64.b64encode(self._repr_png_()).decode("ascii")
+        more = f" (the first {SHOWN} of {len(self)} shown)" if len(self) > SHOWN else ""
+        return (
+            f'<div><img src="data:image/png;base64,{png}" alt="CAM maps"/>'
+            f"<div>CAMResult: {len(self)} map(s){more}</div></div>"
+        )
 
     def show(
         self,
@@ -65,8 +127,7 @@ class CAMResult:
 
         pixels = images.cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
         if captions is None:
-            pairs = zip(self.predicted.tolist(), self.targets.tolist(), strict=True)
-            captions = [f"predicted {p}, map of {t}" for p, t in pairs]
+            captions = self.captions()
         maps = self.maps.detach().float().cpu().numpy()
         return cam_grid(pixels, maps, captions, get_colormap(colormap), alpha)
 
@@ -79,6 +140,7 @@ class CAMResult:
 
 
 _FIELDS = ("maps", "raw", "targets", "predicted", "logits")
+SHOWN = 8  # images a notebook draws of one result, so a big batch stays a legible figure
 
 
 def normalize_maps(maps: Tensor, rtol: float = 1e-5) -> Tensor:

@@ -438,7 +438,46 @@ def model_from_checkpoint(
     if layer and not hasattr(model, "default_target_layer"):
         # explainkit.explain.layers.target_layer(model) then answers for any architecture.
         model.default_target_layer = layer
-    return model.to(device).eval()
+    from explainkit.explain.inputs import accept_rgb
+
+    return accept_rgb(model).to(device).eval()  # a grayscale model takes the RGB images
+
+
+def live_model_at(
+    module: nn.Module, path_or_run: str | Path, registries: Registries, epoch: int | None = None
+) -> nn.Module:
+    """A copy of ``module`` holding the weights a run's checkpoint of ``epoch`` evaluated, in
+    eval mode: a run written from a live module (``explainkit.evaluate(model, ...)``) whose
+    class cannot be rebuilt from its recorded architecture. ``module`` is not changed.
+
+    Raises:
+        CheckpointError: The file is not an explainkit checkpoint, or its weights do not fit
+            ``module`` (one sentence).
+    """
+    import copy
+
+    from explainkit.explain.inputs import accept_rgb
+
+    path = resolve_checkpoint(path_or_run, registries, epoch)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file: what load_checkpoint would say
+        raise _unreadable(path, e) from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME or "state_dict" not in data:
+        raise CheckpointError(f"{path} is not an explainkit checkpoint")
+    model = copy.deepcopy(module)
+    try:
+        model.load_state_dict(eval_state_dict(data))
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"the {type(module).__name__} given as model= does not fit the weights of {path} "
+            f"({first_line(e, limit=120)}); pass the module the run was written from"
+        ) from None
+    spec = data.get("model") if isinstance(data.get("model"), dict) else {}
+    layer = spec.get("default_layer")
+    if isinstance(layer, str) and layer and not hasattr(model, "default_target_layer"):
+        model.default_target_layer = layer
+    return accept_rgb(model).eval()
 
 
 def load_model(

@@ -90,6 +90,7 @@ class DeviceData:
         self.train = place_split(train.images, train.targets, device)
         self.eval = place_split(evals.images, evals.targets, device)
         self.num_train = len(train)
+        self.train_subset = train.subset  # which images --limit-train kept, in words
         self.num_eval = len(evals)
         self.use_normalization(self.mean, self.std)
         self.order_gen = torch.Generator().manual_seed(config.seed)

@@ -47,6 +47,7 @@ class RunFacts:
     eval_weights: str = "trained"
     eval_tta: bool = False
     task: str = "classification"
+    train_subset: str = ""  # which training images a limit kept, in words ('' for all)
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -83,6 +84,10 @@ def write_config(facts: RunFacts, config: Options, run: RunDir) -> None:
             "num_eval": len(facts.eval_data),
             "mean": list(facts.mean),
             "std": list(facts.std),
+            # What was read and which images a limit kept (--limit-train/--limit-eval).
+            "eval_source": facts.eval_data.note,
+            "eval_subset": facts.eval_data.subset,
+            "train_subset": facts.train_subset,
         },
         "environment": _environment(facts.device),
         "world_size": facts.world_size,

@@ -223,6 +223,7 @@ class Trainer:
             world_size=self.dist.world_size,
             eval_weights="ema" if self.config.ema > 0 else "trained",
             eval_tta=self.config.tta,
+            train_subset=self.data.train_subset,
         )
 
     @property

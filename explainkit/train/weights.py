@@ -54,6 +54,7 @@ class InitialWeights:
     source: str
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    image_size: int | None = None  # the side an explainkit checkpoint's run used, when known
 
 
 def read_weights(value: str, entry: ModelEntry, registries: Registries) -> InitialWeights:
@@ -120,11 +121,13 @@ def _read_file(path: Path, entry: ModelEntry, registries: Registries) -> Initial
         ) from e
     if isinstance(data, dict) and data.get("format") == FORMAT_NAME:
         checkpoint = load_checkpoint(path, registries)  # validated
+        shape = checkpoint["model"].get("input_shape")
         return InitialWeights(
             dict(eval_state_dict(checkpoint)),
             f"checkpoint {path}",
             _stats(checkpoint.get("mean")),
             _stats(checkpoint.get("std")),
+            int(shape[-1]) if isinstance(shape, list | tuple) and shape else None,
         )
     if isinstance(data, dict):
         for key in ("state_dict", "model"):
