@@ -62,6 +62,7 @@ DEFAULT_PLUGINS = (
     "explainkit.plugins.evolution",
     "explainkit.plugins.model",
     "explainkit.plugins.default_models",
+    "explainkit.plugins.task_models",
     "explainkit.plugins.default_datasets",
 )
 

@@ -27,7 +27,14 @@ class CAMResult:
             ReLU, not normalized.
         targets: (N,) int64, the class each map explains.
         predicted: (N,) int64, the model's predicted class.
-        logits: (N, C) the model's output (detached).
+        logits: (N, C) a classifier's output (detached); for other models (detectors,
+            segmenters, embeddings) the explained scores as (N, 1).
+        scores: (N,) the scalar per image whose gradient was explained (the target's score),
+            or None.
+
+    Video clips (N, C, T, H, W) give ``maps`` (N, T, H, W) and ``raw`` (N, t, h, w): one map
+    per frame, scaled to [0, 1] per clip. Targets without a class (an embedding) are -1, and
+    so is ``predicted`` for a model that is no classifier.
     """
 
     maps: Tensor
@@ -35,13 +42,14 @@ class CAMResult:
     targets: Tensor
     predicted: Tensor
     logits: Tensor
+    scores: Tensor | None = None
 
     def __len__(self) -> int:
         return self.maps.shape[0]
 
     def to(self, device: torch.device | str) -> CAMResult:
         """Move every tensor, e.g. to the CPU before saving."""
-        return CAMResult(*(getattr(self, f).to(device) for f in _FIELDS))
+        return CAMResult(*(_to(getattr(self, f), device) for f in _FIELDS))
 
     def show(
         self,
@@ -75,14 +83,22 @@ class CAMResult:
         """Join batch results along the image dimension."""
         if not results:
             raise AnalyzerError("no CAM results to join; pass at least one image")
-        return CAMResult(*(torch.cat([getattr(r, f) for r in results]) for f in _FIELDS))
+        return CAMResult(*(_cat([getattr(r, f) for r in results]) for f in _FIELDS))
 
 
-_FIELDS = ("maps", "raw", "targets", "predicted", "logits")
+_FIELDS = ("maps", "raw", "targets", "predicted", "logits", "scores")
+
+
+def _to(t: Tensor | None, device: torch.device | str) -> Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def _cat(parts: list[Tensor | None]) -> Tensor | None:
+    return None if any(p is None for p in parts) else torch.cat(parts)  # type: ignore[arg-type]
 
 
 def normalize_maps(maps: Tensor, rtol: float = 1e-5) -> Tensor:
-    """Scale each map of (N, H, W) to [0, 1]; a constant map becomes zero.
+    """Scale each map of (N, H, W) (or (N, T, H, W) clips) to [0, 1]; a constant map is zero.
 
     "Constant" allows float noise: a map whose range is within ``rtol`` of its magnitude
     (a 1x1 layer upsampled leaves ripples of ~1e-8) is constant, and stretching that noise
@@ -93,6 +109,7 @@ def normalize_maps(maps: Tensor, rtol: float = 1e-5) -> Tensor:
     span = high - low
     scale = torch.maximum(high.abs(), low.abs())
     constant = span <= rtol * scale
-    span = torch.where(constant, 1.0, span).clamp_min(_EPS).view(-1, 1, 1)
-    out = (maps - low.view(-1, 1, 1)).div_(span)  # one new tensor, changed in place
-    return out.masked_fill_(constant.view(-1, 1, 1), 0.0)
+    shape = (-1,) + (1,) * (maps.dim() - 1)
+    span = torch.where(constant, 1.0, span).clamp_min(_EPS).view(shape)
+    out = (maps - low.view(shape)).div_(span)  # one new tensor, changed in place
+    return out.masked_fill_(constant.view(shape), 0.0)
