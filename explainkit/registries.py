@@ -260,7 +260,9 @@ def _suggest_model(name: str, models: Mapping[str, Registered]) -> str | None:
             return f"{close}:{rest}" if close else None
         members = _family_names(family)
         if rest not in members:  # torchvision:fasterrcnn_resnet50_fpn -> the family that has it
-            other = next((f for f in families if f is not family and rest in _family_names(f)), None)
+            other = next(
+                (f for f in families if f is not family and rest in _family_names(f)), None
+            )
             if other is not None:
                 return f"{other.prefix}:{rest}"
         close = _closest(rest, members)

@@ -227,8 +227,8 @@ def test_class_targets_match_manual_gradients(classifier):
         (MultiLabel(5, probability=True), lambda y: y[:, 5].sigmoid()),
         (Regression(6, sign=-1), lambda y: -y[:, 6]),
     ):
-        acts = {}
-        h = classifier.layer4.register_forward_hook(lambda m, i, o: acts.setdefault("a", o))
+        acts: dict = {}
+        h = classifier.layer4.register_forward_hook(lambda m, i, o, acts=acts: acts.update(a=o))
         y = classifier(x)
         h.remove()
         g = torch.autograd.grad(score(y).sum(), acts["a"])[0]
