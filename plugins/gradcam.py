@@ -58,7 +58,7 @@ class GradCAMAnalyzer(Analyzer):
     name = "gradcam"
     title = "Grad-CAM"
     summary = (
-        "Native batched Grad-CAM (and ++/XGrad/LayerCAM) maps for all eval images (HDF5 + PNG)."
+        "Native batched Grad-CAM (and 12 more CAM methods) maps for all eval images (HDF5 + PNG)."
     )
     needs = frozenset({"store", "checkpoint"})
     order = 40
@@ -77,7 +77,7 @@ class GradCAMAnalyzer(Analyzer):
             "auto",
             "How the layer's output becomes maps: nchw (N, C, H, W); vit (N, tokens, C): class "
             "and register tokens dropped, patch tokens on their grid; swin (N, H, W, C); auto: "
-            "4-D is nchw, 3-D is vit.",
+            "4-D is nchw, 3-D is vit (5-D video layers: one map per frame).",
             choices=RESHAPE_CHOICES,
         ),
         Option(

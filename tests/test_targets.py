@@ -277,3 +277,22 @@ def test_gradcam_class_keeps_the_hook_off_after_a_bad_target(classifier):
     with pytest.raises(AnalyzerError):
         cam(torch.randn(1, 3, 32, 32), target=SegmentationRegion(1))
     assert not classifier.layer4._forward_hooks
+
+
+def test_captum_methods_explain_a_target_through_attribution_fn():
+    """Saliency of a segmentation region through explainkit's attribution dispatch equals
+    the input gradient of that region's score (max |.| over channels, scaled to [0, 1])."""
+    pytest.importorskip("captum")
+    from explainkit.explain.attribution import attribute, attribution_fn
+    from explainkit.explain.gradcam import normalize_maps
+
+    torch.manual_seed(0)
+    seg = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1))
+    x = torch.randn(3, 3, 16, 16)
+    target = SegmentationRegion([0, 1, 2], (4, 4, 12, 12))
+    maps = attribute(attribution_fn("saliency"), seg, x, target, batch_size=2)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(target.scores(seg(xg)).sum(), xg)
+    assert torch.allclose(maps, normalize_maps(grad.abs().amax(1)), atol=1e-6)
+    cams = attribute(attribution_fn("gradcam", layer="0"), seg, x, target, batch_size=2)
+    assert torch.allclose(cams, compute_cam(seg, x, "0", target=target).maps, atol=1e-6)
