@@ -56,7 +56,8 @@ class Target:
             size = len(value) if isinstance(value, (list, Tensor)) and _has_len(value) else None
             if size is not None and size != n:
                 raise AnalyzerError(
-                    f"{type(self).__name__} holds {size} {name} for {n} images; give one per "
+                    f"the {type(self).__name__} target holds {size} {name} for {n} images; "
+                    "give one per "
                     "image, or one for all"
                 )
 
@@ -69,13 +70,17 @@ def parse_classes(value: Any, what: str) -> Any:
     """``"predicted"``, an int, or an int64 tensor of one class per image."""
     if isinstance(value, str):
         if value != "predicted":
-            raise AnalyzerError(f"{what} must be 'predicted', a class index or one per image")
+            raise AnalyzerError(
+                f"the class of a {what} target must be 'predicted', a class index or one per image"
+            )
         return value
     if isinstance(value, bool):
-        raise AnalyzerError(f"{what} must be a class index, not {value!r}")
+        raise AnalyzerError(f"the class of a {what} target must be a class index, not {value!r}")
     if isinstance(value, int):
         return value
     t = torch.as_tensor(value)
     if t.dim() != 1 or t.is_floating_point() or t.dtype == torch.bool:
-        raise AnalyzerError(f"{what} must be integer class indices, one per image")
+        raise AnalyzerError(
+            f"the class of a {what} target must be integer class indices, one per image"
+        )
     return t.to(torch.int64)

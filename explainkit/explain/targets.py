@@ -72,7 +72,7 @@ class _ClassBase(Target):
         logits = scores_of(output)
         if logits.dim() != 2:
             raise AnalyzerError(
-                f"{type(self).__name__} needs (N, C) scores; the model returned "
+                f"the {type(self).__name__} target needs (N, C) scores; the model returned "
                 f"{describe_output(logits)}: use SegmentationRegion, Regression or Binary"
             )
         return logits
@@ -151,12 +151,13 @@ def _single(output: Any, what: str, index: int | None = None) -> Tensor:
     if y.dim() == 2 and (index is not None or y.shape[1] == 1):
         k = 0 if index is None else index
         if not 0 <= k < y.shape[1]:
-            raise AnalyzerError(f"{what} output {k} is not in [0, {y.shape[1]})")
+            raise AnalyzerError(f"the {what} target's output {k} is not in [0, {y.shape[1]})")
         return y[:, k]
     if y.dim() == 1 and index in (None, 0):
         return y
     raise AnalyzerError(
-        f"{what} needs (N,) or (N, 1) outputs (or an index into (N, K)); the model returned "
+        f"the {what} target needs (N,) or (N, 1) outputs (or an index into (N, K)); "
+        "the model returned "
         f"{describe_output(y)}"
     )
 

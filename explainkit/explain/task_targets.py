@@ -36,9 +36,11 @@ class SegmentationRegion(Target):
         cls: int | Sequence[int] | Tensor,
         region: str | Tensor | Sequence[float] = "predicted",
     ) -> None:
-        self.cls = parse_classes(cls, "SegmentationRegion's class")
+        self.cls = parse_classes(cls, "SegmentationRegion")
         if isinstance(self.cls, str):
-            raise AnalyzerError("SegmentationRegion needs a class index (or one per image)")
+            raise AnalyzerError(
+                "a SegmentationRegion target needs a class index (or one per image)"
+            )
         self.box: tuple[int, int, int, int] | None = None
         self.mask: Tensor | None = None
         if isinstance(region, str):
@@ -59,7 +61,7 @@ class SegmentationRegion(Target):
             return torch.full((n,), self.cls, dtype=torch.int64, device=device)
         if self.cls.shape[0] != n:
             raise AnalyzerError(
-                f"SegmentationRegion holds {self.cls.shape[0]} classes for {n} images"
+                f"the SegmentationRegion target holds {self.cls.shape[0]} classes for {n} images"
             )
         return self.cls.to(device)
 
@@ -67,7 +69,8 @@ class SegmentationRegion(Target):
         out = scores_of(output)
         if out.dim() != 4:
             raise AnalyzerError(
-                "SegmentationRegion needs (N, K, H, W) per-pixel scores; the model returned "
+                "a SegmentationRegion target needs (N, K, H, W) per-pixel scores; the model "
+                "returned "
                 f"{describe_output(out)}"
             )
         n, k, h, w = out.shape
@@ -100,7 +103,7 @@ def _detections(output: Any) -> list[Mapping[str, Tensor]]:
     ):
         return list(output)
     raise AnalyzerError(
-        f"Detection needs a list of {{boxes, labels, scores}} per image (torchvision's "
+        f"a Detection target needs a list of {{boxes, labels, scores}} per image (torchvision's "
         f"detectors in eval mode); the model returned {describe_output(output)}"
     )
 
@@ -138,7 +141,7 @@ class Detection(Target):
             self.boxes, self.labels, self.per_image = None, None, ()
             return
         if labels is None:
-            raise AnalyzerError("Detection with reference boxes needs their labels")
+            raise AnalyzerError("a Detection target with reference boxes needs their labels")
         if isinstance(boxes, Tensor) and boxes.dim() == 2:
             self.boxes = self.labels = None
             self._shared = (boxes.float(), torch.as_tensor(labels).long())
@@ -204,7 +207,8 @@ def _embedding(output: Any) -> Tensor:
         )
     if emb is None or emb.dim() != 2:
         raise AnalyzerError(
-            f"EmbeddingSimilarity needs (N, D) embeddings (a tensor or image_embeds); the "
+            f"an EmbeddingSimilarity target needs (N, D) embeddings (a tensor or "
+            "image_embeds); the "
             f"model returned {describe_output(output)}"
         )
     return emb

@@ -37,7 +37,7 @@ from explainkit.explain.layers import (
     resolve_layout,
     target_layer,
 )
-from explainkit.explain.outputs import _find_scores
+from explainkit.explain.outputs import scores_of
 from explainkit.explain.targets import Target, as_target
 
 __all__ = ["CAM", "TargetArg"]
@@ -395,7 +395,10 @@ def _classes(target: Target, output: Any, n: int, gradients: bool) -> Tensor:
 
 def _logits_and_predicted(output: Any, explained: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """A classifier's (N, C) logits and argmax; else the explained scores (N, 1) and -1s."""
-    found = _find_scores(output) if not isinstance(output, list) else None
+    try:
+        found = scores_of(output) if not isinstance(output, list) else None
+    except AnalyzerError:  # no scores in it (an embedding object): not a classifier
+        found = None
     if isinstance(found, Tensor) and found.dim() == 2 and found.is_floating_point():
         logits = found.detach()
         return logits, logits.argmax(1)
