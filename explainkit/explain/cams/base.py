@@ -19,6 +19,7 @@ is one map per input frame, (N, T, H, W), scaled to [0, 1] per clip.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -181,7 +182,7 @@ class CAM:
                 p.requires_grad_(False)
             if training:
                 model.eval()
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), _double_backward(hvp_needed):
                 output = self._forward(images)
                 if not self._acts:
                     raise AnalyzerError(
@@ -256,7 +257,13 @@ class CAM:
         hvp = None
         if hvp_needed:
             if grads.requires_grad:
-                (hvp,) = torch.autograd.grad(grads, acts, grad_outputs=acts, allow_unused=True)
+                try:
+                    (hvp,) = torch.autograd.grad(grads, acts, grad_outputs=acts, allow_unused=True)
+                except RuntimeError as e:
+                    raise AnalyzerError(
+                        f"the model has an operation after layer {self.layer!r} without a second "
+                        f"derivative, which ShapleyCAM needs ({e}); use another method"
+                    ) from e
             hvp = torch.zeros_like(acts) if hvp is None else hvp
             grads = grads.detach()
         return scores, grads, hvp
@@ -367,6 +374,16 @@ class CAM:
     def _weights(self, acts: Tensor, grads: Tensor) -> Tensor:
         """Channel weights (N, C), or map-level weights (N, C, h, w), for (N, C, h, w) inputs."""
         raise NotImplementedError
+
+
+def _double_backward(needed: bool) -> Any:
+    """Attention through its math kernel when a second derivative is needed: the fused
+    kernels (flash, memory-efficient) have no double backward."""
+    if not needed:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _explained(tensor: Tensor, seed: Tensor) -> Tensor:
