@@ -79,13 +79,17 @@ class KPCACAM(CAM):
     coef0 = 1.0
 
     def _cam(self, acts: Tensor, grads: Tensor, hvp: Tensor | None) -> Tensor:
+        # One image at a time: a batch of (h*w)^2 float64 kernels would not stay bounded.
+        return torch.cat([self._one(a[None]) for a in acts]).to(acts.dtype)
+
+    def _one(self, acts: Tensor) -> Tensor:
         x = _positions(acts).double()
         gamma = self.gamma if self.gamma is not None else 1.0 / x.shape[-1]
         k = torch.tanh(gamma * (x @ x.transpose(1, 2)) + self.coef0)
         k = k - k.mean(1, keepdim=True) - k.mean(2, keepdim=True) + k.mean((1, 2), keepdim=True)
         values, vectors = torch.linalg.eigh(k)
         projection = vectors[:, :, -1] * values[:, -1:].clamp_min(0).sqrt()
-        return _signed(projection).to(acts.dtype).view(acts.shape[0], *acts.shape[2:])
+        return _signed(projection).view(1, *acts.shape[2:])
 
 
 class FEM(CAM):
