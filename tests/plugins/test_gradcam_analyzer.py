@@ -133,9 +133,9 @@ def test_analyzer_gradcam_other_methods(tiny_run, method):
 
 
 def test_analyzer_gradcam_cli_probability_target_and_new_method(tiny_run):
-    """--gradcam-target probability:1 explains the softmax of class 1, not its logit."""
+    """--gradcam-target probability:predicted explains the softmax, not the logit."""
     maps = {}
-    for target in ("1", "probability:1"):
+    for target in ("predicted", "probability:predicted"):
         result = run_cli(
             "analyze", str(tiny_run), "--plugin", "gradcam", "--device", "cpu",
             "--gradcam-method", "shapleycam", "--gradcam-target", target, "--gradcam-count", "2",
@@ -143,10 +143,11 @@ def test_analyzer_gradcam_cli_probability_target_and_new_method(tiny_run):
         assert result.returncode == 0, result.stderr
         data, attrs = read_h5(tiny_run)
         assert attrs["method"] == "shapleycam" and attrs["target"] == target
-        assert (data["targets"] == 1).all()
+        np.testing.assert_array_equal(data["targets"], data["predicted"])
         _verify_maps(data["maps"], len(data["targets"]))
         maps[target] = data["maps"].astype(np.float32)
-    assert np.abs(maps["1"] - maps["probability:1"]).max() > 0.05
+    assert maps["predicted"].max() == 1.0  # real maps, not zeros agreeing with zeros
+    assert np.abs(maps["predicted"] - maps["probability:predicted"]).max() > 0.05
     bad = run_cli(
         "analyze", str(tiny_run), "--plugin", "gradcam", "--device", "cpu",
         "--gradcam-target", "probability:zebra",
