@@ -62,8 +62,9 @@ DEFAULT_PLUGINS = (
     "explainkit.plugins.evolution",
     "explainkit.plugins.model",
     "explainkit.plugins.default_models",
+    "explainkit.plugins.task_models",
     "explainkit.plugins.default_datasets",
-    "explainkit.plugins.tasks_models",
+    "explainkit.plugins.small_task_models",
     "explainkit.plugins.task_metrics",
     "explainkit.plugins.task_mistakes",
 )

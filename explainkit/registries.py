@@ -258,7 +258,14 @@ def _suggest_model(name: str, models: Mapping[str, Registered]) -> str | None:
         if family is None:
             close = _closest(prefix, [f.prefix for f in families])
             return f"{close}:{rest}" if close else None
-        close = _closest(rest, _family_names(family))
+        members = _family_names(family)
+        if rest not in members:  # torchvision:fasterrcnn_resnet50_fpn -> the family that has it
+            other = next(
+                (f for f in families if f is not family and rest in _family_names(f)), None
+            )
+            if other is not None:
+                return f"{other.prefix}:{rest}"
+        close = _closest(rest, members)
         return f"{prefix}:{close}" if close else None
     qualified: dict[str, str] = {}
     for family in families:

@@ -58,7 +58,7 @@ class GradCAMAnalyzer(Analyzer):
     name = "gradcam"
     title = "Grad-CAM"
     summary = (
-        "Native batched Grad-CAM (and ++/XGrad/LayerCAM) maps for all eval images (HDF5 + PNG)."
+        "Native batched Grad-CAM (and 12 more CAM methods) maps for all eval images (HDF5 + PNG)."
     )
     needs = frozenset({"store", "checkpoint"})
     order = 40
@@ -77,14 +77,16 @@ class GradCAMAnalyzer(Analyzer):
             "auto",
             "How the layer's output becomes maps: nchw (N, C, H, W); vit (N, tokens, C): class "
             "and register tokens dropped, patch tokens on their grid; swin (N, H, W, C); auto: "
-            "4-D is nchw, 3-D is vit.",
+            "4-D is nchw, 3-D is vit (5-D video layers: one map per frame).",
             choices=RESHAPE_CHOICES,
         ),
         Option(
             "target",
             str,
             "predicted",
-            "Class each map explains: predicted, true, a class index or a class name.",
+            "What each map explains: predicted, true, a class index or a class name; prefix "
+            "probability: (softmax) or sigmoid: (a multi-label output) to explain that score "
+            "instead of the logit, e.g. probability:cat.",
         ),
         Option("count", click.IntRange(1, 100), 10, "How many images the figure shows."),
         Option(
@@ -126,14 +128,17 @@ class GradCAMAnalyzer(Analyzer):
         from explainkit.selection import parse_target
 
         cmap = get_colormap(colormap, "--gradcam-colormap")
-        target_arg = parse_target(target, context.classes, "--gradcam-target")
+        from explainkit.explain.targets import split_score_kind
+
+        kind, target_text = split_score_kind(target)
+        target_arg = parse_target(target_text, context.classes, "--gradcam-target")
         model = context.model()
         layer = context.target_layer(layer, model)
         reshape = context.layer_reshape(layer) if reshape == "auto" else reshape
         shard = context.shard  # every image, unless torchrun shares them among processes
         attributes = {**_attributes(context, layer, method, target), "reshape": reshape}
         seconds, layout = _write_maps(
-            context, model, layer, method, reshape, target_arg, dtype, shard, attributes
+            context, model, layer, method, reshape, (kind, target_arg), dtype, shard, attributes
         )
         reports = shard.merge("attributions.h5", seconds=seconds, layout=layout)
         if not shard.is_main:
@@ -174,6 +179,7 @@ def _write_maps(
 
     from explainkit.errors import AnalyzerError
     from explainkit.explain.gradcam import METHODS as CAM_CLASSES
+    from explainkit.explain.targets import class_target
     from explainkit.h5files import open_h5_for_writing
 
     store = context.store
@@ -196,9 +202,10 @@ def _write_maps(
             stop = min(start + bs, n)
             x = context.normalize(store.images(np.arange(first + start, first + stop)))
             true = torch.from_numpy(labels[start:stop])
-            batch_target = (
-                torch.from_numpy(recorded[start:stop]) if target == "predicted" else target
-            )
+            kind, which = target
+            batch_target = torch.from_numpy(recorded[start:stop]) if which == "predicted" else which
+            if kind != "logit":  # a score other than the logit: explained as a Target
+                batch_target = class_target(kind, true if which == "true" else batch_target)
             sync()
             t0 = time.perf_counter()
             res = cam(x, target=batch_target, true_targets=true)

@@ -454,7 +454,10 @@ def test_token_layers_give_maps_with_every_method(request, images, arch, layer, 
     (model.encoder if arch == "vit" else model.features).eval()
     modes = {n: m.training for n, m in model.named_modules()}
     try:
-        for method in sorted(METHODS):
+        # The four oldest methods and two of the new kinds (ShapleyCAM: a second derivative
+        # through attention); every method runs on a token layer in test_cam_methods.py.
+        methods = ("gradcam", "gradcampp", "xgradcam", "layercam", "shapleycam", "eigencam")
+        for method in methods:
             one = compute_cam(model, x, layer, method, target=1, reshape=reshape)
             other = compute_cam(model, x, layer, method, target=3, reshape=reshape)
             for result in (one, other):
@@ -462,7 +465,8 @@ def test_token_layers_give_maps_with_every_method(request, images, arch, layer, 
                 assert torch.isfinite(result.maps).all() and torch.isfinite(result.raw).all()
                 assert result.maps.min() >= 0 and result.maps.max() <= 1
                 assert result.maps.amax((1, 2)).min() > 0  # not all-zero maps
-            assert not torch.allclose(one.maps, other.maps), method  # targets differ
+            if METHODS[method].uses_gradients:  # Eigen-CAM, FEM...: class-agnostic
+                assert not torch.allclose(one.maps, other.maps), method  # targets differ
             assert all(len(m._forward_hooks) == 0 for m in model.modules())
             assert {n: m.training for n, m in model.named_modules()} == modes
             assert all(p.grad is None for p in model.parameters())

@@ -58,11 +58,24 @@ def layer_output_shape(entry: ModelEntry, size: int = 64, **offered) -> tuple[in
 def test_builtin_names_come_from_the_builtin_plugin():
     pm = manager.get_plugin_manager(entrypoints=False, quiet=True)
     models = manager.get_models(pm)
-    assert list(models) == ["resnet18-s8", "resnet18", "torchvision:", "timm:", "hf:", "import:"]
-    assert {r.plugin_name for r in models.values()} == {"explainkit.plugins.default_models"}
+    tasks = ["torchvision_detection:", "torchvision_segmentation:", "torchvision_video:"]
+    assert list(models) == [
+        "resnet18-s8",
+        "resnet18",
+        "torchvision:",
+        "timm:",
+        "hf:",
+        "import:",
+        *tasks,
+    ]
+    assert {r.plugin_name for r in models.values()} == {
+        "explainkit.plugins.default_models",
+        "explainkit.plugins.task_models",
+    }
     assert {r.source for r in models.values()} == {"builtin"}
     assert manager.build_registries(pm).model_names() == [
-        "resnet18-s8", "resnet18", "torchvision:NAME", "timm:NAME", "import:NAME"
+        "resnet18-s8", "resnet18", "torchvision:NAME", "timm:NAME", "import:NAME",
+        *(f"{t}NAME" for t in tasks),
     ]  # fmt: skip
 
 

@@ -21,10 +21,12 @@ from explainkit.explain.gradcam import compute_cam, normalize_maps
 from explainkit.explain.layers import target_layer
 from explainkit.explain.methods import METHODS
 from explainkit.explain.outputs import as_scores_model
+from explainkit.explain.targets import Target, TargetModel
 
 __all__ = ["AttributionFn", "attribute", "attribution_fn", "reduce_channels"]
 
-AttributionFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+# fn(model, images, targets): targets are class indices (N,) or a Target (targets.py).
+AttributionFn = Callable[[nn.Module, Tensor, "Tensor | Target"], Tensor]
 
 
 def reduce_channels(name: str, attributions: Tensor) -> Tensor:
@@ -83,11 +85,30 @@ def attribution_fn(
 
 
 def attribute(
-    fn: AttributionFn, model: nn.Module, images: Tensor, targets: Tensor, batch_size: int = 64
+    fn: AttributionFn,
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor | Target,
+    batch_size: int = 64,
 ) -> Tensor:
-    """Maps (N, H, W) for all ``images``, ``batch_size`` at a time, on the model's device."""
+    """Maps (N, H, W) for all ``images``, ``batch_size`` at a time, on the model's device.
+
+    ``targets``: one class per image, or a :class:`explainkit.explain.targets.Target` (a
+    detection, a segmentation region...), cut with its images."""
     if images.shape[0] == 0:
         raise AnalyzerError("no images to explain; pass at least one")
+    if isinstance(targets, Target):
+        n = images.shape[0]
+        return torch.cat(
+            [
+                fn(
+                    model,
+                    images[s : s + batch_size],
+                    targets.take(torch.arange(s, min(n, s + batch_size))),
+                )
+                for s in range(0, n, batch_size)
+            ]
+        )
     targets = targets.to(images.device)
     return torch.cat(
         [
@@ -133,6 +154,8 @@ def _captum_fn(
         import captum.attr as ca
 
         module = target_layer(model, layer).module if method == "guided_gradcam" else None
+        if isinstance(targets, Target):  # Captum explains output 0 of the target's score
+            model, targets = TargetModel(model, targets), 0  # type: ignore[assignment]
         model = as_scores_model(model)  # layers are found on the user's model, not the wrapper
         x = images.detach().clone().requires_grad_(True)
         with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():

@@ -27,10 +27,17 @@ class CAMResult:
             ReLU, not normalized.
         targets: (N,) int64, the class each map explains.
         predicted: (N,) int64, the model's predicted class.
-        logits: (N, C) the model's output (detached).
+        logits: (N, C) a classifier's output (detached); for other models (detectors,
+            segmenters, embeddings) the explained scores as (N, 1).
+        scores: (N,) the scalar per image whose gradient was explained (the target's score),
+            or None.
         images: The explained images as a person sees them, uint8 (N, H, W, 3), or None;
             :func:`explainkit.explain_image` fills it, so the result draws itself.
         classes: Class names for captions, or None (captions then show class ids).
+
+    Video clips (N, C, T, H, W) give ``maps`` (N, T, H, W) and ``raw`` (N, t, h, w): one map
+    per frame, scaled to [0, 1] per clip. Targets without a class (an embedding) are -1, and
+    so is ``predicted`` for a model that is no classifier.
 
     As the last expression of a notebook cell the result draws itself (``_repr_png_``,
     ``_repr_html_``: image | heatmap | overlay of up to :data:`SHOWN` images), whether or not
@@ -42,6 +49,7 @@ class CAMResult:
     targets: Tensor
     predicted: Tensor
     logits: Tensor
+    scores: Tensor | None = None
     images: Any = None
     classes: Sequence[str] | None = None
 
@@ -50,7 +58,7 @@ class CAMResult:
 
     def to(self, device: torch.device | str) -> CAMResult:
         """Move every tensor, e.g. to the CPU before saving."""
-        moved = CAMResult(*(getattr(self, f).to(device) for f in _FIELDS))
+        moved = CAMResult(*(_to(getattr(self, f), device) for f in _FIELDS))
         moved.images, moved.classes = self.images, self.classes
         return moved
 
@@ -63,6 +71,10 @@ class CAMResult:
         for row, (p, t) in enumerate(
             zip(self.predicted.tolist(), self.targets.tolist(), strict=True)
         ):
+            if p < 0 or t < 0:  # no class: a detector's box, a region, an embedding
+                out.append("explained score" if self.scores is None else
+                           f"explained score {float(self.scores[row]):.3g}")  # fmt: skip
+                continue
             out.append(f"predicted {name(p)} ({float(probs[row, p]):.2f}), map of {name(t)}")
         return out
 
@@ -77,7 +89,7 @@ class CAMResult:
         else:
             gray = (self.maps[:n].detach().float().cpu().numpy() * 255).astype(np.uint8)
             images = np.repeat(gray[..., None], 3, axis=-1)
-        sub = CAMResult(*(getattr(self, f)[:n] for f in _FIELDS), classes=self.classes)
+        sub = CAMResult(*(_head(getattr(self, f), n) for f in _FIELDS), classes=self.classes)
         return sub.show(images, captions=sub.captions())
 
     def _repr_png_(self) -> bytes:
@@ -136,15 +148,27 @@ class CAMResult:
         """Join batch results along the image dimension."""
         if not results:
             raise AnalyzerError("no CAM results to join; pass at least one image")
-        return CAMResult(*(torch.cat([getattr(r, f) for r in results]) for f in _FIELDS))
+        return CAMResult(*(_cat([getattr(r, f) for r in results]) for f in _FIELDS))
 
 
-_FIELDS = ("maps", "raw", "targets", "predicted", "logits")
+_FIELDS = ("maps", "raw", "targets", "predicted", "logits", "scores")
 SHOWN = 8  # images a notebook draws of one result, so a big batch stays a legible figure
 
 
+def _to(t: Tensor | None, device: torch.device | str) -> Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def _cat(parts: list[Tensor | None]) -> Tensor | None:
+    return None if any(p is None for p in parts) else torch.cat(parts)  # type: ignore[arg-type]
+
+
+def _head(t: Tensor | None, n: int) -> Tensor | None:
+    return None if t is None else t[:n]
+
+
 def normalize_maps(maps: Tensor, rtol: float = 1e-5) -> Tensor:
-    """Scale each map of (N, H, W) to [0, 1]; a constant map becomes zero.
+    """Scale each map of (N, H, W) (or (N, T, H, W) clips) to [0, 1]; a constant map is zero.
 
     "Constant" allows float noise: a map whose range is within ``rtol`` of its magnitude
     (a 1x1 layer upsampled leaves ripples of ~1e-8) is constant, and stretching that noise
@@ -155,6 +179,7 @@ def normalize_maps(maps: Tensor, rtol: float = 1e-5) -> Tensor:
     span = high - low
     scale = torch.maximum(high.abs(), low.abs())
     constant = span <= rtol * scale
-    span = torch.where(constant, 1.0, span).clamp_min(_EPS).view(-1, 1, 1)
-    out = (maps - low.view(-1, 1, 1)).div_(span)  # one new tensor, changed in place
-    return out.masked_fill_(constant.view(-1, 1, 1), 0.0)
+    shape = (-1,) + (1,) * (maps.dim() - 1)
+    span = torch.where(constant, 1.0, span).clamp_min(_EPS).view(shape)
+    out = (maps - low.view(shape)).div_(span)  # one new tensor, changed in place
+    return out.masked_fill_(constant.view(shape), 0.0)

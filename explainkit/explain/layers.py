@@ -59,17 +59,26 @@ class Layout:
     """How one layer's output is viewed as (N, C, h, w) maps.
 
     Attributes:
-        kind: ``"nchw"``, ``"vit"`` or ``"swin"`` (never ``"auto"``: that is resolved).
+        kind: ``"nchw"``, ``"vit"``, ``"swin"`` or ``"video"`` ((N, C, T, h, w), from a 5-D
+            output with ``"auto"`` or ``"nchw"``); never ``"auto"``: that is resolved.
         leading: ``"vit"`` only: class and register tokens before the patch tokens.
         grid: (h, w) of the maps.
+        frames: ``"video"`` only: the layer's T.
     """
 
     kind: str
     leading: int
     grid: tuple[int, int]
+    frames: int = 0
 
     def to_nchw(self, t: Tensor) -> Tensor:
-        """The layer's output (or its gradient) as (N, C, h, w); a view, no copy."""
+        """The layer's output (or its gradient) as (N, C, h, w); a view, no copy.
+
+        A video layer's (N, C, T, h, w) becomes (N, C, T*h, w): its frames stacked along the
+        height, so every method reduces over all positions of a clip.
+        """
+        if self.kind == "video":
+            return t.flatten(2, 3)
         if self.kind == "vit":
             return t[:, self.leading :].transpose(1, 2).unflatten(2, self.grid)
         if self.kind == "swin":
@@ -153,12 +162,14 @@ def resolve_layout(output: object, reshape: str, size: tuple[int, int], layer: s
         raise AnalyzerError(f"unknown reshape {reshape!r}; use one of {', '.join(RESHAPES)}")
     dim = output.dim() if isinstance(output, Tensor) else -1
     what = _describe(output)
+    if dim == 5 and reshape in ("auto", "nchw"):  # a 3-D convolution's (N, C, T, h, w)
+        return Layout("video", 0, tuple(output.shape[-2:]), int(output.shape[2]))
     if reshape == "auto":
         if dim not in (3, 4):
             raise AnalyzerError(
-                f"layer {layer!r} outputs {what}, neither an (N, C, H, W) map nor "
-                "(N, tokens, C) tokens; pick a convolutional stage such as 'layer4' or a "
-                "transformer block's layer"
+                f"layer {layer!r} outputs {what}, neither an (N, C, H, W) map, an "
+                "(N, C, T, H, W) video map nor (N, tokens, C) tokens; pick a convolutional "
+                "stage such as 'layer4' or a transformer block's layer"
             )
         reshape = "nchw" if dim == 4 else "vit"
     if reshape == "nchw":

@@ -2,7 +2,8 @@
 
 The one list of method names. It imports no torch, so analyzers offer these names as option
 choices without making ``explainkit plugins`` slow; :mod:`explainkit.explain.attribution`
-runs them and :mod:`explainkit.explain.gradcam` implements the native CAMs.
+runs them and :mod:`explainkit.explain.gradcam` implements the native CAMs (one entry per
+line: other modules register their methods beside these).
 
 How a method's (N, C, H, W) pixel attributions become one map is decided here, once per
 method (:attr:`Method.reduction`):
@@ -61,6 +62,17 @@ def _registry() -> dict[str, Method]:
         Method("gradcampp", "Grad-CAM++", "Grad-CAM++", "native", "map", True),
         Method("xgradcam", "XGrad-CAM", "XGrad-CAM", "native", "map", True),
         Method("layercam", "LayerCAM", "LayerCAM", "native", "map", True),
+        Method("hirescam", "HiResCAM", "HiResCAM", "native", "map", True),
+        Method(
+            "gradcam_elementwise", "Grad-CAM element-wise", "Grad-CAM EW", "native", "map", True
+        ),
+        Method("eigencam", "Eigen-CAM", "Eigen-CAM", "native", "map", True),
+        Method("eigengradcam", "EigenGrad-CAM", "EigenGrad-CAM", "native", "map", True),
+        Method("kpcacam", "KPCA-CAM", "KPCA-CAM", "native", "map", True),
+        Method("fem", "FEM", "FEM", "native", "map", True),
+        Method("shapleycam", "ShapleyCAM", "ShapleyCAM", "native", "map", True),
+        Method("finercam", "Finer-CAM", "Finer-CAM", "native", "map", True),
+        Method("randomcam", "Random CAM", "Random CAM", "native", "map", True),
     ]
     captum = [
         Method("saliency", "Saliency", "Saliency", "captum", "max_abs"),

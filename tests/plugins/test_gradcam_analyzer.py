@@ -123,13 +123,36 @@ def test_analyzer_gradcam_target_true_class_and_float32(tiny_run):
     assert "zebra" in bad["error"] and all(c in bad["error"] for c in classes)
 
 
-@pytest.mark.parametrize("method", ["gradcampp", "xgradcam", "layercam"])
+@pytest.mark.parametrize("method", ["gradcampp", "xgradcam", "layercam", "hirescam", "eigencam"])
 def test_analyzer_gradcam_other_methods(tiny_run, method):
     manifest = run_gradcam(tiny_run, gradcam_method=method, gradcam_count=2)
     assert manifest["status"] == "ok", manifest["error"]
     data, attrs = read_h5(tiny_run)
     assert attrs["method"] == method
     _verify_maps(data["maps"], len(data["targets"]))
+
+
+def test_analyzer_gradcam_cli_probability_target_and_new_method(tiny_run):
+    """--gradcam-target probability:predicted explains the softmax, not the logit."""
+    maps = {}
+    for target in ("predicted", "probability:predicted"):
+        result = run_cli(
+            "analyze", str(tiny_run), "--plugin", "gradcam", "--device", "cpu",
+            "--gradcam-method", "shapleycam", "--gradcam-target", target, "--gradcam-count", "2",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        data, attrs = read_h5(tiny_run)
+        assert attrs["method"] == "shapleycam" and attrs["target"] == target
+        np.testing.assert_array_equal(data["targets"], data["predicted"])
+        _verify_maps(data["maps"], len(data["targets"]))
+        maps[target] = data["maps"].astype(np.float32)
+    assert maps["predicted"].max() == 1.0  # real maps, not zeros agreeing with zeros
+    assert np.abs(maps["predicted"] - maps["probability:predicted"]).max() > 0.05
+    bad = run_cli(
+        "analyze", str(tiny_run), "--plugin", "gradcam", "--device", "cpu",
+        "--gradcam-target", "probability:zebra",
+    )  # fmt: skip
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "zebra" in bad.stderr
 
 
 def test_analyzer_gradcam_select_misclassified(tiny_run):

@@ -1,0 +1,149 @@
+"""Built-in models beyond classification: torchvision's detectors, segmenters and video models.
+
+Three families, registered like any plugin's (``--model PREFIX:NAME``), each with the layer
+its maps explain by default and its input policy:
+
+* ``torchvision_detection:NAME`` (Faster R-CNN, RetinaNet, FCOS with a ResNet-50 FPN; SSD300):
+  the model normalizes and resizes images itself, so it takes [0, 1] pixels (mean 0, std 1);
+  ``image_size`` becomes its ``min_size``/``max_size`` so small images are not blown up to
+  800 px. Default layer: the backbone's last stage (``backbone.body.layer4``), on which every
+  FPN level and so every detection depends (SSD: ``backbone.features``, its conv4_3 map).
+  Explained with :class:`explainkit.explain.targets.Detection`.
+* ``torchvision_segmentation:NAME`` (FCN, DeepLabV3, LR-ASPP): ImageNet normalization;
+  default layer the backbone's last stage. Explained with
+  :class:`explainkit.explain.targets.SegmentationRegion`.
+* ``torchvision_video:NAME`` (R3D-18, MC3-18, R(2+1)D-18, S3D): clips (N, C, T, H, W) with
+  Kinetics-400 normalization; default layer the last 3-D stage, whose maps are one per frame.
+
+``num_classes`` is passed to torchvision as it is: for Faster R-CNN and SSD it counts the
+background class. Every model is built with random weights (``weights=None``,
+``weights_backbone=None``): nothing downloads. A torchvision model of these modules that
+explainkit cannot explain yet (Mask R-CNN, keypoints, the MobileNet detectors, video
+transformers) is refused with one sentence naming those it can.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from explainkit import hookimpl
+from explainkit.errors import ConfigError
+from explainkit.hookspecs import ModelEntry, ModelFamily
+
+__all__ = ["TASK_MODELS", "register_models", "task_entry"]
+
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# task -> {name: default layer}: what explainkit explains today.
+TASK_MODELS: dict[str, dict[str, str]] = {
+    "detection": {
+        "fasterrcnn_resnet50_fpn": "backbone.body.layer4",
+        "fasterrcnn_resnet50_fpn_v2": "backbone.body.layer4",
+        "retinanet_resnet50_fpn": "backbone.body.layer4",
+        "retinanet_resnet50_fpn_v2": "backbone.body.layer4",
+        "fcos_resnet50_fpn": "backbone.body.layer4",
+        "ssd300_vgg16": "backbone.features",
+    },
+    "segmentation": {
+        "fcn_resnet50": "backbone.layer4",
+        "fcn_resnet101": "backbone.layer4",
+        "deeplabv3_resnet50": "backbone.layer4",
+        "deeplabv3_resnet101": "backbone.layer4",
+        "deeplabv3_mobilenet_v3_large": "backbone.16",
+        "lraspp_mobilenet_v3_large": "backbone.16",
+    },
+    "video": {
+        "r3d_18": "layer4",
+        "mc3_18": "layer4",
+        "r2plus1d_18": "layer4",
+        "s3d": "features.15",
+    },
+}
+INPUT = {  # task -> (input_size, mean, std)
+    "detection": (None, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "segmentation": (520, IMAGENET_MEAN, IMAGENET_STD),
+    "video": (112, KINETICS_MEAN, KINETICS_STD),
+}
+SUMMARY = {
+    "detection": "torchvision detectors (torchvision_detection:fasterrcnn_resnet50_fpn, "
+    "retinanet, fcos, ssd300_vgg16), explained per box with the Detection target.",
+    "segmentation": "torchvision segmenters (torchvision_segmentation:deeplabv3_resnet50, fcn, "
+    "lraspp), explained per class region with the SegmentationRegion target.",
+    "video": "torchvision video classifiers (torchvision_video:r3d_18, mc3_18, r2plus1d_18, "
+    "s3d) on (N, C, T, H, W) clips: one map per frame.",
+}
+
+
+@hookimpl
+def register_models(register: Any) -> None:
+    for task in TASK_MODELS:
+        register(
+            ModelFamily(
+                f"torchvision_{task}",
+                partial(task_entry, task),
+                partial(_torchvision_names, task),
+                summary=SUMMARY[task],
+            )
+        )
+
+
+def _torchvision_names(task: str) -> list[str]:
+    """Every torchvision model of the task's module (supported or not: a name not supported
+    is then refused by :func:`task_entry` with what is)."""
+    import torchvision
+
+    module = getattr(torchvision.models, task)
+    return list(torchvision.models.list_models(module=module))
+
+
+def task_entry(task: str, name: str) -> ModelEntry:
+    """The ModelEntry of ``torchvision_TASK:NAME``.
+
+    Raises:
+        KeyError: torchvision has no such model of this task.
+        ConfigError: it has, but explainkit cannot explain it yet (one sentence with those
+            it can).
+    """
+    supported = TASK_MODELS[task]
+    if name not in supported:
+        if name not in _torchvision_names(task):
+            raise KeyError(name)
+        raise ConfigError(
+            f"torchvision_{task}:{name} cannot be explained yet; explainkit explains these "
+            f"torchvision {task} models: {', '.join(supported)}"
+        )
+    size, mean, std = INPUT[task]
+    if task == "video" and name == "s3d":
+        size = 224
+    return ModelEntry(
+        f"torchvision_{task}:{name}",
+        partial(build_task_model, task, name),
+        default_layer=supported[name],
+        reshape="nchw" if task != "video" else "auto",
+        input_size=size,
+        mean=mean,
+        std=std,
+        summary=SUMMARY[task],
+    )
+
+
+def build_task_model(task: str, name: str, num_classes: int, image_size: int | None = None) -> Any:
+    """torchvision's ``name`` with random weights, its default layer declared on it
+    (``default_target_layer``) and its task (``explainkit_task``)."""
+    import torchvision
+
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
+    if task != "video":
+        kwargs["weights_backbone"] = None
+    if task == "detection" and image_size is not None and not name.startswith("ssd"):
+        kwargs.update(min_size=image_size, max_size=image_size)
+    if task == "segmentation" and not name.startswith("lraspp"):
+        kwargs["aux_loss"] = False
+    model = torchvision.models.get_model(name, **kwargs)
+    model.default_target_layer = TASK_MODELS[task][name]
+    model.explainkit_task = task
+    return model
