@@ -107,7 +107,8 @@ class RunWriter(_RunWriter):
         **options: Any,
     ) -> None:
         known = {"classes", "mean", "std", "arch", "kwargs", "default_layer", "data_dir",
-                 "image_size", "limit_eval", "device", "batch_size", "overwrite"}  # fmt: skip
+                 "image_size", "limit_eval", "device", "batch_size", "overwrite", "fit",
+                 "seed"}  # fmt: skip
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(
@@ -224,7 +225,8 @@ def evaluate(
         {"model": model, "data": data, "out": out, "classes": classes, "mean": mean, "std": std,
          "arch": arch, "kwargs": kwargs, "default_layer": default_layer, "data_dir": data_dir,
          "image_size": image_size, "limit_eval": limit_eval, "device": device,
-         "batch_size": batch_size, "overwrite": overwrite, "registries": registries},
+         "batch_size": batch_size, "overwrite": overwrite, "fit": fit, "seed": seed,
+         "registries": registries},
         {"model": _model_check(), "data": _data_check(), "registries": _REGISTRIES},
     )  # fmt: skip
     with RunWriter(

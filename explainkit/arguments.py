@@ -52,7 +52,7 @@ def _names(value: Any) -> bool:
 
 def _three_finite(positive: bool) -> Callable[[Any], bool]:
     def test(value: Any) -> bool:
-        if not isinstance(value, (list, tuple)) or len(value) != 3:
+        if not isinstance(value, (list, tuple)) or len(value) not in (1, 3):
             return False
         for v in value:
             if not isinstance(v, numbers.Real) or isinstance(v, bool):
@@ -95,8 +95,15 @@ CHECKS: dict[str, Check] = {
     "out": (_optional(is_path), "a path (str or os.PathLike) or None"),
     "run": (is_path, "a run directory or checkpoint path (str or os.PathLike)"),
     "classes": (_optional(_names), "a non-empty list of class names (str)"),
-    "mean": (_optional(_three_finite(False)), "3 finite numbers, one per RGB channel"),
-    "std": (_optional(_three_finite(True)), "3 positive finite numbers, one per RGB channel"),
+    "mean": (
+        _optional(_three_finite(False)),
+        "3 finite numbers, one per RGB channel (or 1 for a grayscale model)",
+    ),
+    "std": (
+        _optional(_three_finite(True)),
+        "3 positive finite numbers, one per RGB channel (or 1 for a grayscale model)",
+    ),
+    "fit": (lambda v: v in ("crop", "pad", "stretch"), "'crop', 'pad' or 'stretch'"),
     "arch": (_optional(_is_text), "a model name or import:package.module:factory (str)"),
     "kwargs": (
         _optional(plain_kwargs),

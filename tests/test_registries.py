@@ -66,10 +66,13 @@ def test_builtin_names_come_from_the_builtin_plugin():
         "timm:",
         "hf:",
         "import:",
+        "fcn-s8",
+        "fcos-s8",
         *tasks,
     ]
     assert {r.plugin_name for r in models.values()} == {
         "explainkit.plugins.default_models",
+        "explainkit.plugins.small_task_models",
         "explainkit.plugins.task_models",
     }
     assert {r.source for r in models.values()} == {"builtin"}
