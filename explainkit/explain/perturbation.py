@@ -423,7 +423,7 @@ class RISE:
     name = "rise"
 
     def __init__(self, model: nn.Module, layer: Any = None, reshape: str = "auto", *,
-                 masks: int = 2000, cells: int = 7, p: float = 0.5, seed: int = 0,
+                 masks: int = 1000, cells: int = 7, p: float = 0.5, seed: int = 0,
                  max_batch: int = 256) -> None:  # fmt: skip
         if masks < 1 or cells < 1 or not 0 < p < 1 or max_batch < 1:
             raise AnalyzerError(
