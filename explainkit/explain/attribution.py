@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -217,6 +218,8 @@ def _captum_fn(
             # Captum warns that it sets requires_grad on inputs and hooks ReLUs: expected.
             warnings.simplefilter("ignore", UserWarning)
             torch.manual_seed(tunnel[2] if tunnel else seed)  # GradientShap, NoiseTunnel draw
+            state = np.random.get_state()  # GradientShap also draws from numpy's generator
+            np.random.seed(seed)
             try:
                 return algo.attribute(x, target=targets, **kwargs)
             except (TypeError, AssertionError, RuntimeError) as e:
@@ -225,6 +228,8 @@ def _captum_fn(
                         f"Captum's LRP rules do not cover this model ({e}); use another method"
                     ) from e
                 raise
+            finally:
+                np.random.set_state(state)
 
     return fn
 
