@@ -1,10 +1,12 @@
 """Built-in analyzer ``quality``: can these saliency maps be trusted?
 
-Faithfulness (deletion/insertion against a random order), the model-parameter randomization
-sanity check and, when the store has object masks, localization (pointing game, energy in the
-mask). Every number comes with the image count and a bootstrap confidence interval. The
-metrics live in :mod:`explainkit.explain.metrics`; this module chooses images, runs them and
-writes tables and figures. See docs/explanation-quality.md for how to read them.
+Faithfulness (deletion/insertion against a random order, ROAD most/least relevant first,
+Average Drop / Increase in Confidence), the model-parameter randomization sanity check and,
+when the store has object masks, localization (pointing game, energy in the mask). Every
+number comes with the image count and a bootstrap confidence interval. The metrics live in
+:mod:`explainkit.explain.metrics` and :mod:`explainkit.explain.metrics_road`; this module
+chooses images, runs them and writes tables and figures. See docs/explanation-quality.md
+for how to read them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from explainkit.quality_figures import (
     curves_figure,
     localization_figure,
     per_class_figure,
+    road_figure,
     sanity_figure,
 )
 
@@ -83,6 +86,13 @@ class QualityAnalyzer(Analyzer):
             "What removed pixels become: the blurred image or the dataset mean.",
             choices=("blur", "mean"),
         ),
+        Option(
+            "road",
+            bool,
+            True,
+            "ROAD: remove 10-90% of the pixels, most and least relevant first, filled by noisy "
+            "linear imputation.",
+        ),
         Option("sanity", bool, True, "Run the model-parameter randomization sanity check."),
         Option("layer", str, None, "Target layer of the CAM methods (default: the run's)."),
         Option(
@@ -102,11 +112,13 @@ class QualityAnalyzer(Analyzer):
         count: int,
         steps: int,
         baseline: str,
+        road: bool,
         sanity: bool,
         layer: str | None,
         target: str,
     ) -> list[dict]:
         from explainkit.explain.methods import parse_methods
+        from explainkit.explain.metrics_road import summarize_road
 
         names = parse_methods(methods, "--quality-methods")
         names += [] if "random" in names else ["random"]
@@ -117,6 +129,7 @@ class QualityAnalyzer(Analyzer):
         sample = _load_sample(context, count, target)
         maps, curves = _faithfulness(context, model, sample, fns, steps, baseline, cascade)
         scores = _per_image_scores(maps, curves, sample.masks)
+        roads = _road_and_confidence(context, model, sample, maps, scores, road)
         verdicts = None
         if cascade is not None:
             verdicts = _sanity(context, model, sample, fns, maps, scores, cascade)
@@ -134,6 +147,7 @@ class QualityAnalyzer(Analyzer):
             "table": rows,
             "per_class": class_rows,
             "curves": {name: _curve_summary(c, context.seed) for name, c in curves.items()},
+            "road": summarize_road(roads, context.seed) if roads else None,
             **_localization_note(sample.masks),
             "sanity": verdicts,
         }
@@ -274,6 +288,34 @@ def _per_image_scores(maps: dict, curves: dict, masks: Any) -> dict[tuple[str, s
             scores[(name, "pointing_game")] = pointing_game(maps[name], masks).double()
             scores[(name, "energy_in_mask")] = energy_in_mask(maps[name], masks)
     return scores
+
+
+def _road_and_confidence(
+    context: AnalysisContext, model: Any, sample: _Sample, maps: dict, scores: dict, road: bool
+) -> dict[str, Any]:
+    """Average Drop / Increase in Confidence of every method and, with ``road``, its ROAD
+    scores: added to ``scores``; returns the ROAD curves by method (empty without)."""
+    import torch
+
+    from explainkit.explain.metrics import inference_model
+    from explainkit.explain.metrics_road import confidence_change, road_curves
+
+    fast = inference_model(model)
+    gen = torch.Generator().manual_seed(context.seed + 1)
+    roads = {}
+    for name, m in context.progress(list(maps.items()), desc="ROAD, confidence"):
+        drop, increase = confidence_change(fast, sample.images, m, sample.targets,
+                                           max_batch=8 * context.batch_size)  # fmt: skip
+        scores[(name, "average_drop")] = drop
+        scores[(name, "increase_in_confidence")] = increase.double()
+        if road:
+            r = road_curves(fast, sample.images, m, sample.targets,
+                            max_batch=8 * context.batch_size, generator=gen)  # fmt: skip
+            scores[(name, "road_morf")] = r.morf_score
+            scores[(name, "road_lerf")] = r.lerf_score
+            scores[(name, "road_combined")] = r.combined
+            roads[name] = r
+    return roads
 
 
 def _sanity(
@@ -457,6 +499,18 @@ def _write_figures(context: AnalysisContext, report: dict[str, Any]) -> list[dic
             f"{baseline} baseline, {steps} steps, {n} images, bands: 95% bootstrap CI.",
         )
     ]
+    if report.get("road"):
+        save_figure(road_figure(report["road"], n, report["epoch"]), out / "road.png")
+        artifacts.append(
+            context.artifact(
+                "road.png",
+                "ROAD: remove and debias",
+                "image",
+                "Mean target-class probability with 10-90% of the pixels filled by noisy "
+                "linear imputation, most relevant first (MoRF, lower is better) and least "
+                f"relevant first (LeRF, higher is better); {n} images, bands: 95% bootstrap CI.",
+            )
+        )
     verdicts = report["sanity"]
     if verdicts is not None:
         save_figure(sanity_figure(verdicts, n), out / "sanity.png")

@@ -36,6 +36,7 @@ __all__ = [
     "confidence_change",
     "impute_linear",
     "road_curves",
+    "summarize_road",
 ]
 
 ROAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -227,3 +228,27 @@ def confidence_change(
         drops.append(torch.relu(y - o) / y.clamp_min(1e-12))
         increases.append(o > y)
     return torch.cat(drops), torch.cat(increases)
+
+
+def summarize_road(roads: dict[str, RoadCurves], seed: int = 0) -> dict[str, dict]:
+    """Per method: mean MoRF and LeRF curves with 95% bootstrap CIs per fraction, the share
+    still classified as the target (Quantus's curve), and the mean intact probability."""
+    import numpy as np
+
+    from explainkit.explain.stats import bootstrap_ci
+
+    out = {}
+    for name, r in roads.items():
+        entry: dict = {"fractions": r.fractions.cpu().numpy().tolist()}
+        for kind in ("morf", "lerf"):
+            data = getattr(r, kind).detach().double().cpu().numpy()
+            stats = np.array([bootstrap_ci(col, seed=seed)[:3] for col in data.T])
+            entry[kind] = {
+                "mean": stats[:, 0].tolist(),
+                "ci_low": stats[:, 1].tolist(),
+                "ci_high": stats[:, 2].tolist(),
+            }
+            entry[f"{kind}_accuracy"] = getattr(r, f"{kind}_kept").double().mean(0).tolist()
+        entry["original"] = float(r.original.double().mean())
+        out[name] = entry
+    return out
