@@ -155,7 +155,7 @@ def _removed(maps: Tensor, fractions: Tensor, generator: torch.Generator | None)
     flat = maps.flatten(1)
     noise = torch.rand(flat.shape, generator=generator).to(flat.device)
     shuffle = noise.argsort(1)
-    order = shuffle.gather(1, flat.gather(1, shuffle).argsort(1, descending=True, stable=True))
+    order = shuffle.gather(1, flat.gather(1, shuffle).argsort(dim=1, descending=True, stable=True))
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(h * w, device=maps.device).expand_as(order))
     counts = torch.floor(fractions.double() * h * w).long().to(maps.device)  # as Quantus
