@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from explainkit.errors import AnalyzerError
 from explainkit.explain.cam_result import CAMResult, normalize_maps
+from explainkit.explain.fastmodel import inference_model, memory_format
 from explainkit.explain.layers import RESHAPES, Layout, resolve_layout, target_layer
 from explainkit.explain.outputs import scores_of
 
@@ -93,6 +94,28 @@ def resolve_targets(
     if t.device.type == "cpu" and ((t < 0) | (t >= num_classes)).any():
         raise AnalyzerError(f"targets must lie in [0, {num_classes})")
     return t.to(device=device, dtype=torch.int64)
+
+
+class _FastModel:
+    """The model's :func:`inference_model` copy, rebuilt when a parameter or buffer changes
+    in place (their version counters move: a sanity check re-initializing layers)."""
+
+    def __init__(self) -> None:
+        self.key: tuple = ()
+        self.model: nn.Module | None = None
+        self.format = torch.contiguous_format
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        tensors = [*model.parameters(), *model.buffers()]
+        key = (id(model), len(tensors), sum(t._version for t in tensors))
+        if key != self.key or self.model is None:
+            self.model, self.key = inference_model(model), key
+            self.format = memory_format(self.model)
+        return self.model
+
+    def run(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        fast = self(model)
+        return scores_of(fast(inputs.contiguous(memory_format=self.format))).float()
 
 
 class _EvalMode:
@@ -151,6 +174,7 @@ class PerturbationCAM:
             chosen = target_layer(model, layer)
             self.layer, self.module = chosen.name, chosen.module
         self.layout: Layout | None = None
+        self._fast = _FastModel()
 
     def __enter__(self) -> PerturbationCAM:
         return self
@@ -212,7 +236,8 @@ class PerturbationCAM:
         raise NotImplementedError
 
     def _scores(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        return scores_of(self.model(inputs)).float().gather(1, targets[:, None])[:, 0]
+        """Target logits of perturbed inputs, from the fast inference copy of the model."""
+        return self._fast.run(self.model, inputs).gather(1, targets[:, None])[:, 0]
 
 
 def _precheck(images: Tensor, model: nn.Module) -> Tensor:
@@ -433,6 +458,8 @@ class RISE:
         self.model, self.count, self.cells, self.p = model, masks, cells, p
         self.seed, self.max_batch = seed, max_batch
         self.layer = None
+        self.layout: Layout | None = None  # the input's own grid, after a call
+        self._fast = _FastModel()
 
     def __enter__(self) -> RISE:
         return self
@@ -449,6 +476,7 @@ class RISE:
         """Explain one batch (the gradient engine's contract)."""
         images = _precheck(images, self.model)
         n, _, h, w = images.shape
+        self.layout = Layout("nchw", 0, (h, w))
         g = torch.Generator().manual_seed(self.seed)
         grids = (torch.rand(self.count, 1, self.cells, self.cells, generator=g) < self.p).float()
         cell = (math.ceil(h / self.cells), math.ceil(w / self.cells))
@@ -473,7 +501,7 @@ class RISE:
         return CAMResult(normalize_maps(raw), raw, targets, logits.argmax(1), logits)
 
     def _probs(self, inputs: Tensor) -> Tensor:
-        return scores_of(self.model(inputs)).float().softmax(1)
+        return self._fast.run(self.model, inputs).softmax(1)
 
 
 def _rise_masks(grids: Tensor, shifts: Tensor, up_size: tuple[int, int], size: tuple[int, int]):

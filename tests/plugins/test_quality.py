@@ -104,7 +104,7 @@ def test_quality_without_masks_or_sanity(tmp_path, tiny_run_master):
         del f["eval/masks"]
     manifest = run_one(
         run, "quality", quality_count=16, quality_steps=4, quality_sanity=False,
-        quality_methods="gradcam", quality_baseline="mean",
+        quality_methods="gradcam", quality_baseline="mean", quality_road=False,
     )  # fmt: skip
     assert manifest["status"] == "ok", (manifest["error"], manifest.get("traceback"))
     paths = {a["path"] for a in manifest["artifacts"]}
@@ -113,8 +113,10 @@ def test_quality_without_masks_or_sanity(tmp_path, tiny_run_master):
     assert report["sanity"] is None and report["localization"] is None
     assert report["localization_skipped"] and report["baseline"] == "mean"
     assert {r["metric"] for r in report["table"]} == {
-        "deletion_auc", "insertion_auc", "deletion_gain_vs_random", "insertion_gain_vs_random"
+        "deletion_auc", "insertion_auc", "deletion_gain_vs_random", "insertion_gain_vs_random",
+        "average_drop", "increase_in_confidence",
     }  # fmt: skip
+    assert report["road"] is None and "road.png" not in paths
 
 
 def test_quality_rejects_unknown_method(tiny_run):
