@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=4, help="SS-CAM / IS-CAM samples")
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (1 beats oversubscribed shared cores)"
+    )
     p.add_argument("--methods", default="scorecam,ablationcam,sscam,iscam,rise,road")
     return p.parse_args(argv)
 
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     from explainkit.api import load_registries
 
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
     torch.manual_seed(0)

@@ -142,9 +142,12 @@ def _perturbation_fn(
     if method in ("sscam", "rise"):
         options = {"seed": seed, **options}
 
+    last: dict[str, Any] = {}  # the engine of the last model: its fast copy is reused
+
     def fn(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
-        with ENGINES[method](model, layer, reshape, **options) as engine:
-            return engine(images, targets).maps
+        if last.get("model") is not model:
+            last.update(model=model, engine=ENGINES[method](model, layer, reshape, **options))
+        return last["engine"](images, targets).maps
 
     return fn
 
