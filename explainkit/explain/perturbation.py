@@ -115,7 +115,9 @@ class _FastModel:
 
     def run(self, model: nn.Module, inputs: Tensor) -> Tensor:
         fast = self(model)
-        return scores_of(fast(inputs.contiguous(memory_format=self.format))).float()
+        # Channels-last weights but contiguous inputs: measured fastest on the CPU.
+        fmt = self.format if inputs.is_cuda else torch.contiguous_format
+        return scores_of(fast(inputs.contiguous(memory_format=fmt))).float()
 
 
 class _EvalMode:
@@ -142,7 +144,8 @@ class PerturbationCAM:
             :func:`explainkit.explain.layers.target_layer`).
         reshape: how the layer's output becomes (N, C, h, w) maps (see
             :class:`explainkit.explain.layers.Layout`).
-        max_batch: perturbed inputs per forward pass (the memory bound).
+        max_batch: perturbed inputs per forward pass (the memory bound); default 256 on a
+            GPU, 64 on the CPU (where larger batches only thrash the caches).
         channels: perturb only this many channels per image, those whose maps vary most;
             None perturbs all.
         mask_budget: floats of upsampled masks held at once (Score-CAM family).
@@ -156,12 +159,13 @@ class PerturbationCAM:
         layer: str | nn.Module | None = None,
         reshape: str = "auto",
         *,
-        max_batch: int = 256,
+        max_batch: int | None = None,
         channels: int | None = None,
         mask_budget: int = 1 << 26,
     ) -> None:
         if reshape not in RESHAPES:
             raise AnalyzerError(f"unknown reshape {reshape!r}; use one of {', '.join(RESHAPES)}")
+        max_batch = _default_batch(model) if max_batch is None else max_batch
         if max_batch < 1:
             raise AnalyzerError(f"max_batch must be at least 1, got {max_batch}")
         if channels is not None and channels < 1:
@@ -240,6 +244,11 @@ class PerturbationCAM:
         return self._fast.run(self.model, inputs).gather(1, targets[:, None])[:, 0]
 
 
+def _default_batch(model: nn.Module) -> int:
+    param = next(model.parameters(), None)
+    return 256 if param is not None and param.device.type == "cuda" else 64
+
+
 def _precheck(images: Tensor, model: nn.Module) -> Tensor:
     if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
         raise AnalyzerError(
@@ -279,6 +288,11 @@ class ScoreCAM(PerturbationCAM):
     def _generator(self, device: torch.device) -> torch.Generator | None:
         return None
 
+    # A constant activation map scales to an all-zero mask: the masked input is a black
+    # image whatever the channel, so one forward pass of zeros scores all such channels.
+    # SS-CAM's noise makes each such mask different, so it scores them one by one.
+    _share_blank = True
+
     def _weights(self, images, output, acts, chosen, logits, targets):  # noqa: D102
         n, c = acts.shape[:2]
         k = chosen.shape[1]
@@ -286,32 +300,43 @@ class ScoreCAM(PerturbationCAM):
         per_image = k * size.numel() * max(1, self._copies())
         group = max(1, self.mask_budget // per_image)
         generator = self._generator(images.device)
+        picked_all = acts.gather(1, chosen[:, :, None, None].expand(-1, -1, *acts.shape[2:]))
+        flat = picked_all.flatten(2)
+        live = (flat.amax(2) > flat.amin(2)) | (not self._share_blank)  # (N, K)
+        blank = None
+        if not bool(live.all()):
+            zeros = torch.zeros_like(images[:1])
+            blank = self._fast.run(self.model, zeros)[0].gather(0, targets)  # (N,)
         scores = []
         for s in range(0, n, group):
             sl = slice(s, s + group)
-            picked = acts[sl].gather(1, chosen[sl, :, None, None].expand(-1, -1, *acts.shape[2:]))
-            masks = _scaled_masks(picked, size)  # (G, K, H, W)
+            masks = _scaled_masks(picked_all[sl], size)  # (G, K, H, W)
             total = torch.zeros(masks.shape[:2], device=images.device)
             variants = self._variants(masks, generator)
             for variant in variants:
-                total += self._masked_scores(images[sl], variant, targets[sl])
-            scores.append(total / len(variants))
+                total += self._masked_scores(images[sl], variant, targets[sl], live[sl])
+            total /= len(variants)
+            if blank is not None:
+                total = torch.where(live[sl], total, blank[sl, None])
+            scores.append(total)
         return _scatter(chosen, torch.cat(scores).softmax(1), c, 0.0)
 
     def _copies(self) -> int:
         return 1
 
-    def _masked_scores(self, images: Tensor, masks: Tensor, targets: Tensor) -> Tensor:
-        """(G, K) target logits of ``images[g] * masks[g, k]``, ``max_batch`` inputs a pass."""
+    def _masked_scores(self, images: Tensor, masks: Tensor, targets: Tensor, live: Tensor):
+        """(G, K) target logits of ``images[g] * masks[g, k]`` where ``live`` (0 elsewhere),
+        ``max_batch`` inputs a pass."""
         g, k = masks.shape[:2]
+        pairs = live.flatten().nonzero()[:, 0]
         flat = masks.flatten(0, 1)
         owner = torch.arange(g, device=images.device).repeat_interleave(k)
-        out = []
-        for s in range(0, g * k, self.max_batch):
-            idx = owner[s : s + self.max_batch]
-            inputs = images[idx] * flat[s : s + self.max_batch, None]
-            out.append(self._scores(inputs, targets[idx]))
-        return torch.cat(out).view(g, k)
+        out = torch.zeros(g * k, device=images.device)
+        for s in range(0, pairs.numel(), self.max_batch):
+            chunk = pairs[s : s + self.max_batch]
+            idx = owner[chunk]
+            out[chunk] = self._scores(images[idx] * flat[chunk, None], targets[idx])
+        return out.view(g, k)
 
 
 def _scaled_masks(acts: Tensor, size: Sequence[int]) -> Tensor:
@@ -333,6 +358,7 @@ class SSCAM(ScoreCAM):
     """
 
     name = "sscam"
+    _share_blank = False
 
     def __init__(self, *args: Any, samples: int = 35, std: float = 2.0, seed: int | None = 0,
                  **kwargs: Any) -> None:  # fmt: skip
@@ -449,7 +475,8 @@ class RISE:
 
     def __init__(self, model: nn.Module, layer: Any = None, reshape: str = "auto", *,
                  masks: int = 1000, cells: int = 7, p: float = 0.5, seed: int = 0,
-                 max_batch: int = 256) -> None:  # fmt: skip
+                 max_batch: int | None = None) -> None:  # fmt: skip
+        max_batch = _default_batch(model) if max_batch is None else max_batch
         if masks < 1 or cells < 1 or not 0 < p < 1 or max_batch < 1:
             raise AnalyzerError(
                 f"RISE needs masks >= 1, cells >= 1, 0 < p < 1 and max_batch >= 1; got "
