@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="images per call")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--layer", default="layer4")
-    p.add_argument("--max-batch", type=int, default=256, help="masks per forward pass")
+    p.add_argument(
+        "--max-batch", type=int, default=None, help="masks per pass (default: 64 CPU, 256 GPU)"
+    )
     p.add_argument("--samples", type=int, default=4, help="SS-CAM / IS-CAM samples")
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=2)
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
+    args.max_batch = args.max_batch or (256 if device.type == "cuda" else 64)
     torch.manual_seed(0)
     model = load_registries().build_model("resnet18-s8", 10, width=args.width).to(device).eval()
     g = torch.Generator().manual_seed(0)

@@ -127,9 +127,11 @@ class QualityAnalyzer(Analyzer):
         fns = _attribution_fns(names, layer, context.layer_reshape(layer), context.seed)
         cascade = _cascade(model, layer) if sanity else None
         sample = _load_sample(context, count, target)
-        maps, curves = _faithfulness(context, model, sample, fns, steps, baseline, cascade)
-        scores = _per_image_scores(maps, curves, sample.masks)
-        roads = _road_and_confidence(context, model, sample, maps, scores, road)
+        extra: dict = {}  # ROAD and confidence scores, per (method, metric)
+        maps, curves, roads = _faithfulness(
+            context, model, sample, fns, (steps, baseline, road), cascade, extra
+        )
+        scores = {**_per_image_scores(maps, curves, sample.masks), **extra}
         verdicts = None
         if cascade is not None:
             verdicts = _sanity(context, model, sample, fns, maps, scores, cascade)
@@ -214,12 +216,13 @@ def _faithfulness(
     model: Any,
     sample: _Sample,
     fns: _Methods,
-    steps: int,
-    baseline: str,
+    settings: tuple[int, str, bool],
     cascade: tuple[list, str] | None,
-) -> tuple[dict, dict]:
-    """Each method's maps and its deletion/insertion curves; after the first method, says how
-    long the rest will take (timed on it, so the estimate is this machine's)."""
+    extra: dict,
+) -> tuple[dict, dict, dict]:
+    """Each method's maps, its deletion/insertion curves and (``settings[2]``) ROAD curves;
+    confidence and ROAD scores go to ``extra``. After the first method, says how long the
+    rest will take (timed on it, so the estimate is this machine's)."""
     import time
 
     import torch
@@ -227,10 +230,12 @@ def _faithfulness(
     from explainkit.explain.methods import CAM_METHODS
     from explainkit.explain.metrics import attribute_all, inference_model, perturbation_curves
 
+    steps, baseline, road = settings
     bs = context.batch_size
     gen = torch.Generator().manual_seed(context.seed)
+    road_gen = torch.Generator().manual_seed(context.seed + 1)
     fast = inference_model(model)  # batch norms folded once for every method's curves
-    maps, curves = {}, {}
+    maps, curves, roads = {}, {}, {}
     for i, name in enumerate(context.progress(list(fns.fns), desc="deletion/insertion")):
         start = time.perf_counter()
         if name not in maps:  # the native CAMs come all at once, with the first of them
@@ -243,11 +248,15 @@ def _faithfulness(
             fast, sample.images, maps[name], sample.targets, steps=steps, baseline=baseline,
             max_batch=8 * bs, generator=gen,
         )  # fmt: skip
+        road_curve = _road_and_confidence(fast, sample, name, maps[name], extra, road, bs,
+                                          road_gen)  # fmt: skip
+        if road_curve is not None:
+            roads[name] = road_curve
         if i == 0 and len(fns) > 1:
             done = time.perf_counter()
             redo = len(cascade[0]) if cascade else 0  # the sanity check redoes every map
             _announce(context, sample, len(fns), redo, mapped - start, done - start)
-    return maps, curves
+    return maps, curves, roads
 
 
 def _announce(
@@ -291,31 +300,22 @@ def _per_image_scores(maps: dict, curves: dict, masks: Any) -> dict[tuple[str, s
 
 
 def _road_and_confidence(
-    context: AnalysisContext, model: Any, sample: _Sample, maps: dict, scores: dict, road: bool
-) -> dict[str, Any]:
-    """Average Drop / Increase in Confidence of every method and, with ``road``, its ROAD
-    scores: added to ``scores``; returns the ROAD curves by method (empty without)."""
-    import torch
-
-    from explainkit.explain.metrics import inference_model
+    fast: Any, sample: _Sample, name: str, maps: Any, extra: dict, road: bool, bs: int, gen: Any
+) -> Any:
+    """One method's Average Drop / Increase in Confidence and, with ``road``, its ROAD scores,
+    added to ``extra``; returns its ROAD curves (None without)."""
     from explainkit.explain.metrics_road import confidence_change, road_curves
 
-    fast = inference_model(model)
-    gen = torch.Generator().manual_seed(context.seed + 1)
-    roads = {}
-    for name, m in context.progress(list(maps.items()), desc="ROAD, confidence"):
-        drop, increase = confidence_change(fast, sample.images, m, sample.targets,
-                                           max_batch=8 * context.batch_size)  # fmt: skip
-        scores[(name, "average_drop")] = drop
-        scores[(name, "increase_in_confidence")] = increase.double()
-        if road:
-            r = road_curves(fast, sample.images, m, sample.targets,
-                            max_batch=8 * context.batch_size, generator=gen)  # fmt: skip
-            scores[(name, "road_morf")] = r.morf_score
-            scores[(name, "road_lerf")] = r.lerf_score
-            scores[(name, "road_combined")] = r.combined
-            roads[name] = r
-    return roads
+    drop, increase = confidence_change(fast, sample.images, maps, sample.targets, 8 * bs)
+    extra[(name, "average_drop")] = drop
+    extra[(name, "increase_in_confidence")] = increase.double()
+    if not road:
+        return None
+    r = road_curves(fast, sample.images, maps, sample.targets, max_batch=8 * bs, generator=gen)
+    extra[(name, "road_morf")] = r.morf_score
+    extra[(name, "road_lerf")] = r.lerf_score
+    extra[(name, "road_combined")] = r.combined
+    return r
 
 
 def _sanity(

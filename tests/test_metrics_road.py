@@ -1,8 +1,8 @@
 """ROAD, Average Drop / Increase in Confidence, and agreement of the metrics with Quantus
 and pytorch-grad-cam on the same maps and model.
 
-Tolerances: imputation equals pytorch-grad-cam's sparse solve within 1e-5 (conjugate
-gradients to a relative residual of 1e-6); ROAD probabilities within 5e-3 of
+Tolerances: imputation equals pytorch-grad-cam's sparse solve within 1e-4 (conjugate
+gradients in float32 to a relative residual of 1e-6); ROAD probabilities within 5e-3 of
 pytorch-grad-cam's (its percentile threshold may remove one pixel more than floor(f * H * W));
 Quantus's ROAD accuracy curve, pixel flipping and pointing game exactly (noise 0, same order).
 Quantus's ROAD runs only on one-channel inputs (0.6.0 indexes a one-channel mask with the
@@ -90,7 +90,7 @@ def test_imputation_and_road_equal_pytorch_grad_cam(setup):
     theirs = torch.stack(
         [NoisyLinearImputer(noise=0)(x[i], (~removed[i]).float()) for i in range(4)]
     )
-    assert (R.impute_linear(x, removed, noise=0.0) - theirs).abs().max() < 1e-5
+    assert (R.impute_linear(x, removed, noise=0.0) - theirs).abs().max() < 1e-4
 
     fractions = (0.2, 0.5, 0.8)
     ours = R.road_curves(model, x, maps, t, fractions=fractions, noise=0.0)

@@ -228,7 +228,7 @@ def _captum_fn(
             except (TypeError, AssertionError, RuntimeError) as e:
                 if method == "lrp":
                     raise AnalyzerError(
-                        f"Captum's LRP rules do not cover this model ({e}); use another method"
+                        f"captum's LRP rules do not cover this model ({e}); use another method"
                     ) from e
                 raise
             finally:
@@ -287,6 +287,6 @@ def _check_lrp(model: nn.Module) -> None:
     bad = sorted({type(m).__name__ for m in leaves if not isinstance(m, known)})
     if bad:
         raise AnalyzerError(
-            f"Captum's LRP has no rule for {', '.join(bad)} in this model; use deeplift or "
+            f"captum's LRP has no rule for {', '.join(bad)} in this model; use deeplift or "
             "integrated_gradients instead"
         )

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from explainkit.errors import AnalyzerError
 from explainkit.explain.attribution import AttributionFn, attribute
-from explainkit.explain.fastmodel import _memory_format, inference_model
+from explainkit.explain.fastmodel import inference_model
+from explainkit.explain.fastmodel import memory_format as _memory_format
 from explainkit.explain.gradcam import normalize_maps
 from explainkit.explain.outputs import scores_of
 from explainkit.explain.stats import spearman
