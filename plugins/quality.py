@@ -73,9 +73,10 @@ class QualityAnalyzer(Analyzer):
             "methods",
             str,
             DEFAULT_METHODS,
-            "Comma-separated attribution methods (gradcam, gradcampp, xgradcam, layercam; with "
-            "Captum: saliency, integrated_gradients, guided_gradcam, ...; random). random is "
-            "always added as the baseline.",
+            "Comma-separated attribution methods (gradcam, gradcampp, xgradcam, layercam; "
+            "scorecam, sscam, iscam, ablationcam, rise; with Captum: saliency, "
+            "integrated_gradients, deeplift, gradient_shap, lrp, ...; smoothgrad:NAME of any; "
+            "random). random is always added as the baseline.",
         ),
         Option("count", click.IntRange(1), 256, "Eval images to evaluate (seeded sample)."),
         Option("steps", click.IntRange(1, 256), 16, "Deletion/insertion steps."),
