@@ -2,10 +2,11 @@
 
 Gradient CAMs weigh a layer's channels by gradients; these weigh them by what the model does
 when the input (Score-CAM family) or the layer (Ablation-CAM) is perturbed one channel at a
-time, so they cost one forward pass per (image, channel, sample). Peers run those passes 16
-to 32 masks at a time, one image after another, reading each score back to the CPU. Here the
-masks of many images and channels go through the model together, ``max_batch`` at a time,
-and the scores stay on the device until the weights are formed.
+time, so they cost one forward pass per (image, channel, sample). pytorch-grad-cam runs those
+passes 16 to 32 at a time, one image after another, reading each score back to the CPU. Here
+the masks of many images and channels go through the model together, ``max_batch`` at a time,
+on a batch-norm-folded copy of the model, and the scores stay on the device until the
+weights are formed.
 
 - **Score-CAM** (Wang et al. 2020, arXiv:1910.01279): ``H_k = s(Up(A_k))`` (bilinear upsampling,
   then min-max scaling per channel), ``w = softmax_k(y_c(X * H_k))`` (logits; the paper
