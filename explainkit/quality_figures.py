@@ -13,6 +13,7 @@ __all__ = [
     "method_colors",
     "localization_figure",
     "per_class_figure",
+    "road_figure",
     "sanity_figure",
 ]
 
@@ -54,6 +55,34 @@ def curves_figure(summary: dict[str, Any], n: int, baseline: str, epoch: int) ->
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper right" if kind == "deletion" else "lower right")
     fig.suptitle(f"Deletion / insertion, epoch {epoch}: {n} images, {baseline} baseline")
+    return fig
+
+
+def road_figure(summary: dict[str, Any], n: int, epoch: int) -> Any:
+    """ROAD curves: target probability as pixels are imputed, MoRF and LeRF side by side."""
+    from explainkit import figures
+
+    fig = figures.new_figure(12, 4.4)
+    axes = fig.subplots(1, 2)
+    colors = method_colors(list(summary))
+    titles = {"morf": "Most relevant first (lower is better)",
+              "lerf": "Least relevant first (higher is better)"}  # fmt: skip
+    for ax, kind in zip(axes, ("morf", "lerf"), strict=True):
+        for name, s in summary.items():
+            x = s["fractions"]
+            style = "--" if name == "random" else "-"
+            ax.plot(x, s[kind]["mean"], style, marker="o", ms=3, color=colors[name], label=name)
+            ax.fill_between(x, s[kind]["ci_low"], s[kind]["ci_high"], color=colors[name],
+                            alpha=0.15, lw=0)  # fmt: skip
+        ax.set_xlabel("fraction of pixels imputed")
+        ax.set_ylabel("probability of the target class")
+        ax.set_title(titles[kind])
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
+    fig.suptitle(f"ROAD (noisy linear imputation), epoch {epoch}: {n} images")
     return fig
 
 
@@ -108,13 +137,17 @@ def localization_figure(rows: list[dict], names: list[str], mask_fraction: float
         ax.bar(range(len(names)), means, yerr=err, capsize=4,
                color=[colors[m] for m in names])  # fmt: skip
         for i, v in enumerate(means):
-            ax.text(i, min(v + 0.03, 0.98), f"{v:.2f}", ha="center", fontsize=8)
-        ax.axhline(mask_fraction, color="k", ls="--", lw=1, label="chance (mask area)")
+            # Above the error bar's cap, never under it; the axis leaves room up to 1.15.
+            top = v + err[1][i]
+            ax.text(i, top + 0.015, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+        chance = ax.axhline(mask_fraction, color="k", ls="--", lw=1)
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=9)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.15)
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+    # One legend outside the axes, below them: it can cover no bar, error bar or label.
+    fig.legend([chance], ["chance (mean mask area)"], loc="outside lower center", fontsize=8)
     fig.suptitle(f"Localization with ground-truth masks ({n} images, 95% bootstrap CI)")
     return fig
 

@@ -25,11 +25,12 @@ import click
 from explainkit import hookimpl
 from explainkit.analyzer import AnalysisContext, Analyzer, Option
 from explainkit.errors import AnalyzerError
-from explainkit.explain.methods import CAPTUM_METHODS, METHODS
+from explainkit.explain.methods import CAPTUM_METHODS, METHODS, PERTURBATION_METHODS
 
 __all__ = ["CaptumAnalyzer"]
 
-SIDE_BY_SIDE = ("gradcam", *CAPTUM_METHODS)  # what the figure can show
+# What the figure can show; smoothgrad:NAME of each is accepted too.
+SIDE_BY_SIDE = ("gradcam", *CAPTUM_METHODS, *PERTURBATION_METHODS)
 DEFAULT_METHODS = "gradcam,integrated_gradients,saliency,guided_gradcam,occlusion"
 MAP_CMAP = "inferno"
 TOKEN_SKIP = "captum's LayerGradCam cannot compare a token layer; the agreement check is skipped"
@@ -89,7 +90,7 @@ class CaptumAnalyzer(Analyzer):
             str,
             DEFAULT_METHODS,
             "Comma-separated methods for the side-by-side figure, from: "
-            f"{', '.join(SIDE_BY_SIDE)}.",
+            f"{', '.join(SIDE_BY_SIDE)}; smoothgrad:NAME averages NAME over noisy copies.",
         ),
         Option("count", click.IntRange(1, 64), 8, "Images in the side-by-side figure."),
         Option(

@@ -10,7 +10,7 @@ import click
 
 from explainkit import hookimpl
 from explainkit.analyzer import AnalysisContext, Analyzer, Option
-from explainkit.explain.methods import CAM_METHODS, METHODS
+from explainkit.explain.methods import CAM_METHODS, METHODS, PERTURBATION_METHODS
 from explainkit.selection import SELECT_CHOICES
 
 __all__ = ["GradCAMAnalyzer"]
@@ -70,7 +70,13 @@ class GradCAMAnalyzer(Analyzer):
             "Target layer, a name from model.named_modules() such as layer4 or layer3.1 "
             "(default: the run's default layer).",
         ),
-        Option("method", str, "gradcam", "CAM variant to compute.", choices=CAM_METHODS),
+        Option(
+            "method",
+            str,
+            "gradcam",
+            "CAM variant to compute (the perturbation CAMs and RISE run masks in batches).",
+            choices=CAM_METHODS + PERTURBATION_METHODS,
+        ),
         Option(
             "reshape",
             str,
@@ -179,6 +185,7 @@ def _write_maps(
 
     from explainkit.errors import AnalyzerError
     from explainkit.explain.gradcam import METHODS as CAM_CLASSES
+    from explainkit.explain.perturbation import METHODS as PERTURBATION_CLASSES
     from explainkit.explain.targets import class_target
     from explainkit.h5files import open_h5_for_writing
 
@@ -191,7 +198,8 @@ def _write_maps(
     sync = torch.cuda.synchronize if context.device.type == "cuda" else (lambda: None)
     seconds = 0.0
     writer = open_h5_for_writing(shard.part_path("attributions.h5"), AnalyzerError)
-    with CAM_CLASSES[method](model, layer, reshape) as cam, writer as f:
+    engine = {**CAM_CLASSES, **PERTURBATION_CLASSES}[method]
+    with engine(model, layer, reshape) as cam, writer as f:
         f.attrs.update(attributes)
         maps_ds = raw_ds = None
         targets_ds = _dataset(f, "targets", (n,), "int64", bs)

@@ -1,10 +1,12 @@
 """Built-in analyzer ``quality``: can these saliency maps be trusted?
 
-Faithfulness (deletion/insertion against a random order), the model-parameter randomization
-sanity check and, when the store has object masks, localization (pointing game, energy in the
-mask). Every number comes with the image count and a bootstrap confidence interval. The
-metrics live in :mod:`explainkit.explain.metrics`; this module chooses images, runs them and
-writes tables and figures. See docs/explanation-quality.md for how to read them.
+Faithfulness (deletion/insertion against a random order, ROAD most/least relevant first,
+Average Drop / Increase in Confidence), the model-parameter randomization sanity check and,
+when the store has object masks, localization (pointing game, energy in the mask). Every
+number comes with the image count and a bootstrap confidence interval. The metrics live in
+:mod:`explainkit.explain.metrics` and :mod:`explainkit.explain.metrics_road`; this module
+chooses images, runs them and writes tables and figures. See docs/explanation-quality.md
+for how to read them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from explainkit.quality_figures import (
     curves_figure,
     localization_figure,
     per_class_figure,
+    road_figure,
     sanity_figure,
 )
 
@@ -70,9 +73,10 @@ class QualityAnalyzer(Analyzer):
             "methods",
             str,
             DEFAULT_METHODS,
-            "Comma-separated attribution methods (gradcam, gradcampp, xgradcam, layercam; with "
-            "Captum: saliency, integrated_gradients, guided_gradcam, ...; random). random is "
-            "always added as the baseline.",
+            "Comma-separated attribution methods (gradcam, gradcampp, xgradcam, layercam; "
+            "scorecam, sscam, iscam, ablationcam, rise; with Captum: saliency, "
+            "integrated_gradients, deeplift, gradient_shap, lrp, ...; smoothgrad:NAME of any; "
+            "random). random is always added as the baseline.",
         ),
         Option("count", click.IntRange(1), 256, "Eval images to evaluate (seeded sample)."),
         Option("steps", click.IntRange(1, 256), 16, "Deletion/insertion steps."),
@@ -82,6 +86,13 @@ class QualityAnalyzer(Analyzer):
             "blur",
             "What removed pixels become: the blurred image or the dataset mean.",
             choices=("blur", "mean"),
+        ),
+        Option(
+            "road",
+            bool,
+            True,
+            "ROAD: remove 10-90% of the pixels, most and least relevant first, filled by noisy "
+            "linear imputation.",
         ),
         Option("sanity", bool, True, "Run the model-parameter randomization sanity check."),
         Option("layer", str, None, "Target layer of the CAM methods (default: the run's)."),
@@ -102,11 +113,13 @@ class QualityAnalyzer(Analyzer):
         count: int,
         steps: int,
         baseline: str,
+        road: bool,
         sanity: bool,
         layer: str | None,
         target: str,
     ) -> list[dict]:
         from explainkit.explain.methods import parse_methods
+        from explainkit.explain.metrics_road import summarize_road
 
         names = parse_methods(methods, "--quality-methods")
         names += [] if "random" in names else ["random"]
@@ -115,8 +128,11 @@ class QualityAnalyzer(Analyzer):
         fns = _attribution_fns(names, layer, context.layer_reshape(layer), context.seed)
         cascade = _cascade(model, layer) if sanity else None
         sample = _load_sample(context, count, target)
-        maps, curves = _faithfulness(context, model, sample, fns, steps, baseline, cascade)
-        scores = _per_image_scores(maps, curves, sample.masks)
+        extra: dict = {}  # ROAD and confidence scores, per (method, metric)
+        maps, curves, roads = _faithfulness(
+            context, model, sample, fns, (steps, baseline, road), cascade, extra
+        )
+        scores = {**_per_image_scores(maps, curves, sample.masks), **extra}
         verdicts = None
         if cascade is not None:
             verdicts = _sanity(context, model, sample, fns, maps, scores, cascade)
@@ -135,6 +151,7 @@ class QualityAnalyzer(Analyzer):
             "table": rows,
             "per_class": class_rows,
             "curves": {name: _curve_summary(c, context.seed) for name, c in curves.items()},
+            "road": summarize_road(roads, context.seed) if roads else None,
             **_localization_note(sample.masks),
             "sanity": verdicts,
         }
@@ -201,12 +218,13 @@ def _faithfulness(
     model: Any,
     sample: _Sample,
     fns: _Methods,
-    steps: int,
-    baseline: str,
+    settings: tuple[int, str, bool],
     cascade: tuple[list, str] | None,
-) -> tuple[dict, dict]:
-    """Each method's maps and its deletion/insertion curves; after the first method, says how
-    long the rest will take (timed on it, so the estimate is this machine's)."""
+    extra: dict,
+) -> tuple[dict, dict, dict]:
+    """Each method's maps, its deletion/insertion curves and (``settings[2]``) ROAD curves;
+    confidence and ROAD scores go to ``extra``. After the first method, says how long the
+    rest will take (timed on it, so the estimate is this machine's)."""
     import time
 
     import torch
@@ -214,10 +232,12 @@ def _faithfulness(
     from explainkit.explain.methods import CAM_METHODS
     from explainkit.explain.metrics import attribute_all, inference_model, perturbation_curves
 
+    steps, baseline, road = settings
     bs = context.batch_size
     gen = torch.Generator().manual_seed(context.seed)
+    road_gen = torch.Generator().manual_seed(context.seed + 1)
     fast = inference_model(model)  # batch norms folded once for every method's curves
-    maps, curves = {}, {}
+    maps, curves, roads = {}, {}, {}
     for i, name in enumerate(context.progress(list(fns.fns), desc="deletion/insertion")):
         start = time.perf_counter()
         if name not in maps:  # the native CAMs come all at once, with the first of them
@@ -230,11 +250,15 @@ def _faithfulness(
             fast, sample.images, maps[name], sample.targets, steps=steps, baseline=baseline,
             max_batch=8 * bs, generator=gen,
         )  # fmt: skip
+        road_curve = _road_and_confidence(fast, sample, name, maps[name], extra, road, bs,
+                                          road_gen)  # fmt: skip
+        if road_curve is not None:
+            roads[name] = road_curve
         if i == 0 and len(fns) > 1:
             done = time.perf_counter()
             redo = len(cascade[0]) if cascade else 0  # the sanity check redoes every map
             _announce(context, sample, len(fns), redo, mapped - start, done - start)
-    return maps, curves
+    return maps, curves, roads
 
 
 def _announce(
@@ -275,6 +299,25 @@ def _per_image_scores(maps: dict, curves: dict, masks: Any) -> dict[tuple[str, s
             scores[(name, "pointing_game")] = pointing_game(maps[name], masks).double()
             scores[(name, "energy_in_mask")] = energy_in_mask(maps[name], masks)
     return scores
+
+
+def _road_and_confidence(
+    fast: Any, sample: _Sample, name: str, maps: Any, extra: dict, road: bool, bs: int, gen: Any
+) -> Any:
+    """One method's Average Drop / Increase in Confidence and, with ``road``, its ROAD scores,
+    added to ``extra``; returns its ROAD curves (None without)."""
+    from explainkit.explain.metrics_road import confidence_change, road_curves
+
+    drop, increase = confidence_change(fast, sample.images, maps, sample.targets, 8 * bs)
+    extra[(name, "average_drop")] = drop
+    extra[(name, "increase_in_confidence")] = increase.double()
+    if not road:
+        return None
+    r = road_curves(fast, sample.images, maps, sample.targets, max_batch=8 * bs, generator=gen)
+    extra[(name, "road_morf")] = r.morf_score
+    extra[(name, "road_lerf")] = r.lerf_score
+    extra[(name, "road_combined")] = r.combined
+    return r
 
 
 def _sanity(
@@ -472,6 +515,18 @@ def _write_figures(context: AnalysisContext, report: dict[str, Any]) -> list[dic
             f"{baseline} baseline, {steps} steps, {n} images, bands: 95% bootstrap CI.",
         )
     ]
+    if report.get("road"):
+        save_figure(road_figure(report["road"], n, report["epoch"]), out / "road.png")
+        artifacts.append(
+            context.artifact(
+                "road.png",
+                "ROAD: remove and debias",
+                "image",
+                "Mean target-class probability with 10-90% of the pixels filled by noisy "
+                "linear imputation, most relevant first (MoRF, lower is better) and least "
+                f"relevant first (LeRF, higher is better); {n} images, bands: 95% bootstrap CI.",
+            )
+        )
     verdicts = report["sanity"]
     if verdicts is not None:
         save_figure(sanity_figure(verdicts, n), out / "sanity.png")

@@ -384,6 +384,8 @@ def test_captum_methods_give_normalized_maps(trained):
     model, images, labels, predicted, masks = trained
     methods = all_methods("layer4", ig_steps=4)
     for name in EM.CAPTUM_METHODS:
+        if name == "lrp":  # refused on a ResNet: tests/test_perturbation.py
+            continue
         maps = methods[name](model, images[:8], predicted[:8])
         assert maps.shape == (8, 32, 32), name
         assert maps.min() >= 0 and maps.max() <= 1 and not maps.requires_grad

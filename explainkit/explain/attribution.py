@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from explainkit.errors import AnalyzerError
 from explainkit.explain.gradcam import compute_cam, normalize_maps
 from explainkit.explain.layers import target_layer
-from explainkit.explain.methods import METHODS
+from explainkit.explain.methods import METHODS, SMOOTHGRAD
 from explainkit.explain.outputs import as_scores_model
 from explainkit.explain.targets import Target, TargetModel
 
@@ -48,6 +50,9 @@ def attribution_fn(
     internal_batch_size: int | None = 256,
     occlusion_window: int = 4,
     reshape: str = "auto",
+    smoothgrad_samples: int = 16,
+    smoothgrad_noise: float = 0.15,
+    **perturbation: Any,
 ) -> AttributionFn:
     """The method ``name`` as ``fn(model, images, targets) -> (N, H, W)`` maps in [0, 1].
 
@@ -60,6 +65,12 @@ def attribution_fn(
         ig_steps: Riemann steps of Integrated Gradients.
         internal_batch_size: Largest batch Integrated Gradients and Occlusion run at once.
         occlusion_window: Occlusion patch side in pixels (the stride equals the window).
+        smoothgrad_samples: noisy copies per image of ``smoothgrad:NAME``.
+        smoothgrad_noise: their noise's standard deviation, as a fraction of each batch's
+            value range (Smilkov et al. 2017 recommend 10-20%).
+        perturbation: options of the perturbation methods' classes (``channels``,
+            ``samples``, ``masks``, ``mask_budget``, ``max_batch``: by default 256 masked
+            inputs per pass on a GPU, 64 on the CPU).
     """
     if name not in METHODS:
         raise AnalyzerError(
@@ -68,17 +79,35 @@ def attribution_fn(
     method = METHODS[name]
     if method.uses_layer and not layer:
         raise AnalyzerError(f"attribution method {name} needs a target layer")
-    if method.source == "native":
+    inner = name[len(SMOOTHGRAD) :] if name.startswith(SMOOTHGRAD) else name
+    tunnel = None
+    if inner != name:
+        tunnel = (smoothgrad_samples, smoothgrad_noise, seed)
+    if inner != name and method.source != "captum":
+        # Any other method: its maps averaged over noisy copies (SmoothGrad's rule).
+        kwargs = dict(layer=layer, seed=seed, ig_steps=ig_steps, reshape=reshape,
+                      internal_batch_size=internal_batch_size,
+                      occlusion_window=occlusion_window, **perturbation)  # fmt: skip
+        raw = _smoothed(attribution_fn(inner, **kwargs), *tunnel)  # type: ignore[arg-type]
+    elif method.source == "native":
         raw = _cam_fn(name, layer, reshape)  # type: ignore[arg-type]
+    elif method.source == "perturbation":
+        options = dict(perturbation)  # max_batch: the engine picks one for the device
+        raw = _perturbation_fn(name, layer, reshape, seed, options)
     elif method.source == "baseline":
         raw = _random_fn(seed)
     else:
-        raw = _captum_fn(name, layer, ig_steps, internal_batch_size, occlusion_window)
+        raw = _captum_fn(inner, layer, ig_steps, internal_batch_size, occlusion_window, seed,
+                         tunnel)  # fmt: skip
 
     def fn(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
         maps = reduce_channels(name, raw(model, images, targets)).detach().float()
         # CAMs and the random baseline are already maps in [0, 1].
-        return normalize_maps(maps) if method.source == "captum" else maps
+        return (
+            maps
+            if method.source in ("native", "baseline") and inner == name
+            else (normalize_maps(maps))
+        )
 
     fn.__name__ = name
     return fn
@@ -125,6 +154,42 @@ def _cam_fn(method: str, layer: str, reshape: str) -> AttributionFn:
     return fn
 
 
+def _perturbation_fn(
+    method: str, layer: str | None, reshape: str, seed: int, options: dict[str, Any]
+) -> AttributionFn:
+    """A perturbation CAM (or RISE) of :mod:`explainkit.explain.perturbation`, seeded."""
+    from explainkit.explain.perturbation import METHODS as ENGINES
+
+    if method in ("sscam", "rise"):
+        options = {"seed": seed, **options}
+
+    last: dict[str, Any] = {}  # the engine of the last model: its fast copy is reused
+
+    def fn(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        if last.get("model") is not model:
+            last.update(model=model, engine=ENGINES[method](model, layer, reshape, **options))
+        return last["engine"](images, targets).maps
+
+    return fn
+
+
+def _smoothed(inner: AttributionFn, samples: int, noise: float, seed: int) -> AttributionFn:
+    """SmoothGrad of a method Captum does not run: the mean of its maps over noisy copies."""
+    if samples < 1:
+        raise AnalyzerError(f"smoothgrad samples must be at least 1, got {samples}")
+
+    def fn(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        g = torch.Generator().manual_seed(seed)
+        sigma = noise * float(images.max() - images.min())
+        total = torch.zeros(images.shape[0], *images.shape[2:], device=images.device)
+        for _ in range(samples):
+            eps = torch.randn(images.shape, generator=g).to(images.device)
+            total += inner(model, images + sigma * eps, targets)
+        return total / samples
+
+    return fn
+
+
 def _random_fn(seed: int) -> AttributionFn:
     """A model-independent pseudo-random map, a deterministic function of the image.
 
@@ -146,9 +211,16 @@ def _random_fn(seed: int) -> AttributionFn:
 
 
 def _captum_fn(
-    method: str, layer: str | None, ig_steps: int, internal_batch: int | None, window: int
+    method: str,
+    layer: str | None,
+    ig_steps: int,
+    internal_batch: int | None,
+    window: int,
+    seed: int = 0,
+    tunnel: tuple[int, float, int] | None = None,
 ) -> AttributionFn:
-    """Raw (N, C, H, W) attributions of one Captum method, memory bounded."""
+    """Raw (N, C, H, W) attributions of one Captum method, memory bounded; ``tunnel``
+    ``(samples, noise, seed)`` wraps it in Captum's ``NoiseTunnel`` (SmoothGrad)."""
 
     def fn(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
         import captum.attr as ca
@@ -158,29 +230,86 @@ def _captum_fn(
             model, targets = TargetModel(model, targets), 0  # type: ignore[assignment]
         model = as_scores_model(model)  # layers are found on the user's model, not the wrapper
         x = images.detach().clone().requires_grad_(True)
-        with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
+        algo, kwargs = _captum_method(ca, method, model, module, x, ig_steps, internal_batch,
+                                      window)  # fmt: skip
+        if tunnel is not None:
+            samples, noise, _ = tunnel
+            algo = ca.NoiseTunnel(algo)
+            per = max(1, (internal_batch or 64) // max(x.shape[0], 1))
+            kwargs.update(nt_type="smoothgrad", nt_samples=samples, nt_samples_batch_size=per,
+                          stdevs=noise * float(x.detach().max() - x.detach().min()))  # fmt: skip
+        fork = [x.device] if x.device.type == "cuda" else []
+        with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings(), \
+                torch.random.fork_rng(devices=fork):  # fmt: skip
             # Captum warns that it sets requires_grad on inputs and hooks ReLUs: expected.
             warnings.simplefilter("ignore", UserWarning)
-            if method == "saliency":
-                return ca.Saliency(model).attribute(x, target=targets, abs=True)
-            if method == "integrated_gradients":
-                # Baseline 0 in normalized space is the dataset-mean image.
-                return ca.IntegratedGradients(model).attribute(
-                    x, baselines=torch.zeros_like(x), target=targets, n_steps=ig_steps,
-                    internal_batch_size=internal_batch,
-                )  # fmt: skip
-            if method == "guided_gradcam":
-                return ca.GuidedGradCam(model, module).attribute(x, target=targets)
-            if method == "input_x_gradient":
-                return ca.InputXGradient(model).attribute(x, target=targets)
-            if method == "guided_backprop":
-                return ca.GuidedBackprop(model).attribute(x, target=targets)
-            side = min(window, x.shape[-1], x.shape[-2])
-            per_eval = max(1, (internal_batch or 64) // max(x.shape[0], 1))
-            shape = (x.shape[1], side, side)
-            return ca.Occlusion(model).attribute(
-                x, target=targets, sliding_window_shapes=shape, strides=shape, baselines=0.0,
-                perturbations_per_eval=per_eval,
-            )  # fmt: skip
+            torch.manual_seed(tunnel[2] if tunnel else seed)  # GradientShap, NoiseTunnel draw
+            state = np.random.get_state()  # GradientShap also draws from numpy's generator
+            np.random.seed(seed)
+            try:
+                return algo.attribute(x, target=targets, **kwargs)
+            except (TypeError, AssertionError, RuntimeError) as e:
+                if method == "lrp":
+                    raise AnalyzerError(
+                        f"captum's LRP rules do not cover this model ({e}); use another method"
+                    ) from e
+                raise
+            finally:
+                np.random.set_state(state)
 
     return fn
+
+
+def _captum_method(
+    ca: Any,
+    method: str,
+    model: nn.Module,
+    module: nn.Module | None,
+    x: Tensor,
+    ig_steps: int,
+    internal_batch: int | None,
+    window: int,
+) -> tuple[Any, dict[str, Any]]:
+    """Captum's attribution object for ``method`` and its ``attribute`` keyword arguments."""
+    zeros = torch.zeros_like(x)  # baseline 0 in normalized space: the dataset-mean image
+    if method == "saliency":
+        return ca.Saliency(model), {"abs": True}
+    if method == "integrated_gradients":
+        return ca.IntegratedGradients(model), {
+            "baselines": zeros, "n_steps": ig_steps, "internal_batch_size": internal_batch,
+        }  # fmt: skip
+    if method == "guided_gradcam":
+        return ca.GuidedGradCam(model, module), {}
+    if method == "input_x_gradient":
+        return ca.InputXGradient(model), {}
+    if method == "guided_backprop":
+        return ca.GuidedBackprop(model), {}
+    if method == "deeplift":
+        return ca.DeepLift(model), {"baselines": zeros}
+    if method == "gradient_shap":
+        # Expected gradients from the mean image with Gaussian jitter (Lundberg & Lee 2017).
+        return ca.GradientShap(model), {"baselines": zeros[:1], "n_samples": 16, "stdevs": 0.1}
+    if method == "lrp":
+        _check_lrp(model)
+        return ca.LRP(model), {}
+    side = min(window, x.shape[-1], x.shape[-2])
+    per_eval = max(1, (internal_batch or 64) // max(x.shape[0], 1))
+    shape = (x.shape[1], side, side)
+    return ca.Occlusion(model), {
+        "sliding_window_shapes": shape, "strides": shape, "baselines": 0.0,
+        "perturbations_per_eval": per_eval,
+    }  # fmt: skip
+
+
+def _check_lrp(model: nn.Module) -> None:
+    """Refuse, in one sentence, a model Captum's LRP rules do not cover."""
+    from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
+
+    known = tuple(SUPPORTED_LAYERS_WITH_RULES) + tuple(SUPPORTED_NON_LINEAR_LAYERS)
+    leaves = [m for m in model.modules() if not list(m.children())]
+    bad = sorted({type(m).__name__ for m in leaves if not isinstance(m, known)})
+    if bad:
+        raise AnalyzerError(
+            f"captum's LRP has no rule for {', '.join(bad)} in this model; use deeplift or "
+            "integrated_gradients instead"
+        )

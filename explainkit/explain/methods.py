@@ -11,9 +11,14 @@ method (:attr:`Method.reduction`):
 - ``max_abs``: the largest absolute value over channels (Saliency, as Simonyan et al. 2014);
 - ``sum_abs``: the sum of absolute values over channels (Integrated Gradients, Guided
   Grad-CAM, Guided Backprop, Input x Gradient, Occlusion);
-- ``map``: the method already returns one map per image (the CAMs, the random baseline).
+- ``map``: the method already returns one map per image (the CAMs, the perturbation CAMs,
+  RISE, the random baseline).
 
 Captum is optional: its methods are available only when it can be imported.
+
+SmoothGrad (Smilkov et al. 2017) wraps any method: ``smoothgrad:NAME`` averages NAME over
+noisy copies of each image (Captum's ``NoiseTunnel`` for Captum methods); it is derived on
+lookup (``METHODS["smoothgrad:saliency"]``), not listed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ __all__ = [
     "CAM_METHODS",
     "CAPTUM_METHODS",
     "METHODS",
+    "PERTURBATION_METHODS",
+    "SMOOTHGRAD",
     "Method",
     "available_methods",
     "captum_available",
@@ -42,7 +49,8 @@ class Method:
         name: Key used on the command line (``gradcam``, ``integrated_gradients``).
         label: Name in figures and tables.
         short: Column header that fits a 128-px tile.
-        source: ``native`` (explainkit's CAM engine), ``captum`` or ``baseline``.
+        source: ``native`` (explainkit's gradient CAM engine), ``perturbation``
+            (:mod:`explainkit.explain.perturbation`), ``captum`` or ``baseline``.
         reduction: How (N, C, H, W) attributions become (N, H, W): ``map``, ``max_abs`` or
             ``sum_abs``.
         uses_layer: Whether the method explains a target layer.
@@ -83,14 +91,49 @@ def _registry() -> dict[str, Method]:
         Method("occlusion", "Occlusion", "Occlusion", "captum", "sum_abs"),
         Method("input_x_gradient", "Input x Gradient", "Input x Grad.", "captum", "sum_abs"),
         Method("guided_backprop", "Guided Backprop", "Guided Backprop", "captum", "sum_abs"),
+        Method("deeplift", "DeepLift", "DeepLift", "captum", "sum_abs"),
+        Method("gradient_shap", "GradientShap", "GradientShap", "captum", "sum_abs"),
+        Method("lrp", "LRP", "LRP", "captum", "sum_abs"),
+    ]
+    perturbation = [
+        Method("scorecam", "Score-CAM", "Score-CAM", "perturbation", "map", True),
+        Method("sscam", "SS-CAM", "SS-CAM", "perturbation", "map", True),
+        Method("iscam", "IS-CAM", "IS-CAM", "perturbation", "map", True),
+        Method("ablationcam", "Ablation-CAM", "Ablation-CAM", "perturbation", "map", True),
+        Method("rise", "RISE", "RISE", "perturbation", "map"),
     ]
     baseline = [Method("random", "Random baseline", "Random", "baseline", "map")]
-    return {m.name: m for m in (*cams, *captum, *baseline)}
+    return {m.name: m for m in (*cams, *captum, *perturbation, *baseline)}
 
 
-METHODS: dict[str, Method] = _registry()
+SMOOTHGRAD = "smoothgrad:"
+
+
+class _Registry(dict):
+    """The method table; ``smoothgrad:NAME`` of a listed NAME is derived when looked up."""
+
+    def __missing__(self, key: str) -> Method:
+        base = key[len(SMOOTHGRAD) :] if isinstance(key, str) else ""
+        if not key.startswith(SMOOTHGRAD) or base.startswith(SMOOTHGRAD) or base not in self:
+            raise KeyError(key)
+        inner = self[base]
+        return Method(key, f"SmoothGrad {inner.label}", f"SG {inner.short}", inner.source,
+                      inner.reduction, inner.uses_layer)  # fmt: skip
+
+    def __contains__(self, key: object) -> bool:
+        if dict.__contains__(self, key):
+            return True
+        try:
+            self[key]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
+
+
+METHODS: dict[str, Method] = _Registry(_registry())
 CAM_METHODS = tuple(n for n, m in METHODS.items() if m.source == "native")
 CAPTUM_METHODS = tuple(n for n, m in METHODS.items() if m.source == "captum")
+PERTURBATION_METHODS = tuple(n for n, m in METHODS.items() if m.source == "perturbation")
 
 
 def captum_available() -> bool:
@@ -115,9 +158,11 @@ def parse_methods(text: str, flag: str, allowed: list[str] | None = None) -> lis
     if not names:
         raise AnalyzerError(f"{flag} names no method; choose from: {', '.join(allowed)}")
     for name in names:
-        if name in allowed:
+        if name in allowed or (
+            name.startswith(SMOOTHGRAD) and name[len(SMOOTHGRAD) :] in allowed and name in METHODS
+        ):
             continue
-        if name in CAPTUM_METHODS and not captum_available():
+        if name in METHODS and METHODS[name].source == "captum" and not captum_available():
             raise AnalyzerError(
                 f"{flag} {name} needs Captum, which is not installed; pip install captum or "
                 "leave it out"

@@ -33,6 +33,8 @@ from torch import Tensor, nn
 
 from explainkit.errors import AnalyzerError
 from explainkit.explain.attribution import AttributionFn, attribute
+from explainkit.explain.fastmodel import inference_model
+from explainkit.explain.fastmodel import memory_format as _memory_format
 from explainkit.explain.gradcam import normalize_maps
 from explainkit.explain.outputs import scores_of
 from explainkit.explain.stats import spearman
@@ -156,31 +158,6 @@ def _pixel_ranks(maps: Tensor, generator: torch.Generator | None) -> Tensor:
     return ranks
 
 
-def inference_model(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` for fast gradient-free inference, or ``model`` itself.
-
-    Deletion and insertion classify ``2 * steps`` versions of every image, so their forward
-    passes dominate the quality analyzer. The copy folds each batch norm into the convolution
-    before it (``torch.fx``; the logits stay equal within float rounding) and, on the CPU, keeps
-    its weights channels-last, which oneDNN runs faster. A model that is in training mode or
-    cannot be traced symbolically is returned unchanged.
-    """
-    if getattr(model, "_explainkit_inference", False) or model.training:
-        return model
-    from torch.fx.experimental.optimization import fuse
-
-    try:
-        fast = fuse(model, inplace=False)
-    except Exception:  # noqa: BLE001  # untraceable (data-dependent control flow, ...): as is
-        return model
-    param = next(fast.parameters(), None)
-    if param is not None and param.device.type == "cpu":
-        fast = fast.to(memory_format=torch.channels_last)
-    fast.requires_grad_(False)
-    fast._explainkit_inference = True  # type: ignore[assignment]
-    return fast
-
-
 @torch.no_grad()
 def perturbation_curves(
     model: nn.Module,
@@ -245,15 +222,6 @@ def perturbation_curves(
     deletion = torch.cat([intact, p[:, 2 : steps + 1], blank], 1)
     insertion = torch.cat([blank, p[:, steps + 1 :], intact], 1)
     return PerturbationCurves(counts.float() / (h * w), deletion, insertion)
-
-
-def _memory_format(model: nn.Module) -> torch.memory_format:
-    """Channels-last when the model's first 4-D weight is (as :func:`inference_model` makes)."""
-    weight = next((p for p in model.parameters() if p.dim() == 4), None)
-    if weight is not None and weight.is_contiguous(memory_format=torch.channels_last):
-        if not weight.is_contiguous():
-            return torch.channels_last
-    return torch.contiguous_format
 
 
 # -- comparing maps ------------------------------------------------------------------------

@@ -40,6 +40,7 @@ def test_quality_table_json_and_csv_agree(quality_run):
     assert {
         "quality.csv", "quality.json", "deletion_insertion.png", "sanity.png",
         "localization.png", "localization_per_class.png", "localization_per_class.csv",
+        "road.png",
     } <= paths  # fmt: skip
     report = json.loads((out / "quality.json").read_text())
     assert report["methods"] == ["gradcam", "gradcampp", "saliency", "random"]  # random added
@@ -55,8 +56,15 @@ def test_quality_table_json_and_csv_agree(quality_run):
     metrics = {(r["method"], r["metric"]) for r in report["table"]}
     for method in report["methods"]:
         for metric in ("deletion_auc", "insertion_auc", "pointing_game", "energy_in_mask",
-                       "sanity_spearman:layer4", "sanity_ssim:conv1+bn1"):  # fmt: skip
+                       "sanity_spearman:layer4", "sanity_ssim:conv1+bn1", "road_morf",
+                       "road_lerf", "road_combined", "average_drop",
+                       "increase_in_confidence"):  # fmt: skip
             assert (method, metric) in metrics
+    for r in report["table"]:
+        if r["metric"] in ("average_drop", "increase_in_confidence"):
+            assert 0 <= r["ci_low"] <= r["mean"] <= r["ci_high"] <= 1
+    assert set(report["road"]) == set(report["methods"])
+    assert len(report["road"]["gradcam"]["morf"]["mean"]) == 9
     assert ("random", "deletion_gain_vs_random") not in metrics
     assert 0 < report["localization"]["mask_fraction"] < 1
     per_class = report["per_class"]
@@ -64,7 +72,7 @@ def test_quality_table_json_and_csv_agree(quality_run):
         (run / "config.json").read_text())["data"]["classes"])  # fmt: skip
     assert sum(r["n"] for r in per_class if r["method"] == "gradcam"
                and r["metric"] == "pointing_game") == 64  # fmt: skip
-    for name in ("deletion_insertion.png", "sanity.png", "localization.png"):
+    for name in ("deletion_insertion.png", "sanity.png", "localization.png", "road.png"):
         check_png(out / name)
 
 
@@ -95,7 +103,7 @@ def test_quality_without_masks_or_sanity(tmp_path, tiny_run_master):
         del f["eval/masks"]
     manifest = run_one(
         run, "quality", quality_count=16, quality_steps=4, quality_sanity=False,
-        quality_methods="gradcam", quality_baseline="mean",
+        quality_methods="gradcam", quality_baseline="mean", quality_road=False,
     )  # fmt: skip
     assert manifest["status"] == "ok", (manifest["error"], manifest.get("traceback"))
     paths = {a["path"] for a in manifest["artifacts"]}
@@ -104,8 +112,10 @@ def test_quality_without_masks_or_sanity(tmp_path, tiny_run_master):
     assert report["sanity"] is None and report["localization"] is None
     assert report["localization_skipped"] and report["baseline"] == "mean"
     assert {r["metric"] for r in report["table"]} == {
-        "deletion_auc", "insertion_auc", "deletion_gain_vs_random", "insertion_gain_vs_random"
+        "deletion_auc", "insertion_auc", "deletion_gain_vs_random", "insertion_gain_vs_random",
+        "average_drop", "increase_in_confidence",
     }  # fmt: skip
+    assert report["road"] is None and "road.png" not in paths
 
 
 def test_quality_rejects_unknown_method(tiny_run):
