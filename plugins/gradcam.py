@@ -184,8 +184,8 @@ def _write_maps(
     import torch
 
     from explainkit.errors import AnalyzerError
-    from explainkit.explain.gradcam import METHODS as CAM_CLASSES
-    from explainkit.explain.perturbation import METHODS as PERTURBATION_CLASSES
+    from explainkit.explain.gradcam import CAM_CLASSES
+    from explainkit.explain.perturbation import PERTURBATION_CLASSES
     from explainkit.explain.targets import class_target
     from explainkit.h5files import open_h5_for_writing
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from explainkit.explain.gradcam import METHODS, compute_cam, compute_cams
+from explainkit.explain.gradcam import CAM_CLASSES, compute_cam, compute_cams
 from explainkit.explain.methods import CAM_METHODS
 from explainkit.explain.targets import ClassProbability
 from tests.helpers import build_model
@@ -63,7 +63,7 @@ def _check(ours: np.ndarray, theirs: np.ndarray, tol: float, pearson: float) -> 
 
 def test_every_native_method_is_registered():
     assert (
-        set(METHODS)
+        set(CAM_CLASSES)
         == set(CAM_METHODS)
         >= {
             "hirescam",
@@ -150,7 +150,7 @@ def test_randomcam_is_a_repeatable_baseline(model, images):
     assert not torch.allclose(first.maps, grad.maps, atol=1e-2)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(CAM_CLASSES))
 def test_every_method_explains_video_and_token_layers(method):
     torch.manual_seed(0)
     video = torch.nn.Sequential(

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from explainkit.errors import AnalyzerError
 from explainkit.explain.gradcam import (
     CAM,
-    METHODS,
+    CAM_CLASSES,
     CAMResult,
     GradCAM,
     LayerCAM,
@@ -217,18 +217,18 @@ def test_batched_equals_per_image(model, images):
         assert (other.maps - batched.maps).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(CAM_CLASSES))
 def test_methods_give_finite_maps(model, images, method):
     result = compute_cam(model, images, "layer4", method=method, target=2)
     _verify_maps(result)
-    assert issubclass(METHODS[method], CAM) and METHODS[method].name == method
+    assert issubclass(CAM_CLASSES[method], CAM) and CAM_CLASSES[method].name == method
     assert (result.targets == 2).all()
     with pytest.raises(AnalyzerError, match="available"):
         compute_cam(model, images, "layer4", method="scorecam")
 
 
 def test_several_methods_from_one_pass_equal_each_method_alone(model, images, vit):
-    names = sorted(METHODS)
+    names = sorted(CAM_CLASSES)
     labels = torch.arange(N) % 10
     joint = compute_cams(model, images, "layer4", names, target=labels, batch_size=6)
     assert list(joint) == names
@@ -465,7 +465,7 @@ def test_token_layers_give_maps_with_every_method(request, images, arch, layer, 
                 assert torch.isfinite(result.maps).all() and torch.isfinite(result.raw).all()
                 assert result.maps.min() >= 0 and result.maps.max() <= 1
                 assert result.maps.amax((1, 2)).min() > 0  # not all-zero maps
-            if METHODS[method].uses_gradients:  # Eigen-CAM, FEM...: class-agnostic
+            if CAM_CLASSES[method].uses_gradients:  # Eigen-CAM, FEM...: class-agnostic
                 assert not torch.allclose(one.maps, other.maps), method  # targets differ
             assert all(len(m._forward_hooks) == 0 for m in model.modules())
             assert {n: m.training for n, m in model.named_modules()} == modes

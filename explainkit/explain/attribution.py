@@ -158,7 +158,7 @@ def _perturbation_fn(
     method: str, layer: str | None, reshape: str, seed: int, options: dict[str, Any]
 ) -> AttributionFn:
     """A perturbation CAM (or RISE) of :mod:`explainkit.explain.perturbation`, seeded."""
-    from explainkit.explain.perturbation import METHODS as ENGINES
+    from explainkit.explain.perturbation import PERTURBATION_CLASSES as ENGINES
 
     if method in ("sscam", "rise"):
         options = {"seed": seed, **options}

@@ -56,7 +56,7 @@ __all__ = [
     "CAM",
     "FEM",
     "KPCACAM",
-    "METHODS",
+    "CAM_CLASSES",
     "RESHAPES",
     "CAMResult",
     "EigenCAM",
@@ -76,7 +76,7 @@ __all__ = [
     "normalize_maps",
 ]
 
-METHODS: dict[str, type[CAM]] = {
+CAM_CLASSES: dict[str, type[CAM]] = {
     cls.name: cls
     for cls in (
         GradCAM,
@@ -94,15 +94,15 @@ METHODS: dict[str, type[CAM]] = {
         RandomCAM,
     )
 }
-assert set(METHODS) <= set(CAM_METHODS), "explain/methods.py lists every native CAM"
+assert set(CAM_CLASSES) <= set(CAM_METHODS), "explain/methods.py lists every native CAM"
 
 
 def _method(method: str) -> type[CAM]:
-    if method not in METHODS:
+    if method not in CAM_CLASSES:
         raise AnalyzerError(
-            f"unknown CAM method {method!r}; available: {', '.join(sorted(METHODS))}"
+            f"unknown CAM method {method!r}; available: {', '.join(sorted(CAM_CLASSES))}"
         )
-    return METHODS[method]
+    return CAM_CLASSES[method]
 
 
 def iter_cam(
@@ -208,7 +208,7 @@ def compute_cam(
         images: float (N, C, H, W), or (N, C, T, H, W) clips, normalized as the model expects.
         layer: a dotted module name (``"layer4"``), a module of the model, or None to let
             :func:`explainkit.explain.layers.target_layer` choose.
-        method: a key of :data:`METHODS`.
+        method: a key of :data:`CAM_CLASSES`.
         target: a :class:`explainkit.explain.targets.Target`, or see :meth:`CAM.__call__`.
         batch_size: images per forward/backward pass; None does all at once.
         true_targets: labels for ``target="true"``.

@@ -50,7 +50,7 @@ from explainkit.explain.layers import RESHAPES, Layout, resolve_layout, target_l
 from explainkit.explain.outputs import scores_of
 
 __all__ = [
-    "METHODS",
+    "PERTURBATION_CLASSES",
     "RISE",
     "AblationCAM",
     "ISCAM",
@@ -542,7 +542,9 @@ def _rise_masks(grids: Tensor, shifts: Tensor, up_size: tuple[int, int], size: t
     return up[b, rows[:, :, None], cols[:, None, :]]
 
 
-METHODS: dict[str, type] = {cls.name: cls for cls in (ScoreCAM, SSCAM, ISCAM, AblationCAM, RISE)}
+PERTURBATION_CLASSES: dict[str, type] = {
+    cls.name: cls for cls in (ScoreCAM, SSCAM, ISCAM, AblationCAM, RISE)
+}
 
 
 def compute_perturbation(
@@ -561,13 +563,15 @@ def compute_perturbation(
     Arguments as :func:`explainkit.explain.gradcam.compute_cam`; ``options`` go to the
     method's class (``max_batch``, ``channels``, ``samples``, ``masks``, ...).
     """
-    if method not in METHODS:
+    if method not in PERTURBATION_CLASSES:
         raise AnalyzerError(
-            f"unknown perturbation method {method!r}; available: {', '.join(METHODS)}"
+            f"unknown perturbation method {method!r}; available: {', '.join(PERTURBATION_CLASSES)}"
         )
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] == 0:
-        return METHODS[method](model, layer, reshape, **options)(images)  # raises the error
-    engine = METHODS[method](model, layer, reshape, **options)
+        return PERTURBATION_CLASSES[method](model, layer, reshape, **options)(
+            images
+        )  # raises the error
+    engine = PERTURBATION_CLASSES[method](model, layer, reshape, **options)
     step = batch_size or images.shape[0]
     per_image = not isinstance(target, (str, int))
     t_all = torch.as_tensor(target) if per_image else None
