@@ -79,7 +79,15 @@ def detection_map(
     ``truths`` (per image: boxes, labels): ``map_50``, ``map`` (0.5:0.95), ``map_75``,
     ``mar_100`` and ``map_per_class`` (K,) at 0.5:0.95, NaN for a class without truth."""
     import torch
-    from torchmetrics.detection import MeanAveragePrecision
+
+    try:
+        from torchmetrics.detection import MeanAveragePrecision
+    except ImportError as e:
+        from explainkit.errors import AnalyzerError
+
+        raise AnalyzerError(
+            "detection mAP needs torchmetrics and pycocotools: pip install 'explainkit[tasks]'"
+        ) from e
 
     metric = MeanAveragePrecision(iou_type="bbox", class_metrics=True)
     preds = [

@@ -68,7 +68,12 @@ def load_coco(
     import contextlib
     import io
 
-    from pycocotools.coco import COCO
+    try:
+        from pycocotools.coco import COCO
+    except ImportError as e:
+        raise DataError(
+            "the coco dataset needs pycocotools: pip install 'explainkit[tasks]'"
+        ) from e
 
     root = Path(data_dir)
     if not root.is_dir():
