@@ -254,6 +254,13 @@ def _run_section(summary: dict | None, raw: dict, why: str | None) -> dict[str, 
         pairs += _evaluated_facts(summary) if evaluated else _trained_facts(summary, data)
     elif config:
         pairs.append(("dataset", config.get("dataset")))
+    for key, label in (("train_subset", "training images"), ("eval_subset", "evaluation images")):
+        if (
+            data.get(key)
+            and isinstance(data[key], str)
+            and not (evaluated and key == "train_subset")
+        ):
+            pairs.append((label, data[key]))  # what --limit-train / --limit-eval kept
     pairs += [("device", _device(summary, raw))]
     classes = data.get("classes")
     if classes and isinstance(classes, list):

@@ -487,3 +487,17 @@ def test_report_of_a_run_without_a_training_log_says_so(bare_run):
     assert 'This run has no <span class="file">train.log</span>' in text
     (bare_run / "train.log").mkdir()
     assert "train.log is not a regular file" in render_report(bare_run, with_analyzers([]))
+
+
+def test_report_says_which_subset_a_limit_kept(tmp_path):
+    from tests.helpers import train_run
+    from tests.plugins.helpers import make_image_folder
+
+    data_dir = make_image_folder(tmp_path / "data", train=12, val=4)
+    run = train_run(tmp_path / "run", dataset="folder", data_dir=str(data_dir), image_size=16,
+                    epochs=1, limit_train=8, limit_eval=6)  # fmt: skip
+    data = json.loads((run / "config.json").read_text())["data"]
+    assert data["train_subset"].startswith("a seeded class-balanced subset: 8 of ")
+    assert data["eval_subset"].startswith("a seeded class-balanced subset: 6 of 8 images")
+    text = render_report(run, with_analyzers([]))
+    assert html.escape(data["train_subset"]) in text and html.escape(data["eval_subset"]) in text
