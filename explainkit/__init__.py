@@ -28,7 +28,7 @@ _PUBLIC = {
     # runs: evaluate a model, analyze and read a run
     "analyze": "explainkit.api",
     "evaluate": "explainkit.api",
-    "report": "explainkit.api",
+    "write_report": "explainkit.api",
     "RunWriter": "explainkit.api",
     "load_model": "explainkit.api",
     "load_registries": "explainkit.api",

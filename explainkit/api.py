@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from explainkit.data import Dataset
     from explainkit.runner import Results
 
-__all__ = ["RunWriter", "analyze", "evaluate", "load_model", "load_registries", "report"]
+__all__ = ["RunWriter", "analyze", "evaluate", "load_model", "load_registries", "write_report"]
 
 _REGISTRIES: arguments.Check = (
     lambda v: v is None or isinstance(v, Registries),
@@ -289,7 +289,7 @@ def _analyze_doc() -> str:
 analyze.__doc__ = _analyze_doc()
 
 
-def report(
+def write_report(
     run: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
     *,

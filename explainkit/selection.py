@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from explainkit.errors import AnalyzerError
+from explainkit.errors import AnalyzerError, brief, did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover - numpy is imported where it is used, so that plugins can
     import numpy as np  # take SELECT_CHOICES for their options without loading it
@@ -45,9 +45,12 @@ def parse_target(target: Any, classes: list[str], flag: str) -> str | int:
         )
     if text in classes:
         return classes.index(text)
+    close = did_you_mean(text, classes) if len(text) <= 200 else []
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    shown = ", ".join(classes[:20]) + (f", … ({len(classes)} classes)" if len(classes) > 20 else "")
     raise AnalyzerError(
-        f"{flag} {text!r} is not predicted, true, a class index or a class name; "
-        f"classes: {', '.join(classes)}"
+        f"{flag} {brief(text)} is not predicted, true, a class index or a class name; "
+        f"{hint}classes: {shown}"
     )
 
 

@@ -73,8 +73,9 @@ class QualityAnalyzer(Analyzer):
             "methods",
             str,
             DEFAULT_METHODS,
-            "Comma-separated attribution methods (gradcam, gradcampp, xgradcam, layercam; "
-            "scorecam, sscam, iscam, ablationcam, rise; with Captum: saliency, "
+            "Comma-separated attribution methods (any native CAM: gradcam, hirescam, eigencam, "
+            "shapleycam, ... (explainkit plugins lists them); scorecam, sscam, iscam, "
+            "ablationcam, rise; with Captum: saliency, "
             "integrated_gradients, deeplift, gradient_shap, lrp, ...; smoothgrad:NAME of any; "
             "random). random is always added as the baseline.",
         ),

@@ -196,7 +196,7 @@ def test_a_run_of_a_plain_sequential_is_analyzed_and_reported_with_the_live_modu
     manifests = explainkit.analyze(run, plugins=["gradcam"], device="cpu", model=model)
     assert manifests[0]["status"] == "ok"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    page = explainkit.report(run, plugins=["gradcam"], model=model, device="cpu")
+    page = explainkit.write_report(run, plugins=["gradcam"], model=model, device="cpu")
     assert page.is_file() and "gradcam" in page.read_text()
     other = torch.nn.Sequential(torch.nn.Linear(3, 2))
     failed = explainkit.analyze(

@@ -77,8 +77,8 @@ def test_builtin_names_come_from_the_builtin_plugin():
     }
     assert {r.source for r in models.values()} == {"builtin"}
     assert manager.build_registries(pm).model_names() == [
-        "resnet18-s8", "resnet18", "torchvision:NAME", "timm:NAME", "import:NAME",
-        *(f"{t}NAME" for t in tasks),
+        "resnet18-s8", "resnet18", "torchvision:NAME", "timm:NAME", "hf:NAME", "import:NAME",
+        "fcn-s8", "fcos-s8", *(f"{t}NAME" for t in tasks),
     ]  # fmt: skip
 
 

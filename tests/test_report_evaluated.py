@@ -98,7 +98,7 @@ def vit_run(tmp_path_factory) -> Path:
         default_layer="encoder.layers.encoder_layer_0",
     )  # fmt: skip
     for args in (["analyze", str(run), "--device", "cpu", "--plugin", "gradcam",
-                  "--plugin", "losses"], ["report", str(run)]):  # fmt: skip
+                  "--plugin", "losses", "--trust-imports"], ["report", str(run)]):  # fmt: skip
         result = run_cli(*args)
         assert result.returncode == 0, (args[0], result.stderr)
         if args[0] == "analyze":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import tracemalloc
 from pathlib import Path
 
@@ -201,3 +202,16 @@ def test_figures_are_capped_whatever_is_drawn(tmp_path):
     grid = figures.grid_figure(tiles, cols=10, captions=["a → b\n(99.0%)"] * 400)
     facts = figure_facts(figures.save_figure(grid, tmp_path / "grid.png"))
     assert facts["height"] <= MAX_SIDE_PX and facts["min_font_pt"] >= MIN_FONT_PT
+
+
+def test_an_unknown_target_class_among_21000_is_one_short_sentence():
+    from explainkit.errors import AnalyzerError
+    from explainkit.selection import parse_target
+
+    classes = [f"n{i:08d}" for i in range(21_000)]
+    assert parse_target("n00000042", classes, "--gradcam-target") == 42
+    with pytest.raises(AnalyzerError) as info:
+        parse_target("n0000042x", classes, "--gradcam-target")
+    message = str(info.value)
+    assert re.search(r"did you mean 'n\d{8}'\?", message)
+    assert message.endswith("… (21000 classes)") and len(message) < 600

@@ -77,7 +77,7 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path):
     precious = tmp_path / "photos"
     precious.mkdir()
     (precious / "cat.jpg").write_bytes(b"meow")
-    with pytest.raises(RunError, match="not an explainkit run"):
+    with pytest.raises(ConfigError, match="is not an explainkit run; nothing was deleted"):
         train_run(precious, overwrite=True, epochs=1)
     assert (precious / "cat.jpg").read_bytes() == b"meow"
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from explainkit.config import RESUMABLE, TrainConfig, refused_on_resume
 from explainkit.errors import CheckpointError, RunError
 from explainkit.rundir import RunDir
-from explainkit.store import open_store, truncate_store
+from explainkit.store import TASKS, open_store, truncate_store
 from explainkit.train.checkpoint import list_checkpoints, load_checkpoint
 from explainkit.trust import check_trusted
 
@@ -81,7 +81,7 @@ def read_resume_point(run: RunDir, registries: Registries) -> dict[str, Any] | N
 def check_resume_store(run: RunDir, last_epoch: int) -> None:
     """Refuse, writing nothing, a store that cannot be continued from the checkpoint of
     ``last_epoch``: damaged or missing, an epoch file deleted (fewer epochs than the
-    checkpoint vouches for), or an epoch up to ``last_epoch`` whose logits fail their
+    checkpoint vouches for), or an epoch up to ``last_epoch`` whose data fail their
     checksum. Resume then only appends to epochs that read back."""
     remedy = "it cannot be continued; analyze it as it is, or train it again with --overwrite"
     with open_store(run.store_path) as store:  # StoreError: damaged, says which file
@@ -91,8 +91,9 @@ def check_resume_store(run: RunDir, last_epoch: int) -> None:
                 f"{run.store_path} holds {stored} epochs but {run.checkpoint('last').name} is "
                 f"epoch {last_epoch} (an epoch file is missing); {remedy}"
             )
-        for epoch in range(1, last_epoch + 1):
-            store.logits(epoch)  # reads every byte: a checksum error surfaces now
+        for epoch in range(1, last_epoch + 1):  # every byte: a checksum error surfaces now
+            for spec in TASKS[store.task].epoch:  # logits, or a task's masks, boxes...
+                store.epoch_data(spec.name, epoch)
 
 
 def resume_point(run: RunDir, registries: Registries) -> dict[str, Any] | None:
