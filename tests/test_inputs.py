@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import registries, run_cli
 from PIL import Image
 
 from explainkit.data import load_dataset
 from explainkit.data.fit import balanced_subset, fit_images
 from explainkit.errors import DataError
+from tests.helpers import registries, run_cli
 
 
 def _photo(path: Path, h: int, w: int, value: int = 0, mode: str = "RGB") -> None:

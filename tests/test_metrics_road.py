@@ -17,12 +17,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import build_model
 from torch import nn
 
 from explainkit.errors import AnalyzerError
 from explainkit.explain import metrics as M
 from explainkit.explain import metrics_road as R
+from tests.helpers import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_pgc = pytest.mark.skipif(

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import REPO, run_cli
 from PIL import Image
 
 import explainkit
 from explainkit.errors import AnalyzerError, ConfigError
+from tests.helpers import REPO, run_cli
 
 
 @pytest.fixture(scope="module")

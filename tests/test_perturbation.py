@@ -23,7 +23,6 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build_model
 from torch import nn
 
 from explainkit.errors import AnalyzerError
@@ -31,6 +30,7 @@ from explainkit.explain import attribution as A
 from explainkit.explain import methods as EM
 from explainkit.explain import perturbation as P
 from explainkit.explain.cam_result import normalize_maps
+from tests.helpers import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_pgc = pytest.mark.skipif(
@@ -206,6 +206,10 @@ def test_bad_input_is_one_sentence(setup):
         P.AblationCAM(model, "layer3")(x, torch.tensor([3, 99]))
     with pytest.raises(AnalyzerError, match="unknown target layer"):
         P.ScoreCAM(model, "nope")
+    from explainkit.explain.targets import class_target
+
+    with pytest.raises(AnalyzerError, match="perturbation methods explain a class"):
+        P.ScoreCAM(model, "layer3")(x, class_target("probability", t))
 
 
 needs_captum = pytest.mark.skipif(

@@ -48,6 +48,7 @@ from explainkit.explain.cam_result import CAMResult, normalize_maps
 from explainkit.explain.fastmodel import inference_model, memory_format
 from explainkit.explain.layers import RESHAPES, Layout, resolve_layout, target_layer
 from explainkit.explain.outputs import scores_of
+from explainkit.explain.target_base import Target as ScoreTarget
 
 __all__ = [
     "PERTURBATION_CLASSES",
@@ -73,6 +74,11 @@ def resolve_targets(
         AnalyzerError: an unknown keyword, a missing label, or an index out of range.
     """
     n, device = predicted.shape[0], predicted.device
+    if isinstance(target, ScoreTarget):
+        raise AnalyzerError(
+            f"the perturbation methods explain a class (predicted, true or an index), not a "
+            f"{type(target).__name__}; use a gradient CAM (gradcam, hirescam, ...) for it"
+        )
     if isinstance(target, str):
         if target == "predicted":
             return predicted

@@ -8,9 +8,9 @@ import json
 import h5py
 import numpy as np
 import pytest
-from helpers import run_cli
 
 from explainkit.runner import analyze
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
