@@ -23,7 +23,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -498,8 +498,9 @@ class Trainer:
         )
 
     # -- the run ---------------------------------------------------------------------------
-    def run(self) -> None:
-        with _StopFlag() as stop:
+    def run(self, stop: _StopFlag | None = None) -> None:
+        """Train to ``config.epochs``; ``stop``: a flag already catching signals (setup's)."""
+        with nullcontext(stop) if stop is not None else _StopFlag() as stop:
             while self.epoch < self.config.epochs:
                 start = time.perf_counter()
                 train = self.train_epoch_stats(stop)
@@ -574,6 +575,7 @@ def train(
         weights = read_weights(config.weights, entry, registries) if reading else None
     dist = dist_utils.init_from_env(config.device)
     lock = None
+    stop = _StopFlag().__enter__()  # a signal during setup stops at the first safe point
     try:
         lock = claim_run(run, config, dist, overwrite, resume)
         fault_point("setup:locked")
@@ -588,8 +590,9 @@ def train(
             load_weights=not continuing,
         )
         _start(trainer, config, run, point)
-        trainer.run()
+        trainer.run(stop)
     finally:
+        stop.__exit__()
         if lock is not None:
             lock.release()
         dist_utils.shutdown()
