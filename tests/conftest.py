@@ -23,6 +23,14 @@ def fresh_plugins(monkeypatch):
     manager.reset_plugins()
 
 
+@pytest.fixture
+def pm():
+    """A plugin manager with the built-in plugins only (no entry points)."""
+    from explainkit import manager
+
+    return manager.get_plugin_manager(entrypoints=False, quiet=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_run_master(tmp_path_factory) -> Path:
     return train_run(tmp_path_factory.mktemp("runs") / "shapes")

@@ -28,11 +28,6 @@ HOOKS_MD = REPO / "docs" / "plugin-hooks.md"
 pytestmark = pytest.mark.usefixtures("fresh_plugins")
 
 
-@pytest.fixture
-def pm():
-    return manager.get_plugin_manager(entrypoints=False, quiet=True)
-
-
 # -- hooks ---------------------------------------------------------------------------------
 
 

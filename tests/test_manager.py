@@ -32,11 +32,6 @@ HOOKS_MD = REPO / "docs" / "plugin-hooks.md"
 pytestmark = pytest.mark.usefixtures("fresh_plugins")
 
 
-@pytest.fixture
-def pm():
-    return manager.get_plugin_manager(entrypoints=False, quiet=True)
-
-
 # -- fake entry points, as pluggy's own tests do ------------------------------------------
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from explainkit.data.fit import fit_images  # public here: analyzers and plugins fit images
 from explainkit.errors import DataError
 from explainkit.hookspecs import DatasetEntry
 
@@ -246,24 +247,6 @@ def _fit(ds: Dataset, size: int, fit: str = "crop", resize: int | None = None) -
             )
         ds.annotations = fit_annotations(ds.annotations, ds.sizes, size)
     return ds
-
-
-def fit_images(
-    images: np.ndarray,
-    size: int,
-    nearest: bool = False,
-    fit: str = "crop",
-    resize: int | None = None,
-) -> np.ndarray:
-    """Resize uint8 images (N, H, W, C), or masks (N, H, W), to size x size squares.
-
-    By default the shorter side becomes ``size`` and the centre is cropped, so nothing is
-    stretched (a square image is simply resized); ``fit`` ``pad`` or ``stretch`` keep the
-    whole image (:mod:`explainkit.data.fit`). Bilinear for images, nearest for masks (PIL).
-    """
-    from explainkit.data.fit import fit_images as fitted
-
-    return fitted(images, size, nearest, fit, resize)
 
 
 STATS_SAMPLE = 4096  # images of a lazy split that its channel statistics are computed from
