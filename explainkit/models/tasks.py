@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from explainkit.models.resnet import resnet18_s8
-
-DETECTIONS_PER_IMAGE = 20  # what a detection store keeps per image at most
+from explainkit.task_eval import MAX_DETECTIONS
 
 
 class Trunk(nn.Module):
@@ -98,28 +97,13 @@ def fcos_net(num_classes: int, width: int = 64, image_size: int = 64) -> nn.Modu
         image_std=[1.0, 1.0, 1.0],
         anchor_generator=AnchorGenerator(sizes=((8,),), aspect_ratios=((1.0,),)),
         score_thresh=0.05,
-        detections_per_img=DETECTIONS_PER_IMAGE,
+        detections_per_img=MAX_DETECTIONS,
     )
 
 
 def detection_targets(boxes: list[Tensor], labels: list[Tensor]) -> list[dict[str, Any]]:
     """What a torchvision detector trains on: labels shifted past its background class 0."""
     return [{"boxes": b, "labels": lab + 1} for b, lab in zip(boxes, labels, strict=True)]
-
-
-def detection_outputs(outputs: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
-    """A torchvision detector's outputs with labels back in 0..K-1 (background dropped)."""
-    out = []
-    for o in outputs:
-        keep = o["labels"] > 0
-        out.append(
-            {
-                "boxes": o["boxes"][keep].float(),
-                "scores": o["scores"][keep].float().clamp(0, 1),
-                "labels": o["labels"][keep] - 1,
-            }
-        )
-    return out
 
 
 def frozen_norm_losses(model: nn.Module, images: list[Tensor], targets: list[dict]) -> Tensor:

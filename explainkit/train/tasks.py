@@ -33,14 +33,11 @@ import torch.nn.functional as F
 from explainkit.config import FIELDS, TrainConfig
 from explainkit.data.tasks import IGNORE, require_task, task_classes
 from explainkit.errors import ConfigError, DataError, TrainingDiverged, TrainingInterrupted
-from explainkit.models.tasks import (
-    detection_outputs,
-    detection_targets,
-    frozen_norm_losses,
-)
+from explainkit.explain.outputs import scores_of
+from explainkit.models.tasks import detection_targets, frozen_norm_losses
 from explainkit.registries import Registries
 from explainkit.store.schema import MAX_SEGMENTATION_CLASSES
-from explainkit.task_metrics import confusion, detection_map, mean_iou
+from explainkit.task_eval import TaskScores, detections_of, device_truth, segmentation_logits
 from explainkit.train import distributed as dist_utils
 from explainkit.train import trainer as classifier
 from explainkit.train.run_files import RunFacts
@@ -87,7 +84,7 @@ class TaskTrainer(classifier.Trainer):
         task, data, device = self.config.task, self.data, self.device
         train = require_task(data.train_annotations, task, self.config.dataset)
         evals = require_task(data.eval_data.annotations, task, self.config.dataset)
-        self.truth = [_device_truth(task, a, device) for a in (train, evals)]
+        self.truth = [device_truth(task, a, device) for a in (train, evals)]
         data.classes = task_classes(task, data.classes)
         if len(data.classes) > MAX_SEGMENTATION_CLASSES and task == "segmentation":
             raise DataError(
@@ -112,12 +109,12 @@ class TaskTrainer(classifier.Trainer):
         """The task's loss on a batch; the labels (or pixels) right and how many counted."""
         task, truth = self.config.task, self.truth[split]
         if task == "multilabel":
-            out = net(x).float()
+            out = scores_of(net(x)).float()
             y = truth[idx]
             right = ((out > 0) == (y > 0.5)).sum()
             return F.binary_cross_entropy_with_logits(out, y), right, y.numel()
         if task == "segmentation":
-            out = net(x).float()
+            out = segmentation_logits(net(x), tuple(x.shape[-2:]), len(self.classes))
             seg = truth[idx]
             seg = torch.where(flip.view(-1, 1, 1), seg.flip(2), seg).long()
             valid = seg != IGNORE
@@ -190,14 +187,12 @@ class TaskTrainer(classifier.Trainer):
     @torch.inference_mode()
     def evaluate(self) -> tuple[Any, float, float]:
         """The eval split's results as the store records them, the eval loss and the task's
-        headline score (``eval_acc``)."""
+        headline score (``eval_acc``): :class:`explainkit.task_eval.TaskScores`."""
         self.net.eval()
         model = self.eval_model.eval()
         task, n = self.config.task, self.data.num_eval
         bs = max(self.config.batch_size, 64)
-        k = len(self.classes)
-        parts: list[Any] = []
-        loss_sum, conf = 0.0, np.zeros((k, k), np.int64)
+        scores = TaskScores(task, self.truth[1], len(self.classes))
         for start, xb in zip(
             range(0, n, bs), self.data.eval.batches(torch.arange(n), bs), strict=True
         ):
@@ -205,47 +200,17 @@ class TaskTrainer(classifier.Trainer):
             idx = torch.arange(start, start + len(x), device=self.device)
             with self._autocast():
                 if task == "detection":
-                    outs = detection_outputs(model(list(x)))
+                    outs = detections_of(model(list(x)), tuple(x.shape[-2:]))
                     boxes, labels = self.truth[1]
                     targets = detection_targets(
                         [boxes[i] for i in idx.tolist()], [labels[i] for i in idx.tolist()]
                     )
-                    loss = frozen_norm_losses(model, list(x), targets)
-                    parts.extend({name: v.cpu().numpy() for name, v in o.items()} for o in outs)
+                    scores.add(outs, idx, frozen_norm_losses(model, list(x), targets))
+                elif task == "multilabel":
+                    scores.add(scores_of(model(x)).float(), idx)
                 else:
-                    out = model(x).float()
-                    if task == "multilabel":
-                        loss = F.binary_cross_entropy_with_logits(out, self.truth[1][idx])
-                        parts.append(out)
-                    else:
-                        seg = self.truth[1][idx].long()
-                        loss = F.cross_entropy(out, seg, ignore_index=IGNORE)
-                        probs = out.softmax(1)
-                        masks = probs.argmax(1).to(torch.uint8).cpu().numpy()
-                        conf += confusion(masks, seg.cpu().numpy(), k)
-                        parts.append((masks, probs.mean((2, 3)).cpu().numpy()))
-            loss_sum += float(loss) * len(x)
-        eval_loss = loss_sum / n
-        if task == "multilabel":
-            logits = torch.cat(parts)
-            acc = ((logits > 0) == (self.truth[1] > 0.5)).float().mean().item()
-            return logits.cpu().numpy(), eval_loss, acc
-        if task == "segmentation":
-            masks = np.concatenate([m for m, _ in parts])
-            scores = np.clip(np.concatenate([s for _, s in parts]), 0, 1).astype(np.float32)
-            return {"masks": masks, "scores": scores}, eval_loss, mean_iou(conf)
-        results = {
-            "box_counts": np.array([len(p["labels"]) for p in parts], np.int64),
-            "boxes": np.concatenate([p["boxes"] for p in parts]).astype(np.float32).reshape(-1, 4),
-            "box_scores": np.concatenate([p["scores"] for p in parts]).astype(np.float32),
-            "box_labels": np.concatenate([p["labels"] for p in parts]).astype(np.int64),
-        }
-        boxes, labels = self.truth[1]
-        truths = [
-            (b.cpu().numpy(), lab.cpu().numpy()) for b, lab in zip(boxes, labels, strict=True)
-        ]
-        dets = [(p["boxes"], p["scores"], p["labels"]) for p in parts]
-        return results, eval_loss, detection_map(dets, truths, k)["map_50"]
+                    scores.add(segmentation_logits(model(x), tuple(x.shape[-2:]), scores.k), idx)
+        return scores.finish()
 
     def _refuse_non_finite(self, train: dict[str, float], eval_loss: float, results: Any) -> None:
         arrays = results.values() if isinstance(results, dict) else [results]
@@ -266,14 +231,3 @@ class TaskTrainer(classifier.Trainer):
             f"{row['images_per_s']:7.0f} img/s"
         )
 
-
-def _device_truth(task: str, ann: Any, device: torch.device) -> Any:
-    """A split's ground truth for ``task`` on the device: multi-hot floats, class-id masks,
-    or per image its boxes and labels."""
-    if task == "multilabel":
-        return torch.from_numpy(np.asarray(ann.multi_hot, np.float32)).to(device)
-    if task == "segmentation":
-        return torch.from_numpy(np.ascontiguousarray(ann.segmentation)).to(device)
-    boxes = [torch.from_numpy(d.boxes).to(device) for d in ann.detections]
-    labels = [torch.from_numpy(d.labels).to(device) for d in ann.detections]
-    return boxes, labels

@@ -1,0 +1,210 @@
+"""Evaluating a multi-label, segmentation or detection model: one path for the task trainer
+and ``explainkit evaluate``.
+
+A model's outputs are adapted once into what each task records: a multi-label model's
+logits (N, K); a segmenter's per-pixel logits (N, K, H, W) at the input's size (a
+transformers segmenter predicts at a quarter of it); a detector's boxes, scores and labels per
+image, from torchvision's list of ``{boxes, labels, scores}`` (label 0 its background) or
+from a transformers detector's ``logits`` (the last class "no object") and ``pred_boxes``
+(centre, width and height in [0, 1]). :class:`TaskScores` then accumulates batch by batch and
+returns what the store records, the eval loss and the task's headline score (``eval_acc``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from explainkit.errors import ExplainkitError
+from explainkit.store.schema import MAX_SEGMENTATION_CLASSES
+from explainkit.task_metrics import IGNORE, confusion, detection_map, mean_iou
+
+__all__ = [
+    "MAX_DETECTIONS",
+    "TaskScores",
+    "detections_of",
+    "device_truth",
+    "segmentation_logits",
+    "takes_image_list",
+]
+
+MAX_DETECTIONS = 20  # kept per image, the highest scores first (a store's detections)
+MIN_SCORE = 0.05  # weaker detections are not recorded (torchvision's own default threshold)
+
+
+def takes_image_list(model: nn.Module) -> bool:
+    """Whether ``model`` is a torchvision detector, called with a list of images (it
+    normalizes and resizes them itself) rather than a batch tensor."""
+    from torchvision.models.detection import FCOS, SSD, GeneralizedRCNN, RetinaNet
+
+    return isinstance(model, (GeneralizedRCNN, RetinaNet, FCOS, SSD))
+
+
+def detections_of(output: Any, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
+    """Per image ``{boxes (n, 4) in pixels (x1, y1, x2, y2), scores (n,), labels (n,)}`` with
+    labels 0..K-1, at most :data:`MAX_DETECTIONS` of score at least :data:`MIN_SCORE`.
+
+    Raises:
+        ExplainkitError: ``output`` is neither torchvision's nor a transformers detector's.
+    """
+    if isinstance(output, (list, tuple)) and all(isinstance(o, dict) for o in output):
+        if all({"boxes", "scores", "labels"} <= set(o) for o in output):
+            return [
+                _kept(o["boxes"], o["scores"], o["labels"], o["labels"] > 0, 1) for o in output
+            ]
+    logits = _field(output, "logits")
+    boxes = _field(output, "pred_boxes")
+    if isinstance(logits, Tensor) and isinstance(boxes, Tensor) and logits.dim() == 3:
+        probs = logits.float().softmax(-1)[..., :-1]  # the last class: no object
+        scores, labels = probs.max(-1)
+        height, width = image_size
+        scale = torch.tensor([width, height, width, height], device=boxes.device)
+        cx, cy, w, h = boxes.float().unbind(-1)
+        corners = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * scale
+        return [
+            _kept(b, s, lab, torch.ones_like(s, dtype=torch.bool), 0)
+            for b, s, lab in zip(corners, scores, labels, strict=True)
+        ]
+    from explainkit.explain.outputs import describe_output
+
+    raise ExplainkitError(
+        f"a detector must return torchvision's list of {{boxes, labels, scores}} or a "
+        f"transformers detector's logits and pred_boxes; this model returned "
+        f"{describe_output(output)}"
+    )
+
+
+def _field(output: Any, name: str) -> Any:
+    return output.get(name) if isinstance(output, dict) else getattr(output, name, None)
+
+
+def _kept(
+    boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor, shift: int
+) -> dict[str, Tensor]:
+    keep = keep & (scores >= MIN_SCORE)
+    scores = scores[keep].float()
+    order = scores.argsort(descending=True)[:MAX_DETECTIONS]
+    return {
+        "boxes": boxes[keep].float()[order].reshape(-1, 4),
+        "scores": scores[order].clamp(0, 1),
+        "labels": (labels[keep] - shift)[order].long(),
+    }
+
+
+def segmentation_logits(output: Any, size: tuple[int, int], num_classes: int) -> Tensor:
+    """(N, K, H, W) logits at the input's size, from any segmenter's output (a tensor,
+    torchvision's ``{"out": ...}``, a transformers ``ModelOutput``'s ``logits``).
+
+    Raises:
+        ExplainkitError: Not a (N, K, h, w) tensor for the K classes (background first).
+    """
+    from explainkit.explain.outputs import describe_output, scores_of
+
+    logits = scores_of(output)
+    if logits.dim() != 4 or logits.shape[1] != num_classes:
+        raise ExplainkitError(
+            f"a segmenter of {num_classes} classes (the background first) must return "
+            f"(N, {num_classes}, H, W) logits; this model returned {describe_output(output)}"
+        )
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    return logits.float()
+
+
+def device_truth(task: str, ann: Any, device: torch.device) -> Any:
+    """A split's ground truth for ``task`` on the device: multi-hot floats, class-id masks,
+    or per image its boxes and labels."""
+    if task == "multilabel":
+        return torch.from_numpy(np.asarray(ann.multi_hot, np.float32)).to(device)
+    if task == "segmentation":
+        return torch.from_numpy(np.ascontiguousarray(ann.segmentation)).to(device)
+    boxes = [torch.from_numpy(d.boxes).to(device) for d in ann.detections]
+    labels = [torch.from_numpy(d.labels).to(device) for d in ann.detections]
+    return boxes, labels
+
+
+class TaskScores:
+    """The eval split's results of a task model, added batch by batch.
+
+    ``add`` takes a batch's adapted outputs (multi-label logits, segmentation logits,
+    detections) and the rows they belong to; ``finish`` returns (what the store records, the
+    mean eval loss, ``eval_acc``: the fraction of labels right, the mean IoU, or the mAP at
+    IoU 0.5). A segmentation's per-pixel predictions are kept as uint8 class ids, its
+    confusion accumulated (memory: the masks, N x H x W bytes).
+    """
+
+    def __init__(self, task: str, truth: Any, num_classes: int) -> None:
+        if task == "segmentation" and num_classes > MAX_SEGMENTATION_CLASSES:
+            raise ExplainkitError(
+                f"a segmenter of {num_classes} classes (the background included) is more "
+                f"than its store holds ({MAX_SEGMENTATION_CLASSES} class ids fit in uint8)"
+            )
+        self.task, self.truth, self.k = task, truth, num_classes
+        self.parts: list[Any] = []
+        self.loss_sum, self.seen = 0.0, 0
+        self.conf = np.zeros((num_classes, num_classes), np.int64)
+
+    def add(self, out: Any, idx: Tensor, loss: Tensor | float | None = None) -> None:
+        """One batch: ``out`` adapted, ``idx`` its rows; ``loss`` a detector's own (the
+        other tasks' losses are computed here)."""
+        if self.task == "multilabel":
+            y = self.truth[idx]
+            if out.shape != y.shape:
+                raise ExplainkitError(
+                    f"a multi-label model of {self.k} labels must return (N, {self.k}) logits, "
+                    f"got {list(out.shape)}"
+                )
+            loss = F.binary_cross_entropy_with_logits(out, y)
+            self.parts.append(out.detach().float().cpu())
+        elif self.task == "segmentation":
+            seg = self.truth[idx].long()
+            loss = F.cross_entropy(out, seg, ignore_index=IGNORE)
+            masks = out.argmax(1).to(torch.uint8).cpu().numpy()
+            self.conf += confusion(masks, seg.cpu().numpy(), self.k)
+            self.parts.append((masks, out.softmax(1).mean((2, 3)).cpu().numpy()))
+        else:
+            for o in out:
+                self.parts.append({name: v.detach().cpu().numpy() for name, v in o.items()})
+        self.loss_sum += float(loss or 0.0) * len(idx)
+        self.seen += len(idx)
+
+    def finish(self) -> tuple[Any, float, float]:
+        eval_loss = self.loss_sum / max(1, self.seen)
+        if self.task == "multilabel":
+            logits = torch.cat(self.parts)
+            truth = self.truth.cpu() > 0.5
+            acc = ((logits > 0) == truth).float().mean().item()
+            return logits.numpy(), eval_loss, acc
+        if self.task == "segmentation":
+            masks = np.concatenate([m for m, _ in self.parts])
+            shares = np.concatenate([s for _, s in self.parts])
+            scores = np.clip(shares, 0, 1).astype(np.float32)
+            return {"masks": masks, "scores": scores}, eval_loss, mean_iou(self.conf)
+        parts = self.parts
+        results = {
+            "box_counts": np.array([len(p["labels"]) for p in parts], np.int64),
+            "boxes": np.concatenate([p["boxes"] for p in parts] or [np.zeros((0, 4))])
+            .astype(np.float32)
+            .reshape(-1, 4),
+            "box_scores": np.concatenate([p["scores"] for p in parts] or [np.zeros(0)]).astype(
+                np.float32
+            ),
+            "box_labels": np.concatenate([p["labels"] for p in parts] or [np.zeros(0)]).astype(
+                np.int64
+            ),
+        }
+        if len(results["box_labels"]) and results["box_labels"].max() >= self.k:
+            raise ExplainkitError(
+                f"the detector predicted class {int(results['box_labels'].max())} but the "
+                f"dataset has {self.k} classes; its head must be for the dataset's classes"
+            )
+        boxes, labels = self.truth
+        truths = [
+            (b.cpu().numpy(), lab.cpu().numpy()) for b, lab in zip(boxes, labels, strict=True)
+        ]
+        dets = [(p["boxes"], p["scores"], p["labels"]) for p in parts]
+        return results, eval_loss, detection_map(dets, truths, self.k)["map_50"]
