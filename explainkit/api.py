@@ -108,7 +108,7 @@ class RunWriter(_RunWriter):
     ) -> None:
         known = {"classes", "mean", "std", "arch", "kwargs", "default_layer", "data_dir",
                  "image_size", "limit_eval", "device", "batch_size", "overwrite", "fit",
-                 "seed"}  # fmt: skip
+                 "seed", "task"}  # fmt: skip
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(
@@ -186,6 +186,7 @@ def evaluate(
     overwrite: bool = False,
     fit: str = "crop",
     seed: int = 0,
+    task: str = "classification",
     registries: Registries | None = None,
 ) -> Path:
     """Evaluate ``model`` once on ``data`` and write a run directory every analyzer reads.
@@ -215,6 +216,12 @@ def evaluate(
             whole image) or ``stretch``.
         device, batch_size: Where and how many images at a time the model runs.
         overwrite: Replace an existing run.
+        task: What the model's outputs answer (docs/tasks.md): ``classification``,
+            ``multilabel`` ((N, classes) logits), ``segmentation`` ((N, 1 + classes, H, W)
+            logits, the background first) or ``detection`` (torchvision's list of ``{boxes,
+            labels, scores}`` with label 0 the background, or a transformers detector's
+            ``logits`` and ``pred_boxes``); the last three need ``data`` with annotations
+            (``"scenes"``, ``"coco"``, ``"voc"``, a Dataset that has them).
         registries: Where names are looked up (default: built-ins and installed plugins).
 
     Returns:
@@ -226,14 +233,14 @@ def evaluate(
          "arch": arch, "kwargs": kwargs, "default_layer": default_layer, "data_dir": data_dir,
          "image_size": image_size, "limit_eval": limit_eval, "device": device,
          "batch_size": batch_size, "overwrite": overwrite, "fit": fit, "seed": seed,
-         "registries": registries},
+         "task": task, "registries": registries},
         {"model": _model_check(), "data": _data_check(), "registries": _REGISTRIES},
     )  # fmt: skip
     with RunWriter(
         out, model, data, classes=classes, mean=mean, std=std, arch=arch, kwargs=kwargs,
         default_layer=default_layer, data_dir=data_dir, image_size=image_size,
         limit_eval=limit_eval, device=device, batch_size=batch_size, overwrite=overwrite,
-        fit=fit, seed=seed, registries=registries,
+        fit=fit, seed=seed, task=task, registries=registries,
     ) as writer:  # fmt: skip
         writer.log_epoch()
     return writer.path

@@ -297,6 +297,13 @@ class EvalConfig(Options):
     COMMAND: ClassVar[str] = "explainkit evaluate"
 
     model: str = _like("model")
+    task: str | None = _like(
+        "task",
+        default=None,
+        help="What the model's outputs answer: classification, multilabel, segmentation or "
+        "detection; default: the model's own (a torchvision_detection: model detects). The "
+        "last three need a dataset with their annotations (scenes, coco, voc; docs/tasks.md).",
+    )
     weights: str | None = _like(
         "weights",
         help="The model's weights: a state_dict file, an explainkit checkpoint, or "

@@ -40,6 +40,7 @@ from explainkit.errors import ConfigError, ExplainkitError
 from explainkit.eval_data import ARRAYS, eval_data, model_input, read_line, rounded, three_values
 from explainkit.registries import Registries, accepted_kwargs
 from explainkit.rundir import RunDir
+from explainkit.task_eval import METRICS, task_results, task_split
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
@@ -81,6 +82,7 @@ def evaluate_run(
             "file, an explainkit checkpoint or a name such as IMAGENET1K_V1)"
         )
     weights_name = config.weights or str(entry.own_weights)
+    config.task = config.task or entry.task
     config.model = entry.name  # canonical: an hf: folder as an absolute path
     with trusted_imports(imported_module(config.model)):  # the user named that module
         weights = read_weights(weights_name, entry, registries)  # before anything is written
@@ -94,6 +96,7 @@ def evaluate_run(
     )  # fmt: skip
     config.image_size = size  # the run records what was used
     config.resize_size = resize if config.fit == "crop" else None
+    ds = task_split(ds, config.task, config.dataset)
     kwargs = accepted_kwargs(entry.build, {"width": config.width, "image_size": size})
     model = entry.build(len(ds.classes), **kwargs)
     notes = apply_weights(model, weights, len(ds.classes), entry.name)
@@ -118,7 +121,8 @@ def evaluate_run(
         (say or (lambda text: None))(line)
     with RunWriter(
         out, model, ds, registries=registries, mean=mean, std=std, arch=config.model,
-        kwargs=kwargs, overwrite=overwrite, _config=config, _notes=[*notes, *lines],
+        kwargs=kwargs, overwrite=overwrite, task=config.task, _config=config,
+        _notes=[*notes, *lines],
     ) as writer:  # fmt: skip
         writer.log_epoch()
     return writer.path
@@ -170,6 +174,7 @@ class RunWriter:
         overwrite: bool = False,
         fit: str = "crop",
         seed: int = 0,
+        task: str = "classification",
         _config: EvalConfig | None = None,
         _notes: Sequence[str] = (),
     ) -> None:
@@ -183,8 +188,10 @@ class RunWriter:
         ds, dataset, size, resize = eval_data(
             data, classes, data_dir, image_size, limit_eval, entry, registries, fit, seed
         )
+        if _config is None:  # evaluate_run gives the split its task's classes already
+            ds = task_split(ds, task, dataset)
         # -- issue 26.3: ImageNet-1k ids (folders n01440764/, 0/..999/) become names --------
-        if classes is None:
+        if classes is None and task == "classification":
             from dataclasses import replace
 
             from explainkit.classnames import readable_classes
@@ -207,8 +214,10 @@ class RunWriter:
             batch_size=batch_size,
             limit_eval=limit_eval,
             seed=seed,
+            task=task,
         )
         config.validate()
+        self.task = task
         self.gray = input_channels(model) == 1  # fed the RGB images' one gray channel
         self.model = accept_rgb(model)
         self.eval_data = ds
@@ -280,6 +289,7 @@ class RunWriter:
             device=self.device,
             dataset=self._config.dataset,
             command="evaluate",
+            task=self.task,
         )
         self._created = not self._run.path.exists()
         failure = None
@@ -331,15 +341,22 @@ class RunWriter:
         n = len(self.eval_data)
         start, stop = block(self._dist.rank, self._dist.world_size, n)
         images = _rows(self.eval_data.images, start, stop)  # this process's share
-        part = np.zeros((0, len(self.eval_data.classes)), np.float32)  # more ranks than images
-        if stop > start:
-            part = _logits(model, images, self.mean, self.std, self.device, self.batch_size)
-        logits = _checked_logits(
-            np.concatenate(self._dist.gather_objects(part)), n, len(self.eval_data.classes)
-        )
-        targets = np.asarray(self.eval_data.targets, dtype=np.int64)
-        eval_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(targets)))
-        eval_acc = float((logits.argmax(1) == targets).mean())
+        if self.task != "classification":
+            if self._dist.world_size > 1:
+                raise ExplainkitError(
+                    f"a {self.task} model is evaluated in one process; run it without torchrun"
+                )
+            results, eval_loss, eval_acc = self._task_results(model)
+            logits: Any = results
+        else:
+            classes = len(self.eval_data.classes)
+            part = np.zeros((0, classes), np.float32)  # more ranks than images
+            if stop > start:
+                part = _logits(model, images, self.mean, self.std, self.device, self.batch_size)
+            logits = _checked_logits(np.concatenate(self._dist.gather_objects(part)), n, classes)
+            targets = np.asarray(self.eval_data.targets, dtype=np.int64)
+            eval_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(targets)))
+            eval_acc = float((logits.argmax(1) == targets).mean())
         self.epoch += 1
         row = {
             "epoch": self.epoch,
@@ -351,6 +368,8 @@ class RunWriter:
             "seconds": float(seconds if seconds is not None else time.perf_counter() - started),
             "images_per_s": float(images_per_s or 0.0),
         }
+        if self.task == "detection" and train_acc is None:
+            del row["train_acc"]  # a detector has none
         failure = None
         if self.is_main:
             try:
@@ -358,7 +377,8 @@ class RunWriter:
                     self._write_setup()
                 append_epoch(self._run.store_path, logits, row)
                 self._save_checkpoints(model, eval_acc)
-                self._log(f"epoch {self.epoch}: eval loss {eval_loss:.4f} acc {eval_acc:.2%}")
+                metric = METRICS.get(self.task, "acc")
+                self._log(f"epoch {self.epoch}: eval loss {eval_loss:.4f} {metric} {eval_acc:.2%}")
             except ExplainkitError as e:
                 failure = e
         try:
@@ -367,6 +387,12 @@ class RunWriter:
             self.epoch -= 1
             raise
         return row
+
+    def _task_results(self, model: nn.Module) -> tuple[Any, float, float]:
+        """A task model's results on the eval images (:mod:`explainkit.task_eval`)."""
+        return task_results(
+            model, self.eval_data, self.task, self.mean, self.std, self.device, self.batch_size
+        )
 
     def _agree(self, failure: ExplainkitError | None) -> None:
         """Raise ``failure`` of rank 0 on every torchrun rank (its sentence), so that no

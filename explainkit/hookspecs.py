@@ -43,6 +43,7 @@ __all__ = [
 # How a layer's output becomes (N, C, h, w) maps: as it is, ViT tokens (N, 1+h*w, C), or
 # channels-last maps (N, h, w, C) as Swin stages output them.
 RESHAPES = ("nchw", "vit", "swin")
+TASKS = ("classification", "multilabel", "segmentation", "detection")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
 FAMILY_PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,29}$")
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
@@ -80,6 +81,11 @@ class ModelEntry:
         own_weights: The ``weights`` name meaning "the weights that come with the model"
             (a local ``save_pretrained`` folder's), used by ``evaluate`` when ``--weights``
             is not given; None: ``--weights`` is required.
+        task: What the model's outputs answer: ``classification`` (class scores, the
+            default), ``multilabel``, ``segmentation`` (per-pixel class scores, the
+            background first) or ``detection`` (boxes; ``build`` takes the number of object
+            classes and adds any background class the model needs itself). ``explainkit
+            evaluate`` evaluates the model on this task unless ``--task`` says otherwise.
     """
 
     name: str
@@ -93,6 +99,7 @@ class ModelEntry:
     weights: Callable[[str], Mapping[str, Any]] | None = None
     resize_size: int | None = None
     own_weights: str | None = None
+    task: str = "classification"
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,10 @@ def check_model_entry(entry: ModelEntry, plugin: str) -> None:
         _check_callable(entry.weights, f"{what}: weights", plugin)
     if not isinstance(entry.summary, str):
         raise PluginError(f"{what} of plugin {plugin!r}: summary must be a str")
+    if entry.task not in TASKS:
+        raise PluginError(
+            f"{what} of plugin {plugin!r}: task {entry.task!r} is not one of {', '.join(TASKS)}"
+        )
 
 
 def check_dataset_entry(item: Any, plugin: str) -> str:

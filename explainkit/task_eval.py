@@ -25,21 +25,98 @@ from explainkit.task_metrics import IGNORE, confusion, detection_map, mean_iou
 
 __all__ = [
     "MAX_DETECTIONS",
+    "METRICS",
     "TaskScores",
     "detections_of",
+    "detection_targets",
     "device_truth",
+    "frozen_norm_losses",
     "segmentation_logits",
     "takes_image_list",
+    "task_results",
+    "task_split",
 ]
 
 MAX_DETECTIONS = 20  # kept per image, the highest scores first (a store's detections)
 MIN_SCORE = 0.05  # weaker detections are not recorded (torchvision's own default threshold)
+METRICS = {"multilabel": "label acc", "segmentation": "mIoU", "detection": "mAP@0.5"}
+
+
+def task_split(ds: Any, task: str, dataset: str) -> Any:
+    """The eval split as a ``task`` model sees it: the classes it scores (a segmenter's with
+    the background first); the split itself for classification.
+
+    Raises:
+        DataError: The split has no annotations for ``task`` (one sentence naming the
+            datasets that have them).
+    """
+    from dataclasses import replace
+
+    from explainkit.data.tasks import require_task, task_classes
+
+    if task == "classification":
+        return ds
+    require_task(ds.annotations, task, dataset)
+    return replace(ds, classes=task_classes(task, list(ds.classes)))
+
+
+def task_results(
+    model: nn.Module,
+    ds: Any,
+    task: str,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    batch_size: int,
+) -> tuple[Any, float, float]:
+    """``TaskScores.finish()`` of ``model`` on the split ``ds`` (its annotations the truth),
+    normalized with ``mean`` and ``std``, batch by batch; the model's mode is restored. A
+    torchvision detector's eval loss is its own losses' sum (BatchNorm frozen); another
+    detector's is recorded as 0 (explainkit cannot compute its losses)."""
+    from explainkit.data import iter_batches
+    from explainkit.explain.outputs import scores_of
+
+    truth = device_truth(task, ds.annotations, device)
+    scores = TaskScores(task, truth, len(ds.classes))
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    listed = takes_image_list(model)
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with torch.inference_mode():
+            for start, batch in iter_batches(ds.images, batch_size):
+                x = batch.to(device).permute(0, 3, 1, 2).float().div_(255)
+                x = (x - m) / s
+                idx = torch.arange(start, start + len(x), device=device)
+                size = tuple(x.shape[-2:])
+                if task == "detection":
+                    out = model(list(x)) if listed else model(x)
+                    loss = None
+                    if listed:
+                        rows = idx.tolist()
+                        boxes, labels = truth
+                        targets = detection_targets(
+                            [boxes[i] for i in rows], [labels[i] for i in rows]
+                        )
+                        loss = frozen_norm_losses(model, list(x), targets)
+                    scores.add(detections_of(out, size), idx, loss)
+                elif task == "multilabel":
+                    scores.add(scores_of(model(x)).float(), idx)
+                else:
+                    scores.add(segmentation_logits(model(x), size, scores.k), idx)
+    finally:
+        model.train(was_training)
+    return scores.finish()
 
 
 def takes_image_list(model: nn.Module) -> bool:
     """Whether ``model`` is a torchvision detector, called with a list of images (it
     normalizes and resizes them itself) rather than a batch tensor."""
-    from torchvision.models.detection import FCOS, SSD, GeneralizedRCNN, RetinaNet
+    from torchvision.models.detection.fcos import FCOS
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+    from torchvision.models.detection.retinanet import RetinaNet
+    from torchvision.models.detection.ssd import SSD
 
     return isinstance(model, (GeneralizedRCNN, RetinaNet, FCOS, SSD))
 
@@ -53,9 +130,7 @@ def detections_of(output: Any, image_size: tuple[int, int]) -> list[dict[str, Te
     """
     if isinstance(output, (list, tuple)) and all(isinstance(o, dict) for o in output):
         if all({"boxes", "scores", "labels"} <= set(o) for o in output):
-            return [
-                _kept(o["boxes"], o["scores"], o["labels"], o["labels"] > 0, 1) for o in output
-            ]
+            return [_kept(o["boxes"], o["scores"], o["labels"], o["labels"] > 0, 1) for o in output]
     logits = _field(output, "logits")
     boxes = _field(output, "pred_boxes")
     if isinstance(logits, Tensor) and isinstance(boxes, Tensor) and logits.dim() == 3:
@@ -113,6 +188,27 @@ def segmentation_logits(output: Any, size: tuple[int, int], num_classes: int) ->
     if tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
     return logits.float()
+
+
+def detection_targets(boxes: list[Tensor], labels: list[Tensor]) -> list[dict[str, Any]]:
+    """What a torchvision detector trains on: labels shifted past its background class 0."""
+    return [{"boxes": b, "labels": lab + 1} for b, lab in zip(boxes, labels, strict=True)]
+
+
+def frozen_norm_losses(model: nn.Module, images: list[Tensor], targets: list[dict]) -> Tensor:
+    """A detector's summed losses without changing it: computed in training mode (the only
+    mode in which torchvision detectors return losses) with BatchNorm statistics frozen."""
+    was = model.training
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    try:
+        with torch.no_grad():
+            losses = model(images, targets)
+    finally:
+        model.train(was)
+    return sum(losses.values())
 
 
 def device_truth(task: str, ann: Any, device: torch.device) -> Any:

@@ -129,29 +129,45 @@ def _task_folder(name: str, data_dir: str | None) -> str:
 
 
 def load_coco_split(
-    split: str, data_dir: str | None, image_size: int, seed: int, limit: int | None
+    split: str,
+    data_dir: str | None,
+    image_size: int,
+    seed: int,
+    limit: int | None,
+    holdout: bool = True,
 ) -> Dataset:
     """A COCO folder's split with boxes and class masks (pycocotools reads the JSON)."""
     from explainkit.data.coco import load_coco
 
-    return load_coco(split, _task_folder("coco", data_dir), image_size, seed, limit)
+    folder = _task_folder("coco", data_dir)
+    return load_coco(split, folder, image_size, seed, limit, every_image=not holdout)
 
 
 def load_voc_split(
-    split: str, data_dir: str | None, image_size: int, seed: int, limit: int | None
+    split: str,
+    data_dir: str | None,
+    image_size: int,
+    seed: int,
+    limit: int | None,
+    holdout: bool = True,
 ) -> Dataset:
     """A VOC folder's split with class masks and boxes where present."""
     from explainkit.data.voc import load_voc
 
-    return load_voc(split, _task_folder("voc", data_dir), image_size, seed, limit)
+    folder = _task_folder("voc", data_dir)
+    return load_voc(split, folder, image_size, seed, limit, every_image=not holdout)
 
 
 def load_multilabel_csv_split(
-    split: str, data_dir: str | None, image_size: int, seed: int, limit: int | None
+    split: str,
+    data_dir: str | None,
+    image_size: int,
+    seed: int,
+    limit: int | None,
+    holdout: bool = True,
 ) -> Dataset:
     """The images of a labels.csv with their multi-hot labels."""
     from explainkit.data.multilabel_csv import load_multilabel_csv
 
-    return load_multilabel_csv(
-        split, _task_folder("multilabel-csv", data_dir), image_size, seed, limit
-    )
+    folder = _task_folder("multilabel-csv", data_dir)
+    return load_multilabel_csv(split, folder, image_size, seed, limit, every_image=not holdout)

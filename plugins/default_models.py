@@ -11,10 +11,13 @@ torch, torchvision and timm load when a model is built or a family name is resol
   downloads torchvision's pretrained weights. ViTs take ``image_size`` (``--image-size``).
 * ``timm:NAME``: any of ``timm.list_models()`` when timm is installed (``pip install
   explainkit[timm]``).
-* ``hf:FOLDER``: a HuggingFace transformers image classifier saved with ``save_pretrained``
-  in a local folder (``pip install explainkit[transformers]``); nothing is downloaded and no
-  code from the folder runs (``trust_remote_code`` stays off). Its outputs
-  (``ImageClassifierOutput.logits``) are read by :func:`explainkit.explain.outputs.scores_of`.
+* ``hf:FOLDER``: a HuggingFace transformers image classifier, object detector
+  (``...ForObjectDetection``: DETR, YOLOS, ...) or semantic segmenter
+  (``...ForSemanticSegmentation``: SegFormer, ...) saved with ``save_pretrained`` in a local
+  folder (``pip install explainkit[transformers]``); nothing is downloaded and no code from
+  the folder runs (``trust_remote_code`` stays off). The architecture named in its
+  config.json sets the entry's task; outputs are adapted by
+  :func:`explainkit.explain.outputs.scores_of` and :mod:`explainkit.task_eval`.
 * ``import:package.module:factory``: a model by import path, built as
   ``factory(num_classes=N, **kwargs)``: what ``explainkit.evaluate`` and ``RunWriter`` record
   for a module that no plugin registered, so that its run can rebuild it.
@@ -363,7 +366,8 @@ def hf_entry(path: str) -> ModelEntry:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"model hf:{path}: its config.json cannot be read ({e})") from None
-    layer, reshape = _hf_layout(config)
+    task = hf_task(config)
+    layer, reshape = _hf_layout(config, task)
     size = getattr(config, "image_size", None)
     mean = std = None
     processor = folder / "preprocessor_config.json"
@@ -381,36 +385,71 @@ def hf_entry(path: str) -> ModelEntry:
         input_size=size if isinstance(size, int) and not isinstance(size, bool) else None,
         mean=mean,
         std=std,
-        summary=f"transformers {type(config).__name__} in {folder}",
+        summary=f"transformers {type(config).__name__} in {folder} ({task})",
         weights=partial(_hf_weights, str(folder)),
         own_weights=HF_OWN_WEIGHTS,
+        task=task,
     )
 
 
-def _hf_layout(config: Any) -> tuple[str | None, str | None]:
-    """(default_layer, reshape) of a transformers classifier built on the meta device
-    (:func:`explainkit.explain.image.transformer_layer`); (None, None) lets explainkit locate
-    one."""
+# transformers' class-name endings -> (task, the Auto class that builds them)
+HF_TASKS = {
+    "ForObjectDetection": ("detection", "AutoModelForObjectDetection"),
+    "ForSemanticSegmentation": ("segmentation", "AutoModelForSemanticSegmentation"),
+    "ForImageClassification": ("classification", "AutoModelForImageClassification"),
+}
+
+
+def hf_task(config: Any) -> str:
+    """The task of the architecture a transformers config.json names (classification when
+    it names none); ConfigError for one explainkit cannot evaluate."""
+    names = getattr(config, "architectures", None) or ["ForImageClassification"]
+    for ending, (task, _) in HF_TASKS.items():
+        if str(names[0]).endswith(ending):
+            return task
+    if "For" not in str(names[0]):  # a bare backbone (ViTModel): a classifier head is built
+        return "classification"
+    raise ConfigError(
+        f"hf: model {names[0]} is not an image classifier, object detector or semantic "
+        "segmenter (architectures ending in ForImageClassification, ForObjectDetection or "
+        "ForSemanticSegmentation); explainkit cannot evaluate it yet"
+    )
+
+
+def _auto_class(task: str) -> Any:
+    return getattr(_transformers(), {t: c for t, c in HF_TASKS.values()}[task])
+
+
+def _hf_layout(config: Any, task: str) -> tuple[str | None, str | None]:
+    """(default_layer, reshape) of a transformers model built on the meta device: a
+    segmenter's decode head's fusing convolution (SegFormer's ``decode_head.linear_fuse``),
+    else :func:`explainkit.explain.image.transformer_layer`; (None, None) lets explainkit
+    locate one."""
     import torch
 
     from explainkit.explain.image import transformer_layer
 
-    transformers = _transformers()
     try:
         with torch.device("meta"):
-            model = transformers.AutoModelForImageClassification.from_config(config)
+            model = _auto_class(task).from_config(config)
     except Exception:  # an architecture that cannot be built on the meta device
         return None, None
+    names = dict(model.named_modules())
+    if task == "segmentation" and isinstance(names.get("decode_head.linear_fuse"), torch.nn.Conv2d):
+        return "decode_head.linear_fuse", "nchw"
+    if task == "detection":
+        return None, None  # a ViT's detection tokens are not a map: let explainkit locate one
     return transformer_layer(model)
 
 
 def _build_hf(folder: str, num_classes: int) -> Any:
-    """The folder's architecture with random weights and a ``num_classes`` head."""
+    """The folder's architecture with random weights and a ``num_classes`` head (a
+    detector's "no object" class is its own, beyond them)."""
     transformers = _transformers()
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     if config.num_labels != num_classes:
         config.num_labels = num_classes
-    return transformers.AutoModelForImageClassification.from_config(config)
+    return _auto_class(hf_task(config)).from_config(config)
 
 
 def _hf_weights(folder: str, name: str) -> Any:
@@ -418,9 +457,8 @@ def _hf_weights(folder: str, name: str) -> Any:
     if name != HF_OWN_WEIGHTS:
         raise KeyError(name)
     transformers = _transformers()
-    model = transformers.AutoModelForImageClassification.from_pretrained(
-        folder, local_files_only=True
-    )
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    model = _auto_class(hf_task(config)).from_pretrained(folder, local_files_only=True)
     return model.state_dict()
 
 

@@ -25,6 +25,7 @@ def register_models(register: Any) -> None:
             reshape="nchw",
             summary="Segmenter: resnet18-s8 trunk with an FCN head, logits per pixel "
             "(takes --width; --task segmentation).",
+            task="segmentation",
         )
     )
     register(
@@ -35,6 +36,7 @@ def register_models(register: Any) -> None:
             reshape="nchw",
             summary="Detector: torchvision FCOS on the resnet18-s8 trunk "
             "(takes --width; --task detection).",
+            task="detection",
         )
     )
 

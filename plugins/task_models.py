@@ -15,8 +15,9 @@ its maps explain by default and its input policy:
 * ``torchvision_video:NAME`` (R3D-18, MC3-18, R(2+1)D-18, S3D): clips (N, C, T, H, W) with
   Kinetics-400 normalization; default layer the last 3-D stage, whose maps are one per frame.
 
-``num_classes`` is passed to torchvision as it is: for Faster R-CNN and SSD it counts the
-background class. Every model is built with random weights (``weights=None``,
+``num_classes`` is the dataset's number of object classes: a detector is built with one
+more (torchvision's background class 0), and its labels 1..K are the dataset's 0..K-1.
+Every model is built with random weights (``weights=None``,
 ``weights_backbone=None``): nothing downloads. A torchvision model of these modules that
 explainkit cannot explain yet (Mask R-CNN, keypoints, the MobileNet detectors, video
 transformers) is refused with one sentence naming those it can.
@@ -128,6 +129,7 @@ def task_entry(task: str, name: str) -> ModelEntry:
         mean=mean,
         std=std,
         summary=SUMMARY[task],
+        task="classification" if task == "video" else task,
     )
 
 
@@ -136,7 +138,8 @@ def build_task_model(task: str, name: str, num_classes: int, image_size: int | N
     (``default_target_layer``) and its task (``explainkit_task``)."""
     import torchvision
 
-    kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
+    classes = num_classes + 1 if task == "detection" else num_classes  # the background
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": classes}
     if task != "video":
         kwargs["weights_backbone"] = None
     if task == "detection" and image_size is not None and not name.startswith("ssd"):

@@ -62,9 +62,15 @@ def _mask(coco: object, ann: dict) -> np.ndarray | None:
 
 
 def load_coco(
-    split: str, data_dir: str | Path, image_size: int, seed: int = 0, limit: int | None = None
+    split: str,
+    data_dir: str | Path,
+    image_size: int,
+    seed: int = 0,
+    limit: int | None = None,
+    every_image: bool = False,
 ) -> Dataset:
-    """One split of a COCO folder with its boxes, class masks and labels."""
+    """One split of a COCO folder with its boxes, class masks and labels (``every_image``:
+    a folder without its own splits is evaluated whole)."""
     import contextlib
     import io
 
@@ -92,7 +98,7 @@ def load_coco(
     classes = [str(coco.loadCats(c)[0].get("name", c)) for c in cat_ids]
     ids = sorted(coco.getImgIds())
     if whole:
-        kept = set(holdout([str(i) for i in ids], split, seed))
+        kept = set(holdout([str(i) for i in ids], split, seed, every_image))
         ids = [i for i in ids if str(i) in kept]
     ids = ids[:limit] if limit else ids
     records = []

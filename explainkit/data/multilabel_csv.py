@@ -35,9 +35,15 @@ def read_rows(root: Path) -> list[dict[str, str]]:
 
 
 def load_multilabel_csv(
-    split: str, data_dir: str | Path, image_size: int, seed: int = 0, limit: int | None = None
+    split: str,
+    data_dir: str | Path,
+    image_size: int,
+    seed: int = 0,
+    limit: int | None = None,
+    every_image: bool = False,
 ) -> Dataset:
-    """One split of the CSV's images with their multi-hot labels."""
+    """One split of the CSV's images with their multi-hot labels (``every_image``: a CSV
+    without a split column is evaluated whole)."""
     root = Path(data_dir)
     rows = read_rows(root)
     names = [[n.strip() for n in (r["labels"] or "").split(";") if n.strip()] for r in rows]
@@ -48,7 +54,8 @@ def load_multilabel_csv(
         wanted = {"train": ("train",), "eval": ("eval", "val", "test")}[split]
         chosen = [i for i, r in enumerate(rows) if (r["split"] or "").strip() in wanted]
     else:
-        chosen = [int(i) for i in holdout([str(i) for i in range(len(rows))], split, seed)]
+        rows_ids = [str(i) for i in range(len(rows))]
+        chosen = [int(i) for i in holdout(rows_ids, split, seed, every_image)]
     chosen = chosen[:limit] if limit else chosen
     records = []
     for i in chosen:

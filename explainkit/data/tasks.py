@@ -228,9 +228,12 @@ def store_truth(task: str, dataset: Any) -> tuple[np.ndarray, dict[str, np.ndarr
 HOLDOUT = 0.2  # the share of a folder without its own evaluation split held out for it
 
 
-def holdout(names: list[str], split: str, seed: int) -> list[str]:
+def holdout(names: list[str], split: str, seed: int, every_image: bool = False) -> list[str]:
     """The ``split`` part of ``names`` when a dataset has no split of its own: a seeded
-    :data:`HOLDOUT` (at least one) for evaluation, the rest for training; never overlapping."""
+    :data:`HOLDOUT` (at least one) for evaluation, the rest for training; never overlapping.
+    ``every_image``: the evaluation split is all of ``names`` (what ``evaluate`` reads)."""
+    if every_image and split == "eval":
+        return list(names)
     order = np.random.default_rng(seed).permutation(len(names))
     held = np.zeros(len(names), bool)
     held[order[: max(1, round(HOLDOUT * len(names)))]] = True

@@ -39,8 +39,9 @@ def voc_classes(root: Path) -> list[str]:
     return names
 
 
-def split_names(root: Path, split: str, seed: int) -> list[str]:
-    """The image names of ``split``: its ImageSets list, else a seeded holdout."""
+def split_names(root: Path, split: str, seed: int, every_image: bool = False) -> list[str]:
+    """The image names of ``split``: its ImageSets list, else a seeded holdout (or every
+    image, for ``evaluate``)."""
     for sets in ("Segmentation", "Main"):
         for name in SPLIT_FILES[split]:
             listed = root / "ImageSets" / sets / name
@@ -49,7 +50,7 @@ def split_names(root: Path, split: str, seed: int) -> list[str]:
     names = sorted(p.stem for p in (root / "JPEGImages").glob("*.jpg"))
     if not names:
         raise DataError(f"{root} is not a VOC folder: JPEGImages/ holds no .jpg images")
-    return holdout(names, split, seed)
+    return holdout(names, split, seed, every_image)
 
 
 def read_boxes(path: Path, classes: list[str]) -> Detection:
@@ -93,14 +94,20 @@ def read_classes_png(path: Path, classes: list[str]) -> np.ndarray:
 
 
 def load_voc(
-    split: str, data_dir: str | Path, image_size: int, seed: int = 0, limit: int | None = None
+    split: str,
+    data_dir: str | Path,
+    image_size: int,
+    seed: int = 0,
+    limit: int | None = None,
+    every_image: bool = False,
 ) -> Dataset:
-    """One split of a VOC folder with its class masks and boxes where present."""
+    """One split of a VOC folder with its class masks and boxes where present (``every_image``:
+    a folder without ImageSets lists is evaluated whole)."""
     root = Path(data_dir)
     if not (root / "JPEGImages").is_dir():
         raise DataError(f"{root} is not a VOC folder: it has no JPEGImages/")
     classes = voc_classes(root)
-    names = split_names(root, split, seed)
+    names = split_names(root, split, seed, every_image)
     names = names[:limit] if limit else names
     segs = [root / "SegmentationClass" / f"{n}.png" for n in names]
     xmls = [root / "Annotations" / f"{n}.xml" for n in names]

@@ -16,9 +16,7 @@ name the same layers as on the classifier:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -99,24 +97,3 @@ def fcos_net(num_classes: int, width: int = 64, image_size: int = 64) -> nn.Modu
         score_thresh=0.05,
         detections_per_img=MAX_DETECTIONS,
     )
-
-
-def detection_targets(boxes: list[Tensor], labels: list[Tensor]) -> list[dict[str, Any]]:
-    """What a torchvision detector trains on: labels shifted past its background class 0."""
-    return [{"boxes": b, "labels": lab + 1} for b, lab in zip(boxes, labels, strict=True)]
-
-
-def frozen_norm_losses(model: nn.Module, images: list[Tensor], targets: list[dict]) -> Tensor:
-    """A detector's summed losses without changing it: computed in training mode (the only
-    mode in which torchvision detectors return losses) with BatchNorm statistics frozen."""
-    was = model.training
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    try:
-        with torch.no_grad():
-            losses = model(images, targets)
-    finally:
-        model.train(was)
-    return sum(losses.values())

@@ -34,17 +34,23 @@ from explainkit.config import FIELDS, TrainConfig
 from explainkit.data.tasks import IGNORE, require_task, task_classes
 from explainkit.errors import ConfigError, DataError, TrainingDiverged, TrainingInterrupted
 from explainkit.explain.outputs import scores_of
-from explainkit.models.tasks import detection_targets, frozen_norm_losses
 from explainkit.registries import Registries
 from explainkit.store.schema import MAX_SEGMENTATION_CLASSES
-from explainkit.task_eval import TaskScores, detections_of, device_truth, segmentation_logits
+from explainkit.task_eval import (
+    METRICS,
+    TaskScores,
+    detection_targets,
+    detections_of,
+    device_truth,
+    frozen_norm_losses,
+    segmentation_logits,
+)
 from explainkit.train import distributed as dist_utils
 from explainkit.train import trainer as classifier
 from explainkit.train.run_files import RunFacts
 
 # The model a task trains when --model is left at the classifier's default.
 DEFAULT_MODELS = {"segmentation": "fcn-s8", "detection": "fcos-s8"}
-METRIC = {"multilabel": "label acc", "segmentation": "mIoU", "detection": "mAP@0.5"}
 
 
 def train(
@@ -226,8 +232,7 @@ class TaskTrainer(classifier.Trainer):
         acc = f" acc {100 * row['train_acc']:5.2f}%" if "train_acc" in row else ""
         self.log(
             f"epoch {self.epoch:>3}/{self.config.epochs}  train loss {row['train_loss']:.4f}{acc}"
-            f"  eval loss {row['eval_loss']:.4f} {METRIC[self.config.task]} "
+            f"  eval loss {row['eval_loss']:.4f} {METRICS[self.config.task]} "
             f"{row['eval_acc']:.4f}  lr {row['lr']:.4f}  {row['seconds']:6.1f}s  "
             f"{row['images_per_s']:7.0f} img/s"
         )
-
