@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from explainkit.errors import AnalyzerError
+from explainkit.explain.fastmodel import inference_model, memory_format
 from explainkit.explain.metrics import PerturbationCurves, perturbation_baseline
 from explainkit.explain.outputs import describe_output, scores_of
 from explainkit.explain.targets import Detection, MultiLabel, SegmentationRegion, Target
@@ -346,7 +347,7 @@ def _ranks(maps: Tensor, generator: torch.Generator | None) -> Tensor:
     """(N, H*W) rank of each pixel, 0 the most attributed; ties in seeded random order."""
     flat = maps.flatten(1).float()
     shuffle = torch.rand(flat.shape, generator=generator).argsort(1).to(flat.device)
-    order = shuffle.gather(1, flat.gather(1, shuffle).argsort(1, descending=True, stable=True))
+    order = shuffle.gather(1, flat.gather(1, shuffle).argsort(dim=1, descending=True, stable=True))
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     return ranks
@@ -376,6 +377,8 @@ def target_curves(
     n, c, h, w = images.shape
     if maps.shape != (n, h, w):
         raise AnalyzerError(f"maps must be (N, H, W) = {(n, h, w)}; got {tuple(maps.shape)}")
+    model = inference_model(model)  # batch norms folded, when the model can be traced
+    fmt = memory_format(model)
     base = perturbation_baseline(images, baseline)
     ranks = _ranks(maps, generator)
     counts = torch.round(torch.linspace(0, h * w, steps + 1, device=images.device)).long()
@@ -390,6 +393,7 @@ def target_curves(
         deleted = torch.where(top, b[:, None], x[:, None])
         inserted = torch.where(top, x[:, None], b[:, None])
         batch = torch.cat([x[:, None], b[:, None], deleted, inserted], 1).reshape(-1, c, h, w)
+        batch = batch.contiguous(memory_format=fmt)
         rows = torch.arange(s, s + m).repeat_interleave(versions)
         scores.append(target.take(rows).scores(model(batch)).float().view(m, versions))
     p = torch.cat(scores)
