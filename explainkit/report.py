@@ -40,6 +40,12 @@ MAX_HISTORY_ROWS = 60
 MAX_LOG_LINES = 200  # the end of train.log shown under the run
 MAX_LOG_BYTES = 200_000  # read from the end of the file: 200 lines are about 25 KB
 MAX_LOG_LINE = 500  # characters of one line
+# A task run's row in the report's facts: what its explanations are of (docs/tasks.md).
+TASK_TEXT = {
+    "multilabel": "multi-label: Grad-CAM and quality explain each predicted label",
+    "segmentation": "segmentation: Grad-CAM and quality explain each predicted class region",
+    "detection": "detection: Grad-CAM and quality explain each detection's box",
+}
 MAX_EMBEDDED = 10_000_000  # characters of embedded images per page; later images are linked
 
 
@@ -250,6 +256,8 @@ def _run_section(summary: dict | None, raw: dict, why: str | None) -> dict[str, 
     data = raw.get("data") or {}
     evaluated = (summary or raw).get("command", "train") == "evaluate"
     pairs = [("model", _model_text((summary or {}).get("model") or raw.get("model") or {}))]
+    if config.get("task") in TASK_TEXT:
+        pairs.append(("task", TASK_TEXT[config["task"]]))
     if summary:
         pairs += _evaluated_facts(summary) if evaluated else _trained_facts(summary, data)
     elif config:

@@ -18,6 +18,8 @@ __all__ = ["GradCAMAnalyzer"]
 DTYPE_CHOICES = ("float16", "float32")
 # explainkit.explain.layers.RESHAPES, named here so that listing options imports no torch.
 RESHAPE_CHOICES = ("auto", "nchw", "vit", "swin")
+# explainkit.task_explain.TASKS: runs explained per item by explainkit.task_cams.
+TASKS = ("multilabel", "segmentation", "detection")
 UPSAMPLING = "bilinear, then per-image min-max scaling to [0, 1]"
 
 
@@ -61,6 +63,7 @@ class GradCAMAnalyzer(Analyzer):
         "Native batched Grad-CAM (and 12 more CAM methods) maps for all eval images (HDF5 + PNG)."
     )
     needs = frozenset({"store", "checkpoint"})
+    tasks = ("classification", *TASKS)
     order = 40
     options = (
         Option(
@@ -133,6 +136,13 @@ class GradCAMAnalyzer(Analyzer):
         from explainkit.figures import get_colormap
         from explainkit.selection import parse_target
 
+        if context.store.task in TASKS:  # one map per detection, class region or label
+            from explainkit.task_cams import explain_task_run
+
+            return explain_task_run(
+                context, layer=layer, method=method, target=target, count=count, select=select,
+                colormap=colormap, alpha=alpha, dtype=dtype, reshape=reshape,
+            )  # fmt: skip
         cmap = get_colormap(colormap, "--gradcam-colormap")
         from explainkit.explain.targets import split_score_kind
 

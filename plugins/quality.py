@@ -30,6 +30,8 @@ from explainkit.quality_figures import (
 __all__ = ["QualityAnalyzer"]
 
 TARGETS = ("predicted", "true")
+# explainkit.task_explain.TASKS: runs assessed per item by explainkit.task_quality.
+TASKS = ("multilabel", "segmentation", "detection")
 HEADER = ("method", "metric", "mean", "ci_low", "ci_high", "n")
 CLASS_HEADER = ("method", "metric", "class", "mean", "ci_low", "ci_high", "n")
 DEFAULT_METHODS = ",".join(
@@ -68,6 +70,7 @@ class QualityAnalyzer(Analyzer):
     )
     order = 70
     needs = frozenset({"store", "checkpoint"})
+    tasks = ("classification", *TASKS)
     options = (
         Option(
             "methods",
@@ -122,6 +125,13 @@ class QualityAnalyzer(Analyzer):
         from explainkit.explain.methods import parse_methods
         from explainkit.explain.metrics_road import summarize_road
 
+        if context.store.task in TASKS:  # items: detections, class regions, labels
+            from explainkit.task_quality import assess_task_run
+
+            return assess_task_run(
+                context, methods=methods, count=count, steps=steps, baseline=baseline,
+                layer=layer, target=target,
+            )  # fmt: skip
         names = parse_methods(methods, "--quality-methods")
         names += [] if "random" in names else ["random"]
         model = context.model()
