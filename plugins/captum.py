@@ -128,10 +128,9 @@ class CaptumAnalyzer(Analyzer):
         occlusion_window: int | None,
         map_images: int,
     ) -> list[dict]:
-        from explainkit.plugins.captum_maps import write_maps
-
         from explainkit.explain.attribution import attribution_fn
         from explainkit.explain.methods import parse_methods
+        from explainkit.map_files import write_maps
         from explainkit.selection import parse_target
 
         chosen = parse_methods(methods, "--captum-methods", list(SIDE_BY_SIDE))

@@ -80,6 +80,7 @@ class TaskState:
     def __init__(self, store: Any, epoch: int) -> None:
         self.store, self.epoch = store, epoch
         self._done = threading.Event()
+        self._stop = threading.Event()
         self._result: TaskColumns | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="explainkit-task-columns")
@@ -88,7 +89,7 @@ class TaskState:
 
     def _run(self) -> None:
         try:
-            self._result = COMPUTE[self.store.task](self.store, self.epoch)
+            self._result = COMPUTE[self.store.task](self.store, self.epoch, self._stopped)
         except BaseException as e:  # kept: every view that needs the columns says it
             self._error = e
         finally:
@@ -101,7 +102,13 @@ class TaskState:
         assert self._result is not None
         return self._result
 
+    def _stopped(self) -> None:
+        if self._stop.is_set():
+            raise RuntimeError("the server stopped before the task columns were computed")
+
     def join(self) -> None:
+        """Stop the pass at its next batch and wait for it (before the store closes)."""
+        self._stop.set()
         self._done.wait()
 
 
@@ -120,12 +127,13 @@ def _put_sets(sets: dict, rows: slice, true: np.ndarray, pred: np.ndarray) -> No
         sets[name][rows] = np.packbits(bits, axis=1)
 
 
-def _multilabel(store: Any, epoch: int) -> TaskColumns:
+def _multilabel(store: Any, epoch: int, check: Any = lambda: None) -> TaskColumns:
     """A label is predicted where its logit is above 0 (task_metrics' threshold)."""
     n, k = store.num_images, len(store.classes)
     sets = _packed(n, k)
     cols = {name: np.zeros(n, np.float32) for name in COLUMNS["multilabel"]}
     for start in range(0, n, BLOCK * 16):
+        check()
         rows = slice(start, min(start + BLOCK * 16, n))
         z = store.epoch_data("logits", epoch, rows).astype(np.float64)
         true = store.truth("eval/labels", rows).astype(bool)
@@ -140,7 +148,7 @@ def _multilabel(store: Any, epoch: int) -> TaskColumns:
     return TaskColumns(cols["wrong"] == 0, cols, sets, k)
 
 
-def _segmentation(store: Any, epoch: int) -> TaskColumns:
+def _segmentation(store: Any, epoch: int, check: Any = lambda: None) -> TaskColumns:
     from explainkit.task_metrics import IGNORE, confusion, iou_per_class
 
     n, k = store.num_images, len(store.classes)
@@ -148,6 +156,7 @@ def _segmentation(store: Any, epoch: int) -> TaskColumns:
     iou = np.zeros(n, np.float32)
     acc = np.zeros(n, np.float32)
     for start in range(0, n, BLOCK):
+        check()
         rows = slice(start, min(start + BLOCK, n))
         pred = store.epoch_data("masks", epoch, rows)
         truth = store.truth("eval/segmentation", rows)
@@ -169,7 +178,7 @@ def _offsets(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
 
 
-def _detection(store: Any, epoch: int) -> TaskColumns:
+def _detection(store: Any, epoch: int, check: Any = lambda: None) -> TaskColumns:
     from explainkit.task_metrics import box_iou, match_detections
 
     n, k = store.num_images, len(store.classes)
@@ -178,6 +187,7 @@ def _detection(store: Any, epoch: int) -> TaskColumns:
     do = _offsets(store.epoch_data("box_counts", epoch))
     cols = {name: np.zeros(n, np.float32) for name in COLUMNS["detection"]}
     for start in range(0, n, BLOCK):
+        check()
         stop = min(start + BLOCK, n)
         tb = store.truth("eval/boxes", slice(int(go[start]), int(go[stop])))
         tl = store.truth("eval/box_labels", slice(int(go[start]), int(go[stop])))
@@ -332,11 +342,15 @@ def palette(k: int) -> np.ndarray:
 
 def mask_png(store: Any, epoch: int, i: int, which: str) -> bytes:
     """Image ``i``'s predicted or true class mask as an RGBA PNG through :func:`palette`."""
-    from explainkit.serve.maps import png
+    import io
+
+    from PIL import Image
 
     rows = slice(i, i + 1)
     if which == "true":
         mask = store.truth("eval/segmentation", rows)[0]
     else:
         mask = store.epoch_data("masks", epoch, rows)[0]
-    return png(palette(len(store.classes))[mask])
+    out = io.BytesIO()
+    Image.fromarray(palette(len(store.classes))[mask]).save(out, format="PNG", compress_level=1)
+    return out.getvalue()

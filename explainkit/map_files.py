@@ -1,4 +1,5 @@
-"""The captum analyzer's maps as files: ``attributions-METHOD.h5``, one per method.
+"""Maps of some eval images as files: ``attributions-METHOD.h5``, one per method (the captum
+analyzer writes them; ``explainkit serve`` reads them).
 
 Each file has the gradcam analyzer's form (``attributions.h5``): a ``maps`` dataset of one
 (H, W) map in [0, 1] per eval image, ``targets`` (the class each map explains) and
@@ -17,7 +18,6 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any
 
-from explainkit.analyzer import AnalysisContext
 from explainkit.errors import AnalyzerError
 from explainkit.explain.methods import METHODS
 
@@ -43,7 +43,7 @@ def resolve_targets(target: Any, labels: Any, recorded: Any) -> Any:
 
 
 def write_maps(
-    context: AnalysisContext,
+    context: Any,
     model: Any,
     layer: str,
     target: Any,
@@ -52,7 +52,8 @@ def write_maps(
     extra: int,
     method_fn: Any,
 ) -> list[str]:
-    """Write every method's ``attributions-METHOD.h5``: the first ``extra`` eval images,
+    """Write every method's ``attributions-METHOD.h5`` into ``context.output_dir`` (an
+    :class:`explainkit.analyzer.AnalysisContext`): the first ``extra`` eval images,
     explained batch by batch, and the side by side's images (``side``, already explained).
 
     ``method_fn(name)`` gives ``fn(model, x, targets) -> (n, H, W)`` maps. Returns the file
