@@ -106,6 +106,13 @@ class CaptumAnalyzer(Analyzer):
             "Occlusion patch side in pixels; the stride equals the window (default: an eighth "
             "of the image side, 4 at 32 px and 28 at 224 px: 64 patches per image).",
         ),
+        Option(
+            "map_images",
+            click.IntRange(0),
+            0,
+            "Eval images (the first N) explained by every method besides the figure's, into "
+            "attributions-METHOD.h5 for `explainkit serve`.",
+        ),
     )
 
     def run(
@@ -119,8 +126,11 @@ class CaptumAnalyzer(Analyzer):
         count: int,
         n_steps: int,
         occlusion_window: int | None,
+        map_images: int,
     ) -> list[dict]:
+        from explainkit.explain.attribution import attribution_fn
         from explainkit.explain.methods import parse_methods
+        from explainkit.map_files import write_maps
         from explainkit.selection import parse_target
 
         chosen = parse_methods(methods, "--captum-methods", list(SIDE_BY_SIDE))
@@ -138,6 +148,13 @@ class CaptumAnalyzer(Analyzer):
                 context, model, layer, target_arg, chosen, count, n_steps, occlusion_window
             )
             side["left_out"] = left_out
+            bs = max(1, int(context.batch_size))
+            side["files"] = write_maps(
+                context, model, layer, target_arg, target, side, map_images,
+                lambda name: attribution_fn(name, layer=layer, ig_steps=n_steps,
+                                            internal_batch_size=bs,
+                                            occlusion_window=occlusion_window),
+            )  # fmt: skip
         report = _report(context, layer, target, agreement, side, n_steps, occlusion_window)
         _write_tables(context, report, side)
         _write_figures(context, side, layer)
@@ -166,6 +183,7 @@ def _report(
             "n_steps": n_steps,
             "occlusion_window": occlusion_window,
             "left_out": side["left_out"],
+            "map_files": side["files"],
             "ms_per_image": side["ms_per_image"],
             "spearman": side["spearman"].tolist(),
         },
@@ -258,6 +276,16 @@ def _artifacts(context: AnalysisContext, layer: str, agreement: dict, side: dict
             "(a constant map counts as 0); last column: time per image.",
         ),
     ]
+    for name, path in zip(side["methods"], side["files"], strict=False):
+        artifacts.append(
+            context.artifact(
+                path,
+                f"{_title(name)} maps",
+                "h5",
+                "One map in [0, 1] per eval image that was explained (the 'index' dataset); "
+                "the others are NaN with a target of -1. Shown by explainkit serve.",
+            )
+        )
     if len(side["methods"]) > 1:
         artifacts.append(
             context.artifact(

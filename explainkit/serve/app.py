@@ -29,8 +29,18 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from explainkit.errors import ExplainkitError
-from explainkit.serve.maps import Engine, MapError, Thumbnails, colorize, image_png, png, stored_map
+from explainkit.serve.maps import (
+    Engine,
+    MapError,
+    Thumbnails,
+    colorize,
+    explained,
+    image_png,
+    png,
+    stored_map,
+)
 from explainkit.serve.runs import OUTCOMES, Filters, ServedRun, inside, number
+from explainkit.serve.tasks import SETS, mask_png
 
 HERE = Path(__file__).parent
 PER_PAGE = (24, 48, 96, 192)
@@ -79,6 +89,15 @@ class Explorer:
         f = Filters()
         f.true = _class(run, q.get("true"), "true")
         f.pred = _class(run, q.get("pred"), "pred")
+        f.label = _class(run, q.get("label"), "label")
+        f.has = q.get("has") or "true"
+        if f.has not in SETS:
+            raise BadRequest(f"has must be one of {', '.join(SETS)}")
+        if run.is_task and (f.true is not None or f.pred is not None):
+            raise BadRequest(
+                f"a {run.task} run has no single true or predicted class per image; "
+                "filter by label and has"
+            )
         correct = q.get("correct") or ""
         if correct not in ("", "1", "0"):
             raise BadRequest("correct must be 1 (right), 0 (wrong) or empty")
@@ -133,7 +152,15 @@ class Explorer:
     def grid_page(self, request: Request) -> Response:
         run = self.run(request)
         comparable = [r for r in self.runs if r is not run and r.eval_set == run.eval_set]
-        return self.page("grid.html", run=run, comparable=comparable, per_page=PER_PAGE)
+        from explainkit.serve.tasks import RIGHT_MEANS
+
+        return self.page(
+            "grid.html",
+            run=run,
+            comparable=comparable,
+            per_page=PER_PAGE,
+            right_means=RIGHT_MEANS.get(run.task, ""),
+        )
 
     def detail_page(self, request: Request) -> Response:
         run = self.run(request)
@@ -142,6 +169,8 @@ class Explorer:
         scale = max(1, 256 // max(h, w))
         return self.page(
             "detail.html",
+            image_width=w,
+            image_height=h,
             run=run,
             i=i,
             source=run.store.sources([i])[0],
@@ -178,7 +207,8 @@ class Explorer:
             "num_images": run.num_images,
             "epoch": run.epoch,
             "classes": run.classes,
-            "accuracy": float((run.predicted == run.targets).mean()) if run.num_images else None,
+            "task": run.task,
+            "accuracy": float(run.right.mean()) if run.num_images else None,
             "sorts": run.sorts,
             "methods": [{"key": s.key, "label": s.label} for s in run.sources.values()],
             "comparable": [
@@ -201,7 +231,7 @@ class Explorer:
         if len(shown):
             self.thumbs.prefetch(run, shown, THUMB)
         items = [run.row(int(i), s) for i, s in zip(shown, sources, strict=True)]
-        if f.sort not in ("index", "confidence", "loss"):
+        if not run.is_task and f.sort not in ("index", "confidence", "loss"):
             for item in items:
                 value = float(run.scores[f.sort][item["index"]])
                 item["score"] = None if math.isnan(value) else round(value, 6)
@@ -216,12 +246,19 @@ class Explorer:
         out = io.StringIO()
         writer = csv.writer(out)
         header = ["source", "index", "true", "predicted", "correct", "confidence", "loss"]
+        if run.is_task:
+            from explainkit.serve.tasks import COLUMNS
+
+            header = ["source", "index", "correct", *COLUMNS[run.task]]
+            header += [f"{s}_classes" for s in SETS]
         writer.writerow(header)
         for start in range(0, len(chosen), 4096):  # file names in blocks: bounded memory
             block = chosen[start : start + 4096]
             for i, source in zip(block, run.store.sources(block), strict=True):
                 row = run.row(int(i), source)
-                writer.writerow([row[h] for h in header])
+                if run.is_task:
+                    row.update(run.label_sets(int(i)))
+                writer.writerow(["" if row[h] is None else row[h] for h in header])
         name = f"{run.name}-selection.csv".replace('"', "")
         return Response(
             out.getvalue(),
@@ -231,6 +268,18 @@ class Explorer:
 
     def confusion(self, request: Request) -> Response:
         run = self.run(request)
+        if run.is_task:  # per class: images holding it in their truth, prediction, mistakes
+            counts = run.task_columns().counts()
+            return JSONResponse(
+                {
+                    "classes": run.classes,
+                    "task": run.task,
+                    "labels": [
+                        {"class": c, **{s: int(counts[s][k]) for s in SETS}}
+                        for k, c in enumerate(run.classes)
+                    ],
+                }
+            )
         m = run.confusion()
         k = len(run.classes)
         pairs = [(int(t), int(p), int(m[t, p])) for t, p in zip(*m.nonzero(), strict=True)]
@@ -258,16 +307,29 @@ class Explorer:
 
     def detail(self, run: ServedRun, i: int) -> dict[str, Any]:
         classes = run.classes
+        task: dict[str, Any] = {}
+        if run.is_task:
+            from explainkit.serve.tasks import detail
+
+            task = detail(run.store, run.epoch, run.task_columns(), i)
+            if run.task == "segmentation":
+                task["masks"] = {
+                    w: f"/mask/{run.position}/{i}/{w}.png" for w in ("predicted", "true")
+                }
         scores = {}
         for name, column in run.scores.items():
             value = float(column[i])
             scores[name] = None if math.isnan(value) else value
         return {
             **run.row(i, run.store.sources([i])[0]),
+            "task": run.task,
+            **task,
             "top": [
                 {"class": classes[int(c)], "probability": float(p)}
                 for c, p in zip(run.top_idx[i], run.top_prob[i], strict=True)
-            ],
+            ]
+            if not run.is_task
+            else [],
             "methods": [
                 {
                     "key": s.key,
@@ -276,6 +338,10 @@ class Explorer:
                     "url": f"/map/{run.position}/{i}/{s.key}.png",
                 }
                 for s in run.sources.values()
+                if s.path is None or explained(s, i)
+            ],
+            "unexplained": [
+                s.label for s in run.sources.values() if s.path is not None and not explained(s, i)
             ],
             "epochs": [
                 {"epoch": e, "url": f"/map/{run.position}/{i}/epoch/{e}.png"}
@@ -305,6 +371,18 @@ class Explorer:
         else:
             m = self.engine.compute(run, i, source.method, run.epoch, "predicted")
         return Response(png(colorize(m)), media_type="image/png", headers=PNG_HEADERS)
+
+    def mask(self, request: Request) -> Response:
+        """A segmentation run's predicted or true class mask of one image, coloured per class
+        (background transparent) at the image's own resolution."""
+        run = self.run(request)
+        i = run.image_index(request.path_params["image"])
+        which = str(request.path_params["which"]).removesuffix(".png")
+        if run.task != "segmentation" or which not in ("predicted", "true"):
+            raise LookupError(f"run {run.name} has no {which[:20]!r} mask; masks are 'predicted' "
+                              "or 'true' of a segmentation run")  # fmt: skip
+        return Response(mask_png(run.store, run.epoch, i, which), media_type="image/png",
+                        headers=PNG_HEADERS)  # fmt: skip
 
     def epoch_map(self, request: Request) -> Response:
         """Grad-CAM of the true class with the checkpoint of one saved epoch (as the
@@ -388,6 +466,7 @@ def create_app(runs: list[ServedRun], engine: Engine) -> Starlette:
         Route("/img/{run}/{image}", x.image),
         Route("/map/{run}/{image}/epoch/{epoch}", x.epoch_map),
         Route("/map/{run}/{image}/{key}", x.map),
+        Route("/mask/{run}/{image}/{which}", x.mask),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     handlers = {

@@ -30,6 +30,10 @@ class MapError(ExplainkitError):
     """A map that cannot be shown: an error on that view, not a dead server."""
 
 
+class NotExplained(LookupError):
+    """An image a partial attributions file (the captum analyzer's) did not explain: 404."""
+
+
 def lut() -> np.ndarray:
     """uint8 (256, 3): the colormap as a table (matplotlib is asked once)."""
     global _lut
@@ -115,6 +119,20 @@ class Thumbnails:
             self._bytes -= len(old)
 
 
+def explained(source: MapSource, i: int) -> bool:
+    """Whether ``source`` holds a map of image ``i`` (a damaged file: True, so that its view
+    says what is wrong)."""
+    if not source.partial:
+        return True
+    import h5py
+
+    try:
+        with h5py.File(source.path, "r") as f:
+            return int(f["targets"][i]) >= 0
+    except (OSError, KeyError, ValueError, TypeError, IndexError):
+        return True
+
+
 def stored_map(source: MapSource, i: int, n: int) -> np.ndarray:
     """Row ``i`` of an attributions file's ``maps``: one chunk read, never the whole set."""
     import h5py
@@ -127,8 +145,13 @@ def stored_map(source: MapSource, i: int, n: int) -> np.ndarray:
                     f"{source.key}/attributions.h5 holds maps of shape {ds.shape}, not one "
                     f"(height, width) map for each of the run's {n} images"
                 )
+            if source.partial and int(f["targets"][i]) < 0:
+                raise NotExplained(
+                    f"the {source.key} analysis did not explain image {i}; it explained "
+                    f"{int(f.attrs.get('explained', 0))} images (its 'index' dataset)"
+                )
             return np.asarray(ds[i], dtype=np.float32)
-    except MapError:
+    except (MapError, NotExplained):
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise MapError(f"{source.key}/attributions.h5 cannot be read: {e}") from e

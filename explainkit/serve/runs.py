@@ -40,6 +40,7 @@ class MapSource:
     layer: str | None = None
     epoch: int | None = None
     target: str = "predicted"
+    partial: bool = False  # a map for some images only (the captum analyzer's files)
 
 
 @dataclass
@@ -52,6 +53,8 @@ class Filters:
     conf_min: float = 0.0
     conf_max: float = 1.0
     ids: list[int] | None = None
+    label: int | None = None  # task runs: images whose class set ``has`` holds this class
+    has: str = "true"
     other: ServedRun | None = None  # compare: the other run and which outcome
     outcome: str | None = None
     sort: str = "index"
@@ -90,6 +93,26 @@ class ServedRun:
     checkpoints: list[int] = field(default_factory=list)
     eval_set: str = ""  # a digest of the eval split: two runs compare when theirs match
     config: dict[str, Any] = field(default_factory=dict)
+    task_state: Any = None  # explainkit.serve.tasks.TaskState of a task run, else None
+
+    @property
+    def task(self) -> str:
+        return str(self.store.task)
+
+    @property
+    def is_task(self) -> bool:
+        return self.task_state is not None
+
+    def task_columns(self) -> Any:
+        """The task run's per-image columns (waiting for the pass that computes them)."""
+        return self.task_state.get()
+
+    @property
+    def right(self) -> np.ndarray:
+        """(N,) bool: each image right, as its task defines it (docs/explorer.md)."""
+        if self.is_task:
+            return self.task_columns().right
+        return self.predicted == self.targets
 
     @property
     def classes(self) -> list[str]:
@@ -115,12 +138,17 @@ class ServedRun:
 
     def select(self, f: Filters) -> np.ndarray:
         """Store positions of the images that pass ``f``, in its sort order."""
-        keep = (self.confidence >= f.conf_min) & (self.confidence <= f.conf_max)
-        if f.true is not None:
-            keep &= self.targets == f.true
-        if f.pred is not None:
-            keep &= self.predicted == f.pred
-        right = self.predicted == self.targets
+        if self.is_task:
+            keep = np.ones(self.num_images, bool)
+            if f.label is not None:
+                keep &= self.task_columns().member(f.has, f.label)
+        else:
+            keep = (self.confidence >= f.conf_min) & (self.confidence <= f.conf_max)
+            if f.true is not None:
+                keep &= self.targets == f.true
+            if f.pred is not None:
+                keep &= self.predicted == f.pred
+        right = self.right
         if f.correct is not None:
             keep &= right == f.correct
         if f.ids is not None:
@@ -128,7 +156,7 @@ class ServedRun:
             chosen[np.asarray(f.ids, dtype=np.int64)] = True
             keep &= chosen
         if f.other is not None and f.outcome:
-            theirs = f.other.predicted == f.other.targets
+            theirs = f.other.right
             keep &= {
                 "only_this": right & ~theirs,
                 "only_other": ~right & theirs,
@@ -144,6 +172,8 @@ class ServedRun:
         return idx[np.argsort(values, kind="stable")]
 
     def sort_column(self, name: str) -> np.ndarray:
+        if self.is_task:
+            return self.task_columns().columns[name]
         if name == "confidence":
             return self.confidence
         if name == "loss":
@@ -152,11 +182,17 @@ class ServedRun:
 
     @property
     def sorts(self) -> list[str]:
+        if self.is_task:
+            from explainkit.serve.tasks import COLUMNS
+
+            return ["index", *COLUMNS[self.task]]
         return ["index", "confidence", "loss", *self.scores]
 
     def row(self, i: int, source: str) -> dict[str, Any]:
         """One image as the grid and the CSV show it."""
         classes = self.classes
+        if self.is_task:
+            return self._task_row(i, source)
         return {
             "index": i,
             "source": source,
@@ -165,13 +201,43 @@ class ServedRun:
             "correct": bool(self.targets[i] == self.predicted[i]),
             "confidence": round(float(self.confidence[i]), 6),
             "loss": round(float(self.loss[i]), 6),
+            "caption": f"{classes[self.targets[i]]} → {classes[self.predicted[i]]} "
+            f"{100 * float(self.confidence[i]):.1f}%",
         }
+
+    def _task_row(self, i: int, source: str) -> dict[str, Any]:
+        from explainkit.serve.tasks import COUNTS, caption
+
+        cols = self.task_columns()
+        values: dict[str, Any] = {}
+        for name, column in cols.columns.items():
+            value = float(column[i])
+            values[name] = None if math.isnan(value) else round(value, 6)
+            if name in COUNTS:
+                values[name] = int(value)
+        shown = {k: (v if v is not None else math.nan) for k, v in values.items()}
+        return {
+            "index": i,
+            "source": source,
+            "correct": bool(cols.right[i]),
+            **values,
+            "caption": caption(self.task, shown),
+        }
+
+    def label_sets(self, i: int) -> dict[str, str]:
+        """A task image's class sets as space-separated names (for the CSV)."""
+        from explainkit.serve.tasks import SETS
+
+        cols, classes = self.task_columns(), self.classes
+        return {f"{s}_classes": " ".join(classes[c] for c in cols.classes_of(s, i)) for s in SETS}
 
     def confusion(self) -> np.ndarray:
         k = len(self.classes)
         return np.bincount(self.targets * k + self.predicted, minlength=k * k).reshape(k, k)
 
     def close(self) -> None:
+        if self.task_state is not None:
+            self.task_state.join()  # the pass reads the store: it ends before the store closes
         self.store.close()
 
 
@@ -190,17 +256,24 @@ def open_run(position: int, path: str | Path) -> ServedRun:
         epoch = store.best_epoch
         if epoch is None:
             raise RunError(f"{run.path} has no committed epoch yet; wait for one to finish")
-        columns = _columns(store, epoch)
+        if store.task in ("classification", "multilabel"):
+            columns = _columns(store, epoch)
+        else:  # no logits: the task's own columns (serve/tasks.py) say what went wrong
+            columns = _no_columns(store)
         config = run.read_config() if run.has_config else {}
     except BaseException:
         store.close()
         raise
     served = ServedRun(position, run, store, run.path.name, epoch, *columns, config=config)
+    if store.task != "classification":
+        from explainkit.serve.tasks import TaskState
+
+        served.task_state = TaskState(store, epoch)
     served.sources = _map_sources(run, store)
     served.scores = _quality_scores(run, store.num_images)
-    served.checkpoints = _checkpoint_epochs(run)
+    served.checkpoints = _checkpoint_epochs(run) if store.task in LIVE_TASKS else []
     digest = hashlib.sha256(store.index.tobytes() + store.targets.tobytes())
-    served.eval_set = f"{store.num_images}:{digest.hexdigest()[:16]}"
+    served.eval_set = f"{store.task}:{store.num_images}:{digest.hexdigest()[:16]}"
     return served
 
 
@@ -211,6 +284,21 @@ def _checkpoint_epochs(run: RunDir) -> list[int]:
         return []
     found = (CHECKPOINT.fullmatch(p.name) for p in run.checkpoints.iterdir())
     return sorted(int(m.group(1)) for m in found if m)
+
+
+def _no_columns(store: Any) -> tuple[np.ndarray, ...]:
+    """A segmentation or detection run's classifier columns: the targets (the largest
+    object's class, which the eval-set digest reads), and nothing predicted."""
+    n = store.num_images
+    zeros = np.zeros(n, np.float32)
+    return (
+        store.targets,
+        np.full(n, -1, np.int64),
+        zeros,
+        zeros,
+        np.zeros((n, 0), np.int32),
+        np.zeros((n, 0), np.float32),
+    )
 
 
 def _columns(store: Any, epoch: int) -> tuple[np.ndarray, ...]:
@@ -250,46 +338,69 @@ def inside(run: RunDir, path: Path) -> bool:
 
 def _map_sources(run: RunDir, store: Any) -> dict[str, MapSource]:
     """Every ``analyses/*/attributions.h5`` of this store (the gradcam analyzer's layout:
-    ``maps`` (N, H, W) and its attributes), then each CAM method not among them, computed on
-    demand. A file that cannot be read is still listed: its view says what is wrong."""
-    import h5py
-
-    from explainkit.explain.methods import CAM_METHODS, METHODS
-
+    ``maps`` (N, H, W) and its attributes) and ``analyses/*/attributions-METHOD.h5`` (the
+    captum analyzer's, one per method, of the same form, for the images it explained), then
+    each CAM method no complete file holds, computed on demand. A file that cannot be read is
+    still listed: its view says what is wrong."""
+    files = []
+    for pattern in ("*/attributions.h5", "*/attributions-*.h5"):
+        files += sorted(run.analyses.glob(pattern))
     found: dict[str, MapSource] = {}
-    for path in sorted(run.analyses.glob("*/attributions.h5")):
+    for path in files:
         if not inside(run, path):
             continue  # a symlink out of the run: never served
-        attrs: dict[str, Any] = {}
-        try:
-            with h5py.File(path, "r") as f:
-                attrs = dict(f.attrs)
-        except (OSError, KeyError, ValueError):
-            pass
-        method = str(attrs.get("method", "gradcam"))
-        if method not in METHODS:
-            method = "gradcam"
-        epoch = attrs.get("epoch")
-        key = path.parent.name
-        label = f"{METHODS[method].label} ({key}"
-        label += f", {attrs['layer']}" if "layer" in attrs else ""
-        label += f", epoch {int(epoch)})" if epoch is not None else ")"
-        found[key] = MapSource(
-            key,
-            method,
-            label,
-            path,
-            str(attrs["layer"]) if "layer" in attrs else None,
-            int(epoch) if epoch is not None else None,
-            str(attrs.get("target", "predicted")),
-        )
-    stored = {s.method for s in found.values()}
+        key = path.parent.name + path.stem.removeprefix("attributions")
+        if not KEY.fullmatch(key):
+            continue  # a file name no URL could name plainly
+        found[key] = _stored_source(key, path, store.num_images)
+    from explainkit.explain.methods import CAM_METHODS, METHODS
+
+    complete = {s.method for s in found.values() if not s.partial}
     layer = store.attrs.get("default_layer") or None
-    for method in CAM_METHODS:
-        if method not in stored:
-            label = f"{METHODS[method].label} (computed here)"
-            found[f"live-{method}"] = MapSource(f"live-{method}", method, label, None, layer)
+    if store.task in LIVE_TASKS:
+        for method in CAM_METHODS:
+            if method not in complete:
+                label = f"{METHODS[method].label} (computed here)"
+                found[f"live-{method}"] = MapSource(f"live-{method}", method, label, None, layer)
     return found
+
+
+KEY = re.compile(r"[A-Za-z0-9_.-]{1,80}")
+LIVE_TASKS = ("classification", "multilabel")  # whose maps the engine computes (a class's logit)
+
+
+def _stored_source(key: str, path: Path, n: int) -> MapSource:
+    """One attributions file as a map source, labelled from its attributes."""
+    import h5py
+
+    from explainkit.explain.methods import METHODS
+
+    attrs: dict[str, Any] = {}
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+    except (OSError, KeyError, ValueError):
+        pass
+    method = str(attrs.get("method", "gradcam"))
+    if method not in METHODS:
+        method = "gradcam"
+    epoch = attrs.get("epoch")
+    explained = attrs.get("explained")
+    partial = explained is not None and int(explained) < n
+    label = f"{METHODS[method].label} ({key}"
+    label += f", {attrs['layer']}" if "layer" in attrs else ""
+    label += f", epoch {int(epoch)}" if epoch is not None else ""
+    label += f", {int(explained)} images)" if partial else ")"
+    return MapSource(
+        key,
+        method,
+        label,
+        path,
+        str(attrs["layer"]) if "layer" in attrs else None,
+        int(epoch) if epoch is not None else None,
+        str(attrs.get("target", "predicted")),
+        partial,
+    )
 
 
 def _quality_scores(run: RunDir, n: int) -> dict[str, np.ndarray]:

@@ -33,7 +33,7 @@ def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
 def test_analyzer_captum_agrees_and_compares_methods(tiny_run):
     (manifest,) = analyze(
         tiny_run, plugins=["captum"], device="cpu", batch_size=16,
-        captum_count=4, captum_n_steps=8,
+        captum_count=4, captum_n_steps=8, captum_map_images=5,
     )  # fmt: skip
     assert manifest["status"] == "ok", manifest["error"]
     out = tiny_run / "analyses" / "captum"
@@ -66,6 +66,53 @@ def test_analyzer_captum_agrees_and_compares_methods(tiny_run):
     assert [r[0] for r in rows] == ["native", "captum"]
     check_png(out / "methods.png")
     check_png(out / "rank_correlation.png")
+    check_map_files(tiny_run, out, methods, report["side_by_side"]["images"], manifest)
+
+
+def check_map_files(run: Path, out: Path, methods: list[str], shown: list[int], manifest) -> None:
+    """Each method's attributions-METHOD.h5, in the gradcam analyzer's form, for the first 5
+    images and the figure's: rows in [0, 1] there, NaN maps and targets of -1 elsewhere."""
+    import h5py
+
+    from explainkit.explain.gradcam import compute_cam
+    from explainkit.store import open_store
+    from explainkit.train.checkpoint import load_model
+    from tests.helpers import registries
+
+    explained = sorted({*range(5), *shown})
+    with open_store(run) as store:
+        epoch = store.best_epoch
+        recorded = store.predictions(epoch)
+        images, mean, std, classes = (
+            store.images(np.arange(5)),
+            store.mean,
+            store.std,
+            store.classes,
+        )
+    assert epoch is not None
+    listed = {a["path"] for a in manifest["artifacts"]}
+    for name in methods:
+        path = out / f"attributions-{name}.h5"
+        assert path.name in listed
+        with h5py.File(path, "r") as f:
+            assert f.attrs["method"] == name and f.attrs["num_images"] == 64
+            assert f.attrs["explained"] == len(explained) and f.attrs["target"] == "predicted"
+            assert [str(c) for c in f.attrs["classes"]] == classes
+            assert ("layer" in f.attrs) == (name in ("gradcam", "guided_gradcam"))
+            maps, targets = f["maps"][:], f["targets"][:]
+            assert maps.shape == (64, 32, 32) and f["index"][:].tolist() == explained
+            np.testing.assert_array_equal(f["predicted"][:], recorded)
+        done = np.zeros(64, bool)
+        done[explained] = True
+        assert np.isfinite(maps[done]).all() and maps[done].min() >= 0 and maps[done].max() <= 1
+        assert np.isnan(maps[~done]).all() and (targets[~done] == -1).all()
+        np.testing.assert_array_equal(targets[done], recorded[done])
+        if name == "gradcam":  # the native engine's maps of the first images, computed here
+            model = load_model(run, registries(), epoch, "cpu")
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+            x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+            want = compute_cam(model, x, "layer4", target=torch.from_numpy(recorded[:5]))
+            np.testing.assert_allclose(maps[:5], want.maps.detach().numpy(), atol=1e-4)
 
 
 def test_analyzer_captum_cli_methods_target_and_limit(cifar_run):

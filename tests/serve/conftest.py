@@ -1,5 +1,6 @@
-"""The explorer's fixtures: one tiny real run with gradcam and quality analyzed (per-epoch
-checkpoints kept), a second run on the same eval set, and clients over them."""
+"""The explorer's fixtures: one tiny real run with gradcam, quality and captum analyzed
+(per-epoch checkpoints kept), a second run on the same eval set, a tiny run of each task
+(detection, segmentation, multi-label), and clients over them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from tests.helpers import registries, train_run
 @pytest.fixture(scope="session")
 def explorer_run(tiny_run_master, tmp_path_factory) -> Path:
     """A trained shapes run (2 epochs, 64 eval images) with the gradcam analyzer's
-    attributions.h5 and the quality analyzer's per_image.csv. Read-only: copy to damage."""
+    attributions.h5, the quality analyzer's per_image.csv and the captum analyzer's
+    attributions-saliency.h5 (its first 8 images and 2 shown). Read-only: copy to damage."""
     import torch
 
     from explainkit.runner import analyze
@@ -27,6 +29,8 @@ def explorer_run(tiny_run_master, tmp_path_factory) -> Path:
             ("gradcam", {}),
             ("quality", {"quality_count": 16, "quality_steps": 4, "quality_sanity": False,
                          "quality_methods": "gradcam"}),
+            ("captum", {"captum_limit": 4, "captum_count": 2, "captum_methods": "saliency",
+                        "captum_map_images": 8}),
         ):  # fmt: skip
             (manifest,) = analyze(
                 run, plugins=[name], device="cpu", batch_size=32, collect_failures=True, **options
@@ -52,4 +56,32 @@ def client(explorer_run, other_run):
 
     app = build_app([explorer_run, other_run], registries(), "cpu")
     with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+TASK_RUN = dict(dataset="scenes", image_size=32, width=8, epochs=1, batch_size=16,
+                limit_train=32, limit_eval=16, device="cpu", lr=0.02)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def task_runs(tmp_path_factory) -> dict[str, Path]:
+    """One tiny trained run per task on the scenes dataset (16 eval images of 32 px)."""
+    from explainkit.config import TrainConfig
+    from explainkit.train.tasks import train
+
+    root = tmp_path_factory.mktemp("explorer-tasks")
+    return {
+        task: train(TrainConfig(task=task, **TASK_RUN), registries(), out=root / task, quiet=True)
+        for task in ("detection", "segmentation", "multilabel")
+    }
+
+
+@pytest.fixture(scope="session")
+def task_client(task_runs):
+    from starlette.testclient import TestClient
+
+    from explainkit.serve import build_app
+
+    runs = [task_runs[t] for t in ("detection", "segmentation", "multilabel")]
+    with TestClient(build_app(runs, registries(), "cpu"), raise_server_exceptions=False) as c:
         yield c

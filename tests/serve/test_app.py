@@ -129,6 +129,28 @@ def test_images_and_stored_maps_are_the_files_pixels(client, explorer_run, truth
     assert np.array_equal(decode(client.get("/map/0/9/gradcam.png").content), expected)
 
 
+def test_captum_maps_beside_the_cams_for_the_images_it_explained(client, explorer_run):
+    """The captum analyzer's attributions-saliency.h5 (the first 8 images and the figure's)
+    is a map source: its rows are served, an image it did not explain is one sentence."""
+    with h5py.File(explorer_run / "analyses/captum/attributions-saliency.h5", "r") as f:
+        index, maps = f["index"][:].tolist(), f["maps"]
+        first = colorize(maps[3].astype(np.float32))
+        missing = next(i for i in range(64) if i not in index)
+    assert index[:8] == list(range(8))
+    d = client.get("/api/runs/0/images/3").json()
+    keys = {m["key"]: m for m in d["methods"]}
+    assert keys["captum-saliency"]["stored"] and "gradcam" in keys
+    assert "Saliency" in keys["captum-saliency"]["label"] and not d["unexplained"]
+    assert np.array_equal(decode(client.get("/map/0/3/captum-saliency.png").content), first)
+    r = client.get(f"/map/0/{missing}/captum-saliency.png")
+    assert r.status_code == 404 and "did not explain image" in r.text
+    d = client.get(f"/api/runs/0/images/{missing}").json()
+    assert "captum-saliency" not in {m["key"] for m in d["methods"]}
+    assert any("Saliency" in label for label in d["unexplained"])
+    page = client.get(f"/runs/0/images/{missing}").text
+    assert 'id="unexplained"' in page
+
+
 def test_a_map_computed_on_demand_agrees_with_the_analyzer(client, explorer_run):
     """The engine's Grad-CAM of an image (layer, target, normalization chosen as the analyzer
     chooses them) matches the map the gradcam analyzer stored, to float16 storage."""

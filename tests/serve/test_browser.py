@@ -59,14 +59,13 @@ def differs(drawn: np.ndarray, served: np.ndarray, size: int = DRAWN) -> float:
     return best
 
 
-@pytest.fixture(scope="module")
-def server(explorer_run, other_run):
-    """The explorer on a free local port, served by uvicorn in a thread."""
+def serve_runs(runs):
+    """The explorer over ``runs`` on a free local port, served by uvicorn in a thread."""
     import uvicorn
 
     from explainkit.serve import bind, build_app
 
-    app = build_app([explorer_run, other_run], registries(), "cpu")
+    app = build_app(runs, registries(), "cpu")
     sock = bind("127.0.0.1", 0)
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -78,6 +77,16 @@ def server(explorer_run, other_run):
     srv.should_exit = True
     thread.join(timeout=30)
     sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(explorer_run, other_run):
+    yield from serve_runs([explorer_run, other_run])
+
+
+@pytest.fixture(scope="module")
+def task_server(task_runs):
+    yield from serve_runs([task_runs["detection"], task_runs["segmentation"]])
 
 
 @pytest.fixture(scope="module")
@@ -185,4 +194,144 @@ def test_filter_to_a_confusion_open_an_image_and_switch_methods(server, browser,
     assert differs(first, epoch1) < 2
     set_opacity(page, 0.5)
     page.screenshot(path=str(shots / "explorer.png"), full_page=True)
+    assert not errors, errors
+
+
+def set_range(page, selector: str, value: float) -> None:
+    page.eval_on_selector(
+        selector,
+        "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
+        str(value),
+    )
+
+
+def rgb(text: str) -> np.ndarray:
+    return np.array([int(v) for v in text[4:-1].split(",")], np.int16)
+
+
+def edge_hits(drawn: np.ndarray, box, colour: np.ndarray, scale: int, at: tuple[int, int]) -> float:
+    """The share of the rows of a box's left and right edges (their middle half) where the
+    screenshot has ``colour`` within 2 px of where the store puts the edge."""
+    dy, dx = at
+    x0, y0, x1, y1 = (float(v) * scale for v in box)
+    rows = range(int(y0 + (y1 - y0) / 4) + dy, int(y1 - (y1 - y0) / 4) + dy)
+    hits = total = 0
+    for x in (x0, x1):
+        cols = slice(max(0, int(x) - 2 + dx), int(x) + 3 + dx)
+        for y in rows:
+            total += 1
+            hits += bool((np.abs(drawn[y, cols] - colour).max(-1) < 40).any())
+    return hits / max(total, 1)
+
+
+def align(drawn: np.ndarray, image: np.ndarray) -> tuple[int, int]:
+    """Where the image's top-left corner lies in a screenshot of the stack."""
+    want = scaled(image, (DRAWN, DRAWN))
+    shifts = [
+        (dy, dx)
+        for dy in range(drawn.shape[0] - DRAWN + 1)
+        for dx in range(drawn.shape[1] - DRAWN + 1)
+    ]
+    return min(
+        shifts,
+        key=lambda s: np.abs(drawn[s[0] : s[0] + DRAWN, s[1] : s[1] + DRAWN] - want).mean(),
+    )
+
+
+def test_task_runs_draw_boxes_and_masks_where_the_store_says(
+    task_server, task_runs, browser, tmp_path
+):
+    from explainkit.serve.tasks import MIN_SCORE, palette
+    from explainkit.store import open_store
+    from explainkit.task_metrics import match_detections
+
+    with open_store(task_runs["detection"]) as store:
+        dets, truth = store.detections(), store.boxes()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+    # the grid of the detection run: click "missed" of a class in the per-class table
+    c = int(truth[0][1][0])
+    missed = [
+        match_detections(*d, *t, min_score=MIN_SCORE)[1] for d, t in zip(dets, truth, strict=True)
+    ]
+    want = [i for i, m in enumerate(missed) if c in truth[i][1][m]]
+    page.goto(task_server + "runs/0/")
+    page.wait_for_selector("#grid a.thumb")
+    page.click(f'#confusion td.cell[data-label="{c}"][data-has="missed"]')
+    page.wait_for_function(
+        "n => document.querySelector('#status').textContent === n + ' images'", arg=len(want)
+    )
+    hrefs = page.eval_on_selector_all("#grid a.thumb", "a => a.map(x => x.getAttribute('href'))")
+    assert sorted(int(h.split("/images/")[1].split("?")[0]) for h in hrefs) == want
+
+    # the detail view of the first: true boxes drawn where the store puts them
+    i = want[0]
+    page.goto(task_server + f"runs/0/images/{i}")
+    page.wait_for_selector("#boxes[data-drawn]")
+    image = decode(fetch(task_server + f"img/0/{i}.png"))
+    page.uncheck("#show-truth")
+    page.uncheck("#show-pred")
+    bare = decode(page.locator(".stack").screenshot())
+    assert differs(bare, image) < 2
+    at = align(bare, image)
+    page.check("#show-truth")
+    drawn = decode(page.locator(".stack").screenshot())
+    for box, is_missed in zip(
+        truth[i][0], np.isin(np.arange(len(truth[i][1])), missed[i]), strict=True
+    ):
+        colour = rgb("rgb(255,40,40)") if is_missed else rgb("rgb(40,200,40)")
+        assert edge_hits(drawn, box, colour, DRAWN // 32, at) > 0.8, box
+    changed = np.abs(drawn - bare).max(-1) > 40
+    near = np.zeros_like(changed)
+    for x0, y0, x1, y1 in (np.asarray(truth[i][0]) * DRAWN // 32).astype(int):
+        near[at[0] + y0 - 3 : at[0] + y1 + 4, at[1] + x0 - 3 : at[1] + x1 + 4] = True
+    assert changed.any() and not (changed & ~near).any()  # nothing drawn away from the boxes
+
+    # the detections scored at least the second best: only they are drawn
+    page.uncheck("#show-truth")
+    page.check("#show-pred")
+    boxes, scores = dets[i][0], dets[i][1]
+    second = float(np.sort(scores)[-2])
+    set_range(page, "#min-score", f"{second - 1e-4:.4f}")
+    page.wait_for_function("() => document.querySelector('#boxes').dataset.drawn.startsWith('2@')")
+    drawn = decode(page.locator(".stack").screenshot())
+    grey = rgb("rgb(160,160,160)")
+    for j in np.argsort(-scores)[:2]:
+        x0, y0, x1, y1 = boxes[j]
+        if scores[j] < MIN_SCORE and y1 - y0 >= 1:  # under the threshold: drawn grey
+            assert edge_hits(drawn, boxes[j], grey, DRAWN // 32, at) > 0.8, boxes[j]
+    assert page.eval_on_selector_all("#boxes rect", "r => r.length") == 2
+    assert not errors, errors
+    shots = Path(os.environ.get("EXPLAINKIT_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page.check("#show-truth")
+    page.screenshot(path=str(shots / "explorer-detection.png"), full_page=True)
+
+    # segmentation: the predicted and the true mask, pixel by pixel, then none
+    with open_store(task_runs["segmentation"]) as store:
+        pred, true = (
+            store.epoch_data("masks", None, slice(3, 4))[0],
+            store.truth("eval/segmentation", slice(3, 4))[0],
+        )
+        colours = palette(len(store.classes))
+    page.goto(task_server + "runs/1/images/3")
+    page.wait_for_function("() => document.querySelector('#mask').dataset.ready === 'predicted'")
+    image = decode(fetch(task_server + "img/1/3.png"))
+    set_range(page, "#mask-opacity", 1)
+    for which, mask in (("predicted", pred), ("true", true)):
+        if which == "true":
+            page.select_option("#mask-which", "true")
+            page.wait_for_function("() => document.querySelector('#mask').dataset.ready === 'true'")
+        rgba = colours[mask].astype(np.int16)
+        expected = np.where(rgba[..., 3:] == 255, rgba[..., :3], image)
+        drawn = decode(page.locator(".stack").screenshot())
+        assert differs(drawn, expected) < 2, which
+        if (mask > 0).any():
+            assert differs(drawn, image) > 2
+    set_range(page, "#mask-opacity", 0)
+    assert differs(decode(page.locator(".stack").screenshot()), image) < 2
+    set_range(page, "#mask-opacity", 0.6)
+    page.screenshot(path=str(shots / "explorer-segmentation.png"), full_page=True)
     assert not errors, errors

@@ -22,8 +22,8 @@ async function getJSON(url) {
 function gridPage() {
   const run = document.body.dataset.run;
   const form = document.getElementById("filters");
-  const fields = ["true", "pred", "correct", "conf_min", "conf_max", "sort", "desc", "per_page",
-                  "vs", "outcome", "ids", "page"];
+  const fields = ["true", "pred", "label", "has", "correct", "conf_min", "conf_max", "sort", "desc",
+                  "per_page", "vs", "outcome", "ids", "page"];
   const start = new URLSearchParams(location.search);
   for (const name of fields) {
     const input = form.elements[name];
@@ -67,7 +67,7 @@ function gridPage() {
     const method = start.get("method");
     const back = encodeURIComponent(q.toString()) + (method ? "&method=" + encodeURIComponent(method) : "");
     grid.replaceChildren(...data.items.map((item) => {
-      const caption = `${item.true} → ${item.predicted} ${(100 * item.confidence).toFixed(1)}%`;
+      const caption = item.caption;
       const extra = item.score === undefined ? [] :
         [el("span", {textContent: `${form.elements.sort.value} ${item.score === null ? "–" : item.score.toFixed(3)}`})];
       return el("a", {
@@ -98,6 +98,13 @@ function gridPage() {
   }
 
   function markCell() {
+    if (form.elements.label) {  // a task run: a class and which of its sets
+      const l = form.elements.label.value, h = form.elements.has.value;
+      for (const cell of document.querySelectorAll("#confusion td.cell")) {
+        cell.classList.toggle("on", cell.dataset.label === l && cell.dataset.has === h);
+      }
+      return;
+    }
     const t = form.elements.true.value, p = form.elements.pred.value;
     for (const cell of document.querySelectorAll("#confusion td.cell")) {
       cell.classList.toggle("on", cell.dataset.true === t && cell.dataset.pred === p);
@@ -111,13 +118,40 @@ function gridPage() {
     load();
   }
 
+  function pickLabel(label, has) {
+    form.elements.label.value = label;
+    form.elements.has.value = has;
+    form.elements.page.value = 0;
+    load();
+  }
+
+  function labelTable(data) {
+    // a task run: per class, the images holding it in each set; a count filters to them
+    const sets = [["true", "in truth"], ["pred", "predicted"], ["missed", "missed"], ["false", "false"]];
+    const head = el("tr", {}, [el("th", {textContent: "class"}),
+                               ...sets.map(([, title]) => el("th", {textContent: title}))]);
+    const rows = data.labels.map((row, k) => el("tr", {}, [
+      el("th", {textContent: row.class}),
+      ...sets.map(([name]) => {
+        const cell = el("td", {textContent: row[name],
+          className: "cell " + (row[name] ? (name === "missed" || name === "false" ? "off" : "diag") : "")});
+        cell.dataset.label = k; cell.dataset.has = name;
+        cell.addEventListener("click", () => pickLabel(String(k), name));
+        return cell;
+      }),
+    ]));
+    return el("table", {}, [el("thead", {}, [head]), el("tbody", {}, rows)]);
+  }
+
   async function confusion() {
     const box = document.getElementById("confusion");
     let data;
     try { data = await getJSON(`/api/runs/${run}/confusion`); } catch (err) {
       box.textContent = "error: " + err.message; return;
     }
-    if (data.matrix) {
+    if (data.labels) {
+      box.replaceChildren(labelTable(data));
+    } else if (data.matrix) {
       const head = el("tr", {}, [el("th"), ...data.classes.map((c) => el("th", {textContent: c}))]);
       const rows = data.matrix.map((row, t) => el("tr", {}, [
         el("th", {textContent: data.classes[t]}),
@@ -193,6 +227,10 @@ function detailPage() {
   const overlay = document.getElementById("overlay");
   const opacity = document.getElementById("opacity");
   const errorBox = document.getElementById("overlay-error");
+  const task = document.body.dataset.task;
+  if (task === "segmentation") maskControls();
+  if (task === "detection") boxControls();
+  if (!select) { overlay.dataset.ready = "none"; return; }  // a run without maps
   const wanted = params.get("method");
   if (wanted && [...select.options].some((o) => o.value === wanted)) select.value = wanted;
 
@@ -237,6 +275,89 @@ function detailPage() {
       }
     });
   }
+}
+
+// -- task runs: segmentation masks and detection boxes over the image ---------------------------
+
+function maskControls() {
+  const which = document.getElementById("mask-which");
+  const mask = document.getElementById("mask");
+  const opacity = document.getElementById("mask-opacity");
+  const errorBox = document.getElementById("overlay-error");
+  function setOpacity() {
+    mask.style.opacity = opacity.value;
+    document.getElementById("mask-opacity-value").textContent = opacity.value;
+  }
+  async function setMask() {
+    mask.dataset.ready = "";
+    const option = which.selectedOptions[0];
+    if (option.value) {
+      mask.hidden = false;
+      await showPNG(mask, option.dataset.url, errorBox);
+    } else {
+      mask.hidden = true;
+    }
+    mask.dataset.ready = option.value || "none";
+  }
+  opacity.addEventListener("input", setOpacity);
+  which.addEventListener("change", setMask);
+  setOpacity();
+  setMask();
+}
+
+const BOX_COLOURS = {truth: "rgb(40,200,40)", missed: "rgb(255,40,40)", found: "rgb(60,120,255)",
+                     false: "rgb(255,160,0)", low: "rgb(160,160,160)"};
+
+async function boxControls() {
+  const svg = document.getElementById("boxes");
+  const run = document.body.dataset.run, image = document.body.dataset.image;
+  const showTruth = document.getElementById("show-truth");
+  const showPred = document.getElementById("show-pred");
+  const minScore = document.getElementById("min-score");
+  const info = await getJSON(`/api/runs/${run}/images/${image}`);
+  const scale = svg.width.baseVal.value / svg.viewBox.baseVal.width;
+  const NS = "http://www.w3.org/2000/svg";
+
+  function box(b, colour, label) {
+    const g = document.createElementNS(NS, "g");
+    const rect = document.createElementNS(NS, "rect");
+    const attrs = {x: b[0], y: b[1], width: Math.max(b[2] - b[0], 0), height: Math.max(b[3] - b[1], 0),
+                   fill: "none", stroke: colour, "stroke-width": 2, "vector-effect": "non-scaling-stroke",
+                   "shape-rendering": "crispEdges"};
+    for (const [k, v] of Object.entries(attrs)) rect.setAttribute(k, v);
+    const text = document.createElementNS(NS, "text");
+    text.setAttribute("x", b[0] + 2 / scale);
+    text.setAttribute("y", b[1] + 11 / scale);
+    text.setAttribute("font-size", 10 / scale);
+    text.setAttribute("fill", colour);
+    text.textContent = label;
+    const title = document.createElementNS(NS, "title");
+    title.textContent = label;
+    g.append(rect, text, title);
+    return g;
+  }
+  function draw() {
+    const threshold = Number(minScore.value);
+    document.getElementById("min-score-value").textContent = minScore.value;
+    const shapes = [];
+    if (showPred.checked) {
+      for (const d of info.detections) {
+        if (d.score < threshold) continue;
+        const colour = d.false ? BOX_COLOURS.false : d.score >= info.min_score ? BOX_COLOURS.found : BOX_COLOURS.low;
+        shapes.push(box(d.box, colour, `${d.class} ${d.score.toFixed(2)}`));
+      }
+    }
+    if (showTruth.checked) {
+      for (const t of info.truth) {
+        shapes.push(box(t.box, t.missed ? BOX_COLOURS.missed : BOX_COLOURS.truth, t.class));
+      }
+    }
+    svg.replaceChildren(...shapes);
+    svg.dataset.drawn = `${shapes.length}@${minScore.value}:${showTruth.checked}:${showPred.checked}`;
+  }
+  for (const input of [showTruth, showPred, minScore]) input.addEventListener("input", draw);
+  for (const input of [showTruth, showPred]) input.addEventListener("change", draw);
+  draw();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
