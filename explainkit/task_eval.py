@@ -121,16 +121,25 @@ def takes_image_list(model: nn.Module) -> bool:
     return isinstance(model, (GeneralizedRCNN, RetinaNet, FCOS, SSD))
 
 
-def detections_of(output: Any, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
+def detections_of(
+    output: Any,
+    image_size: tuple[int, int],
+    min_score: float = MIN_SCORE,
+    limit: int | None = MAX_DETECTIONS,
+) -> list[dict[str, Tensor]]:
     """Per image ``{boxes (n, 4) in pixels (x1, y1, x2, y2), scores (n,), labels (n,)}`` with
-    labels 0..K-1, at most :data:`MAX_DETECTIONS` of score at least :data:`MIN_SCORE`.
+    labels 0..K-1, the best first: at most ``limit`` of score at least ``min_score`` (what a
+    store records; an explanation keeps every detection, so that gradients reach them all).
 
     Raises:
         ExplainkitError: ``output`` is neither torchvision's nor a transformers detector's.
     """
     if isinstance(output, (list, tuple)) and all(isinstance(o, dict) for o in output):
         if all({"boxes", "scores", "labels"} <= set(o) for o in output):
-            return [_kept(o["boxes"], o["scores"], o["labels"], o["labels"] > 0, 1) for o in output]
+            return [
+                _kept(o["boxes"], o["scores"], o["labels"], o["labels"] > 0, 1, min_score, limit)
+                for o in output
+            ]
     logits = _field(output, "logits")
     boxes = _field(output, "pred_boxes")
     if isinstance(logits, Tensor) and isinstance(boxes, Tensor) and logits.dim() == 3:
@@ -141,7 +150,7 @@ def detections_of(output: Any, image_size: tuple[int, int]) -> list[dict[str, Te
         cx, cy, w, h = boxes.float().unbind(-1)
         corners = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * scale
         return [
-            _kept(b, s, lab, torch.ones_like(s, dtype=torch.bool), 0)
+            _kept(b, s, lab, torch.ones_like(s, dtype=torch.bool), 0, min_score, limit)
             for b, s, lab in zip(corners, scores, labels, strict=True)
         ]
     from explainkit.explain.outputs import describe_output
@@ -158,11 +167,17 @@ def _field(output: Any, name: str) -> Any:
 
 
 def _kept(
-    boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor, shift: int
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    keep: Tensor,
+    shift: int,
+    min_score: float,
+    limit: int | None,
 ) -> dict[str, Tensor]:
-    keep = keep & (scores >= MIN_SCORE)
+    keep = keep & (scores >= min_score)
     scores = scores[keep].float()
-    order = scores.argsort(descending=True)[:MAX_DETECTIONS]
+    order = scores.argsort(descending=True)[:limit]
     return {
         "boxes": boxes[keep].float()[order].reshape(-1, 4),
         "scores": scores[order].clamp(0, 1),

@@ -274,17 +274,22 @@ def truth_regions(store: Any, items: Items) -> tuple[np.ndarray, np.ndarray, str
 
 
 class DetectorOutputs(nn.Module):
-    """A torchvision detector as the store records it: labels 0..K-1, its background class
-    dropped (:func:`explainkit.models.tasks.detection_outputs`), from a batch tensor."""
+    """A detector (torchvision's or a transformers one) as the store records it, labels
+    0..K-1, from a batch tensor, every detection kept
+    (:func:`explainkit.task_eval.detections_of`)."""
 
     def __init__(self, model: nn.Module) -> None:
+        from explainkit.task_eval import takes_image_list
+
         super().__init__()
         self.model = model
+        self.listed = takes_image_list(model)
 
     def forward(self, x: Tensor) -> list[dict[str, Tensor]]:
-        from explainkit.models.tasks import detection_outputs
+        from explainkit.task_eval import detections_of
 
-        return detection_outputs(self.model(list(x)))
+        out = self.model(list(x)) if self.listed else self.model(x)
+        return detections_of(out, tuple(x.shape[-2:]), min_score=0.0, limit=None)
 
 
 def explained_model(model: nn.Module, task: str) -> nn.Module:
