@@ -58,7 +58,7 @@ class GradCAMAnalyzer(Analyzer):
     name = "gradcam"
     title = "Grad-CAM"
     summary = (
-        "Native batched Grad-CAM (and 12 more CAM methods) maps for all eval images (HDF5 + PNG)."
+        "Native batched Grad-CAM (and 13 more CAM methods) maps for all eval images (HDF5 + PNG)."
     )
     needs = frozenset({"store", "checkpoint"})
     order = 40

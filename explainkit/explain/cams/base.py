@@ -72,6 +72,7 @@ class CAM:
     name = "cam"
     uses_gradients = True  # False: the backward pass is skipped (the target is not used)
     needs_hvp = False  # True: the Hessian-vector product H.A is computed too (ShapleyCAM)
+    own_pass = False  # True: explains through its own pass, not one layer's (FullGrad)
 
     def __init__(
         self, model: nn.Module, layer: str | nn.Module | None = None, reshape: str = "auto"
@@ -167,21 +168,15 @@ class CAM:
         images = self._precheck(images)
         model = self.model
         self._size = tuple(int(s) for s in images.shape[2:])
-        training = [m for m in self._all_modules if m.training]
-        frozen = [p for p in self._params if p.requires_grad]
         self._acts.clear()
         if self.module is None:  # no layer given: locate one on the first batch, and say so
             self._choose(target_layer(model, None, images[:1]))
             warnings.warn(f"no layer given; explaining {self.layer!r}", stacklevel=3)
-        self._handles.append(self.module.register_forward_hook(self._hook))
         gradients = any(m.uses_gradients for m in methods)
         hvp_needed = any(m.needs_hvp for m in methods)
         hvp = None
-        try:
-            for p in frozen:
-                p.requires_grad_(False)
-            if training:
-                model.eval()
+        with self._frozen():
+            self._handles.append(self.module.register_forward_hook(self._hook))
             with torch.inference_mode(False), torch.enable_grad(), _double_backward(hvp_needed):
                 output = self._forward(images)
                 if not self._acts:
@@ -204,12 +199,6 @@ class CAM:
                 if layout.kind == "vit" and gradients and not self._checked_tokens:
                     self._checked_tokens = True  # one device sync, on the first call only
                     unreached = not bool(g.any())
-        finally:
-            self.close()
-            for p in frozen:
-                p.requires_grad_(True)
-            for m in training:
-                m.training = True
         if layout.grid[0] * layout.grid[1] == 1 and not self._warned_unlocalized:
             self._warn_unlocalized(images)
         if self.reshape == "auto" and not self._warned_layout:
@@ -220,6 +209,25 @@ class CAM:
         return [
             CAMResult(maps, raw, classes, predicted, logits, explained) for raw, maps in computed
         ]
+
+    @contextlib.contextmanager
+    def _frozen(self) -> Any:
+        """Eval mode and no parameter gradients while a batch is explained; flags and hooks
+        are restored in a ``finally`` block, so an exception never leaves the model changed."""
+        training = [m for m in self._all_modules if m.training]
+        frozen = [p for p in self._params if p.requires_grad]
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            if training:
+                self.model.eval()
+            yield
+        finally:
+            self.close()
+            for p in frozen:
+                p.requires_grad_(True)
+            for m in training:
+                m.training = True
 
     def _gradients(
         self, output: Any, acts: Tensor, target: Target, gradients: bool, hvp_needed: bool
