@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from explainkit.errors import AnalyzerError
 from explainkit.explain.gradcam import CAM_CLASSES, compute_cam, compute_cams
 from explainkit.explain.methods import CAM_METHODS
 from explainkit.explain.targets import ClassProbability
@@ -187,6 +188,10 @@ def test_fullgrad_equals_pytorch_grad_cam(model, images):
         if isinstance(mod, torch.nn.ReLU):
             mod.inplace = False
     assert torch.equal(compute_cam(net, images, method="fullgrad").maps, before)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(5))  # fmt: skip
+    with pytest.raises(AnalyzerError, match="needs convolution or batch-norm layers with biases"):
+        compute_cam(plain, images, method="fullgrad")
 
 
 def test_fullgrad_bias_terms_are_what_the_decomposition_says():
@@ -262,3 +267,31 @@ class Head(torch.nn.Module):
 
     def forward(self, x):
         return self.fc(torch.nn.functional.gelu(x).mean(1))
+
+
+def test_cli_draws_methods_side_by_side_and_the_report_shows_them(tiny_run):
+    """--gradcam-compare: one figure, a row per shown image and a column per method, listed
+    in the manifest and the report; a name it does not know fails in one sentence."""
+    import json
+
+    from PIL import Image
+
+    from explainkit.report import render_report
+    from tests.helpers import registries, run_cli
+
+    args = ("analyze", str(tiny_run), "--plugin", "gradcam", "--gradcam-count", "2")
+    result = run_cli(*args, "--gradcam-compare", "fullgrad, scorecam,gradcam")
+    assert result.returncode == 0, result.stderr
+    out = tiny_run / "analyses" / "gradcam"
+    compare = json.loads((out / "gradcam.json").read_text())["compare"]
+    assert compare["methods"] == ["gradcam", "fullgrad", "scorecam"] and not compare["failed"]
+    assert all(ms > 0 for ms in compare["ms_per_image"].values())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "gradcam_compare.png" in [a["path"] for a in manifest["artifacts"]]
+    width, height = Image.open(out / "gradcam_compare.png").size
+    assert width > height  # 2 rows of 4 tiles (image + 3 methods), and a title
+    page = render_report(tiny_run, registries())
+    assert "Methods side by side" in page and "FullGrad" in page and "Score-CAM" in page
+    bad = run_cli(*args, "--gradcam-compare", "gradcam,nope")
+    assert bad.returncode != 0 and "unknown method 'nope'" in bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stdout + bad.stderr

@@ -186,7 +186,7 @@ class CAM:
                     )
                 acts = self._acts[0]
                 n = images.shape[0]
-                classes = _classes(target, output, n, gradients).to(acts.device)
+                classes = target_classes(target, output, n, gradients).to(acts.device)
                 explained, grads, hvp = self._gradients(output, acts, target, gradients, hvp_needed)
             with torch.no_grad():
                 # Gradients are taken with respect to the layer's own output (tokens for a
@@ -205,7 +205,7 @@ class CAM:
             self._warn_channels_last(tuple(acts.shape))  # the layer's own output
         if unreached:
             self._warn_unreached_patches(images)
-        logits, predicted = _logits_and_predicted(output, explained, n)
+        logits, predicted = logits_and_predicted(output, explained, n)
         return [
             CAMResult(maps, raw, classes, predicted, logits, explained) for raw, maps in computed
         ]
@@ -238,7 +238,7 @@ class CAM:
                 scores = _safe_scores(target, output, acts.shape[0], acts.device)
             return scores, torch.zeros_like(acts), None
         tensor, seed = target.objective(output)
-        scores = _explained(tensor, seed)
+        scores = explained_scores(tensor, seed)
         if not tensor.requires_grad:  # e.g. no detection matched: nothing to explain
             if not self._warned_constant:
                 self._warned_constant = True
@@ -394,7 +394,7 @@ def _double_backward(needed: bool) -> Any:
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _explained(tensor: Tensor, seed: Tensor) -> Tensor:
+def explained_scores(tensor: Tensor, seed: Tensor) -> Tensor:
     """The (N,) scores a target's ``(tensor, grad_outputs)`` stands for."""
     with torch.no_grad():
         if tensor.dim() == 1:
@@ -409,7 +409,7 @@ def _safe_scores(target: Target, output: Any, n: int, device: torch.device) -> T
         return torch.full((n,), float("nan"), device=device)
 
 
-def _classes(target: Target, output: Any, n: int, gradients: bool) -> Tensor:
+def target_classes(target: Target, output: Any, n: int, gradients: bool) -> Tensor:
     try:
         return target.classes(output, n)
     except AnalyzerError:
@@ -418,7 +418,7 @@ def _classes(target: Target, output: Any, n: int, gradients: bool) -> Tensor:
         return torch.full((n,), -1, dtype=torch.int64)  # EigenCAM of a model no target fits
 
 
-def _logits_and_predicted(output: Any, explained: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def logits_and_predicted(output: Any, explained: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """A classifier's (N, C) logits and argmax; else the explained scores (N, 1) and -1s."""
     try:
         found = scores_of(output) if not isinstance(output, list) else None

@@ -34,9 +34,9 @@ from explainkit.errors import AnalyzerError
 from explainkit.explain.cam_result import CAMResult, normalize_maps
 from explainkit.explain.cams.base import (
     CAM,
-    _classes,
-    _explained,
-    _logits_and_predicted,
+    explained_scores,
+    logits_and_predicted,
+    target_classes,
 )
 from explainkit.explain.layers import RESHAPES, Layout
 from explainkit.explain.targets import Target
@@ -102,14 +102,14 @@ class FullGrad(CAM):
         self._biased = bias_layers(model)
         if not self._biased:
             raise AnalyzerError(
-                "FullGrad needs convolution or batch-norm layers with biases, and this model "
-                "has none; use another method"
+                "the fullgrad method needs convolution or batch-norm layers with biases, and this "
+                "model has none; use another method"
             )
         self._sum: Tensor | None = None
 
     def _explain(self, images: Tensor, target: Target, methods: Sequence[CAM]) -> list[CAMResult]:
         if list(methods) != [self]:
-            raise AnalyzerError("FullGrad explains through its own pass; compute it alone")
+            raise AnalyzerError("fullgrad explains through its own pass; compute it alone")
         images = self._precheck(images)
         n, size = images.shape[0], tuple(int(s) for s in images.shape[2:])
         self._size = size
@@ -120,9 +120,9 @@ class FullGrad(CAM):
             with torch.inference_mode(False), torch.enable_grad():
                 x = images.detach().requires_grad_(True)
                 output = self.model(x)
-                classes = _classes(target, output, n, True).to(images.device)
+                classes = target_classes(target, output, n, True).to(images.device)
                 tensor, seed = target.objective(output)
-                scores = _explained(tensor, seed)
+                scores = explained_scores(tensor, seed)
                 if tensor.requires_grad:
                     (grad_x,) = torch.autograd.grad(tensor, x, grad_outputs=seed)
                 else:  # e.g. no detection matched: nothing to explain
@@ -141,7 +141,7 @@ class FullGrad(CAM):
         self._sum = None
         video = len(size) == 3  # the input's own grid: (T, H, W) for clips
         self.layout = Layout("video", 0, size[1:], size[0]) if video else Layout("nchw", 0, size)
-        logits, predicted = _logits_and_predicted(output, scores, n)
+        logits, predicted = logits_and_predicted(output, scores, n)
         return [CAMResult(normalize_maps(raw), raw, classes, predicted, logits, scores)]
 
     def _watch(self, module: nn.Module, inputs: Any, output: Any) -> None:
