@@ -9,6 +9,10 @@ speed-up over each method and how far each method's maps are from the native one
 
     python benchmarks/gradcam_speed.py --width 64 --batch-size 64 --images 512 --device auto
 
+``--methods all`` (or a comma list of native names) instead times every native CAM beside
+each peer's version of it (pytorch-grad-cam, torch-cam, Captum where they have it;
+benchmarks/cam_peers.py), all round-robin in one process, and prints a Markdown table.
+
 Targets: native >= 0.9x plain inference, and faster than every peer. The native engine gets
 there because its backward pass stops at the target layer and computes no parameter
 gradients.
@@ -23,10 +27,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from _timing import round_robin
+from cam_peers import PEERS, peer_fns
 from gradcam_models import peers
 
-from explainkit.explain.gradcam import GradCAM, normalize_maps
-from explainkit.models import build_model
+from explainkit.api import load_registries
+from explainkit.explain.gradcam import CAM_CLASSES, GradCAM, normalize_maps
 
 PEER_NAMES = {
     "captum": "Captum LayerGradCam",
@@ -49,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA; CPU too if asked)")
     p.add_argument("--no-captum", action="store_true", help="skip Captum even if installed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="gradcam",
+                   help="gradcam (the detailed Grad-CAM table), all, or native names")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -82,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         device = torch.device(args.device)
     torch.manual_seed(args.seed)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = build_model(args.arch, width=args.width).to(device, memory_format=memory_format)
+    model = load_registries().build_model(args.arch, 10, width=args.width)
+    model = model.to(device, memory_format=memory_format)
     model.eval()  # parameters keep requires_grad=True, as users have them
     layer = dict(model.named_modules())[args.layer]
     g = torch.Generator().manual_seed(args.seed)
@@ -106,8 +114,11 @@ def main(argv: list[str] | None = None) -> None:
         with torch.inference_mode(), amp():
             model(x)
 
-    cam = GradCAM(model, args.layer)
     target_of = dict(zip((id(x) for x in batches), targets.split(args.batch_size), strict=True))
+    if args.methods != "gradcam":
+        every_method(args, model, batches, lambda x: target_of[id(x)], plain, sync, device)
+        return
+    cam = GradCAM(model, args.layer)
 
     def native(x):
         with amp():
@@ -159,6 +170,48 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<26}{ips:>10.1f}{ips / results['plain inference']:>8.2f}x"
               f"{speedup:>10}{diff}")  # fmt: skip
     print(f"native/plain = {nat / results['plain inference']:.2f}x  (target >= 0.9x)")
+
+
+def every_method(args, model, batches, target_of, plain, sync, device) -> None:
+    """One round-robin over every chosen native CAM and each peer's version of it."""
+    names = list(PEERS) if args.methods == "all" else args.methods.split(",")
+    fns: dict[tuple[str, str], Callable] = {("plain inference", ""): plain}
+    for name in names:
+        engine = CAM_CLASSES[name](model, args.layer)
+        fns[(name, "explainkit")] = lambda x, e=engine: e(x, target=target_of(x)).maps
+        for lib, fn in peer_fns(name, model, args.layer, target_of, 32).items():
+            fns[(name, lib)] = fn
+    keys = list(fns)
+    passes = {str(i): (lambda u, f=fns[k]: f(batches[u])) for i, k in enumerate(keys)}
+    best, outs = round_robin(passes, len(batches), args.repeats, sync, args.warmup)
+    n = sum(x.shape[0] for x in batches)
+    rate = {k: n / best[str(i)] for i, k in enumerate(keys)}
+    maps = {k: torch.cat(outs[str(i)]).float() for i, k in enumerate(keys) if outs[str(i)][0]
+            is not None}  # fmt: skip
+    print(
+        f"device={device} torch={torch.__version__} arch={args.arch} width={args.width} "
+        f"batch={args.batch_size} images={n} layer={args.layer} "
+        f"threads={torch.get_num_threads()} timing=round-robin, best of {args.repeats}"
+    )
+    base = rate[("plain inference", "")]
+    print(f"plain inference: {base:.1f} images/s\n")
+    libs = ["pytorch-grad-cam", "torch-cam", "Captum"]
+    print("| method | explainkit images/s | x plain | " + " | ".join(libs)
+          + " | explainkit / fastest peer |")  # fmt: skip
+    print("|---" * (len(libs) + 4) + "|")
+    for name in names:
+        ours = rate[(name, "explainkit")]
+        cells, fastest = [], 0.0
+        for lib in libs:
+            if (name, lib) not in rate:
+                cells.append("-")
+                continue
+            fastest = max(fastest, rate[(name, lib)])
+            diff = (maps[(name, "explainkit")] - normalize_maps(maps[(name, lib)])).abs().max()
+            cells.append(f"{rate[(name, lib)]:.1f} (max\\|d\\| {float(diff):.0e})")
+        ratio = f"{ours / fastest:.2f}x" if fastest else "-"
+        print(f"| {name} | {ours:.1f} | {ours / base:.2f} | " + " | ".join(cells)
+              + f" | {ratio} |")  # fmt: skip
 
 
 if __name__ == "__main__":

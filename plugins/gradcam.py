@@ -60,7 +60,7 @@ class GradCAMAnalyzer(Analyzer):
     name = "gradcam"
     title = "Grad-CAM"
     summary = (
-        "Native batched Grad-CAM (and 12 more CAM methods) maps for all eval images (HDF5 + PNG)."
+        "Native batched Grad-CAM (and 13 more CAM methods) maps for all eval images (HDF5 + PNG)."
     )
     needs = frozenset({"store", "checkpoint"})
     tasks = ("classification", *TASKS)
@@ -97,6 +97,14 @@ class GradCAMAnalyzer(Analyzer):
             "probability: (softmax) or sigmoid: (a multi-label output) to explain that score "
             "instead of the logit, e.g. probability:cat.",
         ),
+        Option(
+            "compare",
+            str,
+            None,
+            "Comma-separated further methods (any of explainkit plugins' list: scorecam, "
+            "fullgrad, saliency, ...) drawn beside --gradcam-method for the shown images: "
+            "gradcam_compare.png, a row per image and a column per method.",
+        ),
         Option("count", click.IntRange(1, 100), 10, "How many images the figure shows."),
         Option(
             "select",
@@ -127,6 +135,7 @@ class GradCAMAnalyzer(Analyzer):
         method: str,
         reshape: str,
         target: str,
+        compare: str | None,
         count: int,
         select: str,
         colormap: str,
@@ -148,6 +157,7 @@ class GradCAMAnalyzer(Analyzer):
 
         kind, target_text = split_score_kind(target)
         target_arg = parse_target(target_text, context.classes, "--gradcam-target")
+        others = _parse_compare(compare, method)  # before the pass: a bad name fails now
         model = context.model()
         layer = context.target_layer(layer, model)
         reshape = context.layer_reshape(layer) if reshape == "auto" else reshape
@@ -166,9 +176,15 @@ class GradCAMAnalyzer(Analyzer):
         sources = context.store.sources(chosen)
         items = _shown_items(chosen, labels, maps, context.classes, sources)
         summary = _summary(context, layer, method, target, select, dtype, maps, items)
-        _write_json(context, summary)
         figure_caption = _write_figure(context, path, chosen, items, cmap, alpha, summary)
-        return _artifacts(context, summary, figure_caption)
+        compared = []
+        if others:
+            captions = [_caption(item) for item in items]
+            shown = dict(chosen=chosen, path=path, targets=maps.targets[chosen], kind=kind,
+                         captions=captions, layer=layer, reshape=reshape)  # fmt: skip
+            compared = _write_comparison(context, model, others, shown, summary, cmap, alpha)
+        _write_json(context, summary)
+        return _artifacts(context, summary, figure_caption) + compared
 
 
 def _write_maps(
@@ -417,6 +433,73 @@ def _write_figure(
         f"heatmap of the target class ({cmap.name}: low → high, scaled per image), overlay at "
         f"alpha {alpha:g}." + alone
     )
+
+
+def _parse_compare(text: str | None, main: str) -> list[str]:
+    """The methods ``--gradcam-compare`` names, other than ``main``."""
+    from explainkit.explain.methods import parse_methods
+
+    if not text or not str(text).strip():
+        return []
+    return [name for name in parse_methods(text, "--gradcam-compare") if name != main]
+
+
+def _write_comparison(
+    context: AnalysisContext,
+    model: Any,
+    others: list[str],
+    shown: dict,
+    summary: dict,
+    cmap: Any,
+    alpha: float,
+) -> list[dict]:
+    """gradcam_compare.png: the shown images explained by the main method (read back from
+    attributions.h5) and by ``others`` (computed for these images only, so the cost does not
+    grow with the eval set); their timings go to ``summary["compare"]``."""
+    import h5py
+    import numpy as np
+    import torch
+
+    from explainkit.explain.side_by_side import compare_maps, side_by_side_figure
+    from explainkit.explain.targets import class_target
+    from explainkit.figures import message_figure, save_figure
+
+    main, chosen, out = summary["method"], np.asarray(shown["chosen"]), "gradcam_compare.png"
+    title = (
+        f"Methods side by side at {summary['layer']}, epoch {summary['epoch']}, target "
+        f"{summary['target']}: one row per image, one column per method (overlay)"
+    )
+    if len(chosen) == 0 or len(summary["map_shape"]) != 2:
+        why = "no images to show" if len(chosen) == 0 else "the maps are per frame (video)"
+        save_figure(message_figure(f"No comparison: {why}.", title), context.output_dir / out)
+        summary["compare"] = {"methods": [main, *others], "ms_per_image": {}, "failed": {}}
+        return [context.artifact(out, "Methods side by side", "image", why)]
+    order = np.argsort(chosen, kind="stable")  # h5py reads increasing indices
+    with h5py.File(shown["path"], "r") as f:
+        stored = np.empty((len(chosen), *f["maps"].shape[1:]), np.float32)
+        stored[order] = f["maps"][np.sort(chosen)]
+    x = context.normalize(context.store.images(chosen))
+    t = torch.as_tensor(shown["targets"], dtype=torch.int64, device=x.device)
+    targets = t if shown["kind"] == "logit" else class_target(shown["kind"], t)
+    maps, ms, failed = compare_maps(
+        model, x, targets, others, layer=shown["layer"], reshape=shown["reshape"],
+        seed=context.seed, batch_size=int(context.batch_size),
+    )  # fmt: skip
+    maps[main], ms[main] = stored, 1000 * summary["seconds"] / max(1, summary["num_images"])
+    drawn = [n for n in (main, *others) if n in maps]
+    summary["compare"] = {"methods": drawn, "ms_per_image": ms, "failed": failed}
+    fig = side_by_side_figure(context.store.images(chosen), [maps[n] for n in drawn], drawn, ms,
+                              shown["captions"], cmap, alpha, title)  # fmt: skip
+    save_figure(fig, context.output_dir / out)
+    caption = (
+        f"The same {len(chosen)} images as the examples figure, explained for the same class by "
+        f"{', '.join(METHODS[n].label for n in drawn)}: overlays ({cmap.name}: low → high, "
+        f"scaled per image, alpha {alpha:g}); the first row's captions give milliseconds per "
+        f"image ({main}: over the whole eval set; the others: on these images)."
+    )
+    if failed:
+        caption += " Left out: " + "; ".join(f"{n}: {why}" for n, why in failed.items())
+    return [context.artifact(out, "Methods side by side", "image", caption)]
 
 
 def _caption(item: dict) -> str:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from explainkit.errors import AnalyzerError
 from explainkit.explain.gradcam import CAM_CLASSES, compute_cam, compute_cams
 from explainkit.explain.methods import CAM_METHODS
 from explainkit.explain.targets import ClassProbability
@@ -142,6 +143,89 @@ def test_eigen_methods_equal_the_sign_corrected_projection(model, images, method
     _check(ours.maps.numpy()[same], peer[same], 1e-4, 0.9999)
 
 
+def _inplace_net() -> torch.nn.Module:
+    """Convolutions with biases, batch norms and in-place ReLUs (a torchvision ResNet's
+    pattern): the bias-gradient must be taken before the ReLU overwrites the output."""
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1),
+        torch.nn.BatchNorm2d(6),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(6, 8, 3, stride=2, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 5),
+    )
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                for t in (mod.running_mean, mod.bias):
+                    t.uniform_(-0.3, 0.3)
+                for t in (mod.running_var, mod.weight):
+                    t.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def test_fullgrad_equals_pytorch_grad_cam(model, images):
+    """FullGrad (the paper's Eq. 6, per-channel rescaling) against pytorch-grad-cam's: the
+    ResNet of the other tests, and a net with in-place ReLUs; max |difference| < 1e-5."""
+    for net in (model, _inplace_net()):
+        with torch.no_grad():
+            predicted = net(images).argmax(1)
+        with pgc.FullGrad(net, []) as cam:
+            theirs = cam(images, targets=[ClassifierOutputTarget(int(c)) for c in predicted])
+        ours = compute_cam(net, images, "ignored", method="fullgrad")
+        assert ours.targets.tolist() == predicted.tolist()
+        assert ours.raw.shape == (N, 32, 32)
+        _check(ours.maps.numpy(), theirs, 1e-5, 0.99999)
+        assert not any(m._forward_hooks for m in net.modules())
+    # the in-place ReLU changes nothing: the same net with out-of-place ReLUs
+    net = _inplace_net()
+    before = compute_cam(net, images, method="fullgrad").maps
+    for mod in net.modules():
+        if isinstance(mod, torch.nn.ReLU):
+            mod.inplace = False
+    assert torch.equal(compute_cam(net, images, method="fullgrad").maps, before)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(5))  # fmt: skip
+    with pytest.raises(AnalyzerError, match="needs convolution or batch-norm layers with biases"):
+        compute_cam(plain, images, method="fullgrad")
+
+
+def test_fullgrad_bias_terms_are_what_the_decomposition_says():
+    """Without the input term and with one bias layer, the map is that layer's
+    |d logit / d z * b| rescaled per channel, summed and upsampled: a hand computation."""
+    net = _inplace_net()
+    for mod in net.modules():  # the hand computation reads z after the ReLU ran
+        if isinstance(mod, torch.nn.ReLU):
+            mod.inplace = False
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    seen = {}
+    handle = net[4].register_forward_hook(lambda m, i, o: seen.setdefault("z", o))
+    xg = x.clone().requires_grad_(True)
+    logits = net(xg)
+    handle.remove()
+    target = logits[:, 2].sum()
+    gz, gx = torch.autograd.grad(target, [seen["z"], xg])
+    bn = net[4]
+    b = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    term = (gz * b.view(1, -1, 1, 1)).abs()
+    low = term.amin((2, 3), keepdim=True)
+    term = ((term - low) / (term.amax((2, 3), keepdim=True) - low + 1e-7)).sum(1, keepdim=True)
+    expected = torch.nn.functional.interpolate(term, size=(16, 16), mode="bilinear")[:, 0]
+    from explainkit.explain.cams.fullgrad import FullGrad
+
+    with FullGrad(net) as cam:
+        cam._biased = [bn]  # one bias layer only
+        ours = cam(x, target=2)
+    inputs = (gx * x).abs()
+    low = inputs.amin((2, 3), keepdim=True)
+    inputs = ((inputs - low) / (inputs.amax((2, 3), keepdim=True) - low + 1e-7)).sum(1)
+    assert torch.allclose(ours.raw, expected.detach() + inputs.detach(), atol=1e-5)
+
+
 def test_randomcam_is_a_repeatable_baseline(model, images):
     first = compute_cam(model, images, "layer4", method="randomcam")
     again = compute_cam(model, images, "layer4", method="randomcam")
@@ -183,3 +267,31 @@ class Head(torch.nn.Module):
 
     def forward(self, x):
         return self.fc(torch.nn.functional.gelu(x).mean(1))
+
+
+def test_cli_draws_methods_side_by_side_and_the_report_shows_them(tiny_run):
+    """--gradcam-compare: one figure, a row per shown image and a column per method, listed
+    in the manifest and the report; a name it does not know fails in one sentence."""
+    import json
+
+    from PIL import Image
+
+    from explainkit.report import render_report
+    from tests.helpers import registries, run_cli
+
+    args = ("analyze", str(tiny_run), "--plugin", "gradcam", "--gradcam-count", "2")
+    result = run_cli(*args, "--gradcam-compare", "fullgrad, scorecam,gradcam")
+    assert result.returncode == 0, result.stderr
+    out = tiny_run / "analyses" / "gradcam"
+    compare = json.loads((out / "gradcam.json").read_text())["compare"]
+    assert compare["methods"] == ["gradcam", "fullgrad", "scorecam"] and not compare["failed"]
+    assert all(ms > 0 for ms in compare["ms_per_image"].values())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "gradcam_compare.png" in [a["path"] for a in manifest["artifacts"]]
+    width, height = Image.open(out / "gradcam_compare.png").size
+    assert width > height  # 2 rows of 4 tiles (image + 3 methods), and a title
+    page = render_report(tiny_run, registries())
+    assert "Methods side by side" in page and "FullGrad" in page and "Score-CAM" in page
+    bad = run_cli(*args, "--gradcam-compare", "gradcam,nope")
+    assert bad.returncode != 0 and "unknown method 'nope'" in bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stdout + bad.stderr

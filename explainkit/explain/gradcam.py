@@ -4,7 +4,8 @@ The engine is a package (:mod:`explainkit.explain.cams`): one template, :class:`
 (:mod:`~explainkit.explain.cams.base`), owns the hook, eval mode, the target, one forward and
 one backward per batch, upsampling and normalization; each method is a small subclass
 (:mod:`~explainkit.explain.cams.gradient`: Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM,
-HiResCAM, element-wise Grad-CAM, ShapleyCAM, Finer-CAM;
+HiResCAM, element-wise Grad-CAM, ShapleyCAM, Finer-CAM; :mod:`~explainkit.explain.cams.fullgrad`:
+FullGrad, every bias layer's gradient in its own pass;
 :mod:`~explainkit.explain.cams.projection`: Eigen-CAM, EigenGrad-CAM, KPCA-CAM, FEM and the
 random baseline). This module re-exports them and runs them over many images.
 
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from explainkit.errors import AnalyzerError
 from explainkit.explain.cam_result import CAMResult, normalize_maps
 from explainkit.explain.cams.base import CAM, TargetArg
+from explainkit.explain.cams.fullgrad import FullGrad
 from explainkit.explain.cams.gradient import (
     FinerCAM,
     GradCAM,
@@ -62,6 +64,7 @@ __all__ = [
     "EigenCAM",
     "EigenGradCAM",
     "FinerCAM",
+    "FullGrad",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMpp",
@@ -91,6 +94,7 @@ CAM_CLASSES: dict[str, type[CAM]] = {
         FEM,
         ShapleyCAM,
         FinerCAM,
+        FullGrad,
         RandomCAM,
     )
 }
@@ -166,8 +170,8 @@ def compute_cams(
 
     Every method weighs the same activations and gradients, so explaining ``images`` with
     Grad-CAM and Grad-CAM++ together costs what one of them costs (a method that explains its
-    own target, Finer-CAM, takes its own pass). Arguments as :func:`compute_cam`; returns
-    method name -> joined :class:`CAMResult`.
+    own target, Finer-CAM, or no single layer, FullGrad, takes its own pass). Arguments as
+    :func:`compute_cam`; returns method name -> joined :class:`CAMResult`.
     """
     if not methods:
         raise AnalyzerError("no CAM methods to compute; name at least one")
@@ -176,7 +180,8 @@ def compute_cams(
     groups: dict[int, tuple[Target, list[int]]] = {}
     for i, engine in enumerate(engines):
         own = engine.adapt_target(resolved)
-        groups.setdefault(id(own) if own is not resolved else 0, (own, []))[1].append(i)
+        key = id(engine) if engine.own_pass else id(own) if own is not resolved else 0
+        groups.setdefault(key, (own, []))[1].append(i)
     out: dict[int, CAMResult] = {}
     for own, members in groups.values():
         first = engines[members[0]]

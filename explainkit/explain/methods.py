@@ -81,6 +81,7 @@ def _registry() -> dict[str, Method]:
         Method("shapleycam", "ShapleyCAM", "ShapleyCAM", "native", "map", True),
         Method("finercam", "Finer-CAM", "Finer-CAM", "native", "map", True),
         Method("randomcam", "Random CAM", "Random CAM", "native", "map", True),
+        Method("fullgrad", "FullGrad", "FullGrad", "native", "map"),  # every bias layer
     ]
     captum = [
         Method("saliency", "Saliency", "Saliency", "captum", "max_abs"),

@@ -360,6 +360,7 @@ def randomization_check(
     seed: int = 0,
     original: Mapping[str, Tensor] | None = None,
     together: JointAttributionFn | None = None,
+    reseed: bool = False,
 ) -> dict[str, SanityResult]:
     """Cascading model-parameter randomization (Adebayo et al. 2018).
 
@@ -379,6 +380,10 @@ def randomization_check(
         together: computes several methods' maps at once (native CAMs of one layer share
             their forward and backward pass: :func:`explainkit.explain.gradcam.compute_cams`);
             the methods it returns are not computed one by one.
+        reseed: seed the RNG with ``seed`` again before each group, so that a group's new
+            weights do not depend on the groups randomized before it. Quantus's ``MPRT``
+            does this (with its ``seed + 1``); with one module per group in its order, the
+            values equal its (tests/test_metrics.py).
     """
     modules = dict(model.named_modules())
     groups = [[name for name in group if name in modules] for group in cascade]
@@ -401,6 +406,8 @@ def randomization_check(
     with torch.random.fork_rng(devices=fork):
         torch.manual_seed(seed)
         for group in steps:
+            if reseed:
+                torch.manual_seed(seed)
             for name in group:
                 _reinit(rmods[name])
             for p in rand.parameters():

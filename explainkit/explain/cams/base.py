@@ -72,6 +72,7 @@ class CAM:
     name = "cam"
     uses_gradients = True  # False: the backward pass is skipped (the target is not used)
     needs_hvp = False  # True: the Hessian-vector product H.A is computed too (ShapleyCAM)
+    own_pass = False  # True: explains through its own pass, not one layer's (FullGrad)
 
     def __init__(
         self, model: nn.Module, layer: str | nn.Module | None = None, reshape: str = "auto"
@@ -167,21 +168,15 @@ class CAM:
         images = self._precheck(images)
         model = self.model
         self._size = tuple(int(s) for s in images.shape[2:])
-        training = [m for m in self._all_modules if m.training]
-        frozen = [p for p in self._params if p.requires_grad]
         self._acts.clear()
         if self.module is None:  # no layer given: locate one on the first batch, and say so
             self._choose(target_layer(model, None, images[:1]))
             warnings.warn(f"no layer given; explaining {self.layer!r}", stacklevel=3)
-        self._handles.append(self.module.register_forward_hook(self._hook))
         gradients = any(m.uses_gradients for m in methods)
         hvp_needed = any(m.needs_hvp for m in methods)
         hvp = None
-        try:
-            for p in frozen:
-                p.requires_grad_(False)
-            if training:
-                model.eval()
+        with self._frozen():
+            self._handles.append(self.module.register_forward_hook(self._hook))
             with torch.inference_mode(False), torch.enable_grad(), _double_backward(hvp_needed):
                 output = self._forward(images)
                 if not self._acts:
@@ -191,7 +186,7 @@ class CAM:
                     )
                 acts = self._acts[0]
                 n = images.shape[0]
-                classes = _classes(target, output, n, gradients).to(acts.device)
+                classes = target_classes(target, output, n, gradients).to(acts.device)
                 explained, grads, hvp = self._gradients(output, acts, target, gradients, hvp_needed)
             with torch.no_grad():
                 # Gradients are taken with respect to the layer's own output (tokens for a
@@ -204,22 +199,35 @@ class CAM:
                 if layout.kind == "vit" and gradients and not self._checked_tokens:
                     self._checked_tokens = True  # one device sync, on the first call only
                     unreached = not bool(g.any())
-        finally:
-            self.close()
-            for p in frozen:
-                p.requires_grad_(True)
-            for m in training:
-                m.training = True
         if layout.grid[0] * layout.grid[1] == 1 and not self._warned_unlocalized:
             self._warn_unlocalized(images)
         if self.reshape == "auto" and not self._warned_layout:
             self._warn_channels_last(tuple(acts.shape))  # the layer's own output
         if unreached:
             self._warn_unreached_patches(images)
-        logits, predicted = _logits_and_predicted(output, explained, n)
+        logits, predicted = logits_and_predicted(output, explained, n)
         return [
             CAMResult(maps, raw, classes, predicted, logits, explained) for raw, maps in computed
         ]
+
+    @contextlib.contextmanager
+    def _frozen(self) -> Any:
+        """Eval mode and no parameter gradients while a batch is explained; flags and hooks
+        are restored in a ``finally`` block, so an exception never leaves the model changed."""
+        training = [m for m in self._all_modules if m.training]
+        frozen = [p for p in self._params if p.requires_grad]
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            if training:
+                self.model.eval()
+            yield
+        finally:
+            self.close()
+            for p in frozen:
+                p.requires_grad_(True)
+            for m in training:
+                m.training = True
 
     def _gradients(
         self, output: Any, acts: Tensor, target: Target, gradients: bool, hvp_needed: bool
@@ -230,7 +238,7 @@ class CAM:
                 scores = _safe_scores(target, output, acts.shape[0], acts.device)
             return scores, torch.zeros_like(acts), None
         tensor, seed = target.objective(output)
-        scores = _explained(tensor, seed)
+        scores = explained_scores(tensor, seed)
         if not tensor.requires_grad:  # e.g. no detection matched: nothing to explain
             if not self._warned_constant:
                 self._warned_constant = True
@@ -386,7 +394,7 @@ def _double_backward(needed: bool) -> Any:
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _explained(tensor: Tensor, seed: Tensor) -> Tensor:
+def explained_scores(tensor: Tensor, seed: Tensor) -> Tensor:
     """The (N,) scores a target's ``(tensor, grad_outputs)`` stands for."""
     with torch.no_grad():
         if tensor.dim() == 1:
@@ -401,7 +409,7 @@ def _safe_scores(target: Target, output: Any, n: int, device: torch.device) -> T
         return torch.full((n,), float("nan"), device=device)
 
 
-def _classes(target: Target, output: Any, n: int, gradients: bool) -> Tensor:
+def target_classes(target: Target, output: Any, n: int, gradients: bool) -> Tensor:
     try:
         return target.classes(output, n)
     except AnalyzerError:
@@ -410,7 +418,7 @@ def _classes(target: Target, output: Any, n: int, gradients: bool) -> Tensor:
         return torch.full((n,), -1, dtype=torch.int64)  # EigenCAM of a model no target fits
 
 
-def _logits_and_predicted(output: Any, explained: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def logits_and_predicted(output: Any, explained: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """A classifier's (N, C) logits and argmax; else the explained scores (N, 1) and -1s."""
     try:
         found = scores_of(output) if not isinstance(output, list) else None
