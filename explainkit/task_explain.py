@@ -292,9 +292,31 @@ class DetectorOutputs(nn.Module):
         return detections_of(out, tuple(x.shape[-2:]), min_score=0.0, limit=None)
 
 
+class SegmenterOutputs(nn.Module):
+    """A segmenter's logits at the image's resolution, whatever it returns (a tensor,
+    ``{"out": ...}``, a transformers output at a quarter of the size):
+    :func:`explainkit.task_eval.segmentation_logits`, so regions match the store's masks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        from explainkit.explain.outputs import scores_of
+        from explainkit.task_eval import segmentation_logits
+
+        out = self.model(x)
+        return segmentation_logits(out, tuple(x.shape[-2:]), scores_of(out).shape[1])
+
+
 def explained_model(model: nn.Module, task: str) -> nn.Module:
-    """The module whose output the task's targets read (the detector's, re-labelled)."""
-    return DetectorOutputs(model).eval() if task == "detection" else model
+    """The module whose output the task's targets read (the detector's, re-labelled; the
+    segmenter's at the image's size)."""
+    if task == "detection":
+        return DetectorOutputs(model).eval()
+    if task == "segmentation":
+        return SegmenterOutputs(model).eval()
+    return model
 
 
 def item_target(items: Items, regions: np.ndarray | None = None) -> Target:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -88,8 +89,10 @@ def test_faster_rcnn_goes_through_evaluate_analyze_and_report_on_a_coco_folder(f
     assert history["eval_acc"][0] == pytest.approx(detection_map(dets, truths, 6)["map_50"])
     assert history["eval_loss"][0] > 0  # Faster R-CNN's own losses, on the truth
     assert "train_acc" not in history
-    analyzed = run_cli("analyze", str(run))
+    analyzers = ["--plugin", "task_metrics", "--plugin", "task_mistakes", "--plugin", "gradcam"]
+    analyzed = run_cli("analyze", str(run), *analyzers)
     assert analyzed.returncode == 0, analyzed.stderr
+    assert (run / "analyses" / "gradcam" / "attributions.h5").is_file()  # a map per detection
     assert (run / "analyses" / "task_metrics" / "metrics.csv").is_file()
     assert (run / "analyses" / "task_mistakes" / "mistakes.png").is_file()
     reported = run_cli("report", str(run))
@@ -154,8 +157,12 @@ def test_deeplabv3_and_a_transformers_segformer_segment_a_voc_folder(folders):
             )
     spec = json.loads((runs["segformer_run"] / "config.json").read_text())["model"]
     assert spec["default_layer"] == "decode_head.linear_fuse"  # the decode head's fused map
-    analyzed = run_cli("analyze", str(runs["segformer_run"]), "--plugin", "task_metrics")
+    analyzed = run_cli(
+        "analyze", str(runs["segformer_run"]), "--plugin", "task_metrics", "--plugin", "gradcam"
+    )
     assert analyzed.returncode == 0, analyzed.stderr
+    with h5py.File(runs["segformer_run"] / "analyses" / "gradcam" / "attributions.h5") as f:
+        assert f["maps"].shape[1:] == (SIZE, SIZE)  # the quarter-size logits, upsampled
     rows = (runs["segformer_run"] / "analyses" / "task_metrics" / "metrics.csv").read_text()
     miou = _history(runs["segformer_run"])["eval_acc"][0]
     assert f"{miou:.4f}"[:5] in rows  # the analyzer's mean IoU is the stored one

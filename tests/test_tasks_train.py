@@ -85,7 +85,8 @@ def test_a_task_run_trains_its_default_model_and_stores_its_results(runs, task):
 @pytest.mark.parametrize("task", ["detection", "segmentation", "multilabel"])
 def test_a_task_run_goes_through_analyze_and_report(runs, task):
     run = runs[task]
-    result = run_cli("analyze", str(run), "--device", "cpu")
+    quick = ["--quality-count", "4", "--quality-steps", "4"]  # every analyzer, small samples
+    result = run_cli("analyze", str(run), "--device", "cpu", *quick)
     assert result.returncode == 0, result.stderr
     assert f"needs a classification run, and this run's task is {task}" in result.stderr
     metrics = list(csv.DictReader(open(run / "analyses" / "task_metrics" / "metrics.csv")))
