@@ -452,15 +452,20 @@ class AnalysisContext:
         return progress(iterable, desc=label, total=total)
 
     def normalize(self, images: Any) -> torch.Tensor:
-        """uint8 NHWC images (tensor or array) -> normalized float NCHW on the device."""
-        import torch
+        """uint8 NHWC images (tensor or array) -> normalized float NCHW on the device (clips
+        NTHWC -> NCTHW)."""
+        from explainkit.clip_files import model_input
 
-        if not isinstance(images, torch.Tensor):
-            images = torch.from_numpy(images)
-        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return model_input(images, self.mean, self.std, self.device)
+
+    def model_inputs(self, indices: Any) -> torch.Tensor:
+        """What the model takes for eval images ``indices``, normalized on the device: the
+        stored images, or a video run's clips (N, 3, T, H, W) from ``RUN/clips.h5``."""
+        if self.store.task == "video":
+            from explainkit.clip_files import read_clips
+
+            return self.normalize(read_clips(self.run_dir, indices, len(self.store.targets)))
+        return self.normalize(self.store.images(indices))
 
     def artifact(self, path: str | Path, title: str, kind: str, caption: str = "") -> dict:
         """Describe one written file for the manifest (path relative to ``output_dir``)."""

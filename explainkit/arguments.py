@@ -119,8 +119,8 @@ CHECKS: dict[str, Check] = {
     "epoch": (_optional(_int_from(1)), "an epoch number (int of 1 or more) or None"),
     "seed": (_int_from(0), "an int of 0 or more"),
     "task": (
-        lambda v: v in ("classification", "multilabel", "segmentation", "detection"),
-        "'classification', 'multilabel', 'segmentation' or 'detection'",
+        lambda v: v in ("classification", "multilabel", "segmentation", "detection", "video"),
+        "'classification', 'multilabel', 'segmentation', 'detection' or 'video'",
     ),
     "plugins": (
         _optional(lambda v: isinstance(v, (list, tuple, set)) and all(_is_text(n) for n in v)),

@@ -300,9 +300,12 @@ class EvalConfig(Options):
     task: str | None = _like(
         "task",
         default=None,
-        help="What the model's outputs answer: classification, multilabel, segmentation or "
-        "detection; default: the model's own (a torchvision_detection: model detects). The "
-        "last three need a dataset with their annotations (scenes, coco, voc; docs/tasks.md).",
+        help="What the model's outputs answer: classification, multilabel, segmentation, "
+        "detection or video (class scores of clips); default: the model's own (a "
+        "torchvision_detection: model detects). multilabel, segmentation and detection need a "
+        "dataset with their annotations (scenes, coco, voc), video the clips dataset "
+        "(docs/tasks.md).",
+        choices=("classification", "multilabel", "segmentation", "detection", "video"),
     )
     weights: str | None = _like(
         "weights",

@@ -259,7 +259,9 @@ class RunWriter:
 
         reshape = None
         if layer is None or (entry is not None and layer == entry.default_layer):
-            example = torch.zeros(1, 3, size, size, device=self.device)
+            clips = self.eval_data.clips
+            frames = () if clips is None else (clips.shape[1],)  # a clip: (1, 3, T, H, W)
+            example = torch.zeros(1, 3, *frames, size, size, device=self.device)
             layer, reshape = run_default_layer(self.model.to(self.device), entry, example)
         return {
             "arch": arch,
@@ -305,6 +307,10 @@ class RunWriter:
         from explainkit.train.run_files import create_empty_store, write_config
 
         write_config(self._facts, self._config, self._run)
+        if self.task == "video":  # before the store: a run with a store has its clips
+            from explainkit.clip_files import write_clips
+
+            write_clips(self._run.path, self.eval_data.clips)
         create_empty_store(self._facts, self._run)  # "trained", no TTA
 
     def log_epoch(
@@ -340,8 +346,9 @@ class RunWriter:
         started = time.perf_counter()
         n = len(self.eval_data)
         start, stop = block(self._dist.rank, self._dist.world_size, n)
-        images = _rows(self.eval_data.images, start, stop)  # this process's share
-        if self.task != "classification":
+        pixels = self.eval_data.clips if self.task == "video" else self.eval_data.images
+        images = _rows(pixels, start, stop)  # this process's share
+        if self.task not in ("classification", "video"):
             if self._dist.world_size > 1:
                 raise ExplainkitError(
                     f"a {self.task} model is evaluated in one process; run it without torchrun"
@@ -530,23 +537,22 @@ def _logits(
     device: Any,
     batch_size: int,
 ) -> np.ndarray:
-    """The model's logits for the eval images, normalized as a run evaluates them, batch by
-    batch (a streamed dataset is never whole in memory); the model's mode is restored."""
+    """The model's logits for the eval images (or clips), normalized as a run evaluates them,
+    batch by batch (a streamed dataset is never whole in memory); the model's mode is
+    restored."""
     import torch
 
+    from explainkit.clip_files import model_input
     from explainkit.data import iter_batches
     from explainkit.explain.outputs import scores_of
 
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     was_training = model.training
     model.to(device).eval()
     chunks = []
     try:
         with torch.inference_mode():
             for _, batch in iter_batches(images, batch_size, pin_memory=device.type == "cuda"):
-                x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-                chunks.append(scores_of(model((x - m) / s)).float().cpu())
+                chunks.append(scores_of(model(model_input(batch, mean, std, device))).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(chunks).numpy()

@@ -43,7 +43,7 @@ __all__ = [
 # How a layer's output becomes (N, C, h, w) maps: as it is, ViT tokens (N, 1+h*w, C), or
 # channels-last maps (N, h, w, C) as Swin stages output them.
 RESHAPES = ("nchw", "vit", "swin")
-TASKS = ("classification", "multilabel", "segmentation", "detection")
+TASKS = ("classification", "multilabel", "segmentation", "detection", "video")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
 FAMILY_PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,29}$")
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from explainkit.errors import ExplainkitError
+from explainkit.errors import DataError, ExplainkitError
 from explainkit.store.schema import MAX_SEGMENTATION_CLASSES
 from explainkit.task_metrics import IGNORE, confusion, detection_map, mean_iou
 
@@ -55,6 +55,13 @@ def task_split(ds: Any, task: str, dataset: str) -> Any:
     from explainkit.data.tasks import require_task, task_classes
 
     if task == "classification":
+        return ds
+    if task == "video":
+        if ds.clips is None:
+            raise DataError(
+                f"a video model needs clips; {dataset} has images (use --dataset clips, or "
+                "give a Dataset with clips)"
+            )
         return ds
     require_task(ds.annotations, task, dataset)
     return replace(ds, classes=task_classes(task, list(ds.classes)))

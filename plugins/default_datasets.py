@@ -77,6 +77,29 @@ def register_datasets(register: Any) -> None:
             summary="Images with several labels each, listed in --data-dir/labels.csv.",
         )
     )
+    register(
+        DatasetEntry(
+            "clips",
+            load_clips_split,
+            summary="Video clips in --data-dir: <class>/<clip>/ frame folders or .gif files.",
+        )
+    )
+
+
+def load_clips_split(
+    split: str,
+    data_dir: str | None,
+    image_size: int,
+    seed: int,
+    limit: int | None,
+    holdout: bool = True,
+    fit: str = "crop",
+) -> Dataset:
+    """A folder of clips, each 16 frames fitted to ``image_size`` (explainkit.data.clips)."""
+    from explainkit.data.clips import load_clips
+
+    folder = _task_folder("clips", data_dir)
+    return load_clips(split, folder, image_size, seed, limit, every_clip=not holdout, fit=fit)
 
 
 def load_cifar10_split(split: str, data_dir: str | None, download: bool) -> Dataset:

@@ -33,6 +33,7 @@ class GalleryAnalyzer(Analyzer):
     """
 
     name = "gallery"
+    tasks = ("classification", "video")  # a video run: its clips' middle frames and logits
     title = "Misclassified images"
     summary = "Misclassified eval images, confusion matrix and per-class accuracy at an epoch."
     order = 20

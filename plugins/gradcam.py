@@ -63,7 +63,7 @@ class GradCAMAnalyzer(Analyzer):
         "Native batched Grad-CAM (and 13 more CAM methods) maps for all eval images (HDF5 + PNG)."
     )
     needs = frozenset({"store", "checkpoint"})
-    tasks = ("classification", *TASKS)
+    tasks = ("classification", "video", *TASKS)
     order = 40
     options = (
         Option(
@@ -184,6 +184,8 @@ class GradCAMAnalyzer(Analyzer):
                          captions=captions, layer=layer, reshape=reshape)  # fmt: skip
             compared = _write_comparison(context, model, others, shown, summary, cmap, alpha)
         _write_json(context, summary)
+        if context.store.task == "video" and len(chosen):
+            compared.append(_write_frames(context, path, int(chosen[0]), items[0], cmap, alpha))
         return _artifacts(context, summary, figure_caption) + compared
 
 
@@ -227,14 +229,14 @@ def _write_maps(
     engine = {**CAM_CLASSES, **PERTURBATION_CLASSES}[method]
     with engine(model, layer, reshape) as cam, writer as f:
         f.attrs.update(attributes)
-        maps_ds = raw_ds = None
+        maps_ds = raw_ds = frames_ds = None
         targets_ds = _dataset(f, "targets", (n,), "int64", bs)
         alone_ds = _dataset(f, "model_predicted", (n,), "int64", bs)
         _dataset(f, "predicted", (n,), "int64", bs)[:] = recorded
         starts = range(0, n, bs)
         for start in context.progress(starts, desc="maps", total=len(starts)):
             stop = min(start + bs, n)
-            x = context.normalize(store.images(np.arange(first + start, first + stop)))
+            x = context.model_inputs(np.arange(first + start, first + stop))
             true = torch.from_numpy(labels[start:stop])
             kind, which = target
             batch_target = torch.from_numpy(recorded[start:stop]) if which == "predicted" else which
@@ -245,11 +247,17 @@ def _write_maps(
             res = cam(x, target=batch_target, true_targets=true)
             sync()
             seconds += time.perf_counter() - t0
+            maps, raw = res.maps, res.raw
+            if maps.dim() == 4:  # a clip's map per frame; "maps": the middle (stored) frame's
+                if frames_ds is None:
+                    frames_ds = _dataset(f, "frame_maps", (n, *maps.shape[1:]), dtype, bs)
+                frames_ds[start:stop] = maps.cpu().numpy().astype(dtype)
+                maps, raw = maps[:, maps.shape[1] // 2], raw[:, raw.shape[1] // 2]
             if maps_ds is None:  # shapes are known after the first batch
-                maps_ds = _dataset(f, "maps", (n, *res.maps.shape[1:]), dtype, bs)
-                raw_ds = _dataset(f, "raw", (n, *res.raw.shape[1:]), "float32", bs)
-            maps_ds[start:stop] = res.maps.cpu().numpy().astype(dtype)
-            raw_ds[start:stop] = res.raw.cpu().numpy()
+                maps_ds = _dataset(f, "maps", (n, *maps.shape[1:]), dtype, bs)
+                raw_ds = _dataset(f, "raw", (n, *raw.shape[1:]), "float32", bs)
+            maps_ds[start:stop] = maps.cpu().numpy().astype(dtype)
+            raw_ds[start:stop] = raw.cpu().numpy()
             targets_ds[start:stop] = res.targets.cpu().numpy()
             alone_ds[start:stop] = res.predicted.cpu().numpy()
             writer.check()  # a full disk ends the pass now, not after the last batch
@@ -500,6 +508,34 @@ def _write_comparison(
     if failed:
         caption += " Left out: " + "; ".join(f"{n}: {why}" for n, why in failed.items())
     return [context.artifact(out, "Methods side by side", "image", caption)]
+
+
+def _write_frames(
+    context: AnalysisContext, path: Any, clip: int, item: dict, cmap: Any, alpha: float
+) -> dict:
+    """gradcam_frames.png: eight frames of the first shown clip, each with its own map (a
+    video layer's map is one map per frame)."""
+    import h5py
+    import numpy as np
+
+    from explainkit.clip_files import read_clips
+    from explainkit.figures import cam_grid, save_figure
+
+    with h5py.File(path, "r") as f:
+        maps = f["frame_maps"][clip].astype(np.float32)
+    frames = read_clips(context.run_dir, [clip], len(context.store.targets))[0]
+    picked = np.unique(np.linspace(0, len(frames) - 1, 8).round().astype(int))
+    captions = [f"frame {t + 1} of {len(frames)}" for t in picked]
+    title = f"clip {clip} ({_caption(item)}): image | heatmap | overlay per frame"
+    fig = cam_grid(frames[picked], maps[picked], captions, cmap, alpha, title)
+    save_figure(fig, context.output_dir / "gradcam_frames.png")
+    return context.artifact(
+        "gradcam_frames.png",
+        "Maps of a clip, frame by frame",
+        "image",
+        f"Eight of the {len(frames)} frames of clip {clip} with the map of each frame "
+        "(attributions.h5: frame_maps (N, T, H, W); maps holds each clip's middle frame).",
+    )
 
 
 def _caption(item: dict) -> str:

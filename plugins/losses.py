@@ -27,6 +27,7 @@ class LossesAnalyzer(Analyzer):
     """
 
     name = "losses"
+    tasks = ("classification", "video")  # a video run: its clips' middle frames and logits
     title = "Training curves"
     summary = "Train/eval loss and accuracy per epoch, learning rate, best epoch (PNG + CSV)."
     order = 10

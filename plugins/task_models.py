@@ -129,7 +129,7 @@ def task_entry(task: str, name: str) -> ModelEntry:
         mean=mean,
         std=std,
         summary=SUMMARY[task],
-        task="classification" if task == "video" else task,
+        task=task,
     )
 
 

@@ -58,6 +58,7 @@ class Dataset:
     name: str = ""
     paths: list[str] | None = None  # source file of each image, relative to the data folder
     annotations: Annotations | None = None  # boxes, class masks, labels (data/tasks.py)
+    clips: np.ndarray | None = None  # uint8 (N,T,H,W,3) video clips; images: middle frames
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -91,6 +92,7 @@ class Dataset:
             name=self.name,
             paths=None if self.paths is None else [self.paths[i] for i in rows],
             annotations=None if self.annotations is None else self.annotations.take(rows),
+            clips=None if self.clips is None else self.clips[rows],
             note=self.note,
             subset=subset_note(limit, len(self), seed, len(set(self.targets.tolist()))),
         )

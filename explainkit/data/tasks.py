@@ -207,7 +207,7 @@ def store_truth(task: str, dataset: Any) -> tuple[np.ndarray, dict[str, np.ndarr
     (a segmenter's are shifted past the background) and its ground truth by dataset name
     (explainkit.store.schema.TASKS)."""
     targets = np.asarray(dataset.targets, np.int64)
-    if task == "classification":
+    if task in ("classification", "video"):  # a video store's clips are in RUN/clips.h5
         return targets, {}
     ann = require_task(dataset.annotations, task, dataset.name)
     if task == "multilabel":

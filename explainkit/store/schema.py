@@ -144,6 +144,9 @@ TASKS = {
         ),
         scores="scores",
     ),
+    # Video classification: class scores of clips; the images are their middle frames and
+    # the clips themselves are in RUN/clips.h5 (explainkit.clip_files).
+    "video": Task(truth=(TARGETS,), epoch=(LOGITS,)),
     # Detection: ragged boxes, all images' in one (G, 4) or (D, 4) table in image order; the
     # counts say how many are each image's. A detector has no training accuracy.
     "detection": Task(

@@ -431,14 +431,15 @@ def append_epoch(
 
 def _check_results(path: Path, layout: Layout, results: Any) -> dict[str, np.ndarray]:
     """The epoch's datasets: the logits of a classification store, a task's own dict."""
+    logits_only = [f.name for f in TASKS[layout.task].epoch] == ["logits"]
     if not isinstance(results, dict):
-        if layout.task != DEFAULT_TASK and layout.task != "multilabel":
+        if not logits_only:
             raise StoreError(
                 f"cannot add an epoch to {path}: it is a {layout.task} store, which takes "
                 f"its results as a dict of {', '.join(f.name for f in TASKS[layout.task].epoch)}"
             )
         return {"logits": results}
-    if layout.task in (DEFAULT_TASK, "multilabel") and set(results) == {"logits"}:
+    if logits_only and set(results) == {"logits"}:
         return dict(results)
     dims = {**layout.dims}
     try:
