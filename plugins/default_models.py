@@ -423,8 +423,8 @@ def _auto_class(task: str) -> Any:
 def _hf_layout(config: Any, task: str) -> tuple[str | None, str | None]:
     """(default_layer, reshape) of a transformers model built on the meta device: a
     segmenter's decode head's fusing convolution (SegFormer's ``decode_head.linear_fuse``),
-    else :func:`explainkit.explain.image.transformer_layer`; (None, None) lets explainkit
-    locate one."""
+    else :func:`explainkit.explain.image.transformer_layer` (a detector's CNN backbone's last
+    stage, DETR's); (None, None) lets explainkit locate one."""
     import torch
 
     from explainkit.explain.image import transformer_layer
@@ -437,9 +437,10 @@ def _hf_layout(config: Any, task: str) -> tuple[str | None, str | None]:
     names = dict(model.named_modules())
     if task == "segmentation" and isinstance(names.get("decode_head.linear_fuse"), torch.nn.Conv2d):
         return "decode_head.linear_fuse", "nchw"
-    if task == "detection":
-        return None, None  # a ViT's detection tokens are not a map: let explainkit locate one
-    return transformer_layer(model)
+    layer, reshape = transformer_layer(model)
+    if task == "detection" and reshape != "nchw":  # a ViT's detection tokens are not a map
+        return None, None
+    return layer, reshape
 
 
 def _build_hf(folder: str, num_classes: int) -> Any:

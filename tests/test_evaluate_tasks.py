@@ -221,3 +221,37 @@ def test_a_transformers_architecture_explainkit_cannot_evaluate_is_one_sentence(
         "--out", str(tmp_path / "run"),
     )  # fmt: skip
     assert_clean_failure(result, (1, 2), "ViTForMaskedImageModeling", "ForObjectDetection")
+
+
+def test_a_transformers_detr_from_a_local_folder_is_evaluated_and_explained(folders):
+    transformers = pytest.importorskip("transformers")
+    root = folders["root"]
+    torch.manual_seed(0)
+    backbone = transformers.ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1],
+        layer_type="basic", out_features=["stage4"],
+    )  # fmt: skip
+    config = transformers.DetrConfig(
+        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
+        num_labels=6, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=10,
+        architectures=["DetrForObjectDetection"],
+    )  # fmt: skip
+    transformers.DetrForObjectDetection(config).save_pretrained(root / "detr")
+    run = root / "detr_run"
+    result = run_cli(
+        "evaluate", "--model", f"hf:{root / 'detr'}", "--dataset", "coco", "--data-dir",
+        str(folders["coco"]), "--image-size", str(SIZE), "--out", str(run),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    spec = json.loads((run / "config.json").read_text())["model"]
+    assert spec["default_layer"] == "model.backbone.model.encoder.stages.3"  # a CNN map
+    with open_store(run) as store:
+        counts, scores = store.epoch_data("box_counts"), store.epoch_data("box_scores")
+        assert store.task == "detection" and counts.max() <= 10  # at most one per query
+        assert ((scores >= 0.05) & (scores <= 1)).all()
+        assert store.history["eval_loss"][0] == 0.0  # its losses are not computed: said so
+    analyzed = run_cli("analyze", str(run), "--plugin", "gradcam")
+    assert analyzed.returncode == 0, analyzed.stderr
+    with h5py.File(run / "analyses" / "gradcam" / "attributions.h5") as f:
+        assert f["maps"].shape[1:] == (SIZE, SIZE)
