@@ -65,13 +65,21 @@ def _three_finite(positive: bool) -> Callable[[Any], bool]:
 
 
 def plain_kwargs(value: Any) -> bool:
-    """A model's build arguments as a run records them: names to JSON-plain values."""
+    """A model's build arguments as a run records them: names to JSON-plain values, or lists
+    of them (a detector's ``label_names``)."""
     return isinstance(value, Mapping) and all(
         isinstance(k, str)
         and k
-        and (v is None or isinstance(v, (str, bool, int)) or _finite_float(v))
+        and (
+            _plain(v)
+            or (isinstance(v, list) and len(v) <= 100_000 and all(_plain(x) for x in v))
+        )
         for k, v in value.items()
     )
+
+
+def _plain(v: Any) -> bool:
+    return v is None or isinstance(v, (str, bool, int)) or _finite_float(v)
 
 
 def _finite_float(value: Any) -> bool:

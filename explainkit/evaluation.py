@@ -40,7 +40,7 @@ from explainkit.errors import ConfigError, ExplainkitError
 from explainkit.eval_data import ARRAYS, eval_data, model_input, read_line, rounded, three_values
 from explainkit.registries import Registries, accepted_kwargs
 from explainkit.rundir import RunDir
-from explainkit.task_eval import METRICS, task_results, task_split
+from explainkit.task_eval import METRICS, coco_detector, task_results, task_split
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
@@ -99,6 +99,10 @@ def evaluate_run(
     ds = task_split(ds, config.task, config.dataset)
     kwargs = accepted_kwargs(entry.build, {"width": config.width, "image_size": size})
     model = entry.build(len(ds.classes), **kwargs)
+    coco = coco_detector(entry, model, weights, list(ds.classes), kwargs)
+    if coco is not None:  # COCO weights on the dataset's classes, relabelled by name
+        model, kwargs, line = coco
+        (say or (lambda text: None))(line)
     notes = apply_weights(model, weights, len(ds.classes), entry.name)
     if len(notes) > 1:  # the head was skipped: it would stay random
         raise ConfigError(
@@ -122,7 +126,7 @@ def evaluate_run(
     with RunWriter(
         out, model, ds, registries=registries, mean=mean, std=std, arch=config.model,
         kwargs=kwargs, overwrite=overwrite, task=config.task, _config=config,
-        _notes=[*notes, *lines],
+        _notes=[*notes, *lines, *([coco[2]] if coco else [])],
     ) as writer:  # fmt: skip
         writer.log_epoch()
     return writer.path

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from explainkit.arguments import plain_kwargs
 from explainkit.config import IMAGE_SIZE_MAX, WIDTH_MAX, EvalConfig, TrainConfig
 from explainkit.errors import ConfigError, RunError, brief, describe, write_failed
 from explainkit.files import read_regular_file
@@ -480,10 +481,7 @@ def check_run_config(data: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
     if "width" in model:  # explainkit's ResNets; other models have none
         _run_int(fail, model, "model.width", 1, WIDTH_MAX)
     kwargs = model.get("kwargs", {})
-    if not isinstance(kwargs, dict) or not all(
-        isinstance(k, str) and (v is None or isinstance(v, (str, bool, int, float)))
-        for k, v in kwargs.items()
-    ):
+    if not isinstance(kwargs, dict) or not plain_kwargs(kwargs):
         raise fail(f"model.kwargs must map names to plain values, got {describe(kwargs)}")
     if "reshape" in model:
         _run_text(fail, model, "model.reshape")

@@ -26,6 +26,7 @@ from explainkit.task_metrics import IGNORE, confusion, detection_map, mean_iou
 __all__ = [
     "MAX_DETECTIONS",
     "METRICS",
+    "coco_detector",
     "TaskScores",
     "detections_of",
     "detection_targets",
@@ -67,6 +68,40 @@ def task_split(ds: Any, task: str, dataset: str) -> Any:
     return replace(ds, classes=task_classes(task, list(ds.classes)))
 
 
+def coco_detector(
+    entry: Any, model: nn.Module, weights: Any, classes: list[str], kwargs: dict[str, Any]
+) -> tuple[nn.Module, dict[str, Any], str] | None:
+    """(the detector with COCO's head, its build arguments, what was matched in words) when
+    ``weights`` are a COCO detector's (torchvision's ``COCO_V1``) and the dataset's classes
+    are not COCO's 91 ids: a build that takes ``label_names`` relabels its detections by
+    name. None when the weights fit the model as it is or the build takes no names."""
+    from explainkit.registries import accepted_kwargs
+
+    if "label_names" not in accepted_kwargs(entry.build, {"label_names": None}):
+        return None
+    if _same_shapes(model.state_dict(), weights.state_dict):
+        return None
+    own = {**kwargs, "label_names": classes}
+    coco = entry.build(len(classes), **own)
+    if not _same_shapes(coco.state_dict(), weights.state_dict):
+        return None  # apply_weights says what does not fit
+    ids = coco.explainkit_coco_ids
+    missing = [c for c, i in zip(classes, ids, strict=True) if not i]
+    line = (
+        f"labels: the weights detect COCO's categories; {len(classes) - len(missing)} of the "
+        f"{len(classes)} classes matched by name"
+        + (f" ({', '.join(missing[:5])} are not COCO's: never detected)" if missing else "")
+        + "; detections of other categories are dropped"
+    )
+    return coco, own, line
+
+
+def _same_shapes(own: dict[str, Any], given: dict[str, Any]) -> bool:
+    return own.keys() == given.keys() and all(
+        tuple(own[k].shape) == tuple(given[k].shape) for k in own
+    )
+
+
 def task_results(
     model: nn.Module,
     ds: Any,
@@ -79,7 +114,8 @@ def task_results(
     """``TaskScores.finish()`` of ``model`` on the split ``ds`` (its annotations the truth),
     normalized with ``mean`` and ``std``, batch by batch; the model's mode is restored. A
     torchvision detector's eval loss is its own losses' sum (BatchNorm frozen); another
-    detector's is recorded as 0 (explainkit cannot compute its losses)."""
+    detector's (or one relabelled from COCO's categories) is recorded as 0 (explainkit
+    cannot compute its losses on the dataset's classes)."""
     from explainkit.data import iter_batches
     from explainkit.explain.outputs import scores_of
 
@@ -100,7 +136,7 @@ def task_results(
                 if task == "detection":
                     out = model(list(x)) if listed else model(x)
                     loss = None
-                    if listed:
+                    if listed and not hasattr(model, "explainkit_coco_ids"):
                         rows = idx.tolist()
                         boxes, labels = truth
                         targets = detection_targets(

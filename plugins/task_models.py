@@ -133,12 +133,28 @@ def task_entry(task: str, name: str) -> ModelEntry:
     )
 
 
-def build_task_model(task: str, name: str, num_classes: int, image_size: int | None = None) -> Any:
+def build_task_model(
+    task: str,
+    name: str,
+    num_classes: int,
+    image_size: int | None = None,
+    label_names: list[str] | None = None,
+) -> Any:
     """torchvision's ``name`` with random weights, its default layer declared on it
-    (``default_target_layer``) and its task (``explainkit_task``)."""
+    (``default_target_layer``) and its task (``explainkit_task``).
+
+    ``label_names`` (a detector's only): the dataset's classes, for weights trained on COCO
+    (torchvision's ``COCO_V1``, 91 category ids): the detector keeps COCO's head and its
+    detections are relabelled by name to the dataset's classes, those of other categories
+    dropped (:func:`coco_relabelling`). ``evaluate`` passes it when the weights are COCO's.
+    """
     import torchvision
 
     classes = num_classes + 1 if task == "detection" else num_classes  # the background
+    lookup = None
+    if label_names is not None and task == "detection":
+        lookup, ids = coco_relabelling(label_names)
+        classes = len(COCO_CATEGORIES())
     kwargs: dict[str, Any] = {"weights": None, "num_classes": classes}
     if task != "video":
         kwargs["weights_backbone"] = None
@@ -149,4 +165,65 @@ def build_task_model(task: str, name: str, num_classes: int, image_size: int | N
     model = torchvision.models.get_model(name, **kwargs)
     model.default_target_layer = TASK_MODELS[task][name]
     model.explainkit_task = task
+    if lookup is not None:
+        model.register_forward_hook(partial(_relabelled, lookup))
+        model.explainkit_coco_ids = ids
     return model
+
+
+# VOC's names of COCO categories (the rest match as they are, case and "_" aside)
+COCO_ALIASES = {
+    "aeroplane": "airplane",
+    "diningtable": "dining table",
+    "motorbike": "motorcycle",
+    "pottedplant": "potted plant",
+    "sofa": "couch",
+    "tvmonitor": "tv",
+}
+
+
+def COCO_CATEGORIES() -> list[str]:  # noqa: N802 - a constant, read lazily (torchvision)
+    from torchvision.models._meta import _COCO_CATEGORIES
+
+    return list(_COCO_CATEGORIES)
+
+
+def coco_relabelling(label_names: list[str]) -> tuple[Any, list[int]]:
+    """(a lookup from COCO category id to 1 + the dataset class of the same name, 0 where
+    none; each dataset class's COCO id, 0 where none).
+
+    Raises:
+        ConfigError: No class of the dataset names a COCO category.
+    """
+    import torch
+
+    coco = COCO_CATEGORIES()
+    index = {c.lower(): i for i, c in enumerate(coco) if c not in ("__background__", "N/A")}
+    ids = []
+    for name in label_names:
+        key = str(name).strip().lower().replace("_", " ")
+        ids.append(index.get(COCO_ALIASES.get(key.replace(" ", ""), key), 0))
+    if not any(ids):
+        raise ConfigError(
+            f"none of the dataset's classes ({', '.join(label_names[:5])}...) is a COCO category "
+            "(person, car, dog, ...): COCO weights cannot detect them; give weights trained for "
+            "these classes"
+        )
+    lookup = torch.zeros(len(coco), dtype=torch.long)
+    for k, coco_id in enumerate(ids):
+        if coco_id:
+            lookup[coco_id] = k + 1
+    return lookup, ids
+
+
+def _relabelled(lookup: Any, module: Any, inputs: Any, output: Any) -> Any:
+    """A COCO detector's detections with the dataset's labels (1 + class; background 0 as
+    every torchvision detector's), those of categories the dataset lacks dropped."""
+    if not isinstance(output, list):  # training mode: the losses
+        return output
+    relabelled = []
+    for o in output:
+        labels = lookup.to(o["labels"].device)[o["labels"]]
+        keep = labels > 0
+        relabelled.append({**{k: v[keep] for k, v in o.items()}, "labels": labels[keep]})
+    return relabelled

@@ -255,3 +255,43 @@ def test_a_transformers_detr_from_a_local_folder_is_evaluated_and_explained(fold
     assert analyzed.returncode == 0, analyzed.stderr
     with h5py.File(run / "analyses" / "gradcam" / "attributions.h5") as f:
         assert f["maps"].shape[1:] == (SIZE, SIZE)
+
+
+def test_coco_weights_detect_the_dataset_classes_they_name(folders):
+    """A detector with COCO's 91-category head (torchvision's COCO_V1 layout) on a dataset
+    of other class ids: its detections are relabelled by name, other categories dropped."""
+    import dataclasses
+
+    from explainkit.plugins.task_models import build_task_model
+
+    root = folders["root"]
+    named = ["person", "dog", "car", "Traffic_Light", "kite", "blob"]
+    coco = write_coco(root / "coco_named", dataclasses.replace(folders["scenes"], classes=named))
+    torch.manual_seed(0)
+    model = build_task_model("detection", "fasterrcnn_resnet50_fpn", 90, image_size=SIZE)
+    bias = model.roi_heads.box_predictor.cls_score.bias.data
+    bias[[1, 18, 5]] = 6.0  # confident person, dog and airplane (not the dataset's)
+    torch.save(model.state_dict(), root / "coco91.pt")
+    run = root / "coco91"
+    result = run_cli(
+        "evaluate", "--model", "torchvision_detection:fasterrcnn_resnet50_fpn", "--weights",
+        str(root / "coco91.pt"), "--dataset", "coco", "--data-dir", str(coco),
+        "--image-size", str(SIZE), "--out", str(run),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "5 of the 6 classes matched by name (blob are not COCO's" in result.stderr
+    with open_store(run) as store:
+        counts, labels = store.epoch_data("box_counts"), store.epoch_data("box_labels")
+        scores = store.epoch_data("box_scores")
+        images = store.images(np.arange(8))
+    model.eval()
+    with torch.no_grad():
+        direct = model(list(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for i, out in enumerate(direct):
+        keep = ((out["labels"] == 1) | (out["labels"] == 18)) & (out["scores"] >= 0.05)
+        expected = sorted(out["scores"][keep].tolist(), reverse=True)[:20]
+        np.testing.assert_allclose(scores[starts[i] : starts[i + 1]], expected, atol=1e-5)
+    assert set(labels.tolist()) == {0, 1}  # person -> 0, dog -> 1; airplanes dropped
+    rebuilt = explainkit.load_model(run / "checkpoints" / "last.pt")  # what analyzers explain
+    assert rebuilt.explainkit_coco_ids[:2] == [1, 18]  # it relabels as evaluate did

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from explainkit import __version__
+from explainkit.arguments import plain_kwargs
 from explainkit.atomic import write_atomic
 from explainkit.errors import CheckpointError, ConfigError, RunError, first_line
 from explainkit.registries import Registries, spec_kwargs
@@ -251,10 +252,7 @@ def _model_spec(spec: Any, registries: Registries, where: str) -> dict[str, Any]
         if not _is_int(spec.get(key)) or spec[key] < 1:
             raise _Damage(f"its model {key} is {_describe(spec.get(key))}, not 1 or more")
     kwargs = spec.get("kwargs", {})
-    if not isinstance(kwargs, dict) or not all(
-        isinstance(k, str) and (v is None or isinstance(v, str | bool | int | float))
-        for k, v in kwargs.items()
-    ):
+    if not isinstance(kwargs, dict) or not plain_kwargs(kwargs):
         raise _Damage(f"its model kwargs are {_describe(kwargs)}, not names and plain values")
     if "width" in spec and spec_kwargs(spec).get("width", spec["width"]) != spec["width"]:
         raise _Damage(f"its model width {spec['width']} differs from its kwargs {kwargs}")
