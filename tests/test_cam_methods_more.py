@@ -12,7 +12,6 @@ from explainkit.explain.gradcam import (
     CAM_CLASSES,
     SmoothGradCAMpp,
     compute_cam,
-    compute_cams,
     deep_feature_factorization,
 )
 from explainkit.explain.methods import METHODS, parse_methods
@@ -87,7 +86,7 @@ def test_smoothgradcampp_averages_the_noisy_gradients():
     noise it is Grad-CAM++."""
     net, k = _pooled_net(), 3
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    noise = [torch.randn(x.shape, generator=torch.Generator().manual_seed(10 + i)) for i in range(k)]
+    noise = [torch.randn(x.shape, generator=torch.Generator().manual_seed(s)) for s in (7, 8, 9)]
     seen: list[torch.Tensor] = []
     handle = net[3].register_forward_hook(lambda m, i, o: seen.append(o))
     with torch.no_grad():
@@ -182,6 +181,7 @@ def test_deep_feature_factorization_equals_pytorch_grad_cam():
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     acts = _layer4(model, x)
     concepts, heat = _peer_dff(acts, 4)
+
     def head(e):  # the classifier on a concept's embedding laid over its 2x2 pooled grid
         return model.linear(e[:, :, None, None].expand(-1, -1, 2, 2).flatten(1))
 
@@ -206,3 +206,28 @@ def test_deep_feature_factorization_equals_pytorch_grad_cam():
         best = int(np.argmax((along * heat_i[0]).sum((1, 2))))
         assert np.abs(maps.raw[i].numpy() - heat_i[0, best]).max() < 1e-4
     assert maps.maps.shape == (3, 32, 32)
+
+
+def test_cli_runs_the_three_on_a_tiny_run(tiny_run):
+    """One analyze: dff is the method of every eval image's map, Smooth Grad-CAM++ is drawn
+    beside it, and LeGrad, asked of a CNN, is left out with its one sentence."""
+    import json
+
+    import h5py
+
+    from tests.helpers import run_cli
+
+    args = ("--gradcam-method", "dff", "--gradcam-compare", "smoothgradcampp,legrad")
+    result = run_cli("analyze", str(tiny_run), "--plugin", "gradcam", *args, "--gradcam-count", "2")
+    assert result.returncode == 0, result.stderr
+    out = tiny_run / "analyses" / "gradcam"
+    summary = json.loads((out / "gradcam.json").read_text())
+    assert summary["method"] == "dff"
+    assert summary["compare"]["methods"] == ["dff", "smoothgradcampp"]
+    assert "legrad explains vision transformers" in summary["compare"]["failed"]["legrad"]
+    with h5py.File(out / "attributions.h5") as f:
+        maps = f["maps"][:]
+        assert f.attrs["method"] == "dff" and len(maps) == summary["num_images"]
+    assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    assert (maps.reshape(len(maps), -1).max(1) > 0.99).mean() > 0.9  # concept maps, not empty
+    assert "Traceback" not in result.stderr
