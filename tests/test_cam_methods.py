@@ -234,8 +234,10 @@ def test_randomcam_is_a_repeatable_baseline(model, images):
     assert not torch.allclose(first.maps, grad.maps, atol=1e-2)
 
 
-@pytest.mark.parametrize("method", sorted(CAM_CLASSES))
+@pytest.mark.parametrize("method", sorted(set(CAM_CLASSES) - {"legrad"}))
 def test_every_method_explains_video_and_token_layers(method):
+    """(LeGrad reads a transformer's attention maps, not one layer: its ViT test is in
+    tests/test_cam_methods_more.py.)"""
     torch.manual_seed(0)
     video = torch.nn.Sequential(
         torch.nn.Conv3d(3, 6, 3, padding=1),

@@ -6,6 +6,9 @@ one backward per batch, upsampling and normalization; each method is a small sub
 (:mod:`~explainkit.explain.cams.gradient`: Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM,
 HiResCAM, element-wise Grad-CAM, ShapleyCAM, Finer-CAM; :mod:`~explainkit.explain.cams.fullgrad`:
 FullGrad, every bias layer's gradient in its own pass;
+:mod:`~explainkit.explain.cams.smooth`: Smooth Grad-CAM++; :mod:`~explainkit.explain.cams.legrad`:
+LeGrad for vision transformers; :mod:`~explainkit.explain.cams.factorization`: Deep Feature
+Factorization;
 :mod:`~explainkit.explain.cams.projection`: Eigen-CAM, EigenGrad-CAM, KPCA-CAM, FEM and the
 random baseline). This module re-exports them and runs them over many images.
 
@@ -38,6 +41,7 @@ from torch import Tensor, nn
 from explainkit.errors import AnalyzerError
 from explainkit.explain.cam_result import CAMResult, normalize_maps
 from explainkit.explain.cams.base import CAM, TargetArg
+from explainkit.explain.cams.factorization import DFF, Concepts, deep_feature_factorization
 from explainkit.explain.cams.fullgrad import FullGrad
 from explainkit.explain.cams.gradient import (
     FinerCAM,
@@ -49,7 +53,9 @@ from explainkit.explain.cams.gradient import (
     ShapleyCAM,
     XGradCAM,
 )
+from explainkit.explain.cams.legrad import LeGrad
 from explainkit.explain.cams.projection import FEM, KPCACAM, EigenCAM, EigenGradCAM, RandomCAM
+from explainkit.explain.cams.smooth import SmoothGradCAMpp
 from explainkit.explain.layers import RESHAPES
 from explainkit.explain.methods import CAM_METHODS
 from explainkit.explain.targets import Target, as_target
@@ -61,6 +67,8 @@ __all__ = [
     "CAM_CLASSES",
     "RESHAPES",
     "CAMResult",
+    "DFF",
+    "Concepts",
     "EigenCAM",
     "EigenGradCAM",
     "FinerCAM",
@@ -70,11 +78,14 @@ __all__ = [
     "GradCAMpp",
     "HiResCAM",
     "LayerCAM",
+    "LeGrad",
     "RandomCAM",
     "ShapleyCAM",
+    "SmoothGradCAMpp",
     "XGradCAM",
     "compute_cam",
     "compute_cams",
+    "deep_feature_factorization",
     "iter_cam",
     "normalize_maps",
 ]
@@ -96,6 +107,9 @@ CAM_CLASSES: dict[str, type[CAM]] = {
         FinerCAM,
         FullGrad,
         RandomCAM,
+        SmoothGradCAMpp,
+        LeGrad,
+        DFF,
     )
 }
 assert set(CAM_CLASSES) <= set(CAM_METHODS), "explain/methods.py lists every native CAM"

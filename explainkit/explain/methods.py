@@ -82,6 +82,9 @@ def _registry() -> dict[str, Method]:
         Method("finercam", "Finer-CAM", "Finer-CAM", "native", "map", True),
         Method("randomcam", "Random CAM", "Random CAM", "native", "map", True),
         Method("fullgrad", "FullGrad", "FullGrad", "native", "map"),  # every bias layer
+        Method("smoothgradcampp", "Smooth Grad-CAM++", "Smooth G-CAM++", "native", "map", True),
+        Method("legrad", "LeGrad", "LeGrad", "native", "map", True),  # from a ViT block on
+        Method("dff", "Deep Feature Factorization", "DFF", "native", "map", True),
     ]
     captum = [
         Method("saliency", "Saliency", "Saliency", "captum", "max_abs"),
