@@ -206,10 +206,9 @@ def test_bad_input_is_one_sentence(setup):
         P.AblationCAM(model, "layer3")(x, torch.tensor([3, 99]))
     with pytest.raises(AnalyzerError, match="unknown target layer"):
         P.ScoreCAM(model, "nope")
-    from explainkit.explain.targets import class_target
-
-    with pytest.raises(AnalyzerError, match="perturbation methods explain a class"):
-        P.ScoreCAM(model, "layer3")(x, class_target("probability", t))
+    segmenter = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(AnalyzerError, match=r"class index is explained on \(N, C\) logits"):
+        P.ScoreCAM(segmenter, "1")(x, 1)
 
 
 needs_captum = pytest.mark.skipif(
