@@ -417,3 +417,19 @@ def test_perturbation_cams_on_segmentation_equal_pytorch_grad_cam(small_segmente
         assert torch.allclose(ours.scores, expected, rtol=1e-5)
         theirs = _peer_perturbation(pgc, method, small_segmenter, module, x, theirs_targets)
         _check_agreement(ours, theirs, method, stage)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_perturbation_cams_of_an_unmatched_box_are_zero(small_detector):
+    """No copy's detections match the box: nothing to explain, a zero map and a warning, as
+    Grad-CAM gives (not Score-CAM's uniform softmax over equal scores)."""
+    from explainkit.explain import perturbation as P
+
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    far = Detection(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([1]))
+    with pytest.warns(UserWarning, match="does not depend"):
+        results = {"scorecam": P.ScoreCAM(small_detector, "backbone.body.layer4")(x, far)}
+    results["ablationcam"] = P.AblationCAM(small_detector, "backbone.body.layer4")(x, far)
+    results["rise"] = P.RISE(small_detector, masks=16)(x, far)
+    for method, result in results.items():
+        assert float(result.maps.abs().max()) == 0.0 and float(result.scores[0]) == 0.0, method

@@ -55,6 +55,7 @@ from explainkit.explain.perturbation_targets import (
     _pick,
     output_rows,
     resolve_targets,
+    varies,
 )
 from explainkit.explain.target_base import Target as ScoreTarget
 
@@ -295,7 +296,11 @@ class ScoreCAM(PerturbationCAM):
             if blank is not None:
                 total = torch.where(live[sl], total, blank[sl, None])
             scores.append(total)
-        return _scatter(chosen, torch.cat(scores).softmax(1), c, 0.0)
+        scores = torch.cat(scores)
+        weights = scores.softmax(1)
+        if not isinstance(targets, Tensor):
+            weights = weights * varies(scores)[:, None]
+        return _scatter(chosen, weights, c, 0.0)
 
     def _copies(self) -> int:
         return 1

@@ -14,6 +14,7 @@ the copy's owner), so detections are matched by IoU on each copy's own output.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,14 @@ from explainkit.explain.target_base import Target as ScoreTarget
 from explainkit.explain.targets import Binary, Detection, SegmentationRegion
 from explainkit.explain.targets import _ClassBase as ClassBase
 
-__all__ = ["Target", "fix_target", "output_rows", "resolve_targets", "score_copies"]
+__all__ = [
+    "Target",
+    "fix_target",
+    "output_rows",
+    "resolve_targets",
+    "score_copies",
+    "varies",
+]
 
 # What the perturbation CAMs accept: "predicted", "true", class indices, or a Target object.
 Target = str | int | Tensor | Sequence[int] | ScoreTarget
@@ -89,6 +97,21 @@ def output_rows(output: Any) -> int:
         return int(scores_of(output).shape[0])
     except AnalyzerError:
         return -1
+
+
+def varies(scores: Tensor) -> Tensor:
+    """(N,) 1.0 where a target's scores (N, K) differ between an image's perturbed copies, 0.0
+    where they are all equal: no copy's detections match its boxes (or its region is empty),
+    so the score does not depend on the model and its map is zero, as a gradient CAM makes it,
+    with the same warning, instead of softmax's uniform weights."""
+    same = (scores.amax(1) == scores.amin(1)) & (scores.shape[1] > 1)
+    if bool(same.any()):
+        warnings.warn(
+            "the target's score does not depend on the model here (no detection matched, or an "
+            "empty region), so its maps are zero",
+            stacklevel=4,
+        )
+    return (~same).float()
 
 
 def score_copies(target: ScoreTarget, output: Any, owners: Tensor) -> Tensor:
