@@ -50,10 +50,10 @@ from explainkit.explain.layers import RESHAPES, Layout, resolve_layout, target_l
 from explainkit.explain.outputs import scores_of
 from explainkit.explain.perturbation_targets import (
     Target,
-    _cut,
-    _explained,
-    _pick,
+    cut_targets,
+    explained_targets,
     output_rows,
+    pick_scores,
     resolve_targets,
     varies,
 )
@@ -177,7 +177,8 @@ class PerturbationCAM:
             self.layer, self.module = chosen.name, chosen.module
         with _EvalMode(self.model), torch.no_grad():
             model_out, output = self._capture(images, size)
-            targets, base, result = _explained(target, true_targets, model_out, images.shape[0])
+            n = images.shape[0]
+            targets, base, result = explained_targets(target, true_targets, model_out, n)
             acts = self.layout.to_nchw(output).float()  # type: ignore[union-attr]
             chosen = _top_channels(acts, self.channels)
             weights = self._weights(images, output, acts, chosen, base, targets)
@@ -219,7 +220,7 @@ class PerturbationCAM:
     def _scores(self, inputs: Tensor, targets: Tensor | ScoreTarget, owners: Tensor) -> Tensor:
         """Target scores of perturbed inputs (input ``b`` a copy of image ``owners[b]``), from
         the fast inference copy of the model."""
-        return _pick(self._fast.run(self.model, inputs), targets, owners)
+        return pick_scores(self._fast.run(self.model, inputs), targets, owners)
 
 
 def _default_batch(model: nn.Module) -> int:
@@ -290,8 +291,9 @@ class ScoreCAM(PerturbationCAM):
             masks = _scaled_masks(picked_all[sl], size)  # (G, K, H, W)
             total = torch.zeros(masks.shape[:2], device=images.device)
             variants = self._variants(masks, generator)
+            part = cut_targets(targets, sl, n)
             for variant in variants:
-                total += self._masked_scores(images[sl], variant, _cut(targets, sl, n), live[sl])
+                total += self._masked_scores(images[sl], variant, part, live[sl])
             total /= len(variants)
             if blank is not None:
                 total = torch.where(live[sl], total, blank[sl, None])
@@ -450,7 +452,7 @@ class AblationCAM(PerturbationCAM):
                 try:
                     out = self.model(images)
                     if output_rows(out) == g * k:
-                        return _pick(out, targets, owners)
+                        return pick_scores(out, targets, owners)
                 # A detector's heads or post-processing may refuse a batch its images do not
                 # match (IndexError, ...): its copies then run from the input as well.
                 except (RuntimeError, IndexError, ValueError, AssertionError):
@@ -512,7 +514,7 @@ class RISE:
         shifts = torch.stack([rows, torch.randint(0, cell[1], (self.count,), generator=g)], 1)
         up_size = ((self.cells + 1) * cell[0], (self.cells + 1) * cell[1])
         with _EvalMode(self.model), torch.no_grad():
-            targets, _, result = _explained(target, true_targets, self.model(images), n)
+            targets, _, result = explained_targets(target, true_targets, self.model(images), n)
             saliency = torch.zeros(n, h * w, device=images.device)
             per = max(1, self.max_batch // n)  # masks per pass, all images at once
             for s in range(0, self.count, per):
@@ -527,7 +529,7 @@ class RISE:
                 else:  # a Target's own score stands for the probability
                     owners = torch.arange(n, device=images.device).repeat_interleave(m.shape[0])
                     p_t = torch.cat([
-                        _pick(self._fast.run(self.model, inputs[i : i + self.max_batch]),
+                        pick_scores(self._fast.run(self.model, inputs[i : i + self.max_batch]),
                               targets, owners[i : i + self.max_batch])
                         for i in chunks
                     ]).view(n, m.shape[0])  # fmt: skip

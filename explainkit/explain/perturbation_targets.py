@@ -25,12 +25,22 @@ from explainkit.errors import AnalyzerError
 from explainkit.explain.cams.base import logits_and_predicted
 from explainkit.explain.outputs import scores_of
 from explainkit.explain.target_base import Target as ScoreTarget
-from explainkit.explain.targets import Binary, Detection, SegmentationRegion
-from explainkit.explain.targets import _ClassBase as ClassBase
+from explainkit.explain.targets import (
+    Binary,
+    ClassLogit,
+    ClassProbability,
+    Detection,
+    FinerContrast,
+    MultiLabel,
+    SegmentationRegion,
+)
 
 __all__ = [
     "Target",
+    "cut_targets",
+    "explained_targets",
     "fix_target",
+    "pick_scores",
     "output_rows",
     "resolve_targets",
     "score_copies",
@@ -59,32 +69,39 @@ def fix_target(target: ScoreTarget, output: Any, n: int) -> ScoreTarget:
     predicted region, the predicted side of a binary output. Targets without such a choice
     (given classes, boxes, masks, references) and unknown subclasses are returned as they
     are."""
-    if isinstance(target, ClassBase) and isinstance(target.index, str):
+    classes = (ClassLogit, ClassProbability, MultiLabel, FinerContrast)
+    if isinstance(target, classes) and isinstance(target.index, str):
         fixed = copy.copy(target)
         fixed.index = target.classes(output, n)
         return fixed
-    if isinstance(target, Detection) and target.boxes is None and not hasattr(target, "_shared"):
-        refs = target._references(_detection_list(output))
-        return Detection([b for b, _ in refs], [t for _, t in refs], target.iou_threshold,
-                         target.with_iou)  # fmt: skip
+    if isinstance(target, Detection) and _is_top(target):
+        target.scores(output)  # not detections: the target's own one-sentence error
+        tops = [int(d["scores"].argmax()) if len(d["scores"]) else None for d in output]
+        boxes = [_row(d["boxes"], i, (0, 4)) for d, i in zip(output, tops, strict=True)]
+        labels = [_row(d["labels"], i, (0,)) for d, i in zip(output, tops, strict=True)]
+        return Detection(boxes, labels, target.iou_threshold, target.with_iou)
     if isinstance(target, SegmentationRegion) and target.box is None and target.mask is None:
         out = scores_of(output)
         if out.dim() == 4:  # else scoring raises the target's own one-sentence error
-            cls = target._cls(n, out.device)
+            cls = target.classes(output, n).to(out.device)
             mask = (out.argmax(1) == cls.view(n, 1, 1)).float()
             return SegmentationRegion(target.cls, mask)
     if type(target) is Binary and target.side == "predicted":
-        from explainkit.explain.targets import _single
-
-        return _FixedSides(torch.where(_single(output, "Binary") >= 0, 1.0, -1.0),
-                           target.probability)  # fmt: skip
+        logit = Binary("positive").scores(output)
+        return _FixedSides(torch.where(logit >= 0, 1.0, -1.0), target.probability)
     return target
 
 
-def _detection_list(output: Any) -> list:
-    from explainkit.explain.task_targets import _detections
+def _is_top(target: Detection) -> bool:
+    """``Detection("top")``: no reference boxes, per image or shared."""
+    return target.boxes is None and getattr(target, "_shared", None) is None
 
-    return _detections(output)
+
+def _row(values: Tensor, i: int | None, empty: tuple[int, ...]) -> Tensor:
+    """Row ``i`` of ``values`` kept 2-D (1-D for labels), or an empty one when ``i`` is None."""
+    if i is None:
+        return values.new_zeros(empty)
+    return values[i : i + 1].detach()
 
 
 def output_rows(output: Any) -> int:
@@ -153,7 +170,7 @@ def resolve_targets(
     return t.to(device=device, dtype=torch.int64)
 
 
-def _pick(output: Any, targets: Tensor | ScoreTarget, owners: Tensor) -> Tensor:
+def pick_scores(output: Any, targets: Tensor | ScoreTarget, owners: Tensor) -> Tensor:
     """(B,) scores of a batch of perturbed copies, copy ``b`` belonging to image
     ``owners[b]``: the class logit (the fast path) or the fixed target's score."""
     if isinstance(targets, Tensor):
@@ -161,14 +178,14 @@ def _pick(output: Any, targets: Tensor | ScoreTarget, owners: Tensor) -> Tensor:
     return score_copies(targets, output, owners)
 
 
-def _cut(targets: Tensor | ScoreTarget, sl: slice, n: int) -> Tensor | ScoreTarget:
+def cut_targets(targets: Tensor | ScoreTarget, sl: slice, n: int) -> Tensor | ScoreTarget:
     """The targets of images ``sl`` of ``n``."""
     if isinstance(targets, Tensor):
         return targets[sl]
     return targets.take(torch.arange(n)[sl])
 
 
-def _explained(target: Target, true_targets: Any, output: Any, n: int) -> tuple:
+def explained_targets(target: Target, true_targets: Any, output: Any, n: int) -> tuple:
     """What is explained: class indices (the fast path) or a :class:`ScoreTarget` fixed on the
     intact images (:func:`fix_target`); their (N,) scores on the intact images; and the
     CAMResult's targets, predicted, logits (and scores)."""
