@@ -301,7 +301,7 @@ class ScoreCAM(PerturbationCAM):
         scores = torch.cat(scores)
         weights = scores.softmax(1)
         if not isinstance(targets, Tensor):
-            weights = weights * varies(scores)[:, None]
+            weights = weights * varies(scores, base)[:, None]
         return _scatter(chosen, weights, c, 0.0)
 
     def _copies(self) -> int:

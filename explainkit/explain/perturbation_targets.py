@@ -116,12 +116,12 @@ def output_rows(output: Any) -> int:
         return -1
 
 
-def varies(scores: Tensor) -> Tensor:
-    """(N,) 1.0 where a target's scores (N, K) differ between an image's perturbed copies, 0.0
-    where they are all equal: no copy's detections match its boxes (or its region is empty),
-    so the score does not depend on the model and its map is zero, as a gradient CAM makes it,
+def varies(scores: Tensor, base: Tensor) -> Tensor:
+    """(N,) 0.0 where a target scores the same on every perturbed copy (N, K) of an image as on
+    the intact image (N,), else 1.0. Such a score (no detection matches the boxes, an empty
+    region) does not depend on the model, so its map is zero, as a gradient CAM makes it,
     with the same warning, instead of softmax's uniform weights."""
-    same = (scores.amax(1) == scores.amin(1)) & (scores.shape[1] > 1)
+    same = (scores.amax(1) == scores.amin(1)) & (scores[:, 0] == base) & (scores.shape[1] > 1)
     if bool(same.any()):
         warnings.warn(
             "the target's score does not depend on the model here (no detection matched, or an "
