@@ -26,6 +26,9 @@ maps vary most are perturbed (the rule of Faster Score-CAM; pytorch-grad-cam off
 ``ratio_channels_to_ablate``); the others get weight 0. The CAM is then ``relu(sum_k w_k A_k)``
 at the layer's resolution, upsampled and scaled to [0, 1] as the gradient engine does.
 
+Targets: a class index (the fast path) or any Target object (a detection, a segmentation
+region...), chosen on the intact image and scored on every copy (:mod:`.perturbation_targets`).
+
 Memory bound: one forward pass holds at most ``max_batch`` perturbed inputs (images, or
 copies of the layer's output for Ablation-CAM). The upsampled masks of one group of images
 (Score-CAM family; SS-CAM keeps its ``samples`` noisy copies) hold at most ``mask_budget``
