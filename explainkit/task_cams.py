@@ -6,6 +6,10 @@ get one map each, explained with the item's target: a :class:`Detection` on the 
 box, a :class:`SegmentationRegion` over the class's region, a :class:`MultiLabel` label. The
 maps are streamed into ``attributions.h5``, one row per item, with what each explains; the
 figure shows a few items as image (with the box or mask outline) | heatmap | overlay.
+
+Every ``--gradcam-method`` works here: the perturbation CAMs (Score-CAM, SS-CAM, IS-CAM,
+Ablation-CAM, RISE) score each item's target on every masked copy of its image, the box
+matched by IoU on each copy's detections (:mod:`explainkit.explain.perturbation_targets`).
 """
 
 from __future__ import annotations
@@ -36,16 +40,19 @@ def explain_task_run(
     dtype: str,
     reshape: str = "auto",
 ) -> list[dict]:
-    """Grad-CAM (or another native CAM) of every item of a task run; returns the artifacts."""
+    """Grad-CAM (or another native CAM, or a perturbation CAM: Score-CAM, Ablation-CAM,
+    RISE...) of every item of a task run; returns the artifacts."""
     from explainkit.explain.gradcam import CAM_CLASSES
+    from explainkit.explain.perturbation import PERTURBATION_CLASSES
     from explainkit.figures import get_colormap
     from explainkit.task_explain import choose_items, explained_model
 
     store = context.store
-    if method not in CAM_CLASSES:
+    engines = {**CAM_CLASSES, **PERTURBATION_CLASSES}
+    if method not in engines:
         raise AnalyzerError(
-            f"a {store.task} run is explained by the gradient and projection CAMs "
-            f"({', '.join(sorted(CAM_CLASSES))}), not {method}"
+            f"a {store.task} run is explained by the CAM methods ({', '.join(sorted(engines))}), "
+            f"not {method}"
         )
     if context.shard.world_size > 1:
         raise AnalyzerError(
@@ -58,7 +65,7 @@ def explain_task_run(
     reshape = context.layer_reshape(layer) if reshape == "auto" else reshape
     module = dict(model.named_modules())[layer]
     path = context.output_dir / "attributions.h5"
-    engine = CAM_CLASSES[method](explained_model(model, store.task), module, reshape)
+    engine = engines[method](explained_model(model, store.task), module, reshape)
     seconds, shapes = _write_maps(context, engine, items, dtype, path, (layer, method))
     rows = _shown(context, items, count, select)
     summary = _summary(context, items, (layer, method, target, select), seconds, shapes, rows)

@@ -122,6 +122,69 @@ def test_batching_and_channel_selection(setup):
     assert float(few.maps.max()) == pytest.approx(1.0)
 
 
+def test_multilabel_target_equals_a_hand_computation(setup):
+    """Score-CAM and Ablation-CAM of one sigmoid label per image (a MultiLabel target) against
+    the papers' formulas computed by hand, one channel at a time; the target of each image
+    follows its masked copies through any batching."""
+    from explainkit.explain.targets import MultiLabel
+
+    model, x, _ = setup
+    labels = torch.tensor([2, 5])
+    target = MultiLabel(labels, probability=True)
+    acts: dict = {}
+    hook = model.layer3.register_forward_hook(lambda m, i, o: acts.update(a=o.detach()))
+    with torch.no_grad():
+        base = model(x).gather(1, labels[:, None])[:, 0].sigmoid()
+    hook.remove()
+    a = acts["a"]  # (2, 32, 8, 8)
+
+    def score(inputs, ablate=None):
+        handle = model.layer3.register_forward_hook(
+            lambda m, i, o: o if ablate is None else o.index_fill(1, torch.tensor([ablate]), 0)
+        )
+        try:
+            with torch.no_grad():
+                return model(inputs).gather(1, labels[:, None])[:, 0].sigmoid()
+        finally:
+            handle.remove()
+
+    up = F.interpolate(a, size=(32, 32), mode="bilinear", align_corners=False)
+    low, high = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+    masks = (up - low) / (high - low).clamp_min(1e-8)
+    channels = range(a.shape[1])
+    by_hand = {
+        "scorecam": torch.stack([score(x * masks[:, k : k + 1]) for k in channels], 1).softmax(1),
+        "ablationcam": (base[:, None] - torch.stack([score(x, k) for k in channels], 1))
+        / base[:, None],
+    }
+    for method, weights in by_hand.items():
+        raw = F.relu(torch.einsum("nc,nchw->nhw", weights, a))
+        engine = P.PERTURBATION_CLASSES[method]
+        ours = engine(model, "layer3")(x, target)
+        assert torch.allclose(ours.raw, raw, atol=1e-5 * float(raw.max())), method
+        assert torch.allclose(ours.scores, base, atol=1e-6) and ours.targets.tolist() == [2, 5]
+        small = engine(model, "layer3", max_batch=5, mask_budget=1)(x, target)
+        assert torch.allclose(small.maps, ours.maps, atol=1e-5), method
+        one = P.compute_perturbation(model, x, "layer3", method, target=target, batch_size=1)
+        assert torch.allclose(one.maps, ours.maps, atol=1e-5), method
+
+
+def test_a_class_target_equals_the_class_index(setup):
+    """A Target that picks a class gives the maps of the fast class-index path: the logit
+    for the CAMs, the probability for RISE; "predicted" is the intact image's class."""
+    from explainkit.explain.targets import ClassLogit, ClassProbability
+
+    model, x, t = setup
+    for method in ("scorecam", "ablationcam"):
+        engine = P.PERTURBATION_CLASSES[method](model, "layer3")
+        assert torch.allclose(engine(x, ClassLogit(t)).maps, engine(x, t).maps, atol=1e-6)
+        assert torch.allclose(engine(x, ClassLogit()).maps, engine(x).maps, atol=1e-6)
+    sscam = P.SSCAM(model, "layer3", samples=2)
+    assert torch.allclose(sscam(x, ClassLogit(t)).maps, sscam(x, t).maps, atol=1e-6)
+    rise = P.RISE(model, masks=64)
+    assert torch.allclose(rise(x, ClassProbability(t)).maps, rise(x, t).maps, atol=1e-6)
+
+
 def test_ablation_skip_around_layer_falls_back():
     """A skip connection around the target layer cannot take the expanded batch: the
     ablated copies then run from the input and give the same maps as a plain model."""
@@ -206,10 +269,9 @@ def test_bad_input_is_one_sentence(setup):
         P.AblationCAM(model, "layer3")(x, torch.tensor([3, 99]))
     with pytest.raises(AnalyzerError, match="unknown target layer"):
         P.ScoreCAM(model, "nope")
-    from explainkit.explain.targets import class_target
-
-    with pytest.raises(AnalyzerError, match="perturbation methods explain a class"):
-        P.ScoreCAM(model, "layer3")(x, class_target("probability", t))
+    segmenter = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(AnalyzerError, match=r"class index is explained on \(N, C\) logits"):
+        P.ScoreCAM(segmenter, "1")(x, 1)
 
 
 needs_captum = pytest.mark.skipif(

@@ -161,13 +161,41 @@ def test_the_report_shows_a_task_run_s_explanations(runs):
 
 
 def test_a_task_run_refuses_what_it_cannot_explain_in_one_sentence(runs):
-    results = analyze(
-        runs["segmentation"], ["gradcam"], device="cpu", collect_failures=True,
-        gradcam_method="scorecam", gradcam_target="predicted",
-    )  # fmt: skip
-    (manifest,) = results
-    error = manifest["error"]
-    assert "segmentation run is explained by the gradient and projection CAMs" in error
     results = analyze(runs["multilabel"], ["gradcam"], device="cpu", collect_failures=True,
                       gradcam_target="circle")  # fmt: skip
     assert "explains its predicted or its true objects, not 'circle'" in results[0]["error"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_scorecam_explains_each_detection_of_a_task_run(runs, tmp_path):
+    """--gradcam-method scorecam on a detection run: each item's box is matched by IoU on
+    every masked copy of its image. The intact image re-finds its own box (IoU 1 plus its
+    recorded score), and the stored maps are Score-CAM's of each item's Detection target."""
+    import shutil
+
+    from explainkit.explain.perturbation import ScoreCAM
+    from explainkit.task_explain import explained_model, item_target
+    from explainkit.train.checkpoint import load_model
+
+    run = tmp_path / "detection"
+    shutil.copytree(runs["detection"], run)  # the other tests read the run's Grad-CAM maps
+    analyze(run, ["gradcam"], device="cpu", batch_size=16, gradcam_method="scorecam",
+            gradcam_count=4)  # fmt: skip
+    data, attrs = _h5(run)
+    m = len(data["maps"])
+    assert attrs["method"] == "scorecam" and m > 0 and data["maps"].shape == (m, 32, 32)
+    np.testing.assert_allclose(data["explained_score"], data["recorded_score"] + 1, atol=0.02)
+    np.testing.assert_array_equal(data["targets"], data["class"])
+    maps = data["maps"].astype(np.float32)
+    assert maps.min() >= 0 and maps.max() <= 1 and (maps.reshape(m, -1).max(1) == 1).any()
+    gradcam = json.loads((runs["detection"] / "analyses" / "gradcam" / "gradcam.json").read_text())
+    assert gradcam["method"] == "gradcam"  # the run's own Grad-CAM analysis is untouched
+    with open_store(run) as store:
+        items = choose_items(store, store.last_epoch).take(slice(0, 4))
+        x = torch.from_numpy(store.images(items.image)).permute(0, 3, 1, 2).float() / 255
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (store.mean, store.std))
+        epoch = store.last_epoch
+    model = load_model(run, registries(), epoch, "cpu").eval()
+    engine = ScoreCAM(explained_model(model, "detection"), model.backbone.body.layer4)
+    direct = engine((x - mean) / std, item_target(items))
+    np.testing.assert_allclose(maps[: len(items)], direct.maps.numpy(), atol=2e-3)

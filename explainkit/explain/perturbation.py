@@ -26,6 +26,9 @@ maps vary most are perturbed (the rule of Faster Score-CAM; pytorch-grad-cam off
 ``ratio_channels_to_ablate``); the others get weight 0. The CAM is then ``relu(sum_k w_k A_k)``
 at the layer's resolution, upsampled and scaled to [0, 1] as the gradient engine does.
 
+Targets: a class index (the fast path) or any Target object (a detection, a segmentation
+region...), chosen on the intact image and scored on every copy (:mod:`.perturbation_targets`).
+
 Memory bound: one forward pass holds at most ``max_batch`` perturbed inputs (images, or
 copies of the layer's output for Ablation-CAM). The upsampled masks of one group of images
 (Score-CAM family; SS-CAM keeps its ``samples`` noisy copies) hold at most ``mask_budget``
@@ -48,6 +51,15 @@ from explainkit.explain.cam_result import CAMResult, normalize_maps
 from explainkit.explain.fastmodel import inference_model, memory_format
 from explainkit.explain.layers import RESHAPES, Layout, resolve_layout, target_layer
 from explainkit.explain.outputs import scores_of
+from explainkit.explain.perturbation_targets import (
+    Target,
+    cut_targets,
+    explained_targets,
+    output_rows,
+    pick_scores,
+    resolve_targets,
+    varies,
+)
 from explainkit.explain.target_base import Target as ScoreTarget
 
 __all__ = [
@@ -61,46 +73,6 @@ __all__ = [
     "compute_perturbation",
     "resolve_targets",
 ]
-
-Target = str | int | Tensor | Sequence[int]
-
-
-def resolve_targets(
-    target: Target, true_targets: Any, predicted: Tensor, num_classes: int
-) -> Tensor:
-    """(N,) int64 classes to explain: "predicted", "true", one index, or one per image.
-
-    Raises:
-        AnalyzerError: an unknown keyword, a missing label, or an index out of range.
-    """
-    n, device = predicted.shape[0], predicted.device
-    if isinstance(target, ScoreTarget):
-        raise AnalyzerError(
-            f"the perturbation methods explain a class (predicted, true or an index), not a "
-            f"{type(target).__name__}; use a gradient CAM (gradcam, hirescam, ...) for it"
-        )
-    if isinstance(target, str):
-        if target == "predicted":
-            return predicted
-        if target != "true":
-            raise AnalyzerError(
-                f"unknown target {target!r}; use 'predicted', 'true', a class index or one "
-                "index per image"
-            )
-        if true_targets is None:
-            raise AnalyzerError("target='true' needs true_targets (one label per image)")
-        target = true_targets
-    if isinstance(target, bool):
-        raise AnalyzerError(f"target must be a class index, not {target!r}")
-    t = torch.full((n,), target) if isinstance(target, int) else torch.as_tensor(target)
-    if t.dim() != 1 or t.shape[0] != n or t.is_floating_point() or t.dtype == torch.bool:
-        raise AnalyzerError(
-            f"targets must be {n} integer class indices, one per image; "
-            f"got {t.dtype} {tuple(t.shape)}"
-        )
-    if t.device.type == "cpu" and ((t < 0) | (t >= num_classes)).any():
-        raise AnalyzerError(f"targets must lie in [0, {num_classes})")
-    return t.to(device=device, dtype=torch.int64)
 
 
 class _FastModel:
@@ -120,11 +92,12 @@ class _FastModel:
             self.format = memory_format(self.model)
         return self.model
 
-    def run(self, model: nn.Module, inputs: Tensor) -> Tensor:
+    def run(self, model: nn.Module, inputs: Tensor) -> Any:
+        """The fast copy's output as the model returns it (a tensor, a detection list...)."""
         fast = self(model)
         # Channels-last weights but contiguous inputs: measured fastest on the CPU.
         fmt = self.format if inputs.is_cuda else torch.contiguous_format
-        return scores_of(fast(inputs.contiguous(memory_format=fmt))).float()
+        return fast(inputs.contiguous(memory_format=fmt))
 
 
 class _EvalMode:
@@ -206,22 +179,24 @@ class PerturbationCAM:
             chosen = target_layer(self.model, None, images[:1])
             self.layer, self.module = chosen.name, chosen.module
         with _EvalMode(self.model), torch.no_grad():
-            logits, output = self._capture(images, size)
-            targets = resolve_targets(target, true_targets, logits.argmax(1), logits.shape[1])
+            model_out, output = self._capture(images, size)
+            n = images.shape[0]
+            targets, base, result = explained_targets(target, true_targets, model_out, n)
             acts = self.layout.to_nchw(output).float()  # type: ignore[union-attr]
             chosen = _top_channels(acts, self.channels)
-            weights = self._weights(images, output, acts, chosen, logits, targets)
+            weights = self._weights(images, output, acts, chosen, base, targets)
             raw = F.relu(torch.einsum("nc,nchw->nhw", weights, acts))
             up = F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)
-        return CAMResult(normalize_maps(up[:, 0]), raw, targets, logits.argmax(1), logits)
+        return CAMResult(normalize_maps(up[:, 0]), raw, *result)
 
-    def _capture(self, images: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def _capture(self, images: Tensor, size: tuple[int, int]) -> tuple[Any, Tensor]:
+        """The model's output and the layer's, from one hooked forward pass."""
         seen: list[Tensor] = []
         handle = self.module.register_forward_hook(  # type: ignore[union-attr]
             lambda m, i, out: seen.append(out.detach())
         )
         try:
-            logits = scores_of(self.model(images)).detach().float()
+            model_out = self.model(images)
         finally:
             handle.remove()
         if not seen:
@@ -229,10 +204,8 @@ class PerturbationCAM:
                 f"layer {self.layer!r} was not used in the forward pass; pick a layer the "
                 "model runs"
             )
-        if logits.dim() != 2:
-            raise AnalyzerError("the model must return (N, C) logits to explain")
         self.layout = resolve_layout(seen[0], self.reshape, size, self.layer or "")
-        return logits, seen[0]
+        return model_out, seen[0]
 
     def _weights(
         self,
@@ -240,15 +213,17 @@ class PerturbationCAM:
         output: Tensor,
         acts: Tensor,
         chosen: Tensor,
-        logits: Tensor,
-        targets: Tensor,
+        base: Tensor,
+        targets: Tensor | ScoreTarget,
     ) -> Tensor:
-        """Channel weights (N, C); ``chosen`` (N, K) are the channels to perturb."""
+        """Channel weights (N, C); ``chosen`` (N, K) are the channels to perturb, ``base``
+        (N,) the intact images' scores, ``targets`` classes (N,) or a fixed Target."""
         raise NotImplementedError
 
-    def _scores(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """Target logits of perturbed inputs, from the fast inference copy of the model."""
-        return self._fast.run(self.model, inputs).gather(1, targets[:, None])[:, 0]
+    def _scores(self, inputs: Tensor, targets: Tensor | ScoreTarget, owners: Tensor) -> Tensor:
+        """Target scores of perturbed inputs (input ``b`` a copy of image ``owners[b]``), from
+        the fast inference copy of the model."""
+        return pick_scores(self._fast.run(self.model, inputs), targets, owners)
 
 
 def _default_batch(model: nn.Module) -> int:
@@ -300,7 +275,7 @@ class ScoreCAM(PerturbationCAM):
     # SS-CAM's noise makes each such mask different, so it scores them one by one.
     _share_blank = True
 
-    def _weights(self, images, output, acts, chosen, logits, targets):  # noqa: D102
+    def _weights(self, images, output, acts, chosen, base, targets):  # noqa: D102
         n, c = acts.shape[:2]
         k = chosen.shape[1]
         size = images.shape[-2:]
@@ -312,26 +287,43 @@ class ScoreCAM(PerturbationCAM):
         live = (flat.amax(2) > flat.amin(2)) | (not self._share_blank)  # (N, K)
         blank = None
         if not bool(live.all()):
-            zeros = torch.zeros_like(images[:1])
-            blank = self._fast.run(self.model, zeros)[0].gather(0, targets)  # (N,)
+            blank = self._blank(images, targets)  # (N,)
         scores = []
         for s in range(0, n, group):
             sl = slice(s, s + group)
             masks = _scaled_masks(picked_all[sl], size)  # (G, K, H, W)
             total = torch.zeros(masks.shape[:2], device=images.device)
             variants = self._variants(masks, generator)
+            part = cut_targets(targets, sl, n)
             for variant in variants:
-                total += self._masked_scores(images[sl], variant, targets[sl], live[sl])
+                total += self._masked_scores(images[sl], variant, part, live[sl])
             total /= len(variants)
             if blank is not None:
                 total = torch.where(live[sl], total, blank[sl, None])
             scores.append(total)
-        return _scatter(chosen, torch.cat(scores).softmax(1), c, 0.0)
+        scores = torch.cat(scores)
+        weights = scores.softmax(1)
+        if not isinstance(targets, Tensor):
+            weights = weights * varies(scores, base)[:, None]
+        return _scatter(chosen, weights, c, 0.0)
 
     def _copies(self) -> int:
         return 1
 
-    def _masked_scores(self, images: Tensor, masks: Tensor, targets: Tensor, live: Tensor):
+    def _blank(self, images: Tensor, targets: Tensor | ScoreTarget) -> Tensor:
+        """(N,) scores of an all-black input: one pass for classes; a target's per-image data
+        (its boxes, its region) makes it one black copy per image."""
+        zeros = torch.zeros_like(images[:1])
+        if isinstance(targets, Tensor):
+            return scores_of(self._fast.run(self.model, zeros)).float()[0].gather(0, targets)
+        n, step = images.shape[0], self.max_batch
+        return torch.cat([
+            self._scores(zeros.expand(min(step, n - s), *zeros.shape[1:]), targets,
+                         torch.arange(s, min(s + step, n), device=images.device))
+            for s in range(0, n, step)
+        ])  # fmt: skip
+
+    def _masked_scores(self, images: Tensor, masks: Tensor, targets: Any, live: Tensor):
         """(G, K) target logits of ``images[g] * masks[g, k]`` where ``live`` (0 elsewhere),
         ``max_batch`` inputs a pass."""
         g, k = masks.shape[:2]
@@ -342,7 +334,7 @@ class ScoreCAM(PerturbationCAM):
         for s in range(0, pairs.numel(), self.max_batch):
             chunk = pairs[s : s + self.max_batch]
             idx = owner[chunk]
-            out[chunk] = self._scores(images[idx] * flat[chunk, None], targets[idx])
+            out[chunk] = self._scores(images[idx] * flat[chunk, None], targets, idx)
         return out.view(g, k)
 
 
@@ -421,25 +413,29 @@ class AblationCAM(PerturbationCAM):
         super().__init__(*args, **kwargs)
         self._expand = True
 
-    def _weights(self, images, output, acts, chosen, logits, targets):  # noqa: D102
+    def _weights(self, images, output, acts, chosen, base, targets):  # noqa: D102
         n, c = acts.shape[:2]
         k = chosen.shape[1]
-        base = logits.gather(1, targets[:, None])  # (N, 1)
+        base = base[:, None]  # (N, 1)
         axis = 1 if self.layout.kind == "nchw" else -1  # type: ignore[union-attr]
-        dropped = torch.empty(n, k, device=logits.device)
+        dropped = torch.empty(n, k, device=base.device)
         per = max(1, self.max_batch // k)  # images per pass when all their copies fit
         step = min(k, self.max_batch)  # channels per pass of one image otherwise
         for s in range(0, n, per):
             for j in range(0, k, step):
                 imgs = images[s : s + per]
                 ch = chosen[s : s + per, j : j + step]
-                t = targets[s : s + per].repeat_interleave(ch.shape[1])
-                dropped[s : s + per, j : j + step] = self._ablated(imgs, ch, axis, t).view(ch.shape)
+                owners = torch.arange(s, s + ch.shape[0], device=images.device)
+                owners = owners.repeat_interleave(ch.shape[1])
+                scores = self._ablated(imgs, ch, axis, targets, owners)
+                dropped[s : s + per, j : j + step] = scores.view(ch.shape)
         ratio = (base - dropped) / torch.where(base == 0, 1e-12, base)
         return _scatter(chosen, ratio, c, 0.0)
 
-    def _ablated(self, images: Tensor, channels: Tensor, axis: int, targets: Tensor) -> Tensor:
-        """Target logits with each of ``channels`` (G, K) zeroed, image by image."""
+    def _ablated(
+        self, images: Tensor, channels: Tensor, axis: int, targets: Any, owners: Tensor
+    ) -> Tensor:
+        """Target scores with each of ``channels`` (G, K) zeroed, image by image."""
         g, k = channels.shape
         rows = torch.arange(g * k, device=images.device)
         flat = channels.flatten()
@@ -457,13 +453,16 @@ class AblationCAM(PerturbationCAM):
         try:
             if self._expand:
                 try:
-                    scores = scores_of(self.model(images)).float()
-                    if scores.shape[0] == g * k:
-                        return scores.gather(1, targets[:, None])[:, 0]
-                except RuntimeError:
+                    out = self.model(images)
+                    if output_rows(out) == g * k:
+                        return pick_scores(out, targets, owners)
+                # A detector's heads or post-processing may refuse a batch its images do not
+                # match (IndexError, ...): its copies then run from the input as well.
+                except (RuntimeError, IndexError, ValueError, AssertionError):
                     pass
-                self._expand = False  # something after the layer reads its input: run copies
-            return self._scores(images.repeat_interleave(k, 0), targets)
+                # Something after the layer reads its input (or its batch size): run copies.
+                self._expand = False
+            return self._scores(images.repeat_interleave(k, 0), targets, owners)
         finally:
             handle.remove()
 
@@ -518,8 +517,7 @@ class RISE:
         shifts = torch.stack([rows, torch.randint(0, cell[1], (self.count,), generator=g)], 1)
         up_size = ((self.cells + 1) * cell[0], (self.cells + 1) * cell[1])
         with _EvalMode(self.model), torch.no_grad():
-            logits = scores_of(self.model(images)).detach().float()
-            targets = resolve_targets(target, true_targets, logits.argmax(1), logits.shape[1])
+            targets, _, result = explained_targets(target, true_targets, self.model(images), n)
             saliency = torch.zeros(n, h * w, device=images.device)
             per = max(1, self.max_batch // n)  # masks per pass, all images at once
             for s in range(0, self.count, per):
@@ -527,15 +525,23 @@ class RISE:
                 m = m.to(images.device)  # (B, H, W)
                 inputs = (images[:, None] * m[None, :, None]).flatten(0, 1)
                 chunks = range(0, inputs.shape[0], self.max_batch)  # > 1 when n > max_batch
-                probs = torch.cat([self._probs(inputs[i : i + self.max_batch]) for i in chunks])
-                probs = probs.view(n, m.shape[0], -1)
-                p_t = probs.gather(2, targets[:, None, None].expand(-1, m.shape[0], 1))[..., 0]
+                if isinstance(targets, Tensor):
+                    probs = torch.cat([self._probs(inputs[i : i + self.max_batch])
+                                       for i in chunks]).view(n, m.shape[0], -1)  # fmt: skip
+                    p_t = probs.gather(2, targets[:, None, None].expand(-1, m.shape[0], 1))[..., 0]
+                else:  # a Target's own score stands for the probability
+                    owners = torch.arange(n, device=images.device).repeat_interleave(m.shape[0])
+                    p_t = torch.cat([
+                        pick_scores(self._fast.run(self.model, inputs[i : i + self.max_batch]),
+                              targets, owners[i : i + self.max_batch])
+                        for i in chunks
+                    ]).view(n, m.shape[0])  # fmt: skip
                 saliency += p_t @ m.flatten(1)
             raw = (saliency / (self.count * self.p)).view(n, h, w)
-        return CAMResult(normalize_maps(raw), raw, targets, logits.argmax(1), logits)
+        return CAMResult(normalize_maps(raw), raw, *result)
 
     def _probs(self, inputs: Tensor) -> Tensor:
-        return self._fast.run(self.model, inputs).softmax(1)
+        return scores_of(self._fast.run(self.model, inputs)).float().softmax(1)
 
 
 def _rise_masks(grids: Tensor, shifts: Tensor, up_size: tuple[int, int], size: tuple[int, int]):
@@ -578,13 +584,16 @@ def compute_perturbation(
             images
         )  # raises the error
     engine = PERTURBATION_CLASSES[method](model, layer, reshape, **options)
-    step = batch_size or images.shape[0]
-    per_image = not isinstance(target, (str, int))
+    n = images.shape[0]
+    step = batch_size or n
+    per_image = not isinstance(target, (str, int, ScoreTarget))
     t_all = torch.as_tensor(target) if per_image else None
     true_all = torch.as_tensor(true_targets) if true_targets is not None else None
     results = []
-    for s in range(0, images.shape[0], step):
+    for s in range(0, n, step):
         sl = slice(s, s + step)
         t = t_all[sl] if t_all is not None else target
+        if isinstance(target, ScoreTarget):
+            t = target.take(torch.arange(n)[sl])
         results.append(engine(images[sl], t, true_all[sl] if true_all is not None else None))
     return CAMResult.cat(results)
