@@ -59,6 +59,7 @@ class ItemSource:
     layer: str | None = None
     epoch: int | None = None
     target: str = "predicted"
+    readable: bool = True  # its attributes could be read (else its views say what is wrong)
     _image: np.ndarray | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -164,7 +165,7 @@ def item_sources(stored: list[ItemSource], task: str, default_layer: str | None)
     from explainkit.explain.methods import METHODS
 
     found = {s.key: s for s in stored}
-    held = {s.method for s in stored}
+    held = {s.method for s in stored if s.readable}
     for method in CAM_CLASSES:
         if method not in held and method in METHODS:
             label = f"{METHODS[method].label} (computed here)"
