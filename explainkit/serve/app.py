@@ -396,7 +396,8 @@ class Explorer:
         source = run.items.sources.get(key)
         if source is None:
             raise LookupError(f"no item map {key[:40]!r} in run {run.name}")
-        item = run.items.item(run, i, str(request.path_params["item"]))
+        text = str(request.path_params["item"])
+        item = run.items.item(run, i, number(text), text)
         if source.path is None:
             m = self.engine.compute_item(run, i, item, source.method)
         else:

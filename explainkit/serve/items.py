@@ -219,11 +219,10 @@ class RunItems:
                 self._cache.popitem(last=False)
         return found
 
-    def item(self, run: Any, i: int, text: str) -> Item:
-        from explainkit.serve.runs import number
-
+    def item(self, run: Any, i: int, j: int | None, text: str) -> Item:
+        """Item ``j`` of image ``i`` (``text``: how the request wrote it; None: not a plain
+        number)."""
         items = self.of(run, i)[0]
-        j = number(text)
         if j is None or j >= len(items):
             have = f"items 0..{len(items) - 1}" if items else "no items"
             raise LookupError(f"image {i} has {have}, not {text[:20]!r}")

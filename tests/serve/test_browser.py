@@ -143,7 +143,8 @@ def test_filter_to_a_confusion_open_an_image_and_switch_methods(server, browser,
     # open the first image of that confusion
     href = page.get_attribute("#grid a.thumb", "href")
     index = int(href.split("/images/")[1].split("?")[0])
-    page.click("#grid a.thumb")
+    with page.expect_navigation():  # else the wait below may look at the grid page
+        page.click("#grid a.thumb")
     page.wait_for_function("() => document.querySelector('#overlay').dataset.ready === 'gradcam'")
     image = decode(fetch(server + f"img/0/{index}.png"))
     gradcam = decode(fetch(server + f"map/0/{index}/gradcam.png"))
