@@ -115,7 +115,7 @@ class ItemSource:
         except (OSError, KeyError, ValueError, TypeError) as e:
             raise ItemError(f"{self.key}/attributions.h5 cannot be read: {e}") from e
         return [
-            make_item(j, self.target, int(self.epoch or 0), cls[j], box[j], score[j], correct[j])
+            make_item(j, self.target, int(self.epoch or 1), cls[j], box[j], score[j], correct[j])
             for j in range(len(rows))
         ]
 
@@ -125,10 +125,11 @@ class ItemSource:
         if self.target != item.target or (self.epoch is not None and self.epoch != item.epoch):
             return None
         rows = self.rows(i, num_images)
-        for j, other in enumerate(self.items(i, num_images)):
-            if other.cls == item.cls and other.box == item.box:
-                return rows.start + j
-        return None
+        listed = self.items(i, num_images)
+        same = [j for j, t in enumerate(listed) if t.cls == item.cls and t.box == item.box]
+        if not same:
+            return None
+        return rows.start + (item.index if item.index in same else same[0])
 
     def read_map(self, row: int) -> np.ndarray:
         """One row of ``maps``: one chunk read, never the whole set."""

@@ -364,7 +364,7 @@ def _map_sources(run: RunDir, store: Any) -> tuple[dict[str, MapSource], list[An
         key = path.parent.name + path.stem.removeprefix("attributions")
         if not KEY.fullmatch(key):
             continue  # a file name no URL could name plainly
-        source = _stored_source(key, path, store.num_images, store.task)
+        source = _stored_source(key, path, store.num_images, store.task, store.best_epoch)
         if isinstance(source, MapSource):
             found[key] = source
         elif store.task != "classification":
@@ -386,7 +386,9 @@ LIVE_TASKS = ("classification",)  # whose maps of an image the engine computes (
 EPOCH_TASKS = ("classification", "multilabel")  # Grad-CAM of the true class per saved epoch
 
 
-def _stored_source(key: str, path: Path, n: int, task: str = "classification") -> Any:
+def _stored_source(
+    key: str, path: Path, n: int, task: str = "classification", best: int | None = None
+) -> Any:
     """One attributions file as a map source, labelled from its attributes (an
     :class:`explainkit.serve.items.ItemSource` when its rows are a task run's items)."""
     import h5py
@@ -410,7 +412,7 @@ def _stored_source(key: str, path: Path, n: int, task: str = "classification") -
         label = f"{METHODS[method].label} ({key}" + (f", {layer}" if layer else "")
         label += f", epoch {int(epoch)}" if epoch is not None else ""
         label += f", {attrs.get('target', 'predicted')} items)"
-        at = int(epoch) if epoch is not None else None
+        at = int(epoch) if epoch is not None else best  # the epoch analyze explains by default
         target = str(attrs.get("target", "predicted"))
         return ItemSource(key, method, label, path, layer, at, target, bool(attrs))
     explained = attrs.get("explained")

@@ -179,3 +179,41 @@ def test_a_damaged_item_file_is_an_error_on_its_views_only(analyzed_task_runs, t
         page = c.get("/runs/0/images/3")
         assert page.status_code == 200 and 'id="items-error"' in page.text
         assert c.get("/api/runs/0/images?per_page=24").status_code == 200
+
+
+def test_an_item_map_reads_its_row_not_the_file(analyzed_task_runs, tmp_path):
+    """A file of 3,200 items (13 MB of maps): one item's map costs a row, not the maps."""
+    import tracemalloc
+
+    from starlette.testclient import TestClient
+
+    from explainkit.serve import build_app
+
+    run = shutil.copytree(analyzed_task_runs["multilabel"], tmp_path / "run")
+    path = run / "analyses" / "gradcam" / "attributions.h5"
+    with h5py.File(path, "r") as f:
+        attrs, k = dict(f.attrs), len(f.attrs["classes"])
+    n, per = int(attrs["num_images"]), 200
+    rng = np.random.default_rng(0)
+    maps = rng.random((n * per, 32, 32), dtype=np.float32)
+    path.unlink()
+    with h5py.File(path, "w") as f:
+        f.attrs.update({**attrs, "num_items": n * per})
+        f["image"] = np.repeat(np.arange(n), per)
+        f["class"] = rng.integers(0, k, n * per)
+        f["box"] = np.full((n * per, 4), np.nan, np.float32)
+        f["recorded_score"] = rng.random(n * per, dtype=np.float32)
+        f["correct"] = rng.random(n * per) > 0.5
+        f.create_dataset("maps", data=maps, chunks=(1, 32, 32), compression="gzip")
+    with TestClient(build_app([run], registries(), "cpu"), raise_server_exceptions=False) as c:
+        assert c.get("/map/0/7/item/0/gradcam.png").status_code == 200  # warm up
+        tracemalloc.start()
+        try:
+            r = c.get("/map/0/7/item/150/gradcam.png")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(decode(r.content), colorize(maps[7 * per + 150]))
+        assert peak < maps.nbytes / 8, peak
+        assert len(c.get("/api/runs/0/images/7").json()["items"]) == per
