@@ -239,10 +239,17 @@ class OneImage:
         self.task, self.classes, self.num_images = store.task, store.classes, 1
 
     def _rows(self, selection: Any) -> slice:
-        if selection == () or selection is None:
-            return slice(self.i, self.i + 1)
-        assert isinstance(selection, slice) and (selection.start or 0) == 0, selection
+        whole = isinstance(selection, tuple) and not selection
+        first = isinstance(selection, slice) and (selection.start or 0) == 0
+        if not (whole or first or selection is None):
+            raise ItemError(f"the one-image view of the store cannot select {selection!r}")
         return slice(self.i, self.i + 1)
+
+    def __getattr__(self, name: str) -> Any:
+        raise ItemError(
+            f"the explorer's one-image view of the store has no {name!r}; the items of this "
+            "image cannot be chosen here (analyze the run with --plugin gradcam)"
+        )
 
     def images(self, indices: Any) -> np.ndarray:
         return self.store.images(np.asarray(indices, np.int64) + self.i)
