@@ -6,7 +6,9 @@ side (computed on demand when no analysis stored it), the map at each saved epoc
 of a selection and two runs compared on the same eval set. docs/explorer.md describes it.
 
 Modules: :mod:`.runs` (a served run: per-image columns, the files it may read), :mod:`.maps`
-(PNG images and maps, the on-demand engine), :mod:`.app` (the routes).
+(PNG images and maps, the on-demand engine), :mod:`.tasks` (a task run's columns, boxes and
+masks), :mod:`.items` (a task run's maps, one per detection, region or label), :mod:`.app`
+(the routes).
 """
 
 from __future__ import annotations

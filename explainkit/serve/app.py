@@ -29,9 +29,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from explainkit.errors import ExplainkitError
+from explainkit.serve.items import item_detail
 from explainkit.serve.maps import (
     Engine,
     MapError,
+    NotExplained,
     Thumbnails,
     colorize,
     explained,
@@ -135,6 +137,11 @@ class Explorer:
 
     def source(self, run: ServedRun, key: str) -> Any:
         if key not in run.sources:
+            if run.items is not None and key in run.items.sources:
+                raise LookupError(
+                    f"the {key} maps of a {run.task} run are per item (a detection, a class "
+                    "region, a label): ask /map/RUN/IMAGE/item/ITEM/KEY.png"
+                )
             raise LookupError(f"no map {key[:40]!r} in run {run.name}")
         return run.sources[key]
 
@@ -191,7 +198,8 @@ class Explorer:
         """A report's link into the explorer: the grid, with the analysis's maps first."""
         run = self.run(request)
         key = str(request.path_params["analysis"])
-        query = {"method": key} if key in run.sources else {}
+        known = key in run.sources or (run.items is not None and key in run.items.sources)
+        query = {"method": key} if known else {}
         suffix = f"?{urlencode(query)}" if query else ""
         return RedirectResponse(f"/runs/{run.position}/{suffix}", status_code=302)
 
@@ -211,6 +219,9 @@ class Explorer:
             "accuracy": float(run.right.mean()) if run.num_images else None,
             "sorts": run.sorts,
             "methods": [{"key": s.key, "label": s.label} for s in run.sources.values()],
+            "item_methods": [{"key": s.key, "label": s.label} for s in run.items.sources.values()]
+            if run.items is not None
+            else [],
             "comparable": [
                 r.position for r in self.runs if r is not run and r.eval_set == run.eval_set
             ],
@@ -312,6 +323,7 @@ class Explorer:
             from explainkit.serve.tasks import detail
 
             task = detail(run.store, run.epoch, run.task_columns(), i)
+            task.update(item_detail(run, i))
             if run.task == "segmentation":
                 task["masks"] = {
                     w: f"/mask/{run.position}/{i}/{w}.png" for w in ("predicted", "true")
@@ -370,6 +382,37 @@ class Explorer:
             m = stored_map(source, i, run.num_images)
         else:
             m = self.engine.compute(run, i, source.method, run.epoch, "predicted")
+        return Response(png(colorize(m)), media_type="image/png", headers=PNG_HEADERS)
+
+    def item_map(self, request: Request) -> Response:
+        """One item's map of a task image: its row of a per-item file, or computed here."""
+        from explainkit.serve.items import ItemError
+
+        run = self.run(request)
+        i = run.image_index(request.path_params["image"])
+        if run.items is None:
+            raise LookupError(f"run {run.name} is a classifier: its maps are per image")
+        key = str(request.path_params["key"]).removesuffix(".png")
+        source = run.items.sources.get(key)
+        if source is None:
+            raise LookupError(f"no item map {key[:40]!r} in run {run.name}")
+        text = str(request.path_params["item"])
+        item = run.items.item(run, i, number(text), text)
+        if source.path is None:
+            m = self.engine.compute_item(run, i, item, source.method)
+        else:
+            if not inside(run.run, source.path):
+                raise MapError(f"{source.key}/attributions.h5 is missing")
+            try:
+                row = source.row_of(i, item, run.num_images)
+                if row is None:
+                    raise NotExplained(
+                        f"the {source.key} analysis did not explain item {item.index} of image "
+                        f"{i} (it explains its {source.target} items of epoch {source.epoch})"
+                    )
+                m = source.read_map(row)
+            except ItemError as e:
+                raise MapError(str(e)) from e
         return Response(png(colorize(m)), media_type="image/png", headers=PNG_HEADERS)
 
     def mask(self, request: Request) -> Response:
@@ -465,6 +508,7 @@ def create_app(runs: list[ServedRun], engine: Engine) -> Starlette:
         Route("/api/runs/{run}/compare/{other}", x.compare),
         Route("/img/{run}/{image}", x.image),
         Route("/map/{run}/{image}/epoch/{epoch}", x.epoch_map),
+        Route("/map/{run}/{image}/item/{item}/{key}", x.item_map),
         Route("/map/{run}/{image}/{key}", x.map),
         Route("/mask/{run}/{image}/{which}", x.mask),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),

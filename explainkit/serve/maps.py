@@ -219,6 +219,29 @@ class Engine:
                 self._maps.popitem(last=False)
             return result
 
+    def compute_item(self, run: ServedRun, i: int, item: Any, method: str) -> np.ndarray:
+        """The ``method`` map of one item of a task image (:mod:`explainkit.serve.items`),
+        with the checkpoint of the epoch that chose the item."""
+        from explainkit.serve.items import explain_item
+
+        key = (run.position, i, method, item.key)
+        with self._lock:
+            if key in self._maps:
+                self._maps.move_to_end(key)
+                return self._maps[key]
+            what = f"the {method} map of item {item.index} of image {i}"
+            try:
+                model = self._model(run, item.epoch)
+                result = explain_item(run, model, i, item, method, run.items.layer)
+            except ExplainkitError as e:
+                raise MapError(f"{what} cannot be computed: {e}") from e
+            except (OSError, RuntimeError, ValueError) as e:  # torch's own, a bad checkpoint
+                raise MapError(f"{what} cannot be computed: {e}") from e
+            self._maps[key] = result
+            while len(self._maps) > CACHE_MAPS:
+                self._maps.popitem(last=False)
+            return result
+
     def _explain(self, run: ServedRun, i: int, method: str, epoch: int, target: str) -> Any:
         import torch
 

@@ -94,6 +94,7 @@ class ServedRun:
     eval_set: str = ""  # a digest of the eval split: two runs compare when theirs match
     config: dict[str, Any] = field(default_factory=dict)
     task_state: Any = None  # explainkit.serve.tasks.TaskState of a task run, else None
+    items: Any = None  # explainkit.serve.items.RunItems of a task run: per-item maps
 
     @property
     def task(self) -> str:
@@ -269,10 +270,19 @@ def open_run(position: int, path: str | Path) -> ServedRun:
         from explainkit.serve.tasks import TaskState
 
         served.task_state = TaskState(store, epoch)
-    served.sources = _map_sources(run, store)
-    served.scores = _quality_scores(run, store.num_images)
-    served.checkpoints = _checkpoint_epochs(run) if store.task in LIVE_TASKS else []
-    digest = hashlib.sha256(store.index.tobytes() + store.targets.tobytes())
+    try:
+        served.sources, per_item = _map_sources(run, store)
+        if served.is_task:
+            from explainkit.serve.items import RunItems, item_sources
+
+            layer = store.attrs.get("default_layer") or None
+            served.items = RunItems(item_sources(per_item, store.task, layer))
+        served.scores = _quality_scores(run, store.num_images)
+        served.checkpoints = _checkpoint_epochs(run) if store.task in EPOCH_TASKS else []
+        digest = hashlib.sha256(store.index.tobytes() + store.targets.tobytes())
+    except BaseException:
+        served.close()  # the task pass stops before the store closes
+        raise
     served.eval_set = f"{store.task}:{store.num_images}:{digest.hexdigest()[:16]}"
     return served
 
@@ -336,23 +346,29 @@ def inside(run: RunDir, path: Path) -> bool:
         return False
 
 
-def _map_sources(run: RunDir, store: Any) -> dict[str, MapSource]:
+def _map_sources(run: RunDir, store: Any) -> tuple[dict[str, MapSource], list[Any]]:
     """Every ``analyses/*/attributions.h5`` of this store (the gradcam analyzer's layout:
     ``maps`` (N, H, W) and its attributes) and ``analyses/*/attributions-METHOD.h5`` (the
     captum analyzer's, one per method, of the same form, for the images it explained), then
     each CAM method no complete file holds, computed on demand. A file that cannot be read is
-    still listed: its view says what is wrong."""
+    still listed: its view says what is wrong. Second: a task run's per-item files
+    (:mod:`explainkit.serve.items`), whose rows are detections, regions or labels."""
     files = []
     for pattern in ("*/attributions.h5", "*/attributions-*.h5"):
         files += sorted(run.analyses.glob(pattern))
     found: dict[str, MapSource] = {}
+    per_item: list[Any] = []
     for path in files:
         if not inside(run, path):
             continue  # a symlink out of the run: never served
         key = path.parent.name + path.stem.removeprefix("attributions")
         if not KEY.fullmatch(key):
             continue  # a file name no URL could name plainly
-        found[key] = _stored_source(key, path, store.num_images)
+        source = _stored_source(key, path, store.num_images, store.task, store.best_epoch)
+        if isinstance(source, MapSource):
+            found[key] = source
+        elif store.task != "classification":
+            per_item.append(source)
     from explainkit.explain.methods import CAM_METHODS, METHODS
 
     complete = {s.method for s in found.values() if not s.partial}
@@ -362,15 +378,19 @@ def _map_sources(run: RunDir, store: Any) -> dict[str, MapSource]:
             if method not in complete:
                 label = f"{METHODS[method].label} (computed here)"
                 found[f"live-{method}"] = MapSource(f"live-{method}", method, label, None, layer)
-    return found
+    return found, per_item
 
 
 KEY = re.compile(r"[A-Za-z0-9_.-]{1,80}")
-LIVE_TASKS = ("classification", "multilabel")  # whose maps the engine computes (a class's logit)
+LIVE_TASKS = ("classification",)  # whose maps of an image the engine computes (a class's logit)
+EPOCH_TASKS = ("classification", "multilabel")  # Grad-CAM of the true class per saved epoch
 
 
-def _stored_source(key: str, path: Path, n: int) -> MapSource:
-    """One attributions file as a map source, labelled from its attributes."""
+def _stored_source(
+    key: str, path: Path, n: int, task: str = "classification", best: int | None = None
+) -> Any:
+    """One attributions file as a map source, labelled from its attributes (an
+    :class:`explainkit.serve.items.ItemSource` when its rows are a task run's items)."""
     import h5py
 
     from explainkit.explain.methods import METHODS
@@ -385,8 +405,18 @@ def _stored_source(key: str, path: Path, n: int) -> MapSource:
     if method not in METHODS:
         method = "gradcam"
     epoch = attrs.get("epoch")
+    layer = str(attrs["layer"]) if "layer" in attrs else None
+    from explainkit.serve.items import ItemSource, is_item_file
+
+    if is_item_file(attrs) or (not attrs and task != "classification"):
+        label = f"{METHODS[method].label} ({key}" + (f", {layer}" if layer else "")
+        label += f", epoch {int(epoch)}" if epoch is not None else ""
+        label += f", {attrs.get('target', 'predicted')} items)"
+        at = int(epoch) if epoch is not None else best  # the epoch analyze explains by default
+        target = str(attrs.get("target", "predicted"))
+        return ItemSource(key, method, label, path, layer, at, target, bool(attrs))
     explained = attrs.get("explained")
-    partial = explained is not None and int(explained) < n
+    partial = isinstance(explained, (int, np.integer)) and int(explained) < n
     label = f"{METHODS[method].label} ({key}"
     label += f", {attrs['layer']}" if "layer" in attrs else ""
     label += f", epoch {int(epoch)}" if epoch is not None else ""
@@ -396,7 +426,7 @@ def _stored_source(key: str, path: Path, n: int) -> MapSource:
         method,
         label,
         path,
-        str(attrs["layer"]) if "layer" in attrs else None,
+        layer,
         int(epoch) if epoch is not None else None,
         str(attrs.get("target", "predicted")),
         partial,

@@ -85,3 +85,40 @@ def task_client(task_runs):
     runs = [task_runs[t] for t in ("detection", "segmentation", "multilabel")]
     with TestClient(build_app(runs, registries(), "cpu"), raise_server_exceptions=False) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def analyzed_task_runs(task_runs, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the task runs with the gradcam analyzer's per-item attributions.h5 (one row
+    per detection, class region or label), stored as float32. Analyzed one item per pass on
+    one thread, as the explorer computes an item on demand: a barely trained detector's
+    Grad-CAM matches the explained box among near-tied candidates, so another batch
+    changes which one it explains (and the map), not the explorer's arithmetic."""
+    import torch
+
+    from explainkit.runner import analyze
+
+    root = tmp_path_factory.mktemp("explorer-items")
+    runs = {t: Path(shutil.copytree(p, root / t)) for t, p in task_runs.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for run in runs.values():
+            (manifest,) = analyze(run, plugins=["gradcam"], device="cpu", batch_size=1,
+                                  collect_failures=True, gradcam_dtype="float32")  # fmt: skip
+            assert manifest["status"] == "ok", manifest
+    finally:
+        torch.set_num_threads(threads)
+    return runs
+
+
+@pytest.fixture(scope="session")
+def item_client(analyzed_task_runs):
+    """Runs 0, 1, 2: the analyzed detection, segmentation and multi-label runs."""
+    from starlette.testclient import TestClient
+
+    from explainkit.serve import build_app
+
+    runs = [analyzed_task_runs[t] for t in ("detection", "segmentation", "multilabel")]
+    with TestClient(build_app(runs, registries(), "cpu"), raise_server_exceptions=False) as c:
+        yield c

@@ -85,8 +85,8 @@ def server(explorer_run, other_run):
 
 
 @pytest.fixture(scope="module")
-def task_server(task_runs):
-    yield from serve_runs([task_runs["detection"], task_runs["segmentation"]])
+def task_server(analyzed_task_runs):
+    yield from serve_runs([analyzed_task_runs["detection"], analyzed_task_runs["segmentation"]])
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,8 @@ def test_filter_to_a_confusion_open_an_image_and_switch_methods(server, browser,
     # open the first image of that confusion
     href = page.get_attribute("#grid a.thumb", "href")
     index = int(href.split("/images/")[1].split("?")[0])
-    page.click("#grid a.thumb")
+    with page.expect_navigation():  # else the wait below may look at the grid page
+        page.click("#grid a.thumb")
     page.wait_for_function("() => document.querySelector('#overlay').dataset.ready === 'gradcam'")
     image = decode(fetch(server + f"img/0/{index}.png"))
     gradcam = decode(fetch(server + f"map/0/{index}/gradcam.png"))
@@ -238,14 +239,23 @@ def align(drawn: np.ndarray, image: np.ndarray) -> tuple[int, int]:
     )
 
 
+def hide_item_map(page) -> None:
+    """The item's map and outline off (an image without items has neither)."""
+    if page.query_selector("#item"):
+        page.wait_for_function("() => document.querySelector('#overlay').dataset.ready")
+        set_opacity(page, 0)
+        if page.query_selector("#show-item"):
+            page.uncheck("#show-item")
+
+
 def test_task_runs_draw_boxes_and_masks_where_the_store_says(
-    task_server, task_runs, browser, tmp_path
+    task_server, analyzed_task_runs, browser, tmp_path
 ):
     from explainkit.serve.tasks import MIN_SCORE, palette
     from explainkit.store import open_store
     from explainkit.task_metrics import match_detections
 
-    with open_store(task_runs["detection"]) as store:
+    with open_store(analyzed_task_runs["detection"]) as store:
         dets, truth = store.detections(), store.boxes()
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
@@ -270,6 +280,7 @@ def test_task_runs_draw_boxes_and_masks_where_the_store_says(
     i = want[0]
     page.goto(task_server + f"runs/0/images/{i}")
     page.wait_for_selector("#boxes[data-drawn]")
+    hide_item_map(page)
     image = decode(fetch(task_server + f"img/0/{i}.png"))
     page.uncheck("#show-truth")
     page.uncheck("#show-pred")
@@ -310,7 +321,7 @@ def test_task_runs_draw_boxes_and_masks_where_the_store_says(
     page.screenshot(path=str(shots / "explorer-detection.png"), full_page=True)
 
     # segmentation: the predicted and the true mask, pixel by pixel, then none
-    with open_store(task_runs["segmentation"]) as store:
+    with open_store(analyzed_task_runs["segmentation"]) as store:
         pred, true = (
             store.epoch_data("masks", None, slice(3, 4))[0],
             store.truth("eval/segmentation", slice(3, 4))[0],
@@ -318,6 +329,7 @@ def test_task_runs_draw_boxes_and_masks_where_the_store_says(
         colours = palette(len(store.classes))
     page.goto(task_server + "runs/1/images/3")
     page.wait_for_function("() => document.querySelector('#mask').dataset.ready === 'predicted'")
+    hide_item_map(page)
     image = decode(fetch(task_server + "img/1/3.png"))
     set_range(page, "#mask-opacity", 1)
     for which, mask in (("predicted", pred), ("true", true)):
@@ -335,3 +347,51 @@ def test_task_runs_draw_boxes_and_masks_where_the_store_says(
     set_range(page, "#mask-opacity", 0.6)
     page.screenshot(path=str(shots / "explorer-segmentation.png"), full_page=True)
     assert not errors, errors
+
+
+def test_a_detection_item_map_is_drawn_from_the_served_map(
+    task_server, analyzed_task_runs, browser, tmp_path
+):
+    """Open a detection image, pick an item: the overlay is that item's served map (and the
+    image, at opacity 0), its box outlined in white where the file puts it."""
+    import h5py
+
+    with h5py.File(analyzed_task_runs["detection"] / "analyses/gradcam/attributions.h5") as f:
+        images, boxes = f["image"][:], f["box"][:]
+    i = int(np.bincount(images).argmax())  # the image with the most items
+    rows = np.flatnonzero(images == i)
+    j = len(rows) - 1  # its last item
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(task_server + f"runs/0/images/{i}")
+    page.wait_for_function("() => document.querySelector('#overlay').dataset.ready === '0/gradcam'")
+    page.select_option("#item", str(j))
+    page.wait_for_function(
+        "j => document.querySelector('#overlay').dataset.ready === j + '/gradcam'", arg=j
+    )
+    page.uncheck("#show-truth")
+    page.uncheck("#show-pred")
+    page.uncheck("#show-item")
+    image = decode(fetch(task_server + f"img/0/{i}.png"))
+    served = decode(fetch(task_server + f"map/0/{i}/item/{j}/gradcam.png"))
+    set_opacity(page, 1)
+    drawn = decode(page.locator(".stack").screenshot())
+    assert differs(drawn, served) < 2
+    assert differs(drawn, image) > 10
+    set_opacity(page, 0)
+    assert differs(decode(page.locator(".stack").screenshot()), image) < 2
+    set_opacity(page, 0.5)
+    bare = decode(page.locator(".stack").screenshot())
+    assert differs(bare, (image + served) / 2) < 3
+    side = decode(page.locator('#item-maps figure.method[data-key="gradcam"] img').screenshot())
+    assert differs(side, served) < 2
+    # the explained box, outlined in white on top of the map
+    page.check("#show-item")
+    drawn = decode(page.locator(".stack").screenshot())
+    at = align(bare, (image + served) / 2)
+    assert edge_hits(drawn, boxes[rows[j]], np.array([255, 255, 255]), DRAWN // 32, at) > 0.8
+    assert not errors, errors
+    shots = Path(os.environ.get("EXPLAINKIT_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / "explorer-detection-item.png"), full_page=True)

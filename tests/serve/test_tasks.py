@@ -100,7 +100,8 @@ def test_multilabel_labels_filters_and_csv(task_client, task_runs):
         classes[c] for c in np.flatnonzero(labels[5])
     }
     assert [x["predicted"] for x in d["labels"]] == [bool(z > 0) for z in np.sort(logits[5])[::-1]]
-    assert any(m["key"] == "live-gradcam" for m in d["methods"])  # a multi-label model explains
+    # a multi-label image's maps are per label (its items), computed on demand here
+    assert d["methods"] == [] and any(m["key"] == "live-gradcam" for m in d["item_methods"])
     text = task_client.get("/api/runs/2/selection.csv?label=0&has=true").text
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [r["source"] for r in rows] == [sources[i] for i in np.flatnonzero(labels[:, 0])]
@@ -120,7 +121,11 @@ def test_multilabel_labels_filters_and_csv(task_client, task_runs):
         ("/api/runs/2/images?has=maybe", 400, "has must be one of"),
         ("/api/runs/1/images?label=99", 400, "label must be a class number"),
         ("/api/runs/0/images?vs=2", 400, "not evaluated on the same images"),
-        ("/map/0/0/live-gradcam.png", 404, "no map"),
+        ("/map/0/0/live-gradcam.png", 404, "are per item"),
+        ("/map/0/0/nothing.png", 404, "no map"),
+        ("/map/0/0/item/0/nothing.png", 404, "no item map"),
+        ("/map/2/0/item/07/live-gradcam.png", 404, "image 0 has items"),
+        ("/map/2/0/item/99/live-gradcam.png", 404, "image 0 has items"),
     ],
 )
 def test_task_runs_refuse_what_does_not_fit_in_one_sentence(task_client, url, status, words):

@@ -230,6 +230,7 @@ function detailPage() {
   const task = document.body.dataset.task;
   if (task === "segmentation") maskControls();
   if (task === "detection") boxControls();
+  if (document.getElementById("item")) { itemControls(); return; }  // a task run's items
   if (!select) { overlay.dataset.ready = "none"; return; }  // a run without maps
   const wanted = params.get("method");
   if (wanted && [...select.options].some((o) => o.value === wanted)) select.value = wanted;
@@ -275,6 +276,81 @@ function detailPage() {
       }
     });
   }
+}
+
+// -- task runs: each item's map (a detection, a class region, a label) ---------------------------
+
+function itemControls() {
+  // The overlay shows the chosen method's map of the chosen item, the item's box or region
+  // outlined; the side by side shows every method's map of that item (stored ones at once,
+  // the others on a click, computed by the server).
+  const item = document.getElementById("item");
+  const select = document.getElementById("method");
+  const overlay = document.getElementById("overlay");
+  const opacity = document.getElementById("opacity");
+  const errorBox = document.getElementById("overlay-error");
+  const outline = document.getElementById("item-outline");
+  const show = document.getElementById("show-item");
+  const side = document.getElementById("item-maps");
+  const params = new URLSearchParams(location.search);
+  const wanted = params.get("method");
+  if (wanted && [...select.options].some((o) => o.value === wanted)) select.value = wanted;
+  if (params.has("item") && [...item.options].some((o) => o.value === params.get("item"))) {
+    item.value = params.get("item");
+  }
+  const urlOf = (key) => item.selectedOptions[0].dataset.maps + key + ".png";
+
+  function setOpacity() {
+    overlay.style.opacity = opacity.value;
+    document.getElementById("opacity-value").textContent = opacity.value;
+  }
+  function drawOutline() {
+    outline.querySelector("path").setAttribute("d", item.selectedOptions[0].dataset.outline || "");
+    outline.style.display = show && show.checked ? "" : "none";
+  }
+  function figure(option) {
+    const w = side.dataset.width, h = side.dataset.height;
+    const box = el("figure", {className: "method"}, [el("figcaption", {textContent: option.textContent}),
+                                                     el("p", {className: "error", hidden: true})]);
+    box.dataset.key = option.value;
+    box.dataset.url = urlOf(option.value);
+    const img = el("img", {className: "px", width: w, height: h, alt: option.textContent});
+    if (option.dataset.stored) {
+      box.prepend(img);
+      showPNG(img, box.dataset.url, box.querySelector(".error"));
+    } else {
+      const button = el("button", {type: "button", className: "compute", textContent: "compute " + option.textContent});
+      button.style.width = w + "px"; button.style.height = h + "px";
+      button.addEventListener("click", async () => {
+        button.disabled = true; button.textContent = "computing…";
+        if (await showPNG(img, box.dataset.url, box.querySelector(".error"))) button.replaceWith(img);
+        else button.textContent = "failed";
+      });
+      box.prepend(button);
+    }
+    return box;
+  }
+  async function setOverlay() {
+    overlay.dataset.ready = "";
+    const key = select.value, at = item.value;
+    if (await showPNG(overlay, urlOf(key), errorBox)) {
+      const button = side.querySelector(`figure.method[data-key="${key}"] button.compute`);
+      if (button) button.replaceWith(el("img", {className: "px", src: overlay.src,
+        width: side.dataset.width, height: side.dataset.height, alt: select.selectedOptions[0].textContent}));
+    }
+    if (key === select.value && at === item.value) overlay.dataset.ready = `${at}/${key}`;
+  }
+  function setItem() {
+    drawOutline();
+    side.replaceChildren(...[...select.options].map(figure));
+    setOverlay();
+  }
+  opacity.addEventListener("input", setOpacity);
+  select.addEventListener("change", setOverlay);
+  item.addEventListener("change", setItem);
+  if (show) show.addEventListener("change", drawOutline);
+  setOpacity();
+  setItem();
 }
 
 // -- task runs: segmentation masks and detection boxes over the image ---------------------------
