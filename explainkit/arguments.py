@@ -70,10 +70,7 @@ def plain_kwargs(value: Any) -> bool:
     return isinstance(value, Mapping) and all(
         isinstance(k, str)
         and k
-        and (
-            _plain(v)
-            or (isinstance(v, list) and len(v) <= 100_000 and all(_plain(x) for x in v))
-        )
+        and (_plain(v) or (isinstance(v, list) and len(v) <= 100_000 and all(_plain(x) for x in v)))
         for k, v in value.items()
     )
 
