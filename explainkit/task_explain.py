@@ -29,8 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from explainkit.errors import AnalyzerError
-from explainkit.explain.fastmodel import inference_model, memory_format
-from explainkit.explain.metrics import PerturbationCurves, perturbation_baseline
+from explainkit.explain.metrics import PerturbationCurves, curves_of
 from explainkit.explain.outputs import describe_output, scores_of
 from explainkit.explain.targets import Detection, MultiLabel, SegmentationRegion, Target
 
@@ -370,16 +369,6 @@ def score_target(items: Items, regions: np.ndarray | None = None) -> Target:
     return MultiLabel(cls, probability=True)
 
 
-def _ranks(maps: Tensor, generator: torch.Generator | None) -> Tensor:
-    """(N, H*W) rank of each pixel, 0 the most attributed; ties in seeded random order."""
-    flat = maps.flatten(1).float()
-    shuffle = torch.rand(flat.shape, generator=generator).argsort(1).to(flat.device)
-    order = shuffle.gather(1, flat.gather(1, shuffle).argsort(dim=1, descending=True, stable=True))
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return ranks
-
-
 @torch.no_grad()
 def target_curves(
     model: nn.Module,
@@ -399,32 +388,8 @@ def target_curves(
     softmax probability: the most-attributed pixels are removed from (or added to) the
     ``baseline`` in ``steps`` steps, and every version is scored by the model.
     """
-    if steps < 1:
-        raise AnalyzerError(f"steps must be at least 1, got {steps}")
-    n, c, h, w = images.shape
-    if maps.shape != (n, h, w):
-        raise AnalyzerError(f"maps must be (N, H, W) = {(n, h, w)}; got {tuple(maps.shape)}")
-    model = inference_model(model)  # batch norms folded, when the model can be traced
-    fmt = memory_format(model)
-    base = perturbation_baseline(images, baseline)
-    ranks = _ranks(maps, generator)
-    counts = torch.round(torch.linspace(0, h * w, steps + 1, device=images.device)).long()
-    inner = counts[1:-1]
-    versions = 2 * steps
-    per_chunk = max(1, max_batch // versions)
-    scores = []
-    for s in range(0, n, per_chunk):
-        x, b, r = (v[s : s + per_chunk] for v in (images, base, ranks))
-        m = x.shape[0]
-        top = (r[:, None, :] < inner[None, :, None]).view(m, steps - 1, 1, h, w)
-        deleted = torch.where(top, b[:, None], x[:, None])
-        inserted = torch.where(top, x[:, None], b[:, None])
-        batch = torch.cat([x[:, None], b[:, None], deleted, inserted], 1).reshape(-1, c, h, w)
-        batch = batch.contiguous(memory_format=fmt)
-        rows = torch.arange(s, s + m).repeat_interleave(versions)
-        scores.append(target.take(rows).scores(model(batch)).float().view(m, versions))
-    p = torch.cat(scores)
-    intact, blank = p[:, :1], p[:, 1:2]
-    deletion = torch.cat([intact, p[:, 2 : steps + 1], blank], 1)
-    insertion = torch.cat([blank, p[:, steps + 1 :], intact], 1)
-    return PerturbationCurves(counts.float() / (h * w), deletion, insertion)
+
+    def score(outputs: Any, rows: Tensor) -> Tensor:
+        return target.take(rows).scores(outputs)
+
+    return curves_of(model, images, maps, score, steps, baseline, max_batch, generator)

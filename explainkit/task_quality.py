@@ -57,6 +57,7 @@ def assess_task_run(
 ) -> list[dict]:
     """Faithfulness and localization of each method on a sample of a task run's items."""
     from explainkit.explain.methods import parse_methods
+    from explainkit.explain.stats import curve_summary
     from explainkit.task_explain import explained_model
 
     store = context.store
@@ -89,7 +90,7 @@ def assess_task_run(
         "bootstrap_resamples": 1000,
         "table": rows,
         "per_class": class_rows,
-        "curves": {name: _curve_summary(c, context.seed) for name, c in curves.items()},
+        "curves": {name: curve_summary(c, context.seed) for name, c in curves.items()},
         "localization": {
             "region": truth[2],
             "items_with_region": int(known.sum()),
@@ -250,22 +251,6 @@ def _write_per_image(context: AnalysisContext, sample: Any, scores: dict, known:
         for j in range(m)
     ]  # fmt: skip
     write_csv(context.output_dir / "per_item.csv", header, rows)
-
-
-def _curve_summary(curves: Any, seed: int) -> dict[str, Any]:
-    """Mean curve with its pointwise bootstrap CI, and the AUCs, for the figure and JSON."""
-    import numpy as np
-
-    from explainkit.explain.stats import bootstrap_ci, summarize
-
-    out: dict[str, Any] = {"fractions": curves.fractions.cpu().numpy().tolist()}
-    for kind in ("deletion", "insertion"):
-        data = getattr(curves, kind).detach().double().cpu().numpy()
-        stats = np.array([bootstrap_ci(data[:, k], seed=seed)[:3] for k in range(data.shape[1])])
-        out[kind] = {"mean": stats[:, 0].tolist(), "ci_low": stats[:, 1].tolist(),
-                     "ci_high": stats[:, 2].tolist()}  # fmt: skip
-        out[f"{kind}_auc"] = summarize(getattr(curves, f"{kind}_auc"), seed)
-    return out
 
 
 def _write_outputs(context: AnalysisContext, report: dict) -> list[dict]:

@@ -149,6 +149,8 @@ class QualityAnalyzer(Analyzer):
             verdicts = _sanity(context, model, sample, fns, maps, scores, cascade)
         rows, class_rows = _tables(context, scores, names, sample)
         _write_per_image(context, sample.indices, scores)
+        from explainkit.explain.stats import curve_summary
+
         report = {
             "epoch": context.epoch,
             "layer": layer,
@@ -161,7 +163,7 @@ class QualityAnalyzer(Analyzer):
             "bootstrap_resamples": 1000,
             "table": rows,
             "per_class": class_rows,
-            "curves": {name: _curve_summary(c, context.seed) for name, c in curves.items()},
+            "curves": {name: curve_summary(c, context.seed) for name, c in curves.items()},
             "road": summarize_road(roads, context.seed) if roads else None,
             **_localization_note(sample.masks),
             "sanity": verdicts,
@@ -398,21 +400,6 @@ def _localization_note(masks: Any) -> dict[str, Any]:
     fraction = float(masks.double().mean())
     note = {"mask_fraction": fraction, "chance_note": _CHANCE_NOTE}
     return {"localization": note, "localization_skipped": None}
-
-
-def _curve_summary(curves: Any, seed: int) -> dict[str, Any]:
-    import numpy as np
-
-    from explainkit.explain.stats import bootstrap_ci, summarize
-
-    out: dict[str, Any] = {"fractions": curves.fractions.cpu().numpy().tolist()}
-    for kind in ("deletion", "insertion"):
-        data = getattr(curves, kind).detach().double().cpu().numpy()
-        stats = np.array([bootstrap_ci(data[:, k], seed=seed)[:3] for k in range(data.shape[1])])
-        out[kind] = {"mean": stats[:, 0].tolist(), "ci_low": stats[:, 1].tolist(),
-                     "ci_high": stats[:, 2].tolist()}  # fmt: skip
-        out[f"{kind}_auc"] = summarize(getattr(curves, f"{kind}_auc"), seed)
-    return out
 
 
 def _sanity_summary(results: dict[str, Any], depth: str) -> dict[str, Any]:

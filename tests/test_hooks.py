@@ -18,7 +18,9 @@ from explainkit.manager import build_registries
 from tests.helpers import AnalyzersPlugin, make_analyzer
 
 # The built-in datasets, in the order default_datasets registers them.
-BUILTIN_DATASETS = ("cifar10", "shapes", "scenes", "folder", "coco", "voc", "multilabel-csv")
+BUILTIN_DATASETS = (
+    "cifar10", "shapes", "scenes", "folder", "coco", "voc", "multilabel-csv", "clips",
+)  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "explainkit-example-analyzer"

@@ -26,6 +26,7 @@ import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,7 @@ __all__ = [
     "gaussian_blur",
     "inference_model",
     "perturbation_baseline",
+    "curves_of",
     "perturbation_curves",
     "pointing_game",
     "randomization_check",
@@ -190,13 +192,34 @@ def perturbation_curves(
         max_batch: largest batch of perturbed images per forward pass.
         generator: CPU generator for tie-breaking (seeded for reproducibility).
     """
+    targets = targets.to(images.device)
+
+    def probability(outputs: Any, rows: Tensor) -> Tensor:
+        p = scores_of(outputs).float().softmax(1)
+        return p.gather(1, targets[rows.to(targets.device)][:, None])[:, 0]
+
+    return curves_of(model, images, maps, probability, steps, baseline, max_batch, generator)
+
+
+def curves_of(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    score: Callable[[Any, Tensor], Tensor],
+    steps: int = 16,
+    baseline: str = "blur",
+    max_batch: int = 512,
+    generator: torch.Generator | None = None,
+) -> PerturbationCurves:
+    """Deletion and insertion curves of any score: ``score(outputs, rows)`` reads one number
+    per perturbed image from the model's outputs, ``rows`` the image each came from (see
+    :func:`perturbation_curves`, which tracks a class's softmax probability)."""
     if steps < 1:
         raise AnalyzerError(f"steps must be at least 1, got {steps}")
     n, c, h, w = images.shape
     if maps.shape != (n, h, w):
         raise AnalyzerError(f"maps must be (N, H, W) = {(n, h, w)}; got {tuple(maps.shape)}")
     device = images.device
-    targets = targets.to(device)
     model = inference_model(model)
     base = perturbation_baseline(images, baseline)
     ranks = _pixel_ranks(maps, generator)  # (N, HW)
@@ -205,7 +228,7 @@ def perturbation_curves(
     versions = 2 * steps  # intact, baseline, then K-1 deletion and K-1 insertion steps
     per_chunk = max(1, max_batch // versions)
     fmt = _memory_format(model)
-    probs = []
+    scores = []
     for s in range(0, n, per_chunk):
         x, b, r = (v[s : s + per_chunk] for v in (images, base, ranks))
         m = x.shape[0]
@@ -214,10 +237,9 @@ def perturbation_curves(
         inserted = torch.where(top, x[:, None], b[:, None])
         batch = torch.cat([x[:, None], b[:, None], deleted, inserted], 1)
         batch = batch.reshape(m * versions, c, h, w).contiguous(memory_format=fmt)
-        p = scores_of(model(batch)).float().softmax(1)
-        t = targets[s : s + m].repeat_interleave(versions)
-        probs.append(p.gather(1, t[:, None]).view(m, versions))
-    p = torch.cat(probs)
+        rows = torch.arange(s, s + m).repeat_interleave(versions)
+        scores.append(score(model(batch), rows).float().view(m, versions))
+    p = torch.cat(scores)
     intact, blank = p[:, :1], p[:, 1:2]
     deletion = torch.cat([intact, p[:, 2 : steps + 1], blank], 1)
     insertion = torch.cat([blank, p[:, steps + 1 :], intact], 1)

@@ -95,3 +95,16 @@ def summarize(values: np.ndarray | Tensor | Sequence[float], seed: int = 0) -> d
     """``{"mean", "ci_low", "ci_high", "n"}``: a table row's numbers for per-image values."""
     mean, low, high, n = bootstrap_ci(values, seed=seed)
     return {"mean": mean, "ci_low": low, "ci_high": high, "n": n}
+
+
+def curve_summary(curves: Any, seed: int) -> dict[str, Any]:
+    """Deletion and insertion curves' mean with a pointwise bootstrap CI, and their AUCs
+    summarized: what the quality analyzers' JSON and figures show."""
+    out: dict[str, Any] = {"fractions": curves.fractions.cpu().numpy().tolist()}
+    for kind in ("deletion", "insertion"):
+        data = getattr(curves, kind).detach().double().cpu().numpy()
+        stats = np.array([bootstrap_ci(data[:, k], seed=seed)[:3] for k in range(data.shape[1])])
+        out[kind] = {"mean": stats[:, 0].tolist(), "ci_low": stats[:, 1].tolist(),
+                     "ci_high": stats[:, 2].tolist()}  # fmt: skip
+        out[f"{kind}_auc"] = summarize(getattr(curves, f"{kind}_auc"), seed)
+    return out

@@ -97,10 +97,19 @@ def serve(
             "can read these runs (images, predictions, maps); use --host 127.0.0.1 to keep "
             "them local"
         )
-    say(f"explorer of {len(paths)} run(s) at {url} (Ctrl-C to stop)")
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+
+    class Server(uvicorn.Server):
+        """Says where it listens once started: by then Ctrl-C is uvicorn's to handle, so a
+        client that stops it as soon as it reads the line never interrupts the startup."""
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                say(f"explorer of {len(paths)} run(s) at {url} (Ctrl-C to stop)")
+
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn stops on Ctrl-C, then raises it again: done
         pass
     finally:
