@@ -60,7 +60,8 @@ class GradCAMAnalyzer(Analyzer):
     name = "gradcam"
     title = "Grad-CAM"
     summary = (
-        "Native batched Grad-CAM (and 13 more CAM methods) maps for all eval images (HDF5 + PNG)."
+        "Native batched Grad-CAM, or any CAM method of --gradcam-method, for all eval images "
+        "(HDF5 + PNG)."
     )
     needs = frozenset({"store", "checkpoint"})
     tasks = ("classification", "video", *TASKS)
