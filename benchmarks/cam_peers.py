@@ -30,6 +30,8 @@ PEERS: dict[str, tuple[str | None, str | None, bool]] = {
     "finercam": ("FinerCAM", None, False),
     "fullgrad": ("FullGrad", None, False),
     "randomcam": ("RandomCAM", None, False),
+    "smoothgradcampp": (None, "SmoothGradCAMpp", False),
+    "dff": (None, None, False),  # pytorch-grad-cam's DFF returns concepts, not class maps
 }
 
 
