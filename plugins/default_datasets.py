@@ -151,46 +151,31 @@ def _task_folder(name: str, data_dir: str | None) -> str:
     return data_dir
 
 
-def load_coco_split(
-    split: str,
-    data_dir: str | None,
-    image_size: int,
-    seed: int,
-    limit: int | None,
-    holdout: bool = True,
-) -> Dataset:
-    """A COCO folder's split with boxes and class masks (pycocotools reads the JSON)."""
-    from explainkit.data.coco import load_coco
+def _task_split(name: str, module: str, function: str) -> Any:
+    """The loader of a task dataset in a folder: ``module.function(split, folder, image_size,
+    seed, limit, every_image=)`` given ``--data-dir``; ``evaluate`` (``holdout=False``) reads
+    every image of a folder without its own splits. Imported when called (pycocotools...)."""
 
-    folder = _task_folder("coco", data_dir)
-    return load_coco(split, folder, image_size, seed, limit, every_image=not holdout)
+    def load_split(
+        split: str,
+        data_dir: str | None,
+        image_size: int,
+        seed: int,
+        limit: int | None,
+        holdout: bool = True,
+    ) -> Dataset:
+        import importlib
 
+        load = getattr(importlib.import_module(module), function)
+        folder = _task_folder(name, data_dir)
+        return load(split, folder, image_size, seed, limit, every_image=not holdout)
 
-def load_voc_split(
-    split: str,
-    data_dir: str | None,
-    image_size: int,
-    seed: int,
-    limit: int | None,
-    holdout: bool = True,
-) -> Dataset:
-    """A VOC folder's split with class masks and boxes where present."""
-    from explainkit.data.voc import load_voc
-
-    folder = _task_folder("voc", data_dir)
-    return load_voc(split, folder, image_size, seed, limit, every_image=not holdout)
+    load_split.__doc__ = f"The {name} dataset's split (explainkit.data: {module}.{function})."
+    return load_split
 
 
-def load_multilabel_csv_split(
-    split: str,
-    data_dir: str | None,
-    image_size: int,
-    seed: int,
-    limit: int | None,
-    holdout: bool = True,
-) -> Dataset:
-    """The images of a labels.csv with their multi-hot labels."""
-    from explainkit.data.multilabel_csv import load_multilabel_csv
-
-    folder = _task_folder("multilabel-csv", data_dir)
-    return load_multilabel_csv(split, folder, image_size, seed, limit, every_image=not holdout)
+load_coco_split = _task_split("coco", "explainkit.data.coco", "load_coco")
+load_voc_split = _task_split("voc", "explainkit.data.voc", "load_voc")
+load_multilabel_csv_split = _task_split(
+    "multilabel-csv", "explainkit.data.multilabel_csv", "load_multilabel_csv"
+)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from explainkit.config import FIELDS, TrainConfig
 from explainkit.data.tasks import IGNORE, require_task, task_classes
-from explainkit.errors import ConfigError, DataError, TrainingDiverged, TrainingInterrupted
+from explainkit.errors import ConfigError, DataError, TrainingDiverged
 from explainkit.explain.outputs import scores_of
 from explainkit.registries import Registries
 from explainkit.store.schema import MAX_SEGMENTATION_CLASSES
@@ -154,12 +154,7 @@ class TaskTrainer(classifier.Trainer):
         bar = self._progress(self.steps_per_epoch, f"epoch {self.epoch + 1}")
         start = time.perf_counter()
         for step in range(self.steps_per_epoch):
-            if self._should_stop(stop, step):
-                raise TrainingInterrupted(
-                    f"training stopped by a signal during epoch {self.epoch + 1}; "
-                    f"{self._saved_epochs()}; continue with: "
-                    f"explainkit train --resume {self.run_dir}"
-                )
+            self._stop_if_asked(stop, step)
             idx = perm[step * bs : (step + 1) * bs]
             x = self.data.normalize(next(batches))
             flip = self._flips(len(x))

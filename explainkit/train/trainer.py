@@ -313,9 +313,15 @@ class Trainer:
         prune_checkpoints(self.run_dir, self.config.keep_checkpoints, self.best_epoch)
 
     # -- one epoch -------------------------------------------------------------------------
+    def _stop_if_asked(self, stop: _StopFlag, step: int) -> None:
+        """Raise TrainingInterrupted (what was saved, how to resume) if a signal asked."""
+        if self._should_stop(stop, step):
+            resume = f"continue with: explainkit train --resume {self.run_dir}"
+            where = f"during epoch {self.epoch + 1}; {self._saved_epochs()}"
+            raise TrainingInterrupted(f"training stopped by a signal {where}; {resume}")
+
     def _should_stop(self, stop: _StopFlag, step: int) -> bool:
-        """Single process: at once. Under torchrun all ranks agree every 8 steps, so no rank
-        is left waiting in an all-reduce for one that stopped."""
+        """At once in one process; under torchrun every 8 steps, all ranks agreeing."""
         if not self.dist.enabled:
             return stop.signal is not None
         if step % 8:
@@ -368,12 +374,7 @@ class Trainer:
         bar = self._progress(self.steps_per_epoch, f"epoch {self.epoch + 1}")
         start = time.perf_counter()
         for step in range(self.steps_per_epoch):
-            if self._should_stop(stop, step):
-                raise TrainingInterrupted(
-                    f"training stopped by a signal during epoch {self.epoch + 1}; "
-                    f"{self._saved_epochs()}; continue with: "
-                    f"explainkit train --resume {self.run_dir}"
-                )
+            self._stop_if_asked(stop, step)
             if step == self.steps_per_epoch // 2:
                 fault_point(f"step:{self.epoch + 1}")
             idx = perm[step * bs : (step + 1) * bs]
