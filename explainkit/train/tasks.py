@@ -161,14 +161,7 @@ class TaskTrainer(classifier.Trainer):
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
             with self._autocast():
                 loss, right, count = self._objective(self.forward_net, x, idx, flip, 0)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.last_lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update()
+            self._update(loss)
             seen += len(x)
             loss_sum += loss.detach().float() * len(x)
             if right is not None:

@@ -332,11 +332,8 @@ class Trainer:
     def _step(
         self, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward, backward, update; then the schedule and the moving average follow.
-
-        Returns the logits, the objective (with label smoothing) and the plain cross-entropy
-        of the same logits, which is what eval loss measures (no second forward pass).
-        """
+        """Forward, then :meth:`_update`. Returns the logits, the objective (label smoothing
+        included) and the plain cross-entropy of the same logits (what eval loss measures)."""
         with self._autocast():
             out = self.forward_net(x)
             loss = F.cross_entropy(out, y, label_smoothing=self.config.label_smoothing)
@@ -345,6 +342,11 @@ class Trainer:
                 ce = F.cross_entropy(out.detach().float(), y)
         else:
             ce = loss.detach()
+        self._update(loss)
+        return out, loss, ce
+
+    def _update(self, loss: torch.Tensor) -> None:
+        """Backward and the optimizer's step; then the schedule and the moving average."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -353,7 +355,6 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update()
-        return out, loss, ce
 
     def train_epoch_stats(self, stop: _StopFlag) -> dict[str, float]:
         """One pass over this rank's share of the data, as history columns (all ranks):
@@ -407,11 +408,8 @@ class Trainer:
 
     @torch.inference_mode()
     def evaluate(self) -> tuple[np.ndarray, float, float]:
-        """Logits of the whole eval split in order (gathered across ranks), loss and accuracy.
-
-        The images come a batch at a time (streamed when the split is lazy); only the
-        logits, (N, classes) float32, are held whole.
-        """
+        """Logits of the whole eval split in order (gathered across ranks), loss and accuracy;
+        images come a batch at a time (streamed when lazy), only the logits are held whole."""
         self.net.eval()
         model = self.eval_model.eval()
         self.dist.sync_buffers(model)
