@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -204,35 +205,30 @@ class Engine:
         """The ``method`` map of image ``i`` with the checkpoint of ``epoch``, explaining the
         run's recorded prediction (``target="predicted"``) or the true class."""
         key = (run.position, i, method, epoch, target)
-        with self._lock:
-            if key in self._maps:
-                self._maps.move_to_end(key)
-                return self._maps[key]
-            try:
-                result = self._explain(run, i, method, epoch, target)
-            except ExplainkitError as e:
-                raise MapError(f"the {method} map of image {i} cannot be computed: {e}") from e
-            except (OSError, RuntimeError, ValueError) as e:  # torch's own, a bad checkpoint
-                raise MapError(f"the {method} map of image {i} cannot be computed: {e}") from e
-            self._maps[key] = result
-            while len(self._maps) > CACHE_MAPS:
-                self._maps.popitem(last=False)
-            return result
+        what = f"the {method} map of image {i}"
+        return self._cached(key, what, lambda: self._explain(run, i, method, epoch, target))
 
     def compute_item(self, run: ServedRun, i: int, item: Any, method: str) -> np.ndarray:
         """The ``method`` map of one item of a task image (:mod:`explainkit.serve.items`),
         with the checkpoint of the epoch that chose the item."""
         from explainkit.serve.items import explain_item
 
-        key = (run.position, i, method, item.key)
+        def explain() -> Any:
+            model = self._model(run, item.epoch)
+            return explain_item(run, model, i, item, method, run.items.layer)
+
+        what = f"the {method} map of item {item.index} of image {i}"
+        return self._cached((run.position, i, method, item.key), what, explain)
+
+    def _cached(self, key: tuple, what: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per key (the last :data:`CACHE_MAPS` kept, one at a time under
+        the lock); its failure is a MapError saying ``what`` cannot be computed."""
         with self._lock:
             if key in self._maps:
                 self._maps.move_to_end(key)
                 return self._maps[key]
-            what = f"the {method} map of item {item.index} of image {i}"
             try:
-                model = self._model(run, item.epoch)
-                result = explain_item(run, model, i, item, method, run.items.layer)
+                result = compute()
             except ExplainkitError as e:
                 raise MapError(f"{what} cannot be computed: {e}") from e
             except (OSError, RuntimeError, ValueError) as e:  # torch's own, a bad checkpoint
