@@ -210,3 +210,19 @@ def open_h5_for_writing(
     ``libver=("v110", "latest")``: checksummed metadata, as in the prediction store).
     """
     return H5Writer(path, error, **options)
+
+
+# How analyzers' map files are compressed and checksummed.
+COMPRESSED = {"compression": "gzip", "compression_opts": 4, "shuffle": True, "fletcher32": True}
+
+
+def batched_dataset(
+    f: Any, name: str, shape: tuple[int, ...], dtype: str, batch: int, **options: Any
+) -> Any:
+    """A compressed, checksummed dataset of ``shape`` chunked by about one ``batch`` of rows,
+    for writing batch by batch (plain when it has no rows; ``options`` such as ``fillvalue``
+    go to h5py)."""
+    if not shape[0]:
+        return f.create_dataset(name, shape=shape, dtype=dtype, **options)
+    chunks = (max(1, min(batch, shape[0])), *(max(1, s) for s in shape[1:]))
+    return f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, **COMPRESSED, **options)

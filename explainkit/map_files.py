@@ -63,7 +63,7 @@ def write_maps(
     import numpy as np
     import torch
 
-    from explainkit.h5files import open_h5_for_writing
+    from explainkit.h5files import COMPRESSED, batched_dataset, open_h5_for_writing
 
     store = context.store
     n = store.num_images
@@ -95,16 +95,10 @@ def write_maps(
             if METHODS[name].uses_layer:
                 attrs["layer"] = layer
             f.attrs.update(attrs)
-            chunk = (max(1, min(bs, n)), *shape)
-            options = dict(compression="gzip", compression_opts=4, shuffle=True, fletcher32=True)
-            maps = f.create_dataset(
-                "maps", (n, *shape), "float32", chunks=chunk, fillvalue=np.nan, **options
-            )
-            tds = f.create_dataset(
-                "targets", (n,), "int64", chunks=(chunk[0],), fillvalue=NOT_EXPLAINED, **options
-            )
-            f.create_dataset("predicted", data=recorded.astype(np.int64), **options)
-            f.create_dataset("index", data=explained, **options)
+            maps = batched_dataset(f, "maps", (n, *shape), "float32", bs, fillvalue=np.nan)
+            tds = batched_dataset(f, "targets", (n,), "int64", bs, fillvalue=NOT_EXPLAINED)
+            f.create_dataset("predicted", data=recorded.astype(np.int64), **COMPRESSED)
+            f.create_dataset("index", data=explained, **COMPRESSED)
             files.append((maps, tds))
         for start in range(0, len(first), bs):
             rows = first[start : start + bs]

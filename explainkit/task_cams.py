@@ -78,15 +78,6 @@ def explain_task_run(
     return _artifacts(context, summary, caption)
 
 
-def _dataset(f: Any, name: str, shape: tuple[int, ...], dtype: str, batch: int) -> Any:
-    """A compressed, checksummed dataset chunked by about one batch (plain when empty)."""
-    if not shape[0]:
-        return f.create_dataset(name, shape=shape, dtype=dtype)
-    chunks = (max(1, min(batch, shape[0])), *(max(1, s) for s in shape[1:]))
-    return f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, compression="gzip",
-                            compression_opts=4, shuffle=True, fletcher32=True)  # fmt: skip
-
-
 def _write_maps(
     context: AnalysisContext, engine: Any, items: Any, dtype: str, path: Any, what: tuple
 ) -> tuple[float, tuple]:
@@ -96,7 +87,7 @@ def _write_maps(
     import numpy as np
     import torch
 
-    from explainkit.h5files import open_h5_for_writing
+    from explainkit.h5files import batched_dataset, open_h5_for_writing
     from explainkit.task_explain import EXPLAINED, item_target, target_regions
 
     store, m, bs = context.store, len(items), max(1, int(context.batch_size))
@@ -114,8 +105,8 @@ def _write_maps(
         columns = {"image": items.image, "class": items.cls, "box": items.box,
                    "recorded_score": items.score, "correct": items.correct}  # fmt: skip
         for name, values in columns.items():
-            _dataset(f, name, values.shape, values.dtype.str, bs)[:] = values
-        maps_ds = _dataset(f, "maps", (m, h, w), dtype, bs)
+            batched_dataset(f, name, values.shape, values.dtype.str, bs)[:] = values
+        maps_ds = batched_dataset(f, "maps", (m, h, w), dtype, bs)
         raw_ds = scores_ds = targets_ds = None
         starts = range(0, m, bs)
         for start in context.progress(starts, desc="maps", total=len(starts)):
@@ -130,9 +121,9 @@ def _write_maps(
             seconds += time.perf_counter() - t0
             if raw_ds is None:
                 raw_shape = tuple(res.raw.shape[1:])
-                raw_ds = _dataset(f, "raw", (m, *raw_shape), "float32", bs)
-                scores_ds = _dataset(f, "explained_score", (m,), "float32", bs)
-                targets_ds = _dataset(f, "targets", (m,), "int64", bs)
+                raw_ds = batched_dataset(f, "raw", (m, *raw_shape), "float32", bs)
+                scores_ds = batched_dataset(f, "explained_score", (m,), "float32", bs)
+                targets_ds = batched_dataset(f, "targets", (m,), "int64", bs)
             stop = start + len(part)
             maps_ds[start:stop] = res.maps.detach().cpu().numpy().astype(dtype)
             raw_ds[start:stop] = res.raw.detach().cpu().numpy()

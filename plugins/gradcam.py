@@ -216,7 +216,7 @@ def _write_maps(
     from explainkit.explain.gradcam import CAM_CLASSES
     from explainkit.explain.perturbation import PERTURBATION_CLASSES
     from explainkit.explain.targets import class_target
-    from explainkit.h5files import open_h5_for_writing
+    from explainkit.h5files import batched_dataset, open_h5_for_writing
 
     store = context.store
     first, n, bs = shard.start, shard.size, max(1, int(context.batch_size))
@@ -231,9 +231,9 @@ def _write_maps(
     with engine(model, layer, reshape) as cam, writer as f:
         f.attrs.update(attributes)
         maps_ds = raw_ds = frames_ds = None
-        targets_ds = _dataset(f, "targets", (n,), "int64", bs)
-        alone_ds = _dataset(f, "model_predicted", (n,), "int64", bs)
-        _dataset(f, "predicted", (n,), "int64", bs)[:] = recorded
+        targets_ds = batched_dataset(f, "targets", (n,), "int64", bs)
+        alone_ds = batched_dataset(f, "model_predicted", (n,), "int64", bs)
+        batched_dataset(f, "predicted", (n,), "int64", bs)[:] = recorded
         starts = range(0, n, bs)
         for start in context.progress(starts, desc="maps", total=len(starts)):
             stop = min(start + bs, n)
@@ -251,12 +251,12 @@ def _write_maps(
             maps, raw = res.maps, res.raw
             if maps.dim() == 4:  # a clip's map per frame; "maps": the middle (stored) frame's
                 if frames_ds is None:
-                    frames_ds = _dataset(f, "frame_maps", (n, *maps.shape[1:]), dtype, bs)
+                    frames_ds = batched_dataset(f, "frame_maps", (n, *maps.shape[1:]), dtype, bs)
                 frames_ds[start:stop] = maps.cpu().numpy().astype(dtype)
                 maps, raw = maps[:, maps.shape[1] // 2], raw[:, raw.shape[1] // 2]
             if maps_ds is None:  # shapes are known after the first batch
-                maps_ds = _dataset(f, "maps", (n, *maps.shape[1:]), dtype, bs)
-                raw_ds = _dataset(f, "raw", (n, *raw.shape[1:]), "float32", bs)
+                maps_ds = batched_dataset(f, "maps", (n, *maps.shape[1:]), dtype, bs)
+                raw_ds = batched_dataset(f, "raw", (n, *raw.shape[1:]), "float32", bs)
             maps_ds[start:stop] = maps.cpu().numpy().astype(dtype)
             raw_ds[start:stop] = raw.cpu().numpy()
             targets_ds[start:stop] = res.targets.cpu().numpy()
@@ -283,21 +283,6 @@ def _read_maps(path: Any, reports: list[dict]) -> _Maps:
         max(report["seconds"] for report in reports),
         next(report["layout"] for report in reports if report["layout"]),
         len(reports),
-    )
-
-
-def _dataset(f: Any, name: str, shape: tuple[int, ...], dtype: str, batch: int) -> Any:
-    """A chunked, compressed, checksummed dataset; one chunk holds about one batch."""
-    chunks = (max(1, min(batch, shape[0])), *shape[1:])
-    return f.create_dataset(
-        name,
-        shape=shape,
-        dtype=dtype,
-        chunks=chunks,
-        compression="gzip",
-        compression_opts=4,
-        shuffle=True,
-        fletcher32=True,
     )
 
 
