@@ -16,6 +16,10 @@ from explainkit import hookimpl
 from explainkit.store import HISTORY_COLUMNS, append_epoch, create_store, epochs_folder
 
 REPO = Path(__file__).resolve().parents[1]
+# The built-in datasets, in the order default_datasets registers them.
+BUILTIN_DATASETS = (
+    "cifar10", "shapes", "scenes", "folder", "coco", "voc", "multilabel-csv", "clips",
+)  # fmt: skip
 
 
 def _find_cifar_mini() -> Path:

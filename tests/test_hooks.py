@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import click
 import pytest
@@ -15,15 +14,8 @@ from explainkit.cli import cli
 from explainkit.data import Dataset
 from explainkit.errors import PluginError
 from explainkit.manager import build_registries
-from tests.helpers import AnalyzersPlugin, make_analyzer
+from tests.helpers import BUILTIN_DATASETS, REPO, AnalyzersPlugin, make_analyzer
 
-# The built-in datasets, in the order default_datasets registers them.
-BUILTIN_DATASETS = (
-    "cifar10", "shapes", "scenes", "folder", "coco", "voc", "multilabel-csv", "clips",
-)  # fmt: skip
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "explainkit-example-analyzer"
 HOOKS_MD = REPO / "docs" / "plugin-hooks.md"
 
 

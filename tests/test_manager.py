@@ -19,17 +19,7 @@ from explainkit import hookimpl, manager
 from explainkit.analyzer import Option
 from explainkit.cli import cli
 from explainkit.errors import PluginError
-from tests.helpers import AnalyzersPlugin, make_analyzer, run_installed_cli
-
-# The built-in datasets, in the order default_datasets registers them.
-BUILTIN_DATASETS = (
-    "cifar10", "shapes", "scenes", "folder", "coco", "voc", "multilabel-csv", "clips",
-)  # fmt: skip
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "explainkit-example-analyzer"
-HOOKS_MD = REPO / "docs" / "plugin-hooks.md"
-
+from tests.helpers import BUILTIN_DATASETS, AnalyzersPlugin, make_analyzer, run_installed_cli
 
 pytestmark = pytest.mark.usefixtures("fresh_plugins")
 
