@@ -103,8 +103,9 @@ def register_models(register: Any) -> None:
             "hf",
             hf_entry,
             list,  # any save_pretrained folder: there is no list to suggest from
-            summary="A HuggingFace transformers image classifier saved with save_pretrained in a "
-            "local folder (hf:path/to/folder; pip install explainkit[transformers]).",
+            summary="A HuggingFace transformers image classifier, object detector or semantic "
+            "segmenter saved with save_pretrained in a local folder (hf:path/to/folder; pip "
+            "install explainkit[transformers]).",
         )
     )
     register(
