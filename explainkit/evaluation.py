@@ -350,8 +350,6 @@ class RunWriter:
         started = time.perf_counter()
         n = len(self.eval_data)
         start, stop = block(self._dist.rank, self._dist.world_size, n)
-        pixels = self.eval_data.clips if self.task == "video" else self.eval_data.images
-        images = _rows(pixels, start, stop)  # this process's share
         if self.task not in ("classification", "video"):
             if self._dist.world_size > 1:
                 raise ExplainkitError(
@@ -360,6 +358,8 @@ class RunWriter:
             results, eval_loss, eval_acc = self._task_results(model)
             logits: Any = results
         else:
+            pixels = self.eval_data.clips if self.task == "video" else self.eval_data.images
+            images = _rows(pixels, start, stop)  # this process's share
             classes = len(self.eval_data.classes)
             part = np.zeros((0, classes), np.float32)  # more ranks than images
             if stop > start:
